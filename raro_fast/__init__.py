@@ -1,0 +1,2 @@
+"""raro-fast: RARO training from expert demonstrations."""
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""The one interface every rollout backend implements (embedded transformers, SGLang in-process, SGLang HTTP).
+
+The trainer and the evaluators speak only to this; a backend knows nothing of the trainer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `n` completions per prompt; `seed` makes a call reproducible where the backend allows."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of one prompt.
+
+    `logprobs[i]` is the log-probability the engine assigned to `token_ids[i]` under the distribution it sampled
+    from (after temperature, before top-p truncation), so it is comparable with the trainer's recompute at the
+    same temperature. `finish_reason` is "stop" (an end token was produced, and is included in `token_ids`) or
+    "length" (cut at `max_new_tokens`: truncated). `weight_version` is the engine's weight version that produced it.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str
+    weight_version: int = 0
+    prompt_ids: list[int] = field(default_factory=list)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    weight_version: int
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Token-id prompts in; for each prompt a list of `params.n` completions out (same order)."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load new weights (Hugging Face parameter names) and set `weight_version = version`."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free what the engine can give back while the trainer runs (KV cache; weights where supported)."""
+        ...
+
+    def resume_memory(self) -> None:
+        ...
