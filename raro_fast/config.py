@@ -1,0 +1,385 @@
+"""Typed configuration: every setting of a run, with its default and its meaning, in one tree of dataclasses.
+
+Settings come from three layers, later ones winning: the defaults below, YAML files (`--config a.yaml`, shipped
+examples under `configs/`), and command-line overrides `--section.field value`. `--help` prints every field.
+An unknown or ill-typed key is an error naming the key (and, for YAML, the file and line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from raro_fast.tasks.countdown import CountdownConfig
+
+
+class ConfigError(ValueError):
+    """A user's configuration is wrong; the message names the key and where it came from."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(kw_only=True)
+class EmbeddedModelConfig:
+    """The small Qwen2-architecture model built from scratch when no `--model.path` is given."""
+
+    hidden_size: int = _help("Width of the embedded model.", 128)
+    num_layers: int = _help("Decoder layers of the embedded model.", 4)
+    num_heads: int = _help("Attention heads.", 4)
+    num_kv_heads: int = _help("Key/value heads (grouped-query attention).", 2)
+    intermediate_size: int = _help("MLP width.", 384)
+    max_position: int = _help("Longest sequence (prompt + completion) the model supports.", 512)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = _help(
+        "A Hugging Face model directory (e.g. path/to/Qwen2.5-1.5B-Instruct). Empty: build the embedded default "
+        "model with the project's own tokenizer and give it the format warm-up (see `warmup`).",
+        "",
+    )
+    embedded: EmbeddedModelConfig = _help("Shape of the embedded default model.", factory=EmbeddedModelConfig)
+    dtype: Literal["auto", "float32", "bfloat16"] = _help(
+        "Parameter dtype: auto = bfloat16 on CUDA, float32 on CPU.", "auto"
+    )
+    gradient_checkpointing: bool = _help("Recompute decoder activations in backward to save memory.", False)
+
+
+@dataclass(kw_only=True)
+class WarmupConfig:
+    """Format warm-up of the embedded model (skipped for a real checkpoint, which already follows instructions).
+
+    A model built from scratch cannot read the prompts at all, so it first learns the two output formats from
+    synthetic traces on puzzles that never appear in training or evaluation (other targets): a policy trace
+    (a short solver search, then the expression) and a critic trace (evaluate both answers, then a verdict).
+    """
+
+    steps: int = _help("Optimizer steps of the warm-up (0: none).", 300)
+    batch_size: int = _help("Sequences per warm-up step.", 32)
+    lr: float = _help("Warm-up learning rate (AdamW, cosine decay).", 3e-3)
+    critic_fraction: float = _help("Fraction of warm-up sequences in the critic format.", 0.4)
+    targets: tuple[int, ...] = _help(
+        "Puzzle targets used for warm-up traces; the task's own target is excluded if listed.",
+        (10, 12, 15, 16, 18, 20, 21, 28, 30, 36),
+    )
+    seed: int = _help("Seed of the warm-up corpus and order.", 1234)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    backend: Literal["embedded", "sglang", "sglang_http"] = _help(
+        "Rollout engine: embedded = transformers generation in the trainer process (works everywhere); sglang "
+        "needs `pip install raro-fast[sglang]`.",
+        "embedded",
+    )
+    temperature: float = _help("Sampling temperature for policy and critic rollouts.", 1.0)
+    top_p: float = _help("Nucleus sampling for rollouts (1.0 keeps the engine's log-probs exact).", 1.0)
+    max_new_tokens: int = _help("Longest policy completion; longer ones are truncated and filtered out.", 96)
+    critic_max_new_tokens: int = _help("Longest critic completion.", 96)
+    batch_size: int = _help("Prompts per engine call (bounds generation memory).", 64)
+
+
+@dataclass(kw_only=True)
+class RaroConfig:
+    """The RARO game (../shared/papers/raro.md). Unconfirmed paper defaults are marked in the README."""
+
+    questions_per_step: int = _help("Demonstrations (q, a*) drawn per step, over all ranks.", 8)
+    group_size: int = _help("G: policy samples per question (one GRPO group).", 8)
+    tau_pol: float = _help("Policy reward when the critic says tie.", 0.6)
+    tau_crit: float = _help("Critic reward when it says tie.", 0.55)
+    lambda_pol: float = _help("Weight of the policy objective in the mixed update.", 1 / 9)
+    lambda_crit: float = _help("Weight of the critic objective in the mixed update.", 8 / 9)
+    critic_samples_per_pair: int = _help(
+        "Critic rollouts per (q, policy answer, expert answer) pair; they form one critic GRPO group, and the "
+        "policy reward is their mean.",
+        2,
+    )
+    critic_pairs_per_step: int = _help(
+        "Pairs the critic is trained on per step (fresh pairs plus replayed ones), over all ranks.", 16
+    )
+    replay_size: int = _help("Replay buffer capacity (FIFO) of past (q, policy answer, a*) pairs.", 10000)
+    replay_ratio: float = _help("Fraction of the critic's training pairs drawn from the replay buffer.", 0.5)
+    invalid_verdict: Literal["tie"] = _help(
+        "Rule for a critic completion without a parseable verdict: the policy gets tau_pol (as for a tie: the "
+        "critic told it nothing) and the critic gets 0 (it failed the format).",
+        "tie",
+    )
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    clip_low: float = _help("PPO ratio clip below 1 (1 - clip_low).", 0.2)
+    clip_high: float = _help("PPO ratio clip above 1 (1 + clip_high).", 0.28)
+    dual_clip: float | None = _help("Dual-clip constant c > 1 for negative advantages (None: off).", None)
+    kl_coef: float = _help("beta of the KL penalty to a frozen reference copy of the initial model (0: none).", 0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = _help("KL estimator.", "k3")
+    tis_cap: float | None = _help(
+        "Truncated importance sampling: weight each token by min(p_trainer/p_engine, cap) (None: off).", None
+    )
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "token_sum_norm"] = _help(
+        "Aggregation over tokens. RARO uses no length normalisation: token_sum_norm divides the token sum by a "
+        "constant (Dr.GRPO).",
+        "token_sum_norm",
+    )
+    std_normalize: bool = _help("Divide group advantages by the group's std (off in RARO / Dr.GRPO).", False)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = _help("AdamW learning rate of the RL update.", 2e-4)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    beta1: float = _help("AdamW beta1.", 0.9)
+    beta2: float = _help("AdamW beta2.", 0.99)
+    grad_clip: float = _help("Clip the global gradient norm to this (0: off).", 1.0)
+    warmup_steps: int = _help("Linear learning-rate warm-up steps.", 0)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = _help("RARO steps (one update each).", 40)
+    seed: int = _help("Seed of everything (data order, sampling, model init).", 0)
+    output_dir: str = _help("Where metrics, plots, checkpoints and the final model go.", "runs/raro-countdown")
+    max_tokens_per_micro_batch: int = _help("Token budget of one packed micro-batch.", 4096)
+    eval_every: int = _help("Held-out evaluation every this many steps (0: only at the start and the end).", 10)
+    eval_size: int = _help("Held-out puzzles evaluated (0: all).", 128)
+    eval_temperature: float = _help("Sampling temperature at evaluation (0: greedy).", 0.0)
+    save_every: int = _help("Checkpoint every this many steps (0: only at the end).", 10)
+    resume: bool = _help("Continue from the latest checkpoint in output_dir.", False)
+    stop_after: int = _help("Exit (as if killed) after this many steps of this process; 0: never. For tests.", 0)
+    progress: bool = _help("Show a progress bar.", True)
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    task: CountdownConfig = field(default_factory=CountdownConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    raro: RaroConfig = field(default_factory=RaroConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: YAML + command line, with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert `value` to the annotated type `tp`; strings (from the command line) are parsed."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        (item_tp, *_rest) = get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, values: dict[str, Any], where: dict[str, str], prefix: str = "") -> Any:
+    """Construct dataclass `cls` from a nested dict of raw values; `where[key]` says where a value came from."""
+    types_ = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, raw in values.items():
+        path = f"{prefix}{key}"
+        if key not in types_:
+            known = ", ".join(sorted(types_))
+            raise ConfigError(f"{where.get(path, 'config')}: unknown key '{path}' (known here: {known})")
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where.get(path, 'config')}: '{path}' is a section; expected a mapping")
+            kwargs[key] = _build(tp, raw, where, prefix=f"{path}.")
+        else:
+            kwargs[key] = _coerce(raw, tp, f"{where.get(path, 'config')}: '{path}'")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        origin = where.get(prefix.rstrip("."), "config") if prefix else "config"
+        raise ConfigError(f"{origin}: section '{prefix.rstrip('.') or 'root'}': {e}") from None
+
+
+def _yaml_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read a YAML file into nested dicts, remembering the line of every key (for error messages)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    where: dict[str, str] = {}
+
+    def walk(n: Any, prefix: str) -> Any:
+        if isinstance(n, yaml.MappingNode):
+            out = {}
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                where[key] = f"{path}:{k.start_mark.line + 1}"
+                out[k.value] = walk(v, f"{key}.")
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [walk(v, prefix) for v in n.value]
+        return yaml.safe_load(yaml.serialize(n))
+
+    if node is None:
+        return {}, where
+    values = walk(node, "")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}:1: the config file must be a mapping of sections")
+    return values, where
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def iter_fields(cls: type = JobConfig, prefix: str = ""):
+    """(dotted name, type, default, help) for every leaf setting, for `--help` and the docs."""
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        yield f"{prefix}{f.name}", tp, default, f.metadata.get("help", "")
+
+
+def help_text(prog: str) -> str:
+    lines = [
+        f"usage: {prog} [--config FILE.yaml ...] [--section.field VALUE ...] [--model PATH] [--resume]",
+        "",
+        "Every setting (default in brackets). YAML files are applied in order, then command-line overrides.",
+        "",
+    ]
+    for name, tp, default, text in iter_fields():
+        lines.append(f"  --{name} [{default!r}]  ({_type_name(tp)})")
+        if text:
+            lines.append(f"        {text}")
+    return "\n".join(lines)
+
+
+_ALIASES = {"--model": "--model.path", "--resume": "--train.resume", "--output-dir": "--train.output_dir"}
+
+
+def load_config(argv: list[str] | None = None) -> JobConfig:
+    """Build the JobConfig from command-line arguments (see `help_text`)."""
+    argv = list(argv or [])
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument {arg!r} (settings look like --section.field VALUE)")
+        key, eq, inline = arg.partition("=")
+        key = _ALIASES.get(key, key)
+        if key == "--train.resume" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            overrides.append(("train.resume", "true"))
+            i += 1
+            continue
+        if eq:
+            value = inline
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"command line: {arg} needs a value")
+            value = argv[i + 1]
+            i += 2
+        if key == "--config":
+            file_values, file_where = _yaml_values(Path(value))
+            _merge(values, file_values)
+            where.update(file_where)
+        else:
+            overrides.append((key[2:], value))
+    for dotted, value in overrides:
+        node = values
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: '{dotted}' is not a setting")
+        node[parts[-1]] = value
+        where[dotted] = "command line"
+    return _build(JobConfig, values, where)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

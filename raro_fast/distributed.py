@@ -1,0 +1,71 @@
+"""Process-group setup under torchrun (or a single plain process): nccl on CUDA, gloo on CPU."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """A process group exists (launched by torchrun, even with one process)."""
+        return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed() -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    # Under torchrun a group exists even for one process, so one code path (FSDP2) serves 1..N ranks.
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def all_gather_objects(d: Dist, obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(d: Dist, obj: Any) -> Any:
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()

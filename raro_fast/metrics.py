@@ -1,0 +1,115 @@
+"""What a run shows: a progress bar, one JSON line of metrics per step, a PNG of the curves, a summary table."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+# Curves drawn at the end, one panel each: (title, metric keys).
+PLOT_PANELS = [
+    ("rewards", ["reward/policy_mean", "reward/critic_mean"]),
+    ("critic", ["critic/tie_rate", "critic/accuracy", "critic/invalid_rate"]),
+    ("held-out accuracy", ["eval/heldout_accuracy"]),
+    ("train answer accuracy (verifier, not trained on)", ["policy/answer_accuracy"]),
+    ("lengths (tokens)", ["policy/response_length", "critic/response_length"]),
+    ("trainer-engine log-prob gap", ["logprob/gap_mean_abs", "logprob/gap_max_abs"]),
+    ("entropy", ["policy/entropy", "critic/entropy"]),
+    ("time per stage (s)", ["timing_s/gen", "timing_s/old_log_prob", "timing_s/update_actor", "timing_s/update_weights"]),
+]
+
+
+class MetricsLog:
+    """Appends one JSON object per step to metrics.jsonl. On resume, lines past the resumed step are dropped,
+    so the file always reads as one uninterrupted run."""
+
+    def __init__(self, path: str | os.PathLike, *, enabled: bool, resume_step: int | None) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", math.inf) <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, [k for k in keys if any(k in r for r in records)]) for t, keys in PLOT_PANELS]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not panels:
+        return
+    cols = 2
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)
+    for ax, (panel_title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=key.split("/", 1)[-1])
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    """A fixed-width table: first and last value of the main metrics, and held-out accuracy at each evaluation."""
+    keys = [
+        "eval/heldout_accuracy",
+        "policy/answer_accuracy",
+        "reward/policy_mean",
+        "reward/critic_mean",
+        "critic/tie_rate",
+        "critic/accuracy",
+        "critic/invalid_rate",
+        "policy/response_length",
+        "policy/truncated_rate",
+        "logprob/gap_mean_abs",
+        "perf/throughput",
+        "timing_s/step",
+    ]
+    rows = [("metric", "first", "last")]
+    for key in keys:
+        vals = [r[key] for r in records if r.get(key) is not None]
+        if vals:
+            rows.append((key, _fmt(vals[0]), _fmt(vals[-1])))
+    w0 = max(len(r[0]) for r in rows)
+    lines = [f"{a:<{w0}}  {b:>10}  {c:>10}" for a, b, c in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,82 @@
+"""Build the project's own tokenizer, shipped in raro_fast/model/tokenizer/ (run: python -m raro_fast.model.build_tokenizer).
+
+Byte-level BPE, so any text round-trips. Digits are split one per token: the model does arithmetic on them, and
+a merged "24" would be an opaque symbol. The reasoning and answer tags are single tokens, and a Qwen-style chat
+template makes the embedded default and a real Qwen2.5-Instruct checkpoint read the same messages. The vocabulary
+is learnt from the project's own prompts and synthetic traces, so it is small (the embedded model's LM head is
+tiny) and the build needs no download. The shipped files are the source of truth; rebuilding is deterministic.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from raro_fast import prompts
+from raro_fast.tasks.countdown import evaluation_trace, generate_puzzles, search_trace, solve
+
+OUT_DIR = Path(__file__).parent / "tokenizer"
+VOCAB_SIZE = 384
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _corpus(seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for target in (10, 24, 30):
+        for p in generate_puzzles(num=200, num_numbers=4, min_number=1, max_number=13, target=target, seed=seed):
+            expr = solve(p.numbers, p.target)
+            question = f"Using {', '.join(map(str, p.numbers))} each exactly once with + - * / and parentheses, make {p.target}."
+            for m in prompts.policy_messages(question) + prompts.critic_messages(question, expr, expr):
+                texts.append(f"{m['role']}\n{m['content']}")
+            texts.append(prompts.format_completion(search_trace(p.numbers, p.target, rng=rng), expr))
+            texts.append(evaluation_trace(p.numbers, expr))
+    return texts
+
+
+def build(out_dir: Path = OUT_DIR) -> None:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.add_tokens(TAG_TOKENS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": None,
+                "model_max_length": 4096,
+                "clean_up_tokenization_spaces": False,
+                "chat_template": CHAT_TEMPLATE,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    build()
+    print(f"wrote {OUT_DIR}")

@@ -1,0 +1,114 @@
+"""Models and tokenizers in Hugging Face format: the embedded default (built from a config) and real checkpoints.
+
+Both go through `AutoTokenizer` / `AutoModelForCausalLM` and safetensors, so every later stage treats a real
+checkpoint directory and the embedded default the same way.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
+
+TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_project_tokenizer() -> PreTrainedTokenizerBase:
+    """The project's own tokenizer (byte-level BPE, shipped in the package; see raro_fast/model/build_tokenizer.py)."""
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def build_embedded_model(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    max_position: int,
+    seed: int,
+) -> PreTrainedModel:
+    """A small Qwen2 causal LM with random weights (same architecture family as Qwen2.5-Instruct)."""
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"model.embedded: hidden_size ({hidden_size}) must divide by num_heads ({num_heads}), "
+            f"and num_heads by num_kv_heads ({num_kv_heads})"
+        )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def load_pretrained(path: str, *, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model directory in Hugging Face format; errors name the path and what is missing."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"model.path: {path!r} is not a directory (expected a Hugging Face model directory)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"model.path: {path!r} has no config.json (not a Hugging Face model directory)")
+    if not any(p.glob("*.safetensors")):
+        raise ValueError(f"model.path: {path!r} has no *.safetensors weights (pickled weights are not loaded)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+    return model, tokenizer
+
+
+def save_pretrained_atomic(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write model + tokenizer in HF format (safetensors) to a temporary folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` to `dst` so that a reader sees either the old or the new one, never a mix."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -1,0 +1,37 @@
+"""Parallelism applied from outside the model: FSDP2 per decoder layer, activation checkpointing.
+
+The model code (transformers) never sees torch.distributed; this one function wraps it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raro_fast.distributed import Dist
+
+
+def parallelize(root: nn.Module, layers: list[nn.Module], d: Dist, *, compute_dtype: torch.dtype) -> nn.Module:
+    """Shard `root` with FSDP2 over all ranks: one unit per decoder layer, the rest (embeddings, final norm,
+    LM head) in the root unit. Parameters are kept in fp32 (the optimizer's master copy); with a bf16
+    `compute_dtype` they are cast for forward/backward and gradients reduce in fp32.
+    Without a process group (a plain `python -m`) the module is returned as it is.
+    """
+    if not d.enabled:
+        return root
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(root, mp_policy=mp)
+    return root
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded parameters (collective under FSDP2: every rank must call it), HF names, on the model's device."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        out[name.removeprefix("lm.")] = t.detach()
+    return out

@@ -1,0 +1,150 @@
+"""The embedded rollout engine: batched transformers generation with a KV cache, in the trainer's process.
+
+It holds its own copy of the weights (as SGLang would), so the trainer's update and the engine's sampling are
+separate, and `update_weights` is a real hand-over that the trainer–engine log-prob gap checks.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from transformers import PreTrainedModel
+
+from raro_fast.rollout.engine import Completion, SamplingParams
+
+
+class EmbeddedEngine:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        pad_token_id: int,
+        eos_token_ids: list[int],
+        decode: callable,
+        batch_size: int = 64,
+    ) -> None:
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.pad_token_id = pad_token_id
+        self.eos_token_ids = list(eos_token_ids)
+        self.decode = decode
+        self.batch_size = batch_size
+        self.weight_version = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        flat = [p for p in prompts for _ in range(params.n)]
+        out: list[Completion] = []
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        for start in range(0, len(flat), self.batch_size):
+            out.extend(self._generate_batch(flat[start : start + self.batch_size], params, gen))
+        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, gen) -> list[Completion]:
+        device = self.device
+        width = max(len(p) for p in prompts)
+        # Left padding keeps every prompt's last token in the same column, where generation continues.
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention_mask[i, width - len(p) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+        stop_ids = torch.tensor(self.eos_token_ids + list(params.stop_token_ids), device=device)
+        greedy = params.temperature <= 0
+        temperature = 1.0 if greedy else params.temperature
+        tokens, logprobs = [], []
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        past = None
+        step_ids, step_pos, step_mask = input_ids, position_ids, attention_mask
+        for _ in range(params.max_new_tokens):
+            outputs = self.model(
+                input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, past_key_values=past, use_cache=True
+            )
+            past = outputs.past_key_values
+            logits = outputs.logits[:, -1, :].float() / temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            if greedy:
+                nxt = logp.argmax(-1)
+            else:
+                nxt = _sample(logp, params.top_p, gen)
+            nxt = torch.where(finished, torch.full_like(nxt, self.pad_token_id), nxt)
+            tokens.append(nxt)
+            logprobs.append(logp.gather(-1, nxt[:, None]).squeeze(-1))
+            finished |= torch.isin(nxt, stop_ids)
+            if bool(finished.all()):
+                break
+            step_ids = nxt[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
+        tok = torch.stack(tokens, 1).cpu().tolist()
+        lps = torch.stack(logprobs, 1).cpu().tolist()
+        stops = set(stop_ids.tolist())
+        results = []
+        for i, p in enumerate(prompts):
+            ids, lp = tok[i], lps[i]
+            end = next((j for j, t in enumerate(ids) if t in stops), None)
+            if end is None:
+                ids, lp, reason = ids, lp, "length"
+            else:
+                ids, lp, reason = ids[: end + 1], lp[: end + 1], "stop"
+            results.append(
+                Completion(
+                    token_ids=ids,
+                    logprobs=lp,
+                    finish_reason=reason,
+                    text=self.decode(ids),
+                    weight_version=self.weight_version,
+                    prompt_ids=list(p),
+                )
+            )
+        return results
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        # state_dict names include tied aliases (lm_head.weight), which an HF state dict sends too.
+        params = self.model.state_dict(keep_vars=True)
+        seen = set()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"update_weights: the engine's model has no parameter named {name!r}")
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            seen.add(name)
+        missing = {n for n, _ in self.model.named_parameters()} - seen - _tied_aliases(self.model, seen)
+        if missing:
+            raise KeyError(f"update_weights: no new value for {sorted(missing)[:5]}")
+        self.weight_version = version
+
+    def release_memory(self) -> None:
+        # The embedded engine keeps no cache between calls: nothing to release.
+        pass
+
+    def resume_memory(self) -> None:
+        pass
+
+
+def _tied_aliases(model: torch.nn.Module, seen: set[str]) -> set[str]:
+    """Parameter names that share storage with a name already updated (tied embeddings)."""
+    by_ptr: dict[int, set[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault(t.data_ptr(), set()).add(name)
+    return {n for names in by_ptr.values() if names & seen for n in names}
+
+
+def _sample(logp: torch.Tensor, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    # Sampling on the CPU generator keeps runs reproducible across devices.
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logp.device)

@@ -1,0 +1,311 @@
+"""RARO training: `torchrun --nproc_per_node=N -m raro_fast.train [--config f.yaml] [--section.field value ...]`.
+
+The loop (`run`) is the whole method on one screen:
+  demonstrations → policy rollouts → critic verdicts → rewards (+ replay) → packed mixed batch
+  → log-prob recompute → ONE update of the ONE shared model → weight sync to the rollout engine.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from raro_fast import checkpoint
+from raro_fast.config import ConfigError, JobConfig, help_text, load_config, to_dict
+from raro_fast.distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
+from raro_fast.evaluate import heldout_accuracy
+from raro_fast.metrics import MetricsLog, plot_curves, summary_table
+from raro_fast.model.hf import build_embedded_model, load_pretrained, load_project_tokenizer, resolve_dtype, save_pretrained_atomic
+from raro_fast.model.policy import PolicyModel
+from raro_fast.packing import plan_micro_batches
+from raro_fast.parallelize import full_state_dict, parallelize
+from raro_fast.raro import raro_rollouts
+from raro_fast.replay import ReplayBuffer
+from raro_fast.rollout import make_engine
+from raro_fast.tasks import get_task
+from raro_fast.update import recompute_logprobs, update_step
+from raro_fast.warmup import format_warmup
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `setup`."""
+
+    cfg: JobConfig
+    d: Dist
+    task: object
+    train_examples: list
+    eval_examples: list
+    tokenizer: object
+    hf_model: object
+    model: PolicyModel
+    optimizer: torch.optim.Optimizer
+    engine: object
+    replay: ReplayBuffer
+    log: MetricsLog
+    start_step: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.timings[f"timing_s/{stage}"] = time.perf_counter() - t0
+
+
+def run(r: Run) -> None:
+    cfg, d = r.cfg, r.d
+    steps = range(r.start_step, cfg.train.steps)
+    bar = tqdm(steps, desc="RARO", disable=not (cfg.train.progress and d.is_main), dynamic_ncols=True, initial=r.start_step, total=cfg.train.steps)
+    if r.start_step == 0:
+        r.log.write({"step": 0, "eval/heldout_accuracy": evaluate(r, 0)})
+    for step in bar:
+        r.timings = {}
+        t0 = time.perf_counter()
+        with r.timed("gen"):
+            rollout = rollouts_for_step(r, step)
+        with r.timed("pack"):
+            samples, stats = gather_samples(r, rollout)
+            mbs = [mb.to(d.device) for mb in plan_micro_batches(
+                samples, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch, world_size=d.world_size, rank=d.rank)]
+        with r.timed("old_log_prob"):
+            entropies = recompute_logprobs(r.model, mbs, temperature=cfg.rollout.temperature)
+        with r.timed("update_actor"):
+            upd = update_step(r.model, r.optimizer, mbs, loss_cfg=cfg.loss, temperature=cfg.rollout.temperature,
+                              norm_constant=norm_constant(cfg), grad_clip=cfg.optim.grad_clip)
+        with r.timed("update_weights"):
+            r.engine.update_weights(full_state_dict(r.model).items(), version=step + 1)
+        r.timings["timing_s/step"] = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, **upd.metrics, **stats,
+                  **batch_metrics(r, samples, mbs, entropies), **r.timings}
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps:
+            record["eval/heldout_accuracy"] = evaluate(r, step + 1)
+        r.log.write(record)
+        bar.set_postfix(reward=f"{stats.get('reward/policy_mean', 0):.2f}", tie=f"{stats.get('critic/tie_rate', 0):.2f}",
+                        acc=f"{stats.get('policy/answer_accuracy', 0):.2f}")
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+            save(r, step + 1)
+        if cfg.train.stop_after and step + 1 - r.start_step == cfg.train.stop_after:
+            raise SystemExit(f"stopping after {cfg.train.stop_after} steps (train.stop_after)")
+    finish(r)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages.
+
+
+def rollouts_for_step(r: Run, step: int):
+    """This rank's share of the step's demonstrations and replayed pairs, through the RARO game."""
+    cfg, d = r.cfg, r.d
+    examples = examples_for_step(r.train_examples, step, cfg.raro.questions_per_step, cfg.train.seed)
+    shared = random.Random(f"{cfg.train.seed}/replay/{step}")  # same on every rank: one global replay draw
+    n_replay = min(round(cfg.raro.critic_pairs_per_step * cfg.raro.replay_ratio), len(r.replay))
+    replayed = r.replay.sample(n_replay, shared)
+    n_fresh = cfg.raro.critic_pairs_per_step - len(replayed)
+    fresh_here = n_fresh // d.world_size + (d.rank < n_fresh % d.world_size)
+    return raro_rollouts(
+        examples[d.rank :: d.world_size], replayed[d.rank :: d.world_size],
+        engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
+        rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"),
+        seed=(cfg.train.seed * 1_000_003 + step * 7919 + d.rank * 104_729) % 2**62,
+        critic_fresh_pairs=fresh_here,
+    )
+
+
+def examples_for_step(train: list, step: int, per_step: int, seed: int) -> list:
+    """Demonstrations of `step`: consecutive slices of a fresh permutation per epoch (a pure function of the step,
+    so a resumed run draws exactly what the uninterrupted one would)."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, len(train))
+        order = list(range(len(train)))
+        random.Random(f"{seed}/epoch/{epoch}").shuffle(order)
+        out.append(train[order[pos]])
+    return out
+
+
+def gather_samples(r: Run, rollout):
+    """All ranks' sequences (global uids in rank order), merged statistics; the replay buffer grows identically
+    on every rank."""
+    parts = all_gather_objects(r.d, rollout)
+    samples, stats = [], {}
+    for part in parts:
+        samples.extend(part.samples)
+        r.replay.extend(part.new_pairs)
+        for k, v in part.stats.items():
+            stats.setdefault(k, []).extend(v)
+    for uid, s in enumerate(samples):
+        s.uid = uid
+    merged = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    merged["critic/replay_pairs"] = sum(stats.get("critic/replay_pairs", [0]))
+    merged["batch/policy_sequences"] = sum(s.role == "policy" for s in samples)
+    merged["batch/critic_sequences"] = sum(s.role == "critic" for s in samples)
+    return samples, merged
+
+
+def norm_constant(cfg: JobConfig) -> float:
+    """Dr.GRPO's constant: the planned number of sequences per step times the longest completion. It does not
+    move with the lengths or counts a step happens to produce, so no length normalisation creeps in."""
+    per_step = cfg.raro.questions_per_step * cfg.raro.group_size + cfg.raro.critic_pairs_per_step * cfg.raro.critic_samples_per_pair
+    return float(per_step * max(cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens))
+
+
+def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
+    """Trainer–engine log-prob gap, entropy per role, throughput (verl's names)."""
+    is_policy = torch.tensor([s.role == "policy" for s in samples], dtype=torch.bool, device=r.d.device)
+    acc = torch.zeros(6, device=r.d.device, dtype=torch.float64)  # gap_sum, n, ent_pol, n_pol, ent_crit, n_crit
+    gap_max = torch.zeros((), device=r.d.device)
+    for mb, ent in zip(mbs, entropies):
+        if mb.is_padding:
+            continue
+        m = mb.targets != -100
+        gap = (mb.old_logprobs - mb.rollout_logprobs).abs()[m]
+        pol = is_policy[mb.seq_ids] & m
+        crit = ~is_policy[mb.seq_ids] & m
+        acc += torch.stack([gap.sum().double(), m.sum().double(), ent[pol].sum().double(), pol.sum().double(),
+                            ent[crit].sum().double(), crit.sum().double()])
+        if gap.numel():
+            gap_max = torch.maximum(gap_max, gap.max())
+    if r.d.enabled:
+        torch.distributed.all_reduce(acc)
+        torch.distributed.all_reduce(gap_max, op=torch.distributed.ReduceOp.MAX)
+    a = acc.tolist()
+    tokens = sum(len(s.input_ids) for s in samples)
+    return {
+        "logprob/gap_mean_abs": a[0] / max(a[1], 1),
+        "logprob/gap_max_abs": float(gap_max),
+        "policy/entropy": a[2] / max(a[3], 1),
+        "critic/entropy": a[4] / max(a[5], 1),
+        "batch/tokens": tokens,
+        "batch/micro_batches_per_rank": len(mbs),
+        # verl's perf/throughput: (prompt + response tokens) / (step time x ranks)
+        "perf/throughput": tokens / max(r.timings["timing_s/step"], 1e-9) / r.d.world_size,
+    }
+
+
+def evaluate(r: Run, step: int) -> float:
+    cfg = r.cfg
+    return heldout_accuracy(
+        r.eval_examples, engine=r.engine, tokenizer=r.tokenizer, task=r.task,
+        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.train.eval_temperature,
+        seed=cfg.train.seed + 7 * step, d=r.d,
+    )
+
+
+def save(r: Run, step: int) -> None:
+    state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
+             "world_size": r.d.world_size, "config": to_dict(r.cfg)}
+    checkpoint.save_checkpoint(r.cfg.train.output_dir, step, model=r.model, hf_model=r.hf_model, tokenizer=r.tokenizer,
+                               optimizer=r.optimizer, trainer_state=state, d=r.d)
+
+
+def finish(r: Run) -> None:
+    out = Path(r.cfg.train.output_dir)
+    weights = full_state_dict(r.model)
+    if r.d.is_main:
+        save_pretrained_atomic(r.hf_model, r.tokenizer, out / "final_model", state_dict={k: v.cpu() for k, v in weights.items()})
+        records = r.log.read()
+        plot_curves(records, out / "curves.png", title="RARO on Countdown")
+        accs = [x["eval/heldout_accuracy"] for x in records if "eval/heldout_accuracy" in x]
+        print("\n" + summary_table(records))
+        print(f"\nheld-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {len(r.eval_examples)} puzzles")
+        print(f"metrics: {out / 'metrics.jsonl'}  curves: {out / 'curves.png'}  model: {out / 'final_model'}")
+    barrier(r.d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up.
+
+
+def setup(cfg: JobConfig, d: Dist) -> Run:
+    out = Path(cfg.train.output_dir)
+    task = get_task("countdown", cfg.task)
+    train_examples, eval_examples = task.examples("train"), task.examples("heldout")
+    if cfg.train.eval_size:
+        eval_examples = eval_examples[: cfg.train.eval_size]
+    resume_from = checkpoint.latest_checkpoint(out) if cfg.train.resume else None
+    if cfg.train.resume and resume_from is None and d.is_main:
+        print(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
+    hf_model, tokenizer = initial_model(cfg, d, resume_from)
+    compute_dtype = resolve_dtype(cfg.model.dtype, d.device)
+    engine = make_engine(cfg.rollout, copy.deepcopy(hf_model).to(d.device, compute_dtype), tokenizer)
+    if cfg.model.gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable()
+    hf_model.to(d.device)
+    model = parallelize(PolicyModel(hf_model), PolicyModel(hf_model).decoder_layers, d, compute_dtype=compute_dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  weight_decay=cfg.optim.weight_decay)
+    replay = ReplayBuffer(cfg.raro.replay_size)
+    start = 0
+    if resume_from is not None:
+        state = checkpoint.load_trainer_state(resume_from)
+        if state["world_size"] != d.world_size:
+            raise ValueError(f"{resume_from}: saved with {state['world_size']} ranks; resume with the same number")
+        checkpoint.restore_optimizer_and_rng(resume_from, model=model, optimizer=optimizer, d=d)
+        replay.load_state_dict(state["replay"])
+        start = state["step"]
+        engine.weight_version = start
+    log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=start if resume_from else None)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
+               hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, replay=replay, log=log, start_step=start)
+
+
+def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
+    """fp32 master weights: from a checkpoint, a real model directory, or the embedded default (built and warmed
+    up once on rank 0, saved under output_dir/base_model, then loaded by every rank)."""
+    if resume_from is not None:
+        return load_pretrained(str(resume_from / "model"), dtype=torch.float32)
+    if cfg.model.path:
+        return load_pretrained(cfg.model.path, dtype=torch.float32)
+    base = Path(cfg.train.output_dir) / "base_model"
+    if d.is_main and not (base / "config.json").is_file():
+        tokenizer = load_project_tokenizer()
+        e = cfg.model.embedded
+        model = build_embedded_model(tokenizer, hidden_size=e.hidden_size, num_layers=e.num_layers, num_heads=e.num_heads,
+                                     num_kv_heads=e.num_kv_heads, intermediate_size=e.intermediate_size,
+                                     max_position=e.max_position, seed=cfg.train.seed)
+        format_warmup(model, tokenizer, cfg.task, cfg.warmup, device=torch.device("cpu"), progress=cfg.train.progress)
+        save_pretrained_atomic(model, tokenizer, base)
+    barrier(d)
+    return load_pretrained(str(base), dtype=torch.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text("torchrun --nproc_per_node=N -m raro_fast.train"))
+        return 0
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    d = init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    try:
+        r = setup(cfg, d)
+        run(r)
+    except ValueError as e:  # user mistakes found at start (bad model path, bad data): one clear line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown(d)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Format warm-up of the embedded default model: the "base ability to answer in format".
+
+A model built from random weights cannot read a prompt, so RARO would have nothing to start from. A real run
+starts from an instruct checkpoint that already reasons and follows formats; the embedded default gets the
+smallest stand-in for that: a few hundred steps of next-token training on synthetic conversations in the two
+formats it will be asked for:
+  - policy: a short solver search (`search_trace`) in <think>, the expression in <answer>;
+  - critic: both candidate answers evaluated step by step (`evaluation_trace`) in <think>, then a verdict
+    (the correct one; tie when both or neither are correct).
+All warm-up puzzles use *other* targets than the task's (24 by default), so no training or held-out puzzle is
+ever seen, and the expert demonstrations stay answers-only: what RARO then learns about the 24-game, it learns
+from the game between policy and critic.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from raro_fast import prompts
+from raro_fast.config import WarmupConfig
+from raro_fast.raro import render_prompt
+from raro_fast.tasks.countdown import CountdownConfig, evaluation_trace, generate_puzzles, question_text, solve, search_trace
+
+
+@dataclass
+class WarmupExample:
+    input_ids: list[int]
+    prompt_len: int
+
+
+def _wrong_answer(numbers: tuple[int, ...], rng: random.Random) -> str:
+    """A plausible but wrong answer: the numbers joined by random operators (rarely right; checked by caller)."""
+    nums = list(numbers)
+    rng.shuffle(nums)
+    expr = str(nums[0])
+    for n in nums[1:]:
+        expr = f"{expr}{rng.choice('+-*')}{n}"
+    return expr
+
+
+def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: int) -> list[WarmupExample]:
+    from raro_fast.tasks.countdown import verify
+
+    rng = random.Random(cfg.seed)
+    targets = [t for t in cfg.targets if t != task.target]
+    if not targets:
+        raise ValueError("warmup.targets: needs at least one target other than task.target")
+    pools = {
+        t: generate_puzzles(
+            num=max(count // len(targets), 8),
+            num_numbers=task.num_numbers,
+            min_number=task.min_number,
+            max_number=task.max_number,
+            target=t,
+            seed=cfg.seed + t,
+        )
+        for t in targets
+    }
+    eos = tokenizer.eos_token
+    corpus = []
+    for _ in range(count):
+        target = rng.choice(targets)
+        puzzle = rng.choice(pools[target])
+        numbers, expert = puzzle.numbers, solve(puzzle.numbers, puzzle.target)
+        question = question_text(numbers, target)
+        if rng.random() < cfg.critic_fraction:
+            other = expert if rng.random() < 0.2 else _wrong_answer(numbers, rng)
+            first, second = (expert, other) if rng.random() < 0.5 else (other, expert)
+            ok1, ok2 = verify(numbers, target, first), verify(numbers, target, second)
+            verdict = "tie" if ok1 == ok2 else ("1" if ok1 else "2")
+            think = f"1: {evaluation_trace(numbers, first)} 2: {evaluation_trace(numbers, second)}"
+            messages = prompts.critic_messages(question, first, second)
+            completion = prompts.format_completion(think, verdict)
+        else:
+            messages = prompts.policy_messages(question)
+            completion = prompts.format_completion(search_trace(numbers, target, rng=rng), expert)
+        prompt_ids = render_prompt(tokenizer, messages)
+        completion_ids = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
+        corpus.append(WarmupExample(prompt_ids + completion_ids, len(prompt_ids)))
+    return corpus
+
+
+def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *, device: torch.device, progress: bool) -> list[float]:
+    """Train `model` in place on the warm-up corpus; returns the loss per step."""
+    if cfg.steps <= 0:
+        return []
+    corpus = warmup_corpus(task, cfg, tokenizer, cfg.steps * cfg.batch_size)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
+    pad = tokenizer.pad_token_id
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="format warm-up", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        batch = corpus[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, e.prompt_len : n] = ids[i, e.prompt_len : n]
+            mask[i, :n] = 1
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses

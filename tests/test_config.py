@@ -1,0 +1,90 @@
+import subprocess
+import sys
+
+import pytest
+
+from raro_fast.config import ConfigError, JobConfig, help_text, iter_fields, load_config
+
+
+def test_defaults_and_cli_overrides():
+    cfg = load_config([])
+    assert cfg == JobConfig()
+    cfg = load_config(["--raro.group_size", "4", "--loss.dual_clip=3.0", "--train.progress", "false",
+                       "--warmup.targets", "10,12", "--model", "some/dir", "--resume"])
+    assert cfg.raro.group_size == 4
+    assert cfg.loss.dual_clip == 3.0
+    assert cfg.train.progress is False
+    assert cfg.warmup.targets == (10, 12)
+    assert cfg.model.path == "some/dir"
+    assert cfg.train.resume is True
+    assert load_config(["--loss.dual_clip", "none"]).loss.dual_clip is None
+
+
+def test_yaml_then_cli(tmp_path):
+    f = tmp_path / "a.yaml"
+    f.write_text("raro:\n  group_size: 3\n  tau_pol: 0.5\ntrain:\n  steps: 7\n")
+    cfg = load_config(["--config", str(f), "--raro.group_size", "5"])
+    assert (cfg.raro.group_size, cfg.raro.tau_pol, cfg.train.steps) == (5, 0.5, 7)
+
+
+def test_unknown_key_in_yaml_names_file_line_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("raro:\n  group_size: 3\n  grop_size: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3: unknown key 'raro.grop_size'"):
+        load_config(["--config", str(f)])
+
+
+def test_ill_typed_key_in_yaml(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:2: 'train.steps': expected an integer, got 'many'"):
+        load_config(["--config", str(f)])
+
+
+def test_bad_literal_and_unknown_cli_key():
+    with pytest.raises(ConfigError, match=r"'loss.kl_estimator': 'k9' is not one of"):
+        load_config(["--loss.kl_estimator", "k9"])
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'raro.nope'"):
+        load_config(["--raro.nope", "1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'nosection'"):
+        load_config(["--nosection.x", "1"])
+    with pytest.raises(ConfigError, match=r"needs a value"):
+        load_config(["--raro.group_size"])
+
+
+def test_missing_yaml_file_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: cannot read"):
+        load_config(["--config", str(tmp_path / "nope.yaml")])
+    f = tmp_path / "broken.yaml"
+    f.write_text("raro: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML"):
+        load_config(["--config", str(f)])
+
+
+def test_task_validation_is_reported_with_its_section():
+    with pytest.raises(ConfigError, match=r"task"):
+        load_config(["--task.num_numbers", "0"])
+
+
+def test_help_lists_every_field():
+    text = help_text("prog")
+    names = [name for name, *_ in iter_fields()]
+    assert len(names) > 40
+    for name in names:
+        assert f"--{name} " in text
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for f in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        load_config(["--config", str(f)])
+
+
+def test_train_help_and_bad_config_exit_codes():
+    out = subprocess.run([sys.executable, "-m", "raro_fast.train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--raro.tau_pol" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "raro_fast.train", "--raro.tau_poll", "1"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "unknown key 'raro.tau_poll'" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,68 @@
+import random
+
+import pytest
+
+from raro_fast.replay import CriticPair, ReplayBuffer
+from raro_fast.rewards import group_advantages, verdict_rewards
+
+
+@pytest.mark.parametrize(
+    "verdict,pos,expected",
+    [
+        ("1", 1, (0.0, 1.0)),  # critic picked the expert
+        ("2", 2, (0.0, 1.0)),
+        ("2", 1, (1.0, 0.0)),  # critic picked the policy answer
+        ("1", 2, (1.0, 0.0)),
+        ("tie", 1, (0.6, 0.55)),
+        ("tie", 2, (0.6, 0.55)),
+        (None, 1, (0.6, 0.0)),  # unparseable: policy as for a tie, critic nothing
+    ],
+)
+def test_verdict_rewards(verdict, pos, expected):
+    assert verdict_rewards(verdict, pos, tau_pol=0.6, tau_crit=0.55) == expected
+
+
+def test_verdict_rewards_rejects_bad_position():
+    with pytest.raises(ValueError, match="expert_position"):
+        verdict_rewards("1", 3, tau_pol=0.6, tau_crit=0.55)
+
+
+def test_group_advantages_mean_only_and_std():
+    rng = random.Random(3)
+    rewards = [rng.random() for _ in range(9)]
+    groups = [0, 0, 0, 1, 1, 1, 1, 2, 3]
+    adv = group_advantages(rewards, groups)
+    for g in set(groups):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        mean = sum(rewards[i] for i in idx) / len(idx)
+        for i in idx:
+            assert adv[i] == pytest.approx(rewards[i] - mean, abs=1e-12)
+    assert adv[7] == 0.0 and adv[8] == 0.0  # groups of one carry no signal
+    adv_std = group_advantages(rewards, groups, std_normalize=True)
+    idx = [0, 1, 2]
+    mean = sum(rewards[i] for i in idx) / 3
+    std = (sum((rewards[i] - mean) ** 2 for i in idx) / 2) ** 0.5
+    assert adv_std[0] == pytest.approx((rewards[0] - mean) / (std + 1e-6), rel=1e-9)
+
+
+def test_replay_fifo_sample_and_state_roundtrip():
+    buf = ReplayBuffer(5)
+    pairs = [CriticPair(f"id{i}", f"q{i}", f"a{i}", f"e{i}") for i in range(8)]
+    buf.extend(pairs)
+    assert len(buf) == 5
+    items = buf.state_dict()["items"]
+    assert [p["example_id"] for p in items] == [f"id{i}" for i in range(3, 8)]  # the oldest were dropped
+    s1 = buf.sample(3, random.Random(0))
+    clone = ReplayBuffer(1)
+    clone.load_state_dict(buf.state_dict())
+    assert clone.sample(3, random.Random(0)) == s1
+    assert len(set(s1)) == 3
+    assert len(buf.sample(10, random.Random(1))) == 5
+
+
+def test_replay_zero_capacity_and_bad_capacity():
+    buf = ReplayBuffer(0)
+    buf.extend([CriticPair("a", "b", "c", "d")])
+    assert len(buf) == 0
+    with pytest.raises(ValueError, match="replay_size"):
+        ReplayBuffer(-1)
