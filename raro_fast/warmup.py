@@ -72,7 +72,7 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
             first, second = (expert, other) if rng.random() < 0.5 else (other, expert)
             ok1, ok2 = verify(numbers, target, first), verify(numbers, target, second)
             verdict = "tie" if ok1 == ok2 else ("1" if ok1 else "2")
-            think = f"1: {evaluation_trace(numbers, first)} 2: {evaluation_trace(numbers, second)}"
+            think = f"1: {evaluation_trace(numbers, target, first)} 2: {evaluation_trace(numbers, target, second)}"
             messages = prompts.critic_messages(question, first, second)
             completion = prompts.format_completion(think, verdict)
         else:

@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from raro_fast import prompts
-from raro_fast.tasks.countdown import evaluation_trace, generate_puzzles, search_trace, solve
+from raro_fast.tasks.countdown import evaluation_trace, generate_puzzles, question_text, search_trace, solve
 
 OUT_DIR = Path(__file__).parent / "tokenizer"
 VOCAB_SIZE = 384
@@ -35,11 +35,11 @@ def _corpus(seed: int = 0) -> list[str]:
     for target in (10, 24, 30):
         for p in generate_puzzles(num=200, num_numbers=4, min_number=1, max_number=13, target=target, seed=seed):
             expr = solve(p.numbers, p.target)
-            question = f"Using {', '.join(map(str, p.numbers))} each exactly once with + - * / and parentheses, make {p.target}."
+            question = question_text(p.numbers, p.target)
             for m in prompts.policy_messages(question) + prompts.critic_messages(question, expr, expr):
                 texts.append(f"{m['role']}\n{m['content']}")
             texts.append(prompts.format_completion(search_trace(p.numbers, p.target, rng=rng), expr))
-            texts.append(evaluation_trace(p.numbers, expr))
+            texts.append(evaluation_trace(p.numbers, p.target, expr))
     return texts
 
 

@@ -1,0 +1,25 @@
+"""`raro-fast <command> ...`: one entry point for the package's commands."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": ("raro_fast.train", "RARO training (same as `python -m raro_fast.train`; use torchrun for several ranks)"),
+    "analyze": ("raro_fast.analyze", "support and entropy analysis of two or more models"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: raro-fast <command> [options]   (raro-fast <command> --help for its options)", ""]
+        lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+        print("\n".join(lines))
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

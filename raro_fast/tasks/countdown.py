@@ -1,0 +1,425 @@
+"""Countdown: reach a target from given integers with + - * / and parentheses, each number used exactly once.
+
+The default is the 24-game: four integers from 1 to 13, target 24. Arithmetic is exact (fractions): 8/(3-8/3)
+is 24. Expressions are parsed by a small recursive-descent parser, never `eval`. Expert demonstrations are
+final expressions only, as in the paper; the search traces below exist only for the embedded model's format
+warm-up (raro_fast/warmup.py), on puzzles with other targets.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+from math import comb
+
+from raro_fast.tasks.base import Example, Task
+
+MAX_EXPRESSION_CHARS = 256
+_ENUMERATE_LIMIT = 200_000  # multisets; beyond this the generator samples instead of enumerating
+
+
+@dataclass(kw_only=True)
+class CountdownConfig:
+    num_numbers: int = field(default=4, metadata={"help": "Integers per puzzle."})
+    min_number: int = field(default=1, metadata={"help": "Smallest integer in a puzzle."})
+    max_number: int = field(default=13, metadata={"help": "Largest integer in a puzzle."})
+    target: int = field(default=24, metadata={"help": "The value to reach."})
+    num_train: int = field(default=1000, metadata={"help": "Training demonstrations (distinct puzzles)."})
+    num_heldout: int = field(default=200, metadata={"help": "Held-out puzzles, never sharing a number multiset with training."})
+    seed: int = field(default=0, metadata={"help": "Seed of the puzzle split."})
+
+    def __post_init__(self) -> None:
+        if self.num_numbers < 2:
+            raise ValueError(f"task.num_numbers must be >= 2, got {self.num_numbers}")
+        if not 0 <= self.min_number <= self.max_number:
+            raise ValueError(
+                f"task.min_number/max_number: need 0 <= min_number <= max_number, got {self.min_number}, {self.max_number}"
+            )
+        if self.num_train < 1 or self.num_heldout < 0:
+            raise ValueError(f"task.num_train must be >= 1 and task.num_heldout >= 0, got {self.num_train}, {self.num_heldout}")
+
+
+@dataclass(frozen=True)
+class Puzzle:
+    numbers: tuple[int, ...]
+    target: int
+
+    @property
+    def key(self) -> tuple[tuple[int, ...], int]:
+        return tuple(sorted(self.numbers)), self.target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expressions: a tiny AST, parsing and printing.
+
+# A node is an int (a leaf) or a tuple (op, left, right).
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+_ALIASES = {"×": "*", "÷": "/", "−": "-"}
+
+
+def _apply(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return None if b == 0 else a / b
+
+
+def to_string(node) -> str:
+    """Infix text with only the parentheses precedence needs."""
+    if isinstance(node, int):
+        return str(node)
+    op, left, right = node
+    ls, rs = to_string(left), to_string(right)
+    if not isinstance(left, int) and _PREC[left[0]] < _PREC[op]:
+        ls = f"({ls})"
+    if not isinstance(right, int) and (_PREC[right[0]] < _PREC[op] or (_PREC[right[0]] == _PREC[op] and op in "-/")):
+        rs = f"({rs})"
+    return f"{ls}{op}{rs}"
+
+
+class _ParseError(Exception):
+    pass
+
+
+def _tokens(text: str) -> list[str]:
+    out, i = [], 0
+    while i < len(text):
+        ch = _ALIASES.get(text[i], text[i])
+        if ch.isspace():
+            i += 1
+        elif ch in "+-*/()":
+            out.append(ch)
+            i += 1
+        elif "0" <= ch <= "9":
+            j = i
+            while j < len(text) and "0" <= text[j] <= "9":
+                j += 1
+            literal = text[i:j]
+            if len(literal) > 1 and literal[0] == "0":
+                raise _ParseError(f"number with a leading zero: {literal}")
+            out.append(literal)
+            i = j
+        else:
+            raise _ParseError(f"unexpected character {ch!r}")
+    return out
+
+
+def parse(text: str):
+    """AST of `text`, or raise _ParseError. Grammar: expr := term (("+"|"-") term)*; term := factor (("*"|"/")
+    factor)*; factor := INTEGER | "(" expr ")". There is no unary minus: the puzzle gives positive integers."""
+    toks = _tokens(text)
+    pos = 0
+
+    def peek():
+        return toks[pos] if pos < len(toks) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+
+    def expr():
+        node = term()
+        while peek() in ("+", "-"):
+            node = (take(), node, term())
+        return node
+
+    def term():
+        node = factor()
+        while peek() in ("*", "/"):
+            node = (take(), node, factor())
+        return node
+
+    def factor():
+        tok = peek()
+        if tok is None:
+            raise _ParseError("unexpected end")
+        if tok == "(":
+            take()
+            node = expr()
+            if peek() != ")":
+                raise _ParseError("missing )")
+            take()
+            return node
+        if tok.isdigit():
+            return int(take())
+        raise _ParseError(f"unexpected {tok!r}")
+
+    node = expr()
+    if pos != len(toks):
+        raise _ParseError(f"unexpected {toks[pos]!r}")
+    return node
+
+
+def _leaves(node) -> list[int]:
+    return [node] if isinstance(node, int) else _leaves(node[1]) + _leaves(node[2])
+
+
+def _value(node, steps: list[str] | None = None) -> Fraction | None:
+    """Exact value (None on division by zero); `steps` collects "a op b=c" in evaluation order."""
+    if isinstance(node, int):
+        return Fraction(node)
+    op, left, right = node
+    a, b = _value(left, steps), _value(right, steps)
+    if a is None or b is None:
+        return None
+    c = _apply(op, a, b)
+    if steps is not None:
+        steps.append(f"{_operand(a)}{op}{_operand(b)}=" + ("undefined" if c is None else _fmt(c)))
+    return c
+
+
+def _fmt(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def _operand(x: Fraction) -> str:
+    # A fraction or a negative number as an operand is bracketed: "12/(6/7)", not the different "12/6/7".
+    return _fmt(x) if x.denominator == 1 and x >= 0 else f"({_fmt(x)})"
+
+
+def evaluate(expression: str) -> Fraction | None:
+    """Exact value of an expression, or None if it does not parse or divides by zero."""
+    if not isinstance(expression, str) or len(expression) > MAX_EXPRESSION_CHARS:
+        return None
+    try:
+        return _value(parse(expression))
+    except _ParseError:
+        return None
+
+
+def _check(numbers, target, expression) -> tuple[object, str | None]:
+    """(ast, None) when `expression` solves the puzzle, else (ast or None, the reason it does not)."""
+    if not isinstance(expression, str) or not expression.strip():
+        return None, "no expression"
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        return None, "expression too long"
+    try:
+        node = parse(expression)
+    except _ParseError:
+        return None, "not a valid expression"
+    used, given = sorted(_leaves(node)), sorted(numbers)
+    if used != given:
+        extra = [n for n in set(used) if used.count(n) > given.count(n)]
+        missing = [n for n in set(given) if given.count(n) > used.count(n)]
+        if extra:
+            n = extra[0]
+            return node, f"uses {n} " + ("too often" if n in given else "which is not given")
+        return node, f"does not use {missing[0]}"
+    value = _value(node)
+    if value is None:
+        return node, "divides by zero"
+    if value != target:
+        return node, f"makes {_fmt(value)}, not {target}"
+    return node, None
+
+
+def verify(numbers, target, expression) -> bool:
+    """True iff `expression` uses exactly the given numbers (each once), only + - * / and parentheses, and equals
+    `target` exactly. Never raises: any other input is False."""
+    try:
+        return _check(tuple(numbers), target, expression)[1] is None
+    except (TypeError, ValueError, RecursionError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Solving.
+
+
+def _combine(a: Fraction, b: Fraction):
+    """Every (op, left is a?, value) obtainable from a and b in either order, in a fixed order that tries
+    non-negative differences and whole quotients first (so the solver's answers read naturally)."""
+    big_first = a >= b
+    yield "+", True, a + b
+    yield "*", True, a * b
+    yield "-", big_first, abs(a - b)
+    quotients = [(True, a / b)] if b != 0 else []
+    quotients += [(False, b / a)] if a != 0 else []
+    quotients.sort(key=lambda q: q[1].denominator != 1)
+    for a_first, v in quotients:
+        yield "/", a_first, v
+    if a != b:
+        yield "-", not big_first, -abs(a - b)
+
+
+@lru_cache(maxsize=200_000)
+def _reachable(values: tuple[Fraction, ...], target: Fraction) -> bool:
+    if len(values) == 1:
+        return values[0] == target
+    for i, j in itertools.combinations(range(len(values)), 2):
+        rest = values[:i] + values[i + 1 : j] + values[j + 1 :]
+        for _op, _first, v in _combine(values[i], values[j]):
+            if _reachable(tuple(sorted(rest + (v,))), target):
+                return True
+    return False
+
+
+def _solve_nodes(items: list[tuple[Fraction, object]], target: Fraction):
+    if len(items) == 1:
+        return items[0][1] if items[0][0] == target else None
+    for i, j in itertools.combinations(range(len(items)), 2):
+        (a, na), (b, nb) = items[i], items[j]
+        rest = items[:i] + items[i + 1 : j] + items[j + 1 :]
+        for op, a_first, v in _combine(a, b):
+            if _reachable(tuple(sorted([x for x, _ in rest] + [v])), target):
+                node = (op, na, nb) if a_first else (op, nb, na)
+                return _solve_nodes(rest + [(v, node)], target)
+    return None
+
+
+def solve_ast(numbers, target):
+    items = [(Fraction(n), int(n)) for n in sorted(numbers)]
+    return _solve_nodes(items, Fraction(target))
+
+
+def solve(numbers, target) -> str | None:
+    """A valid expression for the puzzle (deterministic), or None if there is none."""
+    node = solve_ast(numbers, target)
+    return None if node is None else to_string(node)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Puzzles and splits.
+
+
+def question_text(numbers, target) -> str:
+    return f"Using {', '.join(map(str, numbers))} each exactly once with + - * / and parentheses, make {target}."
+
+
+def generate_puzzles(
+    *, num: int, num_numbers: int = 4, min_number: int = 1, max_number: int = 13, target: int = 24, seed: int = 0
+) -> list[Puzzle]:
+    """`num` distinct solvable puzzles (distinct number multisets), deterministic in `seed`, each with its numbers
+    in a shuffled order. Raises ValueError if fewer exist."""
+    rng = random.Random(seed)
+    span = max_number - min_number + 1
+    space = comb(span + num_numbers - 1, num_numbers)
+    target_f = Fraction(target)
+    out: list[Puzzle] = []
+    if space <= _ENUMERATE_LIMIT:
+        keys = list(itertools.combinations_with_replacement(range(min_number, max_number + 1), num_numbers))
+        rng.shuffle(keys)
+        for key in keys:
+            if _reachable(tuple(Fraction(n) for n in key), target_f):
+                out.append(_shuffled(key, target, rng))
+                if len(out) == num:
+                    return out
+        raise ValueError(
+            f"task: only {len(out)} solvable puzzles of {num_numbers} numbers in {min_number}..{max_number} "
+            f"make {target}; asked for {num}"
+        )
+    seen: set[tuple[int, ...]] = set()
+    tries = 0
+    while len(out) < num:
+        tries += 1
+        if tries > 50 * num + 1000:
+            raise ValueError(f"task: could not find {num} solvable puzzles making {target} (found {len(out)})")
+        key = tuple(sorted(rng.randint(min_number, max_number) for _ in range(num_numbers)))
+        if key in seen:
+            continue
+        seen.add(key)
+        if _reachable(tuple(Fraction(n) for n in key), target_f):
+            out.append(_shuffled(key, target, rng))
+    return out
+
+
+def _shuffled(key: tuple[int, ...], target: int, rng: random.Random) -> Puzzle:
+    nums = list(key)
+    rng.shuffle(nums)
+    return Puzzle(tuple(nums), target)
+
+
+def split_puzzles(cfg: CountdownConfig) -> tuple[list[Puzzle], list[Puzzle]]:
+    """(train, heldout): one draw of distinct multisets, held-out first; so they never share a puzzle."""
+    return _split(cfg.num_train, cfg.num_heldout, cfg.num_numbers, cfg.min_number, cfg.max_number, cfg.target, cfg.seed)
+
+
+@lru_cache(maxsize=16)
+def _split(num_train, num_heldout, num_numbers, min_number, max_number, target, seed):
+    puzzles = generate_puzzles(
+        num=num_train + num_heldout,
+        num_numbers=num_numbers,
+        min_number=min_number,
+        max_number=max_number,
+        target=target,
+        seed=seed,
+    )
+    return puzzles[num_heldout:], puzzles[:num_heldout]
+
+
+class CountdownTask(Task):
+    name = "countdown"
+
+    def __init__(self, cfg: CountdownConfig) -> None:
+        self.cfg = cfg
+        self._splits: dict[str, list[Example]] | None = None
+
+    def examples(self, split: str) -> list[Example]:
+        self.check_split(split)
+        if self._splits is None:
+            train, heldout = split_puzzles(self.cfg)
+            self._splits = {"train": [self._example(p) for p in train], "heldout": [self._example(p) for p in heldout]}
+        return list(self._splits[split])
+
+    @staticmethod
+    def _example(p: Puzzle) -> Example:
+        key = "-".join(map(str, sorted(p.numbers)))
+        return Example(
+            id=f"countdown:{key}:{p.target}",
+            question=question_text(p.numbers, p.target),
+            answer=solve(p.numbers, p.target),
+            meta={"numbers": list(p.numbers), "target": p.target},
+        )
+
+    def verify(self, example: Example, answer: str | None) -> bool:
+        return answer is not None and verify(example.meta["numbers"], example.meta["target"], answer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reasoning traces for the format warm-up of the embedded model (never for the task's own puzzles).
+
+
+def search_trace(numbers, target, *, rng: random.Random, max_attempts: int = 2) -> str:
+    """A short solver-style search: up to `max_attempts` dead ends, then the chain that works. Every step written
+    is true arithmetic ("a op b=c"); dead ends end with "no", the last chain with "yes"."""
+    parts = []
+    for _ in range(rng.randint(0, max_attempts)):
+        steps: list[str] = []
+        if _value(_random_ast(numbers, rng), steps) != target and steps and "undefined" not in steps[-1]:
+            parts.append(" ".join(steps) + " no.")
+    node = solve_ast(numbers, target)
+    if node is None:
+        return " ".join(parts + ["no solution."])
+    steps = []
+    _value(node, steps)
+    parts.append(" ".join(steps) + " yes.")
+    return " ".join(parts)
+
+
+def _random_ast(numbers, rng: random.Random):
+    items: list[object] = list(numbers)
+    rng.shuffle(items)
+    while len(items) > 1:
+        a, b = items.pop(), items.pop()
+        items.append((rng.choice("+-*"), a, b))  # dead ends stay in whole numbers, easy to read
+    return items[0]
+
+
+def evaluation_trace(numbers, target, expression: str) -> str:
+    """How a careful reader checks a candidate: its steps and value, or why it is not a valid answer."""
+    node, problem = _check(tuple(numbers), target, expression)
+    steps: list[str] = []
+    if node is not None:
+        _value(node, steps)
+    head = " ".join(steps)
+    if problem is None:
+        return f"{head} ok."
+    if problem in ("no expression", "expression too long", "not a valid expression") or problem.startswith(("uses", "does not")):
+        return f"{problem}."
+    return f"{head} {problem}.".strip()
