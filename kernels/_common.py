@@ -1,0 +1,119 @@
+"""Shared plumbing of the LM-head ops: backend choice, input checks, the per-row statistics they exchange.
+
+Two backends compute the same function:
+- "triton": Triton kernels (fused matmul + online softmax statistics) plus cuBLAS for the two gradient
+  products. Used for CUDA tensors; for CPU tensors only when the process runs Triton's interpreter
+  (`TRITON_INTERPRET=1` set before `raro_kernels` is first imported, since `@triton.jit` reads it when a
+  kernel is decorated). The tests use that to run every kernel on a machine without a GPU.
+- "torch": a chunked PyTorch path with the same semantics and the same memory bound. Used for CPU tensors.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+BACKENDS = ("triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Read once, like Triton itself does at decoration time: flipping the variable later changes nothing.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:  # triton is a Linux-only dependency; the torch path must keep working without it.
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the platform
+    HAVE_TRITON = False
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend that will run for tensors on `device`; `backend` None means the default for the device."""
+    if backend is None:
+        return "triton" if device.type == "cuda" and HAVE_TRITON else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+    if backend == "triton":
+        if not HAVE_TRITON:
+            raise ValueError("backend='triton' but triton is not installed")
+        if device.type != "cuda" and not TRITON_INTERPRET:
+            raise ValueError(
+                "backend='triton' with CPU tensors needs TRITON_INTERPRET=1 in the environment before "
+                "raro_kernels is first imported"
+            )
+    return backend
+
+
+class RowStats(NamedTuple):
+    """Per-token statistics of softmax(z), z = hidden @ weight.T / temperature, all fp32 [N].
+
+    lse: logsumexp(z); target_logit: z[target] (0 where the target is ignored); entropy: -sum p log p, or None.
+    """
+
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def check_lm_head_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> None:
+    """ValueError naming the argument at fault; shapes: hidden [..., H], weight [V, H], targets [...]."""
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [..., H] with at least 2 dims, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden has H={hidden.shape[-1]}, weight [V, H] has H={weight.shape[1]}"
+        )
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden's leading dims {tuple(hidden.shape[:-1])}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden dtype must be one of fp32/bf16/fp16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(
+            f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) must share a device"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_targets_in_range(targets_N: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError for a target outside [0, V) that is not ignore_index. Needs a host sync, so it runs for CPU
+    tensors only; on CUDA such a target yields a NaN log-prob instead (documented in the public functions)."""
+    if targets_N.device.type != "cpu" or targets_N.numel() == 0:
+        return
+    bad = (targets_N != ignore_index) & ((targets_N < 0) | (targets_N >= vocab))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"targets[{first}] = {int(targets_N[first])} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+
+
+def finish_logprobs(
+    stats: RowStats, targets_N: torch.Tensor, vocab: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) = z[target] - lse, and the entropy; both 0 at ignored positions, NaN where the target is
+    out of range (no kernel column matched it, so z[target] would silently read as 0)."""
+    ignored_N = targets_N == ignore_index
+    out_of_range_N = ~ignored_N & ((targets_N < 0) | (targets_N >= vocab))
+    zero = torch.zeros((), dtype=torch.float32, device=stats.lse.device)
+    logprobs_N = torch.where(ignored_N, zero, stats.target_logit - stats.lse)
+    logprobs_N = torch.where(out_of_range_N, torch.full_like(zero, float("nan")), logprobs_N)
+    entropy_N = None if stats.entropy is None else torch.where(ignored_N, zero, stats.entropy)
+    return logprobs_N, entropy_N
+
+
+def round_up(x: int, multiple: int) -> int:
+    return (x + multiple - 1) // multiple * multiple

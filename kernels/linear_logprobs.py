@@ -1,0 +1,177 @@
+"""Per-token log-probabilities (and entropy) straight from hidden states: the LM head without its logits.
+
+Layering: kernels (`_triton_lm_head`, `_chunked_torch`) -> host stats/grads functions -> `_LinearLogprobsFn`
+(autograd) -> `linear_logprobs` (public).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from raro_kernels import _chunked_torch
+from raro_kernels._common import (
+    RowStats,
+    check_lm_head_inputs,
+    check_targets_in_range,
+    finish_logprobs,
+    resolve_backend,
+)
+
+# Vocabulary columns per backward slice (triton) / per tile (torch): dz of one slice is N x 4096 x 2 bytes.
+DEFAULT_CHUNK_COLS = 4096
+
+
+class LinearLogprobs(NamedTuple):
+    """logprobs: fp32 [...] log p(target); entropy: fp32 [...] entropy of the distribution, or None."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def lm_head_stats(
+    backend: str,
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    inv_temp: float,
+    with_entropy: bool,
+    chunk_cols: int = DEFAULT_CHUNK_COLS,
+) -> RowStats:
+    if backend == "triton":
+        from raro_kernels._triton_lm_head import lm_head_stats_triton
+
+        return lm_head_stats_triton(hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy)
+    return _chunked_torch.lm_head_stats_torch(
+        hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy, cols_per_chunk=chunk_cols
+    )
+
+
+def lm_head_grads(
+    backend: str,
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    targets_N: torch.Tensor,
+    lse_N: torch.Tensor,
+    entropy_N: torch.Tensor | None,
+    grad_logprob_N: torch.Tensor,
+    grad_entropy_N: torch.Tensor | None,
+    *,
+    inv_temp: float,
+    need_hidden: bool,
+    need_weight: bool,
+    chunk_cols: int = DEFAULT_CHUNK_COLS,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    args = (hidden_NH, weight_VH, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N)
+    if backend == "triton":
+        from raro_kernels._triton_lm_head import lm_head_grads_triton
+
+        return lm_head_grads_triton(
+            *args, inv_temp=inv_temp, need_hidden=need_hidden, need_weight=need_weight, cols_per_chunk=chunk_cols
+        )
+    return _chunked_torch.lm_head_grads_torch(
+        *args, inv_temp=inv_temp, need_hidden=need_hidden, need_weight=need_weight, cols_per_chunk=chunk_cols
+    )
+
+
+class _LinearLogprobsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden_NH: torch.Tensor,
+        weight_VH: torch.Tensor,
+        targets_N: torch.Tensor,
+        inv_temp: float,
+        with_entropy: bool,
+        ignore_index: int,
+        backend: str,
+        chunk_cols: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = lm_head_stats(
+            backend, hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy,
+            chunk_cols=chunk_cols,
+        )
+        logprobs_N, entropy_N = finish_logprobs(stats, targets_N, weight_VH.shape[0], ignore_index)
+        ctx.save_for_backward(hidden_NH, weight_VH, targets_N, stats.lse, stats.entropy)
+        ctx.cfg = (inv_temp, ignore_index, backend, chunk_cols)
+        if entropy_N is None:  # autograd.Function outputs must be tensors; the wrapper maps this to None
+            entropy_N = logprobs_N.new_empty(0)
+            ctx.mark_non_differentiable(entropy_N)
+        return logprobs_N, entropy_N
+
+    @staticmethod
+    def backward(ctx, grad_logprobs_N: torch.Tensor | None, grad_entropy_N: torch.Tensor | None):  # type: ignore[override]
+        hidden_NH, weight_VH, targets_N, lse_N, entropy_N = ctx.saved_tensors
+        inv_temp, ignore_index, backend, chunk_cols = ctx.cfg
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_hidden or need_weight):
+            return (None,) * 8
+        keep_N = targets_N != ignore_index
+        zero = torch.zeros((), dtype=torch.float32, device=lse_N.device)
+        if grad_logprobs_N is None:
+            g_lp_N = torch.zeros_like(lse_N)
+        else:
+            g_lp_N = torch.where(keep_N, grad_logprobs_N.float(), zero)
+        g_ent_N = None
+        if entropy_N is not None and grad_entropy_N is not None and grad_entropy_N.numel() > 0:
+            g_ent_N = torch.where(keep_N, grad_entropy_N.float(), zero)
+        grad_hidden, grad_weight = lm_head_grads(
+            backend, hidden_NH, weight_VH, targets_N, lse_N, entropy_N, g_lp_N, g_ent_N,
+            inv_temp=inv_temp, need_hidden=need_hidden, need_weight=need_weight, chunk_cols=chunk_cols,
+        )
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    backend: str | None = None,
+    chunk_cols: int | None = None,
+) -> LinearLogprobs:
+    """log softmax(hidden @ weight.T / temperature)[target] and the entropy of that softmax, per token,
+    without ever holding the [N, V] logits.
+
+    hidden [..., H] (any leading dims, any strides), weight [V, H] (the LM head or tied embedding), same dtype
+    (fp32, bf16 or fp16); targets int [...] in [0, V) or `ignore_index`. Any N, H, V. Returns
+    LinearLogprobs(logprobs fp32 [...], entropy fp32 [...] or None unless `return_entropy`). Ignored positions
+    give 0 for both and no gradient. A target outside [0, V) raises ValueError for CPU tensors and gives NaN on
+    CUDA (checking would need a host sync). Differentiable w.r.t. hidden and weight through both outputs; the
+    weight gradient is a fresh tensor that autograd adds to any other use of the weight (tied embeddings).
+    Logits are computed with fp32 accumulation; the log-prob's target logit and normaliser come from the same
+    fp32 values; entropy costs nothing unless asked.
+
+    Memory (beyond inputs, outputs and gradients): forward O(N) floats (per-row statistics of <= 16 vocabulary
+    splits). Backward, triton backend: dz of one vocabulary slice, N x chunk_cols in the input dtype, plus an
+    fp32 [N, H] accumulator for grad hidden (when V > chunk_cols); grad weight is written once per slice.
+    Torch backend: fp32 tiles of 1024 x chunk_cols. FLOPs: 2NHV forward, 6NHV backward (logits recomputed).
+
+    backend: None picks "triton" for CUDA tensors and "torch" (chunked PyTorch, same semantics) otherwise;
+    "triton" forces the Triton kernels (for CPU tensors only under TRITON_INTERPRET=1, set before raro_kernels is
+    imported: that is how the tests run them without a GPU); "torch" forces the PyTorch path.
+    chunk_cols: vocabulary columns per backward slice / tile (default 4096).
+    """
+    check_lm_head_inputs(hidden, weight, targets, temperature)
+    chosen = resolve_backend(backend, hidden.device)
+    cols = DEFAULT_CHUNK_COLS if chunk_cols is None else chunk_cols
+    if cols < 1:
+        raise ValueError(f"chunk_cols must be >= 1, got {chunk_cols}")
+    lead_shape = targets.shape
+    hidden_NH = hidden.reshape(-1, hidden.shape[-1])
+    targets_N = targets.reshape(-1)
+    check_targets_in_range(targets_N, weight.shape[0], ignore_index)
+    if hidden_NH.shape[0] == 0:
+        # Nothing to compute; keep the result attached to hidden so a caller's backward() still runs.
+        zeros_N = hidden_NH.float().sum(dim=-1) * 0.0
+        return LinearLogprobs(zeros_N.reshape(lead_shape), zeros_N.reshape(lead_shape) if return_entropy else None)
+    logprobs_N, entropy_N = _LinearLogprobsFn.apply(
+        hidden_NH, weight, targets_N, 1.0 / temperature, return_entropy, ignore_index, chosen, cols
+    )
+    return LinearLogprobs(
+        logprobs_N.reshape(lead_shape), entropy_N.reshape(lead_shape) if return_entropy else None
+    )

@@ -1,0 +1,161 @@
+import random
+import re
+from fractions import Fraction
+
+import pytest
+
+from raro_fast.tasks import get_task
+from raro_fast.tasks.countdown import (
+    CountdownConfig,
+    CountdownTask,
+    evaluate,
+    evaluation_trace,
+    generate_puzzles,
+    search_trace,
+    solve,
+    split_puzzles,
+    verify,
+)
+
+
+def test_solve_known_cases():
+    assert solve((1, 1, 1, 1), 24) is None
+    assert solve((3, 3, 8, 8), 24) is not None and verify((3, 3, 8, 8), 24, solve((3, 3, 8, 8), 24))
+    assert evaluate(solve((1, 5, 5, 5), 24)) == 24  # needs a fraction: 5*(5-1/5)
+    assert solve((2, 3), 6) in ("2*3", "3*2")
+    assert solve((4, 7), 24) is None
+
+
+def test_every_default_puzzle_is_solved_and_verified():
+    train, heldout = split_puzzles(CountdownConfig())
+    assert (len(train), len(heldout)) == (1000, 200)
+    for p in train + heldout:
+        expr = solve(p.numbers, p.target)
+        assert verify(p.numbers, p.target, expr), (p, expr)
+
+
+def test_splits_disjoint_deterministic_and_configurable():
+    cfg = CountdownConfig(num_train=300, num_heldout=100, seed=3)
+    train, heldout = split_puzzles(cfg)
+    assert not {p.key for p in train} & {p.key for p in heldout}
+    assert len({p.key for p in train}) == 300
+    assert split_puzzles(CountdownConfig(num_train=300, num_heldout=100, seed=3)) == (train, heldout)
+    assert split_puzzles(CountdownConfig(num_train=300, num_heldout=100, seed=4)) != (train, heldout)
+    small = CountdownConfig(num_numbers=3, min_number=1, max_number=9, target=10, num_train=20, num_heldout=5)
+    tr, he = split_puzzles(small)
+    for p in tr + he:
+        assert len(p.numbers) == 3 and all(1 <= n <= 9 for n in p.numbers) and p.target == 10
+        assert verify(p.numbers, 10, solve(p.numbers, 10))
+    big = generate_puzzles(num=50, num_numbers=4, min_number=1, max_number=60, target=100, seed=1)  # sampled, not enumerated
+    assert len({tuple(sorted(p.numbers)) for p in big}) == 50
+
+
+def test_asking_for_more_puzzles_than_exist_names_the_count():
+    with pytest.raises(ValueError, match=r"only \d+ solvable puzzles"):
+        split_puzzles(CountdownConfig(num_train=5000, num_heldout=10))
+
+
+@pytest.mark.parametrize(
+    "field,value", [("num_numbers", 1), ("min_number", 20), ("num_train", 0), ("num_heldout", -1)]
+)
+def test_bad_config_names_field(field, value):
+    with pytest.raises(ValueError, match=f"task.{field}"):
+        CountdownConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "expr,ok",
+    [
+        ("(2+2)*(11-5)", True),
+        (" ( 2 + 2 ) * ( 11 - 5 ) ", True),
+        ("(2+2)×(11−5)", True),  # unicode operators accepted as aliases
+        ("(2+2)*(11-5)+0", False),  # 0 not given
+        ("(2+2)*(11-5)-2", False),  # 2 used three times
+        ("(2+2)*11", False),  # 5 left out
+        ("2*2*11-5", False),  # wrong value
+        ("(2+2)*(11-5", False),
+        ("(2+2)*(11-5))", False),
+        ("(2+2)*(11-5) ok", False),
+        ("-(2+2)*(5-11)", False),  # unary minus rejected
+        ("(2+2)*(11-05)", False),  # leading zero
+        ("2.0+2*(11-5)", False),
+        ("__import__('os').system('x')", False),
+        ("", False),
+        ("   ", False),
+        (None, False),
+        (24, False),
+        ("(" * 5000 + "2" + ")" * 5000, False),  # too long: rejected fast, no recursion error
+    ],
+)
+def test_verify(expr, ok):
+    assert verify((5, 2, 2, 11), 24, expr) is ok
+
+
+def test_verify_rejects_division_by_zero_and_accepts_fractions():
+    assert not verify((4, 2, 2, 6), 24, "4/(2-2)*6")
+    assert verify((3, 3, 8, 8), 24, "8/(3-8/3)")
+    assert evaluate("8/(3-8/3)") == Fraction(24)
+    assert evaluate("1/0") is None
+
+
+def test_verify_property_random_expressions():
+    """verify agrees with an independent exact evaluation on random well-formed expressions."""
+    rng = random.Random(0)
+    for _ in range(300):
+        nums = [rng.randint(1, 13) for _ in range(4)]
+        order = nums[:]
+        rng.shuffle(order)
+        expr = str(order[0])
+        for n in order[1:]:
+            expr = f"({expr}{rng.choice('+-*/')}{n})"
+        value = evaluate(expr)
+        assert verify(nums, 24, expr) == (value == 24)
+        assert not verify(nums + [1], 24, expr)  # a number left out
+
+
+_OPERAND = r"(\(-?\d+(?:/\d+)?\)|\d+)"
+_STEP = re.compile(_OPERAND + r"([-+*/])" + _OPERAND + r"=(-?\d+(?:/\d+)?)")
+
+
+def _check_steps(text):
+    """Every 'a op b=c' step in a trace is true arithmetic; returns how many there are."""
+    steps = _STEP.findall(text)
+    for a, op, b, c in steps:
+        a, b, c = (Fraction(x.strip("()")) for x in (a, b, c))
+        assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == c, text
+    return len(steps)
+
+
+def test_traces_are_true_arithmetic_and_short():
+    rng = random.Random(1)
+    assert _check_steps("12/(6/7)=14 (7/8)-7=-49/8 21-(-3)=24") == 3
+    for p in generate_puzzles(num=60, target=24, seed=2):
+        trace = search_trace(p.numbers, p.target, rng=rng)
+        assert trace.endswith("yes.") and _check_steps(trace) >= 3
+        assert len(trace) < 160
+        expr = solve(p.numbers, p.target)
+        ev = evaluation_trace(p.numbers, p.target, expr)
+        assert ev.endswith("ok.") and _check_steps(ev) == 3
+    assert evaluation_trace((5, 2, 2, 11), 24, "1+2") == "uses 1 which is not given."
+    assert evaluation_trace((5, 2, 2, 11), 24, "5+2+2+11") == "5+2=7 7+2=9 9+11=20 makes 20, not 24."
+    assert evaluation_trace((5, 2, 2, 11), 24, "5+2+2") == "does not use 11."
+    assert evaluation_trace((5, 2, 2, 11), 24, "5+2+2+2+11") == "uses 2 too often."
+    assert evaluation_trace((4, 2, 2, 6), 24, "4/(2-2)*6") == "2-2=0 4/0=undefined divides by zero."
+    assert evaluation_trace((5, 2, 2, 11), 24, "hello") == "not a valid expression."
+
+
+def test_countdown_task_interface():
+    task = get_task("countdown", CountdownConfig(num_train=40, num_heldout=10))
+    assert isinstance(task, CountdownTask)
+    train, heldout = task.examples("train"), task.examples("heldout")
+    assert len(train) == 40 and len(heldout) == 10
+    ex = train[0]
+    assert ex.id.startswith("countdown:") and "24" in ex.question
+    assert task.verify(ex, ex.answer) is True
+    assert task.verify(ex, None) is False
+    assert task.extract_answer(f"<think>x</think><answer>{ex.answer}</answer>") == ex.answer
+    assert len({e.id for e in train + heldout}) == 50
+    with pytest.raises(ValueError, match="split"):
+        task.examples("test")
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("chess", None)
