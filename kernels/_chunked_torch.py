@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from raro_kernels._common import RowStats
+from raro_kernels._common import RowStats, alloc
 
 DEFAULT_ROWS_PER_CHUNK = 1024
 DEFAULT_COLS_PER_CHUNK = 4096
@@ -34,9 +34,9 @@ def lm_head_stats_torch(
     """logsumexp, target logit and (optionally) entropy of softmax(hidden @ weight.T * inv_temp), per row."""
     n_rows, vocab = hidden_NH.shape[0], weight_VH.shape[0]
     dev = hidden_NH.device
-    lse_N = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    target_logit_N = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    entropy_N = torch.empty(n_rows, dtype=torch.float32, device=dev) if with_entropy else None
+    lse_N = alloc((n_rows,), torch.float32, dev)
+    target_logit_N = alloc((n_rows,), torch.float32, dev)
+    entropy_N = alloc((n_rows,), torch.float32, dev) if with_entropy else None
     for r0 in range(0, n_rows, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, n_rows)
         h_RH = hidden_NH[r0:r1].float()
@@ -94,7 +94,7 @@ def lm_head_grads_torch(
     """
     n_rows, vocab = hidden_NH.shape[0], weight_VH.shape[0]
     dev = hidden_NH.device
-    grad_hidden_NH = torch.empty_like(hidden_NH, memory_format=torch.contiguous_format) if need_hidden else None
+    grad_hidden_NH = alloc(tuple(hidden_NH.shape), hidden_NH.dtype, dev) if need_hidden else None
     grad_weight32_VH = (
         torch.zeros(weight_VH.shape, dtype=torch.float32, device=dev) if need_weight else None
     )

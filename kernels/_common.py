@@ -10,6 +10,7 @@ Two backends compute the same function:
 from __future__ import annotations
 
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -17,8 +18,9 @@ import torch
 BACKENDS = ("triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Read once, like Triton itself does at decoration time: flipping the variable later changes nothing.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tests set this to fill every scratch and output buffer with NaN before a kernel writes it, so a value a
+# kernel forgot to write cannot pass for a correct one left over from an earlier allocation.
+POISON_ALLOCATIONS = False
 
 try:  # triton is a Linux-only dependency; the torch path must keep working without it.
     import triton  # noqa: F401
@@ -26,6 +28,23 @@ try:  # triton is a Linux-only dependency; the torch path must keep working with
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - depends on the platform
     HAVE_TRITON = False
+
+
+def triton_interpret() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET when a kernel is
+    decorated, i.e. when `raro_kernels._triton_lm_head` is first imported (lazily, on first Triton use): once
+    that module exists its reading is final."""
+    module = sys.modules.get("raro_kernels._triton_lm_head")
+    if module is not None:
+        return bool(module.TRITON_INTERPRET)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or NaN-filled under POISON_ALLOCATIONS."""
+    if POISON_ALLOCATIONS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -37,10 +56,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend == "triton":
         if not HAVE_TRITON:
             raise ValueError("backend='triton' but triton is not installed")
-        if device.type != "cuda" and not TRITON_INTERPRET:
+        if device.type != "cuda" and not triton_interpret():
             raise ValueError(
                 "backend='triton' with CPU tensors needs TRITON_INTERPRET=1 in the environment before "
-                "raro_kernels is first imported"
+                "the Triton kernels are first used"
             )
     return backend
 

@@ -14,12 +14,16 @@ The two remaining products (grad hidden = dz @ W, grad weight = dz.T @ hidden) g
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from raro_kernels._common import TRITON_INTERPRET, RowStats, round_up
+from raro_kernels._common import RowStats, alloc, round_up
+
+# Read when this module is imported, which is when Triton decorates the kernels below and reads it too.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The logits of one vocabulary split are reduced by one program per row block; splits give parallelism when N
 # is small and keep the blocks that run at the same time on few row blocks, so their weight tiles hit in L2.
@@ -27,7 +31,7 @@ MAX_SPLITS = 16
 SPLIT_ALIGN = 256
 # Below this many multiply-adds, autotuning costs more than it can save: use the first config.
 AUTOTUNE_MIN_MACS = 1 << 34
-_INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}
+_INTERPRET_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 32}
 
 
 def _gemm_configs(hopper: bool) -> list[triton.Config]:
@@ -55,6 +59,7 @@ def _stats_kernel(
     cols_per_split, num_splits, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, STORE_Z: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # Split index varies fastest: programs running together share few row blocks (hidden tiles stay in L2).
@@ -85,6 +90,8 @@ def _stats_kernel(
                 k_ok = (k0 + offs_k) < hidden_size
                 a = tl.load(h_tile + k0 * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_tile + k0 * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
         z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
         if STORE_Z:
@@ -115,6 +122,7 @@ def _dz_kernel(
     stride_hn, stride_hk, stride_wv, stride_wk, stride_dzn, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
     WITH_ENTROPY_GRAD: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # Grouped tile order (as in a GEMM): tiles that run together cover GROUP_N row blocks, so the hidden and
@@ -142,6 +150,8 @@ def _dz_kernel(
             k_ok = (k0 + offs_k) < hidden_size
             a = tl.load(h_tile + k0 * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_tile + k0 * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
@@ -210,9 +220,12 @@ def _launch_gemm_kernel(name: str, grid_for, macs: int, device: torch.device, **
     _autotuned(name, hopper)[grid_for](**kwargs)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (tl.dot would default to tf32), matching torch's fp32 matmul.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_args(dtype: torch.dtype) -> dict:
+    """fp32 inputs get true fp32 products (tl.dot would default to tf32), matching torch's fp32 matmul.
+    Triton's interpreter (3.9) computes tl.dot of bf16 operands wrongly, so there they are widened to fp32
+    first; that is exact (bf16 products fit in fp32) and the compiled kernels never do it."""
+    upcast = TRITON_INTERPRET and dtype == torch.bfloat16
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
 
 
 def default_num_splits(vocab: int) -> int:
@@ -237,7 +250,7 @@ def lm_head_stats_triton(
     splits = num_splits or default_num_splits(vocab)
     cols_per_split = round_up(triton.cdiv(vocab, splits), SPLIT_ALIGN if num_splits is None else 1)
     splits = triton.cdiv(vocab, cols_per_split)
-    part = torch.empty((4 if with_entropy else 3, splits, n_rows), dtype=torch.float32, device=dev)
+    part = alloc((4 if with_entropy else 3, splits, n_rows), torch.float32, dev)
     m_SN, s_SN, zt_SN = part[0], part[1], part[2]
     u_SN = part[3] if with_entropy else part[0]  # unused when WITH_ENTROPY is off
     if logits_out is not None:
@@ -255,7 +268,7 @@ def lm_head_stats_triton(
         stride_wv=weight_VH.stride(0), stride_wk=weight_VH.stride(1),
         stride_zn=z.stride(0), cols_per_split=cols_per_split, num_splits=splits, inv_temp=inv_temp,
         WITH_ENTROPY=with_entropy, STORE_Z=logits_out is not None,
-        DOT_PRECISION=_dot_precision(hidden_NH.dtype),
+        **_dot_args(hidden_NH.dtype),
     )
     return merge_split_stats(m_SN, s_SN, zt_SN, u_SN if with_entropy else None)
 
@@ -324,8 +337,8 @@ def lm_head_grads_triton(
     cols = min(cols_per_chunk, vocab)
     n_slices = triton.cdiv(vocab, cols)
     # Row stride a multiple of 8 elements keeps every row 16-byte aligned for cuBLAS.
-    dz_buf = torch.empty((n_rows, round_up(cols, 8)), dtype=dtype, device=dev)
-    grad_weight_VH = torch.empty_like(weight_VH, memory_format=torch.contiguous_format) if need_weight else None
+    dz_buf = alloc((n_rows, round_up(cols, 8)), dtype, dev)
+    grad_weight_VH = alloc(tuple(weight_VH.shape), weight_VH.dtype, dev) if need_weight else None
     grad_hidden_NH = None
     grad_hidden32_NH = None
     if need_hidden and n_slices > 1:
@@ -346,7 +359,7 @@ def lm_head_grads_triton(
             n_rows=n_rows, n_cols=c1 - c0, col_offset=c0, hidden_size=hidden_size,
             stride_hn=hidden_NH.stride(0), stride_hk=hidden_NH.stride(1),
             stride_wv=w_CH.stride(0), stride_wk=w_CH.stride(1), stride_dzn=dz_NC.stride(0), inv_temp=inv_temp,
-            GROUP_N=8, WITH_ENTROPY_GRAD=with_ent_grad, DOT_PRECISION=_dot_precision(dtype),
+            GROUP_N=8, WITH_ENTROPY_GRAD=with_ent_grad, **_dot_args(dtype),
         )
         if grad_weight_VH is not None:
             torch.mm(dz_NC.t(), hidden_NH, out=grad_weight_VH[c0:c1])

@@ -1,0 +1,302 @@
+"""The LM head and the policy loss in one pass: loss and gradients from hidden states, logits never whole.
+
+The loss gradient of a token is known as soon as its log-prob is (every denominator of the aggregation is
+known up front), so forward and backward take three matrix products in total: logits, grad hidden, grad
+weight. The one-pass (triton) strategy keeps the fp32 logits of one chunk of tokens, reduces them to
+log-probs, turns them in place into d(loss)/d(logits), and feeds that to the two gradient GEMMs; autograd's
+backward only scales the stored gradients by the incoming scalar.
+
+Layering: kernels (`_triton_lm_head`) -> `_one_pass_triton` / `_two_pass` host functions ->
+`_LinearPolicyLossFn` (autograd) -> `linear_policy_loss` (public).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from raro_kernels._common import (
+    alloc,
+    check_lm_head_inputs,
+    check_targets_in_range,
+    finish_logprobs,
+    resolve_backend,
+    round_up,
+)
+from raro_kernels.linear_logprobs import DEFAULT_CHUNK_COLS, lm_head_grads, lm_head_stats
+from raro_kernels.policy_loss import (
+    PolicyLossOptions,
+    TokenBatch,
+    check_token_batch,
+    policy_metrics,
+    scaled_objective,
+    token_scale,
+)
+
+# Tokens per chunk of the one-pass strategy: its fp32 logits (chunk x V x 4 bytes) are the working set.
+DEFAULT_CHUNK_TOKENS = 2048
+
+TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class _LossTerms:
+    """What the per-token loss needs besides the log-probs and entropies."""
+
+    batch: TokenBatch
+    opts: PolicyLossOptions
+    scale_N: torch.Tensor
+
+    def value(self, logprobs_N: torch.Tensor, entropy_N: torch.Tensor | None) -> torch.Tensor:
+        loss = scaled_objective(logprobs_N, self.batch, self.opts, self.scale_N)
+        if self.opts.entropy_coef != 0:
+            assert entropy_N is not None
+            ent = torch.where(self.batch.mask, self.scale_N * entropy_N, torch.zeros_like(entropy_N)).sum()
+            loss = loss - self.opts.entropy_coef * ent
+        return loss
+
+    def token_grads(
+        self, r0: int, r1: int, logprobs_R: torch.Tensor, entropy_R: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """d loss / d logprob and d loss / d entropy for tokens [r0, r1), by autograd on [R] vectors so the
+        gradient is exactly that of `policy_loss`."""
+        batch, scale_R = self.batch.rows(r0, r1), self.scale_N[r0:r1]
+        with torch.enable_grad():
+            lp_R = logprobs_R.detach().requires_grad_(True)
+            (g_lp_R,) = torch.autograd.grad(scaled_objective(lp_R, batch, self.opts, scale_R), lp_R)
+        g_ent_R = None
+        if self.opts.entropy_coef != 0:
+            g_ent_R = torch.where(batch.mask, -self.opts.entropy_coef * scale_R, torch.zeros_like(scale_R))
+        return g_lp_R, g_ent_R
+
+
+def _one_pass_triton(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    inv_temp: float,
+    ignore_index: int,
+    with_entropy: bool,
+    token_grads: TokenGrads,
+    need_hidden: bool,
+    need_weight: bool,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(logprobs, entropy, grad hidden, grad weight) of sum(loss), with 6NHV FLOPs: per chunk of tokens one
+    fused logits+statistics kernel that stores the chunk's fp32 logits, the per-token loss gradient, one
+    kernel turning the logits into dz in place, and two cuBLAS products."""
+    from raro_kernels._triton_lm_head import addmm_fp32_, dz_from_logits_, lm_head_stats_triton
+
+    n_rows, hidden_size = hidden_NH.shape
+    vocab = weight_VH.shape[0]
+    dev, dtype = hidden_NH.device, hidden_NH.dtype
+    rows = min(chunk_tokens, n_rows)
+    n_chunks = (n_rows + rows - 1) // rows
+    logits_buf = alloc((rows, round_up(vocab, 8)), torch.float32, dev)
+    logprobs_N = alloc((n_rows,), torch.float32, dev)
+    entropy_N = alloc((n_rows,), torch.float32, dev) if with_entropy else None
+    grad_hidden_NH = alloc((n_rows, hidden_size), dtype, dev) if need_hidden else None
+    grad_weight_VH = None
+    grad_weight32_VH = None
+    if need_weight and n_chunks > 1:
+        grad_weight32_VH = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=dev)
+    for r0 in range(0, n_rows, rows):
+        r1 = min(r0 + rows, n_rows)
+        h_RH, tgt_R = hidden_NH[r0:r1], targets_N[r0:r1]
+        z_RV = logits_buf[: r1 - r0, :vocab]
+        stats = lm_head_stats_triton(
+            h_RH, weight_VH, tgt_R, inv_temp=inv_temp, with_entropy=with_entropy, logits_out=z_RV
+        )
+        lp_R, ent_R = finish_logprobs(stats, tgt_R, vocab, ignore_index)
+        logprobs_N[r0:r1] = lp_R
+        if entropy_N is not None:
+            entropy_N[r0:r1] = ent_R
+        g_lp_R, g_ent_R = token_grads(r0, r1, lp_R, ent_R)
+        dz_RV = dz_from_logits_(
+            z_RV, tgt_R, stats.lse, stats.entropy, g_lp_R, g_ent_R, inv_temp=inv_temp, dtype=dtype
+        )
+        if grad_hidden_NH is not None:
+            torch.mm(dz_RV, weight_VH, out=grad_hidden_NH[r0:r1])
+        if need_weight:
+            if grad_weight32_VH is None:
+                grad_weight_VH = torch.mm(dz_RV.t(), h_RH)
+            else:
+                addmm_fp32_(grad_weight32_VH, dz_RV.t(), h_RH)
+    if grad_weight32_VH is not None:
+        grad_weight_VH = grad_weight32_VH.to(dtype)
+    return logprobs_N, entropy_N, grad_hidden_NH, grad_weight_VH
+
+
+def _two_pass(
+    backend: str,
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    inv_temp: float,
+    ignore_index: int,
+    with_entropy: bool,
+    token_grads: TokenGrads | None,
+    need_hidden: bool,
+    need_weight: bool,
+    chunk_cols: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Statistics of all tokens first, then the gradients with the logits recomputed (8NHV FLOPs, memory of
+    `linear_logprobs`' backward). `token_grads` None: forward only."""
+    stats = lm_head_stats(
+        backend, hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy, chunk_cols=chunk_cols
+    )
+    logprobs_N, entropy_N = finish_logprobs(stats, targets_N, weight_VH.shape[0], ignore_index)
+    if token_grads is None:
+        return logprobs_N, entropy_N, None, None
+    g_lp_N, g_ent_N = token_grads(0, hidden_NH.shape[0], logprobs_N, entropy_N)
+    grad_hidden, grad_weight = lm_head_grads(
+        backend, hidden_NH, weight_VH, targets_N, stats.lse, stats.entropy, g_lp_N, g_ent_N,
+        inv_temp=inv_temp, need_hidden=need_hidden, need_weight=need_weight, chunk_cols=chunk_cols,
+    )
+    return logprobs_N, entropy_N, grad_hidden, grad_weight
+
+
+@dataclass(frozen=True)
+class _RunConfig:
+    inv_temp: float
+    ignore_index: int
+    with_entropy: bool
+    backend: str
+    one_pass: bool
+    chunk_tokens: int
+    chunk_cols: int
+    grad_enabled: bool  # ctx.needs_input_grad ignores torch.no_grad(), so the caller's mode is passed in
+
+
+class _LinearPolicyLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, cfg: _RunConfig,
+        terms: _LossTerms,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        need_hidden = cfg.grad_enabled and ctx.needs_input_grad[0]
+        need_weight = cfg.grad_enabled and ctx.needs_input_grad[1]
+        grads_needed = need_hidden or need_weight
+        common = dict(
+            inv_temp=cfg.inv_temp, ignore_index=cfg.ignore_index, with_entropy=cfg.with_entropy,
+            need_hidden=need_hidden, need_weight=need_weight,
+        )
+        if cfg.backend == "triton" and cfg.one_pass and grads_needed:
+            logprobs_N, entropy_N, grad_hidden, grad_weight = _one_pass_triton(
+                hidden_NH, weight_VH, targets_N, token_grads=terms.token_grads, chunk_tokens=cfg.chunk_tokens,
+                **common,
+            )
+        else:
+            logprobs_N, entropy_N, grad_hidden, grad_weight = _two_pass(
+                cfg.backend, hidden_NH, weight_VH, targets_N,
+                token_grads=terms.token_grads if grads_needed else None, chunk_cols=cfg.chunk_cols, **common,
+            )
+        loss = terms.value(logprobs_N, entropy_N)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        if entropy_N is None:
+            entropy_N = logprobs_N.new_empty(0)
+        ctx.mark_non_differentiable(logprobs_N, entropy_N)
+        return loss, logprobs_N, entropy_N
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _g_lp: torch.Tensor | None, _g_ent: torch.Tensor | None):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # The gradients were computed for d(output)/d(loss) = 1 during the forward; scale by the real one.
+        grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    entropy_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    loss_agg: str = "token_mean",
+    seq_ids: torch.Tensor | None = None,
+    num_sequences: int | torch.Tensor | None = None,
+    num_tokens: int | torch.Tensor | None = None,
+    norm_constant: float | None = None,
+    weights: torch.Tensor | None = None,
+    backend: str | None = None,
+    one_pass: bool = True,
+    chunk_tokens: int | None = None,
+    chunk_cols: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`policy_loss(linear_logprobs(hidden, weight, targets).logprobs, ...)` in one pass, same value and gradient.
+
+    hidden [N, H] (flatten leading dims first), weight [V, H], targets int [N] (`ignore_index` positions are
+    dropped from `mask`), and the per-token [N] inputs and keyword options of `policy_loss`, whose docstring
+    defines the loss, aggregation and metrics. `entropy_coef` adds an entropy bonus:
+    loss -= entropy_coef * (entropy aggregated like the per-token loss, weights included).
+    Returns (loss 0-dim fp32, metrics): `policy_loss`'s metrics plus "logprobs" (fp32 [N], detached: the
+    trainer's log-probs, e.g. to compare with the rollout engine's), and with return_entropy or entropy_coef
+    "entropy" (masked mean, detached). Differentiable w.r.t. hidden and weight (gradients computed during the
+    forward and scaled by the incoming gradient in backward).
+
+    Strategies and memory (beyond inputs, outputs and gradients):
+    - one_pass=True, triton backend (default on CUDA): 6NHV FLOPs. Holds the fp32 logits of `chunk_tokens`
+      tokens (default 2048: chunk_tokens x V x 4 bytes, 1.2 GB at V = 151,936) and, when N > chunk_tokens, an
+      fp32 [V, H] accumulator for grad weight.
+    - one_pass=False, or the torch backend: statistics of all tokens, then gradients with the logits recomputed
+      (8NHV FLOPs); memory as in `linear_logprobs`' backward (N x chunk_cols dz slice, fp32 [N, H]).
+    backend: as in `linear_logprobs` (None: triton on CUDA, torch on CPU; "triton" on CPU needs
+    TRITON_INTERPRET=1 before import).
+    """
+    check_lm_head_inputs(hidden, weight, targets, temperature)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, H] (flatten leading dims first), got shape {tuple(hidden.shape)}")
+    chosen = resolve_backend(backend, hidden.device)
+    for name, value in (("chunk_tokens", chunk_tokens), ("chunk_cols", chunk_cols)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    opts = PolicyLossOptions(
+        clip_low, clip_high, dual_clip, kl_coef, kl_estimator, tis_cap, loss_agg, entropy_coef=entropy_coef
+    )
+    n_tokens = hidden.shape[0]
+    batch = TokenBatch(old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs)
+    check_token_batch(n_tokens, hidden.device, batch, opts, weights)
+    check_targets_in_range(targets, weight.shape[0], ignore_index)
+    batch.mask = mask & (targets != ignore_index)
+    scale_N = token_scale(
+        batch.mask, loss_agg, seq_ids=seq_ids, num_sequences=num_sequences, num_tokens=num_tokens,
+        norm_constant=norm_constant, weights=weights,
+    )
+    terms = _LossTerms(batch, opts, scale_N)
+    with_entropy = return_entropy or entropy_coef != 0
+    cfg = _RunConfig(
+        1.0 / temperature, ignore_index, with_entropy, chosen, one_pass,
+        DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
+        DEFAULT_CHUNK_COLS if chunk_cols is None else chunk_cols,
+        torch.is_grad_enabled(),
+    )
+    if n_tokens == 0:
+        loss = hidden.float().sum() * 0.0
+        logprobs_N = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+        entropy_N = logprobs_N
+    else:
+        loss, logprobs_N, entropy_N = _LinearPolicyLossFn.apply(hidden, weight, targets, cfg, terms)
+    metrics = policy_metrics(logprobs_N, batch, opts)
+    metrics["logprobs"] = logprobs_N.detach()
+    if with_entropy:
+        count = batch.mask.sum().clamp(min=1)
+        metrics["entropy"] = torch.where(batch.mask, entropy_N, torch.zeros_like(entropy_N)).sum() / count
+    return loss, metrics

@@ -1,0 +1,41 @@
+"""Kernel tests run every Triton kernel: on CUDA when present, else on CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be in the environment before the Triton kernels are decorated, which happens when
+`raro_kernels._triton_lm_head` is first imported (lazily, on the first Triton call), so it is set here, at
+collection time, before any test runs. CPU tensors keep using the PyTorch path unless a test forces
+backend="triton", so tests elsewhere that import raro_kernels first are unaffected.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import raro_kernels._common as kernels_common  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def triton_available() -> bool:
+    return kernels_common.HAVE_TRITON and (DEVICE.type == "cuda" or kernels_common.triton_interpret())
+
+
+@pytest.fixture(autouse=True)
+def _poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer the ops allocate starts as NaN, so an element a kernel fails to write shows up."""
+    monkeypatch.setattr(kernels_common, "POISON_ALLOCATIONS", True)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+def backend_params() -> list:
+    """Both backends on the test device; triton is skipped only where it cannot run at all."""
+    skip = pytest.mark.skipif(not triton_available(), reason="triton unavailable (no CUDA, no interpreter)")
+    return ["torch", pytest.param("triton", marks=skip)]

@@ -1,0 +1,199 @@
+"""linear_logprobs, both backends, forward and backward, against float64 full-logit references.
+
+Tolerances, by dtype. The reference upcasts the very same inputs to float64, and both backends accumulate
+the logits in fp32 (a product of two bf16/fp16 numbers is exact in fp32), so log-probs and entropies differ
+only by fp32 accumulation: atol 1e-4 for every dtype. Gradients pass through d(logits) rounded to the input
+dtype and come out in it, two roundings of unit 2^-24 (fp32, compared at 2e-5 relative norm: the GEMMs sum
+thousands of terms), 2^-11 (fp16, 2e-3) and 2^-8 (bf16, 1e-2), as relative Frobenius error.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import backend_params
+from lm_head_reference import reference_logprobs
+
+from raro_kernels import LinearLogprobs, linear_logprobs
+
+GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, H, V): odd N, H not a multiple of the K block, V not a multiple of the vocab block and, in the second
+# case, large enough for two vocabulary splits and several backward slices.
+SHAPES = [(37, 40, 301), (45, 72, 1100)]
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double().cpu() - ref).norm() / ref.norm())
+
+
+def _make(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int, n_ignored: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * (2.0 / h**0.5)  # logits of O(2): a peaked, non-trivial softmax
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.randperm(n, generator=g)[:n_ignored]] = -100
+    return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device)
+
+
+def _check(out: LinearLogprobs, hidden, weight, targets, temperature: float, *, grads: bool = True) -> None:
+    h64 = hidden.detach().cpu().double().requires_grad_(grads)
+    w64 = weight.detach().cpu().double().requires_grad_(grads)
+    ref_lp, ref_ent = reference_logprobs(h64, w64, targets.cpu(), temperature=temperature)
+    assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == targets.shape
+    torch.testing.assert_close(out.logprobs.detach().cpu().double(), ref_lp.detach(), rtol=1e-5, atol=1e-4)
+    assert float(out.logprobs.detach().max()) <= 1e-5, "a log-probability above 0 (padded vocabulary counted?)"
+    if out.entropy is not None:
+        torch.testing.assert_close(out.entropy.detach().cpu().double(), ref_ent.detach(), rtol=1e-5, atol=1e-4)
+    if not grads:
+        return
+    g = torch.Generator().manual_seed(1)
+    g_lp = torch.randn(targets.shape, generator=g)
+    g_ent = torch.randn(targets.shape, generator=g)
+    total = (out.logprobs * g_lp.to(out.logprobs.device)).sum()
+    ref_total = (ref_lp * g_lp.double()).sum()
+    if out.entropy is not None:
+        total = total + (out.entropy * g_ent.to(out.entropy.device)).sum()
+        ref_total = ref_total + (ref_ent * g_ent.double()).sum()
+    dh, dw = torch.autograd.grad(total, (hidden, weight))
+    ref_dh, ref_dw = torch.autograd.grad(ref_total, (h64, w64))
+    assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
+    assert bool(torch.isfinite(dh).all()) and bool(torch.isfinite(dw).all())
+    assert _rel_err(dh, ref_dh) < GRAD_RTOL[hidden.dtype], _rel_err(dh, ref_dh)
+    assert _rel_err(dw, ref_dw) < GRAD_RTOL[hidden.dtype], _rel_err(dw, ref_dw)
+    ignored = (targets == -100).reshape(-1)
+    if out.entropy is None:  # only the log-prob path: ignored rows get exactly no gradient
+        assert float(dh.reshape(-1, dh.shape[-1])[ignored].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64_forward_and_backward(backend: str, dtype: torch.dtype, shape, device) -> None:
+    n, h, v = shape
+    hidden, weight, targets = _make(n, h, v, dtype, device, seed=n * v)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = linear_logprobs(
+        hidden, weight, targets, temperature=0.7, return_entropy=True, backend=backend, chunk_cols=512
+    )
+    _check(out, hidden, weight, targets, 0.7)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_logprobs_only_leading_dims_and_strided_hidden(backend: str, device) -> None:
+    b, t, h, v = 3, 11, 48, 777
+    g = torch.Generator().manual_seed(2)
+    wide = torch.randn(b, t, 2 * h, generator=g).to(device, torch.bfloat16)
+    hidden = wide[..., :h].requires_grad_(False)  # row stride 2H: not contiguous
+    hidden = hidden.detach().requires_grad_(True)
+    assert not hidden.is_contiguous()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, v, (b, t), generator=g).to(device)
+    targets[0, :4] = -100
+    out = linear_logprobs(hidden, weight, targets, temperature=1.3, backend=backend)
+    assert out.entropy is None and out.logprobs.shape == (b, t)
+    _check(out, hidden, weight, targets, 1.3)
+    assert float(out.logprobs[0, :4].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_large_logits_stay_finite(backend: str, device) -> None:
+    """Logits of several hundred: the online softmax must not overflow or lose the target."""
+    hidden, weight, targets = _make(19, 32, 333, torch.float32, device, seed=5)
+    hidden = (hidden * 60).requires_grad_(True)
+    weight.requires_grad_(True)
+    out = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    assert bool(torch.isfinite(out.logprobs).all()) and bool(torch.isfinite(out.entropy).all())
+    _check(out, hidden, weight, targets, 1.0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_tied_embedding_gradients_accumulate(backend: str, device) -> None:
+    """The weight feeds the hidden states (embedding) and the head: both gradient paths must add up."""
+    n, h, v = 29, 24, 150
+    g = torch.Generator().manual_seed(11)
+    weight = (torch.randn(v, h, generator=g) * 0.4).to(device).requires_grad_(True)
+    ids = torch.randint(0, v, (n,), generator=g).to(device)
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    mix = torch.randn(h, h, generator=g).to(device) / h**0.5
+    hidden = torch.tanh(torch.nn.functional.embedding(ids, weight) @ mix)
+    out = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    (out.logprobs.sum() + 0.5 * out.entropy.sum()).backward()
+
+    w64 = weight.detach().cpu().double().requires_grad_(True)
+    h64 = torch.tanh(torch.nn.functional.embedding(ids.cpu(), w64) @ mix.cpu().double())
+    lp, ent = reference_logprobs(h64, w64, targets.cpu(), temperature=1.0)
+    (lp.sum() + 0.5 * ent.sum()).backward()
+    assert _rel_err(weight.grad, w64.grad) < 2e-5
+
+
+def test_backends_agree_and_no_grad_builds_no_graph(device) -> None:
+    hidden, weight, targets = _make(33, 40, 500, torch.float32, device, seed=12)
+    hidden.requires_grad_(True)
+    with torch.no_grad():
+        out = linear_logprobs(hidden, weight, targets, return_entropy=True)
+    assert out.logprobs.grad_fn is None and out.entropy.grad_fn is None
+    ref = linear_logprobs(hidden, weight, targets, return_entropy=True, backend="torch")
+    torch.testing.assert_close(out.logprobs, ref.logprobs.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_empty_input(backend: str, device) -> None:
+    hidden = torch.randn(0, 16, device=device, requires_grad=True)
+    weight = torch.randn(40, 16, device=device)
+    out = linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long, device=device), backend=backend,
+                          return_entropy=True)
+    assert out.logprobs.shape == (0,) and out.entropy.shape == (0,)
+    out.logprobs.sum().backward()
+
+
+def test_bad_inputs_raise_value_error() -> None:
+    h = torch.randn(5, 8)
+    w = torch.randn(30, 8)
+    t = torch.randint(0, 30, (5,))
+    cases = [
+        (dict(hidden=h, weight=w.double(), targets=t), "dtype"),
+        (dict(hidden=h, weight=torch.randn(30, 9), targets=t), "hidden size"),
+        (dict(hidden=h, weight=w, targets=t[:4]), "targets shape"),
+        (dict(hidden=h, weight=w, targets=t.float()), "targets must be"),
+        (dict(hidden=h, weight=w, targets=t, temperature=0.0), "temperature"),
+        (dict(hidden=h, weight=w, targets=t, backend="cuda"), "backend"),
+        (dict(hidden=h, weight=w, targets=torch.tensor([0, 1, 30, 2, -100])), r"targets\[2\] = 30"),
+        (dict(hidden=h[0], weight=w, targets=t[0]), "hidden must be"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            linear_logprobs(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("vocab", [151936, 152064, 50257, 32000])
+def test_real_vocab_sizes_on_cuda(vocab: int, device) -> None:
+    hidden, weight, targets = _make(257, 128, vocab, torch.bfloat16, device, seed=vocab)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = linear_logprobs(hidden, weight, targets, temperature=0.9, return_entropy=True)
+    _check(out, hidden, weight, targets, 0.9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_memory_within_stated_bound_on_cuda(device) -> None:
+    """Measured: forward+backward extra memory stays under the docstring's bound, far below the logits."""
+    n, h, v = 4096, 256, 32000
+    hidden, weight, targets = _make(n, h, v, torch.bfloat16, device, seed=3)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    linear_logprobs(hidden, weight, targets, return_entropy=True).logprobs.sum().backward()  # warm-up
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = linear_logprobs(hidden, weight, targets, return_entropy=True)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = hidden.numel() * 2 + weight.numel() * 2
+    # dz slice (N x 4096 bf16) + fp32 grad-hidden accumulator + per-row statistics, plus the gradients.
+    bound = n * 4096 * 2 + n * h * 4 + 64 * n * 4 + grads + (1 << 20)
+    assert extra <= bound, (extra, bound)
+    assert extra < 0.2 * n * v * 4
