@@ -261,9 +261,9 @@ def linear_policy_loss(
     backend: as in `linear_logprobs` (None: triton on CUDA, torch on CPU; "triton" on CPU needs
     TRITON_INTERPRET=1 before import).
     """
-    check_lm_head_inputs(hidden, weight, targets, temperature)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H] (flatten leading dims first), got shape {tuple(hidden.shape)}")
+    check_lm_head_inputs(hidden, weight, targets, temperature)
     chosen = resolve_backend(backend, hidden.device)
     for name, value in (("chunk_tokens", chunk_tokens), ("chunk_cols", chunk_cols)):
         if value is not None and value < 1:

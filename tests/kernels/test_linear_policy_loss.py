@@ -1,0 +1,181 @@
+"""linear_policy_loss against float64 full logits -> log-probs -> the float64 reference loss.
+
+Tolerances: the log-probs are fp32 from fp32-accumulated logits (as in test_linear_logprobs), so the loss, a
+weighted mean of O(1) per-token terms, matches at rtol 1e-4. Gradients carry two roundings to the input
+dtype (d(logits) and the result), compared as relative Frobenius error: fp32 2e-5, bf16 1e-2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import backend_params
+from lm_head_reference import reference_logprobs, reference_policy_loss
+
+from raro_kernels import linear_logprobs, linear_policy_loss, policy_loss
+
+GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double().cpu() - ref).norm() / ref.norm())
+
+
+def _make(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int, temperature: float):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * (2.0 / h**0.5)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.randperm(n, generator=g)[:3]] = -100
+    with torch.no_grad():  # old log-probs near the current ones, so ratios straddle the clip range
+        lp, _ = reference_logprobs(hidden.to(dtype).double(), weight.to(dtype).double(), targets,
+                                   temperature=temperature)
+    old = (lp + torch.randn(n, generator=g).double() * 0.3).float()
+    # Six sequences of uneven length, one of a single token.
+    starts = torch.tensor([n // 10, n // 10 + 1, n // 3, (2 * n) // 3, (4 * n) // 5])
+    x = {
+        "hidden": hidden.to(dtype), "weight": weight.to(dtype), "targets": targets, "old": old,
+        "adv": torch.randn(n, generator=g), "mask": torch.rand(n, generator=g) > 0.2,
+        "ref": old + torch.randn(n, generator=g) * 0.2, "rollout": old + torch.randn(n, generator=g) * 0.3,
+        "seq_ids": torch.bucketize(torch.arange(n), starts, right=True), "weights": torch.rand(n, generator=g) + 0.5,
+    }
+    return {k: v.to(device) for k, v in x.items()}
+
+
+OPTIONS = dict(
+    clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_estimator="k3", tis_cap=2.0,
+    loss_agg="seq_mean_token_mean",
+)
+
+
+def _run(x, backend: str, temperature: float, entropy_coef: float, **extra):
+    hidden = x["hidden"].clone().requires_grad_(True)
+    weight = x["weight"].clone().requires_grad_(True)
+    loss, metrics = linear_policy_loss(
+        hidden, weight, x["targets"], x["old"], x["adv"], x["mask"], temperature=temperature,
+        return_entropy=True, entropy_coef=entropy_coef, ref_logprobs=x["ref"], rollout_logprobs=x["rollout"],
+        seq_ids=x["seq_ids"], weights=x["weights"], backend=backend, **OPTIONS, **extra,
+    )
+    return loss, metrics, torch.autograd.grad(loss, (hidden, weight))
+
+
+def _reference(x, temperature: float, entropy_coef: float):
+    h64 = x["hidden"].cpu().double().requires_grad_(True)
+    w64 = x["weight"].cpu().double().requires_grad_(True)
+    lp, ent = reference_logprobs(h64, w64, x["targets"].cpu(), temperature=temperature)
+    c = {k: v.cpu() for k, v in x.items()}
+    mask = c["mask"] & (c["targets"] != -100)
+    loss = reference_policy_loss(
+        lp, c["old"], c["adv"], mask, ref=c["ref"], rollout=c["rollout"], seq_ids=c["seq_ids"],
+        weights=c["weights"], entropy=ent, entropy_coef=entropy_coef, **OPTIONS,
+    )
+    return loss, lp, ent, mask, torch.autograd.grad(loss, (h64, w64))
+
+
+STRATEGIES = {  # one pass with several token chunks (fp32 grad-weight accumulator), one chunk, two passes
+    "one_pass_chunks": dict(one_pass=True, chunk_tokens=16),
+    "one_pass_single": dict(one_pass=True),
+    "two_pass": dict(one_pass=False, chunk_cols=256),
+}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_matches_float64_reference(backend: str, dtype: torch.dtype, strategy: str, device) -> None:
+    if backend == "torch" and strategy != "two_pass":
+        pytest.skip("the torch backend always runs two passes")
+    x = _make(41, 40, 700, dtype, device, seed=41 * 700 + len(strategy), temperature=0.8)
+    loss, metrics, (dh, dw) = _run(x, backend, 0.8, 0.01, **STRATEGIES[strategy])
+    ref_loss, ref_lp, ref_ent, mask, (ref_dh, ref_dw) = _reference(x, 0.8, 0.01)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(metrics["logprobs"].cpu().double(), ref_lp.detach(), rtol=1e-5, atol=1e-4)
+    expected_entropy = ref_ent.detach()[mask].mean()
+    torch.testing.assert_close(metrics["entropy"].cpu().double(), expected_entropy, rtol=1e-5, atol=1e-5)
+    assert dh.dtype == dtype and dw.dtype == dtype
+    assert _rel_err(dh, ref_dh) < GRAD_RTOL[dtype], _rel_err(dh, ref_dh)
+    assert _rel_err(dw, ref_dw) < GRAD_RTOL[dtype], _rel_err(dw, ref_dw)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_same_as_policy_loss_of_linear_logprobs(backend: str, device) -> None:
+    x = _make(33, 24, 300, torch.float32, device, seed=5, temperature=1.0)
+    loss, metrics, grads = _run(x, backend, 1.0, 0.0, chunk_tokens=8)
+    hidden = x["hidden"].clone().requires_grad_(True)
+    weight = x["weight"].clone().requires_grad_(True)
+    lp = linear_logprobs(hidden, weight, x["targets"], backend=backend).logprobs
+    mask = x["mask"] & (x["targets"] != -100)
+    ref_loss, ref_metrics = policy_loss(
+        lp, x["old"], x["adv"], mask, ref_logprobs=x["ref"], rollout_logprobs=x["rollout"], seq_ids=x["seq_ids"],
+        weights=x["weights"], **OPTIONS,
+    )
+    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, value in ref_metrics.items():
+        torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_microbatches_with_global_counts_sum_to_full_batch(device) -> None:
+    x = _make(41, 16, 200, torch.float32, device, seed=9, temperature=1.0)
+    opts = dict(OPTIONS, loss_agg="token_mean")
+    full, _ = linear_policy_loss(x["hidden"], x["weight"], x["targets"], x["old"], x["adv"], x["mask"],
+                                 ref_logprobs=x["ref"], rollout_logprobs=x["rollout"], **opts)
+    n_tok = (x["mask"] & (x["targets"] != -100)).sum()
+    parts = [
+        linear_policy_loss(x["hidden"][sl], x["weight"], x["targets"][sl], x["old"][sl], x["adv"][sl],
+                           x["mask"][sl], ref_logprobs=x["ref"][sl], rollout_logprobs=x["rollout"][sl],
+                           num_tokens=n_tok, **opts)[0]
+        for sl in (slice(0, 17), slice(17, 41))
+    ]
+    torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grad_of_one_input_only_and_no_grad(backend: str, device) -> None:
+    x = _make(21, 16, 130, torch.float32, device, seed=13, temperature=1.0)
+    weight = x["weight"].clone().requires_grad_(True)
+    loss, _ = linear_policy_loss(x["hidden"], weight, x["targets"], x["old"], x["adv"], x["mask"], backend=backend)
+    (dw,) = torch.autograd.grad(2.0 * loss, (weight,))
+    w64 = x["weight"].cpu().double().requires_grad_(True)
+    lp, _ = reference_logprobs(x["hidden"].cpu().double(), w64, x["targets"].cpu(), temperature=1.0)
+    ref = reference_policy_loss(lp, x["old"].cpu(), x["adv"].cpu(), (x["mask"] & (x["targets"] != -100)).cpu())
+    (ref_dw,) = torch.autograd.grad(2.0 * ref, (w64,))
+    assert _rel_err(dw, ref_dw) < 2e-5
+    with torch.no_grad():
+        loss_ng, metrics = linear_policy_loss(x["hidden"], weight, x["targets"], x["old"], x["adv"], x["mask"],
+                                              backend=backend)
+    assert loss_ng.grad_fn is None
+    torch.testing.assert_close(loss_ng, loss.detach(), rtol=1e-5, atol=1e-6)
+    assert "entropy" not in metrics and metrics["logprobs"].shape == (21,)
+
+
+def test_bad_inputs_raise_value_error(device) -> None:
+    x = _make(9, 8, 50, torch.float32, device, seed=1, temperature=1.0)
+    args = (x["hidden"], x["weight"], x["targets"], x["old"], x["adv"], x["mask"])
+    with pytest.raises(ValueError, match="hidden must be"):
+        linear_policy_loss(x["hidden"][None], *args[1:])
+    with pytest.raises(ValueError, match="old_logprobs"):
+        linear_policy_loss(*args[:3], x["old"][:5], *args[4:])
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        linear_policy_loss(*args, chunk_tokens=0)
+    with pytest.raises(ValueError, match="kl_coef"):
+        linear_policy_loss(*args, kl_coef=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_on_cuda(device) -> None:
+    x = _make(300, 64, 1000, torch.bfloat16, device, seed=2, temperature=1.0)
+    hidden = x["hidden"].clone().requires_grad_(True)
+    _run(x, "triton", 1.0, 0.0)  # compile first: compilation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = linear_policy_loss(
+            hidden, x["weight"], x["targets"], x["old"], x["adv"], x["mask"], return_entropy=True,
+            ref_logprobs=x["ref"], rollout_logprobs=x["rollout"], seq_ids=x["seq_ids"], weights=x["weights"],
+            **OPTIONS,
+        )
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
