@@ -100,12 +100,13 @@ def check_token_batch(
         )
 
 
-def _as_count(x: int | float | torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+def _as_count(x: int | float | torch.Tensor, name: str, device: torch.device) -> torch.Tensor | float:
+    """A denominator: a tensor stays on the device (no sync), a Python number stays a Python float (no copy)."""
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.float32)
     if not x > 0:
         raise ValueError(f"{name} must be > 0, got {x}")
-    return torch.tensor(float(x), dtype=torch.float32, device=device)
+    return float(x)
 
 
 def token_scale(

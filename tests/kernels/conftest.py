@@ -20,10 +20,6 @@ import raro_kernels._common as kernels_common  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def triton_available() -> bool:
-    return kernels_common.HAVE_TRITON and (DEVICE.type == "cuda" or kernels_common.triton_interpret())
-
-
 @pytest.fixture(autouse=True)
 def _poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every buffer the ops allocate starts as NaN, so an element a kernel fails to write shows up."""
@@ -33,9 +29,3 @@ def _poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
-
-
-def backend_params() -> list:
-    """Both backends on the test device; triton is skipped only where it cannot run at all."""
-    skip = pytest.mark.skipif(not triton_available(), reason="triton unavailable (no CUDA, no interpreter)")
-    return ["torch", pytest.param("triton", marks=skip)]

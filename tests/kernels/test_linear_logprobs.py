@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import backend_params
-from lm_head_reference import reference_logprobs
+from kernel_helpers import backend_params, reference_logprobs
 
 from raro_kernels import LinearLogprobs, linear_logprobs
 

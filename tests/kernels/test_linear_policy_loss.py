@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import backend_params
-from lm_head_reference import reference_logprobs, reference_policy_loss
+from kernel_helpers import backend_params, reference_logprobs, reference_policy_loss
 
 from raro_kernels import linear_logprobs, linear_policy_loss, policy_loss
 

@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 import torch
-from lm_head_reference import reference_policy_loss
+from kernel_helpers import reference_policy_loss
 
 from raro_kernels import policy_loss
 

@@ -1,0 +1,76 @@
+"""Benchmark helpers: timing and peak memory of a callable, and a plain-text table (used by conftest.py's
+`bench_table` fixture and by the bench_*.py files)."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+    def render(self) -> str:
+        cells = [self.columns] + self.rows
+        widths = [max(len(str(r[i])) for r in cells) for i in range(len(self.columns))]
+        line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        return "\n".join([self.title, rule, line(self.columns), rule, *(line(r) for r in self.rows), rule])
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} threads"
+
+
+def versions() -> str:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:  # pragma: no cover
+        tv = "none"
+    return f"torch {torch.__version__}, triton {tv}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    median_ms: float
+    peak_extra_bytes: int | None  # None on CPU
+
+
+def measure(fn: Callable[[], object], *, device: torch.device, reps: int, warmup: int = 1) -> Measurement:
+    """Median wall time of fn() over `reps` runs after `warmup` runs (CUDA events on GPU), and the peak
+    memory allocated during one more run above what was allocated before it (CUDA only)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        return Measurement(statistics.median(times), peak)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Measurement(statistics.median(times), None)
