@@ -59,7 +59,7 @@ class WarmupConfig:
     """Format warm-up of the embedded model (skipped for a real checkpoint, which already follows instructions).
 
     A model built from scratch cannot read the prompts at all, so it first learns the two output formats from
-    synthetic traces on puzzles that never appear in training or evaluation (other targets): a policy trace
+    synthetic traces on puzzles that never appear in training or evaluation (any target but the task's): a policy trace
     (a short solver search, then the expression) and a critic trace (evaluate both answers, then a verdict).
     """
 
@@ -67,10 +67,8 @@ class WarmupConfig:
     batch_size: int = _help("Sequences per warm-up step.", 32)
     lr: float = _help("Warm-up learning rate (AdamW, cosine decay).", 3e-3)
     critic_fraction: float = _help("Fraction of warm-up sequences in the critic format.", 0.4)
-    targets: tuple[int, ...] = _help(
-        "Puzzle targets used for warm-up traces; the task's own target is excluded if listed.",
-        (10, 12, 15, 16, 18, 20, 21, 28, 30, 36),
-    )
+    min_target: int = _help("Smallest target of a warm-up puzzle (the task's own target is never used).", 1)
+    max_target: int = _help("Largest target of a warm-up puzzle.", 100)
     seed: int = _help("Seed of the warm-up corpus and order.", 1234)
 
 

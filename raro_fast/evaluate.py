@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from raro_fast import prompts
 from raro_fast.distributed import Dist, all_gather_objects
-from raro_fast.raro import render_prompt
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams
 from raro_fast.tasks.base import Example, Task
 
@@ -24,7 +23,7 @@ def heldout_accuracy(
     correct = 0
     if mine:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=1, seed=seed)
-        outs = engine.generate([render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in mine], params)
+        outs = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in mine], params)
         for ex, (c,) in zip(mine, outs):
             answer = None if c.truncated else task.extract_answer(c.text)
             correct += bool(task.verify(ex, answer))

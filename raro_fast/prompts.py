@@ -11,10 +11,10 @@ import re
 
 CRITIC_VERDICTS = ("1", "2", "tie")
 
-POLICY_SYSTEM = "Think inside <think></think>, then give only the final answer inside <answer></answer>."
+POLICY_SYSTEM = "Reason in <think></think>, then give the final answer in <answer></answer>."
 CRITIC_SYSTEM = (
-    "Two answers to a question follow; one is an expert's. Think inside <think></think>, then say which answer is "
-    "better: <answer>1</answer>, <answer>2</answer>, or <answer>tie</answer> if they are equally good."
+    "One of two answers is an expert's. Reason in <think></think>, then pick the better one: "
+    "<answer>1</answer>, <answer>2</answer>, or <answer>tie</answer> if equally good."
 )
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
@@ -27,6 +27,12 @@ def policy_messages(question: str) -> list[dict[str, str]]:
 def critic_messages(question: str, answer_1: str, answer_2: str) -> list[dict[str, str]]:
     user = f"Question: {question}\nAnswer 1: {answer_1}\nAnswer 2: {answer_2}"
     return [{"role": "system", "content": CRITIC_SYSTEM}, {"role": "user", "content": user}]
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation up to the assistant's turn, through the tokenizer's own chat template."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def format_completion(think: str, answer: str) -> str:

@@ -18,12 +18,6 @@ from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
 from raro_fast.tasks.base import Example, Task
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Chat-template a conversation up to the assistant's turn, as token ids."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 @dataclass
 class RankRollout:
     samples: list[SequenceSample] = field(default_factory=list)
@@ -75,7 +69,7 @@ def raro_rollouts(
     )
 
     # 1. Policy rollouts: G per question.
-    policy = engine.generate([render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], policy_params)
+    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], policy_params)
 
     # 2. Every finished answer is judged against the expert's, in random order.
     judged: list[tuple[int, int, CriticPair, int]] = []  # (question, sample, pair, expert position)
@@ -145,5 +139,5 @@ def _judge(
     critic_prompts = []
     for _, _, pair, pos in judged:
         first, second = (pair.expert_answer, pair.policy_answer) if pos == 1 else (pair.policy_answer, pair.expert_answer)
-        critic_prompts.append(render_prompt(tokenizer, prompts.critic_messages(pair.question, first, second)))
+        critic_prompts.append(prompts.render_prompt(tokenizer, prompts.critic_messages(pair.question, first, second)))
     return engine.generate(critic_prompts, params)

@@ -26,6 +26,7 @@ from raro_fast.evaluate import heldout_accuracy
 from raro_fast.metrics import MetricsLog, plot_curves, summary_table
 from raro_fast.model.hf import build_embedded_model, load_pretrained, load_project_tokenizer, resolve_dtype, save_pretrained_atomic
 from raro_fast.model.policy import PolicyModel
+from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import full_state_dict, parallelize
 from raro_fast.raro import raro_rollouts
@@ -240,6 +241,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     compute_dtype = resolve_dtype(cfg.model.dtype, d.device)
     engine = make_engine(cfg.rollout, copy.deepcopy(hf_model).to(d.device, compute_dtype), tokenizer)
+    use_varlen_attention(hf_model)  # the trainer's copy only: the engine keeps sdpa for cached generation
     if cfg.model.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable()
     hf_model.to(d.device)
@@ -296,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     d = init_distributed()
     torch.manual_seed(cfg.train.seed)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bar says what is happening
     try:
         r = setup(cfg, d)
         run(r)

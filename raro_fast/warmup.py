@@ -7,8 +7,8 @@ formats it will be asked for:
   - policy: a short solver search (`search_trace`) in <think>, the expression in <answer>;
   - critic: both candidate answers evaluated step by step (`evaluation_trace`) in <think>, then a verdict
     (the correct one; tie when both or neither are correct).
-All warm-up puzzles use *other* targets than the task's (24 by default), so no training or held-out puzzle is
-ever seen, and the expert demonstrations stay answers-only: what RARO then learns about the 24-game, it learns
+All warm-up puzzles are made backwards (random numbers, a random expression, its value as the target) with any
+target but the task's (24 by default), so no training or held-out puzzle is ever seen, and the expert demonstrations stay answers-only: what RARO then learns about the 24-game, it learns
 from the game between policy and critic.
 """
 from __future__ import annotations
@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from raro_fast import prompts
 from raro_fast.config import WarmupConfig
-from raro_fast.raro import render_prompt
-from raro_fast.tasks.countdown import CountdownConfig, evaluation_trace, generate_puzzles, question_text, solve, search_trace
+from raro_fast.tasks.countdown import CountdownConfig, evaluation_trace, forward_puzzle, question_text, search_trace, verify
 
 
 @dataclass
@@ -42,32 +41,23 @@ def _wrong_answer(numbers: tuple[int, ...], rng: random.Random) -> str:
     return expr
 
 
-def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: int) -> list[WarmupExample]:
-    from raro_fast.tasks.countdown import verify
+def _is_critic_batch(batch_index: int, cfg: WarmupConfig) -> bool:
+    return random.Random(f"{cfg.seed}/role/{batch_index}").random() < cfg.critic_fraction
 
+
+def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: int, batch_size: int = 1) -> list[WarmupExample]:
     rng = random.Random(cfg.seed)
-    targets = [t for t in cfg.targets if t != task.target]
-    if not targets:
-        raise ValueError("warmup.targets: needs at least one target other than task.target")
-    pools = {
-        t: generate_puzzles(
-            num=max(count // len(targets), 8),
-            num_numbers=task.num_numbers,
-            min_number=task.min_number,
-            max_number=task.max_number,
-            target=t,
-            seed=cfg.seed + t,
-        )
-        for t in targets
-    }
     eos = tokenizer.eos_token
     corpus = []
-    for _ in range(count):
-        target = rng.choice(targets)
-        puzzle = rng.choice(pools[target])
-        numbers, expert = puzzle.numbers, solve(puzzle.numbers, puzzle.target)
+    for i in range(count):
+        puzzle, expert = forward_puzzle(
+            rng, num_numbers=task.num_numbers, min_number=task.min_number, max_number=task.max_number,
+            min_target=cfg.min_target, max_target=cfg.max_target, exclude_target=task.target,
+        )
+        numbers, target = puzzle.numbers, puzzle.target
         question = question_text(numbers, target)
-        if rng.random() < cfg.critic_fraction:
+        # Whole batches share a role: critic sequences are twice as long, and mixing them pads policy ones.
+        if _is_critic_batch(i // batch_size, cfg):
             other = expert if rng.random() < 0.2 else _wrong_answer(numbers, rng)
             first, second = (expert, other) if rng.random() < 0.5 else (other, expert)
             ok1, ok2 = verify(numbers, target, first), verify(numbers, target, second)
@@ -77,8 +67,9 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
             completion = prompts.format_completion(think, verdict)
         else:
             messages = prompts.policy_messages(question)
-            completion = prompts.format_completion(search_trace(numbers, target, rng=rng), expert)
-        prompt_ids = render_prompt(tokenizer, messages)
+            # No dead ends: a tiny model learns the step format faster from the working chain alone.
+            completion = prompts.format_completion(search_trace(numbers, target, rng=rng, max_attempts=0, solution=expert), expert)
+        prompt_ids = prompts.render_prompt(tokenizer, messages)
         completion_ids = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
         corpus.append(WarmupExample(prompt_ids + completion_ids, len(prompt_ids)))
     return corpus
@@ -88,7 +79,7 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
     """Train `model` in place on the warm-up corpus; returns the loss per step."""
     if cfg.steps <= 0:
         return []
-    corpus = warmup_corpus(task, cfg, tokenizer, cfg.steps * cfg.batch_size)
+    corpus = warmup_corpus(task, cfg, tokenizer, cfg.steps * cfg.batch_size, batch_size=cfg.batch_size)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -114,7 +105,7 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses

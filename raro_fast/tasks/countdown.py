@@ -385,15 +385,16 @@ class CountdownTask(Task):
 # Reasoning traces for the format warm-up of the embedded model (never for the task's own puzzles).
 
 
-def search_trace(numbers, target, *, rng: random.Random, max_attempts: int = 2) -> str:
-    """A short solver-style search: up to `max_attempts` dead ends, then the chain that works. Every step written
-    is true arithmetic ("a op b=c"); dead ends end with "no", the last chain with "yes"."""
+def search_trace(numbers, target, *, rng: random.Random, max_attempts: int = 2, solution: str | None = None) -> str:
+    """A short solver-style search: up to `max_attempts` dead ends, then the chain that works (`solution` if
+    given, else the solver's). Every step written is true arithmetic ("a op b=c"); dead ends end with "no", the
+    last chain with "yes"."""
     parts = []
     for _ in range(rng.randint(0, max_attempts)):
         steps: list[str] = []
-        if _value(_random_ast(numbers, rng), steps) != target and steps and "undefined" not in steps[-1]:
+        if _value(random_expression(numbers, rng), steps) != target and steps and "undefined" not in steps[-1]:
             parts.append(" ".join(steps) + " no.")
-    node = solve_ast(numbers, target)
+    node = parse(solution) if solution is not None else solve_ast(numbers, target)
     if node is None:
         return " ".join(parts + ["no solution."])
     steps = []
@@ -402,13 +403,28 @@ def search_trace(numbers, target, *, rng: random.Random, max_attempts: int = 2) 
     return " ".join(parts)
 
 
-def _random_ast(numbers, rng: random.Random):
+def random_expression(numbers, rng: random.Random, ops: str = "+-*"):
+    """A random expression tree over all of `numbers` (an AST; `to_string` prints it). The default operators
+    keep every intermediate a whole number, which keeps warm-up traces easy to read."""
     items: list[object] = list(numbers)
     rng.shuffle(items)
     while len(items) > 1:
-        a, b = items.pop(), items.pop()
-        items.append((rng.choice("+-*"), a, b))  # dead ends stay in whole numbers, easy to read
+        a, b = items.pop(rng.randrange(len(items))), items.pop(rng.randrange(len(items)))
+        items.append((rng.choice(ops), a, b))
     return items[0]
+
+
+def forward_puzzle(rng: random.Random, *, num_numbers: int, min_number: int, max_number: int,
+                   min_target: int, max_target: int, exclude_target: int | None = None) -> tuple[Puzzle, str]:
+    """A puzzle made backwards: random numbers, a random expression over them, and its value as the target
+    (kept when a whole number in [min_target, max_target] other than `exclude_target`). Solvable by construction,
+    with its solution, and no search needed."""
+    while True:
+        numbers = tuple(rng.randint(min_number, max_number) for _ in range(num_numbers))
+        node = random_expression(numbers, rng, ops="+-*/")
+        value = _value(node)
+        if value is not None and value.denominator == 1 and min_target <= value <= max_target and value != exclude_target:
+            return Puzzle(numbers, int(value)), to_string(node)
 
 
 def evaluation_trace(numbers, target, expression: str) -> str:

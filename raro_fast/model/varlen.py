@@ -1,0 +1,123 @@
+"""Attention within packed sequences, for any Hugging Face decoder that uses transformers' attention interface
+(Qwen2, Llama, Mistral, ...).
+
+`transformers.AttentionInterface.register` is the library's documented extension point: the model calls our
+function with the per-sequence boundaries we pass to its forward (`cu_seq_lens_q` etc., the names of
+transformers' FlashAttentionKwargs). Backends, first available wins: flash-attn's `flash_attn_varlen_func`
+(CUDA, if installed), `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.9), and a plain per-sequence
+causal SDPA loop (CPU, or anything else). No attention ever crosses a sequence boundary.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+VARLEN_ATTENTION = "raro_varlen"
+
+
+@lru_cache(maxsize=1)
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+@lru_cache(maxsize=1)
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _repeat_kv(x_THD: torch.Tensor, groups: int) -> torch.Tensor:
+    return x_THD if groups == 1 else x_THD.repeat_interleave(groups, dim=1)
+
+
+def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
+    """Causal attention restricted to each sequence; q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]."""
+    groups = q_THD.shape[1] // k_THD.shape[1]
+    if q_THD.is_cuda:
+        flash = _flash_attn_varlen()
+        if flash is not None:
+            return flash(q_THD, k_THD, v_THD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+        varlen, params = _torch_varlen()
+        if varlen is not None:
+            kwargs = {"scale": scale}
+            if "is_causal" in params:
+                kwargs["is_causal"] = True
+            else:
+                kwargs["window_size"] = (-1, 0)
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = groups > 1
+            else:
+                k_THD, v_THD = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
+            try:
+                return varlen(q_THD, k_THD, v_THD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+            except RuntimeError:
+                pass  # e.g. an fp32 input the flash kernel does not take: fall through to the exact loop
+    k_THD, v_THD = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
+    out = torch.empty_like(q_THD)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (x[start:end].transpose(0, 1) for x in (q_THD, k_THD, v_THD))  # [H, L, D]
+        out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+def _attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    """transformers attention-interface signature: query [1, Hq, T, D], key/value [1, Hkv, T, D] → ([1, T, Hq, D], None)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        raise ValueError(f"{VARLEN_ATTENTION} attention needs cu_seq_lens_q (call it through packed_hidden_states)")
+    if query.shape[0] != 1:
+        raise ValueError(f"{VARLEN_ATTENTION} attention takes one packed row, got batch {query.shape[0]}")
+    if sliding_window is not None and sliding_window < int(kwargs.get("max_length_q", 0)):
+        raise ValueError(f"{VARLEN_ATTENTION}: sliding-window attention is not supported")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = varlen_causal_attention(q, k, v, cu, int(kwargs["max_length_q"]), scale)
+    return out.unsqueeze(0), None
+
+
+def _no_mask(*args, **kwargs):
+    # Boundaries come from cu_seqlens; a dense T x T mask would only cost memory.
+    return None
+
+
+def register_varlen_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, _attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
+    return VARLEN_ATTENTION
+
+
+def use_varlen_attention(model) -> None:
+    """Switch a loaded HF model to the varlen attention (the trainer's copy; the rollout engine keeps sdpa)."""
+    register_varlen_attention()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(VARLEN_ATTENTION)
+    else:
+        model.config._attn_implementation = VARLEN_ATTENTION
+
+
+def packed_hidden_states(body, mb) -> torch.Tensor:
+    """Final (normed) hidden states [T, H] of the decoder `body` (e.g. `model.model`) on packed micro-batch `mb`."""
+    out = body(
+        input_ids=mb.input_ids[None],
+        position_ids=mb.position_ids[None],
+        cu_seq_lens_q=mb.cu_seqlens,
+        cu_seq_lens_k=mb.cu_seqlens,
+        max_length_q=mb.max_seqlen,
+        max_length_k=mb.max_seqlen,
+        use_cache=False,
+    )
+    return out.last_hidden_state[0]

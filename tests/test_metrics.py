@@ -1,0 +1,41 @@
+import json
+import random
+
+from raro_fast.metrics import MetricsLog, plot_curves, summary_table
+
+
+def _records(n, rng):
+    return [{"step": s, "reward/policy_mean": rng.random(), "critic/tie_rate": rng.random(),
+             "eval/heldout_accuracy": rng.random() if s % 3 == 0 else None, "timing_s/gen": rng.random()}
+            for s in range(n)]
+
+
+def test_metrics_log_resume_drops_steps_after_checkpoint(tmp_path):
+    rng = random.Random(0)
+    recs = _records(6, rng)
+    log = MetricsLog(tmp_path / "m.jsonl", enabled=True, resume_step=None)
+    for r in recs:
+        log.write(r)
+    assert log.read() == [json.loads(json.dumps(r, sort_keys=True)) for r in recs]
+    resumed = MetricsLog(tmp_path / "m.jsonl", enabled=True, resume_step=3)
+    assert [r["step"] for r in resumed.read()] == [0, 1, 2, 3]
+    fresh = MetricsLog(tmp_path / "m.jsonl", enabled=True, resume_step=None)
+    assert fresh.read() == []  # a new run starts a new file
+    off = MetricsLog(tmp_path / "other.jsonl", enabled=False, resume_step=None)
+    off.write({"step": 1})
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_plot_and_summary(tmp_path):
+    rng = random.Random(1)
+    recs = _records(12, rng)
+    plot_curves(recs, tmp_path / "c.png", title="t")
+    data = (tmp_path / "c.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    table = summary_table(recs)
+    first = recs[0]["reward/policy_mean"]
+    last = recs[-1]["reward/policy_mean"]
+    assert f"{first:.4g}" in table and f"{last:.4g}" in table
+    evals = [r["eval/heldout_accuracy"] for r in recs if r["eval/heldout_accuracy"] is not None]
+    line = next(l for l in table.splitlines() if l.startswith("eval/heldout_accuracy"))
+    assert line.split()[1:] == [f"{evals[0]:.4g}", f"{evals[-1]:.4g}"]
