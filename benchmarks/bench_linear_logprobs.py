@@ -112,11 +112,13 @@ def _methods() -> dict[str, Method]:
         lambda x: linear_logprobs(x.hidden, x.weight, x.targets, return_entropy=True),
         lambda x: _grads(_sum_both(linear_logprobs(x.hidden, x.weight, x.targets, return_entropy=True)), x),
     )
-    for label, one_pass in (("1-pass", True), ("2-pass", False)):
+    variants = (("1-pass", True, None), ("1-pass chunk 4096", True, 4096), ("2-pass", False, None))
+    for label, one_pass, chunk in variants:
         methods[f"raro linear_policy_loss {label}"] = (
             None,
-            lambda x, one_pass=one_pass: _grads(
-                linear_policy_loss(x.hidden, x.weight, x.targets, x.old, x.adv, x.mask, one_pass=one_pass)[0], x
+            lambda x, one_pass=one_pass, chunk=chunk: _grads(
+                linear_policy_loss(x.hidden, x.weight, x.targets, x.old, x.adv, x.mask, one_pass=one_pass,
+                                   chunk_tokens=chunk)[0], x
             ),
         )
     return methods

@@ -16,6 +16,7 @@ fi
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  python3 -c "from raro_kernels._triton_lm_head import _mm_out_dtype_works as f; print('cuBLAS fp32-output GEMM (mm/addmm out_dtype):', f())"
   git log -1 --format='commit %H %s' 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.log"
 timeout "${1:-200}" python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"

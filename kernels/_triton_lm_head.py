@@ -1,15 +1,17 @@
 """Triton kernels of the LM-head ops and their host functions (the "triton" backend).
 
-Kernels (all fp32 math on fp32 accumulators; 64-bit row offsets; 1-D grids, so no 65,535 limit on N):
-- `_stats_kernel`: logits tile = hidden @ weight.T by tl.dot, then online softmax statistics over the tiles of
-  one vocabulary split (running max, sum of exp, entropy accumulator, target logit), merged across splits on the
-  host. Columns past the split's end (or V) are -inf, so padding never adds exp(0) to the normaliser. With
-  STORE_Z it also writes the fp32 logits tile (the fused policy loss keeps one chunk of rows).
-- `_dz_kernel`: recomputes a logits tile and writes d(loss)/d(logits) for it, given the per-row lse, entropy
-  and upstream gradients: the backward of `linear_logprobs`, one vocabulary slice at a time.
-- `_dz_from_logits_kernel`: the same gradient from stored fp32 logits, written in place over them in the
-  input dtype (the fused policy loss, which already holds its chunk's logits).
-The two remaining products (grad hidden = dz @ W, grad weight = dz.T @ hidden) go to cuBLAS.
+The logits products run on cuBLAS with fp32 output (`torch.mm(..., out_dtype=torch.float32)`: bf16/fp16
+operands, fp32 accumulation and result), one bounded slice at a time; Triton kernels do everything per row:
+- `_row_stats_kernel`: online softmax statistics of one row of a logits slice (running max, sum of exp,
+  entropy accumulator, target logit), merged across slices on the host. Only columns < the slice's width are
+  read, so padding never adds exp(0) to the normaliser.
+- `_dz_from_logits_kernel`: d(loss)/d(logits) of a row from its stored fp32 logits, the per-row lse, entropy
+  and upstream gradients, written in place over them in the input dtype; cuBLAS then gives grad hidden =
+  dz @ W and grad weight = dz.T @ hidden.
+A second route, kept for GPUs/torch builds without fp32-output GEMMs and for comparison, fuses the logits
+product into Triton: `_stats_kernel` (tl.dot tiles + online statistics, no logits written) and `_dz_kernel`
+(recomputed tile -> dz). On an H100 it measured at 300-430 TFLOP/s against cuBLAS's ~775 (benchmarks/
+RESULTS.md), hence cuBLAS by default. All kernels: fp32 math, 64-bit row offsets, 1-D grids (no 65,535 limit).
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ from raro_kernels._common import RowStats, alloc, round_up
 # Read when this module is imported, which is when Triton decorates the kernels below and reads it too.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# "cublas": logits by cuBLAS into fp32 slices + Triton row kernels; "triton": fused tl.dot kernels.
+LOGITS_GEMM = "cublas"
+# Vocabulary columns per logits slice of the cuBLAS route (N x 4096 fp32 at a time).
+SLICE_COLS = 4096
 # The logits of one vocabulary split are reduced by one program per row block; splits give parallelism when N
 # is small and keep the blocks that run at the same time on few row blocks, so their weight tiles hit in L2.
 MAX_SPLITS = 16
@@ -94,9 +100,9 @@ def _stats_kernel(
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
         z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
-        if STORE_Z:
+        if STORE_Z:  # unscaled, like the cuBLAS route's logits: the row kernels apply inv_temp
             z_tile = z_ptr + rows[:, None] * stride_zn + cols[None, :]
-            tl.store(z_tile, z, mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(z_tile, acc, mask=row_ok[:, None] & col_ok[None, :])
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         shifted = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)
@@ -170,9 +176,48 @@ def _dz_kernel(
 
 
 @triton.jit
+def _row_stats_kernel(
+    z_ptr, tgt_ptr, m_ptr, s_ptr, u_ptr, zt_ptr,
+    n_cols, col_offset, stride_zn, out_offset, inv_temp,
+    BLOCK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+):
+    # One program per row of a logits slice (columns [col_offset, col_offset + n_cols) of the vocabulary).
+    row = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + row).to(tl.int64) - col_offset
+    z_row = z_ptr + row * stride_zn
+    # Per-lane running statistics, reduced across lanes at the end: no cross-lane work inside the loop.
+    m = tl.full([BLOCK], -1.0e30, tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    u = tl.zeros([BLOCK], tl.float32)
+    zt = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        z = tl.load(z_row + cols, mask=ok, other=float("-inf")) * inv_temp
+        m_new = tl.maximum(m, z)
+        alpha = tl.exp(m - m_new)
+        shifted = tl.where(ok, z - m_new, 0.0)
+        e = tl.where(ok, tl.exp(shifted), 0.0)
+        if WITH_ENTROPY:
+            u = alpha * (u + (m - m_new) * s) + e * shifted
+        s = alpha * s + e
+        zt += tl.where(ok & (cols.to(tl.int64) == tgt), z, 0.0)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    w = tl.exp(m - m_row)
+    s_row = tl.sum(s * w, axis=0)
+    out = out_offset + row
+    tl.store(m_ptr + out, m_row)
+    tl.store(s_ptr + out, s_row)
+    tl.store(zt_ptr + out, tl.sum(zt, axis=0))
+    if WITH_ENTROPY:
+        tl.store(u_ptr + out, tl.sum(w * (u + (m - m_row) * s), axis=0))
+
+
+@triton.jit
 def _dz_from_logits_kernel(
     z_ptr, dz_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
-    vocab, stride_zn, stride_dzn, inv_temp,
+    vocab, col_offset, stride_zn, stride_dzn, inv_temp,
     BLOCK: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr,
 ):
     # One program per row, sweeping the row left to right. dz may alias z (16-bit dz over the front half of
@@ -181,14 +226,14 @@ def _dz_from_logits_kernel(
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row)
     g_lp = tl.load(glp_ptr + row)
-    tgt = tl.load(tgt_ptr + row).to(tl.int64)
+    tgt = tl.load(tgt_ptr + row).to(tl.int64) - col_offset
     if WITH_ENTROPY_GRAD:
         ent = tl.load(ent_ptr + row)
         g_ent = tl.load(gent_ptr + row)
     for c0 in range(0, vocab, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         ok = cols < vocab
-        logp = tl.load(z_ptr + row * stride_zn + cols, mask=ok, other=0.0) - lse
+        logp = tl.load(z_ptr + row * stride_zn + cols, mask=ok, other=0.0) * inv_temp - lse
         p = tl.exp(logp)
         dz = tl.where(cols.to(tl.int64) == tgt, g_lp, 0.0) - g_lp * p
         if WITH_ENTROPY_GRAD:
@@ -232,7 +277,62 @@ def default_num_splits(vocab: int) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(vocab, 4 * SPLIT_ALIGN)))
 
 
+def cublas_route(device: torch.device) -> bool:
+    """Whether the logits products go to cuBLAS with fp32 output (else the fused Triton kernels)."""
+    if LOGITS_GEMM != "cublas":
+        return False
+    return device.type != "cuda" or _mm_out_dtype_works()
+
+
+def mm_fp32_(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (fp32) = a @ b with fp32 accumulation and no rounding of the result to a's dtype."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif a.device.type == "cuda":
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:  # CPU tensors (interpreter tests): upcast the operands
+        torch.mm(a.float(), b.float(), out=out)
+
+
 def lm_head_stats_triton(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    inv_temp: float,
+    with_entropy: bool,
+    logits_out: torch.Tensor | None = None,
+    slice_cols: int | None = None,
+) -> RowStats:
+    """Per-row lse, target logit and entropy of softmax(hidden @ weight.T * inv_temp).
+
+    cuBLAS route: the logits are produced N x slice_cols at a time in fp32 and reduced by `_row_stats_kernel`;
+    with `logits_out` (an fp32 [N, >=V] buffer, unit column stride) the whole rows are written there and kept.
+    Triton route: `_stats_kernel`, which writes no logits unless `logits_out` is given."""
+    if not cublas_route(hidden_NH.device):
+        return _stats_fused(hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy,
+                            logits_out=logits_out)
+    n_rows = hidden_NH.shape[0]
+    vocab = weight_VH.shape[0]
+    dev = hidden_NH.device
+    cols = vocab if logits_out is not None else min(slice_cols or SLICE_COLS, vocab)
+    n_slices = triton.cdiv(vocab, cols)
+    part = alloc((4 if with_entropy else 3, n_slices, n_rows), torch.float32, dev)
+    m_SN, s_SN, zt_SN = part[0], part[1], part[2]
+    u_SN = part[3] if with_entropy else part[0]
+    z_buf = logits_out if logits_out is not None else alloc((n_rows, round_up(cols, 4)), torch.float32, dev)
+    for k, c0 in enumerate(range(0, vocab, cols)):
+        c1 = min(c0 + cols, vocab)
+        z_NC = z_buf[:, : c1 - c0]
+        mm_fp32_(hidden_NH, weight_VH[c0:c1].t(), z_NC)
+        _row_stats_kernel[(n_rows,)](
+            z_NC, targets_N, m_SN, s_SN, u_SN, zt_SN, c1 - c0, c0, z_NC.stride(0), k * n_rows, inv_temp,
+            BLOCK=256 if TRITON_INTERPRET else 1024, WITH_ENTROPY=with_entropy, num_warps=4,
+        )
+    return merge_split_stats(m_SN, s_SN, zt_SN, u_SN if with_entropy else None)
+
+
+def _stats_fused(
     hidden_NH: torch.Tensor,
     weight_VH: torch.Tensor,
     targets_N: torch.Tensor,
@@ -242,8 +342,7 @@ def lm_head_stats_triton(
     logits_out: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> RowStats:
-    """Per-row lse, target logit and entropy of softmax(hidden @ weight.T * inv_temp), without writing logits
-    (unless `logits_out`, an fp32 [N, >=V] buffer with unit column stride, is given to receive them)."""
+    """The Triton route of `lm_head_stats_triton` (`_stats_kernel`)."""
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
     dev = hidden_NH.device
@@ -290,13 +389,14 @@ def merge_split_stats(
 
 
 @functools.cache
-def _addmm_out_dtype_works(device_type: str) -> bool:
-    """Whether torch.addmm(..., out_dtype=torch.float32) runs a 16-bit GEMM into an fp32 accumulator here."""
+def _mm_out_dtype_works() -> bool:
+    """Whether this torch runs 16-bit GEMMs with an fp32 result on CUDA (torch.mm / torch.addmm out_dtype)."""
     try:
-        acc = torch.ones(2, 2, device=device_type)
-        a = torch.ones(2, 3, device=device_type, dtype=torch.bfloat16)
-        torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-        return bool(torch.all(acc == 4.0))
+        a = torch.ones(2, 3, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((2, 2), float("nan"), device="cuda")
+        torch.mm(a, a.t(), out_dtype=torch.float32, out=out)
+        torch.addmm(out, a, a.t(), out_dtype=torch.float32, out=out)
+        return bool(torch.all(out == 6.0))
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
@@ -305,12 +405,22 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b, with the product accumulated in fp32 whatever the dtype of a and b."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif acc.device.type == "cuda" and _addmm_out_dtype_works("cuda"):
+    elif acc.device.type == "cuda" and _mm_out_dtype_works():
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     elif acc.device.type == "cuda":  # older torch: one rounding of this partial product to 16 bits
         acc.add_(torch.mm(a, b))
     else:  # CPU tensors (interpreter tests): upcast the operands
         acc.addmm_(a.float(), b.float())
+
+
+def accumulate_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc = a @ b on the first call (no zero fill, no read), acc += a @ b afterwards; fp32 throughout."""
+    if not first:
+        addmm_fp32_(acc, a, b)
+    elif a.dtype == torch.float32 or acc.device.type != "cuda" or _mm_out_dtype_works():
+        mm_fp32_(a, b, acc)
+    else:
+        acc.copy_(torch.mm(a, b))
 
 
 def lm_head_grads_triton(
@@ -327,47 +437,60 @@ def lm_head_grads_triton(
     need_weight: bool,
     cols_per_chunk: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Backward of the LM head, one vocabulary slice of `cols_per_chunk` columns at a time: `_dz_kernel`
-    writes dz [N, slice] (input dtype), then cuBLAS gives grad_weight[slice] = dz.T @ hidden (written once,
-    fp32-accumulated over all N inside the GEMM) and grad_hidden += dz @ weight[slice] (fp32 accumulator
-    [N, H] when there is more than one slice). Rows to skip must carry zero upstream gradients."""
+    """Backward of the LM head, one vocabulary slice of `cols_per_chunk` columns at a time: dz [N, slice] (input
+    dtype) from recomputed logits (cuBLAS fp32 slice + `_dz_from_logits_kernel` in place, or `_dz_kernel`),
+    then cuBLAS gives grad_weight[slice] = dz.T @ hidden (written once, fp32-accumulated over all N inside the
+    GEMM) and grad_hidden += dz @ weight[slice] (fp32 accumulator [N, H] when there is more than one slice).
+    Rows to skip must carry zero upstream gradients."""
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
     dev, dtype = hidden_NH.device, hidden_NH.dtype
     cols = min(cols_per_chunk, vocab)
     n_slices = triton.cdiv(vocab, cols)
-    # Row stride a multiple of 8 elements keeps every row 16-byte aligned for cuBLAS.
-    dz_buf = alloc((n_rows, round_up(cols, 8)), dtype, dev)
+    use_cublas = cublas_route(dev)
+    # Row strides keep every row 16-byte aligned for cuBLAS (fp32 logits and the 16-bit dz over them).
+    if use_cublas:
+        z_buf = alloc((n_rows, round_up(cols, 4)), torch.float32, dev)
+    else:
+        dz_buf = alloc((n_rows, round_up(cols, 8)), dtype, dev)
     grad_weight_VH = alloc(tuple(weight_VH.shape), weight_VH.dtype, dev) if need_weight else None
     grad_hidden_NH = None
     grad_hidden32_NH = None
     if need_hidden and n_slices > 1:
-        grad_hidden32_NH = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=dev)
+        grad_hidden32_NH = alloc((n_rows, hidden_size), torch.float32, dev)
     with_ent_grad = grad_entropy_N is not None
     for c0 in range(0, vocab, cols):
         c1 = min(c0 + cols, vocab)
         w_CH = weight_VH[c0:c1]
-        dz_NC = dz_buf[:, : c1 - c0]
-        _launch_gemm_kernel(
-            "dz",
-            lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]) * triton.cdiv(c1 - c0, meta["BLOCK_V"]),),
-            n_rows * hidden_size * (c1 - c0),
-            dev,
-            h_ptr=hidden_NH, w_ptr=w_CH, tgt_ptr=targets_N, lse_ptr=lse_N,
-            ent_ptr=entropy_N if with_ent_grad else lse_N, glp_ptr=grad_logprob_N,
-            gent_ptr=grad_entropy_N if with_ent_grad else lse_N, dz_ptr=dz_NC,
-            n_rows=n_rows, n_cols=c1 - c0, col_offset=c0, hidden_size=hidden_size,
-            stride_hn=hidden_NH.stride(0), stride_hk=hidden_NH.stride(1),
-            stride_wv=w_CH.stride(0), stride_wk=w_CH.stride(1), stride_dzn=dz_NC.stride(0), inv_temp=inv_temp,
-            GROUP_N=8, WITH_ENTROPY_GRAD=with_ent_grad, **_dot_args(dtype),
-        )
+        if use_cublas:
+            z_NC = z_buf[:, : c1 - c0]
+            mm_fp32_(hidden_NH, w_CH.t(), z_NC)
+            dz_NC = dz_from_logits_(
+                z_NC, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N, inv_temp=inv_temp, dtype=dtype,
+                col_offset=c0,
+            )
+        else:
+            dz_NC = dz_buf[:, : c1 - c0]
+            _launch_gemm_kernel(
+                "dz",
+                lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]) * triton.cdiv(c1 - c0, meta["BLOCK_V"]),),
+                n_rows * hidden_size * (c1 - c0),
+                dev,
+                h_ptr=hidden_NH, w_ptr=w_CH, tgt_ptr=targets_N, lse_ptr=lse_N,
+                ent_ptr=entropy_N if with_ent_grad else lse_N, glp_ptr=grad_logprob_N,
+                gent_ptr=grad_entropy_N if with_ent_grad else lse_N, dz_ptr=dz_NC,
+                n_rows=n_rows, n_cols=c1 - c0, col_offset=c0, hidden_size=hidden_size,
+                stride_hn=hidden_NH.stride(0), stride_hk=hidden_NH.stride(1),
+                stride_wv=w_CH.stride(0), stride_wk=w_CH.stride(1), stride_dzn=dz_NC.stride(0), inv_temp=inv_temp,
+                GROUP_N=8, WITH_ENTROPY_GRAD=with_ent_grad, **_dot_args(dtype),
+            )
         if grad_weight_VH is not None:
             torch.mm(dz_NC.t(), hidden_NH, out=grad_weight_VH[c0:c1])
         if need_hidden:
             if grad_hidden32_NH is None:
                 grad_hidden_NH = torch.mm(dz_NC, w_CH)
             else:
-                addmm_fp32_(grad_hidden32_NH, dz_NC, w_CH)
+                accumulate_fp32_(grad_hidden32_NH, dz_NC, w_CH, first=c0 == 0)
     if grad_hidden32_NH is not None:
         grad_hidden_NH = grad_hidden32_NH.to(dtype)
     return grad_hidden_NH, grad_weight_VH
@@ -383,9 +506,12 @@ def dz_from_logits_(
     *,
     inv_temp: float,
     dtype: torch.dtype,
+    col_offset: int = 0,
 ) -> torch.Tensor:
-    """Overwrite fp32 logits [R, V] (a row-major buffer, row stride >= V) with d(loss)/d(logits) in `dtype`,
-    in place; returns the [R, V] view of the gradient (16-bit: row stride twice the fp32 one)."""
+    """Overwrite fp32 logits [R, V] (hidden @ weight.T, not yet divided by the temperature; a row-major buffer,
+    row stride >= V) with d(loss)/d(logits) in `dtype`,
+    in place; returns the [R, V] view of the gradient (16-bit: row stride twice the fp32 one). The buffer may be
+    a vocabulary slice starting at column `col_offset` (targets are compared with col_offset + column)."""
     n_rows, vocab = logits_RV.shape
     assert logits_RV.dtype == torch.float32 and logits_RV.stride(1) == 1
     if dtype == torch.float32:
@@ -399,8 +525,8 @@ def dz_from_logits_(
             logits_RV, dz_RV, targets_R, lse_R,
             entropy_R if with_ent_grad else lse_R, grad_logprob_R,
             grad_entropy_R if with_ent_grad else lse_R,
-            vocab, logits_RV.stride(0), dz_RV.stride(0), inv_temp,
-            BLOCK=64 if TRITON_INTERPRET else 2048, WITH_ENTROPY_GRAD=with_ent_grad,
+            vocab, col_offset, logits_RV.stride(0), dz_RV.stride(0), inv_temp,
+            BLOCK=256 if TRITON_INTERPRET else 2048, WITH_ENTROPY_GRAD=with_ent_grad,
             num_warps=8,
         )
     return dz_RV

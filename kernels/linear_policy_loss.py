@@ -84,10 +84,10 @@ def _one_pass_triton(
     need_weight: bool,
     chunk_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(logprobs, entropy, grad hidden, grad weight) of sum(loss), with 6NHV FLOPs: per chunk of tokens one
-    fused logits+statistics kernel that stores the chunk's fp32 logits, the per-token loss gradient, one
-    kernel turning the logits into dz in place, and two cuBLAS products."""
-    from raro_kernels._triton_lm_head import addmm_fp32_, dz_from_logits_, lm_head_stats_triton
+    """(logprobs, entropy, grad hidden, grad weight) of sum(loss), with 6NHV FLOPs: per chunk of tokens the
+    chunk's fp32 logits (cuBLAS, or the fused Triton kernel) reduced to statistics, the per-token loss
+    gradient, one kernel turning the logits into dz in place, and two cuBLAS products."""
+    from raro_kernels._triton_lm_head import accumulate_fp32_, dz_from_logits_, lm_head_stats_triton
 
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
@@ -101,7 +101,7 @@ def _one_pass_triton(
     grad_weight_VH = None
     grad_weight32_VH = None
     if need_weight and n_chunks > 1:
-        grad_weight32_VH = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=dev)
+        grad_weight32_VH = alloc((vocab, hidden_size), torch.float32, dev)
     for r0 in range(0, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
         h_RH, tgt_R = hidden_NH[r0:r1], targets_N[r0:r1]
@@ -123,7 +123,7 @@ def _one_pass_triton(
             if grad_weight32_VH is None:
                 grad_weight_VH = torch.mm(dz_RV.t(), h_RH)
             else:
-                addmm_fp32_(grad_weight32_VH, dz_RV.t(), h_RH)
+                accumulate_fp32_(grad_weight32_VH, dz_RV.t(), h_RH, first=r0 == 0)
     if grad_weight32_VH is not None:
         grad_weight_VH = grad_weight32_VH.to(dtype)
     return logprobs_N, entropy_N, grad_hidden_NH, grad_weight_VH

@@ -29,3 +29,23 @@ def _poison_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def _triton_available() -> bool:
+    return kernels_common.HAVE_TRITON and (DEVICE.type == "cuda" or kernels_common.triton_interpret())
+
+
+_needs_triton = pytest.mark.skipif(not _triton_available(), reason="triton unavailable (no CUDA, no interpreter)")
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=_needs_triton),
+                        pytest.param("triton-fused-gemm", marks=_needs_triton)])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The `backend=` argument to pass: the PyTorch path, the Triton path (cuBLAS logits + Triton row kernels),
+    and the Triton path with the logits products fused into Triton kernels too."""
+    if request.param == "triton-fused-gemm":
+        import raro_kernels._triton_lm_head as triton_lm_head
+
+        monkeypatch.setattr(triton_lm_head, "LOGITS_GEMM", "triton")
+        return "triton"
+    return request.param

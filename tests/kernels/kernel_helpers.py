@@ -1,21 +1,7 @@
-"""Helpers of the kernel tests: float64 references written the plain way (full logits, loops over sequences)
-and the backend parametrisation."""
+"""Float64 references for the kernel tests, written the plain way (full logits, loops over sequences)."""
 from __future__ import annotations
 
-import pytest
 import torch
-
-import raro_kernels._common as kernels_common
-
-
-def triton_available() -> bool:
-    return kernels_common.HAVE_TRITON and (torch.cuda.is_available() or kernels_common.triton_interpret())
-
-
-def backend_params() -> list:
-    """Both backends on the test device; triton is skipped only where it cannot run at all."""
-    skip = pytest.mark.skipif(not triton_available(), reason="triton unavailable (no CUDA, no interpreter)")
-    return ["torch", pytest.param("triton", marks=skip)]
 
 
 def reference_logprobs(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import backend_params, reference_logprobs
+from kernel_helpers import reference_logprobs
 
 from raro_kernels import LinearLogprobs, linear_logprobs
 
@@ -64,7 +64,6 @@ def _check(out: LinearLogprobs, hidden, weight, targets, temperature: float, *, 
         assert float(dh.reshape(-1, dh.shape[-1])[ignored].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_float64_forward_and_backward(backend: str, dtype: torch.dtype, shape, device) -> None:
@@ -78,7 +77,6 @@ def test_matches_float64_forward_and_backward(backend: str, dtype: torch.dtype, 
     _check(out, hidden, weight, targets, 0.7)
 
 
-@pytest.mark.parametrize("backend", backend_params())
 def test_logprobs_only_leading_dims_and_strided_hidden(backend: str, device) -> None:
     b, t, h, v = 3, 11, 48, 777
     g = torch.Generator().manual_seed(2)
@@ -95,7 +93,6 @@ def test_logprobs_only_leading_dims_and_strided_hidden(backend: str, device) -> 
     assert float(out.logprobs.detach()[0, :4].abs().max()) == 0.0
 
 
-@pytest.mark.parametrize("backend", backend_params())
 def test_large_logits_stay_finite(backend: str, device) -> None:
     """Logits of several hundred: the online softmax must not overflow or lose the target."""
     hidden, weight, targets = _make(19, 32, 333, torch.float32, device, seed=5)
@@ -106,7 +103,6 @@ def test_large_logits_stay_finite(backend: str, device) -> None:
     _check(out, hidden, weight, targets, 1.0)
 
 
-@pytest.mark.parametrize("backend", backend_params())
 def test_tied_embedding_gradients_accumulate(backend: str, device) -> None:
     """The weight feeds the hidden states (embedding) and the head: both gradient paths must add up."""
     n, h, v = 29, 24, 150
@@ -136,7 +132,6 @@ def test_backends_agree_and_no_grad_builds_no_graph(device) -> None:
     torch.testing.assert_close(out.logprobs, ref.logprobs.detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backend_params())
 def test_empty_input(backend: str, device) -> None:
     hidden = torch.randn(0, 16, device=device, requires_grad=True)
     weight = torch.randn(40, 16, device=device)
@@ -167,11 +162,11 @@ def test_bad_inputs_raise_value_error() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("vocab", [151936, 152064, 50257, 32000])
-def test_real_vocab_sizes_on_cuda(vocab: int, device) -> None:
+def test_real_vocab_sizes_on_cuda(vocab: int, backend: str, device) -> None:
     hidden, weight, targets = _make(257, 128, vocab, torch.bfloat16, device, seed=vocab)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    out = linear_logprobs(hidden, weight, targets, temperature=0.9, return_entropy=True)
+    out = linear_logprobs(hidden, weight, targets, temperature=0.9, return_entropy=True, backend=backend)
     _check(out, hidden, weight, targets, 0.9)
 
 
@@ -192,7 +187,8 @@ def test_peak_memory_within_stated_bound_on_cuda(device) -> None:
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     grads = hidden.numel() * 2 + weight.numel() * 2
-    # dz slice (N x 4096 bf16) + fp32 grad-hidden accumulator + per-row statistics, plus the gradients.
-    bound = n * 4096 * 2 + n * h * 4 + 64 * n * 4 + grads + (1 << 20)
+    # fp32 logits slice (N x 4096, dz written over it) + fp32 grad-hidden accumulator + per-row statistics
+    # (<= 40 slices x 4 floats), plus the gradients themselves.
+    bound = n * 4096 * 4 + n * h * 4 + 200 * n * 4 + grads + (1 << 20)
     assert extra <= bound, (extra, bound)
     assert extra < 0.2 * n * v * 4

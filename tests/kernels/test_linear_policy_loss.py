@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import backend_params, reference_logprobs, reference_policy_loss
+from kernel_helpers import reference_logprobs, reference_policy_loss
 
 from raro_kernels import linear_logprobs, linear_policy_loss, policy_loss
 
@@ -77,7 +77,6 @@ STRATEGIES = {  # one pass with several token chunks (fp32 grad-weight accumulat
 }
 
 
-@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_matches_float64_reference(backend: str, dtype: torch.dtype, strategy: str, device) -> None:
@@ -95,7 +94,6 @@ def test_matches_float64_reference(backend: str, dtype: torch.dtype, strategy: s
     assert _rel_err(dw, ref_dw) < GRAD_RTOL[dtype], _rel_err(dw, ref_dw)
 
 
-@pytest.mark.parametrize("backend", backend_params())
 def test_same_as_policy_loss_of_linear_logprobs(backend: str, device) -> None:
     x = _make(33, 24, 300, torch.float32, device, seed=5, temperature=1.0)
     loss, metrics, grads = _run(x, backend, 1.0, 0.0, chunk_tokens=8)
@@ -130,7 +128,6 @@ def test_microbatches_with_global_counts_sum_to_full_batch(device) -> None:
     torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", backend_params())
 def test_grad_of_one_input_only_and_no_grad(backend: str, device) -> None:
     x = _make(21, 16, 130, torch.float32, device, seed=13, temperature=1.0)
     weight = x["weight"].clone().requires_grad_(True)
