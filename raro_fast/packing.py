@@ -50,7 +50,8 @@ class PackedMicroBatch:
     targets: torch.Tensor  # next token where it is a completion token, else -100
     advantages: torch.Tensor
     loss_weights: torch.Tensor
-    seq_ids: torch.Tensor  # the sequence uid at every position
+    seq_ids: torch.Tensor  # index (0..S-1) of the sequence in this micro-batch, at every position
+    uids: torch.Tensor  # [S] global uid of each of those sequences
     old_logprobs: torch.Tensor | None
     rollout_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
@@ -81,6 +82,7 @@ def _per_token(values: list[float] | None, s: SequenceSample, name: str) -> list
 def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: int) -> PackedMicroBatch:
     """Concatenate `samples` into one row."""
     ids, pos, targets, adv, weights, seq_ids, cu = [], [], [], [], [], [], [0]
+    uids = [s.uid for s in samples]
     extra: dict[str, list[float] | None] = {"old_logprobs": [], "rollout_logprobs": [], "ref_logprobs": []}
     for s in samples:
         n, p = len(s.input_ids), s.prompt_len
@@ -92,7 +94,7 @@ def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: i
         targets.extend([IGNORE_INDEX] * (p - 1) + s.input_ids[p:] + [IGNORE_INDEX])
         adv.extend([0.0] * (p - 1) + [s.advantage] * (n - p) + [0.0])
         weights.extend([0.0] * (p - 1) + [s.loss_weight] * (n - p) + [0.0])
-        seq_ids.extend([s.uid] * n)
+        seq_ids.extend([len(cu) - 1] * n)
         cu.append(cu[-1] + n)
         for name in extra:
             vals = _per_token(getattr(s, name), s, name)
@@ -110,6 +112,7 @@ def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: i
         advantages=torch.tensor(adv, dtype=f32),
         loss_weights=torch.tensor(weights, dtype=f32),
         seq_ids=torch.tensor(seq_ids, dtype=torch.long),
+        uids=torch.tensor(uids, dtype=torch.long),
         old_logprobs=None if extra["old_logprobs"] is None else torch.tensor(extra["old_logprobs"], dtype=f32),
         rollout_logprobs=None if extra["rollout_logprobs"] is None else torch.tensor(extra["rollout_logprobs"], dtype=f32),
         ref_logprobs=None if extra["ref_logprobs"] is None else torch.tensor(extra["ref_logprobs"], dtype=f32),

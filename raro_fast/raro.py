@@ -18,6 +18,14 @@ from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
 from raro_fast.tasks.base import Example, Task
 
 
+# Statistics every step reports (null in metrics.jsonl when a step has no data for one, e.g. no critic verdicts).
+STAT_KEYS = (
+    "policy/truncated_rate", "policy/answer_rate", "policy/response_length", "policy/answer_accuracy",
+    "critic/tie_rate", "critic/invalid_rate", "critic/accuracy", "critic/response_length", "critic/truncated_rate",
+    "reward/policy_mean", "reward/critic_mean",
+)
+
+
 @dataclass
 class RankRollout:
     samples: list[SequenceSample] = field(default_factory=list)

@@ -29,7 +29,7 @@ from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import full_state_dict, parallelize
-from raro_fast.raro import raro_rollouts
+from raro_fast.raro import STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import make_engine
 from raro_fast.tasks import get_task
@@ -93,8 +93,8 @@ def run(r: Run) -> None:
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps:
             record["eval/heldout_accuracy"] = evaluate(r, step + 1)
         r.log.write(record)
-        bar.set_postfix(reward=f"{stats.get('reward/policy_mean', 0):.2f}", tie=f"{stats.get('critic/tie_rate', 0):.2f}",
-                        acc=f"{stats.get('policy/answer_accuracy', 0):.2f}")
+        bar.set_postfix({k.split("/")[1]: f"{stats[k]:.2f}" for k in ("reward/policy_mean", "critic/tie_rate",
+                         "policy/answer_accuracy") if stats[k] is not None})
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
             save(r, step + 1)
         if cfg.train.stop_after and step + 1 - r.start_step == cfg.train.stop_after:
@@ -148,7 +148,8 @@ def gather_samples(r: Run, rollout):
             stats.setdefault(k, []).extend(v)
     for uid, s in enumerate(samples):
         s.uid = uid
-    merged = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    merged = {k: sum(v) / len(v) if v else None for k, v in stats.items()}
+    merged.update({k: None for k in STAT_KEYS if k not in merged})
     merged["critic/replay_pairs"] = sum(stats.get("critic/replay_pairs", [0]))
     merged["batch/policy_sequences"] = sum(s.role == "policy" for s in samples)
     merged["batch/critic_sequences"] = sum(s.role == "critic" for s in samples)
@@ -172,8 +173,9 @@ def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
             continue
         m = mb.targets != -100
         gap = (mb.old_logprobs - mb.rollout_logprobs).abs()[m]
-        pol = is_policy[mb.seq_ids] & m
-        crit = ~is_policy[mb.seq_ids] & m
+        role_is_policy = is_policy[mb.uids][mb.seq_ids]
+        pol = role_is_policy & m
+        crit = ~role_is_policy & m
         acc += torch.stack([gap.sum().double(), m.sum().double(), ent[pol].sum().double(), pol.sum().double(),
                             ent[crit].sum().double(), crit.sum().double()])
         if gap.numel():

@@ -1,0 +1,127 @@
+"""End to end: the training command on the embedded model (tiny settings), resume exactness, two FSDP2 ranks,
+and bad input failing at start with a message that names it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "--model.embedded.hidden_size", "64", "--model.embedded.num_layers", "2", "--model.embedded.intermediate_size",
+    "128", "--warmup.steps", "20", "--warmup.batch_size", "8", "--rollout.max_new_tokens", "40",
+    "--rollout.critic_max_new_tokens", "40", "--raro.questions_per_step", "2", "--raro.group_size", "4",
+    "--raro.critic_pairs_per_step", "4", "--task.num_train", "40", "--task.num_heldout", "8", "--train.eval_size",
+    "4", "--train.progress", "false", "--train.eval_every", "2",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def train(args, *, nproc=None, check=True):
+    if nproc is None:
+        cmd = [sys.executable, "-m", "raro_fast.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+               str(29500 + os.getpid() % 1000), "-m", "raro_fast.train", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\nSTDOUT:\n{out.stdout[-3000:]}\nSTDERR:\n{out.stderr[-5000:]}")
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """The embedded model after its (short) warm-up, built once by a zero-step run."""
+    run = tmp_path_factory.mktemp("base")
+    train([*TINY, "--train.steps", "0", "--train.output_dir", str(run)])
+    return run / "base_model"
+
+
+def _with_base(base_model, run_dir):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base_model, run_dir / "base_model")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_single_process_run_writes_everything(base_model, tmp_path):
+    run = _with_base(base_model, tmp_path / "run")
+    out = train([*TINY, "--train.steps", "3", "--train.save_every", "2", "--train.output_dir", str(run)])
+    assert "held-out accuracy:" in out.stdout
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    for key in ["reward/policy_mean", "reward/critic_mean", "critic/tie_rate", "critic/accuracy", "critic/invalid_rate",
+                "policy/response_length", "logprob/gap_mean_abs", "timing_s/gen", "timing_s/old_log_prob",
+                "timing_s/update_actor", "timing_s/update_weights", "perf/throughput", "policy/entropy"]:
+        assert key in recs[1], key
+    assert all("eval/heldout_accuracy" in recs[i] for i in (0, 2, 3))
+    # Trainer (packed, fused kernel) and engine (sdpa, KV cache) agree on the sampled tokens' log-probs: fp32.
+    assert all(r["logprob/gap_max_abs"] < 1e-3 for r in recs[1:])
+    assert (run / "curves.png").stat().st_size > 10_000
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "final_model")
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000003"
+    files = [p.name for p in ckpts.rglob("*") if p.is_file()]
+    assert files and not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    assert {"optimizer.safetensors", "optimizer.json", "trainer_state.json", "rng_rank0.safetensors",
+            "model.safetensors"} <= set(files)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
+    args = [*TINY, "--train.steps", "4", "--train.save_every", "2", "--train.eval_every", "1"]
+    full = _with_base(base_model, tmp_path / "full")
+    train([*args, "--train.output_dir", str(full)])
+    cut = _with_base(base_model, tmp_path / "cut")
+    killed = train([*args, "--train.output_dir", str(cut), "--train.stop_after", "3"], check=False)
+    assert killed.returncode != 0  # it stopped after step 3; the last checkpoint is step 2
+    assert [r["step"] for r in metrics(cut)] == [0, 1, 2, 3]
+    train([*args, "--train.output_dir", str(cut), "--resume"])
+    a, b = metrics(full), metrics(cut)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+
+
+@pytest.mark.slow
+def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
+    run = _with_base(base_model, tmp_path / "ddp")
+    out = train([*TINY, "--train.steps", "2", "--train.output_dir", str(run)], nproc=2)
+    assert "held-out accuracy:" in out.stdout
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert recs[1]["batch/micro_batches_per_rank"] >= 1
+    assert all(r["logprob/gap_max_abs"] < 1e-3 for r in recs[1:])
+    assert (run / "checkpoints" / "step_000002" / "rng_rank1.safetensors").is_file()
+
+
+def test_missing_model_path_fails_at_start_naming_it(tmp_path):
+    out = train(["--model.path", str(tmp_path / "nope"), "--train.output_dir", str(tmp_path / "r")], check=False)
+    assert out.returncode == 2
+    assert f"model.path: '{tmp_path / 'nope'}' is not a directory" in out.stderr
+    assert "Traceback" not in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = train(["--model.path", str(tmp_path / "empty"), "--train.output_dir", str(tmp_path / "r")], check=False)
+    assert out.returncode == 2 and "has no config.json" in out.stderr
+
+
+def test_sglang_backend_without_sglang_says_how_to_install(tmp_path, base_model):
+    pytest.importorskip("torch")
+    try:
+        import sglang  # noqa: F401
+
+        pytest.skip("sglang is installed here")
+    except ImportError:
+        pass
+    out = train([*TINY, "--model.path", str(base_model), "--rollout.backend", "sglang", "--train.output_dir",
+                 str(tmp_path / "r")], check=False)
+    assert out.returncode == 2
+    assert "pip install 'raro-fast[sglang]'" in out.stderr and "Traceback" not in out.stderr
