@@ -5,9 +5,9 @@ Public API:
 - policy_loss(logprobs, old_logprobs, advantages, mask, ...) -> (loss, metrics)
 - linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, ...) -> (loss, metrics)
 
-CUDA tensors run Triton kernels; CPU tensors run a chunked PyTorch path with the same semantics and memory
-bound. `backend="triton"` forces the kernels (for CPU tensors only under TRITON_INTERPRET=1, which must be set
-before this package is first imported), `backend="torch"` the PyTorch path.
+CUDA tensors run cuBLAS + Triton kernels; CPU tensors run a chunked PyTorch path with the same semantics and
+memory bound. `backend="triton"` forces the kernels (for CPU tensors only under TRITON_INTERPRET=1, which must
+be set before the first Triton call; safest before this package is imported), `backend="torch"` the PyTorch path.
 """
 from raro_kernels.linear_logprobs import LinearLogprobs, linear_logprobs
 from raro_kernels.linear_policy_loss import linear_policy_loss

@@ -1,10 +1,11 @@
 """Shared plumbing of the LM-head ops: backend choice, input checks, the per-row statistics they exchange.
 
 Two backends compute the same function:
-- "triton": Triton kernels (fused matmul + online softmax statistics) plus cuBLAS for the two gradient
-  products. Used for CUDA tensors; for CPU tensors only when the process runs Triton's interpreter
-  (`TRITON_INTERPRET=1` set before `raro_kernels` is first imported, since `@triton.jit` reads it when a
-  kernel is decorated). The tests use that to run every kernel on a machine without a GPU.
+- "triton": cuBLAS for the matrix products (logits in fp32 slices, the two gradient products) and Triton
+  kernels for everything per row (softmax statistics, d(logits)); see `_triton_lm_head`. Used for CUDA
+  tensors; for CPU tensors only when the process runs Triton's interpreter (`TRITON_INTERPRET=1` set before the
+  Triton kernels are decorated, i.e. before `raro_kernels._triton_lm_head` is first imported, which happens
+  lazily on the first Triton call). The tests use that to run every kernel on a machine without a GPU.
 - "torch": a chunked PyTorch path with the same semantics and the same memory bound. Used for CPU tensors.
 """
 from __future__ import annotations

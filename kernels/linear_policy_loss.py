@@ -195,7 +195,9 @@ class _LinearPolicyLossFn(torch.autograd.Function):
                 token_grads=terms.token_grads if grads_needed else None, chunk_cols=cfg.chunk_cols, **common,
             )
         loss = terms.value(logprobs_N, entropy_N)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # Kept as attributes, not saved tensors: backward scales them in place and hands them over, so the
+        # gradients exist once in memory; a second backward through the same graph is refused below.
+        ctx.grads = (grad_hidden, grad_weight)
         if entropy_N is None:
             entropy_N = logprobs_N.new_empty(0)
         ctx.mark_non_differentiable(logprobs_N, entropy_N)
@@ -203,10 +205,15 @@ class _LinearPolicyLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _g_lp: torch.Tensor | None, _g_ent: torch.Tensor | None):  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_policy_loss: backward ran twice through one graph (retain_graph); its "
+                               "gradients are computed in the forward and handed over once")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
         # The gradients were computed for d(output)/d(loss) = 1 during the forward; scale by the real one.
-        grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
-        grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
+        for g in (grad_hidden, grad_weight):
+            if g is not None:
+                g.mul_(grad_loss.to(g.dtype))
         return grad_hidden, grad_weight, None, None, None
 
 
@@ -249,17 +256,19 @@ def linear_policy_loss(
     loss -= entropy_coef * (entropy aggregated like the per-token loss, weights included).
     Returns (loss 0-dim fp32, metrics): `policy_loss`'s metrics plus "logprobs" (fp32 [N], detached: the
     trainer's log-probs, e.g. to compare with the rollout engine's), and with return_entropy or entropy_coef
-    "entropy" (masked mean, detached). Differentiable w.r.t. hidden and weight (gradients computed during the
-    forward and scaled by the incoming gradient in backward).
+    "entropy" (masked mean, detached). Differentiable w.r.t. hidden and weight.
 
     Strategies and memory (beyond inputs, outputs and gradients):
     - one_pass=True, triton backend (default on CUDA): 6NHV FLOPs. Holds the fp32 logits of `chunk_tokens`
-      tokens (default 2048: chunk_tokens x V x 4 bytes, 1.2 GB at V = 151,936) and, when N > chunk_tokens, an
-      fp32 [V, H] accumulator for grad weight.
+      tokens (default 2048: chunk_tokens x V x 4 bytes, 1.2 GB at V = 151,936; when N <= chunk_tokens that is
+      the whole batch) and, when N > chunk_tokens, an fp32 [V, H] accumulator for grad weight. On an H100,
+      chunk_tokens=4096 measured 5-11% faster than 2048 for twice the chunk (benchmarks/RESULTS.md).
     - one_pass=False, or the torch backend: statistics of all tokens, then gradients with the logits recomputed
-      (8NHV FLOPs); memory as in `linear_logprobs`' backward (N x chunk_cols dz slice, fp32 [N, H]).
+      (8NHV FLOPs); memory as in `linear_logprobs` (N x chunk_cols fp32 slice, fp32 [N, H]).
+    The gradients are computed during the forward and kept until backward, which scales them in place by the
+    incoming gradient: backward can run once per graph (a second one raises).
     backend: as in `linear_logprobs` (None: triton on CUDA, torch on CPU; "triton" on CPU needs
-    TRITON_INTERPRET=1 before import).
+    TRITON_INTERPRET=1 before the first Triton call).
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H] (flatten leading dims first), got shape {tuple(hidden.shape)}")

@@ -146,6 +146,15 @@ def test_grad_of_one_input_only_and_no_grad(backend: str, device) -> None:
     assert "entropy" not in metrics and metrics["logprobs"].shape == (21,)
 
 
+def test_second_backward_through_one_graph_is_refused(device) -> None:
+    x = _make(9, 8, 50, torch.float32, device, seed=3, temperature=1.0)
+    hidden = x["hidden"].clone().requires_grad_(True)
+    loss, _ = linear_policy_loss(hidden, x["weight"], x["targets"], x["old"], x["adv"], x["mask"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_bad_inputs_raise_value_error(device) -> None:
     x = _make(9, 8, 50, torch.float32, device, seed=1, temperature=1.0)
     args = (x["hidden"], x["weight"], x["targets"], x["old"], x["adv"], x["mask"])
