@@ -63,7 +63,7 @@ class WarmupConfig:
     (a short solver search, then the expression) and a critic trace (evaluate both answers, then a verdict).
     """
 
-    steps: int = _help("Optimizer steps of the warm-up (0: none).", 300)
+    steps: int = _help("Optimizer steps of the warm-up (0: none).", 240)
     batch_size: int = _help("Sequences per warm-up step.", 32)
     lr: float = _help("Warm-up learning rate (AdamW, cosine decay).", 3e-3)
     critic_fraction: float = _help("Fraction of warm-up sequences in the critic format.", 0.4)
@@ -90,7 +90,7 @@ class RolloutConfig:
 class RaroConfig:
     """The RARO game (../shared/papers/raro.md). Unconfirmed paper defaults are marked in the README."""
 
-    questions_per_step: int = _help("Demonstrations (q, a*) drawn per step, over all ranks.", 8)
+    questions_per_step: int = _help("Demonstrations (q, a*) drawn per step, over all ranks.", 4)
     group_size: int = _help("G: policy samples per question (one GRPO group).", 8)
     tau_pol: float = _help("Policy reward when the critic says tie.", 0.6)
     tau_crit: float = _help("Critic reward when it says tie.", 0.55)
@@ -102,7 +102,7 @@ class RaroConfig:
         2,
     )
     critic_pairs_per_step: int = _help(
-        "Pairs the critic is trained on per step (fresh pairs plus replayed ones), over all ranks.", 16
+        "Pairs the critic is trained on per step (fresh pairs plus replayed ones), over all ranks.", 8
     )
     replay_size: int = _help("Replay buffer capacity (FIFO) of past (q, policy answer, a*) pairs.", 10000)
     replay_ratio: float = _help("Fraction of the critic's training pairs drawn from the replay buffer.", 0.5)
@@ -143,7 +143,7 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = _help("RARO steps (one update each).", 40)
+    steps: int = _help("RARO steps (one update each).", 30)
     seed: int = _help("Seed of everything (data order, sampling, model init).", 0)
     output_dir: str = _help("Where metrics, plots, checkpoints and the final model go.", "runs/raro-countdown")
     max_tokens_per_micro_batch: int = _help("Token budget of one packed micro-batch.", 4096)

@@ -38,6 +38,9 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        # torchrun sets OMP_NUM_THREADS=1 for every rank; on a CPU node the ranks share the cores instead.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     # Under torchrun a group exists even for one process, so one code path (FSDP2) serves 1..N ranks.
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))

@@ -51,6 +51,7 @@ class Run:
     model: PolicyModel
     optimizer: torch.optim.Optimizer
     engine: object
+    ref_model: PolicyModel | None
     replay: ReplayBuffer
     log: MetricsLog
     start_step: int = 0
@@ -82,6 +83,9 @@ def run(r: Run) -> None:
                 samples, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch, world_size=d.world_size, rank=d.rank)]
         with r.timed("old_log_prob"):
             entropies = recompute_logprobs(r.model, mbs, temperature=cfg.rollout.temperature)
+        if r.ref_model is not None:
+            with r.timed("ref"):
+                recompute_logprobs(r.ref_model, mbs, temperature=cfg.rollout.temperature, field="ref_logprobs")
         with r.timed("update_actor"):
             upd = update_step(r.model, r.optimizer, mbs, loss_cfg=cfg.loss, temperature=cfg.rollout.temperature,
                               norm_constant=norm_constant(cfg), grad_clip=cfg.optim.grad_clip)
@@ -250,6 +254,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     model = parallelize(PolicyModel(hf_model), PolicyModel(hf_model).decoder_layers, d, compute_dtype=compute_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
+    ref_model = reference_model(cfg, d, compute_dtype) if cfg.loss.kl_coef > 0 else None
     replay = ReplayBuffer(cfg.raro.replay_size)
     start = 0
     if resume_from is not None:
@@ -265,7 +270,18 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
-               hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, replay=replay, log=log, start_step=start)
+               hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, ref_model=ref_model, replay=replay,
+               log=log, start_step=start)
+
+
+def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype) -> PolicyModel:
+    """A frozen copy of the run's initial model (the KL anchor), sharded like the trained one. On resume it is
+    the same initial model again, not the checkpoint."""
+    hf, _ = initial_model(cfg, d, resume_from=None)
+    use_varlen_attention(hf)
+    hf.requires_grad_(False)
+    ref = PolicyModel(hf.to(d.device)).eval()
+    return parallelize(ref, ref.decoder_layers, d, compute_dtype=compute_dtype)
 
 
 def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):

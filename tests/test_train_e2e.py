@@ -94,11 +94,13 @@ def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
     run = _with_base(base_model, tmp_path / "ddp")
-    out = train([*TINY, "--train.steps", "2", "--train.output_dir", str(run)], nproc=2)
+    # With the KL term on, the frozen reference is sharded and evaluated too.
+    out = train([*TINY, "--train.steps", "2", "--loss.kl_coef", "0.05", "--train.output_dir", str(run)], nproc=2)
     assert "held-out accuracy:" in out.stdout
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2]
     assert recs[1]["batch/micro_batches_per_rank"] >= 1
+    assert "timing_s/ref" in recs[1] and recs[1]["actor/ref_kl"] >= 0
     assert all(r["logprob/gap_max_abs"] < 1e-3 for r in recs[1:])
     assert (run / "checkpoints" / "step_000002" / "rng_rank1.safetensors").is_file()
 
