@@ -43,7 +43,9 @@ def init_distributed() -> Dist:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     # Under torchrun a group exists even for one process, so one code path (FSDP2) serves 1..N ranks.
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        # device_id binds NCCL to this rank's GPU up front (no guessing from the rank number).
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
