@@ -68,7 +68,10 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: s
             pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=key.split("/", 1)[-1])
+                # Short labels where they stay unique within the panel (policy/entropy vs critic/entropy do not).
+                short = [k.split("/", 1)[-1] for k in keys]
+                label = key.split("/", 1)[-1] if len(set(short)) == len(short) else key
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, label=label)
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
