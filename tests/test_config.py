@@ -10,11 +10,11 @@ def test_defaults_and_cli_overrides():
     cfg = load_config([])
     assert cfg == JobConfig()
     cfg = load_config(["--raro.group_size", "4", "--loss.dual_clip=3.0", "--train.progress", "false",
-                       "--warmup.targets", "10,12", "--model", "some/dir", "--resume"])
+                       "--warmup.max_target", "50", "--model", "some/dir", "--resume"])
     assert cfg.raro.group_size == 4
     assert cfg.loss.dual_clip == 3.0
     assert cfg.train.progress is False
-    assert cfg.warmup.targets == (10, 12)
+    assert cfg.warmup.max_target == 50
     assert cfg.model.path == "some/dir"
     assert cfg.train.resume is True
     assert load_config(["--loss.dual_clip", "none"]).loss.dual_clip is None
