@@ -94,8 +94,9 @@ def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
     run = _with_base(base_model, tmp_path / "ddp")
-    # With the KL term on, the frozen reference is sharded and evaluated too.
-    out = train([*TINY, "--train.steps", "2", "--loss.kl_coef", "0.05", "--train.output_dir", str(run)], nproc=2)
+    # With the KL term on, the frozen reference is sharded and evaluated too; activation checkpointing on.
+    out = train([*TINY, "--train.steps", "2", "--loss.kl_coef", "0.05", "--model.gradient_checkpointing", "true",
+                 "--train.output_dir", str(run)], nproc=2)
     assert "held-out accuracy:" in out.stdout
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2]
