@@ -7,6 +7,7 @@ The loop (`run`) is the whole method on one screen:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import random
@@ -134,10 +135,15 @@ def examples_for_step(train: list, step: int, per_step: int, seed: int) -> list:
     out = []
     for k in range(step * per_step, (step + 1) * per_step):
         epoch, pos = divmod(k, len(train))
-        order = list(range(len(train)))
-        random.Random(f"{seed}/epoch/{epoch}").shuffle(order)
-        out.append(train[order[pos]])
+        out.append(train[_epoch_order(seed, epoch, len(train))[pos]])
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(f"{seed}/epoch/{epoch}").shuffle(order)
+    return tuple(order)
 
 
 def gather_samples(r: Run, rollout):
@@ -251,7 +257,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if cfg.model.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable()
     hf_model.to(d.device)
-    model = parallelize(PolicyModel(hf_model), PolicyModel(hf_model).decoder_layers, d, compute_dtype=compute_dtype)
+    policy = PolicyModel(hf_model)
+    model = parallelize(policy, policy.decoder_layers, d, compute_dtype=compute_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     ref_model = reference_model(cfg, d, compute_dtype) if cfg.loss.kl_coef > 0 else None
@@ -298,8 +305,8 @@ def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
         model = build_embedded_model(tokenizer, hidden_size=e.hidden_size, num_layers=e.num_layers, num_heads=e.num_heads,
                                      num_kv_heads=e.num_kv_heads, intermediate_size=e.intermediate_size,
                                      max_position=e.max_position, seed=cfg.train.seed)
-        format_warmup(model, tokenizer, cfg.task, cfg.warmup, device=torch.device("cpu"), progress=cfg.train.progress)
-        save_pretrained_atomic(model, tokenizer, base)
+        format_warmup(model.to(d.device), tokenizer, cfg.task, cfg.warmup, device=d.device, progress=cfg.train.progress)
+        save_pretrained_atomic(model.cpu(), tokenizer, base)
     barrier(d)
     return load_pretrained(str(base), dtype=torch.float32)
 
