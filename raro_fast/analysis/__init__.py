@@ -1,0 +1,10 @@
+"""Support and entropy measurements (../shared/papers/invisible-leash.md): does training widen or narrow what a
+model can solve? The library part; the sampling command `python -m raro_fast.analyze` is not built yet."""
+from raro_fast.analysis.entropy import answer_entropy, load_traces_jsonl, mean_token_entropy, perplexity, token_entropy
+from raro_fast.analysis.passk import avg_at_n, default_ks, pass_at_k, pass_at_k_curve
+from raro_fast.analysis.support import CATEGORIES, support_categories, support_metrics
+
+__all__ = [
+    "CATEGORIES", "answer_entropy", "avg_at_n", "default_ks", "load_traces_jsonl", "mean_token_entropy", "pass_at_k",
+    "pass_at_k_curve", "perplexity", "support_categories", "support_metrics", "token_entropy",
+]
