@@ -312,14 +312,15 @@ def iter_fields(cls: type = JobConfig, prefix: str = ""):
         yield f"{prefix}{f.name}", tp, default, f.metadata.get("help", "")
 
 
-def help_text(prog: str) -> str:
+def help_text(prog: str, root: type = JobConfig) -> str:
     lines = [
-        f"usage: {prog} [--config FILE.yaml ...] [--section.field VALUE ...] [--model PATH] [--resume]",
+        f"usage: {prog} [--config FILE.yaml ...] [--section.field VALUE ...]"
+        + (" [--model PATH] [--resume]" if root is JobConfig else ""),
         "",
         "Every setting (default in brackets). YAML files are applied in order, then command-line overrides.",
         "",
     ]
-    for name, tp, default, text in iter_fields():
+    for name, tp, default, text in iter_fields(root):
         lines.append(f"  --{name} [{default!r}]  ({_type_name(tp)})")
         if text:
             lines.append(f"        {text}")
@@ -329,8 +330,8 @@ def help_text(prog: str) -> str:
 _ALIASES = {"--model": "--model.path", "--resume": "--train.resume", "--output-dir": "--train.output_dir"}
 
 
-def load_config(argv: list[str] | None = None) -> JobConfig:
-    """Build the JobConfig from command-line arguments (see `help_text`)."""
+def load_config(argv: list[str] | None = None, root: type = JobConfig):
+    """Build the `root` config (JobConfig by default) from command-line arguments (see `help_text`)."""
     argv = list(argv or [])
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
@@ -341,7 +342,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
         if not arg.startswith("--"):
             raise ConfigError(f"command line: unexpected argument {arg!r} (settings look like --section.field VALUE)")
         key, eq, inline = arg.partition("=")
-        key = _ALIASES.get(key, key)
+        key = _ALIASES.get(key, key) if root is JobConfig else key
         if key == "--train.resume" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             overrides.append(("train.resume", "true"))
             i += 1
@@ -369,7 +370,7 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
                 raise ConfigError(f"command line: '{dotted}' is not a setting")
         node[parts[-1]] = value
         where[dotted] = "command line"
-    return _build(JobConfig, values, where)
+    return _build(root, values, where)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

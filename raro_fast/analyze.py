@@ -1,0 +1,242 @@
+"""Support and entropy analysis of two or more models: `python -m raro_fast.analyze --analysis.models
+base=path/a,trained=path/b [--analysis.k 64 ...]` (also `raro-fast analyze`). The first model is the base of
+the support categories. Writes report.json, report.md and PNG plots to `analysis.output_dir`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from raro_fast import prompts
+from raro_fast.analysis import (
+    answer_entropy, avg_at_n, mean_token_entropy, pass_at_k, pass_at_k_curve, support_categories, support_metrics,
+    token_entropy,
+)
+from raro_fast.analysis.cache import SampleCache, chunk_seed
+from raro_fast.config import ConfigError, _help, help_text, load_config
+from raro_fast.model.hf import load_pretrained
+from raro_fast.rollout import make_engine
+from raro_fast.rollout.engine import SamplingParams
+from raro_fast.tasks import get_task
+from raro_fast.tasks.countdown import CountdownConfig
+
+
+@dataclass(kw_only=True)
+class AnalysisSettings:
+    models: str = _help("Comma-separated name=path (Hugging Face model directories); the first is the base.", "")
+    split: str = _help("Task split whose problems are sampled.", "heldout")
+    num_problems: int = _help("Problems analysed (0: all of the split).", 64)
+    k: int = _help("Samples per problem and model (pass@k up to k).", 64)
+    chunk: int = _help("Samples drawn per problem per engine call.", 16)
+    temperature: float = _help("Sampling temperature.", 0.6)
+    top_p: float = _help("Nucleus sampling.", 0.95)
+    max_new_tokens: int = _help("Longest completion; a longer one is unfinished (answer class NA).", 96)
+    entropy_samples: int = _help("Samples per problem teacher-forced for token-level entropy.", 4)
+    seed: int = _help("Seed of the sample chunks (cached per model, problem and seed).", 0)
+    batch_size: int = _help("Prompts per engine forward.", 64)
+    output_dir: str = _help("Where the cache, report and plots go.", "runs/analysis")
+
+
+@dataclass(kw_only=True)
+class AnalyzeConfig:
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    task: CountdownConfig = field(default_factory=CountdownConfig)
+
+
+def parse_models(spec: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise ValueError(f"analysis.models: {item!r} is not name=path")
+        pairs.append((name, path))
+    if len(pairs) < 2:
+        raise ValueError("analysis.models: give at least two models (name=path,name=path)")
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise ValueError("analysis.models: model names must differ")
+    return pairs
+
+
+def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, cache: SampleCache) -> dict[str, list]:
+    """Fill the cache up to k samples per problem (only what is missing), return the samples per problem id."""
+    engine = make_engine(_EngineSettings(cfg.batch_size), model, tokenizer)
+    have = {p.id: cache.get(name, p.id, cfg.seed) for p in problems}
+    chunks = math.ceil(cfg.k / cfg.chunk)
+    bar = tqdm(total=chunks * len(problems), desc=f"sampling {name}", dynamic_ncols=True)
+    for j in range(chunks):
+        # Always whole chunks (samples past k stay cached for a larger k later), so chunk j is the same draw
+        # whatever k asked for it.
+        todo = [p for p in problems if len(have[p.id]) == j * cfg.chunk]
+        bar.update(len(problems) - len(todo))
+        n = cfg.chunk
+        for p in todo:  # one engine call per problem and chunk: its seed must not depend on which others are due
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    n=n, seed=chunk_seed(cfg.seed, p.id, j))
+            comps = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(p.question))], params)[0]
+            for c in comps:
+                answer = None if c.truncated else task.extract_answer(c.text)
+                keep_ids = len(have[p.id]) < cfg.entropy_samples
+                have[p.id].append({"answer": answer, "correct": bool(task.verify(p, answer)), "length": len(c.token_ids),
+                                   **({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids} if keep_ids else {})})
+            cache.put(name, p.id, cfg.seed, have[p.id])
+            bar.update(1)
+    bar.close()
+    return {pid: s[: cfg.k] for pid, s in have.items()}
+
+
+@dataclass
+class _EngineSettings:
+    batch_size: int
+    backend: str = "embedded"
+
+
+@torch.no_grad()
+def model_token_entropy(model, samples: dict[str, list], temperature: float) -> float:
+    """Teacher-force the first samples of every problem; average over positions, then sequences (the paper)."""
+    weight = model.get_output_embeddings().weight
+    ents, masks, seqs = [], [], []
+    for sid, s in enumerate(x for xs in samples.values() for x in xs if "token_ids" in x):
+        ids = torch.tensor([s["prompt_ids"] + s["token_ids"]])
+        hidden = model.model(input_ids=ids).last_hidden_state[0].float()
+        targets = torch.full_like(ids[0], -100)
+        p = len(s["prompt_ids"])
+        targets[p - 1 : -1] = ids[0, p:]
+        _, ent = token_entropy(hidden, weight.float(), targets, temperature=temperature)
+        ents.append(ent)
+        masks.append(targets != -100)
+        seqs.append(torch.full_like(targets, sid))
+    if not ents:
+        return math.nan
+    return mean_token_entropy(torch.cat(ents), torch.cat(masks), torch.cat(seqs))
+
+
+def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict[str, float]) -> dict:
+    names = list(samples)
+    base = names[0]
+    report = {"k": k, "models": {}, "support_vs": base}
+    for name in names:
+        counts = [(len(s), sum(x["correct"] for x in s)) for s in samples[name].values()]
+        curve = pass_at_k_curve(counts)
+        ent = [answer_entropy([x["answer"] for x in s]) for s in samples[name].values()]
+        lengths = [x["length"] for s in samples[name].values() for x in s]
+        entry = {"pass_at_k": {str(kk): v for kk, v in curve.items()}, "avg_at_n": avg_at_n(counts),
+                 "answer_entropy": sum(ent) / len(ent), "token_entropy": token_entropies[name],
+                 "mean_length": sum(lengths) / len(lengths)}
+        if name != base:
+            b = [sum(x["correct"] for x in samples[base][pid]) for pid in samples[base]]
+            t = [sum(x["correct"] for x in samples[name][pid]) for pid in samples[base]]
+            _, cats = support_categories(b, t)
+            entry["categories"] = cats
+            entry["support_metrics"] = support_metrics(cats["P"], cats["E"], cats["S"], cats["O"])
+        report["models"][name] = entry
+    return report
+
+
+def markdown(report: dict) -> str:
+    k = report["k"]
+    head = f"| model | pass@1 | pass@{k} | avg@{k} | P | S | E | O | SRR | NDR | SDS | NSCR | answer H | token H | length |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    fmt = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    for name, m in report["models"].items():
+        c = m.get("categories", {})
+        s = m.get("support_metrics", {})
+        cells = [name, fmt(m["pass_at_k"]["1"]), fmt(m["pass_at_k"][str(k)]), fmt(m["avg_at_n"]),
+                 *(str(c.get(x, "-")) for x in "PSEO"), *(fmt(s[x]) if s else "-" for x in ("SRR", "NDR", "SDS", "NSCR")),
+                 fmt(m["answer_entropy"]), fmt(m["token_entropy"]), f"{m['mean_length']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nSupport categories and metrics are against `{report['support_vs']}`.\n"
+
+
+def plots(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["models"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        curve = report["models"][name]["pass_at_k"]
+        ax.plot([int(x) for x in curve], list(curve.values()), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="k", ylabel="pass@k", title="pass@k")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pass_at_k.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    others = names[1:]
+    for i, cat in enumerate("PSEO"):
+        axes[0].bar([x + i * 0.2 for x in range(len(others))], [report["models"][n]["categories"][cat] for n in others],
+                    width=0.2, label=cat)
+    axes[0].set_xticks([x + 0.3 for x in range(len(others))], others)
+    axes[0].set_title(f"support categories vs {names[0]}")
+    axes[0].legend()
+    for i, key in enumerate(["answer_entropy", "token_entropy"]):
+        axes[1].bar([x + i * 0.4 for x in range(len(names))], [report["models"][n][key] for n in names], width=0.4, label=key)
+    axes[1].set_xticks([x + 0.2 for x in range(len(names))], names)
+    axes[1].set_title("entropy")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "support_and_entropy.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))  # the models in the given order, e.g. a series of checkpoints
+    k = report["k"]
+    for key, label in [("1", "pass@1"), (str(k), f"pass@{k}")]:
+        ax.plot(names, [report["models"][n]["pass_at_k"][key] for n in names], marker="o", label=label)
+    ax.plot(names, [report["models"][n]["answer_entropy"] for n in names], marker="s", label="answer entropy")
+    ax.set_title("across models / checkpoints")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "across_models.png", dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: AnalyzeConfig) -> dict:
+    a = cfg.analysis
+    models = parse_models(a.models)
+    if a.k < 1 or a.chunk < 1:
+        raise ValueError("analysis.k and analysis.chunk must be >= 1")
+    task = get_task("countdown", cfg.task)
+    problems = task.examples(a.split)[: a.num_problems or None]
+    out = Path(a.output_dir)
+    cache = SampleCache(out / "samples")
+    samples, token_h = {}, {}
+    for name, path in models:
+        model, tokenizer = load_pretrained(path, dtype=torch.float32)
+        samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
+        token_h[name] = model_token_entropy(model, samples[name], a.temperature)
+    report = summarize(samples, a.k, token_h)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    plots(report, out)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text("python -m raro_fast.analyze", root=AnalyzeConfig))
+        return 0
+    try:
+        report = run(load_config(argv, root=AnalyzeConfig))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
