@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from raro_fast import prompts
 from raro_fast.analysis import (
-    answer_entropy, avg_at_n, mean_token_entropy, pass_at_k, pass_at_k_curve, support_categories, support_metrics,
-    token_entropy,
+    answer_entropy, avg_at_n, load_traces_jsonl, mean_token_entropy, pass_at_k_curve, perplexity, support_categories,
+    support_metrics, token_entropy,
 )
 from raro_fast.analysis.cache import SampleCache, chunk_seed
 from raro_fast.config import ConfigError, _help, help_text, load_config
@@ -40,6 +40,9 @@ class AnalysisSettings:
     entropy_samples: int = _help("Samples per problem teacher-forced for token-level entropy.", 4)
     seed: int = _help("Seed of the sample chunks (cached per model, problem and seed).", 0)
     batch_size: int = _help("Prompts per engine forward.", 64)
+    traces: str = _help(
+        "Optional JSONL of external reasoning traces ({\"problem_id\", \"trace\"} per line): their perplexity under "
+        "every model, grouped by the support category of the last model against the base.", "")
     output_dir: str = _help("Where the cache, report and plots go.", "runs/analysis")
 
 
@@ -116,7 +119,31 @@ def model_token_entropy(model, samples: dict[str, list], temperature: float) -> 
     return mean_token_entropy(torch.cat(ents), torch.cat(masks), torch.cat(seqs))
 
 
-def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict[str, float]) -> dict:
+@torch.no_grad()
+def trace_perplexities(model, tokenizer, problems, traces: list[dict[str, str]]) -> dict[str, float]:
+    """Perplexity of each external trace (teacher-forced as the assistant's reply to the problem), by problem id."""
+    by_id = {p.id: p for p in problems}
+    weight = model.get_output_embeddings().weight.float()
+    out = {}
+    for rec in traces:
+        p = by_id.get(rec["problem_id"])
+        if p is None:
+            continue  # counted as skipped in the report
+        prompt = prompts.render_prompt(tokenizer, prompts.policy_messages(p.question))
+        completion = tokenizer(rec["trace"], add_special_tokens=False)["input_ids"]
+        if not completion:
+            raise ValueError(f"analysis.traces: the trace of {rec['problem_id']!r} is empty")
+        ids = torch.tensor([prompt + completion])
+        targets = torch.full_like(ids[0], -100)
+        targets[len(prompt) - 1 : -1] = ids[0, len(prompt) :]
+        hidden = model.model(input_ids=ids).last_hidden_state[0].float()
+        logprobs, _ = token_entropy(hidden, weight, targets)
+        out[rec["problem_id"]] = perplexity(logprobs[targets != -100].tolist())
+    return out
+
+
+def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict[str, float],
+              trace_ppl: dict[str, dict[str, float]] | None = None, traces_total: int = 0) -> dict:
     names = list(samples)
     base = names[0]
     report = {"k": k, "models": {}, "support_vs": base}
@@ -135,6 +162,19 @@ def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict
             entry["categories"] = cats
             entry["support_metrics"] = support_metrics(cats["P"], cats["E"], cats["S"], cats["O"])
         report["models"][name] = entry
+    if trace_ppl is not None:
+        # Categories of the last model against the base: where did training lose or gain the problem?
+        pids = list(samples[base])
+        b = [sum(x["correct"] for x in samples[base][pid]) for pid in pids]
+        t = [sum(x["correct"] for x in samples[names[-1]][pid]) for pid in pids]
+        cats = dict(zip(pids, support_categories(b, t)[0]))
+        for name in names:
+            groups: dict[str, list[float]] = {}
+            for pid, ppl in trace_ppl[name].items():
+                groups.setdefault(cats[pid], []).append(ppl)
+            report["models"][name]["trace_perplexity"] = {c: sum(v) / len(v) for c, v in sorted(groups.items())}
+        report["traces"] = {"categories_of": names[-1], "used": len(next(iter(trace_ppl.values()))),
+                            "skipped_not_analysed": traces_total - len(next(iter(trace_ppl.values())))}
     return report
 
 
@@ -211,12 +251,15 @@ def run(cfg: AnalyzeConfig) -> dict:
     problems = task.examples(a.split)[: a.num_problems or None]
     out = Path(a.output_dir)
     cache = SampleCache(out / "samples")
-    samples, token_h = {}, {}
+    traces = load_traces_jsonl(a.traces) if a.traces else None
+    samples, token_h, trace_ppl = {}, {}, {}
     for name, path in models:
         model, tokenizer = load_pretrained(path, dtype=torch.float32)
         samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
         token_h[name] = model_token_entropy(model, samples[name], a.temperature)
-    report = summarize(samples, a.k, token_h)
+        if traces is not None:
+            trace_ppl[name] = trace_perplexities(model, tokenizer, problems, traces)
+    report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []))
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))

@@ -143,7 +143,12 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int = _help("RARO steps (one update each).", 30)
+    mode: Literal["raro", "rlvr", "sft"] = _help(
+        "What the shared trainer optimises: raro (policy + relativistic critic, no verifier), rlvr (GRPO on the "
+        "task's verifier: the oracle baseline), sft (next-token training on the expert answers).",
+        "raro",
+    )
+    steps: int = _help("Training steps (one update each).", 30)
     seed: int = _help("Seed of everything (data order, sampling, model init).", 0)
     output_dir: str = _help("Where metrics, plots, checkpoints and the final model go.", "runs/raro-countdown")
     max_tokens_per_micro_batch: int = _help("Token budget of one packed micro-batch.", 4096)

@@ -30,6 +30,7 @@ from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import full_state_dict, parallelize
+from raro_fast.baselines import rlvr_rollouts, sft_samples
 from raro_fast.raro import STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import make_engine
@@ -70,7 +71,7 @@ class Run:
 def run(r: Run) -> None:
     cfg, d = r.cfg, r.d
     steps = range(r.start_step, cfg.train.steps)
-    bar = tqdm(steps, desc="RARO", disable=not (cfg.train.progress and d.is_main), dynamic_ncols=True, initial=r.start_step, total=cfg.train.steps)
+    bar = tqdm(steps, desc=cfg.train.mode.upper(), disable=not (cfg.train.progress and d.is_main), dynamic_ncols=True, initial=r.start_step, total=cfg.train.steps)
     if r.start_step == 0:
         r.log.write({"step": 0, "eval/heldout_accuracy": evaluate(r, 0)})
     for step in bar:
@@ -112,20 +113,24 @@ def run(r: Run) -> None:
 
 
 def rollouts_for_step(r: Run, step: int):
-    """This rank's share of the step's demonstrations and replayed pairs, through the RARO game."""
+    """This rank's share of the step's demonstrations (and, for RARO, replayed pairs), through the mode's game."""
     cfg, d = r.cfg, r.d
     examples = examples_for_step(r.train_examples, step, cfg.raro.questions_per_step, cfg.train.seed)
+    seed = (cfg.train.seed * 1_000_003 + step * 7919 + d.rank * 104_729) % 2**62
+    mine = examples[d.rank :: d.world_size]
+    if cfg.train.mode == "sft":
+        return sft_samples(mine, tokenizer=r.tokenizer)
+    if cfg.train.mode == "rlvr":
+        return rlvr_rollouts(mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg, seed=seed)
     shared = random.Random(f"{cfg.train.seed}/replay/{step}")  # same on every rank: one global replay draw
     n_replay = min(round(cfg.raro.critic_pairs_per_step * cfg.raro.replay_ratio), len(r.replay))
     replayed = r.replay.sample(n_replay, shared)
     n_fresh = cfg.raro.critic_pairs_per_step - len(replayed)
     fresh_here = n_fresh // d.world_size + (d.rank < n_fresh % d.world_size)
     return raro_rollouts(
-        examples[d.rank :: d.world_size], replayed[d.rank :: d.world_size],
+        mine, replayed[d.rank :: d.world_size],
         engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
-        rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"),
-        seed=(cfg.train.seed * 1_000_003 + step * 7919 + d.rank * 104_729) % 2**62,
-        critic_fresh_pairs=fresh_here,
+        rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed, critic_fresh_pairs=fresh_here,
     )
 
 
@@ -169,7 +174,12 @@ def gather_samples(r: Run, rollout):
 def norm_constant(cfg: JobConfig) -> float:
     """Dr.GRPO's constant: the planned number of sequences per step times the longest completion. It does not
     move with the lengths or counts a step happens to produce, so no length normalisation creeps in."""
-    per_step = cfg.raro.questions_per_step * cfg.raro.group_size + cfg.raro.critic_pairs_per_step * cfg.raro.critic_samples_per_pair
+    rc = cfg.raro
+    per_step = {
+        "raro": rc.questions_per_step * rc.group_size + rc.critic_pairs_per_step * rc.critic_samples_per_pair,
+        "rlvr": rc.questions_per_step * rc.group_size,
+        "sft": rc.questions_per_step,
+    }[cfg.train.mode]
     return float(per_step * max(cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens))
 
 
@@ -182,12 +192,15 @@ def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
         if mb.is_padding:
             continue
         m = mb.targets != -100
-        gap = (mb.old_logprobs - mb.rollout_logprobs).abs()[m]
+        if mb.rollout_logprobs is not None:  # SFT batches were never sampled by the engine
+            gap = (mb.old_logprobs - mb.rollout_logprobs).abs()[m]
+        else:
+            gap = torch.zeros(0, device=m.device)
         role_is_policy = is_policy[mb.uids][mb.seq_ids]
         pol = role_is_policy & m
         crit = ~role_is_policy & m
-        acc += torch.stack([gap.sum().double(), m.sum().double(), ent[pol].sum().double(), pol.sum().double(),
-                            ent[crit].sum().double(), crit.sum().double()])
+        counts = [gap.sum(), gap.new_tensor(gap.numel()), ent[pol].sum(), pol.sum(), ent[crit].sum(), crit.sum()]
+        acc += torch.stack([c.double() for c in counts])
         if gap.numel():
             gap_max = torch.maximum(gap_max, gap.max())
     if r.d.enabled:
@@ -229,7 +242,7 @@ def finish(r: Run) -> None:
     if r.d.is_main:
         save_pretrained_atomic(r.hf_model, r.tokenizer, out / "final_model", state_dict={k: v.cpu() for k, v in weights.items()})
         records = r.log.read()
-        plot_curves(records, out / "curves.png", title="RARO on Countdown")
+        plot_curves(records, out / "curves.png", title=f"{r.cfg.train.mode} on Countdown")
         accs = [x["eval/heldout_accuracy"] for x in records if "eval/heldout_accuracy" in x]
         print("\n" + summary_table(records))
         print(f"\nheld-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {len(r.eval_examples)} puzzles")

@@ -128,3 +128,16 @@ def test_sglang_backend_without_sglang_says_how_to_install(tmp_path, base_model)
                  str(tmp_path / "r")], check=False)
     assert out.returncode == 2
     assert "pip install 'raro-fast[sglang]'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["rlvr", "sft"])
+def test_baseline_modes_train_end_to_end(base_model, tmp_path, mode):
+    run = _with_base(base_model, tmp_path / mode)
+    out = train([*TINY, "--train.mode", mode, "--train.steps", "2", "--train.output_dir", str(run)])
+    assert "held-out accuracy:" in out.stdout
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert recs[1]["batch/critic_sequences"] == 0 and recs[1]["batch/policy_sequences"] > 0
+    if mode == "sft":
+        assert recs[1]["batch/policy_sequences"] == 2  # one expert answer per question

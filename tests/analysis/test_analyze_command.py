@@ -51,6 +51,26 @@ def test_analyze_end_to_end_and_growing_k(two_models, tmp_path, capsys):
     assert cache.get("base", "nope", 0) == []
 
 
+def test_analyze_trace_perplexity_by_category(two_models, tmp_path):
+    from raro_fast.tasks import get_task
+    from raro_fast.tasks.countdown import CountdownConfig
+
+    problems = get_task("countdown", CountdownConfig(num_train=10, num_heldout=5)).examples("heldout")[:3]
+    traces = tmp_path / "traces.jsonl"
+    lines = [json.dumps({"problem_id": p.id, "trace": f"<think>try</think><answer>{p.answer}</answer>"}) for p in problems]
+    lines.append(json.dumps({"problem_id": "countdown:not-analysed", "trace": "x"}))
+    traces.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "t"
+    assert analyze.main(_args(two_models, out, 2) + ["--analysis.traces", str(traces)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["traces"] == {"categories_of": "other", "used": 3, "skipped_not_analysed": 1}
+    for name in ("base", "other"):
+        groups = report["models"][name]["trace_perplexity"]
+        assert groups and all(v > 1.0 for v in groups.values())  # a random model: perplexity well above 1
+    traces.write_text('{"problem_id": "a"}\n')
+    assert analyze.main(_args(two_models, out, 2) + ["--analysis.traces", str(traces)]) == 2
+
+
 def test_analyze_bad_models_argument(tmp_path, capsys):
     assert analyze.main(["--analysis.models", "only=one"]) == 2
     assert "at least two models" in capsys.readouterr().err
