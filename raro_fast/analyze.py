@@ -100,20 +100,25 @@ class _EngineSettings:
 
 
 @torch.no_grad()
+def teacher_forced(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0):
+    """(log-prob, entropy, mask) at every position of prompt + completion; only completion targets are kept."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    targets = torch.full_like(ids[0], -100)
+    targets[len(prompt_ids) - 1 : -1] = ids[0, len(prompt_ids) :]
+    hidden = model.model(input_ids=ids).last_hidden_state[0].float()
+    logprobs, entropy = token_entropy(hidden, model.get_output_embeddings().weight.float(), targets, temperature=temperature)
+    return logprobs, entropy, targets != -100
+
+
+@torch.no_grad()
 def model_token_entropy(model, samples: dict[str, list], temperature: float) -> float:
     """Teacher-force the first samples of every problem; average over positions, then sequences (the paper)."""
-    weight = model.get_output_embeddings().weight
     ents, masks, seqs = [], [], []
     for sid, s in enumerate(x for xs in samples.values() for x in xs if "token_ids" in x):
-        ids = torch.tensor([s["prompt_ids"] + s["token_ids"]])
-        hidden = model.model(input_ids=ids).last_hidden_state[0].float()
-        targets = torch.full_like(ids[0], -100)
-        p = len(s["prompt_ids"])
-        targets[p - 1 : -1] = ids[0, p:]
-        _, ent = token_entropy(hidden, weight.float(), targets, temperature=temperature)
+        _, ent, mask = teacher_forced(model, s["prompt_ids"], s["token_ids"], temperature)
         ents.append(ent)
-        masks.append(targets != -100)
-        seqs.append(torch.full_like(targets, sid))
+        masks.append(mask)
+        seqs.append(torch.full_like(mask, sid, dtype=torch.long))
     if not ents:
         return math.nan
     return mean_token_entropy(torch.cat(ents), torch.cat(masks), torch.cat(seqs))
@@ -123,7 +128,6 @@ def model_token_entropy(model, samples: dict[str, list], temperature: float) -> 
 def trace_perplexities(model, tokenizer, problems, traces: list[dict[str, str]]) -> dict[str, float]:
     """Perplexity of each external trace (teacher-forced as the assistant's reply to the problem), by problem id."""
     by_id = {p.id: p for p in problems}
-    weight = model.get_output_embeddings().weight.float()
     out = {}
     for rec in traces:
         p = by_id.get(rec["problem_id"])
@@ -133,12 +137,8 @@ def trace_perplexities(model, tokenizer, problems, traces: list[dict[str, str]])
         completion = tokenizer(rec["trace"], add_special_tokens=False)["input_ids"]
         if not completion:
             raise ValueError(f"analysis.traces: the trace of {rec['problem_id']!r} is empty")
-        ids = torch.tensor([prompt + completion])
-        targets = torch.full_like(ids[0], -100)
-        targets[len(prompt) - 1 : -1] = ids[0, len(prompt) :]
-        hidden = model.model(input_ids=ids).last_hidden_state[0].float()
-        logprobs, _ = token_entropy(hidden, weight, targets)
-        out[rec["problem_id"]] = perplexity(logprobs[targets != -100].tolist())
+        logprobs, _, mask = teacher_forced(model, prompt, completion)
+        out[rec["problem_id"]] = perplexity(logprobs[mask].tolist())
     return out
 
 
