@@ -106,11 +106,16 @@ class RaroConfig:
     )
     replay_size: int = _help("Replay buffer capacity (FIFO) of past (q, policy answer, a*) pairs.", 10000)
     replay_ratio: float = _help("Fraction of the critic's training pairs drawn from the replay buffer.", 0.5)
-    invalid_verdict: Literal["tie"] = _help(
-        "Rule for a critic completion without a parseable verdict: the policy gets tau_pol (as for a tie: the "
-        "critic told it nothing) and the critic gets 0 (it failed the format).",
-        "tie",
-    )
+
+    def __post_init__(self) -> None:
+        for name in ("tau_pol", "tau_crit", "replay_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"raro.{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("questions_per_step", "group_size", "critic_samples_per_pair"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"raro.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lambda_pol < 0 or self.lambda_crit < 0:
+            raise ValueError("raro.lambda_pol and raro.lambda_crit must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -138,7 +143,6 @@ class OptimConfig:
     beta1: float = _help("AdamW beta1.", 0.9)
     beta2: float = _help("AdamW beta2.", 0.99)
     grad_clip: float = _help("Clip the global gradient norm to this (0: off).", 1.0)
-    warmup_steps: int = _help("Linear learning-rate warm-up steps.", 0)
 
 
 @dataclass(kw_only=True)

@@ -66,6 +66,13 @@ def test_task_validation_is_reported_with_its_section():
         load_config(["--task.num_numbers", "0"])
 
 
+def test_raro_values_are_validated():
+    with pytest.raises(ConfigError, match=r"raro.tau_pol must lie in \[0, 1\], got 1.5"):
+        load_config(["--raro.tau_pol", "1.5"])
+    with pytest.raises(ConfigError, match=r"raro.group_size must be >= 1"):
+        load_config(["--raro.group_size", "0"])
+
+
 def test_help_lists_every_field():
     text = help_text("prog")
     names = [name for name, *_ in iter_fields()]
