@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from raro_fast.distributed import Dist, barrier
 from raro_fast.model.hf import save_pretrained_atomic
-from raro_fast.parallelize import full_state_dict
+from raro_fast.weight_sync.source import full_state_dict
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:

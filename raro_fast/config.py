@@ -75,8 +75,9 @@ class WarmupConfig:
 @dataclass(kw_only=True)
 class RolloutConfig:
     backend: Literal["embedded", "sglang", "sglang_http"] = _help(
-        "Rollout engine: embedded = transformers generation in the trainer process (works everywhere); sglang "
-        "needs `pip install raro-fast[sglang]`.",
+        "Rollout engine: embedded = transformers generation in the trainer process (works everywhere); sglang = "
+        "sglang.Engine colocated on each training GPU; sglang_http = an SGLang server at rollout.sglang_url. Both "
+        "sglang backends need `pip install raro-fast[sglang]`.",
         "embedded",
     )
     temperature: float = _help("Sampling temperature for policy and critic rollouts.", 1.0)
@@ -84,6 +85,28 @@ class RolloutConfig:
     max_new_tokens: int = _help("Longest policy completion; longer ones are truncated and filtered out.", 96)
     critic_max_new_tokens: int = _help("Longest critic completion.", 96)
     batch_size: int = _help("Prompts per engine call (bounds generation memory).", 64)
+    release_memory: Literal["none", "kv_cache", "kv_cache+weights"] = _help(
+        "What a colocated engine frees while the trainer updates; it is taken back in stages around the weight "
+        "sync (weights first, KV cache after). Weights need SGLang's memory saver.", "kv_cache")
+    weight_bucket_mb: int = _help("Weight-sync bucket size (MB): tensors are flattened into one buffer per dtype "
+                                  "and bucket, one hand-over per bucket.", 512)
+    mem_fraction: float = _help("sglang: fraction of GPU memory the colocated engine may take (weights + KV cache).", 0.5)
+    tp_size: int = _help("sglang: tensor-parallel size of the colocated engine.", 1)
+    sglang_url: str = _help("sglang_http: the server's URL.", "http://127.0.0.1:30000")
+    server_ranks: int = _help("sglang_http: GPUs the server runs on (TP x DP); they join the weight-sync group.", 1)
+    weight_group_address: str = _help("sglang_http: address of trainer rank 0 that the server connects to for "
+                                      "weight broadcasts.", "127.0.0.1")
+    weight_group_port: int = _help("sglang_http: port of the weight-sync group's store on trainer rank 0.", 29650)
+
+    def __post_init__(self) -> None:
+        if self.weight_bucket_mb <= 0:
+            raise ValueError(f"rollout.weight_bucket_mb must be > 0, got {self.weight_bucket_mb}")
+        if not 0 < self.mem_fraction < 1:
+            raise ValueError(f"rollout.mem_fraction must be in (0, 1), got {self.mem_fraction}")
+
+    @property
+    def released_tags(self) -> tuple[str, ...]:
+        return {"none": (), "kv_cache": ("kv_cache",), "kv_cache+weights": ("kv_cache", "weights")}[self.release_memory]
 
 
 @dataclass(kw_only=True)

@@ -33,6 +33,7 @@ class SequenceSample:
     old_logprobs: list[float] | None = None  # per completion token
     rollout_logprobs: list[float] | None = None  # per completion token, from the rollout engine
     ref_logprobs: list[float] | None = None  # per completion token, from a frozen reference
+    weight_version: int | None = None  # the engine weights that sampled it (None: not sampled, e.g. SFT data)
 
     @property
     def num_targets(self) -> int:

@@ -26,12 +26,3 @@ def parallelize(root: nn.Module, layers: list[nn.Module], d: Dist, *, compute_dt
     fully_shard(root, mp_policy=mp)
     return root
 
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded parameters (collective under FSDP2: every rank must call it), HF names, on the model's device."""
-    out = {}
-    for name, t in model.state_dict().items():
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        out[name.removeprefix("lm.")] = t.detach()
-    return out

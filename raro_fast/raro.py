@@ -46,6 +46,7 @@ def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight:
         uid=-1,  # assigned once all ranks' samples are gathered
         loss_weight=weight,
         rollout_logprobs=list(c.logprobs),
+        weight_version=c.weight_version,
     )
 
 

@@ -29,7 +29,8 @@ from raro_fast.model.hf import build_embedded_model, load_pretrained, load_proje
 from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
-from raro_fast.parallelize import full_state_dict, parallelize
+from raro_fast.parallelize import parallelize
+from raro_fast.weight_sync import full_state_dict, push_weights
 from raro_fast.baselines import rlvr_rollouts, sft_samples
 from raro_fast.raro import STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
@@ -53,6 +54,7 @@ class Run:
     model: PolicyModel
     optimizer: torch.optim.Optimizer
     engine: object
+    engine_dtype: torch.dtype
     ref_model: PolicyModel | None
     replay: ReplayBuffer
     log: MetricsLog
@@ -79,8 +81,10 @@ def run(r: Run) -> None:
         t0 = time.perf_counter()
         with r.timed("gen"):
             rollout = rollouts_for_step(r, step)
+            if cfg.rollout.released_tags:  # colocated: the trainer gets the memory until the sync
+                r.engine.release_memory(cfg.rollout.released_tags)
         with r.timed("pack"):
-            samples, stats = gather_samples(r, rollout)
+            samples, stats = gather_samples(r, rollout, step)
             mbs = [mb.to(d.device) for mb in plan_micro_batches(
                 samples, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch, world_size=d.world_size, rank=d.rank)]
         with r.timed("old_log_prob"):
@@ -92,7 +96,7 @@ def run(r: Run) -> None:
             upd = update_step(r.model, r.optimizer, mbs, loss_cfg=cfg.loss, temperature=cfg.rollout.temperature,
                               norm_constant=norm_constant(cfg), grad_clip=cfg.optim.grad_clip)
         with r.timed("update_weights"):
-            r.engine.update_weights(full_state_dict(r.model).items(), version=step + 1)
+            push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
         r.timings["timing_s/step"] = time.perf_counter() - t0
         record = {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, **upd.metrics, **stats,
                   **batch_metrics(r, samples, mbs, entropies), **r.timings}
@@ -151,7 +155,7 @@ def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-def gather_samples(r: Run, rollout):
+def gather_samples(r: Run, rollout, step: int):
     """All ranks' sequences (global uids in rank order), merged statistics; the replay buffer grows identically
     on every rank."""
     parts = all_gather_objects(r.d, rollout)
@@ -166,6 +170,9 @@ def gather_samples(r: Run, rollout):
     merged = {k: sum(v) / len(v) if v else None for k, v in stats.items()}
     merged.update({k: None for k in STAT_KEYS if k not in merged})
     merged["critic/replay_pairs"] = sum(stats.get("critic/replay_pairs", [0]))
+    # On-policy means every fresh rollout came from the weights of the last sync (= this step's number).
+    versions = [s.weight_version for s in samples if s.weight_version is not None]
+    merged["rollout/weight_version_lag"] = step - min(versions) if versions else None
     merged["batch/policy_sequences"] = sum(s.role == "policy" for s in samples)
     merged["batch/critic_sequences"] = sum(s.role == "critic" for s in samples)
     return samples, merged
@@ -265,7 +272,9 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         print(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     compute_dtype = resolve_dtype(cfg.model.dtype, d.device)
-    engine = make_engine(cfg.rollout, copy.deepcopy(hf_model).to(d.device, compute_dtype), tokenizer)
+    engine_copy = copy.deepcopy(hf_model).to(d.device, compute_dtype) if cfg.rollout.backend == "embedded" else None
+    engine = make_engine(cfg.rollout, engine_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
+                         dtype=str(compute_dtype).removeprefix("torch."), device=d.device, rank=d.rank, seed=cfg.train.seed)
     use_varlen_attention(hf_model)  # the trainer's copy only: the engine keeps sdpa for cached generation
     if cfg.model.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable()
@@ -290,8 +299,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
-               hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, ref_model=ref_model, replay=replay,
-               log=log, start_step=start)
+               hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
+               ref_model=ref_model, replay=replay, log=log, start_step=start)
 
 
 def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype) -> PolicyModel:
@@ -307,11 +316,9 @@ def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype) -> Poli
 def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
     """fp32 master weights: from a checkpoint, a real model directory, or the embedded default (built and warmed
     up once on rank 0, saved under output_dir/base_model, then loaded by every rank)."""
-    if resume_from is not None:
-        return load_pretrained(str(resume_from / "model"), dtype=torch.float32)
-    if cfg.model.path:
-        return load_pretrained(cfg.model.path, dtype=torch.float32)
-    base = Path(cfg.train.output_dir) / "base_model"
+    if resume_from is not None or cfg.model.path:
+        return load_pretrained(str(initial_model_dir(cfg, resume_from)), dtype=torch.float32)
+    base = initial_model_dir(cfg, None)
     if d.is_main and not (base / "config.json").is_file():
         tokenizer = load_project_tokenizer()
         e = cfg.model.embedded
@@ -322,6 +329,13 @@ def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
         save_pretrained_atomic(model.cpu(), tokenizer, base)
     barrier(d)
     return load_pretrained(str(base), dtype=torch.float32)
+
+
+def initial_model_dir(cfg: JobConfig, resume_from: Path | None) -> Path:
+    """Where the run's starting weights are on disk (SGLang engines load them from there)."""
+    if resume_from is not None:
+        return resume_from / "model"
+    return Path(cfg.model.path) if cfg.model.path else Path(cfg.train.output_dir) / "base_model"
 
 
 def main(argv: list[str] | None = None) -> int:

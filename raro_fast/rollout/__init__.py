@@ -6,8 +6,9 @@ from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
 __all__ = ["Completion", "RolloutEngine", "SamplingParams", "make_engine"]
 
 
-def make_engine(cfg, model, tokenizer) -> RolloutEngine:
-    """The engine `cfg.backend` names, holding `model`'s weights. SGLang is imported only when asked for."""
+def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, rank: int, seed: int) -> RolloutEngine:
+    """The engine `cfg.backend` names. `model` (the embedded engine's own copy) is used only by the embedded
+    backend; SGLang loads `model_path` itself and is imported only when asked for."""
     if cfg.backend == "embedded":
         from raro_fast.rollout.embedded import EmbeddedEngine
 
@@ -18,11 +19,15 @@ def make_engine(cfg, model, tokenizer) -> RolloutEngine:
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             batch_size=cfg.batch_size,
         )
-    try:
-        import sglang  # noqa: F401
-    except ImportError:
-        raise ValueError(
-            f"rollout.backend={cfg.backend!r} needs SGLang, which is not installed: "
-            "pip install 'raro-fast[sglang]' (GPU nodes only), or use --rollout.backend embedded"
-        ) from None
-    raise ValueError(f"rollout.backend={cfg.backend!r}: the SGLang adapter is not built yet (issue 5); use 'embedded'")
+    from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine, require_sglang
+
+    require_sglang(cfg.backend)
+    bucket_bytes = cfg.weight_bucket_mb * 2**20
+    if cfg.backend == "sglang":
+        if device.type != "cuda":
+            raise ValueError("rollout.backend='sglang' runs on CUDA GPUs only; use --rollout.backend embedded here")
+        return SGLangEngine(model_path=model_path, tokenizer=tokenizer, dtype=dtype, mem_fraction=cfg.mem_fraction,
+                            tp_size=cfg.tp_size, bucket_bytes=bucket_bytes, seed=seed + rank, gpu_id=device.index or 0)
+    return SGLangServerEngine(url=cfg.sglang_url, tokenizer=tokenizer, bucket_bytes=bucket_bytes, sync_rank=rank == 0,
+                              server_ranks=cfg.server_ranks, group_address=cfg.weight_group_address,
+                              group_port=cfg.weight_group_port, group_backend="nccl" if device.type == "cuda" else "gloo")

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from transformers import PreTrainedModel
 
-from raro_fast.rollout.engine import Completion, SamplingParams
+from raro_fast.rollout.engine import Completion, SamplingParams, check_memory_tags
 
 
 class EmbeddedEngine:
@@ -123,12 +123,14 @@ class EmbeddedEngine:
             raise KeyError(f"update_weights: no new value for {sorted(missing)[:5]}")
         self.weight_version = version
 
-    def release_memory(self) -> None:
-        # The embedded engine keeps no cache between calls: nothing to release.
-        pass
+    def release_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
+        # The KV cache lives only inside `generate`; weights stay (they are small wherever this engine is used).
+        check_memory_tags(tags)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    def resume_memory(self) -> None:
-        pass
+    def resume_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
+        check_memory_tags(tags)
 
 
 def _tied_aliases(model: torch.nn.Module, seen: set[str]) -> set[str]:

@@ -56,9 +56,21 @@ class RolloutEngine(Protocol):
         """Load new weights (Hugging Face parameter names) and set `weight_version = version`."""
         ...
 
-    def release_memory(self) -> None:
-        """Free what the engine can give back while the trainer runs (KV cache; weights where supported)."""
+    def release_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
+        """Free memory while the trainer runs: "kv_cache", and "weights" where the backend supports it."""
         ...
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
+        """Take back what `release_memory` freed; callers resume "weights" before a sync and "kv_cache" after it,
+        so the two never peak together."""
         ...
+
+
+MEMORY_TAGS = ("kv_cache", "weights")
+
+
+def check_memory_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    bad = [t for t in tags if t not in MEMORY_TAGS]
+    if bad:
+        raise ValueError(f"memory tags must be among {MEMORY_TAGS}, got {bad}")
+    return tuple(tags)

@@ -1,0 +1,258 @@
+"""SGLang behind the engine interface: in-process (`sglang.Engine`, colocated on the training GPU) and as a server
+(HTTP, on its own GPUs or nodes).
+
+SGLang is imported only when one of these is built. Requests and responses follow SGLang's documented formats:
+  generate: input_ids + sampling_params + return_logprob → per request `output_ids` and `meta_info` with
+    `output_token_logprobs` [(logprob, token_id, text), ...] and `finish_reason` {"type": "stop"|"length"|"abort"}.
+    The log-probs are those of the temperature-scaled distribution SGLang sampled from, comparable with the
+    trainer's recompute at the same temperature — as long as SGLANG_RETURN_ORIGINAL_LOGPROB is not set.
+  weights, colocated: `update_weights_from_tensor(named_tensors=[serialized bucket per TP rank],
+    load_format="flattened_bucket", flush_cache=<last bucket only>)`, the bucket handed over by CUDA IPC.
+  weights, server: pause_generation → per bucket `/update_weights_from_distributed` + one broadcast → continue.
+  memory: `release_memory_occupation` / `resume_memory_occupation` with tags "kv_cache", "weights".
+"""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from typing import Callable, Iterable
+
+import torch
+
+from raro_fast.rollout.engine import Completion, SamplingParams, check_memory_tags
+from raro_fast.weight_sync.broadcast import broadcast_weights, open_weight_group
+from raro_fast.weight_sync.buckets import iter_buckets, with_last
+
+INSTALL_HINT = "pip install 'raro-fast[sglang]' (GPU nodes only), or use --rollout.backend embedded"
+
+
+def require_sglang(backend: str):
+    try:
+        import sglang
+    except ImportError as e:
+        raise ValueError(f"rollout.backend={backend!r} needs SGLang, which is not installed ({e}): {INSTALL_HINT}") from None
+    return sglang
+
+
+def sampling_params_json(params: SamplingParams, stop_token_ids: Iterable[int]) -> dict:
+    """SGLang's `sampling_params` for one request. No per-request seed: n copies of a prompt with one seed
+    would sample the same tokens; the engine's `random_seed` drives sampling instead."""
+    return {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": max(params.temperature, 0.0),
+        "top_p": params.top_p,
+        "stop_token_ids": sorted(set(stop_token_ids) | set(params.stop_token_ids)),
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+    }
+
+
+def completion_from_output(output: dict, prompt: list[int], *, decode: Callable[[list[int]], str], weight_version: int,
+                           where: str = "SGLang") -> Completion:
+    """One SGLang response item → a Completion. Tokens and log-probs come from the same (logprob, id) pairs so
+    they cannot fall out of step; an aborted request counts as unfinished ("length")."""
+    try:
+        meta = output["meta_info"]
+        pairs = meta["output_token_logprobs"]
+        reason = meta["finish_reason"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: response lacks {e} (was return_logprob=True sent?): {str(output)[:200]}") from None
+    token_ids = [int(p[1]) for p in pairs]
+    logprobs = [float(p[0]) for p in pairs]
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in ("stop", "length", "abort"):
+        raise ValueError(f"{where}: unknown finish_reason {reason!r}")
+    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason="stop" if kind == "stop" else "length",
+                      text=decode(token_ids), weight_version=weight_version, prompt_ids=list(prompt))
+
+
+def _group(flat: list[Completion], n: int) -> list[list[Completion]]:
+    return [flat[i * n : (i + 1) * n] for i in range(len(flat) // n)]
+
+
+class SGLangEngine:
+    """`sglang.Engine` in the trainer's process, on the trainer's GPU (one engine per trainer rank, TP inside).
+
+    Weight sync hands each flattened bucket over by CUDA IPC. A bucket buffer is never written after it is handed
+    over (a fresh one per bucket); PyTorch's IPC reference counting keeps its memory alive until the engine has
+    released it, so dropping our reference early is safe.
+    """
+
+    def __init__(self, *, model_path: str, tokenizer, dtype: str, mem_fraction: float, tp_size: int,
+                 bucket_bytes: int, seed: int, gpu_id: int, engine=None) -> None:
+        if engine is None:
+            sgl = require_sglang("sglang")
+            engine = sgl.Engine(model_path=model_path, skip_tokenizer_init=True, dtype=dtype,
+                                mem_fraction_static=mem_fraction, tp_size=tp_size, random_seed=seed,
+                                base_gpu_id=gpu_id, enable_memory_saver=True)
+        self.engine = engine
+        self.tp_size = tp_size
+        self.bucket_bytes = bucket_bytes
+        self.stop_ids = [tokenizer.eos_token_id]
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.weight_version = 0
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        flat = [p for p in prompts for _ in range(params.n)]
+        outs = self.engine.generate(input_ids=flat, sampling_params=sampling_params_json(params, self.stop_ids),
+                                    return_logprob=True)
+        return _group([completion_from_output(o, p, decode=self.decode, weight_version=self.weight_version)
+                       for o, p in zip(outs, flat, strict=True)], params.n)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        from sglang.srt.utils import MultiprocessingSerializer  # noqa: the engine exists, so SGLang does
+
+        metadata_cls = _sglang_metadata_class()
+        for bucket, last in with_last(iter_buckets(named_tensors, self.bucket_bytes)):
+            payload = {"flattened_tensor": bucket.flat,
+                       "metadata": [metadata_cls(**vars(m)) for m in bucket.metas]}
+            serialized = MultiprocessingSerializer.serialize(payload, output_str=True)
+            result = self.engine.update_weights_from_tensor(named_tensors=[serialized] * self.tp_size,
+                                                            load_format="flattened_bucket", flush_cache=last)
+            _check_result(result, "update_weights_from_tensor")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.weight_version = version
+
+    def release_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
+        self.engine.release_memory_occupation(tags=list(check_memory_tags(tags)))
+
+    def resume_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
+        self.engine.resume_memory_occupation(tags=list(check_memory_tags(tags)))
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _sglang_metadata_class():
+    """SGLang's own metadata class, so the engine's unpickler finds a class it knows."""
+    try:
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+    except ImportError:
+        from sglang.srt.model_executor.model_runner import FlattenedTensorMetadata
+    return FlattenedTensorMetadata
+
+
+def _check_result(result, what: str) -> None:
+    # SGLang answers (success, message) tuples in-process and {"success": ..., "message": ...} over HTTP.
+    if isinstance(result, dict):
+        ok, message = result.get("success", True), result.get("message", "")
+    elif isinstance(result, (tuple, list)) and result and isinstance(result[0], bool):
+        ok, message = result[0], result[1] if len(result) > 1 else ""
+    else:
+        return
+    if not ok:
+        raise RuntimeError(f"SGLang {what} failed: {message}")
+
+
+class SGLangServerEngine:
+    """An SGLang server reached over HTTP (its own GPUs or nodes). Trainer rank 0 owns the weight-sync group;
+    other ranks only generate (and take part in the FSDP gathers that feed rank 0)."""
+
+    def __init__(self, *, url: str, tokenizer, bucket_bytes: int, sync_rank: bool, server_ranks: int,
+                 group_address: str, group_port: int, group_backend: str = "nccl", timeout_s: float = 600.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.bucket_bytes = bucket_bytes
+        self.sync_rank = sync_rank
+        self.server_ranks = server_ranks
+        self.group_address, self.group_port, self.group_backend = group_address, group_port, group_backend
+        self.group_name = "raro_fast_weights"
+        self.group = None
+        self.stop_ids = [tokenizer.eos_token_id]
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.weight_version = 0
+        self._get("/get_model_info")  # fail at start, with the URL, if nothing answers
+
+    # -- HTTP ----------------------------------------------------------------------------------------------------
+    def _request(self, path: str, body: dict | None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"SGLang server {self.url}{path}: HTTP {e.code}: {e.read().decode()[:300]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ValueError(f"cannot reach the SGLang server at {self.url}{path} (rollout.sglang_url): {e}") from None
+        try:
+            return json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError:
+            return {"message": text}
+
+    def _get(self, path: str):
+        return self._request(path, None)
+
+    def _post(self, path: str, body: dict):
+        out = self._request(path, body)
+        _check_result(out, path)
+        return out
+
+    # -- engine interface ----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        flat = [p for p in prompts for _ in range(params.n)]
+        if not flat:
+            return [[] for _ in prompts]
+        outs = self._post("/generate", {"input_ids": flat, "sampling_params": sampling_params_json(params, self.stop_ids),
+                                        "return_logprob": True})
+        if isinstance(outs, dict):  # a single request answers with an object, a batch with a list
+            outs = [outs]
+        return _group([completion_from_output(o, p, decode=self.decode, weight_version=self.weight_version,
+                                              where=f"SGLang server {self.url}/generate")
+                       for o, p in zip(outs, flat, strict=True)], params.n)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        if not self.sync_rank:
+            for _ in named_tensors:  # the gathers are collectives: take part, send nothing
+                pass
+            self.weight_version = version
+            return
+        if self.group is None:
+            self._open_group()
+        self._post("/pause_generation", {"mode": "abort"})
+        try:
+            broadcast_weights(self.group, named_tensors, group_name=self.group_name, bucket_bytes=self.bucket_bytes,
+                              announce=lambda body: self._post_in_background("/update_weights_from_distributed", body),
+                              weight_version=version)
+        finally:
+            self._post("/continue_generation", {})
+        self.weight_version = version
+
+    def _post_in_background(self, path: str, body: dict) -> Callable[[], None]:
+        """POST without waiting (the server answers only once the collective that follows is done); the returned
+        wait() joins and re-raises any failure in the caller's thread."""
+        box: dict = {}
+
+        def call():
+            try:
+                box["out"] = self._post(path, body)
+            except BaseException as e:  # re-raised in the trainer's thread by wait()
+                box["error"] = e
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+
+        def wait():
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+
+        return wait
+
+    def _open_group(self) -> None:
+        body = {"master_address": self.group_address, "master_port": self.group_port, "rank_offset": 1,
+                "world_size": self.server_ranks + 1, "group_name": self.group_name, "backend": self.group_backend}
+        wait = self._post_in_background("/init_weights_update_group", body)  # both sides block until all have joined
+        self.group = open_weight_group(master_address=self.group_address, master_port=self.group_port, rank=0,
+                                       world_size=self.server_ranks + 1, group_name=self.group_name,
+                                       backend=self.group_backend, timeout_s=self.timeout_s)
+        wait()
+
+    def release_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
+        self._post("/release_memory_occupation", {"tags": list(check_memory_tags(tags))})
+
+    def resume_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
+        self._post("/resume_memory_occupation", {"tags": list(check_memory_tags(tags))})

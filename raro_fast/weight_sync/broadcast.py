@@ -1,0 +1,156 @@
+"""Weight sync by broadcast: the trainer's rank 0 streams flattened buckets to engines on other GPUs or nodes.
+
+The protocol is SGLang's server mode: for each bucket the receiver is told, as JSON, the (names, dtypes, shapes)
+it will get (`POST /update_weights_from_distributed` with `load_format="flattened_bucket"`), then ONE broadcast
+of the bucket's bytes from rank 0 of a dedicated group moves the data. The receiver rebuilds the same byte layout
+from the names, dtypes and shapes alone. Here the same protocol also runs between CPU processes over gloo: the
+receiver below loads the buckets into an embedded engine, which is how it is tested without a GPU.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from raro_fast.weight_sync.buckets import Bucket, TensorMeta, iter_buckets, unflatten, with_last
+
+
+def open_weight_group(*, master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+                      backend: str, timeout_s: float = 600.0):
+    """A process group outside the default one (the trainer's FSDP world is separate from the engines').
+
+    Rank 0 (the trainer) hosts the TCP store, as in SGLang's `init_custom_process_group`. When SGLang is
+    installed, its own function is used so the group is built exactly as the server builds its side.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        from sglang.srt.utils import init_custom_process_group
+    except ImportError:
+        init_custom_process_group = None
+    if init_custom_process_group is not None and backend == "nccl":
+        return init_custom_process_group(backend=backend, init_method=f"tcp://{master_address}:{master_port}",
+                                         world_size=world_size, rank=rank, group_name=group_name, timeout=timeout)
+    store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
+    prefixed = dist.PrefixStore(group_name, store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(prefixed, rank, world_size)
+    raise ValueError(f"weight group backend must be 'gloo' or 'nccl', got {backend!r}")
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    # Raw ProcessGroup API: the group is not registered with torch.distributed's default world.
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def update_request(bucket: Bucket, *, group_name: str, flush_cache: bool, weight_version: int | None = None) -> dict:
+    """The JSON body of SGLang's `/update_weights_from_distributed` for one bucket."""
+    body = {
+        "names": [m.name for m in bucket.metas],
+        "dtypes": [_dtype_name(m.dtype) for m in bucket.metas],
+        "shapes": [list(m.shape) for m in bucket.metas],
+        "group_name": group_name,
+        "flush_cache": flush_cache,
+        "load_format": "flattened_bucket",
+    }
+    if weight_version is not None:
+        body["weight_version"] = str(weight_version)
+    return body
+
+
+def metas_from_request(body: dict) -> list[TensorMeta]:
+    """The byte layout a receiver rebuilds from a request: the sender's, as long as both flatten in order."""
+    metas, start = [], 0
+    for name, dtype_name, shape in zip(body["names"], body["dtypes"], body["shapes"], strict=True):
+        dtype = getattr(torch, dtype_name)
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        metas.append(TensorMeta(name, torch.Size(shape), dtype, start, start + nbytes, nbytes))
+        start += nbytes
+    return metas
+
+
+def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], *, group_name: str, bucket_bytes: int,
+                      announce: Callable[[dict], Callable[[], None]], weight_version: int) -> int:
+    """Stream `named_tensors` as buckets to every receiver in `group` (this process is rank 0).
+
+    `announce(request)` tells the receivers what comes next and returns a `wait()` that blocks until they have
+    finished loading that bucket (an HTTP call in flight, for a server). The cache is flushed with the last
+    bucket only; the version goes with it. Returns the number of bytes sent.
+    """
+    sent = 0
+    pending = None
+    for bucket, last in with_last(iter_buckets(named_tensors, bucket_bytes)):
+        wait = announce(update_request(bucket, group_name=group_name, flush_cache=last,
+                                       weight_version=weight_version if last else None))
+        _broadcast(group, bucket.flat)
+        if pending is not None:
+            pending()
+        pending = wait  # the next bucket is gathered while the receiver loads this one
+        sent += bucket.nbytes
+    if pending is not None:
+        pending()
+    return sent
+
+
+def receive_bucket(group, body: dict, device: torch.device | str = "cpu") -> list[tuple[str, torch.Tensor]]:
+    """A receiver's half of one bucket: an empty buffer shaped by the request, filled by the broadcast."""
+    metas = metas_from_request(body)
+    flat = torch.empty(metas[-1].end_idx if metas else 0, dtype=torch.uint8, device=device)
+    _broadcast(group, flat)
+    return unflatten(flat, metas)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A control channel over the group itself, for receivers that are not HTTP servers (our embedded engine, tests).
+
+
+def send_json(group, obj) -> None:
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    _broadcast(group, torch.tensor([data.numel()], dtype=torch.int64))
+    _broadcast(group, data)
+
+
+def recv_json(group):
+    size = torch.zeros(1, dtype=torch.int64)
+    _broadcast(group, size)
+    data = torch.empty(int(size), dtype=torch.uint8)
+    _broadcast(group, data)
+    return json.loads(bytes(data.tolist()).decode())
+
+
+def channel_announce(group) -> Callable[[dict], Callable[[], None]]:
+    """`announce` for a receiver that reads requests from the group (see `serve_weight_updates`)."""
+
+    def announce(body: dict):
+        send_json(group, body)
+        return lambda: None
+
+    return announce
+
+
+def close_channel(group) -> None:
+    send_json(group, {"stop": True})
+
+
+def serve_weight_updates(group, engine, device: torch.device | str = "cpu") -> int:
+    """Receiver loop: rebuild each sync's state dict from buckets and load it into `engine` when the bucket that
+    flushes the cache arrives. Returns after `close_channel`; the number of syncs loaded."""
+    loaded, received = 0, []
+    while True:
+        body = recv_json(group)
+        if body.get("stop"):
+            return loaded
+        received.extend(receive_bucket(group, body, device))
+        if body["flush_cache"]:
+            engine.update_weights(received, version=int(body["weight_version"]))
+            received, loaded = [], loaded + 1

@@ -1,0 +1,167 @@
+"""Stand-ins for SGLang that speak its documented formats (python/sglang/srt/entrypoints/engine.py, http_server.py,
+weight_sync/tensor_bucket.py), backed by an embedded engine so sampled log-probs are real. Test-only."""
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import sys
+import threading
+import types
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from raro_fast.rollout.engine import SamplingParams
+from raro_fast.weight_sync.broadcast import open_weight_group, receive_bucket
+
+
+@dataclass
+class FlattenedTensorMetadata:  # SGLang's fields
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+class MultiprocessingSerializer:  # SGLang's name; pickle stands in for its CUDA-IPC-aware pickler
+    @staticmethod
+    def serialize(obj, output_str=False):
+        data = pickle.dumps(obj)
+        return base64.b64encode(data).decode() if output_str else data
+
+    @staticmethod
+    def deserialize(data):
+        return pickle.loads(base64.b64decode(data) if isinstance(data, str) else data)
+
+
+def sglang_output(c, max_new_tokens):
+    """What SGLang answers per request with return_logprob=True."""
+    finish = ({"type": "stop", "matched": c.token_ids[-1]} if c.finish_reason == "stop"
+              else {"type": "length", "length": max_new_tokens})
+    return {"text": c.text, "output_ids": list(c.token_ids),
+            "meta_info": {"id": "r", "prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids),
+                          "finish_reason": finish, "output_token_logprobs": [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids)]}}
+
+
+def run_generate(inner, input_ids, sampling_params):
+    assert set(sampling_params) >= {"max_new_tokens", "temperature", "top_p", "stop_token_ids"}, sampling_params
+    params = SamplingParams(max_new_tokens=sampling_params["max_new_tokens"], temperature=sampling_params["temperature"],
+                            top_p=sampling_params["top_p"], seed=0)
+    outs = inner.generate(input_ids, params)
+    return [sglang_output(c, params.max_new_tokens) for (c,) in outs]
+
+
+class FakeEngine:
+    """`sglang.Engine`: generate, update_weights_from_tensor (flattened_bucket), memory occupation."""
+
+    def __init__(self, inner=None, **server_args):
+        self.inner = inner
+        self.server_args = server_args
+        self.calls = []
+        self._received = []
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False, **kw):
+        assert return_logprob is True and all(isinstance(t, int) for p in input_ids for t in p)
+        self.calls.append(("generate", len(input_ids)))
+        return run_generate(self.inner, input_ids, sampling_params)
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        assert load_format == "flattened_bucket" and isinstance(named_tensors, list) and all(isinstance(s, str) for s in named_tensors)
+        payload = MultiprocessingSerializer.deserialize(named_tensors[0])
+        assert set(payload) == {"flattened_tensor", "metadata"}
+        assert all(type(m) is FlattenedTensorMetadata for m in payload["metadata"])
+        flat = payload["flattened_tensor"]
+        assert flat.dtype == torch.uint8 and flat.dim() == 1
+        # SGLang's reconstruct_tensors: slice, view as dtype, reshape
+        self._received += [(m.name, flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape).clone()) for m in payload["metadata"]]
+        self.calls.append(("update_weights_from_tensor", len(payload["metadata"]), flush_cache, len(named_tensors)))
+        if flush_cache:
+            self.inner.update_weights(self._received, version=self.inner.weight_version + 1)
+            self._received = []
+        return True, "Success"
+
+    def release_memory_occupation(self, tags=None):
+        self.calls.append(("release_memory_occupation", tuple(tags)))
+
+    def resume_memory_occupation(self, tags=None):
+        self.calls.append(("resume_memory_occupation", tuple(tags)))
+
+    def shutdown(self):
+        pass
+
+
+def install(monkeypatch):
+    """Make `import sglang` (and the submodules the adapter uses) find the stand-ins."""
+    mods = {name: types.ModuleType(name) for name in
+            ("sglang", "sglang.srt", "sglang.srt.utils", "sglang.srt.weight_sync", "sglang.srt.weight_sync.tensor_bucket")}
+    mods["sglang"].Engine = FakeEngine
+    mods["sglang.srt.utils"].MultiprocessingSerializer = MultiprocessingSerializer
+    mods["sglang.srt.weight_sync.tensor_bucket"].FlattenedTensorMetadata = FlattenedTensorMetadata
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+class FakeServer:
+    """An SGLang HTTP server's RL endpoints; weights arrive over a gloo weight group as in server mode."""
+
+    ENDPOINTS = {"/generate", "/pause_generation", "/continue_generation", "/init_weights_update_group",
+                 "/update_weights_from_distributed", "/release_memory_occupation", "/resume_memory_occupation"}
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.group, self.received = inner, [], None, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, obj, code=200):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                server.calls.append((self.path, None))
+                if self.path == "/get_model_info":
+                    return self._reply({"model_path": "fake", "is_generation": True})
+                self._reply({"detail": "Not Found"}, 404)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                server.calls.append((self.path, body))
+                if self.path not in server.ENDPOINTS:
+                    return self._reply({"detail": "Not Found"}, 404)
+                self._reply(server.handle(self.path, body))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def handle(self, path, body):
+        if path == "/generate":
+            assert body["return_logprob"] is True
+            return run_generate(self.inner, body["input_ids"], body["sampling_params"])
+        if path == "/init_weights_update_group":
+            assert set(body) == {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
+            self.group = open_weight_group(master_address=body["master_address"], master_port=body["master_port"],
+                                           rank=body["rank_offset"], world_size=body["world_size"],
+                                           group_name=body["group_name"], backend=body["backend"], timeout_s=60)
+            return {"success": True, "message": "group ready"}
+        if path == "/update_weights_from_distributed":
+            assert body["load_format"] == "flattened_bucket"
+            self.received += receive_bucket(self.group, body)
+            if body["flush_cache"]:
+                self.inner.update_weights(self.received, version=int(body["weight_version"]))
+                self.received = []
+            return {"success": True, "message": "Succeeded to update parameter online."}
+        return {"success": True, "message": ""}
+
+    def close(self):
+        self.httpd.shutdown()

@@ -1,0 +1,76 @@
+"""The broadcast weight-sync path between two CPU processes over gloo: a trainer streams flattened buckets, a
+receiver rebuilds the state dict into an embedded engine; afterwards the engine's weights are the trainer's bit for
+bit and its sampled log-probs equal the trainer's recompute on the same tokens."""
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from raro_fast.model.policy import PolicyModel
+from raro_fast.weight_sync.source import hf_named_tensors, tied_names
+from raro_kernels import linear_logprobs
+
+WORKER = Path(__file__).with_name("gloo_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+from gloo_worker import PROMPT, tiny_model  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gloo_broadcast_rebuilds_the_trainers_weights_in_an_embedded_engine(tmp_path):
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), role, str(port), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for role in ("trainer", "receiver")]
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=240)
+            assert p.returncode == 0, out
+    finally:
+        for p in procs:
+            p.kill()
+    assert json.loads((tmp_path / "receiver_done.json").read_text()) == {"syncs": 2}
+
+    for version in (1, 2):
+        sent = load_file(tmp_path / f"trainer_v{version}.safetensors")
+        got = load_file(tmp_path / f"receiver_v{version}.safetensors")
+        assert sent.keys() == got.keys()
+        for name in sent:
+            assert torch.equal(sent[name], got[name]), name
+        record = json.loads((tmp_path / f"receiver_v{version}.json").read_text())
+        assert record["weight_version"] == version
+        # the trainer's own recompute (final hidden states through raro_kernels) on the engine's tokens
+        model = tiny_model(seed=0)
+        model.load_state_dict(sent)
+        policy = PolicyModel(model)
+        ids = torch.tensor([PROMPT + record["token_ids"]])
+        with torch.no_grad():
+            hidden = policy.lm.model(input_ids=ids).last_hidden_state[0]
+            lp = linear_logprobs(hidden[len(PROMPT) - 1 : -1], policy.lm.lm_head.weight, ids[0, len(PROMPT) :]).logprobs
+        torch.testing.assert_close(lp, torch.tensor(record["logprobs"]), rtol=0, atol=2e-5)
+    # the two versions really differ (so a stale engine would have been caught)
+    assert not torch.equal(load_file(tmp_path / "trainer_v1.safetensors")["model.norm.weight"],
+                           load_file(tmp_path / "trainer_v2.safetensors")["model.norm.weight"])
+    # tied embeddings: lm_head is not sent, and the receiver still ends up with it equal to the embedding
+    v2 = load_file(tmp_path / "receiver_v2.safetensors")
+    assert torch.equal(v2["lm_head.weight"], v2["model.embed_tokens.weight"])
+
+
+def test_hf_named_tensors_strips_the_wrapper_skips_tied_and_casts():
+    model = tiny_model(seed=3)
+    policy = PolicyModel(model)
+    assert tied_names(policy) == {"lm_head.weight"}
+    named = dict(hf_named_tensors(policy, dtype=torch.bfloat16))
+    assert "lm_head.weight" not in named and "model.embed_tokens.weight" in named
+    assert not any(n.startswith("lm.") for n in named)
+    assert all(t.dtype == torch.bfloat16 for t in named.values())
+    assert torch.equal(named["model.norm.weight"], model.model.norm.weight.to(torch.bfloat16))
+    full = dict(hf_named_tensors(policy, skip_tied=False))
+    assert "lm_head.weight" in full and full["model.norm.weight"].dtype == torch.float32

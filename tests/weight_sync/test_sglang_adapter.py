@@ -1,0 +1,185 @@
+"""The SGLang adapters against SGLang's documented request/response formats (stand-ins in fake_sglang.py, backed by
+an embedded engine): generation parsing, bucketed weight sync (never one call per tensor; cache flushed with the
+last bucket only), memory release/resume, weight versions, and engine log-probs equal to the trainer's after a
+sync. A real-SGLang integration test at the end runs wherever sglang and a GPU exist."""
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raro_fast.model.policy import PolicyModel
+from raro_fast.rollout.embedded import EmbeddedEngine
+from raro_fast.rollout.engine import SamplingParams
+from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine, completion_from_output, sampling_params_json
+from raro_fast.weight_sync.source import hf_named_tensors
+from raro_kernels import linear_logprobs
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fake_sglang  # noqa: E402
+from gloo_worker import tiny_model  # noqa: E402
+
+PROMPTS = [[5, 9, 2, 33], [7, 7, 40, 11, 3]]
+
+
+class Tok:
+    eos_token_id = 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def inner_engine(seed=99):
+    return EmbeddedEngine(tiny_model(seed), pad_token_id=0, eos_token_ids=[1], decode=str, batch_size=8)
+
+
+def trainer_logprobs(model, prompt, tokens):
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state[0]
+        return linear_logprobs(hidden[len(prompt) - 1 : -1], model.lm_head.weight, ids[0, len(prompt):]).logprobs
+
+
+def perturbed(seed):
+    model = tiny_model(1)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def check_synced(engine, inner, model, version):
+    for name, t in model.state_dict().items():
+        assert torch.equal(inner.model.state_dict()[name], t), name
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.0, n=3))
+    assert [len(o) for o in outs] == [3, 3]
+    for prompt, group in zip(PROMPTS, outs):
+        for c in group:
+            assert c.weight_version == version and c.prompt_ids == prompt and c.finish_reason in ("stop", "length")
+            assert c.text == " ".join(map(str, c.token_ids))
+            torch.testing.assert_close(torch.tensor(c.logprobs), trainer_logprobs(model, prompt, c.token_ids), rtol=0, atol=2e-5)
+
+
+def test_sampling_params_and_response_parsing_follow_sglangs_formats():
+    sp = sampling_params_json(SamplingParams(max_new_tokens=7, temperature=0.6, top_p=0.9, stop_token_ids=(4,)), [1])
+    assert sp == {"max_new_tokens": 7, "temperature": 0.6, "top_p": 0.9, "stop_token_ids": [1, 4],
+                  "skip_special_tokens": False, "no_stop_trim": True}
+    out = {"text": "x", "output_ids": [3, 1], "meta_info": {"finish_reason": {"type": "stop", "matched": 1},
+                                                              "output_token_logprobs": [[-0.5, 3, None], [-1.25, 1, None]]}}
+    c = completion_from_output(out, [9], decode=lambda ids: "d", weight_version=4)
+    assert (c.token_ids, c.logprobs, c.finish_reason, c.weight_version, c.prompt_ids, c.text) == ([3, 1], [-0.5, -1.25], "stop", 4, [9], "d")
+    out["meta_info"]["finish_reason"] = {"type": "abort", "message": "paused"}
+    assert completion_from_output(out, [9], decode=str, weight_version=0).truncated  # aborted = unfinished
+    out["meta_info"]["finish_reason"] = {"type": "length", "length": 2}
+    assert completion_from_output(out, [9], decode=str, weight_version=0).truncated
+    with pytest.raises(ValueError, match="return_logprob"):
+        completion_from_output({"text": "x"}, [9], decode=str, weight_version=0)
+    with pytest.raises(ValueError, match="finish_reason"):
+        completion_from_output({"meta_info": {"finish_reason": {"type": "weird"}, "output_token_logprobs": []}}, [9],
+                               decode=str, weight_version=0)
+
+
+def test_in_process_engine_syncs_by_flattened_buckets_and_releases_memory(monkeypatch):
+    fake_sglang.install(monkeypatch)
+    inner = inner_engine()
+    fake = fake_sglang.FakeEngine(inner)
+    engine = SGLangEngine(model_path="unused", tokenizer=Tok(), dtype="float32", mem_fraction=0.5, tp_size=2,
+                          bucket_bytes=8192, seed=0, gpu_id=0, engine=fake)
+    for version, seed in ((1, 11), (2, 12)):
+        model = perturbed(seed)
+        engine.release_memory(("kv_cache", "weights"))
+        engine.resume_memory(("weights",))
+        engine.update_weights(hf_named_tensors(PolicyModel(model)), version=version)
+        engine.resume_memory(("kv_cache",))
+        assert engine.weight_version == version
+        check_synced(engine, inner, model, version)
+    updates = [c for c in fake.calls if c[0] == "update_weights_from_tensor"]
+    n_tensors = len(list(hf_named_tensors(PolicyModel(tiny_model(1)))))
+    per_sync = len(updates) // 2
+    assert 1 < per_sync < n_tensors  # bucketed: several tensors per call, never one call per tensor
+    assert sum(c[1] for c in updates[:per_sync]) == n_tensors
+    assert [c[2] for c in updates[:per_sync]] == [False] * (per_sync - 1) + [True]  # flush with the last bucket only
+    assert all(c[3] == 2 for c in updates)  # one serialized payload per TP rank
+    assert ("release_memory_occupation", ("kv_cache", "weights")) in fake.calls
+    with pytest.raises(ValueError, match="memory tags"):
+        engine.release_memory(("activations",))
+
+
+def test_server_engine_pauses_broadcasts_buckets_and_continues():
+    inner = inner_engine()
+    server = fake_sglang.FakeServer(inner)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=8192, sync_rank=True, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=port, group_backend="gloo", timeout_s=60)
+        for version, seed in ((1, 21), (2, 22)):
+            model = perturbed(seed)
+            engine.update_weights(hf_named_tensors(PolicyModel(model)), version=version)
+            check_synced(engine, inner, model, version)
+        paths = [p for p, _ in server.calls]
+        assert paths[0] == "/get_model_info" and paths.count("/init_weights_update_group") == 1
+        first = paths[: paths.index("/generate")]
+        assert first[1:3] == ["/init_weights_update_group", "/pause_generation"] and first[-1] == "/continue_generation"
+        bodies = [b for p, b in server.calls[: len(first)] if p == "/update_weights_from_distributed"]
+        assert len(bodies) > 1 and [b["flush_cache"] for b in bodies] == [False] * (len(bodies) - 1) + [True]
+        assert bodies[-1]["weight_version"] == "1" and all("weight_version" not in b for b in bodies[:-1])
+        assert {"mode": "abort"} in [b for p, b in server.calls if p == "/pause_generation"]
+        engine.release_memory(("kv_cache",))
+        assert server.calls[-1] == ("/release_memory_occupation", {"tags": ["kv_cache"]})
+    finally:
+        server.close()
+
+
+def test_server_engine_on_other_ranks_only_takes_part_in_the_gathers():
+    inner = inner_engine()
+    server = fake_sglang.FakeServer(inner)
+    try:
+        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=8192, sync_rank=False, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=1, group_backend="gloo")
+        consumed = []
+        engine.update_weights(((n, consumed.append(n) or t) for n, t in hf_named_tensors(PolicyModel(tiny_model(1)))), version=3)
+        assert engine.weight_version == 3 and len(consumed) > 5
+        assert [p for p, _ in server.calls] == ["/get_model_info"]
+    finally:
+        server.close()
+
+
+def test_server_engine_says_which_url_does_not_answer():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(ValueError, match=rf"cannot reach the SGLang server at http://127.0.0.1:{port}"):
+        SGLangServerEngine(url=f"http://127.0.0.1:{port}", tokenizer=Tok(), bucket_bytes=1, sync_rank=True,
+                           server_ranks=1, group_address="127.0.0.1", group_port=1, timeout_s=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real SGLang engine needs a CUDA GPU")
+def test_real_sglang_engine_matches_the_trainer_after_a_sync(tmp_path):
+    pytest.importorskip("sglang")
+    from raro_fast.model.hf import build_embedded_model, load_project_tokenizer, save_pretrained_atomic
+
+    tokenizer = load_project_tokenizer()
+    model = build_embedded_model(tokenizer, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                 intermediate_size=256, max_position=512, seed=0)
+    save_pretrained_atomic(model, tokenizer, tmp_path / "m")
+    engine = SGLangEngine(model_path=str(tmp_path / "m"), tokenizer=tokenizer, dtype="float32", mem_fraction=0.3,
+                          tp_size=1, bucket_bytes=2**20, seed=0, gpu_id=0)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        model = model.cuda()
+        engine.release_memory(("kv_cache",))
+        engine.update_weights(hf_named_tensors(PolicyModel(model)), version=1)
+        engine.resume_memory(("kv_cache",))
+        prompt = tokenizer("Use 3 4 5 6 to make 24.")["input_ids"]
+        (c,) = engine.generate([prompt], SamplingParams(max_new_tokens=16, temperature=1.0))[0]
+        assert c.weight_version == 1
+        want = trainer_logprobs(model, prompt, c.token_ids).cpu()
+        torch.testing.assert_close(torch.tensor(c.logprobs), want, rtol=0, atol=1e-3)
+    finally:
+        engine.shutdown()
