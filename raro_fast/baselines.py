@@ -6,12 +6,24 @@ come from; packing, the fused loss, the update and the weight sync are the same.
 - sft: next-token training on the expert's final answers (`<think></think><answer>a*</answer>`). It runs through
   the same clipped-surrogate update with advantage 1: with the recomputed (on-policy) log-probs as old log-probs
   the ratio is 1, no clip is active, and the gradient of -A·ratio is exactly -∇ log p of the expert tokens.
+- rationalization: SFT as above, but on `<think>r</think><answer>a*</answer>` where the reasoning r is the model's
+  own, generated with the expert answer shown in the prompt (STaR's rationalization). A rationalization that
+  never closes its </think> falls back to empty reasoning (counted in `rationalization/fallback_rate`).
+- rl_logit: GRPO where the reward of a sampled reasoning r is the model's own mean per-token log-likelihood of
+  the expert answer after it, log p(<answer>a*</answer><eos> | question, r) / its length. Only the reasoning
+  (up to and including </think>) is trained; samples that never close </think> are filtered like truncated ones.
+  The likelihoods are computed by the trainer's model on packed micro-batches (`score_expert_answers`).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
+
 from raro_fast import prompts
 from raro_fast.config import JobConfig
-from raro_fast.packing import SequenceSample
+from raro_fast.distributed import Dist
+from raro_fast.packing import SequenceSample, plan_micro_batches
 from raro_fast.raro import RankRollout, _sequence
 from raro_fast.rewards import group_advantages
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams
@@ -41,12 +53,112 @@ def rlvr_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, 
     return out
 
 
-def sft_samples(examples: list[Example], *, tokenizer) -> RankRollout:
+def sft_samples(examples: list[Example], *, tokenizer, reasonings: list[str] | None = None) -> RankRollout:
     out = RankRollout()
     for i, ex in enumerate(examples):
         prompt = prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question))
-        answer = tokenizer(prompts.format_completion("", ex.answer) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        think = reasonings[i] if reasonings else ""
+        answer = tokenizer(prompts.format_completion(think, ex.answer) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         out.samples.append(SequenceSample(input_ids=prompt + answer, prompt_len=len(prompt), advantage=1.0, role="policy",
                                           group=i, uid=-1, loss_weight=1.0))
         out.add("policy/response_length", len(answer))
     return out
+
+
+def rationalization_samples(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig,
+                            seed: int) -> RankRollout:
+    if not examples:
+        return RankRollout()
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, n=1, seed=seed)
+    outs = engine.generate([prompts.render_prompt(tokenizer, prompts.rationalization_messages(ex.question, ex.answer))
+                            for ex in examples], params)
+    reasonings = [_reasoning_text(c.text) for (c,) in outs]
+    out = sft_samples(examples, tokenizer=tokenizer, reasonings=[r or "" for r in reasonings])
+    for r in reasonings:
+        out.add("rationalization/fallback_rate", r is None)
+    return out
+
+
+def _reasoning_text(text: str) -> str | None:
+    """What the model wrote inside <think>…</think>, or None if it never closed it."""
+    end = text.find(prompts.THINK_END)
+    if end < 0:
+        return None
+    start = text.find("<think>")
+    return text[start + len("<think>") if 0 <= start < end else 0 : end].strip()
+
+
+def reasoning_prefix_length(token_ids: list[int], decode) -> int | None:
+    """Tokens up to and including the one that completes </think> (None if it never appears). Works on the
+    sampled tokens themselves, so their engine log-probs stay aligned: no re-tokenisation."""
+    if prompts.THINK_END not in decode(token_ids):
+        return None
+    lo, hi = 1, len(token_ids)  # the shortest prefix whose text contains </think> (containment is monotone)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if prompts.THINK_END in decode(token_ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig, seed: int,
+                      group_offset: int) -> RankRollout:
+    """Sampled reasonings to train (advantages filled in later by `score_expert_answers`) and, in `scoring`, the
+    same reasonings followed by the expert answer. `group_offset` makes group ids unique across ranks."""
+    out = RankRollout()
+    if not examples:
+        return out
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, n=cfg.raro.group_size, seed=seed)
+    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], params)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    for i, (ex, comps) in enumerate(zip(examples, policy)):
+        expert = tokenizer(prompts.format_completion("", ex.answer).removeprefix("<think></think>") + tokenizer.eos_token,
+                           add_special_tokens=False)["input_ids"]
+        for c in comps:
+            n = None if c.truncated else reasoning_prefix_length(c.token_ids, decode)
+            out.add("policy/truncated_rate", c.truncated)
+            out.add("policy/response_length", len(c.token_ids))
+            out.add("rl_logit/reasoning_rate", n is not None)
+            if n is None:
+                continue
+            reasoning = replace(c, token_ids=c.token_ids[:n], logprobs=c.logprobs[:n])
+            out.samples.append(_sequence(reasoning, advantage=0.0, role="policy", group=group_offset + i, weight=1.0))
+            out.scoring.append(SequenceSample(input_ids=list(c.prompt_ids) + c.token_ids[:n] + expert,
+                                              prompt_len=len(c.prompt_ids) + n, advantage=0.0, role="policy",
+                                              group=group_offset + i, uid=-1))
+    return out
+
+
+def score_expert_answers(model, samples: list[SequenceSample], scoring: list[SequenceSample], *, d: Dist,
+                         max_tokens_per_micro_batch: int, std_normalize: bool) -> dict[str, float | None]:
+    """RL-Logit rewards: every rank holds the same global lists; each scores its share of `scoring` with the
+    trainer's model, the per-sequence mean log-probs are summed over ranks, and GRPO advantages per question are
+    written into `samples` (scoring[j] belongs to samples[j])."""
+    from raro_fast.update import recompute_logprobs
+
+    for uid, s in enumerate(scoring):
+        s.uid = uid
+    device = d.device
+    sums = torch.zeros(len(scoring), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(scoring), dtype=torch.float64, device=device)
+    mbs = [mb.to(device) for mb in plan_micro_batches(scoring, max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+                                                      world_size=d.world_size, rank=d.rank)]
+    recompute_logprobs(model, mbs, temperature=1.0)
+    for mb in mbs:
+        if mb.is_padding:
+            continue
+        m = mb.targets != -100
+        uid = mb.uids[mb.seq_ids][m]
+        sums.index_add_(0, uid, mb.old_logprobs[m].double())
+        counts.index_add_(0, uid, torch.ones_like(uid, dtype=torch.float64))
+    if d.enabled:
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(counts)
+    rewards = (sums / counts.clamp_min(1)).tolist()
+    for sample, a in zip(samples, group_advantages(rewards, [s.group for s in scoring], std_normalize=std_normalize), strict=True):
+        sample.advantage = a
+    return {"reward/policy_mean": sum(rewards) / len(rewards) if rewards else None}

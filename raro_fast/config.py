@@ -170,9 +170,11 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    mode: Literal["raro", "rlvr", "sft"] = _help(
+    mode: Literal["raro", "rlvr", "sft", "rationalization", "rl_logit"] = _help(
         "What the shared trainer optimises: raro (policy + relativistic critic, no verifier), rlvr (GRPO on the "
-        "task's verifier: the oracle baseline), sft (next-token training on the expert answers).",
+        "task's verifier: the oracle baseline), sft (next-token training on the expert answers), rationalization "
+        "(SFT on expert answers after reasoning the model writes with the answer shown), rl_logit (GRPO with the "
+        "model's own log-likelihood of the expert answer after its reasoning as reward).",
         "raro",
     )
     steps: int = _help("Training steps (one update each).", 30)

@@ -24,6 +24,12 @@ def policy_messages(question: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": POLICY_SYSTEM}, {"role": "user", "content": question}]
 
 
+def rationalization_messages(question: str, answer: str) -> list[dict[str, str]]:
+    """Ask for reasoning that leads to a known final answer (the Rationalization baseline's data generator)."""
+    return [{"role": "system", "content": POLICY_SYSTEM},
+            {"role": "user", "content": f"{question}\nThe correct final answer is {answer}. Show the reasoning that reaches it."}]
+
+
 def critic_messages(question: str, answer_1: str, answer_2: str) -> list[dict[str, str]]:
     user = f"Question: {question}\nAnswer 1: {answer_1}\nAnswer 2: {answer_2}"
     return [{"role": "system", "content": CRITIC_SYSTEM}, {"role": "user", "content": user}]
@@ -33,6 +39,9 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation up to the assistant's turn, through the tokenizer's own chat template."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+THINK_END = "</think>"
 
 
 def format_completion(think: str, answer: str) -> str:

@@ -30,6 +30,7 @@ STAT_KEYS = (
 class RankRollout:
     samples: list[SequenceSample] = field(default_factory=list)
     new_pairs: list[CriticPair] = field(default_factory=list)
+    scoring: list[SequenceSample] = field(default_factory=list)  # rl_logit: reasoning + expert answer, to score
     stats: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, key: str, value: float) -> None:

@@ -31,7 +31,7 @@ from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import parallelize
 from raro_fast.weight_sync import full_state_dict, push_weights
-from raro_fast.baselines import rlvr_rollouts, sft_samples
+from raro_fast.baselines import rationalization_samples, rl_logit_rollouts, rlvr_rollouts, score_expert_answers, sft_samples
 from raro_fast.raro import STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import make_engine
@@ -83,8 +83,12 @@ def run(r: Run) -> None:
             rollout = rollouts_for_step(r, step)
             if cfg.rollout.released_tags:  # colocated: the trainer gets the memory until the sync
                 r.engine.release_memory(cfg.rollout.released_tags)
+        samples, scoring, stats = gather_samples(r, rollout, step)
+        if cfg.train.mode == "rl_logit":
+            with r.timed("reward"):
+                stats.update(score_expert_answers(r.model, samples, scoring, d=d, std_normalize=cfg.loss.std_normalize,
+                                                  max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch))
         with r.timed("pack"):
-            samples, stats = gather_samples(r, rollout, step)
             mbs = [mb.to(d.device) for mb in plan_micro_batches(
                 samples, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch, world_size=d.world_size, rank=d.rank)]
         with r.timed("old_log_prob"):
@@ -124,6 +128,11 @@ def rollouts_for_step(r: Run, step: int):
     mine = examples[d.rank :: d.world_size]
     if cfg.train.mode == "sft":
         return sft_samples(mine, tokenizer=r.tokenizer)
+    if cfg.train.mode == "rationalization":
+        return rationalization_samples(mine, engine=r.engine, tokenizer=r.tokenizer, cfg=cfg, seed=seed)
+    if cfg.train.mode == "rl_logit":
+        return rl_logit_rollouts(mine, engine=r.engine, tokenizer=r.tokenizer, cfg=cfg, seed=seed,
+                                 group_offset=d.rank * len(examples))
     if cfg.train.mode == "rlvr":
         return rlvr_rollouts(mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg, seed=seed)
     shared = random.Random(f"{cfg.train.seed}/replay/{step}")  # same on every rank: one global replay draw
@@ -159,9 +168,10 @@ def gather_samples(r: Run, rollout, step: int):
     """All ranks' sequences (global uids in rank order), merged statistics; the replay buffer grows identically
     on every rank."""
     parts = all_gather_objects(r.d, rollout)
-    samples, stats = [], {}
+    samples, scoring, stats = [], [], {}
     for part in parts:
         samples.extend(part.samples)
+        scoring.extend(part.scoring)
         r.replay.extend(part.new_pairs)
         for k, v in part.stats.items():
             stats.setdefault(k, []).extend(v)
@@ -175,7 +185,7 @@ def gather_samples(r: Run, rollout, step: int):
     merged["rollout/weight_version_lag"] = step - min(versions) if versions else None
     merged["batch/policy_sequences"] = sum(s.role == "policy" for s in samples)
     merged["batch/critic_sequences"] = sum(s.role == "critic" for s in samples)
-    return samples, merged
+    return samples, scoring, merged
 
 
 def norm_constant(cfg: JobConfig) -> float:
@@ -186,6 +196,8 @@ def norm_constant(cfg: JobConfig) -> float:
         "raro": rc.questions_per_step * rc.group_size + rc.critic_pairs_per_step * rc.critic_samples_per_pair,
         "rlvr": rc.questions_per_step * rc.group_size,
         "sft": rc.questions_per_step,
+        "rationalization": rc.questions_per_step,
+        "rl_logit": rc.questions_per_step * rc.group_size,
     }[cfg.train.mode]
     return float(per_step * max(cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens))
 
@@ -215,6 +227,7 @@ def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
         torch.distributed.all_reduce(gap_max, op=torch.distributed.ReduceOp.MAX)
     a = acc.tolist()
     tokens = sum(len(s.input_ids) for s in samples)
+    sampled = sum(s.num_targets for s in samples if s.weight_version is not None)
     return {
         "logprob/gap_mean_abs": a[0] / max(a[1], 1),
         "logprob/gap_max_abs": float(gap_max),
@@ -224,6 +237,8 @@ def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
         "batch/micro_batches_per_rank": len(mbs),
         # verl's perf/throughput: (prompt + response tokens) / (step time x ranks)
         "perf/throughput": tokens / max(r.timings["timing_s/step"], 1e-9) / r.d.world_size,
+        # slime's rollout throughput: sampled (completion) tokens per second of generation, per rank
+        "perf/rollout_tokens_per_s": sampled / max(r.timings["timing_s/gen"], 1e-9) / r.d.world_size,
     }
 
 

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from raro_fast.baselines import rlvr_rollouts, sft_samples
+from raro_fast.baselines import (rationalization_samples, reasoning_prefix_length, rl_logit_rollouts, rlvr_rollouts,
+                                   score_expert_answers, sft_samples)
 from raro_fast.config import LossConfig, load_config
 from raro_fast.model.hf import build_embedded_model, load_project_tokenizer
 from raro_fast.model.policy import PolicyModel
@@ -57,3 +58,93 @@ def test_rlvr_rewards_are_the_verifiers(setting):
     advs = [s.advantage for s in out.samples]
     assert advs == pytest.approx([0.75, -0.25, -0.25] * 2)  # truncated sample filtered from the loss
     assert all(s.role == "policy" and s.loss_weight == 1.0 for s in out.samples)
+
+
+class _Engine:
+    """Answers every prompt with scripted texts (one per sample, cycling); records the prompts."""
+
+    def __init__(self, tok, texts, truncated=()):
+        self.tok, self.texts, self.truncated, self.prompts = tok, texts, set(truncated), []
+        self.weight_version = 2
+
+    def generate(self, prompt_list, params):
+        from raro_fast.rollout.engine import Completion
+
+        out, k = [], 0
+        for p in prompt_list:
+            self.prompts.append(self.tok.decode(p))
+            group = []
+            for _ in range(params.n):
+                text = self.texts[k % len(self.texts)]
+                cut = k in self.truncated
+                ids = self.tok(text, add_special_tokens=False)["input_ids"] + ([] if cut else [self.tok.eos_token_id])
+                group.append(Completion(token_ids=ids, logprobs=[-0.1 * (j + 1) for j in range(len(ids))],
+                                        finish_reason="length" if cut else "stop", text=text,
+                                        weight_version=self.weight_version, prompt_ids=list(p)))
+                k += 1
+            out.append(group)
+        return out
+
+
+def test_rationalization_trains_on_the_models_reasoning_before_the_expert_answer(setting):
+    cfg, tok, task = setting
+    examples = task.examples("train")[:2]
+    engine = _Engine(tok, ["<think>4 times 6</think><answer>whatever</answer>", "<think>never closed"])
+    out = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=cfg, seed=0)
+    assert all(f"The correct final answer is {ex.answer}." in p for ex, p in zip(examples, engine.prompts))
+    texts = [tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True) for s in out.samples]
+    assert texts == [f"<think>4 times 6</think><answer>{examples[0].answer}</answer>",
+                     f"<think></think><answer>{examples[1].answer}</answer>"]
+    assert out.stats["rationalization/fallback_rate"] == [0.0, 1.0]
+    # the trained prompt is the plain policy prompt: the answer hint is not in it
+    assert all("The correct final answer" not in tok.decode(s.input_ids[: s.prompt_len]) for s in out.samples)
+    assert all(s.advantage == 1.0 for s in out.samples)
+
+
+def test_reasoning_prefix_length_is_the_shortest_prefix_closing_think(setting):
+    _, tok, _ = setting
+    ids = tok("<think>a b</think><answer>7</answer>", add_special_tokens=False)["input_ids"]
+    n = reasoning_prefix_length(ids, tok.decode)
+    assert tok.decode(ids[:n]) == "<think>a b</think>"
+    assert reasoning_prefix_length(tok("<think>open", add_special_tokens=False)["input_ids"], tok.decode) is None
+
+
+def test_rl_logit_rewards_are_the_models_likelihood_of_the_expert_answer(setting):
+    cfg, tok, task = setting
+    examples = task.examples("train")[:2]
+    texts = ["<think>try 4*6</think><answer>1+1</answer>", "<think>x</think><answer>2</answer>",
+             "<think>no end", "<think>cut</think><answer>3</answer>"]
+    engine = _Engine(tok, texts, truncated={3, 7})
+    out = rl_logit_rollouts(examples, engine=engine, tokenizer=tok, cfg=cfg, seed=0, group_offset=100)
+    assert out.stats["rl_logit/reasoning_rate"] == [1.0, 1.0, 0.0, 0.0] * 2
+    assert len(out.samples) == len(out.scoring) == 4
+    for s, sc, ex in zip(out.samples, out.scoring, [examples[0]] * 2 + [examples[1]] * 2):
+        trained = tok.decode(s.input_ids[s.prompt_len :])
+        assert trained in ("<think>try 4*6</think>", "<think>x</think>")
+        assert len(s.rollout_logprobs) == s.num_targets and s.weight_version == 2
+        assert sc.input_ids[: len(s.input_ids)] == s.input_ids and sc.prompt_len == len(s.input_ids)
+        assert tok.decode(sc.input_ids[sc.prompt_len :], skip_special_tokens=True) == f"<answer>{ex.answer}</answer>"
+        assert s.group == sc.group in (100, 101)
+    model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                 max_position=256, seed=1)
+    use_varlen_attention(model)
+    policy = PolicyModel(model)
+    from raro_fast.distributed import Dist
+
+    stats = score_expert_answers(policy, out.samples, out.scoring, d=Dist(rank=0, world_size=1, local_rank=0,
+                                 device=torch.device("cpu")), max_tokens_per_micro_batch=256,
+                                 std_normalize=False)
+    # reference: each scoring sequence alone, unpacked (plain sdpa copy of the same weights), float64 log-softmax
+    model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                 max_position=256, seed=1)
+    rewards = []
+    for sc in out.scoring:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([sc.input_ids])).logits[0].double()
+        lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(sc.input_ids[1:])[:, None])[:, 0]
+        rewards.append(lp[sc.prompt_len - 1 :].mean().item())
+    assert stats["reward/policy_mean"] == pytest.approx(sum(rewards) / 4, abs=1e-5)
+    want = [rewards[0] - (rewards[0] + rewards[1]) / 2, rewards[1] - (rewards[0] + rewards[1]) / 2,
+            rewards[2] - (rewards[2] + rewards[3]) / 2, rewards[3] - (rewards[2] + rewards[3]) / 2]
+    assert [s.advantage for s in out.samples] == pytest.approx(want, abs=1e-5)
+    assert rewards[0] != rewards[1]  # the reasoning changes the reward: the advantages are not trivially zero

@@ -131,13 +131,22 @@ def test_sglang_backend_without_sglang_says_how_to_install(tmp_path, base_model)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["rlvr", "sft"])
+@pytest.mark.parametrize("mode", ["rlvr", "sft", "rationalization", "rl_logit"])
 def test_baseline_modes_train_end_to_end(base_model, tmp_path, mode):
     run = _with_base(base_model, tmp_path / mode)
     out = train([*TINY, "--train.mode", mode, "--train.steps", "2", "--train.output_dir", str(run)])
     assert "held-out accuracy:" in out.stdout
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2]
-    assert recs[1]["batch/critic_sequences"] == 0 and recs[1]["batch/policy_sequences"] > 0
-    if mode == "sft":
+    assert recs[1]["batch/critic_sequences"] == 0
+    if mode == "rl_logit":
+        # The 20-step warm-up model rarely closes </think> within 40 tokens, so a step may train nothing; the
+        # scoring itself is checked exactly in test_baselines.py.
+        assert 0 <= recs[1]["rl_logit/reasoning_rate"] <= 1 and "timing_s/reward" in recs[1]
+        return
+    assert recs[1]["batch/policy_sequences"] > 0
+    if mode in ("sft", "rationalization"):
         assert recs[1]["batch/policy_sequences"] == 2  # one expert answer per question
+    if mode == "rationalization":
+        assert 0 <= recs[1]["rationalization/fallback_rate"] <= 1
+
