@@ -23,8 +23,7 @@ from raro_fast.config import ConfigError, RolloutConfig, _help, help_text, load_
 from raro_fast.model.hf import load_pretrained
 from raro_fast.rollout import make_engine
 from raro_fast.rollout.engine import SamplingParams
-from raro_fast.tasks import get_task
-from raro_fast.tasks.countdown import CountdownConfig
+from raro_fast.tasks import TaskConfig, make_task
 
 
 @dataclass(kw_only=True)
@@ -49,7 +48,7 @@ class AnalysisSettings:
 @dataclass(kw_only=True)
 class AnalyzeConfig:
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
-    task: CountdownConfig = field(default_factory=CountdownConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
 def parse_models(spec: str) -> list[tuple[str, str]]:
@@ -249,7 +248,7 @@ def run(cfg: AnalyzeConfig) -> dict:
     models = parse_models(a.models)
     if a.k < 1 or a.chunk < 1:
         raise ValueError("analysis.k and analysis.chunk must be >= 1")
-    task = get_task("countdown", cfg.task)
+    task = make_task(cfg.task)
     problems = task.examples(a.split)[: a.num_problems or None]
     out = Path(a.output_dir)
     cache = SampleCache(out / "samples")

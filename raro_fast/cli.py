@@ -6,6 +6,7 @@ import sys
 COMMANDS = {
     "train": ("raro_fast.train", "RARO training (same as `python -m raro_fast.train`; use torchrun for several ranks)"),
     "analyze": ("raro_fast.analyze", "support and entropy analysis of two or more models"),
+    "evaluate": ("raro_fast.evaluate", "accuracy of n samples: first, mean, majority vote, critic tournament, pass@n"),
 }
 
 

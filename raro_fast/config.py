@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from raro_fast.tasks.countdown import CountdownConfig
+from raro_fast.tasks import TaskConfig
 
 
 class ConfigError(ValueError):
@@ -194,7 +194,7 @@ class TrainConfig:
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    task: CountdownConfig = field(default_factory=CountdownConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     raro: RaroConfig = field(default_factory=RaroConfig)
     loss: LossConfig = field(default_factory=LossConfig)

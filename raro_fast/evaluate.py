@@ -1,10 +1,49 @@
-"""Held-out accuracy: the only place the task's verifier decides anything, and it trains nothing."""
+"""Evaluation, the only place the task's verifier decides anything (it trains nothing): the trainer's held-out
+accuracy, and test-time reranking of N policy samples by the critic (RARO's critic tournament).
+
+Command (also `raro-fast evaluate ...`):
+
+    python -m raro_fast.evaluate --model runs/raro-countdown/final_model                 # n=8, tournament
+    python -m raro_fast.evaluate --model DIR --rerank tournament --n 16 --eval.num_problems 64
+    python -m raro_fast.evaluate --model DIR --rerank none --n 4 --task countdown --task.countdown.num_heldout 100
+
+It samples n answers per problem of the split (one engine call for all), then reports side by side:
+    pass@1        the first sample of each problem (accuracy of one draw),
+    avg@n         the mean over the n samples (the same expectation, lower variance),
+    majority@n    the most frequent extracted answer (ties: the one that occurs first),
+    tournament@n  the critic tournament's pick (raro_fast/rerank.py; absent with --rerank none),
+    pass@n        any of the n correct: the oracle ceiling of any reranker.
+A truncated completion, or one without a final answer, counts as no answer (wrong, and out of the votes and the
+tournament). It prints a markdown table and writes report.json (these numbers, counts, every problem's answers
+and picks, and the config) to --eval.output_dir.
+
+Short flags: --model (= --eval.model), --rerank (= --eval.rerank), --n (= --eval.n), --task (= --task.name; the
+task's settings are --task.<name>.FIELD), --output-dir (= --eval.output_dir). `--help` lists
+every setting. Runs on one process (CUDA if available); the engine is the embedded one.
+"""
 from __future__ import annotations
 
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
 from raro_fast import prompts
+from raro_fast.config import ConfigError, _help, help_text, load_config, to_dict
 from raro_fast.distributed import Dist, all_gather_objects
+from raro_fast.model.hf import load_pretrained, resolve_dtype
+from raro_fast.rerank import batched_tournaments, critic_judge
+from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams
+from raro_fast.tasks import TaskConfig, make_task
 from raro_fast.tasks.base import Example, Task
+
+RERANK_METHODS = ("tournament", "none")
 
 
 def heldout_accuracy(
@@ -18,15 +57,240 @@ def heldout_accuracy(
     seed: int,
     d: Dist,
 ) -> float:
-    """Fraction of `examples` whose sampled (greedy at temperature 0) answer the verifier accepts, over all ranks."""
+    """Fraction of `examples` whose sampled (greedy at temperature 0) answer the verifier accepts, over all ranks;
+    None for a task without a verifier (poetry: judge it pairwise instead)."""
     mine = examples[d.rank :: d.world_size]
-    correct = 0
+    correct, unverifiable = 0, False
     if mine:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=1, seed=seed)
         outs = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in mine], params)
         for ex, (c,) in zip(mine, outs):
             answer = None if c.truncated else task.extract_answer(c.text)
-            correct += bool(task.verify(ex, answer))
-    totals = all_gather_objects(d, (correct, len(mine)))
+            verdict = task.verify(ex, answer)
+            unverifiable |= verdict is None
+            correct += bool(verdict)
+    totals = all_gather_objects(d, (correct, len(mine), unverifiable))
+    if any(t[2] for t in totals):
+        return None
     n = sum(t[1] for t in totals)
     return sum(t[0] for t in totals) / max(n, 1)
+
+
+def majority_index(answers: list[str | None]) -> int | None:
+    """Index of the first occurrence of the most frequent answer (None answers do not vote); None if none."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return None
+    top = max(votes.values())
+    return next(i for i, a in enumerate(answers) if a is not None and votes[a] == top)
+
+
+def rerank_report(
+    examples: list[Example],
+    *,
+    engine: RolloutEngine,
+    tokenizer,
+    task: Task,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    critic_max_new_tokens: int,
+    seed: int,
+    rerank: str = "tournament",
+    critic_temperature: float | None = None,
+) -> dict:
+    """Sample `n` answers per example and compare ways of choosing one (see the module docstring for the keys
+    of "accuracy"). The critic samples at `critic_temperature` (None: the policy's temperature) with seeds from
+    seed + 1 on, one per judge call. One process: no ranks."""
+    if n < 1:
+        raise ValueError(f"rerank_report: n must be >= 1, got {n}")
+    if rerank not in RERANK_METHODS:
+        raise ValueError(f"rerank_report: rerank must be one of {RERANK_METHODS}, got {rerank!r}")
+    if not examples:
+        raise ValueError("rerank_report: no examples to evaluate")
+    t0 = time.perf_counter()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
+    policy_prompts = [prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples]
+    outs = engine.generate(policy_prompts, params)
+    answers = [[None if c.truncated else task.extract_answer(c.text) for c in comps] for comps in outs]
+    correct = [[bool(task.verify(ex, a)) for a in ans] for ex, ans in zip(examples, answers)]
+    majority = [majority_index(ans) for ans in answers]
+    sampling_s = time.perf_counter() - t0
+
+    picks: list[int] | None = None
+    critic_verdicts: list[str | None] = []
+    critic_calls = 0
+    t0 = time.perf_counter()
+    if rerank == "tournament":
+        critic = critic_judge(engine, tokenizer, max_new_tokens=critic_max_new_tokens,
+                              temperature=temperature if critic_temperature is None else critic_temperature,
+                              top_p=top_p, seed=seed + 1)
+
+        def logged_critic(matches):
+            nonlocal critic_calls
+            verdicts = critic(matches)
+            critic_calls += 1
+            critic_verdicts.extend(verdicts)
+            return verdicts
+
+        picks = batched_tournaments([ex.question for ex in examples], answers, logged_critic, seed=seed)
+    critic_s = time.perf_counter() - t0
+
+    q = len(examples)
+    counts = {
+        "questions": q,
+        "samples": q * n,
+        "no_answer": sum(a is None for ans in answers for a in ans),
+        "correct_samples": sum(map(sum, correct)),
+        "first_correct": sum(c[0] for c in correct),
+        "majority_correct": sum(m is not None and c[m] for m, c in zip(majority, correct)),
+        "tournament_correct": None if picks is None else sum(c[p] for p, c in zip(picks, correct)),
+        "any_correct": sum(any(c) for c in correct),
+    }
+    accuracy = {
+        "pass@1": counts["first_correct"] / q,
+        "avg@n": sum(sum(c) / n for c in correct) / q,
+        "majority@n": counts["majority_correct"] / q,
+        "tournament@n": None if picks is None else counts["tournament_correct"] / q,
+        "pass@n": counts["any_correct"] / q,
+    }
+    critic_stats = None if picks is None else {
+        "judge_calls": critic_calls,
+        "matches": len(critic_verdicts),
+        "tie_or_invalid": sum(v not in ("1", "2") for v in critic_verdicts),
+    }
+    per_question = [
+        {"id": ex.id, "answers": ans, "correct": c, "majority": m, "tournament": None if picks is None else picks[i]}
+        for i, (ex, ans, c, m) in enumerate(zip(examples, answers, correct, majority))
+    ]
+    return {"n": n, "rerank": rerank, "accuracy": accuracy, "counts": counts, "critic": critic_stats,
+            "timing_s": {"sampling": sampling_s, "critic": critic_s}, "per_question": per_question}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command.
+
+
+@dataclass(kw_only=True)
+class EvalSettings:
+    model: str = _help("Hugging Face model directory to evaluate (e.g. runs/raro-countdown/final_model).", "")
+    split: Literal["train", "heldout"] = _help("Split whose problems are evaluated.", "heldout")
+    num_problems: int = _help("Problems evaluated, from the start of the split (0: all).", 0)
+    n: int = _help("Samples per problem (the N of avg@N, majority@N, tournament@N, pass@N).", 8)
+    rerank: Literal["tournament", "none"] = _help(
+        "tournament: also pick one of the n samples by the critic's single-elimination tournament; none: "
+        "plain sampling, majority vote and pass@n only.", "tournament")
+    temperature: float = _help("Policy sampling temperature (default: the RL rollouts' 1.0).", 1.0)
+    top_p: float = _help("Nucleus sampling, for policy and critic.", 1.0)
+    max_new_tokens: int = _help("Longest policy completion; a longer one is cut and counts as no answer.", 96)
+    critic_temperature: float | None = _help("Critic sampling temperature (None: the policy's).", None)
+    critic_max_new_tokens: int = _help("Longest critic completion; a cut one is an invalid verdict.", 96)
+    seed: int = _help("Seed of the policy samples (critic: seed + 1 on) and of the tournament's answer order.", 0)
+    batch_size: int = _help("Prompts per engine forward.", 64)
+    device: Literal["auto", "cpu", "cuda"] = _help("auto: CUDA when available, else CPU.", "auto")
+    dtype: Literal["auto", "float32", "bfloat16"] = _help(
+        "Model dtype: auto = bfloat16 on CUDA, float32 on CPU.", "auto")
+    output_dir: str = _help("Where report.json goes.", "runs/evaluate")
+
+    def __post_init__(self) -> None:
+        for name in ("n", "max_new_tokens", "critic_max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_problems < 0:
+            raise ValueError(f"eval.num_problems must be >= 0, got {self.num_problems}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"eval.top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+# config.load_config expands its short flags for the training command only, so this command expands its own.
+SHORT_FLAGS = {"--model": "--eval.model", "--rerank": "--eval.rerank", "--n": "--eval.n", "--task": "--task.name",
+               "--output-dir": "--eval.output_dir"}
+
+
+def expand_short_flags(argv: list[str]) -> list[str]:
+    """`--n 8` → `--eval.n 8` (also `--n=8`); only flag positions are rewritten, never a flag's value."""
+    out, i = [], 0
+    while i < len(argv):
+        key, eq, inline = argv[i].partition("=")
+        out.append(SHORT_FLAGS.get(key, key) + eq + inline)
+        if eq:
+            i += 1
+        else:
+            out.extend(argv[i + 1 : i + 2])
+            i += 2
+    return out
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    e = cfg.eval
+    if not e.model:
+        raise ValueError("eval.model: give the model directory to evaluate (--model DIR)")
+    task = make_task(cfg.task)
+    if e.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("eval.device: cuda asked for, but no CUDA device is available")
+    device = torch.device("cuda" if e.device == "cuda" or (e.device == "auto" and torch.cuda.is_available()) else "cpu")
+    # The model before the split: a bad path fails at once, not after the puzzles are generated.
+    model, tokenizer = load_pretrained(e.model, dtype=resolve_dtype(e.dtype, device))
+    examples = task.examples(e.split)[: e.num_problems or None]
+    if not examples:
+        raise ValueError(f"eval.split: the {cfg.task.name} task's {e.split!r} split has no problems")
+    engine = EmbeddedEngine(model.to(device), pad_token_id=tokenizer.pad_token_id,
+                            eos_token_ids=[tokenizer.eos_token_id],
+                            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), batch_size=e.batch_size)
+    report = rerank_report(
+        examples, engine=engine, tokenizer=tokenizer, task=task, n=e.n, max_new_tokens=e.max_new_tokens,
+        temperature=e.temperature, top_p=e.top_p, critic_max_new_tokens=e.critic_max_new_tokens, seed=e.seed,
+        rerank=e.rerank, critic_temperature=e.critic_temperature,
+    )
+    report = {"model": e.model, "task": cfg.task.name, "split": e.split, **report, "config": to_dict(cfg)}
+    out = Path(e.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def markdown(report: dict) -> str:
+    n, q = report["n"], report["counts"]["questions"]
+    acc, counts = report["accuracy"], report["counts"]
+    rows = [
+        ("first sample", "pass@1", f"{counts['first_correct']}/{q}"),
+        (f"mean of {n} samples", "avg@n", f"{counts['correct_samples']}/{counts['samples']} samples"),
+        (f"majority vote of {n}", "majority@n", f"{counts['majority_correct']}/{q}"),
+    ]
+    if acc["tournament@n"] is not None:
+        rows.append((f"critic tournament of {n}", "tournament@n", f"{counts['tournament_correct']}/{q}"))
+    rows.append((f"oracle: any of {n} correct", "pass@n", f"{counts['any_correct']}/{q}"))
+    lines = ["| selection | accuracy | correct |", "|---|---|---|"]
+    lines += [f"| {label} ({key.replace('@n', f'@{n}')}) | {acc[key]:.3f} | {frac} |" for label, key, frac in rows]
+    if report["critic"] is not None:
+        c = report["critic"]
+        lines.append(f"\nCritic: {c['matches']} matches in {c['judge_calls']} calls, "
+                     f"{c['tie_or_invalid']} tie or invalid.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text("python -m raro_fast.evaluate", root=EvaluateConfig))
+        print("\nShort flags: " + ", ".join(f"{k} = {v}" for k, v in SHORT_FLAGS.items()))
+        return 0
+    try:
+        report = run(load_config(expand_short_flags(argv), root=EvaluateConfig))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    print(f"report: {Path(report['config']['eval']['output_dir']) / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

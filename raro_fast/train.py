@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
 import random
 import sys
 import time
@@ -35,7 +34,7 @@ from raro_fast.baselines import rationalization_samples, rl_logit_rollouts, rlvr
 from raro_fast.raro import STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import make_engine
-from raro_fast.tasks import get_task
+from raro_fast.tasks import make_task
 from raro_fast.update import recompute_logprobs, update_step
 from raro_fast.warmup import format_warmup
 
@@ -264,10 +263,13 @@ def finish(r: Run) -> None:
     if r.d.is_main:
         save_pretrained_atomic(r.hf_model, r.tokenizer, out / "final_model", state_dict={k: v.cpu() for k, v in weights.items()})
         records = r.log.read()
-        plot_curves(records, out / "curves.png", title=f"{r.cfg.train.mode} on Countdown")
+        plot_curves(records, out / "curves.png", title=f"{r.cfg.train.mode} on {r.cfg.task.name}")
         accs = [x["eval/heldout_accuracy"] for x in records if "eval/heldout_accuracy" in x]
         print("\n" + summary_table(records))
-        print(f"\nheld-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {len(r.eval_examples)} puzzles")
+        if accs[-1] is None:
+            print(f"\nheld-out accuracy: none (the {r.cfg.task.name} task has no verifier)")
+        else:
+            print(f"\nheld-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {len(r.eval_examples)} problems")
         print(f"metrics: {out / 'metrics.jsonl'}  curves: {out / 'curves.png'}  model: {out / 'final_model'}")
     barrier(r.d)
 
@@ -278,7 +280,7 @@ def finish(r: Run) -> None:
 
 def setup(cfg: JobConfig, d: Dist) -> Run:
     out = Path(cfg.train.output_dir)
-    task = get_task("countdown", cfg.task)
+    task = make_task(cfg.task)
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:
         eval_examples = eval_examples[: cfg.train.eval_size]
@@ -340,7 +342,7 @@ def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
         model = build_embedded_model(tokenizer, hidden_size=e.hidden_size, num_layers=e.num_layers, num_heads=e.num_heads,
                                      num_kv_heads=e.num_kv_heads, intermediate_size=e.intermediate_size,
                                      max_position=e.max_position, seed=cfg.train.seed)
-        format_warmup(model.to(d.device), tokenizer, cfg.task, cfg.warmup, device=d.device, progress=cfg.train.progress)
+        format_warmup(model.to(d.device), tokenizer, cfg.task.countdown, cfg.warmup, device=d.device, progress=cfg.train.progress)
         save_pretrained_atomic(model.cpu(), tokenizer, base)
     barrier(d)
     return load_pretrained(str(base), dtype=torch.float32)

@@ -1,6 +1,5 @@
 """Baselines on the shared trainer: SFT through the clipped-surrogate update is exactly NLL on the expert
 answers; RLVR's rewards are the verifier's, with GRPO groups."""
-import random
 
 import pytest
 import torch
@@ -12,15 +11,15 @@ from raro_fast.model.hf import build_embedded_model, load_project_tokenizer
 from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
-from raro_fast.tasks import get_task
+from raro_fast.tasks import make_task
 from raro_fast.update import recompute_logprobs, update_step
 from test_raro_game import ScriptedEngine
 
 
 @pytest.fixture(scope="module")
 def setting():
-    cfg = load_config(["--raro.group_size", "4", "--task.num_train", "30", "--task.num_heldout", "5"])
-    return cfg, load_project_tokenizer(), get_task("countdown", cfg.task)
+    cfg = load_config(["--raro.group_size", "4", "--task.countdown.num_train", "30", "--task.countdown.num_heldout", "5"])
+    return cfg, load_project_tokenizer(), make_task(cfg.task)
 
 
 def test_sft_update_gradient_is_nll_gradient(setting):

@@ -63,7 +63,7 @@ def test_missing_yaml_file_and_malformed_yaml(tmp_path):
 
 def test_task_validation_is_reported_with_its_section():
     with pytest.raises(ConfigError, match=r"task"):
-        load_config(["--task.num_numbers", "0"])
+        load_config(["--task.countdown.num_numbers", "0"])
 
 
 def test_raro_values_are_validated():

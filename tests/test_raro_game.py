@@ -10,7 +10,7 @@ from raro_fast.model.hf import load_project_tokenizer
 from raro_fast.raro import raro_rollouts
 from raro_fast.replay import CriticPair
 from raro_fast.rollout.engine import Completion
-from raro_fast.tasks import get_task
+from raro_fast.tasks import make_task
 from raro_fast.tasks.countdown import verify
 
 
@@ -61,9 +61,9 @@ class ScriptedEngine:
 
 @pytest.fixture(scope="module")
 def setting():
-    cfg = load_config(["--raro.group_size", "4", "--raro.critic_samples_per_pair", "2", "--task.num_train", "30",
-                       "--task.num_heldout", "5"])
-    return cfg, load_project_tokenizer(), get_task("countdown", cfg.task)
+    cfg = load_config(["--raro.group_size", "4", "--raro.critic_samples_per_pair", "2", "--task.countdown.num_train", "30",
+                       "--task.countdown.num_heldout", "5"])
+    return cfg, load_project_tokenizer(), make_task(cfg.task)
 
 
 def test_rewards_groups_and_filtering_with_a_verifier_critic(setting):

@@ -13,7 +13,7 @@ TINY = [
     "--model.embedded.hidden_size", "64", "--model.embedded.num_layers", "2", "--model.embedded.intermediate_size",
     "128", "--warmup.steps", "20", "--warmup.batch_size", "8", "--rollout.max_new_tokens", "40",
     "--rollout.critic_max_new_tokens", "40", "--raro.questions_per_step", "2", "--raro.group_size", "4",
-    "--raro.critic_pairs_per_step", "4", "--task.num_train", "40", "--task.num_heldout", "8", "--train.eval_size",
+    "--raro.critic_pairs_per_step", "4", "--task.countdown.num_train", "40", "--task.countdown.num_heldout", "8", "--train.eval_size",
     "4", "--train.progress", "false", "--train.eval_every", "2",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -150,3 +150,16 @@ def test_baseline_modes_train_end_to_end(base_model, tmp_path, mode):
     if mode == "rationalization":
         assert 0 <= recs[1]["rationalization/fallback_rate"] <= 1
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["deepmath", "poetry"])
+def test_other_tasks_train_end_to_end(base_model, tmp_path, task):
+    run = _with_base(base_model, tmp_path / task)
+    out = train([*TINY, "--task.name", task, "--train.steps", "1", "--train.output_dir", str(run)])
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [0, 1] and recs[1]["batch/policy_sequences"] > 0
+    if task == "poetry":  # no verifier: no accuracy, said plainly
+        assert recs[-1]["eval/heldout_accuracy"] is None and "the poetry task has no verifier" in out.stdout
+    else:
+        assert 0 <= recs[-1]["eval/heldout_accuracy"] <= 1

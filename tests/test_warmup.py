@@ -1,5 +1,6 @@
 from raro_fast import prompts
-from raro_fast.config import CountdownConfig, WarmupConfig
+from raro_fast.config import WarmupConfig
+from raro_fast.tasks.countdown import CountdownConfig
 from raro_fast.model.hf import load_project_tokenizer
 from raro_fast.tasks.countdown import split_puzzles, verify
 from raro_fast.warmup import warmup_corpus

@@ -1,11 +1,36 @@
 """Tasks: demonstrations, answer extraction and (for evaluation only) verifiers. See base.py for the interface."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 from raro_fast.tasks.base import Example, Task
 from raro_fast.tasks.countdown import CountdownConfig, CountdownTask
+from raro_fast.tasks.deepmath import DeepMathConfig, DeepMathTask
+from raro_fast.tasks.poetry import JudgeReport, PoetryConfig, PoetryTask, judge_pairwise
 
 # name -> (task class, its config class)
-TASKS: dict[str, tuple[type[Task], type]] = {"countdown": (CountdownTask, CountdownConfig)}
+TASKS: dict[str, tuple[type[Task], type]] = {
+    "countdown": (CountdownTask, CountdownConfig),
+    "deepmath": (DeepMathTask, DeepMathConfig),
+    "poetry": (PoetryTask, PoetryConfig),
+}
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """Which task, and every task's own settings (only the named one is used)."""
+
+    name: Literal["countdown", "deepmath", "poetry"] = field(default="countdown", metadata={
+        "help": "The task: countdown (generated puzzles, verifier), deepmath (local JSONL/Parquet, math-verify), "
+                "poetry (local JSONL, no verifier: judged pairwise). Its settings are task.<name>.*"})
+    countdown: CountdownConfig = field(default_factory=CountdownConfig, metadata={"help": "Countdown settings."})
+    deepmath: DeepMathConfig = field(default_factory=DeepMathConfig, metadata={"help": "DeepMath settings."})
+    poetry: PoetryConfig = field(default_factory=PoetryConfig, metadata={"help": "Poetry settings."})
+
+
+def make_task(cfg: TaskConfig) -> Task:
+    return get_task(cfg.name, getattr(cfg, cfg.name))
 
 
 def get_task(name: str, config) -> Task:
@@ -14,4 +39,7 @@ def get_task(name: str, config) -> Task:
     return TASKS[name][0](config)
 
 
-__all__ = ["Example", "Task", "TASKS", "get_task", "CountdownConfig", "CountdownTask"]
+__all__ = [
+    "Example", "Task", "TASKS", "TaskConfig", "get_task", "make_task", "CountdownConfig", "CountdownTask", "DeepMathConfig", "DeepMathTask",
+    "PoetryConfig", "PoetryTask", "JudgeReport", "judge_pairwise",
+]

@@ -25,7 +25,7 @@ def two_models(tmp_path_factory):
 def _args(models, out, k):
     return ["--analysis.models", f"base={models[0]},other={models[1]}", "--analysis.k", str(k), "--analysis.chunk", "2",
             "--analysis.num_problems", "3", "--analysis.max_new_tokens", "12", "--analysis.output_dir", str(out),
-            "--analysis.entropy_samples", "2", "--task.num_train", "10", "--task.num_heldout", "5"]
+            "--analysis.entropy_samples", "2", "--task.countdown.num_train", "10", "--task.countdown.num_heldout", "5"]
 
 
 def test_analyze_end_to_end_and_growing_k(two_models, tmp_path, capsys):

@@ -1,0 +1,215 @@
+"""DeepMath: math problems with a short final answer, read from a local DeepMath-103K style file.
+
+Each row has `question`, `final_answer` (or its alias `answer`) and an optional numeric `difficulty`; other fields
+(solutions, topic, ...) are ignored. Files are JSONL or Parquet (Parquet needs pyarrow). With no `path` the task
+reads a small sample shipped with the package, so it runs with no arguments.
+
+The split is by a hash of the question text: a question always lands in the same split, whatever else the file
+holds, so the splits never share a question and a row keeps its split when the file grows. Answers are checked by
+math-verify (only for evaluation; RARO never trains on a verifier).
+
+Files are read by records.py (shared with poetry.py).
+"""
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from raro_fast import prompts
+from raro_fast.tasks.base import Example, Task
+from raro_fast.tasks.records import in_heldout, read_records, stable_id, text_field
+
+SAMPLE_PATH = Path(__file__).parent / "data" / "deepmath_sample.jsonl"
+
+# Longer predicted answers are wrong without being parsed: sympy can take unbounded time on big inputs, and off the
+# main thread there is no timeout to stop it.
+MAX_ANSWER_CHARS = 1000
+
+
+@dataclass(kw_only=True)
+class DeepMathConfig:
+    path: str = field(default=str(SAMPLE_PATH), metadata={
+        "help": "Local .jsonl or .parquet file with `question`, `final_answer` (or `answer`) and optional `difficulty` "
+                "per row (DeepMath-103K style). Default: a small sample shipped with the package."})
+    heldout_fraction: float = field(default=0.1, metadata={
+        "help": "Share of questions held out (chosen by a hash of the question, so stable when the file grows)."})
+    max_examples: int = field(default=0, metadata={
+        "help": "Use only the first this many rows left after the difficulty filter, in file order (0: all)."})
+    min_difficulty: float | None = field(default=None, metadata={
+        "help": "Keep rows with difficulty >= this (None: no lower bound). Every row then needs a difficulty."})
+    max_difficulty: float | None = field(default=None, metadata={
+        "help": "Keep rows with difficulty <= this (None: no upper bound). Every row then needs a difficulty."})
+    seed: int = field(default=0, metadata={"help": "Seed of the held-out hash: another seed holds out other questions."})
+    verify_timeout_seconds: int = field(default=5, metadata={
+        "help": "Seconds math-verify may spend on one parse or comparison (0: no limit). Its timer is a SIGALRM "
+                "alarm, so it applies on the main thread only; elsewhere answers are checked without a timer."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"task.deepmath.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.max_examples < 0:
+            raise ValueError(f"task.deepmath.max_examples must be >= 0 (0: all), got {self.max_examples}")
+        if self.min_difficulty is not None and self.max_difficulty is not None and self.min_difficulty > self.max_difficulty:
+            raise ValueError(f"task.deepmath.min_difficulty ({self.min_difficulty}) is above max_difficulty ({self.max_difficulty})")
+        if self.verify_timeout_seconds < 0:
+            raise ValueError(f"task.deepmath.verify_timeout_seconds must be >= 0, got {self.verify_timeout_seconds}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading local files (shared with poetry.py). Every error names the file, the row and the field.
+
+
+def _final_answer(record: dict[str, Any], where: str) -> str:
+    has_final, has_alias = record.get("final_answer") is not None, record.get("answer") is not None
+    if has_final and has_alias and str(record["final_answer"]).strip() != str(record["answer"]).strip():
+        raise ValueError(f"{where}: fields 'final_answer' and 'answer' (its alias) both given, and they differ")
+    if not has_final and has_alias:
+        return text_field(record, where, "answer", allow_numbers=True).strip()
+    return text_field(record, where, "final_answer", allow_numbers=True).strip()
+
+
+def _difficulty(record: dict[str, Any], where: str, needed_by: str | None) -> float | None:
+    value = record.get("difficulty")
+    if value is None:
+        if needed_by:
+            raise ValueError(f"{where}: field 'difficulty' missing (needed by {needed_by})")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: field 'difficulty' must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def load_examples(cfg: DeepMathConfig) -> dict[str, list[Example]]:
+    """{"train": [...], "heldout": [...]} from `cfg.path`; every row is checked, and a bad one is a ValueError."""
+    needed_by = ("task.deepmath.min_difficulty" if cfg.min_difficulty is not None
+                 else "task.deepmath.max_difficulty" if cfg.max_difficulty is not None else None)
+    first_seen: dict[str, str] = {}
+    kept: list[Example] = []
+    for where, record in read_records(cfg.path, columns=("question", "final_answer", "answer", "difficulty")):
+        question = text_field(record, where, "question").strip()
+        answer = _final_answer(record, where)
+        difficulty = _difficulty(record, where, needed_by)
+        # A repeated question would get the id of its first copy (and could carry another answer): refuse it.
+        if question in first_seen:
+            raise ValueError(f"{where}: field 'question' repeats the question of {first_seen[question]}")
+        first_seen[question] = where
+        if cfg.min_difficulty is not None and difficulty < cfg.min_difficulty:
+            continue
+        if cfg.max_difficulty is not None and difficulty > cfg.max_difficulty:
+            continue
+        kept.append(Example(id=stable_id("deepmath", question), question=question, answer=answer,
+                            meta={"difficulty": difficulty, "source": where}))
+    if not kept:
+        raise ValueError(f"{cfg.path}: no row has a difficulty in [{cfg.min_difficulty}, {cfg.max_difficulty}]")
+    if cfg.max_examples:
+        kept = kept[: cfg.max_examples]
+    splits: dict[str, list[Example]] = {"train": [], "heldout": []}
+    for ex in kept:
+        splits["heldout" if in_heldout(ex.question, cfg.heldout_fraction, cfg.seed) else "train"].append(ex)
+    if not splits["train"]:
+        raise ValueError(f"{cfg.path}: all {len(kept)} examples fell in the held-out split; "
+                         "use more examples or a smaller task.deepmath.heldout_fraction")
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answers.
+
+_BOXED_RE = re.compile(r"\\boxed\s*\{")
+
+
+def _matching_brace(text: str, start: int) -> int:
+    """Index of the "}" closing the group whose content starts at `start`, or -1. A backslash escapes the next
+    character, so \\{ and \\} (literal braces in LaTeX) do not count."""
+    depth, i = 1, start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def last_boxed(text: str) -> str | None:
+    """Stripped content of the last top-level \\boxed{...} (nested braces, and boxes inside it, are part of the
+    content). None if there is no box, if it is empty, or if the last box is never closed: the output was cut off
+    there, so an earlier box was not the model's final word."""
+    if not isinstance(text, str):
+        return None
+    content, pos = None, 0
+    while (m := _BOXED_RE.search(text, pos)) is not None:
+        end = _matching_brace(text, m.end())
+        if end < 0:
+            return None
+        content, pos = text[m.end() : end], end + 1
+    if content is None or not content.strip():
+        return None
+    return content.strip()
+
+
+def extract_answer(completion: str) -> str | None:
+    """The last \\boxed{...} if the completion has one, else the last <answer>...</answer>."""
+    if not isinstance(completion, str):
+        return None
+    if _BOXED_RE.search(completion):
+        return last_boxed(completion)
+    return prompts.parse_answer(completion)
+
+
+@lru_cache(maxsize=16384)
+def _parse_latex(text: str, timeout_seconds: int | None) -> tuple:
+    import math_verify  # imported on first use: it pulls in sympy, slow to import and unused by other tasks
+
+    # Wrapped in \boxed{} so math-verify reads the whole text as one LaTeX answer: bare, it misses forms such as
+    # \sqrt{2}/2, intervals and \infty.
+    return tuple(math_verify.parse(f"\\boxed{{{text}}}", parsing_timeout=timeout_seconds))
+
+
+def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) -> bool:
+    """Whether `predicted` is mathematically equal to `gold` (both bare LaTeX final answers), by math-verify.
+    Never raises: a missing, over-long or unparsable answer is False, and so is a timeout."""
+    from math_verify import verify
+    from math_verify.errors import TimeoutException  # a BaseException, so `except Exception` would miss it
+
+    if not isinstance(predicted, str) or not predicted.strip() or len(predicted) > MAX_ANSWER_CHARS:
+        return False
+    # math-verify's timer is signal.alarm, which Python allows only on the main thread.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    timeout = timeout_seconds if timeout_seconds > 0 and on_main_thread else None
+    try:
+        gold_parsed = _parse_latex(gold.strip(), timeout)
+        predicted_parsed = _parse_latex(predicted.strip(), timeout)
+        if not gold_parsed or not predicted_parsed:
+            return False
+        return bool(verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=timeout))
+    except (Exception, TimeoutException):
+        return False
+
+
+class DeepMathTask(Task):
+    name = "deepmath"
+
+    def __init__(self, cfg: DeepMathConfig) -> None:
+        self.cfg = cfg
+        self._splits = load_examples(cfg)  # at construction, so a bad file fails before any model is loaded
+
+    def examples(self, split: str) -> list[Example]:
+        self.check_split(split)
+        return list(self._splits[split])
+
+    def extract_answer(self, completion: str) -> str | None:
+        return extract_answer(completion)
+
+    def verify(self, example: Example, answer: str | None) -> bool:
+        return math_equal(example.answer, answer, timeout_seconds=self.cfg.verify_timeout_seconds)

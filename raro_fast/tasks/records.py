@@ -1,0 +1,99 @@
+"""Reading local task files (JSONL or Parquet) with errors that name the file, the line (or row) and the field,
+and the hash split shared by the file-based tasks (deepmath.py, poetry.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_records(path: str | Path, columns: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) for every row of a local .jsonl or .parquet file, in file order. `where` locates the row
+    for error messages: "file:LINE" for JSONL (1-based line number), "file: row N" for Parquet (0-based, as
+    pyarrow and pandas number rows). `columns`, if given, are the only Parquet columns read (the others, such as
+    long solutions, can be large); JSONL rows are returned whole. Blank JSONL lines are skipped; anything else
+    that is not a JSON object is a ValueError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{path}: no such file")
+    suffix = p.suffix.lower()
+    if suffix == ".jsonl":
+        records = _read_jsonl(path)
+    elif suffix == ".parquet":
+        records = _read_parquet(path, columns)
+    else:
+        raise ValueError(f"{path}: unsupported file type {p.suffix!r}; use .jsonl or .parquet")
+    if not records:
+        raise ValueError(f"{path}: the file holds no rows")
+    return records
+
+
+def _read_jsonl(path) -> list[tuple[str, dict[str, Any]]]:
+    records = []
+    # Binary, decoded line by line, so that bad UTF-8 is reported with its line number.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))  # without the newline, e.colno is the column in the line
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            records.append((where, record))
+    return records
+
+
+def _read_parquet(path, columns: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq  # optional: only Parquet input needs it
+    except ImportError:
+        raise ImportError(
+            f"{path}: reading Parquet files needs pyarrow, which is not installed. "
+            "Install it with `pip install pyarrow`, or convert the file to JSONL."
+        ) from None
+    try:
+        parquet_file = pq.ParquetFile(path)
+        present = set(parquet_file.schema_arrow.names)
+        wanted = [c for c in columns if c in present] if columns else None
+        rows = parquet_file.read(columns=wanted).to_pylist()
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for one cause: a bad file
+        raise ValueError(f"{path}: cannot read as Parquet ({e})") from None
+    return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
+
+
+def text_field(record: dict[str, Any], where: str, name: str, *, allow_numbers: bool = False) -> str:
+    """record[name] as a non-empty string, else a ValueError naming the row and the field. With `allow_numbers`,
+    an int or float (a final answer like 42) is taken as its text."""
+    if record.get(name) is None:
+        raise ValueError(f"{where}: field {name!r} missing")
+    value = record[name]
+    if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def in_heldout(key: str, fraction: float, seed: int) -> bool:
+    """Whether the row keyed `key` is held out: a uniform draw from the key's hash (not Python's salted hash()),
+    so the same in every run and independent of every other row."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def stable_id(prefix: str, key: str) -> str:
+    return f"{prefix}:{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading DeepMath rows.

@@ -1,0 +1,309 @@
+"""DeepMath task: \\boxed extraction, math-verify equivalences, the hash split, filters and bad-input errors."""
+import json
+import sys
+import threading
+import types
+
+import pytest
+
+from raro_fast.tasks import TASKS, get_task
+from raro_fast.tasks.base import Example
+from raro_fast.tasks.deepmath import (
+    SAMPLE_PATH, DeepMathConfig, DeepMathTask, extract_answer, in_heldout, last_boxed, math_equal,
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def problems(n, start=0):
+    return [{"question": f"What is {i} + {i}?", "final_answer": str(2 * i), "difficulty": 1 + i % 9}
+            for i in range(start, start + n)]
+
+
+def ex(answer):
+    return Example(id="x", question="q", answer=answer)
+
+
+# --- extraction ---------------------------------------------------------------------------------------------------
+
+def test_boxed_nested_braces():
+    assert extract_answer(r"so \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert extract_answer(r"\boxed{\frac{\sqrt{2}}{2}}") == r"\frac{\sqrt{2}}{2}"
+    assert extract_answer(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"  # escaped braces are content, not grouping
+    assert extract_answer(r"\boxed{a \boxed{b} c}") == r"a \boxed{b} c"  # the box inside is part of the content
+
+
+def test_last_boxed_wins():
+    assert extract_answer(r"first \boxed{3}, then \boxed{ 4 }.") == "4"
+    assert extract_answer(r"<answer>\boxed{7}</answer> \boxed{8}") == "8"
+
+
+def test_boxed_beats_answer_tag_and_tag_is_fallback():
+    assert extract_answer(r"<think>x</think><answer>The answer is \boxed{12}</answer>") == "12"
+    assert extract_answer("<think>x</think><answer> 5/6 </answer>") == "5/6"
+    assert extract_answer("<think>no answer at all</think>") is None
+    assert extract_answer(None) is None
+
+
+def test_unclosed_or_empty_box_is_no_answer():
+    assert extract_answer(r"\boxed{3} and finally \boxed{4") is None  # cut off: 3 was not the final word
+    assert extract_answer(r"<answer>2</answer> \boxed{}") is None
+    assert last_boxed("nothing here") is None
+
+
+def test_task_uses_boxed_extraction():
+    task = DeepMathTask(DeepMathConfig())
+    assert task.extract_answer(r"<answer>\boxed{\frac{3}{4}}</answer>") == r"\frac{3}{4}"
+
+
+# --- verification -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gold, predicted, expected", [
+    (r"\frac{1}{2}", "0.5", True),
+    ("2", "3", False),
+    (r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2", True),
+    (r"\frac{3}{4}", "3/4", True),
+    ("(0, 1]", "(0,1]", True),
+    ("(0, 1]", "[0, 1]", False),
+    ("x^2 + 2x + 1", "(x+1)^2", True),
+    (r"5\sqrt{2}", r"\sqrt{50}", True),
+    (r"\frac{1}{2}", "garbage", False),
+    (r"\frac{1}{2}", "", False),
+    (r"\frac{1}{2}", None, False),
+    ("2", "2" * 2000, False),  # over MAX_ANSWER_CHARS: not parsed at all
+])
+def test_math_equal(gold, predicted, expected):
+    assert math_equal(gold, predicted) is expected
+
+
+def test_verify_through_task_never_raises():
+    task = DeepMathTask(DeepMathConfig())
+    assert task.verify(ex(r"\frac{1}{2}"), "0.5") is True
+    assert task.verify(ex("2"), "3") is False
+    assert task.verify(ex("2"), None) is False
+    assert task.verify(ex("2"), r"\frac{1}{") is False
+    assert task.verify(ex("2"), r"}}}\left(\right") is False
+
+
+def test_verify_off_the_main_thread():
+    # math-verify's timer uses signals, which only the main thread may set; elsewhere it must run without one.
+    results = []
+    worker = threading.Thread(target=lambda: results.extend([math_equal(r"\frac{1}{2}", "0.5"), math_equal("2", "3")]))
+    worker.start()
+    worker.join()
+    assert results == [True, False]
+
+
+def test_sample_answers_verify_against_themselves():
+    task = DeepMathTask(DeepMathConfig())
+    examples = task.examples("train") + task.examples("heldout")
+    assert len(examples) == 52
+    assert all(task.verify(e, e.answer) for e in examples)
+    assert {type(e.meta["difficulty"]) for e in examples} == {float}
+
+
+# --- split --------------------------------------------------------------------------------------------------------
+
+def test_split_disjoint_complete_and_deterministic():
+    cfg = DeepMathConfig()
+    a, b = DeepMathTask(cfg), DeepMathTask(DeepMathConfig())
+    train, heldout = a.examples("train"), a.examples("heldout")
+    assert {e.question for e in train}.isdisjoint(e.question for e in heldout)
+    assert len(train) + len(heldout) == 52
+    assert len(heldout) == 3
+    assert [e.id for e in train] == [e.id for e in b.examples("train")]
+    assert [e.id for e in heldout] == [e.id for e in b.examples("heldout")]
+    assert len({e.id for e in train + heldout}) == 52
+
+
+def test_split_stable_when_the_file_grows(tmp_path):
+    small = DeepMathTask(DeepMathConfig(path=write_jsonl(tmp_path / "a.jsonl", problems(200)), heldout_fraction=0.3))
+    big = DeepMathTask(DeepMathConfig(path=write_jsonl(tmp_path / "b.jsonl", problems(50, start=200) + problems(200)),
+                                      heldout_fraction=0.3))
+    big_heldout = {e.question for e in big.examples("heldout")}
+    big_train = {e.question for e in big.examples("train")}
+    assert {e.question for e in small.examples("heldout")} <= big_heldout
+    assert {e.question for e in small.examples("train")} <= big_train
+    assert 30 < len(small.examples("heldout")) < 90  # about 60 of 200
+
+
+def test_seed_changes_the_split(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", problems(200))
+    h0 = {e.id for e in DeepMathTask(DeepMathConfig(path=path, seed=0)).examples("heldout")}
+    h1 = {e.id for e in DeepMathTask(DeepMathConfig(path=path, seed=1)).examples("heldout")}
+    assert h0 != h1
+
+
+def test_no_heldout(tmp_path):
+    task = DeepMathTask(DeepMathConfig(path=write_jsonl(tmp_path / "a.jsonl", problems(20)), heldout_fraction=0.0))
+    assert len(task.examples("train")) == 20 and task.examples("heldout") == []
+
+
+def test_bad_split_name():
+    with pytest.raises(ValueError, match="split must be one of"):
+        DeepMathTask(DeepMathConfig()).examples("test")
+
+
+# --- filters and limits -------------------------------------------------------------------------------------------
+
+def test_difficulty_filter_and_max_examples(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", problems(90))  # difficulties 1..9, ten of each
+    task = DeepMathTask(DeepMathConfig(path=path, min_difficulty=3, max_difficulty=4.5, heldout_fraction=0.0))
+    assert sorted({e.meta["difficulty"] for e in task.examples("train")}) == [3.0, 4.0]
+    assert len(task.examples("train")) == 20
+    first = DeepMathTask(DeepMathConfig(path=path, max_examples=7, heldout_fraction=0.0)).examples("train")
+    assert [e.question for e in first] == [f"What is {i} + {i}?" for i in range(7)]
+    capped = DeepMathTask(DeepMathConfig(path=path, min_difficulty=9, max_examples=3, heldout_fraction=0.0))
+    assert [e.question for e in capped.examples("train")] == [f"What is {i} + {i}?" for i in (8, 17, 26)]
+
+
+def test_filter_that_keeps_nothing(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", problems(9))
+    with pytest.raises(ValueError, match=r"a\.jsonl: no row has a difficulty in \[10, None\]"):
+        DeepMathTask(DeepMathConfig(path=path, min_difficulty=10))
+
+
+def test_answer_alias_and_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q1", "answer": "7"}, {"question": "q2", "final_answer": 8},
+                                              {"question": "q3", "final_answer": "9", "answer": "9"}])
+    task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
+    assert [(e.question, e.answer, e.meta["difficulty"]) for e in task.examples("train")] == [
+        ("q1", "7", None), ("q2", "8", None), ("q3", "9", None)]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"heldout_fraction": 1.0}, "task.deepmath.heldout_fraction must be in"),
+    ({"heldout_fraction": -0.1}, "task.deepmath.heldout_fraction must be in"),
+    ({"max_examples": -1}, "task.deepmath.max_examples must be >= 0"),
+    ({"min_difficulty": 5, "max_difficulty": 2}, "min_difficulty .5. is above max_difficulty .2."),
+    ({"verify_timeout_seconds": -1}, "verify_timeout_seconds must be >= 0"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeepMathConfig(**kwargs)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"question": "a", "final_answer": "1"}) + "\n\n"  # a blank line 2 is skipped
+                    + json.dumps({"question": "b"}) + "\n")
+    with pytest.raises(ValueError) as e:
+        DeepMathTask(DeepMathConfig(path=str(path)))
+    assert str(e.value) == f"{path}:3: field 'final_answer' missing"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "b", "final_answer": "1"', r"x\.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 38\)"),
+    ('["b", "1"]', r"x\.jsonl:2: expected a JSON object, got list"),
+    ('{"final_answer": "1"}', r"x\.jsonl:2: field 'question' missing"),
+    ('{"question": "  ", "final_answer": "1"}', r"x\.jsonl:2: field 'question' is empty"),
+    ('{"question": "b", "final_answer": ["1"]}', r"x\.jsonl:2: field 'final_answer' must be a string, got list"),
+    ('{"question": "b", "final_answer": "1", "difficulty": "hard"}', r"x\.jsonl:2: field 'difficulty' must be a number, got str"),
+    ('{"question": "b", "final_answer": "1", "answer": "2"}', r"x\.jsonl:2: fields 'final_answer' and 'answer'"),
+    ('{"question": "a", "final_answer": "1"}', r"x\.jsonl:2: field 'question' repeats the question of .*x\.jsonl:1"),
+])
+def test_bad_rows(tmp_path, line, message):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"question": "a", "final_answer": "1"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        DeepMathTask(DeepMathConfig(path=str(path)))
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"question": "a", "final_answer": "1"}\n{"question": "\xff", "final_answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: not UTF-8 text"):
+        DeepMathTask(DeepMathConfig(path=str(path)))
+
+
+def test_difficulty_needed_by_the_filter(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "final_answer": "1", "difficulty": 3},
+                                              {"question": "b", "final_answer": "1"}])
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: field 'difficulty' missing \(needed by task\.deepmath\.max_difficulty\)"):
+        DeepMathTask(DeepMathConfig(path=path, max_difficulty=5))
+
+
+def test_empty_missing_and_unknown_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: the file holds no rows"):
+        DeepMathTask(DeepMathConfig(path=str(empty)))
+    with pytest.raises(ValueError, match=r"nope\.jsonl: no such file"):
+        DeepMathTask(DeepMathConfig(path=str(tmp_path / "nope.jsonl")))
+    csv = tmp_path / "x.csv"
+    csv.write_text("question,final_answer\n")
+    with pytest.raises(ValueError, match=r"x\.csv: unsupported file type '\.csv'; use \.jsonl or \.parquet"):
+        DeepMathTask(DeepMathConfig(path=str(csv)))
+
+
+def test_all_heldout_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", problems(1))
+    seed = next(s for s in range(100) if in_heldout("What is 0 + 0?", 0.9, s))  # one that holds the question out
+    with pytest.raises(ValueError, match="all 1 examples fell in the held-out split"):
+        DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.9, seed=seed))
+
+
+# --- Parquet ------------------------------------------------------------------------------------------------------
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "x.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow...` raise ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError) as e:
+        DeepMathTask(DeepMathConfig(path=str(path)))
+    assert str(e.value) == (f"{path}: reading Parquet files needs pyarrow, which is not installed. "
+                            "Install it with `pip install pyarrow`, or convert the file to JSONL.")
+
+
+class FakeParquetFile:
+    """Just what the loader uses of pyarrow.parquet.ParquetFile, over in-memory rows."""
+
+    rows: list = []
+    columns_read = None
+
+    def __init__(self, path):
+        self.schema_arrow = types.SimpleNamespace(names=sorted({k for r in self.rows for k in r}))
+
+    def read(self, columns=None):
+        FakeParquetFile.columns_read = columns
+        rows = [{k: r.get(k) for k in columns} for r in self.rows]
+        return types.SimpleNamespace(to_pylist=lambda: rows)
+
+
+@pytest.fixture
+def fake_pyarrow(monkeypatch):
+    parquet = types.ModuleType("pyarrow.parquet")
+    parquet.ParquetFile = FakeParquetFile
+    pyarrow = types.ModuleType("pyarrow")
+    pyarrow.parquet = parquet
+    monkeypatch.setitem(sys.modules, "pyarrow", pyarrow)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
+    return FakeParquetFile
+
+
+def test_parquet_rows_and_row_numbers(tmp_path, fake_pyarrow):
+    path = tmp_path / "x.parquet"
+    path.write_bytes(b"PAR1")
+    fake_pyarrow.rows = [{"question": "q1", "final_answer": "1", "difficulty": 2.5, "r1_solution_1": "long"},
+                         {"question": "q2", "final_answer": "2", "difficulty": 3.0, "r1_solution_1": "long"}]
+    task = DeepMathTask(DeepMathConfig(path=str(path), heldout_fraction=0.0))
+    assert [(e.question, e.answer, e.meta["difficulty"]) for e in task.examples("train")] == [("q1", "1", 2.5), ("q2", "2", 3.0)]
+    assert fake_pyarrow.columns_read == ["question", "final_answer", "difficulty"]  # the solutions are not read
+    fake_pyarrow.rows = [{"question": "q1", "final_answer": "1"}, {"question": "q2", "final_answer": None}]
+    with pytest.raises(ValueError) as e:
+        DeepMathTask(DeepMathConfig(path=str(path)))
+    assert str(e.value) == f"{path}: row 1: field 'final_answer' missing"
+
+
+# --- registry -----------------------------------------------------------------------------------------------------
+
+def test_registered():
+    assert TASKS["deepmath"] == (DeepMathTask, DeepMathConfig)
+    task = get_task("deepmath", DeepMathConfig(path=str(SAMPLE_PATH)))
+    assert task.name == "deepmath" and task.examples("train")[0].id.startswith("deepmath:")

@@ -1,0 +1,207 @@
+"""Poetry task: loading and split, answer extraction, no verifier, and the two-order pairwise judge with a scripted
+engine."""
+import json
+
+import pytest
+
+from raro_fast import prompts
+from raro_fast.model.hf import load_project_tokenizer
+from raro_fast.rollout.engine import Completion
+from raro_fast.tasks import TASKS, get_task
+from raro_fast.tasks.poetry import (
+    JUDGE_SYSTEM, JudgeReport, PoetryConfig, PoetryTask, combine_verdicts, judge_messages, judge_pairwise,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_project_tokenizer()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# --- task ---------------------------------------------------------------------------------------------------------
+
+def test_sample_loads_and_splits():
+    task = PoetryTask(PoetryConfig())
+    train, heldout = task.examples("train"), task.examples("heldout")
+    assert len(train) + len(heldout) == 20
+    assert len(heldout) == 2
+    assert {e.question for e in train}.isdisjoint(e.question for e in heldout)
+    assert all(e.id.startswith("poetry:") and e.answer and "\n" in e.answer for e in train + heldout)
+    again = PoetryTask(PoetryConfig())
+    assert [e.id for e in again.examples("heldout")] == [e.id for e in heldout]
+
+
+def test_same_instruction_shares_a_split_and_file_growth_keeps_splits(tmp_path):
+    rows = [{"instruction": f"Write about {i % 40}.", "poem": f"poem {i}"} for i in range(120)]
+    small = PoetryTask(PoetryConfig(path=write_jsonl(tmp_path / "a.jsonl", rows[:80]), heldout_fraction=0.3))
+    big = PoetryTask(PoetryConfig(path=write_jsonl(tmp_path / "b.jsonl", rows), heldout_fraction=0.3))
+    for task in (small, big):
+        assert {e.question for e in task.examples("train")}.isdisjoint(e.question for e in task.examples("heldout"))
+    assert {e.id for e in small.examples("heldout")} <= {e.id for e in big.examples("heldout")}
+    assert {e.id for e in small.examples("train")} <= {e.id for e in big.examples("train")}
+    assert len(big.examples("heldout")) % 3 == 0  # every instruction has 3 poems, all in one split
+
+
+def test_max_examples(tmp_path):
+    rows = [{"instruction": f"i{i}", "poem": f"p{i}"} for i in range(10)]
+    task = PoetryTask(PoetryConfig(path=write_jsonl(tmp_path / "a.jsonl", rows), max_examples=4, heldout_fraction=0.0))
+    assert [e.question for e in task.examples("train")] == ["i0", "i1", "i2", "i3"]
+
+
+def test_extract_answer_is_the_poem_and_there_is_no_verifier():
+    task = PoetryTask(PoetryConfig())
+    poem = "Line one,\nline two."
+    assert task.extract_answer(f"<think>plan</think><answer>\n{poem}\n</answer>") == poem
+    assert task.extract_answer("<think>no poem</think>") is None
+    example = task.examples("train")[0]
+    assert task.verify(example, example.answer) is None
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"instruction": "x"}', r"p\.jsonl:2: field 'poem' missing"),
+    ('{"poem": "x"}', r"p\.jsonl:2: field 'instruction' missing"),
+    ('{"instruction": "x", "poem": 3}', r"p\.jsonl:2: field 'poem' must be a string, got int"),
+    ('{"instruction": "a", "poem": "b"}', r"p\.jsonl:2: repeats the instruction and poem of .*p\.jsonl:1"),
+    ('not json', r"p\.jsonl:2: not valid JSON \(Expecting value at column 1\)"),
+])
+def test_bad_rows(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "poem": "b"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        PoetryTask(PoetryConfig(path=str(path)))
+
+
+def test_empty_file_and_config_checks(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"p\.jsonl: the file holds no rows"):
+        PoetryTask(PoetryConfig(path=str(path)))
+    with pytest.raises(ValueError, match="task.poetry.heldout_fraction must be in"):
+        PoetryConfig(heldout_fraction=1.5)
+    with pytest.raises(ValueError, match="task.poetry.max_examples must be >= 0"):
+        PoetryConfig(max_examples=-2)
+
+
+def test_registered():
+    assert TASKS["poetry"] == (PoetryTask, PoetryConfig)
+    assert get_task("poetry", PoetryConfig()).name == "poetry"
+
+
+# --- judge --------------------------------------------------------------------------------------------------------
+
+def test_judge_messages():
+    msgs = judge_messages("Write a haiku.", "first poem", "second poem")
+    assert msgs == [{"role": "system", "content": JUDGE_SYSTEM},
+                    {"role": "user", "content": "Instruction: Write a haiku.\n\nPoem 1:\nfirst poem\n\nPoem 2:\nsecond poem"}]
+
+
+@pytest.mark.parametrize("candidate_first, expert_first, outcome", [
+    ("1", "2", "win"), ("1", "tie", "win"), ("tie", "2", "win"),
+    ("2", "1", "loss"), ("2", "tie", "loss"), ("tie", "1", "loss"),
+    ("tie", "tie", "tie"), ("1", "1", "tie"), ("2", "2", "tie"),
+    (None, "2", "tie"), ("1", None, "tie"), (None, None, "tie"),
+])
+def test_combine_verdicts(candidate_first, expert_first, outcome):
+    assert combine_verdicts(candidate_first, expert_first) == outcome
+
+
+class ScriptedJudge:
+    """A judge engine: for each prompt, finds the instruction and which poem is shown first, and replies with the
+    text scripted for (instruction, "candidate" or "expert" first). A reply of None is a truncated "1"."""
+
+    weight_version = 0
+
+    def __init__(self, tokenizer, script, candidates):
+        self.tok, self.script, self.candidates = tokenizer, script, candidates
+        self.calls = []
+
+    def generate(self, prompt_list, params):
+        self.calls.append((len(prompt_list), params))
+        out = []
+        for p in prompt_list:
+            text = self.tok.decode(p, skip_special_tokens=False)
+            assert JUDGE_SYSTEM in text
+            user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
+            instruction = user.split("\n", 1)[0].removeprefix("Instruction: ")
+            shown_first = user.split("Poem 1:\n", 1)[1].split("\n\nPoem 2:", 1)[0]
+            first = "candidate" if shown_first == self.candidates[instruction] else "expert"
+            reply = self.script[instruction][first]
+            truncated = reply is None
+            reply = "<think>hm</think><answer>1</answer>" if truncated else reply
+            ids = self.tok(reply, add_special_tokens=False)["input_ids"]
+            out.append([Completion(token_ids=ids, logprobs=[0.0] * len(ids), text=reply, prompt_ids=list(p),
+                                   finish_reason="length" if truncated else "stop")])
+        return out
+
+
+def verdict(v):
+    return f"<think>comparing</think><answer>{v}</answer>"
+
+
+def test_judge_pairwise_counts(tok):
+    # instruction -> (reply when the candidate is shown first, reply when the expert is shown first)
+    cases = {
+        "wins both": (verdict("1"), verdict("2")),
+        "wins one, ties one": (verdict("1"), verdict("tie")),
+        "ties one, wins one": (verdict(" TIE "), verdict("2")),
+        "loses both": (verdict("2"), verdict("1")),
+        "loses one, ties one": (verdict("tie"), verdict("1")),
+        "always poem 1": (verdict("1"), verdict("1")),  # position bias: inconsistent across orders
+        "always poem 2": (verdict("2"), verdict("2")),
+        "ties both": (verdict("tie"), verdict("tie")),
+        "no tag, then win": ("<think>I cannot decide</think>", verdict("2")),
+        "truncated, then win": (None, verdict("2")),
+        "bad word, then loss": (verdict("maybe"), verdict("1")),
+    }
+    items = [(instr, f"candidate poem for {instr}\nsecond line", f"expert poem for {instr}") for instr in cases]
+    script = {instr: {"candidate": a, "expert": b} for instr, (a, b) in cases.items()}
+    engine = ScriptedJudge(tok, script, {instr: cand for instr, cand, _ in items})
+
+    report = judge_pairwise(engine, tok, items, max_new_tokens=64, seed=5)
+
+    assert len(engine.calls) == 1
+    n_prompts, params = engine.calls[0]
+    assert n_prompts == 2 * len(items) == 22
+    assert (params.n, params.temperature, params.max_new_tokens, params.seed) == (1, 0.0, 64, 5)
+    assert report.outcomes == ("win", "win", "win", "loss", "loss", "tie", "tie", "tie", "tie", "tie", "tie")
+    assert report.verdicts[5] == ("1", "1")
+    assert report.verdicts[8:] == ((None, "2"), (None, "2"), (None, "1"))
+    assert (report.num_items, report.wins, report.ties, report.losses, report.invalid_verdicts) == (11, 3, 6, 2, 3)
+    assert report.win_rate == pytest.approx(3 / 11)
+    assert report.tie_rate == pytest.approx(6 / 11)
+    assert report.loss_rate == pytest.approx(2 / 11)
+    assert report.invalid_rate == pytest.approx(3 / 22)
+    assert report.summary() == {"items": 11, "wins": 3, "ties": 6, "losses": 2, "win_rate": 3 / 11,
+                                "tie_rate": 6 / 11, "loss_rate": 2 / 11, "invalid_verdicts": 3, "invalid_rate": 3 / 22}
+
+
+def test_judge_prompt_order(tok):
+    items = [("i0", "cand 0", "exp 0"), ("i1", "cand 1", "exp 1")]
+    captured = []
+
+    class Recorder:
+        weight_version = 0
+
+        def generate(self, prompt_list, params):
+            captured.extend(prompt_list)
+            return [[Completion(token_ids=[1], logprobs=[0.0], finish_reason="stop", text=verdict("tie"))]
+                    for _ in prompt_list]
+
+    report = judge_pairwise(Recorder(), tok, items, max_new_tokens=8)
+    expected = [prompts.render_prompt(tok, judge_messages(i, a, b))
+                for i, c, e in items for a, b in ((c, e), (e, c))]
+    assert captured == expected
+    assert report == JudgeReport(outcomes=("tie", "tie"), verdicts=(("tie", "tie"), ("tie", "tie")))
+    assert report.invalid_rate == 0.0
+
+
+def test_judge_rejects_bad_items(tok):
+    with pytest.raises(ValueError, match="no items"):
+        judge_pairwise(None, tok, [], max_new_tokens=8)
+    with pytest.raises(ValueError, match="item 1 must be"):
+        judge_pairwise(None, tok, [("i", "c", "e"), ("i", None, "e")], max_new_tokens=8)
