@@ -13,6 +13,11 @@ come from; packing, the fused loss, the update and the weight sync are the same.
   the expert answer after it, log p(<answer>a*</answer><eos> | question, r) / its length. Only the reasoning
   (up to and including </think>) is trained; samples that never close </think> are filtered like truncated ones.
   The likelihoods are computed by the trainer's model on packed micro-batches (`score_expert_answers`).
+- dpo (iterative DPO): every step, each policy sample that is not the expert answer itself is paired with the expert
+  completion (chosen ≻ rejected); the reference is the policy at the start of the round. With one gradient step
+  per batch, DPO's gradient is exactly the clipped-surrogate update's at ratio 1 with sequence advantages +w for
+  the chosen and -w for the rejected, w = beta·sigmoid(-beta·margin), summed over tokens and divided by the
+  number of pairs (`dpo_advantages`), so DPO too runs through the fused loss and the packed update.
 """
 from __future__ import annotations
 
@@ -162,3 +167,80 @@ def score_expert_answers(model, samples: list[SequenceSample], scoring: list[Seq
     for sample, a in zip(samples, group_advantages(rewards, [s.group for s in scoring], std_normalize=std_normalize), strict=True):
         sample.advantage = a
     return {"reward/policy_mean": sum(rewards) / len(rewards) if rewards else None}
+
+
+def dpo_pairs(examples: list[Example], *, engine: RolloutEngine, tokenizer, task: Task, cfg: JobConfig, seed: int,
+              group_offset: int) -> RankRollout:
+    """(expert ≻ policy sample) pairs, the chosen then the rejected member of each, `group` = a pair id unique over
+    ranks. A truncated sample, or one whose answer is the expert's own, makes no pair."""
+    out = RankRollout()
+    if not examples:
+        return out
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, n=cfg.raro.group_size, seed=seed)
+    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], params)
+    pair = group_offset
+    for ex, comps in zip(examples, policy):
+        expert = tokenizer(prompts.format_completion("", ex.answer) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        for c in comps:
+            answer = None if c.truncated else task.extract_answer(c.text)
+            paired = not c.truncated and (answer is None or answer.strip() != ex.answer.strip())
+            out.add("policy/truncated_rate", c.truncated)
+            out.add("policy/answer_rate", answer is not None)
+            out.add("policy/response_length", len(c.token_ids))
+            verdict = task.verify(ex, answer)
+            if verdict is not None:  # logged only; DPO never sees it
+                out.add("policy/answer_accuracy", verdict)
+            out.add("dpo/pair_rate", paired)
+            if not paired:
+                continue
+            prompt = list(c.prompt_ids)
+            out.samples.append(SequenceSample(input_ids=prompt + expert, prompt_len=len(prompt), advantage=0.0,
+                                              role="policy", group=pair, uid=-1, preference=1))
+            out.samples.append(SequenceSample(input_ids=prompt + list(c.token_ids), prompt_len=len(prompt), advantage=0.0,
+                                              role="policy", group=pair, uid=-1, preference=-1,
+                                              weight_version=c.weight_version))
+            pair += 1
+    return out
+
+
+def dpo_advantages(samples: list[SequenceSample], mbs, *, d: Dist, beta: float) -> tuple[int, dict[str, float | None]]:
+    """Write DPO's per-sequence advantages into the packed micro-batches (after old and reference log-probs are
+    recomputed) and return (number of pairs, metrics). Sequence log-prob sums are added over ranks first."""
+    device = d.device
+    n = len(samples)
+    policy_sum = torch.zeros(n, dtype=torch.float64, device=device)
+    ref_sum = torch.zeros(n, dtype=torch.float64, device=device)
+    for mb in mbs:
+        if mb.is_padding:
+            continue
+        m = mb.targets != -100
+        uid = mb.uids[mb.seq_ids][m]
+        policy_sum.index_add_(0, uid, mb.old_logprobs[m].double())
+        ref_sum.index_add_(0, uid, mb.ref_logprobs[m].double())
+    if d.enabled:
+        torch.distributed.all_reduce(policy_sum)
+        torch.distributed.all_reduce(ref_sum)
+    members: dict[int, dict[int, int]] = {}
+    for s in samples:
+        members.setdefault(s.group, {})[s.preference] = s.uid
+    if any(set(m) != {1, -1} for m in members.values()):
+        raise ValueError("dpo: every pair needs exactly one chosen and one rejected sequence")
+    chosen = torch.tensor([m[1] for m in members.values()], dtype=torch.long, device=device)
+    rejected = torch.tensor([m[-1] for m in members.values()], dtype=torch.long, device=device)
+    log_ratio = policy_sum - ref_sum
+    margin = log_ratio[chosen] - log_ratio[rejected]
+    weight = beta * torch.sigmoid(-beta * margin)
+    adv = torch.zeros(n, dtype=torch.float64, device=device)
+    adv[chosen], adv[rejected] = weight, -weight
+    for mb in mbs:
+        if not mb.is_padding:
+            mb.advantages = torch.where(mb.targets != -100, adv[mb.uids[mb.seq_ids]].float(), 0.0)
+    pairs = len(members)
+    metrics = {
+        "dpo/loss": float(-torch.nn.functional.logsigmoid(beta * margin).mean()) if pairs else None,
+        "dpo/margin": float(margin.mean()) if pairs else None,
+        "dpo/accuracy": float((margin > 0).double().mean()) if pairs else None,
+        "dpo/pairs": pairs,
+    }
+    return pairs, metrics

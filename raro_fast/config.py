@@ -52,6 +52,8 @@ class ModelConfig:
         "Parameter dtype: auto = bfloat16 on CUDA, float32 on CPU.", "auto"
     )
     gradient_checkpointing: bool = _help("Recompute decoder activations in backward to save memory.", False)
+    liger_kernels: bool = _help("Use Liger-Kernel's RMSNorm, SwiGLU MLP and RoPE in the trainer's model (Qwen2/Llama; "
+                                "needs `pip install liger-kernel`; CUDA).", False)
 
 
 @dataclass(kw_only=True)
@@ -160,6 +162,19 @@ class LossConfig:
 
 
 @dataclass(kw_only=True)
+class DpoConfig:
+    """Iterative DPO (--train.mode dpo): pairs (expert answer ≻ policy sample) from the current policy every step;
+    the reference is the policy at the start of each round (round 1: the initial model)."""
+
+    rounds: int = _help("Rounds: train.steps are split into this many equal rounds, each with a fresh reference.", 3)
+    beta: float = _help("DPO's beta: how strongly the policy may move away from the reference.", 0.1)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or not self.beta > 0:
+            raise ValueError(f"dpo.rounds must be >= 1 and dpo.beta > 0, got {self.rounds}, {self.beta}")
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     lr: float = _help("AdamW learning rate of the RL update.", 2e-4)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
@@ -170,11 +185,12 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    mode: Literal["raro", "rlvr", "sft", "rationalization", "rl_logit"] = _help(
+    mode: Literal["raro", "rlvr", "sft", "rationalization", "rl_logit", "dpo"] = _help(
         "What the shared trainer optimises: raro (policy + relativistic critic, no verifier), rlvr (GRPO on the "
         "task's verifier: the oracle baseline), sft (next-token training on the expert answers), rationalization "
         "(SFT on expert answers after reasoning the model writes with the answer shown), rl_logit (GRPO with the "
-        "model's own log-likelihood of the expert answer after its reasoning as reward).",
+        "model's own log-likelihood of the expert answer after its reasoning as reward), dpo (iterative DPO: the "
+        "expert answer preferred over each policy sample, the reference refreshed every round; see `dpo`).",
         "raro",
     )
     steps: int = _help("Training steps (one update each).", 30)
@@ -198,6 +214,7 @@ class JobConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     raro: RaroConfig = field(default_factory=RaroConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

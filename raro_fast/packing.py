@@ -34,6 +34,7 @@ class SequenceSample:
     rollout_logprobs: list[float] | None = None  # per completion token, from the rollout engine
     ref_logprobs: list[float] | None = None  # per completion token, from a frozen reference
     weight_version: int | None = None  # the engine weights that sampled it (None: not sampled, e.g. SFT data)
+    preference: int = 0  # DPO: +1 the chosen, -1 the rejected member of pair `group`; 0 elsewhere
 
     @property
     def num_targets(self) -> int:

@@ -7,7 +7,9 @@ The loop (`run`) is the whole method on one screen:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import math
 import json
 import random
 import sys
@@ -30,7 +32,7 @@ from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import parallelize
 from raro_fast.weight_sync import full_state_dict, push_weights
-from raro_fast.baselines import rationalization_samples, rl_logit_rollouts, rlvr_rollouts, score_expert_answers, sft_samples
+from raro_fast.baselines import dpo_advantages, dpo_pairs, rationalization_samples, rl_logit_rollouts, rlvr_rollouts, score_expert_answers, sft_samples
 from raro_fast.raro import STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import make_engine
@@ -78,6 +80,8 @@ def run(r: Run) -> None:
     for step in bar:
         r.timings = {}
         t0 = time.perf_counter()
+        if cfg.train.mode == "dpo" and step > 0 and step % dpo_round_length(cfg) == 0:
+            refresh_dpo_reference(r, step)
         with r.timed("gen"):
             rollout = rollouts_for_step(r, step)
             if cfg.rollout.released_tags:  # colocated: the trainer gets the memory until the sync
@@ -95,9 +99,14 @@ def run(r: Run) -> None:
         if r.ref_model is not None:
             with r.timed("ref"):
                 recompute_logprobs(r.ref_model, mbs, temperature=cfg.rollout.temperature, field="ref_logprobs")
+        loss_cfg, norm = cfg.loss, norm_constant(cfg)
+        if cfg.train.mode == "dpo":  # DPO as the surrogate at ratio 1: summed over tokens, averaged over pairs
+            pairs, dpo_stats = dpo_advantages(samples, mbs, d=d, beta=cfg.dpo.beta)
+            stats.update(dpo_stats)
+            loss_cfg, norm = dataclasses.replace(cfg.loss, loss_agg="token_sum_norm"), float(max(pairs, 1))
         with r.timed("update_actor"):
-            upd = update_step(r.model, r.optimizer, mbs, loss_cfg=cfg.loss, temperature=cfg.rollout.temperature,
-                              norm_constant=norm_constant(cfg), grad_clip=cfg.optim.grad_clip)
+            upd = update_step(r.model, r.optimizer, mbs, loss_cfg=loss_cfg, temperature=cfg.rollout.temperature,
+                              norm_constant=norm, grad_clip=cfg.optim.grad_clip)
         with r.timed("update_weights"):
             push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
         r.timings["timing_s/step"] = time.perf_counter() - t0
@@ -129,6 +138,9 @@ def rollouts_for_step(r: Run, step: int):
         return sft_samples(mine, tokenizer=r.tokenizer)
     if cfg.train.mode == "rationalization":
         return rationalization_samples(mine, engine=r.engine, tokenizer=r.tokenizer, cfg=cfg, seed=seed)
+    if cfg.train.mode == "dpo":
+        return dpo_pairs(mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg, seed=seed,
+                         group_offset=d.rank * len(examples) * cfg.raro.group_size)
     if cfg.train.mode == "rl_logit":
         return rl_logit_rollouts(mine, engine=r.engine, tokenizer=r.tokenizer, cfg=cfg, seed=seed,
                                  group_offset=d.rank * len(examples))
@@ -197,6 +209,7 @@ def norm_constant(cfg: JobConfig) -> float:
         "sft": rc.questions_per_step,
         "rationalization": rc.questions_per_step,
         "rl_logit": rc.questions_per_step * rc.group_size,
+        "dpo": 2 * rc.questions_per_step * rc.group_size,
     }[cfg.train.mode]
     return float(per_step * max(cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens))
 
@@ -280,6 +293,8 @@ def finish(r: Run) -> None:
 
 def setup(cfg: JobConfig, d: Dist) -> Run:
     out = Path(cfg.train.output_dir)
+    if cfg.model.liger_kernels and d.device.type != "cuda":  # before any model is built or warmed up
+        raise ValueError("model.liger_kernels=true needs a CUDA GPU (Liger's kernels do not run on CPU)")
     task = make_task(cfg.task)
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:
@@ -293,6 +308,10 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     engine = make_engine(cfg.rollout, engine_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
                          dtype=str(compute_dtype).removeprefix("torch."), device=d.device, rank=d.rank, seed=cfg.train.seed)
     use_varlen_attention(hf_model)  # the trainer's copy only: the engine keeps sdpa for cached generation
+    if cfg.model.liger_kernels:
+        from raro_fast.model.liger import use_liger_kernels
+
+        use_liger_kernels(hf_model)  # modules swapped from outside; the engine's copy above stays plain
     if cfg.model.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable()
     hf_model.to(d.device)
@@ -300,7 +319,9 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     model = parallelize(policy, policy.decoder_layers, d, compute_dtype=compute_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
-    ref_model = reference_model(cfg, d, compute_dtype) if cfg.loss.kl_coef > 0 else None
+    ref_model = None
+    if cfg.loss.kl_coef > 0 or cfg.train.mode == "dpo":
+        ref_model = reference_model(cfg, d, compute_dtype, dpo_reference_dir(cfg, resume_from))
     replay = ReplayBuffer(cfg.raro.replay_size)
     start = 0
     if resume_from is not None:
@@ -320,10 +341,10 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                ref_model=ref_model, replay=replay, log=log, start_step=start)
 
 
-def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype) -> PolicyModel:
-    """A frozen copy of the run's initial model (the KL anchor), sharded like the trained one. On resume it is
-    the same initial model again, not the checkpoint."""
-    hf, _ = initial_model(cfg, d, resume_from=None)
+def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype, path: Path | None = None) -> PolicyModel:
+    """A frozen copy of the run's initial model (the KL anchor; DPO's first reference), or of the model in `path`,
+    sharded like the trained one. On resume it is the same initial model again, not the checkpoint."""
+    hf, _ = load_pretrained(str(path), dtype=torch.float32) if path else initial_model(cfg, d, resume_from=None)
     use_varlen_attention(hf)
     hf.requires_grad_(False)
     ref = PolicyModel(hf.to(d.device)).eval()
@@ -346,6 +367,35 @@ def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
         save_pretrained_atomic(model.cpu(), tokenizer, base)
     barrier(d)
     return load_pretrained(str(base), dtype=torch.float32)
+
+
+def dpo_round_length(cfg: JobConfig) -> int:
+    return max(1, math.ceil(cfg.train.steps / cfg.dpo.rounds))
+
+
+def dpo_reference_dir(cfg: JobConfig, resume_from: Path | None) -> Path | None:
+    """The saved reference of the round a resumed DPO run is in (None: round 1's is the initial model, or the run
+    resumes exactly at a round start, where the loop refreshes it anyway)."""
+    if cfg.train.mode != "dpo" or resume_from is None:
+        return None
+    step = checkpoint.load_trainer_state(resume_from)["step"]
+    start = step // dpo_round_length(cfg) * dpo_round_length(cfg)
+    if start == 0 or start == step:
+        return None
+    path = Path(cfg.train.output_dir) / "dpo_reference" / f"step_{start:06d}"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: the DPO reference of the round starting at step {start} is missing; cannot resume exactly")
+    return path
+
+
+def refresh_dpo_reference(r: Run, step: int) -> None:
+    """A new DPO round: the reference becomes the current policy, and is saved so a resumed run finds it."""
+    r.ref_model.load_state_dict(r.model.state_dict())
+    weights = full_state_dict(r.model)
+    if r.d.is_main:
+        save_pretrained_atomic(r.hf_model, r.tokenizer, Path(r.cfg.train.output_dir) / "dpo_reference" / f"step_{step:06d}",
+                               state_dict={k: v.cpu() for k, v in weights.items()})
+    barrier(r.d)
 
 
 def initial_model_dir(cfg: JobConfig, resume_from: Path | None) -> Path:

@@ -1,5 +1,6 @@
 """End to end: the training command on the embedded model (tiny settings), resume exactness, two FSDP2 ranks,
 and bad input failing at start with a message that names it."""
+import math
 import json
 import os
 import shutil
@@ -131,7 +132,7 @@ def test_sglang_backend_without_sglang_says_how_to_install(tmp_path, base_model)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["rlvr", "sft", "rationalization", "rl_logit"])
+@pytest.mark.parametrize("mode", ["rlvr", "sft", "rationalization", "rl_logit", "dpo"])
 def test_baseline_modes_train_end_to_end(base_model, tmp_path, mode):
     run = _with_base(base_model, tmp_path / mode)
     out = train([*TINY, "--train.mode", mode, "--train.steps", "2", "--train.output_dir", str(run)])
@@ -163,3 +164,40 @@ def test_other_tasks_train_end_to_end(base_model, tmp_path, task):
         assert recs[-1]["eval/heldout_accuracy"] is None and "the poetry task has no verifier" in out.stdout
     else:
         assert 0 <= recs[-1]["eval/heldout_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_dpo_resume_mid_round_equals_uninterrupted(base_model, tmp_path):
+    """6 steps in 2 rounds: the reference is refreshed at step 3 and saved; a run killed after step 5 resumes from
+    the step-4 checkpoint with the round-2 reference and matches the uninterrupted run."""
+    args = [*TINY, "--train.mode", "dpo", "--dpo.rounds", "2", "--train.steps", "6", "--train.save_every", "2",
+            "--train.eval_every", "3"]
+    full = _with_base(base_model, tmp_path / "full")
+    train([*args, "--train.output_dir", str(full)])
+    assert (full / "dpo_reference" / "step_000003" / "config.json").is_file()
+    cut = _with_base(base_model, tmp_path / "cut")
+    assert train([*args, "--train.output_dir", str(cut), "--train.stop_after", "5"], check=False).returncode != 0
+    train([*args, "--train.output_dir", str(cut), "--resume"])
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
+    a, b = metrics(full), metrics(cut)
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert sum(r["dpo/pairs"] for r in a[1:]) > 0  # (a step whose samples are all truncated makes no pair)
+    assert all((r["dpo/loss"] is None) == (r["dpo/pairs"] == 0) for r in a[1:])
+    # first step of each round: policy == reference, so every margin is 0 and the loss is log 2
+    assert a[1]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6) and a[4]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert a[2]["dpo/loss"] != pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_dpo_two_ranks_refreshes_the_sharded_reference(base_model, tmp_path):
+    run = _with_base(base_model, tmp_path / "dpo2")
+    train([*TINY, "--train.mode", "dpo", "--dpo.rounds", "2", "--train.steps", "2", "--train.output_dir", str(run)], nproc=2)
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert recs[2]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)  # the refreshed reference equals the policy
+
+
+def test_liger_kernels_on_cpu_fail_at_start(tmp_path):
+    out = train(["--model.liger_kernels", "true", "--train.output_dir", str(tmp_path / "r")], check=False)
+    assert out.returncode == 2 and "model.liger_kernels=true needs a CUDA GPU" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "r" / "base_model").exists()
