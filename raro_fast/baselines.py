@@ -35,14 +35,24 @@ from raro_fast.rollout.engine import RolloutEngine, SamplingParams
 from raro_fast.tasks.base import Example, Task
 
 
+def policy_groups(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig, seed: int):
+    """`raro.group_size` policy samples per question, at the rollout settings."""
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, n=cfg.raro.group_size, seed=seed)
+    return engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], params)
+
+
+def expert_completion_ids(tokenizer, answer: str, think: str = "") -> list[int]:
+    """The expert's final answer in the policy format (after `think` as reasoning), ending with the end token."""
+    return tokenizer(prompts.format_completion(think, answer) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+
+
 def rlvr_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, task: Task, cfg: JobConfig,
                   seed: int) -> RankRollout:
     out = RankRollout()
     if not examples:
         return out
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, n=cfg.raro.group_size, seed=seed)
-    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], params)
+    policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
     for i, (ex, comps) in enumerate(zip(examples, policy)):
         answers = [None if c.truncated else task.extract_answer(c.text) for c in comps]
         rewards = [float(bool(task.verify(ex, a))) for a in answers]
@@ -63,7 +73,7 @@ def sft_samples(examples: list[Example], *, tokenizer, reasonings: list[str] | N
     for i, ex in enumerate(examples):
         prompt = prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question))
         think = reasonings[i] if reasonings else ""
-        answer = tokenizer(prompts.format_completion(think, ex.answer) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        answer = expert_completion_ids(tokenizer, ex.answer, think)
         out.samples.append(SequenceSample(input_ids=prompt + answer, prompt_len=len(prompt), advantage=1.0, role="policy",
                                           group=i, uid=-1, loss_weight=1.0))
         out.add("policy/response_length", len(answer))
@@ -116,9 +126,7 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
     out = RankRollout()
     if not examples:
         return out
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, n=cfg.raro.group_size, seed=seed)
-    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], params)
+    policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     for i, (ex, comps) in enumerate(zip(examples, policy)):
         expert = tokenizer(prompts.format_completion("", ex.answer).removeprefix("<think></think>") + tokenizer.eos_token,
@@ -148,25 +156,30 @@ def score_expert_answers(model, samples: list[SequenceSample], scoring: list[Seq
     for uid, s in enumerate(scoring):
         s.uid = uid
     device = d.device
-    sums = torch.zeros(len(scoring), dtype=torch.float64, device=device)
-    counts = torch.zeros(len(scoring), dtype=torch.float64, device=device)
     mbs = [mb.to(device) for mb in plan_micro_batches(scoring, max_tokens_per_micro_batch=max_tokens_per_micro_batch,
                                                       world_size=d.world_size, rank=d.rank)]
     recompute_logprobs(model, mbs, temperature=1.0)
+    sums, counts = sequence_sums(mbs, len(scoring), ["old_logprobs", None], d=d)
+    rewards = (sums / counts.clamp_min(1)).tolist()
+    for sample, a in zip(samples, group_advantages(rewards, [s.group for s in scoring], std_normalize=std_normalize), strict=True):
+        sample.advantage = a
+    return {"reward/policy_mean": sum(rewards) / len(rewards) if rewards else None}
+
+
+def sequence_sums(mbs, n: int, fields: list[str | None], *, d: Dist) -> list[torch.Tensor]:
+    """Per-sequence (index = uid) float64 sums over completion tokens of each per-token `field` of the micro-batches
+    (None: count the tokens), added over all ranks."""
+    sums = torch.zeros(len(fields), n, dtype=torch.float64, device=d.device)
     for mb in mbs:
         if mb.is_padding:
             continue
         m = mb.targets != -100
         uid = mb.uids[mb.seq_ids][m]
-        sums.index_add_(0, uid, mb.old_logprobs[m].double())
-        counts.index_add_(0, uid, torch.ones_like(uid, dtype=torch.float64))
+        for row, name in zip(sums, fields):
+            row.index_add_(0, uid, torch.ones_like(uid, dtype=torch.float64) if name is None else getattr(mb, name)[m].double())
     if d.enabled:
         torch.distributed.all_reduce(sums)
-        torch.distributed.all_reduce(counts)
-    rewards = (sums / counts.clamp_min(1)).tolist()
-    for sample, a in zip(samples, group_advantages(rewards, [s.group for s in scoring], std_normalize=std_normalize), strict=True):
-        sample.advantage = a
-    return {"reward/policy_mean": sum(rewards) / len(rewards) if rewards else None}
+    return list(sums)
 
 
 def dpo_pairs(examples: list[Example], *, engine: RolloutEngine, tokenizer, task: Task, cfg: JobConfig, seed: int,
@@ -176,12 +189,10 @@ def dpo_pairs(examples: list[Example], *, engine: RolloutEngine, tokenizer, task
     out = RankRollout()
     if not examples:
         return out
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, n=cfg.raro.group_size, seed=seed)
-    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], params)
+    policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
     pair = group_offset
     for ex, comps in zip(examples, policy):
-        expert = tokenizer(prompts.format_completion("", ex.answer) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        expert = expert_completion_ids(tokenizer, ex.answer)
         for c in comps:
             answer = None if c.truncated else task.extract_answer(c.text)
             paired = not c.truncated and (answer is None or answer.strip() != ex.answer.strip())
@@ -209,18 +220,7 @@ def dpo_advantages(samples: list[SequenceSample], mbs, *, d: Dist, beta: float) 
     recomputed) and return (number of pairs, metrics). Sequence log-prob sums are added over ranks first."""
     device = d.device
     n = len(samples)
-    policy_sum = torch.zeros(n, dtype=torch.float64, device=device)
-    ref_sum = torch.zeros(n, dtype=torch.float64, device=device)
-    for mb in mbs:
-        if mb.is_padding:
-            continue
-        m = mb.targets != -100
-        uid = mb.uids[mb.seq_ids][m]
-        policy_sum.index_add_(0, uid, mb.old_logprobs[m].double())
-        ref_sum.index_add_(0, uid, mb.ref_logprobs[m].double())
-    if d.enabled:
-        torch.distributed.all_reduce(policy_sum)
-        torch.distributed.all_reduce(ref_sum)
+    policy_sum, ref_sum = sequence_sums(mbs, n, ["old_logprobs", "ref_logprobs"], d=d)
     members: dict[int, dict[int, int]] = {}
     for s in samples:
         members.setdefault(s.group, {})[s.preference] = s.uid

@@ -8,9 +8,8 @@ import pytest
 
 from raro_fast.tasks import TASKS, get_task
 from raro_fast.tasks.base import Example
-from raro_fast.tasks.deepmath import (
-    SAMPLE_PATH, DeepMathConfig, DeepMathTask, extract_answer, in_heldout, last_boxed, math_equal,
-)
+from raro_fast.tasks.deepmath import SAMPLE_PATH, DeepMathConfig, DeepMathTask, extract_answer, last_boxed, math_equal
+from raro_fast.tasks.records import in_heldout
 
 
 def write_jsonl(path, rows):

@@ -21,7 +21,7 @@ from typing import Any
 
 from raro_fast import prompts
 from raro_fast.tasks.base import Example, Task
-from raro_fast.tasks.records import in_heldout, read_records, stable_id, text_field
+from raro_fast.tasks.records import hash_split, read_records, stable_id, text_field
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "deepmath_sample.jsonl"
 
@@ -105,15 +105,8 @@ def load_examples(cfg: DeepMathConfig) -> dict[str, list[Example]]:
                             meta={"difficulty": difficulty, "source": where}))
     if not kept:
         raise ValueError(f"{cfg.path}: no row has a difficulty in [{cfg.min_difficulty}, {cfg.max_difficulty}]")
-    if cfg.max_examples:
-        kept = kept[: cfg.max_examples]
-    splits: dict[str, list[Example]] = {"train": [], "heldout": []}
-    for ex in kept:
-        splits["heldout" if in_heldout(ex.question, cfg.heldout_fraction, cfg.seed) else "train"].append(ex)
-    if not splits["train"]:
-        raise ValueError(f"{cfg.path}: all {len(kept)} examples fell in the held-out split; "
-                         "use more examples or a smaller task.deepmath.heldout_fraction")
-    return splits
+    return hash_split(kept, max_examples=cfg.max_examples, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed,
+                      path=cfg.path, fraction_setting="task.deepmath.heldout_fraction")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Sequence
 from raro_fast import prompts
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams
 from raro_fast.tasks.base import Example, Task
-from raro_fast.tasks.records import in_heldout, read_records, stable_id, text_field
+from raro_fast.tasks.records import hash_split, read_records, stable_id, text_field
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "poetry_sample.jsonl"
 
@@ -49,15 +49,8 @@ def load_examples(cfg: PoetryConfig) -> dict[str, list[Example]]:
         first_seen[(instruction, poem)] = where
         rows.append(Example(id=stable_id("poetry", f"{instruction}\0{poem}"), question=instruction, answer=poem,
                             meta={"source": where}))
-    if cfg.max_examples:
-        rows = rows[: cfg.max_examples]
-    splits: dict[str, list[Example]] = {"train": [], "heldout": []}
-    for ex in rows:
-        splits["heldout" if in_heldout(ex.question, cfg.heldout_fraction, cfg.seed) else "train"].append(ex)
-    if not splits["train"]:
-        raise ValueError(f"{cfg.path}: all {len(rows)} examples fell in the held-out split; "
-                         "use more examples or a smaller task.poetry.heldout_fraction")
-    return splits
+    return hash_split(rows, max_examples=cfg.max_examples, heldout_fraction=cfg.heldout_fraction, seed=cfg.seed,
+                      path=cfg.path, fraction_setting="task.poetry.heldout_fraction")
 
 
 class PoetryTask(Task):

@@ -97,3 +97,17 @@ def stable_id(prefix: str, key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading DeepMath rows.
+
+
+def hash_split(examples: list, *, max_examples: int, heldout_fraction: float, seed: int, path, fraction_setting: str) -> dict:
+    """{"train": [...], "heldout": [...]}: the first `max_examples` (0: all) split by `in_heldout` on the question.
+    An empty training split is an error naming the file and the setting to change."""
+    if max_examples:
+        examples = examples[:max_examples]
+    splits: dict[str, list] = {"train": [], "heldout": []}
+    for ex in examples:
+        splits["heldout" if in_heldout(ex.question, heldout_fraction, seed) else "train"].append(ex)
+    if not splits["train"]:
+        raise ValueError(f"{path}: all {len(examples)} examples fell in the held-out split; "
+                         f"use more examples or a smaller {fraction_setting}")
+    return splits
