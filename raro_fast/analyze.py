@@ -19,9 +19,9 @@ from raro_fast.analysis import (
     support_metrics, token_entropy,
 )
 from raro_fast.analysis.cache import SampleCache, chunk_seed
-from raro_fast.config import ConfigError, RolloutConfig, _help, help_text, load_config
+from raro_fast.config import ConfigError, _help, help_text, load_config
 from raro_fast.model.hf import load_pretrained
-from raro_fast.rollout import make_engine
+from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
 from raro_fast.tasks import TaskConfig, make_task
 
@@ -65,15 +65,9 @@ def parse_models(spec: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def embedded_engine(model, tokenizer, *, batch_size: int):
-    """An embedded rollout engine around an already loaded model (for tools that load models themselves)."""
-    return make_engine(RolloutConfig(batch_size=batch_size), model, tokenizer, model_path="", dtype="auto",
-                       device=model.device, rank=0, seed=0)
-
-
 def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, cache: SampleCache) -> dict[str, list]:
     """Fill the cache up to k samples per problem (only what is missing), return the samples per problem id."""
-    engine = embedded_engine(model, tokenizer, batch_size=cfg.batch_size)
+    engine = EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=cfg.batch_size)
     have = {p.id: cache.get(name, p.id, cfg.seed) for p in problems}
     chunks = math.ceil(cfg.k / cfg.chunk)
     bar = tqdm(total=chunks * len(problems), desc=f"sampling {name}", dynamic_ncols=True)

@@ -114,7 +114,9 @@ def rerank_report(
     policy_prompts = [prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples]
     outs = engine.generate(policy_prompts, params)
     answers = [[None if c.truncated else task.extract_answer(c.text) for c in comps] for comps in outs]
-    correct = [[bool(task.verify(ex, a)) for a in ans] for ex, ans in zip(examples, answers)]
+    verdicts = [[task.verify(ex, a) for a in ans] for ex, ans in zip(examples, answers)]
+    verifiable = not any(v is None for vs in verdicts for v in vs)  # poetry has no verifier: no accuracies
+    correct = [[bool(v) for v in vs] for vs in verdicts]
     majority = [majority_index(ans) for ans in answers]
     sampling_s = time.perf_counter() - t0
 
@@ -148,7 +150,7 @@ def rerank_report(
         "tournament_correct": None if picks is None else sum(c[p] for p, c in zip(picks, correct)),
         "any_correct": sum(any(c) for c in correct),
     }
-    accuracy = {
+    accuracy = {} if not verifiable else {
         "pass@1": counts["first_correct"] / q,
         "avg@n": sum(sum(c) / n for c in correct) / q,
         "majority@n": counts["majority_correct"] / q,
@@ -192,6 +194,11 @@ class EvalSettings:
     dtype: Literal["auto", "float32", "bfloat16"] = _help(
         "Model dtype: auto = bfloat16 on CUDA, float32 on CPU.", "auto")
     output_dir: str = _help("Where report.json goes.", "runs/evaluate")
+    judge_model: str = _help(
+        "A model directory that judges answers against the expert's, pairwise in both orders (for tasks without a "
+        "verifier, e.g. poetry): win/tie/loss rates of the first sample and of the tournament pick. A problem with "
+        "no answer counts as a loss. Empty: no judge.", "")
+    judge_max_new_tokens: int = _help("Longest judge reply; a cut one is an invalid verdict (a tie).", 96)
 
     def __post_init__(self) -> None:
         for name in ("n", "max_new_tokens", "critic_max_new_tokens", "batch_size"):
@@ -241,14 +248,17 @@ def run(cfg: EvaluateConfig) -> dict:
     examples = task.examples(e.split)[: e.num_problems or None]
     if not examples:
         raise ValueError(f"eval.split: the {cfg.task.name} task's {e.split!r} split has no problems")
-    engine = EmbeddedEngine(model.to(device), pad_token_id=tokenizer.pad_token_id,
-                            eos_token_ids=[tokenizer.eos_token_id],
-                            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), batch_size=e.batch_size)
+    engine = EmbeddedEngine.from_tokenizer(model.to(device), tokenizer, batch_size=e.batch_size)
     report = rerank_report(
         examples, engine=engine, tokenizer=tokenizer, task=task, n=e.n, max_new_tokens=e.max_new_tokens,
         temperature=e.temperature, top_p=e.top_p, critic_max_new_tokens=e.critic_max_new_tokens, seed=e.seed,
         rerank=e.rerank, critic_temperature=e.critic_temperature,
     )
+    if e.judge_model:
+        judge, judge_tok = load_pretrained(e.judge_model, dtype=resolve_dtype(e.dtype, device))
+        report["judge"] = {"model": e.judge_model, **judge_report(
+            examples, report["per_question"], engine=EmbeddedEngine.from_tokenizer(judge.to(device), judge_tok, batch_size=e.batch_size),
+            tokenizer=judge_tok, max_new_tokens=e.judge_max_new_tokens, seed=e.seed)}
     report = {"model": e.model, "task": cfg.task.name, "split": e.split, **report, "config": to_dict(cfg)}
     out = Path(e.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,9 +266,41 @@ def run(cfg: EvaluateConfig) -> dict:
     return report
 
 
+def judge_report(examples: list[Example], per_question: list[dict], *, engine: RolloutEngine, tokenizer,
+                 max_new_tokens: int, seed: int) -> dict:
+    """Win/tie/loss rates against the expert, by the judge model behind `engine`, of the first sample and of the
+    tournament's pick (`per_question` as in rerank_report). A problem without an answer is a loss."""
+    from raro_fast.tasks.poetry import judge_pairwise
+
+    out = {}
+    picks = {"first": [0] * len(per_question), "tournament": [q["tournament"] for q in per_question]}
+    if all(i is None for i in picks["tournament"]):  # --rerank none
+        del picks["tournament"]
+    for pick, indices in picks.items():
+        chosen = [None if i is None else q["answers"][i] for q, i in zip(per_question, indices)]
+        items = [(ex.question, a, ex.answer) for ex, a in zip(examples, chosen) if a is not None]
+        wins = ties = 0
+        if items:
+            judged = judge_pairwise(engine, tokenizer, items, max_new_tokens=max_new_tokens, seed=seed)
+            wins, ties = judged.wins, judged.ties
+        total = len(per_question)
+        out[pick] = {"win": wins / total, "tie": ties / total, "loss": (total - wins - ties) / total,
+                     "no_answer": total - len(items)}
+    return out
+
+
 def markdown(report: dict) -> str:
     n, q = report["n"], report["counts"]["questions"]
     acc, counts = report["accuracy"], report["counts"]
+    lines = []
+    if "judge" in report:
+        lines += [f"Judged against the expert by {report['judge']['model']} (both orders):", "",
+                  "| selection | win | tie | loss | no answer |", "|---|---|---|---|---|"]
+        lines += [f"| {pick} | {r['win']:.3f} | {r['tie']:.3f} | {r['loss']:.3f} | {r['no_answer']} |"
+                  for pick, r in report["judge"].items() if pick != "model"]
+        lines.append("")
+    if not acc:
+        return "\n".join(lines + [f"The {report.get('task', 'task')} task has no verifier: no accuracies."]) + "\n"
     rows = [
         ("first sample", "pass@1", f"{counts['first_correct']}/{q}"),
         (f"mean of {n} samples", "avg@n", f"{counts['correct_samples']}/{counts['samples']} samples"),
@@ -267,7 +309,7 @@ def markdown(report: dict) -> str:
     if acc["tournament@n"] is not None:
         rows.append((f"critic tournament of {n}", "tournament@n", f"{counts['tournament_correct']}/{q}"))
     rows.append((f"oracle: any of {n} correct", "pass@n", f"{counts['any_correct']}/{q}"))
-    lines = ["| selection | accuracy | correct |", "|---|---|---|"]
+    lines += ["| selection | accuracy | correct |", "|---|---|---|"]
     lines += [f"| {label} ({key.replace('@n', f'@{n}')}) | {acc[key]:.3f} | {frac} |" for label, key, frac in rows]
     if report["critic"] is not None:
         c = report["critic"]

@@ -205,3 +205,27 @@ def test_judge_rejects_bad_items(tok):
         judge_pairwise(None, tok, [], max_new_tokens=8)
     with pytest.raises(ValueError, match="item 1 must be"):
         judge_pairwise(None, tok, [("i", "c", "e"), ("i", None, "e")], max_new_tokens=8)
+
+
+def test_evaluate_judge_report_scores_first_sample_and_tournament_pick(tok):
+    from raro_fast.evaluate import judge_report
+
+    exs = PoetryTask(PoetryConfig()).examples("train")[:3]
+    # Per problem: the samples and the tournament's pick; problem 3 answered nothing (a loss without judging).
+    per_question = [{"answers": ["good A", "bad A"], "tournament": 0},
+                    {"answers": ["bad B", "good B"], "tournament": 1},
+                    {"answers": [None, None], "tournament": None}]
+    wins_both_orders = {"candidate": verdict("1"), "expert": verdict("2")}
+    loses_both_orders = {"candidate": verdict("2"), "expert": verdict("1")}
+
+    def judged(pick, candidates, script, questions):
+        judge = ScriptedJudge(tok, dict(zip([e.question for e in exs], script)), dict(zip([e.question for e in exs], candidates)))
+        out = judge_report(exs, questions, engine=judge, tokenizer=tok, max_new_tokens=32, seed=0)
+        assert judge.calls[-1][0] == 4  # the two answered problems, each in both orders, in one engine call
+        return out[pick]
+
+    no_tournament = [dict(q, tournament=None) for q in per_question]  # (--rerank none): only the first sample
+    first = judged("first", ["good A", "bad B"], [wins_both_orders, loses_both_orders], no_tournament)
+    assert first == {"win": pytest.approx(1 / 3), "tie": 0.0, "loss": pytest.approx(2 / 3), "no_answer": 1}
+    tournament = judged("tournament", ["good A", "good B"], [wins_both_orders, wins_both_orders], per_question)
+    assert tournament == {"win": pytest.approx(2 / 3), "tie": 0.0, "loss": pytest.approx(1 / 3), "no_answer": 1}

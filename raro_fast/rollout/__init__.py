@@ -12,13 +12,7 @@ def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, r
     if cfg.backend == "embedded":
         from raro_fast.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(
-            model,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_ids=[tokenizer.eos_token_id],
-            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            batch_size=cfg.batch_size,
-        )
+        return EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=cfg.batch_size)
     from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine, require_sglang
 
     require_sglang(cfg.backend)

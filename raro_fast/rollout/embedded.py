@@ -31,6 +31,12 @@ class EmbeddedEngine:
         self.batch_size = batch_size
         self.weight_version = 0
 
+    @classmethod
+    def from_tokenizer(cls, model: PreTrainedModel, tokenizer, *, batch_size: int = 64) -> "EmbeddedEngine":
+        """Pad, end and decoding from a Hugging Face tokenizer."""
+        return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id],
+                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), batch_size=batch_size)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
