@@ -218,6 +218,11 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.loss.tis_cap is not None and self.train.mode in ("sft", "rationalization", "dpo"):
+            raise ValueError(f"loss.tis_cap needs the engine's log-probs of the trained tokens; train.mode "
+                             f"{self.train.mode} trains on sequences the engine did not sample")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: YAML + command line, with errors that name the key.

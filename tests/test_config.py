@@ -66,6 +66,16 @@ def test_task_validation_is_reported_with_its_section():
         load_config(["--task.countdown.num_numbers", "0"])
 
 
+def test_settings_that_contradict_each_other_are_refused():
+    with pytest.raises(ConfigError, match=r"loss.tis_cap needs the engine's log-probs .* train.mode dpo"):
+        load_config(["--train.mode", "dpo", "--loss.tis_cap", "2"])
+    with pytest.raises(ConfigError, match=r"dpo.rounds must be >= 1"):
+        load_config(["--dpo.rounds", "0"])
+    with pytest.raises(ConfigError, match=r"rollout.weight_bucket_mb must be > 0"):
+        load_config(["--rollout.weight_bucket_mb", "0"])
+    assert load_config(["--train.mode", "rlvr", "--loss.tis_cap", "2"]).loss.tis_cap == 2
+
+
 def test_raro_values_are_validated():
     with pytest.raises(ConfigError, match=r"raro.tau_pol must lie in \[0, 1\], got 1.5"):
         load_config(["--raro.tau_pol", "1.5"])
