@@ -53,6 +53,28 @@ def _gemm_configs(hopper: bool) -> list[triton.Config]:
     ]
 
 
+@triton.jit
+def _logits_tile(
+    h_tile, w_tile, row_ok, col_ok, offs_k, hidden_size, stride_hk, stride_wk,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One [BLOCK_N, BLOCK_V] tile of h @ w.T in fp32, the K loop of both fused kernels (inlined by Triton)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(h_tile + k0 * stride_hk, mask=row_ok[:, None], other=0.0)
+            b = tl.load(w_tile + k0 * stride_wk, mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = (k0 + offs_k) < hidden_size
+            a = tl.load(h_tile + k0 * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_tile + k0 * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["hidden_size"] % args["BLOCK_K"] == 0})
 
 
@@ -87,18 +109,8 @@ def _stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
         w_tile = w_ptr + cols.to(tl.int64)[:, None] * stride_wv + offs_k[None, :] * stride_wk
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, hidden_size, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(h_tile + k0 * stride_hk, mask=row_ok[:, None], other=0.0)
-                b = tl.load(w_tile + k0 * stride_wk, mask=col_ok[:, None], other=0.0)
-            else:
-                k_ok = (k0 + offs_k) < hidden_size
-                a = tl.load(h_tile + k0 * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_tile + k0 * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        acc = _logits_tile(h_tile, w_tile, row_ok, col_ok, offs_k, hidden_size, stride_hk, stride_wk,
+                           BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
         z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
         if STORE_Z:  # unscaled, like the cuBLAS route's logits: the row kernels apply inv_temp
             z_tile = z_ptr + rows[:, None] * stride_zn + cols[None, :]
@@ -147,18 +159,8 @@ def _dz_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     h_tile = h_ptr + rows[:, None] * stride_hn + offs_k[None, :] * stride_hk
     w_tile = w_ptr + cols.to(tl.int64)[:, None] * stride_wv + offs_k[None, :] * stride_wk
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, hidden_size, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(h_tile + k0 * stride_hk, mask=row_ok[:, None], other=0.0)
-            b = tl.load(w_tile + k0 * stride_wk, mask=col_ok[:, None], other=0.0)
-        else:
-            k_ok = (k0 + offs_k) < hidden_size
-            a = tl.load(h_tile + k0 * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_tile + k0 * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    acc = _logits_tile(h_tile, w_tile, row_ok, col_ok, offs_k, hidden_size, stride_hk, stride_wk,
+                       BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1).to(tl.int64)

@@ -17,11 +17,17 @@ CONFIGS = {
 }
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+# On CUDA, fp32 inputs take the exact per-sequence loop after torch's varlen kernel refuses them: with grouped
+# KV heads (qwen2: 6 query heads, 2 KV heads) that path once repeated K/V twice.
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_packed_logprobs_and_grads_equal_per_sequence(family):
+def test_packed_logprobs_and_grads_equal_per_sequence(family, device):
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="sdpa").float()
-    packed_model = AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="sdpa").float()
+    ref = AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="sdpa").float().to(device)
+    packed_model = AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="sdpa").float().to(device)
     packed_model.load_state_dict(ref.state_dict())
     use_varlen_attention(packed_model)
     rng = random.Random(1)
@@ -31,6 +37,7 @@ def test_packed_logprobs_and_grads_equal_per_sequence(family):
         seqs.append(SequenceSample(input_ids=[rng.randrange(89) for _ in range(n)], prompt_len=rng.randint(1, n - 1),
                                    advantage=0.0, role="policy", group=0, uid=uid))
     mb = pack(seqs, num_sequences=5, num_tokens=sum(s.num_targets for s in seqs))
+    mb = mb.to(device)
     hidden = packed_hidden_states(packed_model.model, mb)
     logits = packed_model.lm_head(hidden).float()
     lp_packed = torch.log_softmax(logits, -1).gather(-1, mb.targets.clamp_min(0)[:, None]).squeeze(-1)
@@ -38,11 +45,11 @@ def test_packed_logprobs_and_grads_equal_per_sequence(family):
 
     ref_parts = []
     for s in seqs:
-        ids = torch.tensor([s.input_ids])
+        ids = torch.tensor([s.input_ids], device=device)
         out = torch.log_softmax(ref(input_ids=ids).logits[0].float(), -1)
-        tgt = torch.tensor(s.input_ids[1:] + [0])
+        tgt = torch.tensor(s.input_ids[1:] + [0], device=device)
         lp = out.gather(-1, tgt[:, None]).squeeze(-1)
-        mask = torch.zeros(len(s.input_ids), dtype=torch.bool)
+        mask = torch.zeros(len(s.input_ids), dtype=torch.bool, device=device)
         mask[s.prompt_len - 1 : len(s.input_ids) - 1] = True
         ref_parts.append(torch.where(mask, lp, 0.0))
     lp_ref = torch.cat(ref_parts)

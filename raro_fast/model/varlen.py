@@ -54,12 +54,13 @@ def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_s
                 kwargs["is_causal"] = True
             else:
                 kwargs["window_size"] = (-1, 0)
+            k_in, v_in = k_THD, v_THD
             if "enable_gqa" in params:
                 kwargs["enable_gqa"] = groups > 1
             else:
-                k_THD, v_THD = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
+                k_in, v_in = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
             try:
-                return varlen(q_THD, k_THD, v_THD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+                return varlen(q_THD, k_in, v_in, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
             except RuntimeError:
                 pass  # e.g. an fp32 input the flash kernel does not take: fall through to the exact loop
     k_THD, v_THD = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
