@@ -38,7 +38,8 @@ class AnalysisSettings:
     max_new_tokens: int = _help("Longest completion; a longer one is unfinished (answer class NA).", 96)
     entropy_samples: int = _help("Samples per problem teacher-forced for token-level entropy.", 4)
     seed: int = _help("Seed of the sample chunks (cached per model, problem and seed).", 0)
-    batch_size: int = _help("Prompts per engine forward.", 64)
+    batch_size: int = _help("Sequences per engine forward (a chunk of samples of one problem is split into these).", 64)
+    device: str = _help("Where models run: auto = the GPU if there is one, else the CPU; or cpu, cuda, cuda:N.", "auto")
     traces: str = _help(
         "Optional JSONL of external reasoning traces ({\"problem_id\", \"trace\"} per line): their perplexity under "
         "every model, grouped by the support category of the last model against the base.", "")
@@ -97,7 +98,7 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
 @torch.no_grad()
 def teacher_forced(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0):
     """(log-prob, entropy, mask) at every position of prompt + completion; only completion targets are kept."""
-    ids = torch.tensor([prompt_ids + completion_ids])
+    ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
     targets = torch.full_like(ids[0], -100)
     targets[len(prompt_ids) - 1 : -1] = ids[0, len(prompt_ids) :]
     hidden = model.model(input_ids=ids).last_hidden_state[0].float()
@@ -116,7 +117,7 @@ def model_token_entropy(model, samples: dict[str, list], temperature: float) -> 
         seqs.append(torch.full_like(mask, sid, dtype=torch.long))
     if not ents:
         return math.nan
-    return mean_token_entropy(torch.cat(ents), torch.cat(masks), torch.cat(seqs))
+    return mean_token_entropy(torch.cat(ents).cpu(), torch.cat(masks).cpu(), torch.cat(seqs).cpu())
 
 
 @torch.no_grad()
@@ -248,8 +249,10 @@ def run(cfg: AnalyzeConfig) -> dict:
     cache = SampleCache(out / "samples")
     traces = load_traces_jsonl(a.traces) if a.traces else None
     samples, token_h, trace_ppl = {}, {}, {}
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     for name, path in models:
         model, tokenizer = load_pretrained(path, dtype=torch.float32)
+        model.to(device)  # fp32 everywhere: the models analysed are small, and fp32 keeps entropies exact
         samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
         token_h[name] = model_token_entropy(model, samples[name], a.temperature)
         if traces is not None:

@@ -304,6 +304,10 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         print(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     compute_dtype = resolve_dtype(cfg.model.dtype, d.device)
+    if compute_dtype != torch.float32 and not d.enabled:
+        print(f"model.dtype: the trainer computes in float32, not {str(compute_dtype).removeprefix('torch.')}: "
+              "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "
+              "(the rollout engine's copy uses the requested dtype either way)")
     engine_copy = copy.deepcopy(hf_model).to(d.device, compute_dtype) if cfg.rollout.backend == "embedded" else None
     engine = make_engine(cfg.rollout, engine_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
                          dtype=str(compute_dtype).removeprefix("torch."), device=d.device, rank=d.rank, seed=cfg.train.seed)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The mini-replication of docs/experiments.md: SFT, RARO, RLVR and RL-Logit on the easy Countdown, three seeds,
+# all twelve runs side by side (one GPU machine with 16 cores: about 8 minutes). From the repository root:
+#   experiments/replication.sh ROOT [TIMEOUT_S]
+# then `python experiments/summarize.py ROOT` for the table and curves, and experiments/support.sh for pass@k.
+# A run stopped by the timeout keeps its metrics and its checkpoints (every 20 steps); the summary compares
+# modes at the last step that every run reached.
+set -uo pipefail
+here=$(dirname "$0")
+exec "$here/run_grid.sh" "$1" "${2:-480}" "$here/grids/replication.txt" \
+  --config configs/countdown-easy.yaml --warmup.steps 2400 --warmup.max_target 30 \
+  --train.steps 80 --train.eval_every 10 --train.eval_size 64 --train.save_every 20 \
+  --rollout.max_new_tokens 48 --optim.lr 5e-5

@@ -1,0 +1,121 @@
+"""Table and curves of a grid of runs named MODE-sSEED (experiments/replication.sh): held-out accuracy per mode,
+mean and spread over seeds, at the last step that every run reached.
+
+    python experiments/summarize.py ROOT [--out DIR]
+
+Writes DIR/replication.md (also printed) and DIR/replication_curves.png (DIR defaults to ROOT).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+RUN_NAME = re.compile(r"^(?P<mode>.+)-s(?P<seed>\d+)$")
+ACC = "eval/heldout_accuracy"
+
+
+def read_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
+    """{mode: {seed: records}} for every ROOT/MODE-sSEED/metrics.jsonl."""
+    runs: dict[str, dict[int, list[dict]]] = defaultdict(dict)
+    for path in sorted(root.glob("*/metrics.jsonl")):
+        m = RUN_NAME.match(path.parent.name)
+        if not m:
+            continue
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
+        runs[m["mode"]][int(m["seed"])] = records
+    if not runs:
+        raise ValueError(f"{root}: no MODE-sSEED/metrics.jsonl runs found")
+    return runs
+
+
+def accuracy_curve(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r[ACC] for r in records if ACC in r}
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.3f} ± {sd:.3f}"
+
+
+def summarize(runs: dict[str, dict[int, list[dict]]]) -> tuple[str, int]:
+    curves = {mode: {seed: accuracy_curve(recs) for seed, recs in seeds.items()} for mode, seeds in runs.items()}
+    last = min(max(c) for seeds in curves.values() for c in seeds.values())
+    window = [s for s in sorted({s for seeds in curves.values() for c in seeds.values() for s in c}) if s <= last][-3:]
+    lines = [
+        f"Held-out greedy accuracy (fraction of puzzles solved), mean ± sd over seeds; compared at step {last}, the "
+        f"last step every run reached; 'last {len(window)} evals' averages steps {', '.join(map(str, window))} of "
+        "each run first (less noise from one evaluation).", "",
+        "| mode | seeds | base (step 0) | step " + str(last) + " | last " + str(len(window)) + " evals | per seed at step "
+        + str(last) + " | train answer acc. (last 10 steps) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    finals = {}
+    for mode in sorted(curves):
+        seeds = curves[mode]
+        base = [c[0] for c in seeds.values() if 0 in c]
+        at_last = [seeds[s][last] for s in sorted(seeds) if last in seeds[s]]
+        tail = [statistics.mean(c[s] for s in window if s in c) for c in seeds.values()]
+        train = [statistics.mean(r["policy/answer_accuracy"] for r in recs[-10:]
+                                 if r.get("policy/answer_accuracy") is not None) for recs in runs[mode].values()
+                 if any(r.get("policy/answer_accuracy") is not None for r in recs[-10:])]
+        finals[mode] = statistics.mean(tail)
+        lines.append(f"| {mode} | {len(seeds)} | {_mean_sd(base)} | {_mean_sd(at_last)} | {_mean_sd(tail)} | "
+                     f"{' / '.join(f'{x:.3f}' for x in at_last)} | {_mean_sd(train)} |")
+    if "raro" in finals and finals.get("rlvr"):
+        lines += ["", f"RARO / RLVR (last {len(window)} evals): {finals['raro'] / finals['rlvr']:.2f}"]
+    return "\n".join(lines) + "\n", last
+
+
+def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for mode in sorted(runs):
+        curves = [accuracy_curve(recs) for recs in runs[mode].values()]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [statistics.mean(c[s] for c in curves) for s in steps]
+        lo = [min(c[s] for c in curves) for s in steps]
+        hi = [max(c[s] for c in curves) for s in steps]
+        line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{mode} ({len(curves)} seeds)")
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_title("Countdown (3 numbers, target 10): mean over seeds, band = min..max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    out = args.out or args.root
+    out.mkdir(parents=True, exist_ok=True)
+    runs = read_runs(args.root)
+    table, _ = summarize(runs)
+    (out / "replication.md").write_text(table)
+    plot(runs, out / "replication_curves.png")
+    print(table)
+    print(f"curves: {out / 'replication_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

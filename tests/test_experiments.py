@@ -1,0 +1,60 @@
+"""experiments/summarize.py: the replication table from a grid of MODE-sSEED runs, with exact values."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import summarize  # noqa: E402
+
+
+def _write(root: Path, name: str, accs: dict[int, float], train_acc: float | None = None) -> None:
+    (root / name).mkdir(parents=True)
+    lines = []
+    for step in range(0, max(accs) + 1):
+        rec = {"step": step}
+        if step in accs:
+            rec["eval/heldout_accuracy"] = accs[step]
+        if step and train_acc is not None:
+            rec["policy/answer_accuracy"] = train_acc
+        lines.append(json.dumps(rec))
+    (root / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_table_compares_modes_at_the_last_common_step(tmp_path):
+    _write(tmp_path, "raro-s0", {0: 0.1, 10: 0.2, 20: 0.3, 30: 0.5}, train_acc=0.25)
+    _write(tmp_path, "raro-s1", {0: 0.3, 10: 0.4, 20: 0.5}, train_acc=0.75)
+    _write(tmp_path, "rlvr-s0", {0: 0.2, 10: 0.6, 20: 0.8})
+    (tmp_path / "not-a-run").mkdir()
+    table, last = summarize.summarize(summarize.read_runs(tmp_path))
+    assert last == 20  # raro-s1 and rlvr-s0 stop at 20, raro-s0's step 30 is not compared
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| r")}
+    # raro: base (0.1, 0.3) -> 0.200 ± 0.141; step 20 (0.3, 0.5) -> 0.400 ± 0.141;
+    # last three evals (0, 10, 20): seed 0 mean 0.2, seed 1 mean 0.4 -> 0.300 ± 0.141; train acc 0.500 ± 0.354
+    assert rows["raro"].startswith("| raro | 2 | 0.200 ± 0.141 | 0.400 ± 0.141 | 0.300 ± 0.141 | 0.300 / 0.500 | "
+                                   "0.500 ± 0.354 |")
+    assert rows["rlvr"].startswith("| rlvr | 1 | 0.200 ± 0.000 | 0.800 ± 0.000 | 0.533 ± 0.000 | 0.800 | - |")
+    assert "RARO / RLVR (last 3 evals): 0.56" in table
+
+
+def test_bad_record_names_file_and_line(tmp_path):
+    _write(tmp_path, "sft-s0", {0: 0.1})
+    with open(tmp_path / "sft-s0" / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match=r"sft-s0/metrics.jsonl:2: not a JSON record"):
+        summarize.read_runs(tmp_path)
+    with pytest.raises(ValueError, match="no MODE-sSEED"):
+        summarize.read_runs(tmp_path / "sft-s0")
+
+
+def test_command_writes_table_and_plot(tmp_path):
+    _write(tmp_path, "sft-s0", {0: 0.1, 10: 0.2})
+    _write(tmp_path, "sft-s1", {0: 0.3, 10: 0.1})
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "summarize.py"), str(tmp_path), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert (out / "replication.md").read_text().count("| sft | 2 |") == 1
+    assert (out / "replication_curves.png").stat().st_size > 5000
