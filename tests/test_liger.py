@@ -2,15 +2,13 @@
 (names and storage unchanged), and numerically the model they replace — RoPE under the Triton CPU interpreter,
 all three on CUDA. Liger's RMSNorm and SwiGLU kernels do not run under the interpreter (an InterpreterError in
 Liger's kernels), so on CPU only their wiring is checked."""
-import random
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from raro_fast.model.varlen import packed_hidden_states, use_varlen_attention
-from raro_fast.packing import SequenceSample, pack
-from test_varlen import CONFIGS
+from raro_fast.packing import pack
+from test_varlen import CONFIGS, random_sequences
 
 pytest.importorskip("liger_kernel")
 from raro_fast.model.liger import LigerRopeAttention, use_liger_kernels  # noqa: E402
@@ -31,12 +29,7 @@ def pair(family, device):
 
 
 def packed_batch(device):
-    rng = random.Random(1)
-    seqs = []
-    for uid in range(4):
-        n = rng.randint(5, 29)
-        seqs.append(SequenceSample(input_ids=[rng.randrange(89) for _ in range(n)], prompt_len=rng.randint(1, n - 1),
-                                   advantage=0.0, role="policy", group=0, uid=uid))
+    seqs = random_sequences(4, min_len=5, max_len=29)
     return pack(seqs, num_sequences=4, num_tokens=sum(s.num_targets for s in seqs)).to(device)
 
 

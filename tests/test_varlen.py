@@ -17,6 +17,17 @@ CONFIGS = {
 }
 
 
+def random_sequences(count: int, *, min_len: int, max_len: int, seed: int = 1) -> list[SequenceSample]:
+    """Random token sequences (vocabulary 89) with a random prompt/completion split each."""
+    rng = random.Random(seed)
+    seqs = []
+    for uid in range(count):
+        n = rng.randint(min_len, max_len)
+        seqs.append(SequenceSample(input_ids=[rng.randrange(89) for _ in range(n)], prompt_len=rng.randint(1, n - 1),
+                                   advantage=0.0, role="policy", group=0, uid=uid))
+    return seqs
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
@@ -30,14 +41,8 @@ def test_packed_logprobs_and_grads_equal_per_sequence(family, device):
     packed_model = AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="sdpa").float().to(device)
     packed_model.load_state_dict(ref.state_dict())
     use_varlen_attention(packed_model)
-    rng = random.Random(1)
-    seqs = []
-    for uid in range(5):
-        n = rng.randint(4, 31)
-        seqs.append(SequenceSample(input_ids=[rng.randrange(89) for _ in range(n)], prompt_len=rng.randint(1, n - 1),
-                                   advantage=0.0, role="policy", group=0, uid=uid))
-    mb = pack(seqs, num_sequences=5, num_tokens=sum(s.num_targets for s in seqs))
-    mb = mb.to(device)
+    seqs = random_sequences(5, min_len=4, max_len=31)
+    mb = pack(seqs, num_sequences=5, num_tokens=sum(s.num_targets for s in seqs)).to(device)
     hidden = packed_hidden_states(packed_model.model, mb)
     logits = packed_model.lm_head(hidden).float()
     lp_packed = torch.log_softmax(logits, -1).gather(-1, mb.targets.clamp_min(0)[:, None]).squeeze(-1)
