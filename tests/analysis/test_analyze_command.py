@@ -3,6 +3,7 @@ report, table and plots written; a larger k samples only what is missing, and th
 import json
 
 import pytest
+import torch
 
 from raro_fast import analyze
 from raro_fast.analysis.cache import SampleCache
@@ -78,3 +79,12 @@ def test_analyze_bad_models_argument(tmp_path, capsys):
     assert "'b' is not name=path" in capsys.readouterr().err
     assert analyze.main(["--analysis.models", f"a={tmp_path / 'x'},b={tmp_path / 'y'}"]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_analyze_bad_device(two_models, tmp_path, capsys):
+    args = _args(two_models, tmp_path / "d", 2)
+    assert analyze.main(args + ["--analysis.device", "gpu0"]) == 2
+    assert "analysis.device: 'gpu0' is not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert analyze.main(args + ["--analysis.device", "cuda"]) == 2
+        assert "has no CUDA GPU" in capsys.readouterr().err
