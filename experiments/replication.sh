@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The mini-replication of docs/experiments.md: SFT, RARO, RLVR and RL-Logit on the easy Countdown, three seeds,
-# all twelve runs side by side (one GPU machine with 16 cores: about 8 minutes). From the repository root:
+# all twelve runs side by side (one GPU machine with 16 cores: about 7 minutes). From the repository root:
 #   experiments/replication.sh ROOT [TIMEOUT_S]
 # then `python experiments/summarize.py ROOT` for the table and curves, and experiments/support.sh for pass@k.
 # A run stopped by the timeout keeps its metrics and its checkpoints (every 20 steps); the summary compares

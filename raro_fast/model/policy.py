@@ -32,7 +32,9 @@ class PolicyModel(nn.Module):
         out = linear_logprobs(
             hidden_TH, weight_VH, mb.targets, temperature=temperature, return_entropy=return_entropy
         )
-        return out.logprobs, out.entropy
+        # Fresh tensors, not views of the kernel's buffers: FSDP2 hooks its pre-backward on the root's outputs,
+        # and warns that a view could lose that hook.
+        return out.logprobs.clone(), None if out.entropy is None else out.entropy.clone()
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The inner model's state dict under Hugging Face names (for weight sync and saving)."""
