@@ -4,7 +4,10 @@ Model: Qwen2.5-1.5B-shaped (hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8
 weights from its config (no download), bf16 parameters and AdamW states on one GPU. The LM head goes through
 the fused kernel in both variants; only the batching differs:
   packed: `plan_micro_batches` rows of at most BUDGET tokens, attention within sequences (varlen);
-  padded: the same sequences in rollout order, right-padded rectangles of at most BUDGET cells (sdpa + mask).
+  padded, per micro-batch: the same sequences in rollout order, right-padded rectangles of at most BUDGET cells,
+    each as wide as its longest sequence (sdpa + mask);
+  padded, fixed rectangle: every sequence padded to the batch's longest prompt + longest completion, BUDGET //
+    that width rows per micro-batch — what a trainer padding prompts and responses to fixed lengths runs.
 Length distribution (stated, per step): 64 policy sequences, prompt U[64, 256] + completion lognormal (median
 512, sigma 0.6, clipped to [32, 2048]); 64 critic sequences, prompt U[384, 1024] (question + two answers) +
 completion lognormal (median 384, sigma 0.5, clipped to [32, 1536]).
@@ -49,18 +52,23 @@ def mixed_batch(rng: random.Random, *, n_policy: int, n_critic: int, scale: floa
     return out
 
 
-def padded_micro_batches(samples: list[SequenceSample], budget: int, device) -> list[dict]:
-    """Rollout order, filled while batch x longest <= budget, right-padded."""
+def padded_micro_batches(samples: list[SequenceSample], budget: int, device, *, fixed_width: int = 0) -> list[dict]:
+    """Rollout order, right-padded. Budgeted: filled while batch x longest <= budget, each micro-batch as wide as
+    its longest sequence. Fixed (`fixed_width`): every row that wide, budget // width rows per micro-batch — the
+    one rectangle of a trainer that pads prompts and responses to their maximum lengths (verl without
+    remove_padding)."""
     groups, cur = [], []
     for s in samples:
-        if cur and (len(cur) + 1) * max(len(x.input_ids) for x in cur + [s]) > budget:
+        rows = len(cur) + 1
+        width = fixed_width or max(len(x.input_ids) for x in cur + [s])
+        if cur and rows * width > budget:
             groups.append(cur)
             cur = []
         cur.append(s)
     groups.append(cur)
     out = []
     for g in groups:
-        width = max(len(s.input_ids) for s in g)
+        width = fixed_width or max(len(s.input_ids) for s in g)
         ids = torch.zeros(len(g), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         tgt = torch.full_like(ids, -100)
@@ -155,20 +163,24 @@ def test_update_step_packed_vs_padded(bench_table):
     t_packed, mem_packed = timed(lambda: step_packed(model, opt, packed), repeats)
     computed = sum(mb.input_ids.numel() for mb in packed)
     model.set_attn_implementation("sdpa")
-    padded = padded_micro_batches(samples, budget, device)
-    cells = sum(mb["ids"].numel() for mb in padded)
-    try:
-        t_padded, mem_padded = timed(lambda: step_padded(model, opt, padded, num_tokens), repeats)
-    except torch.OutOfMemoryError:
-        t_padded, mem_padded = float("nan"), float("nan")
+    # The fixed rectangle: longest prompt + longest completion of the batch (tighter than configured maxima).
+    rectangle = max(s.prompt_len for s in samples) + max(len(s.input_ids) - s.prompt_len for s in samples)
+    variants = [("packed", t_packed, mem_packed, len(packed), computed)]
+    for name, width in (("padded, per micro-batch", 0), ("padded, fixed rectangle", rectangle)):
+        padded = padded_micro_batches(samples, budget, device, fixed_width=width)
+        try:
+            t, mem = timed(lambda: step_padded(model, opt, padded, num_tokens), repeats)
+        except torch.OutOfMemoryError:
+            t, mem = float("nan"), float("nan")
+        variants.append((name, t, mem, len(padded), sum(mb["ids"].numel() for mb in padded)))
     model.set_attn_implementation(VARLEN_ATTENTION)
 
-    for name, t, mem, n_mb, computed_tokens in [("packed", t_packed, mem_packed, len(packed), computed),
-                                                ("padded", t_padded, mem_padded, len(padded), cells)]:
+    for name, t, mem, n_mb, computed_tokens in variants:
         mfu = 6 * n_params * tokens / t / peak if CUDA else float("nan")
         rows.append([name, n_mb, tokens, computed_tokens, f"{1 - tokens / computed_tokens:.1%}", f"{t * 1e3:.0f}",
                      f"{tokens / t:.0f}", f"{mfu:.1%}", f"{mem:.1f}"])
-    rows.append(["packed / padded speed-up", "", "", "", "", "", f"{t_padded / t_packed:.2f}x", "", ""])
+    for name, t, *_ in variants[1:]:
+        rows.append([f"packed speed-up over {name}", "", "", "", "", "", f"{t / t_packed:.2f}x", "", ""])
     stats = padding_stats(samples, packed)
     bench_table(
         f"update step, {'Qwen2.5-1.5B shape' if CUDA else 'smoke (tiny model)'} ({n_params / 1e9:.2f}B params), "
