@@ -102,14 +102,15 @@ def census(sass: str) -> collections.Counter:
     return counts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper, compiled as sm_90a)")
     ap.add_argument("--hidden", type=int, default=3584, help="hidden size")
     ap.add_argument("--tokens", type=int, default=16384, help="rows N of the launch")
     ap.add_argument("--vocab", type=int, default=151936, help="vocabulary size V")
     ap.add_argument("--sass-dir", default="", help="write each kernel's full SASS here")
-    args = ap.parse_args()
+    ap.add_argument("--configs", type=int, default=0, help="only the first N autotune configs of each kernel (0: all)")
+    args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     tool_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     hopper = args.arch >= 90
@@ -123,7 +124,7 @@ def main() -> None:
         ("_stats_kernel", lm._stats_kernel, _SIG_STATS, {"WITH_ENTROPY": True, "STORE_Z": False}),
         ("_dz_kernel", lm._dz_kernel, _SIG_DZ, {"WITH_ENTROPY_GRAD": True, "GROUP_N": 8}),
     ):
-        for cfg in lm._gemm_configs(hopper):
+        for cfg in lm._gemm_configs(hopper)[: args.configs or None]:
             k = cfg.kwargs["BLOCK_K"]
             consts = {**cfg.kwargs, **extra, "EVEN_K": args.hidden % k == 0, "DOT_PRECISION": "tf32",
                       "UPCAST": False}
