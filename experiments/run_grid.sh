@@ -12,8 +12,8 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 pids=()
 while read -r name flags; do
   [[ -z "$name" || "$name" == \#* ]] && continue
-  # shellcheck disable=SC2086  # flags are words on purpose
   # torchrun even for one process: FSDP2's mixed precision (bf16 compute on CUDA) needs a process group.
+  # shellcheck disable=SC2086  # flags are words on purpose
   timeout "$limit" python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m raro_fast.train "$@" $flags --train.output_dir "$root/$name" --train.progress false \
     >"$root/$name.log" 2>&1 &
   pids+=($!)
