@@ -2,8 +2,9 @@
 # Run a grid of trainings side by side, one process each (the embedded model is small: a 16-core GPU machine
 # runs a dozen at once). From the repository root:
 #   experiments/run_grid.sh ROOT TIMEOUT_S GRID_FILE [common training flags ...]
-# Each non-comment line of GRID_FILE is `NAME flags...`; run NAME writes ROOT/NAME/ (metrics.jsonl, curves,
-# checkpoints) and ROOT/NAME.log. A run still going at TIMEOUT_S is stopped; what it logged so far stays.
+# Each non-comment line of GRID_FILE is `NAME flags...` ({root} in flags stands for ROOT); run NAME writes
+# ROOT/NAME/ (metrics.jsonl, curves, checkpoints) and ROOT/NAME.log. A run still going at TIMEOUT_S is stopped;
+# what it logged so far stays.
 set -uo pipefail
 root=$1 limit=$2 grid=$3
 shift 3
@@ -12,6 +13,7 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 pids=()
 while read -r name flags; do
   [[ -z "$name" || "$name" == \#* ]] && continue
+  flags=${flags//\{root\}/$root}
   # torchrun even for one process: FSDP2's mixed precision (bf16 compute on CUDA) needs a process group.
   # shellcheck disable=SC2086  # flags are words on purpose
   timeout "$limit" python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m raro_fast.train "$@" $flags --train.output_dir "$root/$name" --train.progress false \

@@ -109,7 +109,10 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
-    runs = read_runs(args.root)
+    try:
+        runs = read_runs(args.root)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     table, _ = summarize(runs)
     (out / "replication.md").write_text(table)
     plot(runs, out / "replication_curves.png")

@@ -13,11 +13,11 @@ analyze() {  # OUTPUT_DIR MODELS
   python3 -m raro_fast.analyze --config configs/countdown-easy.yaml --analysis.models "$2" --analysis.k "$k" \
     --analysis.chunk "$k" --analysis.batch_size "$k" --analysis.num_problems 64 --analysis.output_dir "$1"
 }
-analyze "$out.a" "base=$root/raro-s0/base_model,sft=$(model sft)" >"$out.a.log" 2>&1 &
+analyze "$out.a" "base=$root/bases/base-s0/base_model,sft=$(model sft)" >"$out.a.log" 2>&1 &
 a=$!
 analyze "$out.b" "raro=$(model raro),rlvr=$(model rlvr)" >"$out.b.log" 2>&1 &
 b=$!
 wait $a && wait $b
 mkdir -p "$out/samples"
 cp -r "$out.a/samples/." "$out.b/samples/." "$out/samples/"
-analyze "$out" "base=$root/raro-s0/base_model,sft=$(model sft),raro=$(model raro),rlvr=$(model rlvr)"
+analyze "$out" "base=$root/bases/base-s0/base_model,sft=$(model sft),raro=$(model raro),rlvr=$(model rlvr)"
