@@ -41,3 +41,19 @@ class Task(ABC):
     def check_split(split: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+class FileTask(Task):
+    """A task whose demonstrations come from a local file, read and checked when the task is built (so a bad
+    file fails before any model is loaded). Subclasses set `load(cfg) -> {split: [Example, ...]}`."""
+
+    load: Any  # a staticmethod
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self._splits = self.load(cfg)
+
+    def examples(self, split: str) -> list[Example]:
+        self.check_split(split)
+        return list(self._splits[split])
+

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from raro_fast import prompts
-from raro_fast.tasks.base import Example, Task
+from raro_fast.tasks.base import Example, FileTask
 from raro_fast.tasks.records import hash_split, read_records, stable_id, text_field
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "deepmath_sample.jsonl"
@@ -190,16 +190,10 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
         return False
 
 
-class DeepMathTask(Task):
+class DeepMathTask(FileTask):
     name = "deepmath"
 
-    def __init__(self, cfg: DeepMathConfig) -> None:
-        self.cfg = cfg
-        self._splits = load_examples(cfg)  # at construction, so a bad file fails before any model is loaded
-
-    def examples(self, split: str) -> list[Example]:
-        self.check_split(split)
-        return list(self._splits[split])
+    load = staticmethod(load_examples)
 
     def extract_answer(self, completion: str) -> str | None:
         return extract_answer(completion)

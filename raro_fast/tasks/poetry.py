@@ -13,7 +13,7 @@ from typing import Sequence
 
 from raro_fast import prompts
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams
-from raro_fast.tasks.base import Example, Task
+from raro_fast.tasks.base import Example, FileTask
 from raro_fast.tasks.records import hash_split, read_records, stable_id, text_field
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "poetry_sample.jsonl"
@@ -53,19 +53,13 @@ def load_examples(cfg: PoetryConfig) -> dict[str, list[Example]]:
                       path=cfg.path, fraction_setting="task.poetry.heldout_fraction")
 
 
-class PoetryTask(Task):
+class PoetryTask(FileTask):
     """Answers are whole poems: `extract_answer` is the last <answer>...</answer> (the base class's), and
     `verify` is None (no verifier; see `judge_pairwise`)."""
 
     name = "poetry"
 
-    def __init__(self, cfg: PoetryConfig) -> None:
-        self.cfg = cfg
-        self._splits = load_examples(cfg)  # at construction, so a bad file fails before any model is loaded
-
-    def examples(self, split: str) -> list[Example]:
-        self.check_split(split)
-        return list(self._splits[split])
+    load = staticmethod(load_examples)
 
     def verify(self, example: Example, answer: str | None) -> None:
         return None
