@@ -20,7 +20,7 @@ from raro_fast.analysis import (
 )
 from raro_fast.analysis.cache import SampleCache, chunk_seed
 from raro_fast.config import ConfigError, _help, help_text, load_config
-from raro_fast.model.hf import load_pretrained
+from raro_fast.model.hf import load_pretrained, resolve_device
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
 from raro_fast.tasks import TaskConfig, make_task
@@ -238,20 +238,6 @@ def plots(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def analysis_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"analysis.device: {spec!r} is not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"analysis.device: {spec!r} asked for, but this machine has no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"analysis.device: {spec!r}: only cpu and cuda are supported")
-    return device
-
-
 def run(cfg: AnalyzeConfig) -> dict:
     a = cfg.analysis
     models = parse_models(a.models)
@@ -263,7 +249,7 @@ def run(cfg: AnalyzeConfig) -> dict:
     cache = SampleCache(out / "samples")
     traces = load_traces_jsonl(a.traces) if a.traces else None
     samples, token_h, trace_ppl = {}, {}, {}
-    device = analysis_device(a.device)
+    device = resolve_device(a.device, "analysis.device")
     for name, path in models:
         model, tokenizer = load_pretrained(path, dtype=torch.float32)
         model.to(device)  # fp32 everywhere: the models analysed are small, and fp32 keeps entropies exact

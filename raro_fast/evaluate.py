@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 
 from raro_fast import prompts
 from raro_fast.config import ConfigError, _help, help_text, load_config, to_dict
 from raro_fast.distributed import Dist, all_gather_objects
-from raro_fast.model.hf import load_pretrained, resolve_dtype
+from raro_fast.model.hf import load_pretrained, resolve_device, resolve_dtype
 from raro_fast.rerank import batched_tournaments, critic_judge
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams
@@ -240,9 +239,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if not e.model:
         raise ValueError("eval.model: give the model directory to evaluate (--model DIR)")
     task = make_task(cfg.task)
-    if e.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("eval.device: cuda asked for, but no CUDA device is available")
-    device = torch.device("cuda" if e.device == "cuda" or (e.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(e.device, "eval.device")
     # The model before the split: a bad path fails at once, not after the puzzles are generated.
     model, tokenizer = load_pretrained(e.model, dtype=resolve_dtype(e.dtype, device))
     examples = task.examples(e.split)[: e.num_problems or None]

@@ -22,6 +22,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def resolve_device(spec: str, setting: str) -> torch.device:
+    """`auto` (the GPU if there is one, else the CPU), `cpu`, `cuda` or `cuda:N`; errors name `setting`."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"{setting}: {spec!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{setting}: {spec!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{setting}: {spec!r} asked for, but this machine has no CUDA GPU")
+    return device
+
+
 def load_project_tokenizer() -> PreTrainedTokenizerBase:
     """The project's own tokenizer (byte-level BPE, shipped in the package; see raro_fast/model/build_tokenizer.py)."""
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
