@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import math
 import json
+import math
 import random
 import sys
 import time
