@@ -10,6 +10,9 @@ SGLang is imported only when one of these is built. Requests and responses follo
     load_format="flattened_bucket", flush_cache=<last bucket only>)`, the bucket handed over by CUDA IPC.
   weights, server: pause_generation → per bucket `/update_weights_from_distributed` + one broadcast → continue.
   memory: `release_memory_occupation` / `resume_memory_occupation` with tags "kv_cache", "weights".
+SGLang >= 0.5.6 is required: older servers ignore load_format="flattened_bucket" on the broadcast path and would wait
+for one broadcast per tensor (a hang). tests/weight_sync/test_sglang_source.py checks all of the above against
+SGLang's own code and request classes (the version .ci/run installs).
 """
 from __future__ import annotations
 
@@ -20,12 +23,24 @@ import urllib.request
 from typing import Callable, Iterable
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from raro_fast.rollout.engine import Completion, SamplingParams, check_memory_tags
 from raro_fast.weight_sync.broadcast import broadcast_weights, open_weight_group
-from raro_fast.weight_sync.buckets import iter_buckets, with_last
+from raro_fast.weight_sync.buckets import Bucket, iter_buckets, with_last
 
 INSTALL_HINT = "pip install 'raro-fast[sglang]' (GPU nodes only), or use --rollout.backend embedded"
+MIN_VERSION = Version("0.5.6")
+
+
+def check_version(version: str | None, where: str) -> None:
+    try:
+        too_old = version is None or Version(str(version)) < MIN_VERSION
+    except InvalidVersion:
+        too_old = True
+    if too_old:
+        raise ValueError(f"{where} runs SGLang {version or '(version unknown)'}; raro-fast needs >= {MIN_VERSION} "
+                         f"(weight sync by flattened buckets): {INSTALL_HINT}")
 
 
 def require_sglang(backend: str):
@@ -33,7 +48,15 @@ def require_sglang(backend: str):
         import sglang
     except ImportError as e:
         raise ValueError(f"rollout.backend={backend!r} needs SGLang, which is not installed ({e}): {INSTALL_HINT}") from None
+    check_version(getattr(sglang, "__version__", None), f"rollout.backend={backend!r}: the installed sglang package")
     return sglang
+
+
+def engine_kwargs(*, model_path: str, dtype: str, mem_fraction: float, tp_size: int, seed: int, gpu_id: int) -> dict:
+    """`sglang.Engine(**kwargs)` (its ServerArgs) for a colocated engine: token ids in and out, memory it can
+    release (enable_memory_saver) so the trainer has the GPU during the update."""
+    return dict(model_path=model_path, skip_tokenizer_init=True, dtype=dtype, mem_fraction_static=mem_fraction,
+                tp_size=tp_size, random_seed=seed, base_gpu_id=gpu_id, enable_memory_saver=True)
 
 
 def sampling_params_json(params: SamplingParams, stop_token_ids: Iterable[int]) -> dict:
@@ -49,21 +72,36 @@ def sampling_params_json(params: SamplingParams, stop_token_ids: Iterable[int]) 
     }
 
 
+def generate_request(prompts: list[list[int]], params: SamplingParams, stop_token_ids: Iterable[int]) -> dict:
+    """The body of `POST /generate`, also `sglang.Engine.generate`'s keyword arguments: one request per prompt."""
+    return {"input_ids": prompts, "sampling_params": sampling_params_json(params, stop_token_ids), "return_logprob": True}
+
+
 def completion_from_output(output: dict, prompt: list[int], *, decode: Callable[[list[int]], str], weight_version: int,
-                           where: str = "SGLang") -> Completion:
+                           where: str = "SGLang", verify_version: bool = False) -> Completion:
     """One SGLang response item → a Completion. Tokens and log-probs come from the same (logprob, id) pairs so
-    they cannot fall out of step; an aborted request counts as unfinished ("length")."""
+    they cannot fall out of step; an aborted request counts as unfinished ("length"). With `verify_version`, a
+    response whose `meta_info.weight_version` (set by our last sync) differs from `weight_version` is an error:
+    the engine answered with weights other than the trainer's."""
     try:
         meta = output["meta_info"]
         pairs = meta["output_token_logprobs"]
         reason = meta["finish_reason"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: response lacks {e} (was return_logprob=True sent?): {str(output)[:200]}") from None
+    missing = [i for i, p in enumerate(pairs) if p[0] is None]
+    if missing:
+        raise ValueError(f"{where}: no log-prob for output tokens at positions {missing[:8]} (their log-probs are "
+                         f"needed for the importance ratio): {str(output)[:200]}")
     token_ids = [int(p[1]) for p in pairs]
     logprobs = [float(p[0]) for p in pairs]
     kind = reason.get("type") if isinstance(reason, dict) else reason
     if kind not in ("stop", "length", "abort"):
         raise ValueError(f"{where}: unknown finish_reason {reason!r}")
+    reported = meta.get("weight_version")
+    if verify_version and reported is not None and str(reported) != str(weight_version):
+        raise RuntimeError(f"{where}: answered with weight version {reported!r}, but the trainer last synced version "
+                           f"{weight_version}: the engine holds stale weights")
     return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason="stop" if kind == "stop" else "length",
                       text=decode(token_ids), weight_version=weight_version, prompt_ids=list(prompt))
 
@@ -84,9 +122,8 @@ class SGLangEngine:
                  bucket_bytes: int, seed: int, gpu_id: int, engine=None) -> None:
         if engine is None:
             sgl = require_sglang("sglang")
-            engine = sgl.Engine(model_path=model_path, skip_tokenizer_init=True, dtype=dtype,
-                                mem_fraction_static=mem_fraction, tp_size=tp_size, random_seed=seed,
-                                base_gpu_id=gpu_id, enable_memory_saver=True)
+            engine = sgl.Engine(**engine_kwargs(model_path=model_path, dtype=dtype, mem_fraction=mem_fraction,
+                                                tp_size=tp_size, seed=seed, gpu_id=gpu_id))
         self.engine = engine
         self.tp_size = tp_size
         self.bucket_bytes = bucket_bytes
@@ -96,19 +133,13 @@ class SGLangEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         flat = [p for p in prompts for _ in range(params.n)]
-        outs = self.engine.generate(input_ids=flat, sampling_params=sampling_params_json(params, self.stop_ids),
-                                    return_logprob=True)
+        outs = self.engine.generate(**generate_request(flat, params, self.stop_ids))
         return _group([completion_from_output(o, p, decode=self.decode, weight_version=self.weight_version)
                        for o, p in zip(outs, flat, strict=True)], params.n)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        from sglang.srt.utils import MultiprocessingSerializer  # noqa: the engine exists, so SGLang does
-
-        metadata_cls = _sglang_metadata_class()
         for bucket, last in with_last(iter_buckets(named_tensors, self.bucket_bytes)):
-            payload = {"flattened_tensor": bucket.flat,
-                       "metadata": [metadata_cls(**vars(m)) for m in bucket.metas]}
-            serialized = MultiprocessingSerializer.serialize(payload, output_str=True)
+            serialized = flattened_bucket_payload(bucket)
             result = self.engine.update_weights_from_tensor(named_tensors=[serialized] * self.tp_size,
                                                             load_format="flattened_bucket", flush_cache=last)
             _check_result(result, "update_weights_from_tensor")
@@ -126,13 +157,15 @@ class SGLangEngine:
         self.engine.shutdown()
 
 
-def _sglang_metadata_class():
-    """SGLang's own metadata class, so the engine's unpickler finds a class it knows."""
-    try:
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-    except ImportError:
-        from sglang.srt.model_executor.model_runner import FlattenedTensorMetadata
-    return FlattenedTensorMetadata
+def flattened_bucket_payload(bucket: Bucket) -> str:
+    """One bucket as `update_weights_from_tensor(load_format="flattened_bucket")` takes it, per TP rank: SGLang's
+    MultiprocessingSerializer (a CUDA IPC handle for a GPU buffer) over {"flattened_tensor", "metadata"}. The
+    metadata uses SGLang's own class: its SafeUnpickler admits no other."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+    payload = {"flattened_tensor": bucket.flat, "metadata": [FlattenedTensorMetadata(**vars(m)) for m in bucket.metas]}
+    return MultiprocessingSerializer.serialize(payload, output_str=True)
 
 
 def _check_result(result, what: str) -> None:
@@ -164,7 +197,16 @@ class SGLangServerEngine:
         self.stop_ids = [tokenizer.eos_token_id]
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.weight_version = 0
-        self._get("/get_model_info")  # fail at start, with the URL, if nothing answers
+        self._check_server()
+
+    def _check_server(self) -> None:
+        """Fail at start, naming the URL, if nothing answers there or the server is too old for bucketed broadcasts."""
+        where = f"the SGLang server at {self.url} (rollout.sglang_url)"
+        try:
+            info = self._get("/server_info")
+        except RuntimeError as e:  # an HTTP error: something answers, but not SGLang >= 0.5.6
+            raise ValueError(f"{where} has no usable /server_info ({e}); raro-fast needs SGLang >= {MIN_VERSION}") from None
+        check_version(info.get("version") if isinstance(info, dict) else None, where)
 
     # -- HTTP ----------------------------------------------------------------------------------------------------
     def _request(self, path: str, body: dict | None):
@@ -196,12 +238,13 @@ class SGLangServerEngine:
         flat = [p for p in prompts for _ in range(params.n)]
         if not flat:
             return [[] for _ in prompts]
-        outs = self._post("/generate", {"input_ids": flat, "sampling_params": sampling_params_json(params, self.stop_ids),
-                                        "return_logprob": True})
+        outs = self._post("/generate", generate_request(flat, params, self.stop_ids))
         if isinstance(outs, dict):  # a single request answers with an object, a batch with a list
             outs = [outs]
+        # our syncs set the server's weight version, so every answer after the first sync must carry ours
         return _group([completion_from_output(o, p, decode=self.decode, weight_version=self.weight_version,
-                                              where=f"SGLang server {self.url}/generate")
+                                              where=f"SGLang server {self.url}/generate",
+                                              verify_version=self.weight_version > 0)
                        for o, p in zip(outs, flat, strict=True)], params.n)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

@@ -38,21 +38,25 @@ class MultiprocessingSerializer:  # SGLang's name; pickle stands in for its CUDA
         return pickle.loads(base64.b64decode(data) if isinstance(data, str) else data)
 
 
-def sglang_output(c, max_new_tokens):
+VERSION = "0.5.23"
+
+
+def sglang_output(c, max_new_tokens, weight_version):
     """What SGLang answers per request with return_logprob=True."""
     finish = ({"type": "stop", "matched": c.token_ids[-1]} if c.finish_reason == "stop"
               else {"type": "length", "length": max_new_tokens})
     return {"text": c.text, "output_ids": list(c.token_ids),
             "meta_info": {"id": "r", "prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids),
-                          "finish_reason": finish, "output_token_logprobs": [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids)]}}
+                          "finish_reason": finish, "weight_version": weight_version,
+                          "output_token_logprobs": [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids)]}}
 
 
-def run_generate(inner, input_ids, sampling_params):
+def run_generate(inner, input_ids, sampling_params, weight_version="default"):
     assert set(sampling_params) >= {"max_new_tokens", "temperature", "top_p", "stop_token_ids"}, sampling_params
     params = SamplingParams(max_new_tokens=sampling_params["max_new_tokens"], temperature=sampling_params["temperature"],
                             top_p=sampling_params["top_p"], seed=0)
     outs = inner.generate(input_ids, params)
-    return [sglang_output(c, params.max_new_tokens) for (c,) in outs]
+    return [sglang_output(c, params.max_new_tokens, weight_version) for (c,) in outs]
 
 
 class FakeEngine:
@@ -99,6 +103,7 @@ def install(monkeypatch):
     mods = {name: types.ModuleType(name) for name in
             ("sglang", "sglang.srt", "sglang.srt.utils", "sglang.srt.weight_sync", "sglang.srt.weight_sync.tensor_bucket")}
     mods["sglang"].Engine = FakeEngine
+    mods["sglang"].__version__ = VERSION
     mods["sglang.srt.utils"].MultiprocessingSerializer = MultiprocessingSerializer
     mods["sglang.srt.weight_sync.tensor_bucket"].FlattenedTensorMetadata = FlattenedTensorMetadata
     for name, mod in mods.items():
@@ -111,8 +116,9 @@ class FakeServer:
     ENDPOINTS = {"/generate", "/pause_generation", "/continue_generation", "/init_weights_update_group",
                  "/update_weights_from_distributed", "/release_memory_occupation", "/resume_memory_occupation"}
 
-    def __init__(self, inner):
+    def __init__(self, inner, version=VERSION):
         self.inner, self.calls, self.group, self.received = inner, [], None, []
+        self.version, self.weight_version = version, "default"  # SGLang's weight version before any update
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -129,8 +135,8 @@ class FakeServer:
 
             def do_GET(self):
                 server.calls.append((self.path, None))
-                if self.path == "/get_model_info":
-                    return self._reply({"model_path": "fake", "is_generation": True})
+                if self.path == "/server_info" and server.version is not None:
+                    return self._reply({"model_path": "fake", "version": server.version})
                 self._reply({"detail": "Not Found"}, 404)
 
             def do_POST(self):
@@ -147,7 +153,7 @@ class FakeServer:
     def handle(self, path, body):
         if path == "/generate":
             assert body["return_logprob"] is True
-            return run_generate(self.inner, body["input_ids"], body["sampling_params"])
+            return run_generate(self.inner, body["input_ids"], body["sampling_params"], self.weight_version)
         if path == "/init_weights_update_group":
             assert set(body) == {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
             self.group = open_weight_group(master_address=body["master_address"], master_port=body["master_port"],
@@ -159,6 +165,7 @@ class FakeServer:
             self.received += receive_bucket(self.group, body)
             if body["flush_cache"]:
                 self.inner.update_weights(self.received, version=int(body["weight_version"]))
+                self.weight_version = body["weight_version"]
                 self.received = []
             return {"success": True, "message": "Succeeded to update parameter online."}
         return {"success": True, "message": ""}

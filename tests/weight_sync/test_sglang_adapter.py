@@ -12,7 +12,8 @@ import torch
 from raro_fast.model.policy import PolicyModel
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
-from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine, completion_from_output, sampling_params_json
+from raro_fast.rollout.sglang import (SGLangEngine, SGLangServerEngine, completion_from_output, require_sglang,
+                                     sampling_params_json)
 from raro_fast.weight_sync.source import hf_named_tensors
 from raro_kernels import linear_logprobs
 
@@ -79,6 +80,33 @@ def test_sampling_params_and_response_parsing_follow_sglangs_formats():
     with pytest.raises(ValueError, match="finish_reason"):
         completion_from_output({"meta_info": {"finish_reason": {"type": "weird"}, "output_token_logprobs": []}}, [9],
                                decode=str, weight_version=0)
+    out["meta_info"]["output_token_logprobs"][1][0] = None  # SGLang's LogprobEntry allows a missing log-prob
+    with pytest.raises(ValueError, match=r"no log-prob for output tokens at positions \[1\]"):
+        completion_from_output(out, [9], decode=str, weight_version=0)
+
+
+def test_an_answer_from_other_weights_than_the_last_sync_is_an_error():
+    out = {"meta_info": {"finish_reason": {"type": "length"}, "output_token_logprobs": [[-0.5, 3, None]],
+                         "weight_version": "4"}}
+    assert completion_from_output(out, [9], decode=str, weight_version=4, verify_version=True).weight_version == 4
+    with pytest.raises(RuntimeError, match="weight version '4', but the trainer last synced version 5"):
+        completion_from_output(out, [9], decode=str, weight_version=5, verify_version=True)
+    assert completion_from_output(out, [9], decode=str, weight_version=5).weight_version == 5  # not asked to verify
+
+
+@pytest.mark.parametrize("version", ["0.5.5", "0.4.10.post2", "nightly", None])
+def test_a_too_old_sglang_is_refused_at_start_naming_where(monkeypatch, version):
+    server = fake_sglang.FakeServer(inner=None, version=version)
+    try:
+        with pytest.raises(ValueError, match=rf"SGLang server at {server.url} .*needs (SGLang )?>= 0.5.6"):
+            SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=1, sync_rank=True, server_ranks=1,
+                               group_address="127.0.0.1", group_port=1, timeout_s=5)
+    finally:
+        server.close()
+    fake_sglang.install(monkeypatch)
+    monkeypatch.setattr(sys.modules["sglang"], "__version__", version or "")
+    with pytest.raises(ValueError, match=r"rollout.backend='sglang': the installed sglang package runs SGLang .*>= 0.5.6"):
+        require_sglang("sglang")
 
 
 def test_in_process_engine_syncs_by_flattened_buckets_and_releases_memory(monkeypatch):
@@ -121,7 +149,7 @@ def test_server_engine_pauses_broadcasts_buckets_and_continues():
             engine.update_weights(hf_named_tensors(PolicyModel(model)), version=version)
             check_synced(engine, inner, model, version)
         paths = [p for p, _ in server.calls]
-        assert paths[0] == "/get_model_info" and paths.count("/init_weights_update_group") == 1
+        assert paths[0] == "/server_info" and paths.count("/init_weights_update_group") == 1
         first = paths[: paths.index("/generate")]
         assert first[1:3] == ["/init_weights_update_group", "/pause_generation"] and first[-1] == "/continue_generation"
         bodies = [b for p, b in server.calls[: len(first)] if p == "/update_weights_from_distributed"]
@@ -143,7 +171,7 @@ def test_server_engine_on_other_ranks_only_takes_part_in_the_gathers():
         consumed = []
         engine.update_weights(((n, consumed.append(n) or t) for n, t in hf_named_tensors(PolicyModel(tiny_model(1)))), version=3)
         assert engine.weight_version == 3 and len(consumed) > 5
-        assert [p for p, _ in server.calls] == ["/get_model_info"]
+        assert [p for p, _ in server.calls] == ["/server_info"]
     finally:
         server.close()
 

@@ -1,0 +1,127 @@
+"""Our SGLang adapter's requests and payloads through SGLang's OWN parsing code (not stand-ins), on CPU.
+
+Run by test_sglang_source.py in a subprocess with SGLang importable: `import sglang` patches transformers at import,
+which must not leak into the other tests. Prints one JSON line of what was checked; any mismatch raises.
+What this cannot reach without a GPU: the CUDA IPC handle (a CPU tensor travels by file descriptor here) and the
+engine's model loading.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import sglang  # noqa: E402
+from sglang.api.v1.api_types import (FinishAbort, FinishLength, FinishStop, GenerateMetaInfo,  # noqa: E402
+                                     GenerateResponse, LogprobEntry)
+from sglang.srt.entrypoints.api_contract import generate_contract_error  # noqa: E402
+from sglang.srt.server_args import ServerArgs  # noqa: E402
+from sglang.srt.utils.common import MultiprocessingSerializer, normalize_serialized_named_tensor_payloads  # noqa: E402
+from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata  # noqa: E402
+
+from gloo_worker import tiny_model  # noqa: E402
+from raro_fast.model.policy import PolicyModel  # noqa: E402
+from raro_fast.rollout.engine import SamplingParams  # noqa: E402
+from raro_fast.rollout.sglang import (check_version, completion_from_output, engine_kwargs,  # noqa: E402
+                                      flattened_bucket_payload, generate_request)
+from raro_fast.weight_sync.broadcast import update_request  # noqa: E402
+from raro_fast.weight_sync.buckets import iter_buckets, with_last  # noqa: E402
+from raro_fast.weight_sync.source import hf_named_tensors  # noqa: E402
+
+
+def named_tensors() -> list[tuple[str, torch.Tensor]]:
+    """A tiny Qwen2's HF-named weights in bf16 (tied lm_head left out, as the trainer sends them), then odd shapes and
+    every dtype a state dict can hold."""
+    g = torch.Generator().manual_seed(0)
+    out = list(hf_named_tensors(PolicyModel(tiny_model(3)), dtype=torch.bfloat16))
+    out += [("scalar", torch.randn((), generator=g)), ("odd.f64", torch.randn(3, 5, 7, generator=g, dtype=torch.float64)),
+            ("odd.f16", torch.randn(1, 9, generator=g).half()), ("empty.bf16", torch.empty(0, 4, dtype=torch.bfloat16)),
+            ("ids.i64", torch.randint(-2**40, 2**40, (4, 3), generator=g)), ("mask.bool", torch.rand(5, generator=g) > 0.5),
+            ("u8", torch.randint(0, 255, (6,), generator=g, dtype=torch.uint8)),
+            ("col", torch.randn(8, 6, generator=g).t())]  # non-contiguous
+    return out
+
+
+def same(got: list[tuple[str, torch.Tensor]], want: list[tuple[str, torch.Tensor]]) -> None:
+    assert [n for n, _ in got] == [n for n, _ in want], ([n for n, _ in got], [n for n, _ in want])
+    for (name, a), (_, b) in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name  # bit-exact
+
+
+def check_buckets() -> dict:
+    tensors = named_tensors()
+    by_name = dict(tensors)
+    buckets = 0
+    for bucket, last in with_last(iter_buckets(tensors, bucket_bytes=4096)):
+        want = [(m.name, by_name[m.name]) for m in bucket.metas]
+        # Colocated: what sglang.Engine.update_weights_from_tensor does with the payload we hand it, up to loading.
+        (raw,) = normalize_serialized_named_tensor_payloads([flattened_bucket_payload(bucket)])
+        payload = MultiprocessingSerializer.deserialize(raw)  # SGLang's SafeUnpickler: rejects foreign classes
+        assert set(payload) == {"flattened_tensor", "metadata"}, set(payload)
+        metas = [FlattenedTensorMetadata(name=m.name, shape=m.shape, dtype=m.dtype, start_idx=m.start_idx,
+                                         end_idx=m.end_idx, numel=m.numel) for m in payload["metadata"]]
+        same(FlattenedTensorBucket(flattened_tensor=payload["flattened_tensor"], metadata=metas).reconstruct_tensors(), want)
+        # Server mode: the receiver allocates from our JSON body alone; the broadcast fills it with our bytes.
+        body = json.loads(json.dumps(update_request(bucket, group_name="g", flush_cache=last, weight_version=7)))
+        received = FlattenedTensorBucket.empty(body["names"], body["dtypes"], body["shapes"], "cpu")
+        assert [(m.name, m.start_idx, m.end_idx, m.numel) for m in received.get_metadata()] == \
+               [(m.name, m.start_idx, m.end_idx, m.numel) for m in bucket.metas]
+        received.get_flattened_tensor().copy_(bucket.flat)
+        same(received.reconstruct_tensors(), want)
+        buckets += 1
+    # the serializer must refuse what is not SGLang's: proves the unpickler above was the strict one
+    try:
+        MultiprocessingSerializer.deserialize(MultiprocessingSerializer.serialize({"m": Path("x")}))
+    except RuntimeError as e:
+        assert "Blocked unsafe global" in str(e), e
+    else:
+        raise AssertionError("SGLang's SafeUnpickler accepted a foreign class")
+    return {"buckets": buckets, "tensors": len(tensors)}
+
+
+def check_generate() -> dict:
+    prompts = [[5, 9, 2], [7, 7, 40, 11]]
+    cases = [SamplingParams(), SamplingParams(max_new_tokens=7, temperature=0.6, top_p=0.9, stop_token_ids=(4, 9)),
+             SamplingParams(temperature=0.0, n=4, seed=3)]
+    for params in cases:
+        body = json.loads(json.dumps(generate_request(prompts, params, [1])))
+        error = generate_contract_error(body)
+        assert error is None, (body, error)
+    assert generate_contract_error({"input_ids": prompts, "sampling_params": {"max_new_tokenz": 3}}) is not None
+
+    def response(finish, version) -> dict:
+        meta = GenerateMetaInfo(id="r", prompt_tokens=3, completion_tokens=2, finish_reason=finish, weight_version=version,
+                                output_token_logprobs=[LogprobEntry(logprob=-0.5, token_id=3, text=None),
+                                                       LogprobEntry(logprob=-1.25, token_id=1, text=None)])
+        return json.loads(json.dumps(GenerateResponse(text="x", output_ids=[3, 1], meta_info=meta).to_json_value()))
+
+    for finish, kind in ((FinishStop(matched=1), "stop"), (FinishLength(length=2), "length"),
+                         (FinishAbort(message="paused"), "length")):
+        c = completion_from_output(response(finish, "5"), [9], decode=str, weight_version=5, verify_version=True)
+        assert (c.token_ids, c.logprobs, c.finish_reason) == ([3, 1], [-0.5, -1.25], kind), c
+    try:
+        completion_from_output(response(FinishStop(matched=1), "4"), [9], decode=str, weight_version=5, verify_version=True)
+    except RuntimeError as e:
+        assert "stale weights" in str(e)
+    else:
+        raise AssertionError("a response from weight version 4 passed as version 5")
+    return {"sampling_cases": len(cases), "finish_kinds": 3}
+
+
+def check_engine_args() -> dict:
+    """sglang.Engine(**kwargs) builds ServerArgs(**kwargs): an unknown or renamed argument is a TypeError there."""
+    kwargs = engine_kwargs(model_path="m", dtype="bfloat16", mem_fraction=0.35, tp_size=2, seed=5, gpu_id=1)
+    args = ServerArgs(**kwargs)
+    assert {k: getattr(args, k) for k in kwargs} == kwargs, args
+    return {"engine_args": len(kwargs)}
+
+
+if __name__ == "__main__":
+    check_version(sglang.__version__, "the sglang package under test")
+    print(json.dumps({"sglang": sglang.__version__, **check_buckets(), **check_generate(),
+                      **check_engine_args()}))

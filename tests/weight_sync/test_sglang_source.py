@@ -1,0 +1,191 @@
+"""The SGLang adapters against SGLang's own code, not stand-ins written from its docs.
+
+SGLang cannot serve on a CPU machine, but its request classes, HTTP routes, `/generate` contract gate, tensor
+serializer (with its SafeUnpickler) and weight buckets are plain Python. Here:
+  * every HTTP request the server adapter makes (a full sync, generation, memory release/resume) is checked against
+    the route in SGLang's http_server.py and the fields of the request class its handler takes (io_struct.py);
+  * every call the in-process adapter makes on `sglang.Engine` against that method's parameters;
+  * sglang_source_worker.py pushes our bucket payloads and bodies through SGLang's own code (see there).
+SGLang comes from RARO_SGLANG_PATH (a `pip install --target` directory: .ci/install-sglang-source makes one, and
+.ci/run does), else from an installed sglang.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raro_fast.model.policy import PolicyModel
+from raro_fast.rollout.engine import SamplingParams
+from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine
+from raro_fast.weight_sync.source import hf_named_tensors
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fake_sglang  # noqa: E402
+from test_sglang_adapter import PROMPTS, Tok, inner_engine, perturbed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+HINT = "run `.ci/install-sglang-source DIR` and set RARO_SGLANG_PATH=DIR (CI does)"
+
+
+def _sglang_dir() -> Path | None:
+    if root := os.environ.get("RARO_SGLANG_PATH"):
+        found = Path(root) / "sglang"
+        if not (found / "__init__.py").is_file():
+            pytest.fail(f"RARO_SGLANG_PATH={root} holds no sglang package: {HINT}")
+        return found
+    try:
+        spec = importlib.util.find_spec("sglang")
+    except ValueError:  # a stand-in module left in sys.modules
+        spec = None
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
+@pytest.fixture(scope="module")
+def sglang_dir() -> Path:
+    found = _sglang_dir()
+    if found is None:
+        pytest.skip(f"SGLang's source is not installed: {HINT}")
+    return found
+
+
+# -- SGLang's source, read without importing it ---------------------------------------------------------------------
+
+
+def _classes(path: Path) -> dict[str, ast.ClassDef]:
+    return {n.name: n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)}
+
+
+def _fields(classes: dict[str, ast.ClassDef], name: str) -> dict[str, ast.AnnAssign]:
+    """A request class's annotated fields, its bases' (from the same file) first."""
+    out: dict[str, ast.AnnAssign] = {}
+    for base in classes[name].bases:
+        if isinstance(base, ast.Name) and base.id in classes:
+            out |= _fields(classes, base.id)
+    for node in classes[name].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and "ClassVar" not in ast.unparse(node.annotation):
+            out[node.target.id] = node
+    return out
+
+
+def _literal_values(annotation: ast.expr) -> list | None:
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Literal":
+        elts = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
+        return [e.value for e in elts if isinstance(e, ast.Constant)]
+    return None
+
+
+def _routes(path: Path) -> dict[str, tuple[set[str], str | None]]:
+    """HTTP path → (methods, the request class the handler's first parameter takes)."""
+    routes = {}
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for dec in fn.decorator_list:
+            if not (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and ast.unparse(dec.func.value) == "app"
+                    and dec.args and isinstance(dec.args[0], ast.Constant)):
+                continue
+            kind = dec.func.attr
+            methods = {kind.upper()} if kind in ("get", "post", "put") else set()
+            for kw in dec.keywords:
+                if kw.arg == "methods":
+                    methods = {e.value for e in kw.value.elts}
+            cls = None
+            if fn.args.args and (ann := fn.args.args[0].annotation) is not None:
+                if isinstance(ann, ast.Subscript) and ast.unparse(ann.value) == "Annotated":
+                    ann = ann.slice.elts[0]
+                cls = ast.unparse(ann)
+            routes[dec.args[0].value] = (methods, cls)
+    return routes
+
+
+def _check_body(what: str, body: dict, fields: dict[str, ast.AnnAssign]) -> None:
+    unknown = set(body) - set(fields)
+    assert not unknown, f"{what}: SGLang has no fields {sorted(unknown)}"
+    required = {n for n, node in fields.items() if node.value is None}
+    assert required <= set(body), f"{what}: SGLang requires {sorted(required - set(body))}"
+    for name, value in body.items():
+        allowed = _literal_values(fields[name].annotation)
+        assert allowed is None or value in allowed, f"{what}: {name}={value!r} not among SGLang's {allowed}"
+
+
+# -- the tests ------------------------------------------------------------------------------------------------------
+
+
+def test_every_http_request_matches_sglangs_route_and_request_class(sglang_dir):
+    routes = _routes(sglang_dir / "srt/entrypoints/http_server.py")
+    classes = _classes(sglang_dir / "srt/managers/io_struct.py")
+    server = fake_sglang.FakeServer(inner_engine())
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=8192, sync_rank=True, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=port, group_backend="gloo", timeout_s=60)
+        engine.release_memory(("kv_cache",))
+        engine.resume_memory(("weights",))
+        engine.update_weights(hf_named_tensors(PolicyModel(perturbed(31))), version=1)
+        engine.resume_memory(("kv_cache",))
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9, n=2))
+    finally:
+        server.close()
+    paths = {p for p, _ in server.calls}
+    assert paths >= {"/server_info", "/init_weights_update_group", "/pause_generation", "/update_weights_from_distributed",
+                     "/continue_generation", "/release_memory_occupation", "/resume_memory_occupation", "/generate"}
+    for path, body in server.calls:
+        assert path in routes, f"SGLang serves no {path}"
+        methods, cls = routes[path]
+        assert ("GET" if body is None else "POST") in methods, (path, methods)
+        if body is not None:
+            assert cls in classes, f"{path}: handler takes {cls}, not a request class of io_struct.py"
+            _check_body(f"{path} ({cls})", body, _fields(classes, cls))
+
+
+def test_every_in_process_engine_call_matches_sglangs_engine(sglang_dir, monkeypatch):
+    methods = {n.name: n.args for n in _classes(sglang_dir / "srt/entrypoints/engine.py")["Engine"].body
+               if isinstance(n, ast.FunctionDef)}
+    class Recorder:  # every call the adapter makes on the engine, by keyword
+        def __init__(self, inner):
+            self.inner, self.calls = inner, []
+
+        def __getattr__(self, name):
+            def call(*args, **kw):
+                assert not args, f"{name} called with positional arguments {args}"
+                self.calls.append((name, kw))
+                return getattr(self.inner, name)(**kw)
+            return call
+
+    fake_sglang.install(monkeypatch)
+    recorder = Recorder(fake_sglang.FakeEngine(inner_engine()))
+    engine = SGLangEngine(model_path="unused", tokenizer=Tok(), dtype="float32", mem_fraction=0.5, tp_size=1,
+                          bucket_bytes=8192, seed=0, gpu_id=0, engine=recorder)
+    engine.release_memory(("kv_cache", "weights"))
+    engine.resume_memory(("weights",))
+    engine.update_weights(hf_named_tensors(PolicyModel(perturbed(32))), version=1)
+    engine.resume_memory(("kv_cache",))
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, n=2))
+    engine.shutdown()
+    assert {n for n, _ in recorder.calls} == {"release_memory_occupation", "resume_memory_occupation",
+                                              "update_weights_from_tensor", "generate", "shutdown"}
+    for name, kw in recorder.calls:
+        assert name in methods, f"sglang.Engine has no method {name}"
+        params = {a.arg for a in methods[name].args + methods[name].kwonlyargs}
+        assert methods[name].kwarg is not None or set(kw) <= params, f"Engine.{name} takes no {sorted(set(kw) - params)}"
+
+
+def test_payloads_and_bodies_pass_through_sglangs_own_code(sglang_dir):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(sglang_dir.parent), str(ROOT), env.get("PYTHONPATH")) if p)
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "sglang_source_worker.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["buckets"] > 5 and report["tensors"] > 20 and report["finish_kinds"] == 3 and report["engine_args"] == 8, report
+    print("checked against sglang", report["sglang"], report)
