@@ -31,6 +31,18 @@ class Tok:
         return " ".join(map(str, ids))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: free until someone binds it
+
+
+def server_engine(url: str) -> SGLangServerEngine:
+    """The sync rank of a trainer talking to one server GPU, its weight group over gloo."""
+    return SGLangServerEngine(url=url, tokenizer=Tok(), bucket_bytes=8192, sync_rank=True, server_ranks=1,
+                              group_address="127.0.0.1", group_port=free_port(), group_backend="gloo", timeout_s=60)
+
+
 def inner_engine(seed=99):
     return EmbeddedEngine(tiny_model(seed), pad_token_id=0, eos_token_ids=[1], decode=str, batch_size=8)
 
@@ -139,11 +151,7 @@ def test_server_engine_pauses_broadcasts_buckets_and_continues():
     inner = inner_engine()
     server = fake_sglang.FakeServer(inner)
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=8192, sync_rank=True, server_ranks=1,
-                                    group_address="127.0.0.1", group_port=port, group_backend="gloo", timeout_s=60)
+        engine = server_engine(server.url)
         for version, seed in ((1, 21), (2, 22)):
             model = perturbed(seed)
             engine.update_weights(hf_named_tensors(PolicyModel(model)), version=version)
@@ -177,9 +185,7 @@ def test_server_engine_on_other_ranks_only_takes_part_in_the_gathers():
 
 
 def test_server_engine_says_which_url_does_not_answer():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(ValueError, match=rf"cannot reach the SGLang server at http://127.0.0.1:{port}"):
         SGLangServerEngine(url=f"http://127.0.0.1:{port}", tokenizer=Tok(), bucket_bytes=1, sync_rank=True,
                            server_ranks=1, group_address="127.0.0.1", group_port=1, timeout_s=5)

@@ -15,7 +15,6 @@ import ast
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +23,12 @@ import pytest
 
 from raro_fast.model.policy import PolicyModel
 from raro_fast.rollout.engine import SamplingParams
-from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine
+from raro_fast.rollout.sglang import SGLangEngine
 from raro_fast.weight_sync.source import hf_named_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fake_sglang  # noqa: E402
-from test_sglang_adapter import PROMPTS, Tok, inner_engine, perturbed  # noqa: E402
+from test_sglang_adapter import PROMPTS, Tok, inner_engine, perturbed, server_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HINT = "run `.ci/install-sglang-source DIR` and set RARO_SGLANG_PATH=DIR (CI does)"
@@ -124,11 +123,7 @@ def test_every_http_request_matches_sglangs_route_and_request_class(sglang_dir):
     classes = _classes(sglang_dir / "srt/managers/io_struct.py")
     server = fake_sglang.FakeServer(inner_engine())
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=8192, sync_rank=True, server_ranks=1,
-                                    group_address="127.0.0.1", group_port=port, group_backend="gloo", timeout_s=60)
+        engine = server_engine(server.url)
         engine.release_memory(("kv_cache",))
         engine.resume_memory(("weights",))
         engine.update_weights(hf_named_tensors(PolicyModel(perturbed(31))), version=1)
