@@ -35,7 +35,7 @@ from raro_fast.weight_sync import full_state_dict, push_weights
 from raro_fast.baselines import dpo_advantages, dpo_pairs, rationalization_samples, rl_logit_rollouts, rlvr_rollouts, score_expert_answers, sft_samples
 from raro_fast.raro import STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
-from raro_fast.rollout import make_engine
+from raro_fast.rollout import check_backend, make_engine
 from raro_fast.tasks import make_task
 from raro_fast.update import recompute_logprobs, update_step
 from raro_fast.warmup import format_warmup
@@ -295,6 +295,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     out = Path(cfg.train.output_dir)
     if cfg.model.liger_kernels and d.device.type != "cuda":  # before any model is built or warmed up
         raise ValueError("model.liger_kernels=true needs a CUDA GPU (Liger's kernels do not run on CPU)")
+    check_backend(cfg.rollout, d.device)
     task = make_task(cfg.task)
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:

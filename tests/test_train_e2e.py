@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,18 +118,21 @@ def test_missing_model_path_fails_at_start_naming_it(tmp_path):
     assert out.returncode == 2 and "has no config.json" in out.stderr
 
 
-def test_sglang_backend_without_sglang_says_how_to_install(tmp_path, base_model):
-    pytest.importorskip("torch")
+@pytest.mark.parametrize("backend", ["sglang", "sglang_http"])
+def test_sglang_backend_without_sglang_says_how_to_install_before_any_work(tmp_path, backend):
     try:
         import sglang  # noqa: F401
 
         pytest.skip("sglang is installed here")
     except ImportError:
         pass
-    out = train([*TINY, "--model.path", str(base_model), "--rollout.backend", "sglang", "--train.output_dir",
+    # the embedded default with a long warm-up: the error must come before it, not after minutes of it
+    t0 = time.monotonic()
+    out = train([*TINY, "--warmup.steps", "2000", "--rollout.backend", backend, "--train.output_dir",
                  str(tmp_path / "r")], check=False)
-    assert out.returncode == 2
+    assert out.returncode == 2, out.stderr[-2000:]
     assert "pip install 'raro-fast[sglang]'" in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - t0 < 120 and not (tmp_path / "r" / "base_model").exists()
 
 
 @pytest.mark.slow

@@ -3,7 +3,19 @@ from __future__ import annotations
 
 from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
 
-__all__ = ["Completion", "RolloutEngine", "SamplingParams", "make_engine"]
+__all__ = ["Completion", "RolloutEngine", "SamplingParams", "check_backend", "make_engine"]
+
+
+def check_backend(cfg, device) -> None:
+    """What `cfg.backend` needs here (SGLang installed and new enough, a GPU for a colocated engine), checked before
+    any model is built or warmed up so a wrong setting fails in a second, not after minutes of work."""
+    if cfg.backend == "embedded":
+        return
+    from raro_fast.rollout.sglang import require_sglang
+
+    require_sglang(cfg.backend)
+    if cfg.backend == "sglang" and device.type != "cuda":
+        raise ValueError("rollout.backend='sglang' runs on CUDA GPUs only; use --rollout.backend embedded here")
 
 
 def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, rank: int, seed: int) -> RolloutEngine:
@@ -13,13 +25,11 @@ def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, r
         from raro_fast.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=cfg.batch_size)
-    from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine, require_sglang
+    from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine
 
-    require_sglang(cfg.backend)
+    check_backend(cfg, device)
     bucket_bytes = cfg.weight_bucket_mb * 2**20
     if cfg.backend == "sglang":
-        if device.type != "cuda":
-            raise ValueError("rollout.backend='sglang' runs on CUDA GPUs only; use --rollout.backend embedded here")
         return SGLangEngine(model_path=model_path, tokenizer=tokenizer, dtype=dtype, mem_fraction=cfg.mem_fraction,
                             tp_size=cfg.tp_size, bucket_bytes=bucket_bytes, seed=seed + rank, gpu_id=device.index or 0)
     return SGLangServerEngine(url=cfg.sglang_url, tokenizer=tokenizer, bucket_bytes=bucket_bytes, sync_rank=rank == 0,

@@ -23,23 +23,26 @@ def open_weight_group(*, master_address: str, master_port: int, rank: int, world
     """A process group outside the default one (the trainer's FSDP world is separate from the engines').
 
     Rank 0 (the trainer) hosts the TCP store, as in SGLang's `init_custom_process_group`. When SGLang is
-    installed, its own function is used so the group is built exactly as the server builds its side.
+    installed (the server backend requires it) its own function builds the group, so the store keys match the
+    server's side exactly; tests/weight_sync/test_sglang_source.py runs that handshake against SGLang's receiver.
+    Without SGLang, a plain group (its store keys differ from SGLang's) serves receivers of our own: the embedded
+    engine, tests.
     """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"weight group backend must be 'gloo' or 'nccl', got {backend!r}")
     timeout = datetime.timedelta(seconds=timeout_s)
     try:
         from sglang.srt.utils import init_custom_process_group
     except ImportError:
         init_custom_process_group = None
-    if init_custom_process_group is not None and backend == "nccl":
+    if init_custom_process_group is not None:
         return init_custom_process_group(backend=backend, init_method=f"tcp://{master_address}:{master_port}",
                                          world_size=world_size, rank=rank, group_name=group_name, timeout=timeout)
     store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
     prefixed = dist.PrefixStore(group_name, store)
     if backend == "gloo":
         return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    if backend == "nccl":
-        return dist.ProcessGroupNCCL(prefixed, rank, world_size)
-    raise ValueError(f"weight group backend must be 'gloo' or 'nccl', got {backend!r}")
+    return dist.ProcessGroupNCCL(prefixed, rank, world_size)
 
 
 def _broadcast(group, tensor: torch.Tensor) -> None:

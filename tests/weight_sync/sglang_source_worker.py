@@ -7,7 +7,10 @@ engine's model loading.
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +23,8 @@ from sglang.api.v1.api_types import (FinishAbort, FinishLength, FinishStop, Gene
                                      GenerateResponse, LogprobEntry)
 from sglang.srt.entrypoints.api_contract import generate_contract_error  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
-from sglang.srt.utils.common import MultiprocessingSerializer, normalize_serialized_named_tensor_payloads  # noqa: E402
+from sglang.srt.utils.common import (MultiprocessingSerializer, init_custom_process_group,  # noqa: E402
+                                     normalize_serialized_named_tensor_payloads)
 from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata  # noqa: E402
 
 from gloo_worker import tiny_model  # noqa: E402
@@ -28,7 +32,7 @@ from raro_fast.model.policy import PolicyModel  # noqa: E402
 from raro_fast.rollout.engine import SamplingParams  # noqa: E402
 from raro_fast.rollout.sglang import (check_version, completion_from_output, engine_kwargs,  # noqa: E402
                                       flattened_bucket_payload, generate_request)
-from raro_fast.weight_sync.broadcast import update_request  # noqa: E402
+from raro_fast.weight_sync.broadcast import broadcast_weights, open_weight_group, update_request  # noqa: E402
 from raro_fast.weight_sync.buckets import iter_buckets, with_last  # noqa: E402
 from raro_fast.weight_sync.source import hf_named_tensors  # noqa: E402
 
@@ -121,7 +125,64 @@ def check_engine_args() -> dict:
     return {"engine_args": len(kwargs)}
 
 
-if __name__ == "__main__":
+GROUP = "raro_fast_weights"
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def receive_as_sglang_server(port: int, fd_in: int, fd_out: int) -> None:
+    """SGLang's server side of server-mode weight sync, from SGLang's own pieces: its group
+    (init_custom_process_group, as /init_weights_update_group builds it), then per announced bucket its receive
+    buffer (FlattenedTensorBucket.empty), one broadcast from rank 0, and its reconstruction — the steps of
+    SGLang's `_receive_bucketed_weights_from_distributed`. Bodies come as JSON lines (the HTTP requests' bodies)."""
+    group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=1,
+                                      group_name=GROUP, timeout=datetime.timedelta(seconds=120))
+    received: dict[str, torch.Tensor] = {}
+    with os.fdopen(fd_in) as inbox, os.fdopen(fd_out, "w") as outbox:
+        for line in inbox:
+            body = json.loads(line)
+            bucket = FlattenedTensorBucket.empty(body["names"], body["dtypes"], body["shapes"], "cpu")
+            torch.distributed.broadcast(bucket.get_flattened_tensor(), src=0, group=group)
+            received.update((name, t.clone()) for name, t in bucket.reconstruct_tensors())
+            reply = {"success": True, "buckets": 1}
+            if body["flush_cache"]:
+                reply |= {"digest": digest(received), "weight_version": body.get("weight_version")}
+            outbox.write(json.dumps(reply) + "\n")
+            outbox.flush()
+            if body["flush_cache"]:
+                return
+
+
+def send_as_trainer(port: int, fd_in: int, fd_out: int) -> None:
+    """Our trainer's side, unchanged: open_weight_group + broadcast_weights, announcing each bucket as a JSON line."""
+    group = open_weight_group(master_address="127.0.0.1", master_port=port, rank=0, world_size=2, group_name=GROUP,
+                              backend="gloo", timeout_s=120)
+    tensors = named_tensors()
+    replies = []
+    with os.fdopen(fd_in) as inbox, os.fdopen(fd_out, "w") as outbox:
+        def announce(body):
+            outbox.write(json.dumps(body) + "\n")
+            outbox.flush()
+            return lambda: replies.append(json.loads(inbox.readline()))
+
+        sent = broadcast_weights(group, tensors, group_name=GROUP, bucket_bytes=4096, announce=announce, weight_version=3)
+    last = replies[-1]
+    assert all(r["success"] for r in replies) and last["weight_version"] == "3", replies
+    assert last["digest"] == digest(dict(tensors)), "SGLang's receiver rebuilt other weights than were sent"
+    print(json.dumps({"buckets": len(replies), "bytes": sent, "digest_equal": True}))
+
+
+if __name__ == "__main__" and len(sys.argv) > 1:
+    role, port, fd_in, fd_out = sys.argv[1], *map(int, sys.argv[2:5])
+    {"receive": receive_as_sglang_server, "send": send_as_trainer}[role](port, fd_in, fd_out)
+elif __name__ == "__main__":
     check_version(sglang.__version__, "the sglang package under test")
     print(json.dumps({"sglang": sglang.__version__, **check_buckets(), **check_generate(),
                       **check_engine_args()}))

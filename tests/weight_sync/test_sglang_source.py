@@ -5,7 +5,8 @@ serializer (with its SafeUnpickler) and weight buckets are plain Python. Here:
   * every HTTP request the server adapter makes (a full sync, generation, memory release/resume) is checked against
     the route in SGLang's http_server.py and the fields of the request class its handler takes (io_struct.py);
   * every call the in-process adapter makes on `sglang.Engine` against that method's parameters;
-  * sglang_source_worker.py pushes our bucket payloads and bodies through SGLang's own code (see there).
+  * sglang_source_worker.py pushes our bucket payloads and bodies through SGLang's own code (see there), and runs
+    a server-mode sync between our trainer side and a receiver built from SGLang's group and bucket code.
 SGLang comes from RARO_SGLANG_PATH (a `pip install --target` directory: .ci/install-sglang-source makes one, and
 .ci/run does), else from an installed sglang.
 """
@@ -28,7 +29,7 @@ from raro_fast.weight_sync.source import hf_named_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fake_sglang  # noqa: E402
-from test_sglang_adapter import PROMPTS, Tok, inner_engine, perturbed, server_engine  # noqa: E402
+from test_sglang_adapter import PROMPTS, Tok, free_port, inner_engine, perturbed, server_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HINT = "run `.ci/install-sglang-source DIR` and set RARO_SGLANG_PATH=DIR (CI does)"
@@ -175,12 +176,43 @@ def test_every_in_process_engine_call_matches_sglangs_engine(sglang_dir, monkeyp
         assert methods[name].kwarg is not None or set(kw) <= params, f"Engine.{name} takes no {sorted(set(kw) - params)}"
 
 
-def test_payloads_and_bodies_pass_through_sglangs_own_code(sglang_dir):
+WORKER = str(Path(__file__).parent / "sglang_source_worker.py")
+
+
+def _env_with(sglang_dir: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(sglang_dir.parent), str(ROOT), env.get("PYTHONPATH")) if p)
-    run = subprocess.run([sys.executable, str(Path(__file__).parent / "sglang_source_worker.py")], env=env,
-                         capture_output=True, text=True, timeout=600)
+    return env
+
+
+def test_payloads_and_bodies_pass_through_sglangs_own_code(sglang_dir):
+    run = subprocess.run([sys.executable, WORKER], env=_env_with(sglang_dir), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["buckets"] > 5 and report["tensors"] > 20 and report["finish_kinds"] == 3 and report["engine_args"] == 8, report
     print("checked against sglang", report["sglang"], report)
+
+
+def test_server_mode_sync_meets_sglangs_own_group_and_receiver(sglang_dir):
+    """Two processes over gloo: our trainer side (open_weight_group + broadcast_weights) and SGLang's server side
+    built from SGLang's own group and bucket code; the bodies travel as JSON lines where HTTP would carry them."""
+    to_server, to_trainer = os.pipe(), os.pipe()
+    port = free_port()
+    env = _env_with(sglang_dir)
+    server = subprocess.Popen([sys.executable, WORKER, "receive", str(port), str(to_server[0]), str(to_trainer[1])],
+                              env=env, pass_fds=(to_server[0], to_trainer[1]), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen([sys.executable, WORKER, "send", str(port), str(to_trainer[0]), str(to_server[1])],
+                               env=env, pass_fds=(to_trainer[0], to_server[1]), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for fd in (*to_server, *to_trainer):
+        os.close(fd)  # the children hold them now: a dead peer shows as end of file, not a hang
+    try:
+        t_out, t_err = trainer.communicate(timeout=300)
+        s_out, s_err = server.communicate(timeout=60)
+    finally:
+        for p in (trainer, server):
+            p.kill()
+    assert trainer.returncode == 0 and server.returncode == 0, f"trainer:\n{t_err[-3000:]}\nserver:\n{s_err[-3000:]}"
+    report = json.loads(t_out.strip().splitlines()[-1])
+    assert report["digest_equal"] and report["buckets"] > 5, report
