@@ -110,6 +110,12 @@ def install(monkeypatch):
         monkeypatch.setitem(sys.modules, name, mod)
 
 
+def plain_weight_group(monkeypatch):
+    """Both ends of a FakeServer's weight group live in this one process, where SGLang's group registry (used by
+    open_weight_group whenever sglang is importable) admits one member per group name: use the plain group."""
+    monkeypatch.setitem(sys.modules, "sglang.srt.utils", None)  # `from sglang.srt.utils import ...` fails
+
+
 class FakeServer:
     """An SGLang HTTP server's RL endpoints; weights arrive over a gloo weight group as in server mode."""
 

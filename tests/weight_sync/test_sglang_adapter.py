@@ -147,7 +147,8 @@ def test_in_process_engine_syncs_by_flattened_buckets_and_releases_memory(monkey
         engine.release_memory(("activations",))
 
 
-def test_server_engine_pauses_broadcasts_buckets_and_continues():
+def test_server_engine_pauses_broadcasts_buckets_and_continues(monkeypatch):
+    fake_sglang.plain_weight_group(monkeypatch)
     inner = inner_engine()
     server = fake_sglang.FakeServer(inner)
     try:

@@ -119,7 +119,8 @@ def _check_body(what: str, body: dict, fields: dict[str, ast.AnnAssign]) -> None
 # -- the tests ------------------------------------------------------------------------------------------------------
 
 
-def test_every_http_request_matches_sglangs_route_and_request_class(sglang_dir):
+def test_every_http_request_matches_sglangs_route_and_request_class(sglang_dir, monkeypatch):
+    fake_sglang.plain_weight_group(monkeypatch)
     routes = _routes(sglang_dir / "srt/entrypoints/http_server.py")
     classes = _classes(sglang_dir / "srt/managers/io_struct.py")
     server = fake_sglang.FakeServer(inner_engine())
