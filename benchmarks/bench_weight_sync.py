@@ -54,7 +54,7 @@ def _sharded_model(shape: dict) -> PolicyModel:
 
     device = torch.device("cuda" if CUDA else "cpu")
     with device:
-        lm = AutoModelForCausalLM.from_config(Qwen2Config(**shape), torch_dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=torch.float32)
     model = PolicyModel(lm)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.decoder_layers:
