@@ -7,6 +7,7 @@ An unknown or ill-typed key is an error naming the key (and, for YAML, the file 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,8 +314,18 @@ def _build(cls: type, values: dict[str, Any], where: dict[str, str], prefix: str
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        origin = where.get(prefix.rstrip("."), "config") if prefix else "config"
-        raise ConfigError(f"{origin}: section '{prefix.rstrip('.') or 'root'}': {e}") from None
+        section = where.get(prefix.rstrip("."), "config") if prefix else "config"
+        raise ConfigError(f"{_origin_named(str(e), where, prefix, section)}: section "
+                          f"'{prefix.rstrip('.') or 'root'}': {e}") from None
+
+
+def _origin_named(message: str, where: dict[str, str], prefix: str, default: str) -> str:
+    """Where the setting a validation message names first was given (file:line or command line), so the error
+    points at the offending line rather than at its section."""
+    named = [k for k in where if k.startswith(prefix) and re.search(rf"(?<![\w.]){re.escape(k)}\b", message)]
+    if not named:
+        return default
+    return where[min(named, key=lambda k: (message.find(k), -len(k)))]
 
 
 def _yaml_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -326,7 +337,10 @@ def _yaml_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         node = yaml.compose(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
+        problem = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+        raise ConfigError(f"{at}: invalid YAML: {problem or e}") from None
     where: dict[str, str] = {}
 
     def walk(n: Any, prefix: str) -> Any:
@@ -334,6 +348,9 @@ def _yaml_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             out = {}
             for k, v in n.value:
                 key = f"{prefix}{k.value}"
+                if k.value in out:  # YAML would keep the last silently; a setting given twice is a mistake
+                    raise ConfigError(f"{path}:{k.start_mark.line + 1}: '{key}' is set twice (first on line "
+                                      f"{where[key].rsplit(':', 1)[1]})")
                 where[key] = f"{path}:{k.start_mark.line + 1}"
                 out[k.value] = walk(v, f"{key}.")
             return out

@@ -56,9 +56,39 @@ def test_missing_yaml_file_and_malformed_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"nope.yaml: cannot read"):
         load_config(["--config", str(tmp_path / "nope.yaml")])
     f = tmp_path / "broken.yaml"
-    f.write_text("raro: [1, 2\n")
-    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML"):
+    f.write_text("train:\n  steps: 3\nraro: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:4: invalid YAML: while parsing a flow sequence"):
         load_config(["--config", str(f)])
+
+
+def test_a_setting_given_twice_in_one_file_is_refused(tmp_path):
+    f = tmp_path / "twice.yaml"
+    f.write_text("rollout:\n  mem_fraction: 0.3\n  tp_size: 1\n  mem_fraction: 0.4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:4: 'rollout.mem_fraction' is set twice \(first on line 2\)"):
+        load_config(["--config", str(f)])
+    f.write_text("rollout:\n  mem_fraction: 0.3\nrollout:\n  tp_size: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:3: 'rollout' is set twice \(first on line 1\)"):
+        load_config(["--config", str(f)])
+    other = tmp_path / "other.yaml"  # across files (and from the command line) a later value wins, as documented
+    other.write_text("rollout:\n  mem_fraction: 0.4\n")
+    f.write_text("rollout:\n  mem_fraction: 0.3\n")
+    assert load_config(["--config", str(f), "--config", str(other)]).rollout.mem_fraction == 0.4
+
+
+def test_a_refused_value_is_reported_at_its_own_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("rollout:\n  tp_size: 1\n  mem_fraction: 1.5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3: section 'rollout': rollout.mem_fraction must be in \(0, 1\)"):
+        load_config(["--config", str(f)])
+    f.write_text("task:\n  countdown:\n    seed: 1\n    num_numbers: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: .*task.countdown.num_numbers must be >= 2"):
+        load_config(["--config", str(f)])
+    # A cross-section refusal points at the first setting it names, wherever that one was given.
+    f.write_text("train:\n  steps: 3\n  mode: dpo\nloss:\n  tis_cap: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:5: section 'root': loss.tis_cap needs"):
+        load_config(["--config", str(f)])
+    with pytest.raises(ConfigError, match=r"command line: section 'root': loss.tis_cap needs"):
+        load_config(["--config", str(f), "--loss.tis_cap", "3"])
 
 
 def test_task_validation_is_reported_with_its_section():

@@ -32,13 +32,13 @@ class CountdownConfig:
 
     def __post_init__(self) -> None:
         if self.num_numbers < 2:
-            raise ValueError(f"task.num_numbers must be >= 2, got {self.num_numbers}")
+            raise ValueError(f"task.countdown.num_numbers must be >= 2, got {self.num_numbers}")
         if not 0 <= self.min_number <= self.max_number:
             raise ValueError(
-                f"task.min_number/max_number: need 0 <= min_number <= max_number, got {self.min_number}, {self.max_number}"
+                f"task.countdown.min_number/max_number: need 0 <= min_number <= max_number, got {self.min_number}, {self.max_number}"
             )
         if self.num_train < 1 or self.num_heldout < 0:
-            raise ValueError(f"task.num_train must be >= 1 and task.num_heldout >= 0, got {self.num_train}, {self.num_heldout}")
+            raise ValueError(f"task.countdown.num_train must be >= 1 and task.countdown.num_heldout >= 0, got {self.num_train}, {self.num_heldout}")
 
 
 @dataclass(frozen=True)
