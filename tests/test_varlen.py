@@ -65,3 +65,70 @@ def test_packed_logprobs_and_grads_equal_per_sequence(family, device):
     lp_ref.sum().backward()
     for (n1, p1), (n2, p2) in zip(packed_model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{family} {n1}: {m}")
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """Stand-in with flash-attn 2.8.3's signature and documented contract (flash_attn/flash_attn_interface.py and
+    its CUDA checks), computed in float64: q [total, Hq, D], k/v [total, Hkv, D] with Hq % Hkv == 0 (query head i
+    reads KV head i // (Hq / Hkv)), int32 cu_seqlens, fp16/bf16 only, causal mask aligned bottom-right."""
+    assert q.dtype in (torch.float16, torch.bfloat16), "FlashAttention only support fp16 and bf16 data type"
+    assert k.dtype == v.dtype == q.dtype and cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+    assert q.dim() == k.dim() == v.dim() == 3 and q.shape[1] % k.shape[1] == 0
+    assert dropout_p == 0.0 and window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None
+    flash_attn_varlen_func.calls += 1
+    groups = q.shape[1] // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    assert max_seqlen_q == max(b - a for a, b in zip(bq, bq[1:])) and max_seqlen_k == max(b - a for a, b in zip(bk, bk[1:]))
+    for (q0, q1), (k0, k1) in zip(zip(bq, bq[1:]), zip(bk, bk[1:])):
+        qs = q[q0:q1].double().transpose(0, 1)
+        ks = k[k0:k1].double().repeat_interleave(groups, 1).transpose(0, 1)
+        vs = v[k0:k1].double().repeat_interleave(groups, 1).transpose(0, 1)
+        scores = qs @ ks.transpose(1, 2) * scale
+        if causal:
+            lq, lk = q1 - q0, k1 - k0
+            scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq).logical_not(), float("-inf"))
+        out[q0:q1] = (scores.softmax(-1) @ vs).transpose(0, 1)
+    return out.to(q.dtype)
+
+
+def _reference_attention(q, k, v, cu, scale):
+    """Causal attention per sequence in float64, written out (no library attention)."""
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    b = cu.tolist()
+    for s, e in zip(b, b[1:]):
+        for h in range(q.shape[1]):
+            qh, kh, vh = q[s:e, h].double(), k[s:e, h // groups].double(), v[s:e, h // groups].double()
+            w = (qh @ kh.T * scale).masked_fill(torch.ones(e - s, e - s, dtype=torch.bool).triu(1), float("-inf"))
+            out[s:e, h] = w.softmax(-1) @ vh
+    return out
+
+
+def test_flash_attn_gets_its_documented_arguments_and_half_precision_only(monkeypatch):
+    """The CUDA fused path, run on CPU against a stand-in with flash-attn's own signature and contract (flash-attn
+    is not installed on any machine here): boundaries, scale, causality and grouped KV heads reach it as it
+    documents them, and fp32 inputs, which its kernels refuse, never go to it."""
+    from raro_fast.model import varlen
+
+    monkeypatch.setattr(varlen, "_flash_attn_varlen", lambda: flash_attn_varlen_func)
+    monkeypatch.setattr(varlen, "_torch_varlen", lambda: (None, frozenset()))
+    flash_attn_varlen_func.calls = 0
+    g = torch.Generator().manual_seed(3)
+    lengths = [5, 1, 9, 3]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), h, 8, generator=g) for h in (4, 2, 2))
+    scale = 0.3
+    want = _reference_attention(q, k, v, cu, scale)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = varlen._fused_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu, max(lengths), scale, groups=2)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2)
+    assert flash_attn_varlen_func.calls == 2
+    assert varlen._fused_varlen(q, k, v, cu, max(lengths), scale, groups=2) is None
+    assert flash_attn_varlen_func.calls == 2
+    # The per-sequence loop that fp32 (and CPU) runs agrees with the same reference.
+    torch.testing.assert_close(varlen.varlen_causal_attention(q.double(), k.double(), v.double(), cu, max(lengths), scale),
+                               want, rtol=1e-12, atol=1e-12)

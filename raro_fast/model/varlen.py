@@ -4,7 +4,7 @@
 `transformers.AttentionInterface.register` is the library's documented extension point: the model calls our
 function with the per-sequence boundaries we pass to its forward (`cu_seq_lens_q` etc., the names of
 transformers' FlashAttentionKwargs). Backends, first available wins: flash-attn's `flash_attn_varlen_func`
-(CUDA, if installed), `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.9), and a plain per-sequence
+(CUDA, fp16/bf16, if installed), `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.9), and a plain per-sequence
 causal SDPA loop (CPU, or anything else). No attention ever crosses a sequence boundary.
 """
 from __future__ import annotations
@@ -44,25 +44,9 @@ def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_s
     """Causal attention restricted to each sequence; q [T, Hq, D], k/v [T, Hkv, D] → [T, Hq, D]."""
     groups = q_THD.shape[1] // k_THD.shape[1]
     if q_THD.is_cuda:
-        flash = _flash_attn_varlen()
-        if flash is not None:
-            return flash(q_THD, k_THD, v_THD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
-        varlen, params = _torch_varlen()
-        if varlen is not None:
-            kwargs = {"scale": scale}
-            if "is_causal" in params:
-                kwargs["is_causal"] = True
-            else:
-                kwargs["window_size"] = (-1, 0)
-            k_in, v_in = k_THD, v_THD
-            if "enable_gqa" in params:
-                kwargs["enable_gqa"] = groups > 1
-            else:
-                k_in, v_in = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
-            try:
-                return varlen(q_THD, k_in, v_in, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
-            except RuntimeError:
-                pass  # e.g. an fp32 input the flash kernel does not take: fall through to the exact loop
+        out = _fused_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale, groups)
+        if out is not None:
+            return out
     k_THD, v_THD = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
     out = torch.empty_like(q_THD)
     bounds = cu_seqlens.tolist()
@@ -70,6 +54,31 @@ def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_s
         q, k, v = (x[start:end].transpose(0, 1) for x in (q_THD, k_THD, v_THD))  # [H, L, D]
         out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
     return out
+
+
+def _fused_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale, groups) -> torch.Tensor | None:
+    """One fused kernel over the whole packed row (CUDA), or None where none takes these inputs."""
+    flash = _flash_attn_varlen()
+    # flash-attn's kernels take fp16/bf16 only (an fp32 trainer would fail inside them); GQA needs no repeat there.
+    if flash is not None and q_THD.dtype in (torch.float16, torch.bfloat16):
+        return flash(q_THD, k_THD, v_THD, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    varlen, params = _torch_varlen()
+    if varlen is None:
+        return None
+    kwargs = {"scale": scale}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)
+    k_in, v_in = k_THD, v_THD
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = groups > 1
+    else:
+        k_in, v_in = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
+    try:
+        return varlen(q_THD, k_in, v_in, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    except RuntimeError:
+        return None  # e.g. an fp32 input the flash kernel does not take: the caller runs the exact loop
 
 
 def _attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
