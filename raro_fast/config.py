@@ -90,7 +90,8 @@ class RolloutConfig:
     batch_size: int = _help("Prompts per engine call (bounds generation memory).", 64)
     release_memory: Literal["none", "kv_cache", "kv_cache+weights"] = _help(
         "What a colocated engine frees while the trainer updates; it is taken back in stages around the weight "
-        "sync (weights first, KV cache after). Weights need SGLang's memory saver.", "kv_cache")
+        "sync (weights first, KV cache after). Weights need SGLang's memory saver. An SGLang server (sglang_http) "
+        "keeps its memory: it has its own GPUs, and other ranks may still be generating on it.", "kv_cache")
     weight_bucket_mb: int = _help("Weight-sync bucket size (MB): tensors are flattened into one buffer per dtype "
                                   "and bucket, one hand-over per bucket.", 512)
     mem_fraction: float = _help("sglang: fraction of GPU memory the colocated engine may take (weights + KV cache).", 0.5)
@@ -109,6 +110,10 @@ class RolloutConfig:
 
     @property
     def released_tags(self) -> tuple[str, ...]:
+        if self.backend == "sglang_http":
+            # Every trainer rank would release the one server's memory, and SGLang refuses (asserts) a release
+            # while any request runs on it.
+            return ()
         return {"none": (), "kv_cache": ("kv_cache",), "kv_cache+weights": ("kv_cache", "weights")}[self.release_memory]
 
 

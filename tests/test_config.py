@@ -135,3 +135,11 @@ def test_train_help_and_bad_config_exit_codes():
     assert out.returncode == 2
     assert "unknown key 'raro.tau_poll'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_only_colocated_engines_release_memory():
+    assert load_config(["--rollout.backend", "sglang"]).rollout.released_tags == ("kv_cache",)
+    assert load_config(["--rollout.release_memory", "kv_cache+weights"]).rollout.released_tags == ("kv_cache", "weights")
+    # A server has its own GPUs; every trainer rank would release it, some while others still generate on it.
+    assert load_config(["--rollout.backend", "sglang_http", "--rollout.release_memory", "kv_cache+weights"]
+                       ).rollout.released_tags == ()

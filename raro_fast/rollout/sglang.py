@@ -9,18 +9,21 @@ SGLang is imported only when one of these is built. Requests and responses follo
   weights, colocated: `update_weights_from_tensor(named_tensors=[serialized bucket per TP rank],
     load_format="flattened_bucket", flush_cache=<last bucket only>)`, the bucket handed over by CUDA IPC.
   weights, server: pause_generation → per bucket `/update_weights_from_distributed` + one broadcast → continue.
-  memory: `release_memory_occupation` / `resume_memory_occupation` with tags "kv_cache", "weights".
+  Since SGLang 0.5.21 both kinds of update are refused outside a weight-update session: a sync runs between
+  `begin_weight_update` and `end_weight_update` wherever the engine has them.
+  memory (colocated only): `release_memory_occupation` / `resume_memory_occupation` with tags "kv_cache", "weights".
 SGLang >= 0.5.6 is required: older servers ignore load_format="flattened_bucket" on the broadcast path and would wait
 for one broadcast per tensor (a hang). tests/weight_sync/test_sglang_source.py checks all of the above against
 SGLang's own code and request classes (the version .ci/run installs).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import urllib.error
 import urllib.request
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from packaging.version import InvalidVersion, Version
@@ -31,16 +34,36 @@ from raro_fast.weight_sync.buckets import Bucket, iter_buckets, with_last
 
 INSTALL_HINT = "pip install 'raro-fast[sglang]' (GPU nodes only), or use --rollout.backend embedded"
 MIN_VERSION = Version("0.5.6")
+SESSION_VERSION = Version("0.5.21")  # from here on, updates outside begin/end_weight_update are refused
 
 
-def check_version(version: str | None, where: str) -> None:
+def check_version(version: str | None, where: str) -> Version:
     try:
-        too_old = version is None or Version(str(version)) < MIN_VERSION
+        parsed = Version(str(version)) if version is not None else None
     except InvalidVersion:
-        too_old = True
-    if too_old:
+        parsed = None
+    if parsed is None or parsed < MIN_VERSION:
         raise ValueError(f"{where} runs SGLang {version or '(version unknown)'}; raro-fast needs >= {MIN_VERSION} "
                          f"(weight sync by flattened buckets): {INSTALL_HINT}")
+    return parsed
+
+
+@contextlib.contextmanager
+def weight_update_session(begin: Callable[[], object] | None, end: Callable[[], object] | None) -> Iterator[None]:
+    """Run a sync inside SGLang's weight-update session (begin/end None: an SGLang from before sessions). A sync
+    that fails still closes the session, so the engine is not left refusing the next one; its error is the one
+    raised."""
+    if begin is None or end is None:
+        yield
+        return
+    _check_result(begin(), "begin_weight_update")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            end()
+        raise
+    _check_result(end(), "end_weight_update")
 
 
 def require_sglang(backend: str):
@@ -138,11 +161,14 @@ class SGLangEngine:
                        for o, p in zip(outs, flat, strict=True)], params.n)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        for bucket, last in with_last(iter_buckets(named_tensors, self.bucket_bytes)):
-            serialized = flattened_bucket_payload(bucket)
-            result = self.engine.update_weights_from_tensor(named_tensors=[serialized] * self.tp_size,
-                                                            load_format="flattened_bucket", flush_cache=last)
-            _check_result(result, "update_weights_from_tensor")
+        # SGLang >= 0.5.21 has (and requires) the session; older engines have neither method
+        with weight_update_session(getattr(self.engine, "begin_weight_update", None),
+                                   getattr(self.engine, "end_weight_update", None)):
+            for bucket, last in with_last(iter_buckets(named_tensors, self.bucket_bytes)):
+                serialized = flattened_bucket_payload(bucket)
+                result = self.engine.update_weights_from_tensor(named_tensors=[serialized] * self.tp_size,
+                                                                load_format="flattened_bucket", flush_cache=last)
+                _check_result(result, "update_weights_from_tensor")
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.weight_version = version
@@ -206,7 +232,7 @@ class SGLangServerEngine:
             info = self._get("/server_info")
         except RuntimeError as e:  # an HTTP error: something answers, but not SGLang >= 0.5.6
             raise ValueError(f"{where} has no usable /server_info ({e}); raro-fast needs SGLang >= {MIN_VERSION}") from None
-        check_version(info.get("version") if isinstance(info, dict) else None, where)
+        self.version = check_version(info.get("version") if isinstance(info, dict) else None, where)
 
     # -- HTTP ----------------------------------------------------------------------------------------------------
     def _request(self, path: str, body: dict | None):
@@ -255,11 +281,15 @@ class SGLangServerEngine:
             return
         if self.group is None:
             self._open_group()
+        sessions = self.version >= SESSION_VERSION
+        begin = (lambda: self._post("/begin_weight_update", {})) if sessions else None
+        end = (lambda: self._post("/end_weight_update", {})) if sessions else None
         self._post("/pause_generation", {"mode": "abort"})
         try:
-            broadcast_weights(self.group, named_tensors, group_name=self.group_name, bucket_bytes=self.bucket_bytes,
-                              announce=lambda body: self._post_in_background("/update_weights_from_distributed", body),
-                              weight_version=version)
+            with weight_update_session(begin, end):
+                broadcast_weights(self.group, named_tensors, group_name=self.group_name, bucket_bytes=self.bucket_bytes,
+                                  announce=lambda body: self._post_in_background("/update_weights_from_distributed", body),
+                                  weight_version=version)
         finally:
             self._post("/continue_generation", {})
         self.weight_version = version

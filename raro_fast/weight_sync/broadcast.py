@@ -95,7 +95,11 @@ def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], 
     for bucket, last in with_last(iter_buckets(named_tensors, bucket_bytes)):
         wait = announce(update_request(bucket, group_name=group_name, flush_cache=last,
                                        weight_version=weight_version if last else None))
-        _broadcast(group, bucket.flat)
+        try:
+            _broadcast(group, bucket.flat)
+        except Exception:
+            wait()  # a receiver that refused the request never joins the broadcast: its answer names the cause
+            raise
         if pending is not None:
             pending()
         pending = wait  # the next bucket is gathered while the receiver loads this one

@@ -41,6 +41,10 @@ class MultiprocessingSerializer:  # SGLang's name; pickle stands in for its CUDA
 VERSION = "0.5.23"
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split(".")[:3] if x.isdigit())
+
+
 def sglang_output(c, max_new_tokens, weight_version):
     """What SGLang answers per request with return_logprob=True."""
     finish = ({"type": "stop", "matched": c.token_ids[-1]} if c.finish_reason == "stop"
@@ -59,14 +63,37 @@ def run_generate(inner, input_ids, sampling_params, weight_version="default"):
     return [sglang_output(c, params.max_new_tokens, weight_version) for (c,) in outs]
 
 
-class FakeEngine:
-    """`sglang.Engine`: generate, update_weights_from_tensor (flattened_bucket), memory occupation."""
+SESSION_REFUSAL = "{} must run between begin_weight_update() and end_weight_update()"  # SGLang >= 0.5.21's answer
+
+
+class MemoryTags:
+    """SGLang's bookkeeping of released memory: resuming what is not released fails (its scheduler's
+    `offload_tags.remove`), as does releasing what already is (its memory saver pauses a region once)."""
+
+    def __init__(self):
+        self.released = set()
+
+    def release(self, tags):
+        assert not self.released & set(tags), f"release_memory_occupation: {sorted(self.released & set(tags))} already released"
+        self.released |= set(tags)
+
+    def resume(self, tags):
+        assert set(tags) <= self.released, f"resume_memory_occupation: {sorted(set(tags) - self.released)} not released"
+        self.released -= set(tags)
+
+
+class FakeEngineBeforeSessions:
+    """`sglang.Engine` 0.5.6-0.5.20: generate, update_weights_from_tensor (flattened_bucket), memory occupation."""
 
     def __init__(self, inner=None, **server_args):
         self.inner = inner
         self.server_args = server_args
         self.calls = []
         self._received = []
+        self.memory = MemoryTags()
+
+    def _refusal(self, what):
+        return None
 
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False, **kw):
         assert return_logprob is True and all(isinstance(t, int) for p in input_ids for t in p)
@@ -74,6 +101,9 @@ class FakeEngine:
         return run_generate(self.inner, input_ids, sampling_params)
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        if (refused := self._refusal("update_weights_from_tensor")) is not None:
+            self.calls.append(("update_weights_from_tensor", "refused"))
+            return False, refused
         assert load_format == "flattened_bucket" and isinstance(named_tensors, list) and all(isinstance(s, str) for s in named_tensors)
         payload = MultiprocessingSerializer.deserialize(named_tensors[0])
         assert set(payload) == {"flattened_tensor", "metadata"}
@@ -89,13 +119,38 @@ class FakeEngine:
         return True, "Success"
 
     def release_memory_occupation(self, tags=None):
+        self.memory.release(tags)
         self.calls.append(("release_memory_occupation", tuple(tags)))
 
     def resume_memory_occupation(self, tags=None):
+        self.memory.resume(tags)
         self.calls.append(("resume_memory_occupation", tuple(tags)))
 
     def shutdown(self):
         pass
+
+
+class FakeEngine(FakeEngineBeforeSessions):
+    """`sglang.Engine` >= 0.5.21: updates only inside a begin_weight_update()/end_weight_update() session."""
+
+    session_open = False
+
+    def _refusal(self, what):
+        return None if self.session_open else SESSION_REFUSAL.format(what)
+
+    def begin_weight_update(self, selector="all"):
+        self.calls.append(("begin_weight_update",))
+        if self.session_open:
+            return False, "a weight-update session is already open; call end_weight_update() first"
+        self.session_open = True
+        return True, "Success"
+
+    def end_weight_update(self):
+        self.calls.append(("end_weight_update",))
+        if not self.session_open:
+            return False, "no weight-update session is open; call begin_weight_update() first"
+        self.session_open = False
+        return True, "Success"
 
 
 def install(monkeypatch):
@@ -121,10 +176,13 @@ class FakeServer:
 
     ENDPOINTS = {"/generate", "/pause_generation", "/continue_generation", "/init_weights_update_group",
                  "/update_weights_from_distributed", "/release_memory_occupation", "/resume_memory_occupation"}
+    SESSION_ENDPOINTS = {"/begin_weight_update", "/end_weight_update"}  # SGLang >= 0.5.21
 
     def __init__(self, inner, version=VERSION):
         self.inner, self.calls, self.group, self.received = inner, [], None, []
         self.version, self.weight_version = version, "default"  # SGLang's weight version before any update
+        self.sessions = version is not None and _version_tuple(version) >= (0, 5, 21)
+        self.session_open, self.memory = False, MemoryTags()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -148,9 +206,11 @@ class FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
                 server.calls.append((self.path, body))
-                if self.path not in server.ENDPOINTS:
+                if self.path not in server.ENDPOINTS | (server.SESSION_ENDPOINTS if server.sessions else set()):
                     return self._reply({"detail": "Not Found"}, 404)
-                self._reply(server.handle(self.path, body))
+                out = server.handle(self.path, body)
+                # SGLang answers a refused request with HTTP 400 and {"success": false, "message": ...}
+                self._reply(out, 400 if isinstance(out, dict) and out.get("success") is False else 200)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -166,7 +226,23 @@ class FakeServer:
                                            rank=body["rank_offset"], world_size=body["world_size"],
                                            group_name=body["group_name"], backend=body["backend"], timeout_s=60)
             return {"success": True, "message": "group ready"}
+        if path == "/begin_weight_update":
+            if self.session_open:
+                return {"success": False, "message": "a weight-update session is already open"}
+            self.session_open = True
+            return {"success": True, "message": "Success"}
+        if path == "/end_weight_update":
+            if not self.session_open:
+                return {"success": False, "message": "no weight-update session is open"}
+            self.session_open = False
+            return {"success": True, "message": "Success"}
+        if path == "/release_memory_occupation":
+            self.memory.release(body["tags"])
+        if path == "/resume_memory_occupation":
+            self.memory.resume(body["tags"])
         if path == "/update_weights_from_distributed":
+            if self.sessions and not self.session_open:  # refused before it joins the broadcast, as SGLang does
+                return {"success": False, "message": SESSION_REFUSAL.format("update_weights_from_distributed")}
             assert body["load_format"] == "flattened_bucket"
             self.received += receive_bucket(self.group, body)
             if body["flush_cache"]:

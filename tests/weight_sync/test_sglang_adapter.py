@@ -143,24 +143,68 @@ def test_in_process_engine_syncs_by_flattened_buckets_and_releases_memory(monkey
     assert [c[2] for c in updates[:per_sync]] == [False] * (per_sync - 1) + [True]  # flush with the last bucket only
     assert all(c[3] == 2 for c in updates)  # one serialized payload per TP rank
     assert ("release_memory_occupation", ("kv_cache", "weights")) in fake.calls
+    # SGLang >= 0.5.21 refuses updates outside a session (the fake does too): one session around each sync
+    names = [c[0] for c in fake.calls if c[0] != "generate"]
+    sync = ["begin_weight_update"] + ["update_weights_from_tensor"] * per_sync + ["end_weight_update"]
+    assert names == 2 * (["release_memory_occupation", "resume_memory_occupation"] + sync + ["resume_memory_occupation"])
     with pytest.raises(ValueError, match="memory tags"):
         engine.release_memory(("activations",))
 
 
-def test_server_engine_pauses_broadcasts_buckets_and_continues(monkeypatch):
+def test_in_process_engine_before_sessions_syncs_without_them(monkeypatch):
+    fake_sglang.install(monkeypatch)
+    inner = inner_engine()
+    fake = fake_sglang.FakeEngineBeforeSessions(inner)  # SGLang 0.5.6-0.5.20: no begin/end_weight_update
+    engine = SGLangEngine(model_path="unused", tokenizer=Tok(), dtype="float32", mem_fraction=0.5, tp_size=1,
+                          bucket_bytes=8192, seed=0, gpu_id=0, engine=fake)
+    model = perturbed(13)
+    engine.update_weights(hf_named_tensors(PolicyModel(model)), version=1)
+    check_synced(engine, inner, model, 1)
+    assert {c[0] for c in fake.calls} == {"update_weights_from_tensor", "generate"}
+
+
+def test_a_failed_sync_closes_its_session_and_says_what_failed(monkeypatch):
+    fake_sglang.install(monkeypatch)
+    fake = fake_sglang.FakeEngine(inner_engine())
+    engine = SGLangEngine(model_path="unused", tokenizer=Tok(), dtype="float32", mem_fraction=0.5, tp_size=1,
+                          bucket_bytes=8192, seed=0, gpu_id=0, engine=fake)
+    real_update = fake.update_weights_from_tensor
+    seen = []
+
+    def third_bucket_fails(**kw):
+        seen.append(1)
+        return (False, "Failed to update parameter online: shape mismatch") if len(seen) == 3 else real_update(**kw)
+
+    monkeypatch.setattr(fake, "update_weights_from_tensor", third_bucket_fails)
+    with pytest.raises(RuntimeError, match="update_weights_from_tensor failed: Failed to update parameter online"):
+        engine.update_weights(hf_named_tensors(PolicyModel(perturbed(14))), version=1)
+    assert engine.weight_version == 0 and not fake.session_open  # closed again: the next sync can open one
+    monkeypatch.setattr(fake, "update_weights_from_tensor", real_update)
+    fake.session_open = True  # an engine left with a session open by someone else refuses a new one
+    with pytest.raises(RuntimeError, match="begin_weight_update failed: a weight-update session is already open"):
+        engine.update_weights(hf_named_tensors(PolicyModel(perturbed(14))), version=1)
+
+
+@pytest.mark.parametrize("version", ["0.5.23", "0.5.20"])
+def test_server_engine_pauses_broadcasts_buckets_and_continues(monkeypatch, version):
     fake_sglang.plain_weight_group(monkeypatch)
     inner = inner_engine()
-    server = fake_sglang.FakeServer(inner)
+    server = fake_sglang.FakeServer(inner, version=version)  # 0.5.23 refuses updates outside a session
     try:
         engine = server_engine(server.url)
-        for version, seed in ((1, 21), (2, 22)):
+        for v, seed in ((1, 21), (2, 22)):
             model = perturbed(seed)
-            engine.update_weights(hf_named_tensors(PolicyModel(model)), version=version)
-            check_synced(engine, inner, model, version)
+            engine.update_weights(hf_named_tensors(PolicyModel(model)), version=v)
+            check_synced(engine, inner, model, v)
         paths = [p for p, _ in server.calls]
         assert paths[0] == "/server_info" and paths.count("/init_weights_update_group") == 1
         first = paths[: paths.index("/generate")]
         assert first[1:3] == ["/init_weights_update_group", "/pause_generation"] and first[-1] == "/continue_generation"
+        session = ["/begin_weight_update", "/end_weight_update"] if version == "0.5.23" else []
+        assert [p for p in first if p in ("/begin_weight_update", "/end_weight_update")] == session
+        if session:
+            updates = [i for i, p in enumerate(first) if p == "/update_weights_from_distributed"]
+            assert first.index("/begin_weight_update") < updates[0] and updates[-1] < first.index("/end_weight_update")
         bodies = [b for p, b in server.calls[: len(first)] if p == "/update_weights_from_distributed"]
         assert len(bodies) > 1 and [b["flush_cache"] for b in bodies] == [False] * (len(bodies) - 1) + [True]
         assert bodies[-1]["weight_version"] == "1" and all("weight_version" not in b for b in bodies[:-1])

@@ -106,6 +106,41 @@ def _routes(path: Path) -> dict[str, tuple[set[str], str | None]]:
     return routes
 
 
+def _version(sglang_dir: Path) -> str:
+    metadata = sorted(sglang_dir.parent.glob("sglang-*.dist-info/METADATA"))
+    assert metadata, f"no sglang-*.dist-info beside {sglang_dir}: cannot tell which SGLang this is"
+    return next(line.split(":", 1)[1].strip() for line in metadata[-1].read_text().splitlines() if line.startswith("Version:"))
+
+
+def _session_gated(sglang_dir: Path) -> set[str]:
+    """What SGLang's scheduler refuses outside a weight-update session (a `self._session is None` guard, read from
+    its source; SGLang >= 0.5.21): names shared by its Engine methods and HTTP routes. Empty before sessions."""
+    path = sglang_dir / "srt/managers/scheduler_components/weight_updater.py"
+    if not path.exists():
+        return set()
+    gated = set()
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if isinstance(fn, ast.FunctionDef) and any(isinstance(n, ast.If) and ast.unparse(n.test) == "self._session is None"
+                                                   for n in ast.walk(fn)):
+            gated.add(fn.name)
+    return gated - {"end_weight_update"}  # the closer checks for an open session too
+
+
+def _check_sessions(calls: list[str], gated: set[str]) -> None:
+    """Every session-gated call lies inside one begin_weight_update ... end_weight_update, and sessions balance."""
+    open_ = False
+    for i, name in enumerate(calls):
+        if name == "begin_weight_update":
+            assert not open_, f"call {i}: a second session opened inside one: {calls}"
+            open_ = True
+        elif name == "end_weight_update":
+            assert open_, f"call {i}: end_weight_update without a session: {calls}"
+            open_ = False
+        elif name in gated:
+            assert open_, f"call {i}: SGLang refuses {name} outside a weight-update session: {calls}"
+    assert not open_, f"a session is left open: {calls}"
+
+
 def _check_body(what: str, body: dict, fields: dict[str, ast.AnnAssign]) -> None:
     unknown = set(body) - set(fields)
     assert not unknown, f"{what}: SGLang has no fields {sorted(unknown)}"
@@ -123,10 +158,10 @@ def test_every_http_request_matches_sglangs_route_and_request_class(sglang_dir, 
     fake_sglang.plain_weight_group(monkeypatch)
     routes = _routes(sglang_dir / "srt/entrypoints/http_server.py")
     classes = _classes(sglang_dir / "srt/managers/io_struct.py")
-    server = fake_sglang.FakeServer(inner_engine())
+    server = fake_sglang.FakeServer(inner_engine(), version=_version(sglang_dir))
     try:
         engine = server_engine(server.url)
-        engine.release_memory(("kv_cache",))
+        engine.release_memory(("kv_cache", "weights"))
         engine.resume_memory(("weights",))
         engine.update_weights(hf_named_tensors(PolicyModel(perturbed(31))), version=1)
         engine.resume_memory(("kv_cache",))
@@ -143,16 +178,23 @@ def test_every_http_request_matches_sglangs_route_and_request_class(sglang_dir, 
         if body is not None:
             assert cls in classes, f"{path}: handler takes {cls}, not a request class of io_struct.py"
             _check_body(f"{path} ({cls})", body, _fields(classes, cls))
+    gated = _session_gated(sglang_dir)
+    if gated:
+        assert {"/begin_weight_update", "/end_weight_update"} <= paths
+    _check_sessions([p.lstrip("/") for p, _ in server.calls], gated)
 
 
 def test_every_in_process_engine_call_matches_sglangs_engine(sglang_dir, monkeypatch):
     methods = {n.name: n.args for n in _classes(sglang_dir / "srt/entrypoints/engine.py")["Engine"].body
                if isinstance(n, ast.FunctionDef)}
-    class Recorder:  # every call the adapter makes on the engine, by keyword
+    class Recorder:  # every call the adapter makes on the engine, by keyword; only the methods SGLang's Engine has
         def __init__(self, inner):
             self.inner, self.calls = inner, []
 
         def __getattr__(self, name):
+            if name not in methods:
+                raise AttributeError(f"sglang.Engine has no method {name}")
+
             def call(*args, **kw):
                 assert not args, f"{name} called with positional arguments {args}"
                 self.calls.append((name, kw))
@@ -160,7 +202,9 @@ def test_every_in_process_engine_call_matches_sglangs_engine(sglang_dir, monkeyp
             return call
 
     fake_sglang.install(monkeypatch)
-    recorder = Recorder(fake_sglang.FakeEngine(inner_engine()))
+    # The stand-in of the same generation as the SGLang read here (with or without weight-update sessions).
+    recorder = Recorder(fake_sglang.FakeEngine(inner_engine()) if "begin_weight_update" in methods
+                        else fake_sglang.FakeEngineBeforeSessions(inner_engine()))
     engine = SGLangEngine(model_path="unused", tokenizer=Tok(), dtype="float32", mem_fraction=0.5, tp_size=1,
                           bucket_bytes=8192, seed=0, gpu_id=0, engine=recorder)
     engine.release_memory(("kv_cache", "weights"))
@@ -169,8 +213,11 @@ def test_every_in_process_engine_call_matches_sglangs_engine(sglang_dir, monkeyp
     engine.resume_memory(("kv_cache",))
     engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, n=2))
     engine.shutdown()
+    gated = _session_gated(sglang_dir)
+    sessions = {"begin_weight_update", "end_weight_update"} if gated else set()
     assert {n for n, _ in recorder.calls} == {"release_memory_occupation", "resume_memory_occupation",
-                                              "update_weights_from_tensor", "generate", "shutdown"}
+                                              "update_weights_from_tensor", "generate", "shutdown"} | sessions
+    _check_sessions([n for n, _ in recorder.calls], gated)
     for name, kw in recorder.calls:
         assert name in methods, f"sglang.Engine has no method {name}"
         params = {a.arg for a in methods[name].args + methods[name].kwonlyargs}
@@ -184,6 +231,19 @@ def _env_with(sglang_dir: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(sglang_dir.parent), str(ROOT), env.get("PYTHONPATH")) if p)
     return env
+
+
+def test_the_session_rule_read_from_sglang_agrees_with_the_adapters_version_switch(sglang_dir):
+    """SGLang's own scheduler decides which updates need a session; the server adapter decides by version
+    (SESSION_VERSION) whether to open one. Both must say the same of the SGLang read here."""
+    from packaging.version import Version
+
+    from raro_fast.rollout.sglang import SESSION_VERSION
+
+    gated = _session_gated(sglang_dir)
+    assert bool(gated) == (Version(_version(sglang_dir)) >= SESSION_VERSION), (_version(sglang_dir), gated)
+    if gated:
+        assert {"update_weights_from_tensor", "update_weights_from_distributed"} <= gated, gated
 
 
 def test_payloads_and_bodies_pass_through_sglangs_own_code(sglang_dir):
