@@ -59,7 +59,7 @@ def test_asking_for_more_puzzles_than_exist_names_the_count():
     "field,value", [("num_numbers", 1), ("min_number", 20), ("num_train", 0), ("num_heldout", -1)]
 )
 def test_bad_config_names_field(field, value):
-    with pytest.raises(ValueError, match=f"task.{field}"):
+    with pytest.raises(ValueError, match=f"task.countdown.{field}"):
         CountdownConfig(**{field: value})
 
 
