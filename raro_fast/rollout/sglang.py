@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
+import uuid
 import urllib.error
 import urllib.request
 from typing import Callable, Iterable, Iterator
@@ -56,7 +58,18 @@ def weight_update_session(begin: Callable[[], object] | None, end: Callable[[], 
     if begin is None or end is None:
         yield
         return
-    _check_result(begin(), "begin_weight_update")
+    try:
+        _check_result(begin(), "begin_weight_update")
+    except RuntimeError as refused:
+        # A trainer that died inside a sync leaves its session open on a long-lived server: close it, open ours.
+        with contextlib.suppress(Exception):
+            end()
+        try:
+            _check_result(begin(), "begin_weight_update")
+        except RuntimeError:
+            raise refused from None
+        print(f"warning: SGLang refused a weight-update session ({refused}); closed the open one and began anew",
+              file=sys.stderr)
     try:
         yield
     except BaseException:
@@ -218,7 +231,9 @@ class SGLangServerEngine:
         self.sync_rank = sync_rank
         self.server_ranks = server_ranks
         self.group_address, self.group_port, self.group_backend = group_address, group_port, group_backend
-        self.group_name = "raro_fast_weights"
+        # One name per trainer start: a restarted trainer's group must not reuse the name its dead predecessor
+        # registered on a long-lived server (torch refuses a group name twice).
+        self.group_name = f"raro_fast_weights_{uuid.uuid4().hex[:12]}"
         self.group = None
         self.stop_ids = [tokenizer.eos_token_id]
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
@@ -319,9 +334,13 @@ class SGLangServerEngine:
         body = {"master_address": self.group_address, "master_port": self.group_port, "rank_offset": 1,
                 "world_size": self.server_ranks + 1, "group_name": self.group_name, "backend": self.group_backend}
         wait = self._post_in_background("/init_weights_update_group", body)  # both sides block until all have joined
-        self.group = open_weight_group(master_address=self.group_address, master_port=self.group_port, rank=0,
-                                       world_size=self.server_ranks + 1, group_name=self.group_name,
-                                       backend=self.group_backend, timeout_s=self.timeout_s)
+        try:
+            self.group = open_weight_group(master_address=self.group_address, master_port=self.group_port, rank=0,
+                                           world_size=self.server_ranks + 1, group_name=self.group_name,
+                                           backend=self.group_backend, timeout_s=self.timeout_s)
+        except Exception:
+            wait()  # a server that refused to join leaves us to time out: its answer names the cause
+            raise
         wait()
 
     def release_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:

@@ -182,7 +182,7 @@ class FakeServer:
         self.inner, self.calls, self.group, self.received = inner, [], None, []
         self.version, self.weight_version = version, "default"  # SGLang's weight version before any update
         self.sessions = version is not None and _version_tuple(version) >= (0, 5, 21)
-        self.session_open, self.memory = False, MemoryTags()
+        self.session_open, self.memory, self.group_names = False, MemoryTags(), set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -222,6 +222,10 @@ class FakeServer:
             return run_generate(self.inner, body["input_ids"], body["sampling_params"], self.weight_version)
         if path == "/init_weights_update_group":
             assert set(body) == {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
+            if body["group_name"] in self.group_names:  # torch's refusal, which SGLang passes on
+                return {"success": False, "message": "Failed to initialize custom process group: The specified group "
+                                                     "name has already been created, please use a different group name."}
+            self.group_names.add(body["group_name"])
             self.group = open_weight_group(master_address=body["master_address"], master_port=body["master_port"],
                                            rank=body["rank_offset"], world_size=body["world_size"],
                                            group_name=body["group_name"], backend=body["backend"], timeout_s=60)

@@ -180,9 +180,10 @@ def test_a_failed_sync_closes_its_session_and_says_what_failed(monkeypatch):
         engine.update_weights(hf_named_tensors(PolicyModel(perturbed(14))), version=1)
     assert engine.weight_version == 0 and not fake.session_open  # closed again: the next sync can open one
     monkeypatch.setattr(fake, "update_weights_from_tensor", real_update)
-    fake.session_open = True  # an engine left with a session open by someone else refuses a new one
-    with pytest.raises(RuntimeError, match="begin_weight_update failed: a weight-update session is already open"):
+    monkeypatch.setattr(fake, "begin_weight_update", lambda selector="all": (False, "weight cache is active"))
+    with pytest.raises(RuntimeError, match="begin_weight_update failed: weight cache is active"):
         engine.update_weights(hf_named_tensors(PolicyModel(perturbed(14))), version=1)
+    assert engine.weight_version == 0
 
 
 @pytest.mark.parametrize("version", ["0.5.23", "0.5.20"])
@@ -211,6 +212,24 @@ def test_server_engine_pauses_broadcasts_buckets_and_continues(monkeypatch, vers
         assert {"mode": "abort"} in [b for p, b in server.calls if p == "/pause_generation"]
         engine.release_memory(("kv_cache",))
         assert server.calls[-1] == ("/release_memory_occupation", {"tags": ["kv_cache"]})
+    finally:
+        server.close()
+
+
+def test_a_restarted_trainer_syncs_into_the_server_its_predecessor_left_mid_sync(monkeypatch, capfd):
+    fake_sglang.plain_weight_group(monkeypatch)
+    inner = inner_engine()
+    server = fake_sglang.FakeServer(inner)  # long-lived: it outlives the first trainer
+    try:
+        server_engine(server.url).update_weights(hf_named_tensors(PolicyModel(perturbed(23))), version=1)
+        server.session_open = True  # the first trainer died inside its next sync
+        restarted = server_engine(server.url)
+        model = perturbed(24)
+        restarted.update_weights(hf_named_tensors(PolicyModel(model)), version=2)
+        check_synced(restarted, inner, model, 2)
+        names = [b["group_name"] for p, b in server.calls if p == "/init_weights_update_group"]
+        assert len(names) == len(set(names)) == 2  # the dead trainer's group name stays taken on the server
+        assert "closed the open one and began anew" in capfd.readouterr().err
     finally:
         server.close()
 
