@@ -22,9 +22,9 @@ import contextlib
 import json
 import sys
 import threading
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from typing import Callable, Iterable, Iterator
 
 import torch
