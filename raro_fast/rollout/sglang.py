@@ -258,6 +258,10 @@ class SGLangServerEngine:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 text = resp.read().decode()
         except urllib.error.HTTPError as e:
+            if e.code in (401, 403):  # SGLang's answer to a request without the key it was started with
+                raise ValueError(f"the SGLang server at {self.url} (rollout.sglang_url) refused {path} with HTTP {e.code}: "
+                                 f"it was started with --api-key or --admin-api-key, and raro-fast sends no key; start "
+                                 f"it without them, on a network only the trainer reaches") from None
             raise RuntimeError(f"SGLang server {self.url}{path}: HTTP {e.code}: {e.read().decode()[:300]}") from None
         except (urllib.error.URLError, OSError) as e:
             raise ValueError(f"cannot reach the SGLang server at {self.url}{path} (rollout.sglang_url): {e}") from None

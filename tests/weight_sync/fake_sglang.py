@@ -178,8 +178,8 @@ class FakeServer:
                  "/update_weights_from_distributed", "/release_memory_occupation", "/resume_memory_occupation"}
     SESSION_ENDPOINTS = {"/begin_weight_update", "/end_weight_update"}  # SGLang >= 0.5.21
 
-    def __init__(self, inner, version=VERSION):
-        self.inner, self.calls, self.group, self.received = inner, [], None, []
+    def __init__(self, inner, version=VERSION, api_key=None):
+        self.inner, self.calls, self.group, self.received, self.api_key = inner, [], None, [], api_key
         self.version, self.weight_version = version, "default"  # SGLang's weight version before any update
         self.sessions = version is not None and _version_tuple(version) >= (0, 5, 21)
         self.session_open, self.memory, self.group_names = False, MemoryTags(), set()
@@ -197,8 +197,16 @@ class FakeServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _refused_without_key(self):
+                if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                    return False
+                self._reply({"error": "Unauthorized"}, 401)  # SGLang's api-key middleware
+                return True
+
             def do_GET(self):
                 server.calls.append((self.path, None))
+                if self._refused_without_key():
+                    return
                 if self.path == "/server_info" and server.version is not None:
                     return self._reply({"model_path": "fake", "version": server.version})
                 self._reply({"detail": "Not Found"}, 404)
@@ -206,6 +214,8 @@ class FakeServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
                 server.calls.append((self.path, body))
+                if self._refused_without_key():
+                    return
                 if self.path not in server.ENDPOINTS | (server.SESSION_ENDPOINTS if server.sessions else set()):
                     return self._reply({"detail": "Not Found"}, 404)
                 out = server.handle(self.path, body)

@@ -248,6 +248,15 @@ def test_server_engine_on_other_ranks_only_takes_part_in_the_gathers():
         server.close()
 
 
+def test_a_server_that_wants_an_api_key_is_refused_at_start_saying_so():
+    server = fake_sglang.FakeServer(inner=None, api_key="secret")
+    try:
+        with pytest.raises(ValueError, match=rf"SGLang server at {server.url} .*refused /server_info with HTTP 401: .*--api-key"):
+            server_engine(server.url)
+    finally:
+        server.close()
+
+
 def test_server_engine_says_which_url_does_not_answer():
     port = free_port()  # nothing listens there
     with pytest.raises(ValueError, match=rf"cannot reach the SGLang server at http://127.0.0.1:{port}"):
