@@ -250,10 +250,11 @@ class FakeServer:
                 return {"success": False, "message": "no weight-update session is open"}
             self.session_open = False
             return {"success": True, "message": "Success"}
-        if path == "/release_memory_occupation":
-            self.memory.release(body["tags"])
-        if path == "/resume_memory_occupation":
-            self.memory.resume(body["tags"])
+        if path in ("/release_memory_occupation", "/resume_memory_occupation"):
+            try:
+                (self.memory.release if path.startswith("/release") else self.memory.resume)(body["tags"])
+            except AssertionError as e:  # SGLang's scheduler fails there; answered as an error here, not a hang-up
+                return {"success": False, "message": str(e)}
         if path == "/update_weights_from_distributed":
             if self.sessions and not self.session_open:  # refused before it joins the broadcast, as SGLang does
                 return {"success": False, "message": SESSION_REFUSAL.format("update_weights_from_distributed")}
