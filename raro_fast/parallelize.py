@@ -1,4 +1,4 @@
-"""Parallelism applied from outside the model: FSDP2 per decoder layer, activation checkpointing.
+"""Parallelism applied from outside the model: FSDP2 per decoder layer.
 
 The model code (transformers) never sees torch.distributed; this one function wraps it.
 """
@@ -14,7 +14,8 @@ def parallelize(root: nn.Module, layers: list[nn.Module], d: Dist, *, compute_dt
     """Shard `root` with FSDP2 over all ranks: one unit per decoder layer, the rest (embeddings, final norm,
     LM head) in the root unit. Parameters are kept in fp32 (the optimizer's master copy); with a bf16
     `compute_dtype` they are cast for forward/backward and gradients reduce in fp32.
-    Without a process group (a plain `python -m`) the module is returned as it is.
+    Without a process group (a plain `python -m`) the module is returned as it is. Activation checkpointing is
+    transformers' own (`--model.gradient_checkpointing`, enabled in train.py before this is called).
     """
     if not d.enabled:
         return root
