@@ -295,7 +295,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     out = Path(cfg.train.output_dir)
     if cfg.model.liger_kernels and d.device.type != "cuda":  # before any model is built or warmed up
         raise ValueError("model.liger_kernels=true needs a CUDA GPU (Liger's kernels do not run on CPU)")
-    check_backend(cfg.rollout, d.device)
+    compute_dtype = resolve_dtype(cfg.model.dtype, d.device)
+    check_backend(cfg.rollout, d.device, str(compute_dtype).removeprefix("torch."))
     task = make_task(cfg.task)
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:
@@ -304,7 +305,6 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if cfg.train.resume and resume_from is None and d.is_main:
         print(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
-    compute_dtype = resolve_dtype(cfg.model.dtype, d.device)
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {str(compute_dtype).removeprefix('torch.')}: "
               "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "
