@@ -1,6 +1,7 @@
 """The embedded engine: its sampled-token log-probs are the model's (teacher-forced) log-probs at the sampling
 temperature; finish reasons, stop tokens, seeding and weight updates behave as the interface says."""
 import random
+import warnings
 
 import pytest
 import torch
@@ -51,6 +52,15 @@ def test_logprobs_match_teacher_forcing(temperature):
                     assert c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1]
                 else:
                     assert c.finish_reason == "length" and len(c.token_ids) == 12 and EOS not in c.token_ids
+
+
+def test_generation_passes_no_deprecated_transformers_argument():
+    # transformers 5.24 renamed past_key_values -> cache and removes the old name in 5.40: fail now, not then
+    eng = engine_for(tiny_model())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*deprecated", category=FutureWarning)
+        (c,) = eng.generate([[2, 3, 4]], SamplingParams(max_new_tokens=4, seed=0))[0]
+    assert len(c.token_ids) >= 1
 
 
 def test_seed_reproducible_and_greedy_deterministic():

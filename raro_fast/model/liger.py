@@ -34,10 +34,11 @@ class LigerRopeAttention(nn.Module):
         self.sliding_window = getattr(attn, "sliding_window", None)
         self._rope = rope
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        if past_key_values is not None:
+        if past_key_values is not None or cache is not None:  # the KV cache's name before / since transformers 5.24
             raise ValueError("LigerRopeAttention serves the trainer's forward passes only (no KV cache)")
         impl = self.config._attn_implementation
         if impl not in ALL_ATTENTION_FUNCTIONS:

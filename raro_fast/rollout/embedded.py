@@ -5,6 +5,7 @@ separate, and `update_weights` is a real hand-over that the trainer–engine log
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable
 
 import torch
@@ -30,6 +31,9 @@ class EmbeddedEngine:
         self.decode = decode
         self.batch_size = batch_size
         self.weight_version = 0
+        # transformers 5.24 renamed the KV-cache argument and output field past_key_values -> cache (the old
+        # name goes in 5.40); the project supports releases on both sides of the rename.
+        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_tokenizer(cls, model: PreTrainedModel, tokenizer, *, batch_size: int = 64) -> "EmbeddedEngine":
@@ -72,10 +76,9 @@ class EmbeddedEngine:
         past = None
         step_ids, step_pos, step_mask = input_ids, position_ids, attention_mask
         for _ in range(params.max_new_tokens):
-            outputs = self.model(
-                input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, past_key_values=past, use_cache=True
-            )
-            past = outputs.past_key_values
+            outputs = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, use_cache=True,
+                                 **{self._cache_name: past})
+            past = getattr(outputs, self._cache_name)
             logits = outputs.logits[:, -1, :].float() / temperature
             logp = torch.log_softmax(logits, dim=-1)
             if greedy:
