@@ -426,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()  # our own bar says what is happening
     try:
-        r = setup(cfg, d)
-        run(r)
+        run(setup(cfg, d))  # nothing here keeps the run (and its sharded models) alive into shutdown()
     except ValueError as e:  # user mistakes found at start (bad model path, bad data): one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
