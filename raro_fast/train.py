@@ -296,7 +296,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if cfg.model.liger_kernels and d.device.type != "cuda":  # before any model is built or warmed up
         raise ValueError("model.liger_kernels=true needs a CUDA GPU (Liger's kernels do not run on CPU)")
     compute_dtype = resolve_dtype(cfg.model.dtype, d.device)
-    check_backend(cfg.rollout, d.device, str(compute_dtype).removeprefix("torch."))
+    dtype_name = str(compute_dtype).removeprefix("torch.")
+    check_backend(cfg.rollout, d.device, dtype_name)
     task = make_task(cfg.task)
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:
@@ -306,12 +307,12 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         print(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     if compute_dtype != torch.float32 and not d.enabled:
-        print(f"model.dtype: the trainer computes in float32, not {str(compute_dtype).removeprefix('torch.')}: "
+        print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
               "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "
               "(the rollout engine's copy uses the requested dtype either way)")
     engine_copy = copy.deepcopy(hf_model).to(d.device, compute_dtype) if cfg.rollout.backend == "embedded" else None
     engine = make_engine(cfg.rollout, engine_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
-                         dtype=str(compute_dtype).removeprefix("torch."), device=d.device, rank=d.rank, seed=cfg.train.seed)
+                         dtype=dtype_name, device=d.device, rank=d.rank, seed=cfg.train.seed)
     use_varlen_attention(hf_model)  # the trainer's copy only: the engine keeps sdpa for cached generation
     if cfg.model.liger_kernels:
         from raro_fast.model.liger import use_liger_kernels
