@@ -296,6 +296,13 @@ def mm_fp32_(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a.float(), b.float(), out=out)
 
 
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-row vector as the kernels read it: `ptr + row`, so unit stride. A strided view (e.g. targets[:, 0])
+    would otherwise be read at the wrong addresses, silently."""
+    return None if t is None else t.contiguous()
+
+
 def lm_head_stats_triton(
     hidden_NH: torch.Tensor,
     weight_VH: torch.Tensor,
@@ -311,6 +318,7 @@ def lm_head_stats_triton(
     cuBLAS route: the logits are produced N x slice_cols at a time in fp32 and reduced by `_row_stats_kernel`;
     with `logits_out` (an fp32 [N, >=V] buffer, unit column stride) the whole rows are written there and kept.
     Triton route: `_stats_kernel`, which writes no logits unless `logits_out` is given."""
+    targets_N = _rows(targets_N)
     if not cublas_route(hidden_NH.device):
         return _stats_fused(hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy,
                             logits_out=logits_out)
@@ -345,6 +353,7 @@ def _stats_fused(
     num_splits: int | None = None,
 ) -> RowStats:
     """The Triton route of `lm_head_stats_triton` (`_stats_kernel`)."""
+    targets_N = _rows(targets_N)
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
     dev = hidden_NH.device
@@ -444,6 +453,8 @@ def lm_head_grads_triton(
     then cuBLAS gives grad_weight[slice] = dz.T @ hidden (written once, fp32-accumulated over all N inside the
     GEMM) and grad_hidden += dz @ weight[slice] (fp32 accumulator [N, H] when there is more than one slice).
     Rows to skip must carry zero upstream gradients."""
+    targets_N, lse_N, entropy_N = _rows(targets_N), _rows(lse_N), _rows(entropy_N)
+    grad_logprob_N, grad_entropy_N = _rows(grad_logprob_N), _rows(grad_entropy_N)
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
     dev, dtype = hidden_NH.device, hidden_NH.dtype
@@ -516,6 +527,8 @@ def dz_from_logits_(
     a vocabulary slice starting at column `col_offset` (targets are compared with col_offset + column)."""
     n_rows, vocab = logits_RV.shape
     assert logits_RV.dtype == torch.float32 and logits_RV.stride(1) == 1
+    targets_R, lse_R, entropy_R = _rows(targets_R), _rows(lse_R), _rows(entropy_R)
+    grad_logprob_R, grad_entropy_R = _rows(grad_logprob_R), _rows(grad_entropy_R)
     if dtype == torch.float32:
         dz_RV = logits_RV
     else:
