@@ -119,7 +119,12 @@ class RolloutConfig:
 
 @dataclass(kw_only=True)
 class RaroConfig:
-    """The RARO game (../shared/papers/raro.md). Unconfirmed paper defaults are marked in the README."""
+    """The RARO game (Cai, Ryabinin, Provilkov, "Escaping the Verifier: Learning to Reason via Demonstrations",
+    arXiv 2511.21667). Unconfirmed paper defaults are marked in the README.
+
+    The update maximises lambda_pol * J_pol + lambda_crit * J_crit, each J the Dr.GRPO sum over its own role's
+    tokens divided by its own constant (its planned sequences per step x its own longest completion), so the two
+    lambdas weigh two objectives, as written in the paper, whatever the roles' counts and lengths."""
 
     questions_per_step: int = _help("Demonstrations (q, a*) drawn per step, over all ranks.", 4)
     group_size: int = _help("G: policy samples per question (one GRPO group).", 8)
@@ -129,24 +134,54 @@ class RaroConfig:
     lambda_crit: float = _help("Weight of the critic objective in the mixed update.", 8 / 9)
     critic_samples_per_pair: int = _help(
         "Critic rollouts per (q, policy answer, expert answer) pair; they form one critic GRPO group, and the "
-        "policy reward is their mean.",
-        2,
+        "policy reward is the mean of their valid verdicts. With 2, a pair whose two verdicts agree teaches the "
+        "critic nothing (zero advantage), which is most pairs.",
+        4,
     )
     critic_pairs_per_step: int = _help(
-        "Pairs the critic is trained on per step (fresh pairs plus replayed ones), over all ranks.", 8
+        "At most this many fresh judged pairs (over all ranks) are also the critic's training pairs; 0: all of "
+        "them. Every pair the policy's answers were judged on is an on-policy critic rollout already.",
+        0,
     )
     replay_size: int = _help("Replay buffer capacity (FIFO) of past (q, policy answer, a*) pairs.", 10000)
-    replay_ratio: float = _help("Fraction of the critic's training pairs drawn from the replay buffer.", 0.5)
+    replay_ratio: float = _help(
+        "Fraction of the critic's training pairs drawn from the replay buffer: r/(1-r) replayed pairs per fresh "
+        "one (0.5: as many replayed as fresh). Must be below 1.", 0.5)
+    invalid_verdicts: Literal["abstain", "tie"] = _help(
+        "An unparseable or truncated critic verdict: abstain = it does not count in the policy's reward (an answer "
+        "whose verdicts are all invalid gets its group's mean, zero advantage), and a truncated critic sample stays "
+        "in the critic's loss with reward 0; tie = the old rule: the policy gets tau_pol as for a tie, and truncated "
+        "critic samples are filtered out of the loss.", "abstain")
+    critic: Literal["model", "oracle"] = _help(
+        "Whose verdict sets the policy's reward: model = the critic's (RARO); oracle = the task's verifier (tie if "
+        "the policy's answer verifies, else the expert), a diagnostic that separates a weak critic from a policy "
+        "that cannot learn in the budget. The critic still generates and trains the same way. Refused for tasks "
+        "without a verifier.", "model")
 
     def __post_init__(self) -> None:
-        for name in ("tau_pol", "tau_crit", "replay_ratio"):
+        for name in ("tau_pol", "tau_crit"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"raro.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise ValueError(f"raro.replay_ratio must lie in [0, 1) (r/(1-r) replayed pairs per fresh one), "
+                             f"got {self.replay_ratio}")
         for name in ("questions_per_step", "group_size", "critic_samples_per_pair"):
             if getattr(self, name) < 1:
                 raise ValueError(f"raro.{name} must be >= 1, got {getattr(self, name)}")
+        if self.critic_pairs_per_step < 0:
+            raise ValueError(f"raro.critic_pairs_per_step must be >= 0 (0: no cap), got {self.critic_pairs_per_step}")
         if self.lambda_pol < 0 or self.lambda_crit < 0:
             raise ValueError("raro.lambda_pol and raro.lambda_crit must be >= 0")
+
+    @property
+    def planned_fresh_pairs(self) -> int:
+        """Fresh critic training pairs per step when every policy answer is judged (the cap applied)."""
+        every = self.questions_per_step * self.group_size
+        return min(every, self.critic_pairs_per_step) if self.critic_pairs_per_step else every
+
+    def replay_pairs_for(self, fresh: int) -> int:
+        """Replayed pairs to mix with `fresh` fresh ones, so that they are `replay_ratio` of the whole."""
+        return round(fresh * self.replay_ratio / (1.0 - self.replay_ratio))
 
 
 @dataclass(kw_only=True)
@@ -199,7 +234,11 @@ class TrainConfig:
         "expert answer preferred over each policy sample, the reference refreshed every round; see `dpo`).",
         "raro",
     )
-    steps: int = _help("Training steps (one update each).", 30)
+    steps: int = _help("Training steps (one rollout round each).", 30)
+    ppo_mini_batches: int = _help(
+        "Optimizer steps per training step: the step's sequences are shuffled and split into this many mini-batches, "
+        "each one update against the log-probs recomputed before the first (verl's ppo_mini_batch_size, TRL's "
+        "num_iterations), so the PPO ratio moves off 1 and clipping acts. 1: one update, ratio 1.", 1)
     seed: int = _help("Seed of everything (data order, sampling, model init).", 0)
     output_dir: str = _help("Where metrics, plots, checkpoints and the final model go.", "runs/raro-countdown")
     max_tokens_per_micro_batch: int = _help("Token budget of one packed micro-batch.", 4096)
@@ -225,6 +264,11 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.train.ppo_mini_batches < 1:
+            raise ValueError(f"train.ppo_mini_batches must be >= 1, got {self.train.ppo_mini_batches}")
+        if self.train.ppo_mini_batches > 1 and self.train.mode == "dpo":
+            raise ValueError("train.ppo_mini_batches > 1 with train.mode dpo: DPO runs as the surrogate at ratio 1 "
+                             "(one update per batch of pairs); use 1")
         if self.loss.tis_cap is not None and self.train.mode in ("sft", "rationalization", "dpo"):
             raise ValueError(f"loss.tis_cap needs the engine's log-probs of the trained tokens; train.mode "
                              f"{self.train.mode} trains on sequences the engine did not sample")

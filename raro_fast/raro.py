@@ -1,19 +1,21 @@
 """The RARO game for one step on one rank: policy rollouts, critic verdicts, rewards, critic rollouts.
 
-Data in: this rank's demonstrations and replayed pairs. Data out: trainable sequences (policy and critic, with
-GRPO advantages and role weights), the fresh pairs for the replay buffer, and raw statistics. The verifier is
-never called here except to *log* the policy's training accuracy.
+Data in: this rank's demonstrations and a way to draw replayed pairs. Data out: trainable sequences (policy and
+critic, with GRPO advantages and role weights), the fresh pairs for the replay buffer, and raw statistics. The
+verifier never sets a reward here (except under the diagnostic `raro.critic oracle`); it is called to *log*
+how the critic's reward relates to correctness: `reward/policy_mean_correct` vs `reward/policy_mean_incorrect`.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from raro_fast import prompts
 from raro_fast.config import JobConfig
 from raro_fast.packing import SequenceSample
 from raro_fast.replay import CriticPair
-from raro_fast.rewards import group_advantages, verdict_rewards
+from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
 from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
 from raro_fast.tasks.base import Example, Task
 
@@ -21,9 +23,12 @@ from raro_fast.tasks.base import Example, Task
 # Statistics every step reports (null in metrics.jsonl when a step has no data for one, e.g. no critic verdicts).
 STAT_KEYS = (
     "policy/truncated_rate", "policy/answer_rate", "policy/response_length", "policy/answer_accuracy",
-    "critic/tie_rate", "critic/invalid_rate", "critic/accuracy", "critic/response_length", "critic/truncated_rate",
-    "reward/policy_mean", "reward/critic_mean",
+    "critic/tie_rate", "critic/invalid_rate", "critic/accuracy", "critic/decisive_accuracy", "critic/oracle_agreement",
+    "critic/response_length", "critic/truncated_rate",
+    "reward/policy_mean", "reward/policy_mean_correct", "reward/policy_mean_incorrect", "reward/critic_mean",
 )
+# Counts summed over ranks rather than averaged.
+COUNT_KEYS = ("critic/fresh_pairs", "critic/replay_pairs")
 
 
 @dataclass
@@ -33,8 +38,21 @@ class RankRollout:
     scoring: list[SequenceSample] = field(default_factory=list)  # rl_logit: reasoning + expert answer, to score
     stats: dict[str, list[float]] = field(default_factory=dict)
 
-    def add(self, key: str, value: float) -> None:
-        self.stats.setdefault(key, []).append(float(value))
+    def add(self, key: str, value: float | None) -> None:
+        if value is not None:
+            self.stats.setdefault(key, []).append(float(value))
+
+
+@dataclass
+class Judged:
+    """One policy answer put before the critic: the pair, where the expert's answer sits, and (logged only) what
+    the verifier says of the policy's answer (None: the task has no verifier)."""
+
+    question: int
+    sample: int
+    pair: CriticPair
+    expert_position: int
+    correct: bool | None
 
 
 def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight: float) -> SequenceSample:
@@ -53,7 +71,6 @@ def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight:
 
 def raro_rollouts(
     examples: list[Example],
-    replay_pairs: list[CriticPair],
     *,
     engine: RolloutEngine,
     tokenizer,
@@ -61,93 +78,119 @@ def raro_rollouts(
     cfg: JobConfig,
     rng: random.Random,
     seed: int,
-    critic_fresh_pairs: int,
+    fresh_cap: int | None,
+    draw_replay: Callable[[int], list[CriticPair]],
 ) -> RankRollout:
+    """This rank's step of the game. The critic trains on every fresh judged pair (at most `fresh_cap`) and on
+    `raro.replay_ratio` of replayed ones, drawn by `draw_replay(n)`."""
     rc, ro = cfg.raro, cfg.rollout
     out = RankRollout()
     if not examples:
         return out
-    policy_params = SamplingParams(
-        max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p, n=rc.group_size, seed=seed
-    )
-    critic_params = SamplingParams(
-        max_new_tokens=ro.critic_max_new_tokens,
-        temperature=ro.temperature,
-        top_p=ro.top_p,
-        n=rc.critic_samples_per_pair,
-        seed=seed + 1,
-    )
+    policy_params = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                                   n=rc.group_size, seed=seed)
+    critic_params = SamplingParams(max_new_tokens=ro.critic_max_new_tokens, temperature=ro.temperature,
+                                   top_p=ro.top_p, n=rc.critic_samples_per_pair, seed=seed + 1)
 
     # 1. Policy rollouts: G per question.
-    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], policy_params)
-
+    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples],
+                             policy_params)
     # 2. Every finished answer is judged against the expert's, in random order.
-    judged: list[tuple[int, int, CriticPair, int]] = []  # (question, sample, pair, expert position)
-    for i, (ex, comps) in enumerate(zip(examples, policy)):
-        for j, c in enumerate(comps):
-            answer = None if c.truncated else task.extract_answer(c.text)
-            out.add("policy/truncated_rate", c.truncated)
-            out.add("policy/answer_rate", answer is not None)
-            out.add("policy/response_length", len(c.token_ids))
-            out.add("policy/answer_accuracy", bool(task.verify(ex, answer)))
-            if answer is not None:
-                judged.append((i, j, CriticPair(ex.id, ex.question, answer, ex.answer), rng.choice((1, 2))))
+    judged = _answers_to_judge(examples, policy, task, rng, out)
     verdicts = _judge(judged, engine, tokenizer, critic_params)
-
-    # 3. Policy rewards: mean over the critic's verdicts; no answer (truncated or no tag) earns 0.
-    rewards = [[0.0] * rc.group_size for _ in examples]
-    critic_groups: list[tuple[CriticPair, int, list[Completion], list[float]]] = []
-    for (i, j, pair, pos), comps in zip(judged, verdicts):
-        pol, crit = [], []
-        for c in comps:
-            verdict = None if c.truncated else prompts.parse_verdict(c.text)
-            r_pol, r_crit = verdict_rewards(verdict, pos, tau_pol=rc.tau_pol, tau_crit=rc.tau_crit)
-            pol.append(r_pol)
-            crit.append(r_crit)
-            out.add("critic/tie_rate", verdict == "tie")
-            out.add("critic/invalid_rate", verdict is None)
-            out.add("critic/accuracy", verdict is not None and verdict != "tie" and int(verdict) == pos)
-            out.add("critic/response_length", len(c.token_ids))
-            out.add("critic/truncated_rate", c.truncated)
-        rewards[i][j] = sum(pol) / len(pol)
-        critic_groups.append((pair, pos, comps, crit))
-        out.new_pairs.append(pair)
-
+    out.new_pairs.extend(j.pair for j in judged)
+    # 3. Policy rewards and advantages.
+    rewards = _policy_rewards(examples, judged, verdicts, cfg, out)
     for i, comps in enumerate(policy):
         adv = group_advantages(rewards[i], [0] * len(comps), std_normalize=cfg.loss.std_normalize)
         for j, c in enumerate(comps):
-            out.add("reward/policy_mean", rewards[i][j])
             if not c.truncated:  # over-length filtering: truncated samples count in the baseline, not the loss
                 out.samples.append(_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol))
-
-    # 4. Critic training pairs: some fresh (their verdicts above are on-policy rollouts) plus replayed ones.
-    critic_train = rng.sample(critic_groups, min(critic_fresh_pairs, len(critic_groups)))
-    replay_judged = [(-1, -1, p, rng.choice((1, 2))) for p in replay_pairs]
-    for (_, _, pair, pos), comps in zip(replay_judged, _judge(replay_judged, engine, tokenizer, critic_params)):
-        crit = [
-            verdict_rewards(None if c.truncated else prompts.parse_verdict(c.text), pos, tau_pol=rc.tau_pol, tau_crit=rc.tau_crit)[1]
-            for c in comps
-        ]
-        critic_train.append((pair, pos, comps, crit))
-    out.add("critic/replay_pairs", len(replay_pairs))
-    for g, (_pair, _pos, comps, crit) in enumerate(critic_train):
-        adv = group_advantages(crit, [0] * len(crit), std_normalize=cfg.loss.std_normalize)
-        for c, a, r in zip(comps, adv, crit):
-            out.add("reward/critic_mean", r)
-            if not c.truncated:
-                out.samples.append(
-                    _sequence(c, advantage=a, role="critic", group=len(examples) + g, weight=rc.lambda_crit)
-                )
+    # 4. Critic training: the fresh verdicts above (on-policy rollouts already), plus rollouts on replayed pairs.
+    fresh = list(zip((j.pair for j in judged), (j.expert_position for j in judged), verdicts))
+    if fresh_cap is not None and len(fresh) > fresh_cap:
+        fresh = rng.sample(fresh, fresh_cap)
+    replayed = [(p, rng.choice((1, 2))) for p in draw_replay(rc.replay_pairs_for(len(fresh)))]
+    replay_params = replace(critic_params, seed=seed + 2)
+    replay_verdicts = _judge([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine, tokenizer, replay_params)
+    out.add("critic/fresh_pairs", len(fresh))
+    out.add("critic/replay_pairs", len(replayed))
+    for g, (_pair, pos, comps) in enumerate(fresh + [(p, pos, v) for (p, pos), v in zip(replayed, replay_verdicts)]):
+        _add_critic_group(out, comps, pos, cfg, group=len(examples) + g)
     return out
 
 
-def _judge(
-    judged: list[tuple[int, int, CriticPair, int]], engine: RolloutEngine, tokenizer, params: SamplingParams
-) -> list[list[Completion]]:
+def _answers_to_judge(examples: list[Example], policy: list[list[Completion]], task: Task, rng: random.Random,
+                      out: RankRollout) -> list[Judged]:
+    judged = []
+    for i, (ex, comps) in enumerate(zip(examples, policy)):
+        for j, c in enumerate(comps):
+            answer = None if c.truncated else task.extract_answer(c.text)
+            correct = task.verify(ex, answer) if task.has_verifier else None
+            out.add("policy/truncated_rate", c.truncated)
+            out.add("policy/answer_rate", answer is not None)
+            out.add("policy/response_length", len(c.token_ids))
+            out.add("policy/answer_accuracy", correct)
+            if answer is not None:
+                judged.append(Judged(i, j, CriticPair(ex.id, ex.question, answer, ex.answer), rng.choice((1, 2)),
+                                     None if correct is None else bool(correct)))
+    return judged
+
+
+def _policy_rewards(examples: list[Example], judged: list[Judged], verdicts: list[list[Completion]], cfg: JobConfig,
+                    out: RankRollout) -> list[list[float | None]]:
+    """Reward of every policy sample: the mean of the valid verdicts on its answer (None if there are none);
+    no answer (truncated or no tag) earns 0. Under `raro.critic oracle` the verifier's verdict replaces the
+    critic's for this reward; the critic's own verdicts are still measured."""
+    rc = cfg.raro
+    rewards: list[list[float | None]] = [[0.0] * rc.group_size for _ in examples]
+    for jd, comps in zip(judged, verdicts):
+        pos = jd.expert_position
+        oracle = None if jd.correct is None else ("tie" if jd.correct else str(pos))
+        parsed = [None if c.truncated else prompts.parse_verdict(c.text) for c in comps]
+        for c, v in zip(comps, parsed):
+            out.add("critic/tie_rate", v == "tie")
+            out.add("critic/invalid_rate", v is None)
+            out.add("critic/accuracy", v is not None and v != "tie" and int(v) == pos)
+            out.add("critic/decisive_accuracy", int(v) == pos if v in ("1", "2") else None)
+            out.add("critic/oracle_agreement", None if oracle is None else v == oracle)
+            out.add("critic/response_length", len(c.token_ids))
+            out.add("critic/truncated_rate", c.truncated)
+        if rc.critic == "oracle":
+            parsed = [oracle]
+        reward = mean_or_none([verdict_rewards(v, pos, tau_pol=rc.tau_pol, tau_crit=rc.tau_crit,
+                                               invalid=rc.invalid_verdicts)[0] for v in parsed])
+        rewards[jd.question][jd.sample] = reward
+        if jd.correct is not None and reward is not None:
+            out.add("reward/policy_mean_correct" if jd.correct else "reward/policy_mean_incorrect", reward)
+    for row in rewards:
+        for reward in row:
+            out.add("reward/policy_mean", reward)
+    return rewards
+
+
+def _add_critic_group(out: RankRollout, comps: list[Completion], expert_position: int, cfg: JobConfig,
+                      group: int) -> None:
+    """One critic GRPO group: the critic's rollouts on one pair, rewarded by their own verdicts. A truncated
+    rollout is scored 0; it stays in the loss under `raro.invalid_verdicts abstain` (so rambling is trained
+    away) and is filtered out under `tie`."""
+    rc = cfg.raro
+    rewards = [verdict_rewards(None if c.truncated else prompts.parse_verdict(c.text), expert_position,
+                               tau_pol=rc.tau_pol, tau_crit=rc.tau_crit, invalid=rc.invalid_verdicts)[1] for c in comps]
+    adv = group_advantages(rewards, [0] * len(rewards), std_normalize=cfg.loss.std_normalize)
+    for c, a, reward in zip(comps, adv, rewards):
+        out.add("reward/critic_mean", reward)
+        if not c.truncated or rc.invalid_verdicts == "abstain":
+            out.samples.append(_sequence(c, advantage=a, role="critic", group=group, weight=rc.lambda_crit))
+
+
+def _judge(judged: list[Judged], engine: RolloutEngine, tokenizer, params: SamplingParams) -> list[list[Completion]]:
     if not judged:
         return []
     critic_prompts = []
-    for _, _, pair, pos in judged:
-        first, second = (pair.expert_answer, pair.policy_answer) if pos == 1 else (pair.policy_answer, pair.expert_answer)
+    for jd in judged:
+        pair = jd.pair
+        first, second = ((pair.expert_answer, pair.policy_answer) if jd.expert_position == 1
+                         else (pair.policy_answer, pair.expert_answer))
         critic_prompts.append(prompts.render_prompt(tokenizer, prompts.critic_messages(pair.question, first, second)))
     return engine.generate(critic_prompts, params)

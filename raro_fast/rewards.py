@@ -4,31 +4,52 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
+# What an unparseable or truncated critic verdict means for the two roles (`raro.invalid_verdicts`).
+INVALID_VERDICT_RULES = ("abstain", "tie")
 
-def verdict_rewards(verdict: str | None, expert_position: int, *, tau_pol: float, tau_crit: float) -> tuple[float, float]:
+
+def verdict_rewards(verdict: str | None, expert_position: int, *, tau_pol: float, tau_crit: float,
+                    invalid: str = "abstain") -> tuple[float | None, float]:
     """(policy reward, critic reward) from one verdict on a pair whose expert answer sits at `expert_position`.
 
-    verdict is "1", "2", "tie" or None (unparseable). Picking the expert rewards the critic; picking the policy
-    answer rewards the policy; a tie gives each its tau. An unparseable verdict gives the policy tau_pol (the critic
-    told it nothing, as with a tie) and the critic 0 (it failed its format).
+    verdict is "1", "2", "tie" or None (unparseable or truncated). Picking the expert rewards the critic; picking
+    the policy answer rewards the policy; a tie gives each its tau. An invalid verdict gives the critic 0 (it failed
+    its format) and the policy, by `invalid`:
+      - "abstain" (default): None, no reward at all: the verdict does not count in the policy's reward, so an
+        answer that makes the critic ramble past its limit earns nothing for it;
+      - "tie": tau_pol, as if the critic had said tie (the rule before 2026-11-28; it paid a wrong answer that
+        broke the critic like a right one).
     """
     if expert_position not in (1, 2):
         raise ValueError(f"expert_position must be 1 or 2, got {expert_position}")
+    if invalid not in INVALID_VERDICT_RULES:
+        raise ValueError(f"invalid must be one of {INVALID_VERDICT_RULES}, got {invalid!r}")
     if verdict is None:
-        return tau_pol, 0.0
+        return (tau_pol if invalid == "tie" else None), 0.0
     if verdict == "tie":
         return tau_pol, tau_crit
     picked_expert = int(verdict) == expert_position
     return (0.0, 1.0) if picked_expert else (1.0, 0.0)
 
 
-def group_advantages(rewards: Sequence[float], groups: Sequence[int], *, std_normalize: bool = False) -> list[float]:
-    """GRPO: each reward minus its group's mean (optionally over the group's std). A group of one gets 0."""
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not None; None if there are none."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def group_advantages(rewards: Sequence[float | None], groups: Sequence[int], *,
+                     std_normalize: bool = False) -> list[float]:
+    """GRPO: each reward minus its group's mean (optionally over the group's std). A group of one gets 0.
+
+    A reward of None (nothing to reward: e.g. every critic verdict on that answer was invalid) takes its group's
+    mean: its advantage is 0 and it moves neither the mean nor the std of the others."""
     if len(rewards) != len(groups):
         raise ValueError("rewards and groups must have the same length")
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
-        members[g].append(i)
+        if rewards[i] is not None:
+            members[g].append(i)
     adv = [0.0] * len(rewards)
     for idx in members.values():
         vals = [rewards[i] for i in idx]

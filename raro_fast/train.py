@@ -33,11 +33,11 @@ from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import parallelize
 from raro_fast.weight_sync import full_state_dict, push_weights
 from raro_fast.baselines import dpo_advantages, dpo_pairs, rationalization_samples, rl_logit_rollouts, rlvr_rollouts, score_expert_answers, sft_samples
-from raro_fast.raro import STAT_KEYS, raro_rollouts
+from raro_fast.raro import COUNT_KEYS, STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import check_backend, make_engine
 from raro_fast.tasks import make_task
-from raro_fast.update import recompute_logprobs, update_step
+from raro_fast.update import recompute_logprobs, split_mini_batches, update_mini_batches, weigh_roles
 from raro_fast.warmup import format_warmup
 
 
@@ -92,21 +92,21 @@ def run(r: Run) -> None:
                 stats.update(score_expert_answers(r.model, samples, scoring, d=d, std_normalize=cfg.loss.std_normalize,
                                                   max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch))
         with r.timed("pack"):
-            mbs = [mb.to(d.device) for mb in plan_micro_batches(
-                samples, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch, world_size=d.world_size, rank=d.rank)]
-        with r.timed("old_log_prob"):
+            plan = plan_update(samples, cfg, d, step)
+            mbs = [mb for part, _ in plan for mb in part]
+        with r.timed("old_log_prob"):  # before the first optimizer step: every mini-batch's ratio starts at 1
             entropies = recompute_logprobs(r.model, mbs, temperature=cfg.rollout.temperature)
         if r.ref_model is not None:
             with r.timed("ref"):
                 recompute_logprobs(r.ref_model, mbs, temperature=cfg.rollout.temperature, field="ref_logprobs")
-        loss_cfg, norm = cfg.loss, norm_constant(cfg)
+        loss_cfg = cfg.loss
         if cfg.train.mode == "dpo":  # DPO as the surrogate at ratio 1: summed over tokens, averaged over pairs
             pairs, dpo_stats = dpo_advantages(samples, mbs, d=d, beta=cfg.dpo.beta)
             stats.update(dpo_stats)
-            loss_cfg, norm = dataclasses.replace(cfg.loss, loss_agg="token_sum_norm"), float(max(pairs, 1))
+            loss_cfg, plan = dataclasses.replace(cfg.loss, loss_agg="token_sum_norm"), [(mbs, float(max(pairs, 1)))]
         with r.timed("update_actor"):
-            upd = update_step(r.model, r.optimizer, mbs, loss_cfg=loss_cfg, temperature=cfg.rollout.temperature,
-                              norm_constant=norm, grad_clip=cfg.optim.grad_clip)
+            upd = update_mini_batches(r.model, r.optimizer, plan, loss_cfg=loss_cfg,
+                                      temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip)
         with r.timed("update_weights"):
             push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
         r.timings["timing_s/step"] = time.perf_counter() - t0
@@ -146,15 +146,13 @@ def rollouts_for_step(r: Run, step: int):
                                  group_offset=d.rank * len(examples))
     if cfg.train.mode == "rlvr":
         return rlvr_rollouts(mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg, seed=seed)
-    shared = random.Random(f"{cfg.train.seed}/replay/{step}")  # same on every rank: one global replay draw
-    n_replay = min(round(cfg.raro.critic_pairs_per_step * cfg.raro.replay_ratio), len(r.replay))
-    replayed = r.replay.sample(n_replay, shared)
-    n_fresh = cfg.raro.critic_pairs_per_step - len(replayed)
-    fresh_here = n_fresh // d.world_size + (d.rank < n_fresh % d.world_size)
+    cap = cfg.raro.critic_pairs_per_step
+    replay_rng = random.Random(f"{cfg.train.seed}/replay/{step}/{d.rank}")  # the buffer is the same on every rank
     return raro_rollouts(
-        mine, replayed[d.rank :: d.world_size],
-        engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
-        rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed, critic_fresh_pairs=fresh_here,
+        mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
+        rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed,
+        fresh_cap=cap // d.world_size + (d.rank < cap % d.world_size) if cap else None,
+        draw_replay=lambda n: r.replay.sample(n, replay_rng),
     )
 
 
@@ -190,7 +188,10 @@ def gather_samples(r: Run, rollout, step: int):
         s.uid = uid
     merged = {k: sum(v) / len(v) if v else None for k, v in stats.items()}
     merged.update({k: None for k in STAT_KEYS if k not in merged})
-    merged["critic/replay_pairs"] = sum(stats.get("critic/replay_pairs", [0]))
+    merged.update({k: sum(stats.get(k, [0])) for k in COUNT_KEYS})
+    correct, incorrect = merged["reward/policy_mean_correct"], merged["reward/policy_mean_incorrect"]
+    # Whether the critic's reward carries signal: what a right answer earns over a wrong one (verifier logged only).
+    merged["reward/policy_gap"] = None if correct is None or incorrect is None else correct - incorrect
     # On-policy means every fresh rollout came from the weights of the last sync (= this step's number).
     versions = [s.weight_version for s in samples if s.weight_version is not None]
     merged["rollout/weight_version_lag"] = step - min(versions) if versions else None
@@ -199,19 +200,37 @@ def gather_samples(r: Run, rollout, step: int):
     return samples, scoring, merged
 
 
-def norm_constant(cfg: JobConfig) -> float:
-    """Dr.GRPO's constant: the planned number of sequences per step times the longest completion. It does not
-    move with the lengths or counts a step happens to produce, so no length normalisation creeps in."""
-    rc = cfg.raro
-    per_step = {
-        "raro": rc.questions_per_step * rc.group_size + rc.critic_pairs_per_step * rc.critic_samples_per_pair,
+def role_constants(cfg: JobConfig) -> dict[str, float]:
+    """Dr.GRPO's constant of each role the mode trains: its planned sequences per step times its own longest
+    completion. It does not move with the lengths or counts a step happens to produce, so no length normalisation
+    creeps in; `weigh_roles` then normalises each role by its own."""
+    rc, ro = cfg.raro, cfg.rollout
+    policy_sequences = {
+        "raro": rc.questions_per_step * rc.group_size,
         "rlvr": rc.questions_per_step * rc.group_size,
         "sft": rc.questions_per_step,
         "rationalization": rc.questions_per_step,
         "rl_logit": rc.questions_per_step * rc.group_size,
         "dpo": 2 * rc.questions_per_step * rc.group_size,
     }[cfg.train.mode]
-    return float(per_step * max(cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens))
+    constants = {"policy": float(policy_sequences * ro.max_new_tokens)}
+    if cfg.train.mode == "raro":
+        pairs = rc.planned_fresh_pairs + rc.replay_pairs_for(rc.planned_fresh_pairs)
+        constants["critic"] = float(pairs * rc.critic_samples_per_pair * ro.critic_max_new_tokens)
+    return constants
+
+
+def plan_update(samples: list, cfg: JobConfig, d: Dist, step: int) -> list[tuple[list, float]]:
+    """The step's optimizer steps: per PPO mini-batch, this rank's packed micro-batches and the norm constant,
+    each role normalised by its own count."""
+    k = cfg.train.ppo_mini_batches
+    plan = []
+    for part in split_mini_batches(samples, k, seed=f"{cfg.train.seed}/mini_batches/{step}"):
+        norm = weigh_roles(part, loss_agg=cfg.loss.loss_agg, role_constants=role_constants(cfg), parts=k)
+        mbs = plan_micro_batches(part, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
+                                 world_size=d.world_size, rank=d.rank)
+        plan.append(([mb.to(d.device) for mb in mbs], norm))
+    return plan
 
 
 def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
@@ -299,6 +318,9 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     dtype_name = str(compute_dtype).removeprefix("torch.")
     check_backend(cfg.rollout, d.device, dtype_name)
     task = make_task(cfg.task)
+    if cfg.raro.critic == "oracle" and not task.has_verifier:
+        raise ValueError(f"raro.critic=oracle replaces the critic's verdict by the task's verifier; the "
+                         f"{cfg.task.name} task has none")
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:
         eval_examples = eval_examples[: cfg.train.eval_size]

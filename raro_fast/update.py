@@ -1,15 +1,56 @@
-"""Log-prob recompute and the one GRPO update of the shared model on packed micro-batches."""
+"""Log-prob recompute and the GRPO update of the shared model on packed micro-batches: per-role normalisation,
+PPO mini-batches (k optimizer steps per rollout round), and the update of one mini-batch."""
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from raro_fast.config import LossConfig
 from raro_fast.model.policy import PolicyModel
-from raro_fast.packing import PackedMicroBatch
+from raro_fast.packing import PackedMicroBatch, SequenceSample
 from raro_kernels import policy_loss
+
+
+def split_mini_batches(samples: Sequence[SequenceSample], k: int, seed: str) -> list[list[SequenceSample]]:
+    """k near-equal mini-batches of a seeded shuffle of the sequences (verl and TRL shuffle too: a GRPO group
+    may straddle mini-batches, its advantages are already fixed). k = 1 keeps the batch as it is."""
+    if k == 1:
+        return [list(samples)]
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    return [[samples[i] for i in order[p * n // k : (p + 1) * n // k]] for p in range(k)]
+
+
+def weigh_roles(samples: Sequence[SequenceSample], *, loss_agg: str, role_constants: dict[str, float],
+                parts: int = 1) -> float:
+    """Normalise every role of a (mini-)batch by its own count, not by the mixed batch's: each sample's loss
+    weight (its role's lambda) is multiplied, in place and once, by D / D_role, where D is what the loss divides
+    everything by and D_role the same count over that role alone. Then sum_n w_n loss_n / D equals
+    sum_role lambda_role * J_role, J_role the role's own normalised objective (RARO's lambda_pol J_pol +
+    lambda_crit J_crit as written). With one role the factor is exactly 1.
+
+    token_sum_norm (Dr.GRPO): D_role = `role_constants[role] / parts` (planned sequences x longest completion,
+    a mini-batch's share of it), D = their sum; returned as the norm_constant to pass. Other aggregations count
+    the batch itself: trained tokens (token_mean) or sequences with a trained token (seq_mean_*)."""
+    if loss_agg == "token_sum_norm":
+        total = sum(role_constants.values())
+        for s in samples:
+            s.loss_weight *= total / role_constants[s.role]
+        return total / parts
+    per_role: dict[str, float] = {}
+    for s in samples:
+        count = s.num_targets if loss_agg == "token_mean" else float(s.num_targets > 0)
+        per_role[s.role] = per_role.get(s.role, 0.0) + count
+    total = sum(per_role.values())
+    for s in samples:
+        if per_role[s.role] > 0:
+            s.loss_weight *= total / per_role[s.role]
+    return total / parts
 
 
 @torch.no_grad()
@@ -31,6 +72,22 @@ class UpdateStats:
     loss: float
     grad_norm: float
     metrics: dict[str, float]
+    tokens: float = 0.0  # trained tokens the metrics average over
+
+
+def update_mini_batches(model: PolicyModel, optimizer: torch.optim.Optimizer,
+                        plan: list[tuple[list[PackedMicroBatch], float]], **kwargs) -> UpdateStats:
+    """One optimizer step per (micro-batches, norm_constant) of `plan`; the old log-probs of every micro-batch
+    must have been recomputed before the first. Loss and grad norm are the mean over the steps, the actor metrics
+    their token-weighted mean."""
+    steps = [update_step(model, optimizer, mbs, norm_constant=norm, **kwargs) for mbs, norm in plan]
+    if len(steps) == 1:
+        return steps[0]
+    tokens = sum(u.tokens for u in steps)
+    keys = {k for u in steps for k in u.metrics}
+    metrics = {k: sum(u.metrics.get(k, 0.0) * u.tokens for u in steps) / tokens for k in keys} if tokens else {}
+    return UpdateStats(loss=sum(u.loss for u in steps) / len(steps),
+                       grad_norm=sum(u.grad_norm for u in steps) / len(steps), metrics=metrics, tokens=tokens)
 
 
 def update_step(
@@ -62,8 +119,7 @@ def update_step(
             clip_low=loss_cfg.clip_low,
             clip_high=loss_cfg.clip_high,
             dual_clip=loss_cfg.dual_clip,
-            ref_logprobs=mb.ref_logprobs if loss_cfg.kl_coef > 0 else None,
-            kl_coef=loss_cfg.kl_coef,
+            ref_logprobs=mb.ref_logprobs if loss_cfg.kl_coef > 0 else None,  # for the ref_kl metric
             kl_estimator=loss_cfg.kl_estimator,
             rollout_logprobs=mb.rollout_logprobs if loss_cfg.tis_cap is not None else None,
             tis_cap=loss_cfg.tis_cap,
@@ -74,6 +130,16 @@ def update_step(
             norm_constant=norm_constant,
             weights=mb.loss_weights,
         )
+        if loss_cfg.kl_coef > 0:
+            # -beta * KL sits outside the role-weighted sum (paper): unit weights and the whole batch's normaliser.
+            # It is the policy loss with zero advantages, whose surrogate is exactly 0.
+            kl_loss, _ = policy_loss(
+                logprobs, mb.old_logprobs, torch.zeros_like(mb.advantages), mask, ref_logprobs=mb.ref_logprobs,
+                kl_coef=loss_cfg.kl_coef, kl_estimator=loss_cfg.kl_estimator, loss_agg=loss_cfg.loss_agg,
+                seq_ids=mb.seq_ids, num_sequences=mb.num_sequences, num_tokens=mb.num_tokens,
+                norm_constant=norm_constant,
+            )
+            loss = loss + kl_loss
         if mb.is_padding:
             # A filler micro-batch keeps collectives in step across ranks; it must add nothing.
             loss = loss * 0.0
@@ -95,7 +161,7 @@ def update_step(
         total = float(loss_t)
     else:
         total = float(total_loss)
-    return UpdateStats(loss=total, grad_norm=grad_norm, metrics=metrics)
+    return UpdateStats(loss=total, grad_norm=grad_norm, metrics=metrics, tokens=float(n) if n is not None else 0.0)
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

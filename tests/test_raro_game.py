@@ -15,8 +15,10 @@ from raro_fast.tasks.countdown import verify
 
 
 class ScriptedEngine:
-    """Policy: sample j of each question answers [expert, wrong, no tag, truncated][j % 4]. Critic: a verifier
-    (picks the correct answer, tie if both or neither are), or a fixed verdict."""
+    """Policy: sample j of each question answers [expert, wrong, no tag, truncated][j % 4]. Critic, per `critic`:
+    "verifier" (picks the correct answer, tie if both or neither are), "contrarian" (picks the policy's answer
+    whenever it differs from the expert's, else tie), "ramble" (runs past its limit: truncated, no verdict), "ramble_half" (critic samples 0, 2, ... ramble,
+    1, 3, ... answer as the verifier), or a fixed verdict text."""
 
     weight_version = 3
 
@@ -40,8 +42,17 @@ class ScriptedEngine:
                 q, a1, a2 = (line.split(": ", 1)[1] for line in user.split("\n")[:3])
                 ex = self.by_question[q]
                 ok1, ok2 = (verify(ex.meta["numbers"], ex.meta["target"], a) for a in (a1, a2))
-                v = self.critic if self.critic != "verifier" else ("tie" if ok1 == ok2 else "1" if ok1 else "2")
-                out.append([self._complete(p, f"<think>x</think><answer>{v}</answer>") for _ in range(params.n)])
+                right = "tie" if ok1 == ok2 else "1" if ok1 else "2"
+                expert = "1" if a1 == ex.answer else "2"
+                comps = []
+                for k in range(params.n):
+                    if self.critic == "ramble" or (self.critic == "ramble_half" and k % 2 == 0):
+                        comps.append(self._complete(p, "<think>" + "and " * 20, truncated=True))
+                        continue
+                    v = {"verifier": right, "ramble_half": right, "contrarian": "tie" if a1 == a2 else "2" if expert == "1" else "1"}.get(
+                        self.critic, self.critic)
+                    comps.append(self._complete(p, f"<think>x</think><answer>{v}</answer>"))
+                out.append(comps)
             else:
                 ex = self.by_question[user]
                 comps = []
@@ -61,62 +72,158 @@ class ScriptedEngine:
 
 @pytest.fixture(scope="module")
 def setting():
-    cfg = load_config(["--raro.group_size", "4", "--raro.critic_samples_per_pair", "2", "--task.countdown.num_train", "30",
-                       "--task.countdown.num_heldout", "5"])
-    return cfg, load_project_tokenizer(), make_task(cfg.task)
+    cfg = load_config(["--raro.group_size", "4", "--task.countdown.num_train", "30", "--task.countdown.num_heldout", "5"])
+    tok = load_project_tokenizer()
+    task = make_task(cfg.task)
+    # Puzzles whose numbers do not happen to sum to the target (then the scripted "wrong" answer would be right).
+    examples = [e for e in task.examples("train") if sum(e.meta["numbers"]) != 24][:3]
+    return cfg, tok, task, examples
+
+
+def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None, args=()):
+    """One rank's step of the game against the scripted engine; returns (rollout, replay sizes asked for)."""
+    if args:
+        cfg = load_config(["--raro.group_size", "4", "--task.countdown.num_train", "30", "--task.countdown.num_heldout",
+                           "5", *args])
+    asked = []
+
+    def draw(n):
+        asked.append(n)
+        return list(replay)[:n]
+
+    out = raro_rollouts(examples, engine=ScriptedEngine(tok, task, critic=critic), tokenizer=tok, task=task, cfg=cfg,
+                        rng=random.Random(0), seed=1, fresh_cap=fresh_cap, draw_replay=draw)
+    return out, asked
+
+
+def by_role(out, role):
+    return [s for s in out.samples if s.role == role]
 
 
 def test_rewards_groups_and_filtering_with_a_verifier_critic(setting):
-    cfg, tok, task = setting
-    examples = task.examples("train")[:3]
-    # Skip puzzles whose numbers happen to sum to the target (then the "wrong" answer would be right).
-    examples = [e for e in task.examples("train") if sum(e.meta["numbers"]) != 24][:3]
-    eng = ScriptedEngine(tok, task)
-    out = raro_rollouts(examples, [], engine=eng, tokenizer=tok, task=task, cfg=cfg, rng=random.Random(0), seed=1,
-                        critic_fresh_pairs=4)
+    cfg, tok, task, examples = setting
+    out, _ = play(cfg, tok, task, examples)
     rc = cfg.raro
     # Per question: expert answer → tie → tau_pol; wrong → critic picks expert → 0; no tag → 0; truncated → 0.
     rewards = [rc.tau_pol, 0.0, 0.0, 0.0]
     mean = sum(rewards) / 4
-    policy = [s for s in out.samples if s.role == "policy"]
+    policy = by_role(out, "policy")
     assert len(policy) == 3 * 3  # the truncated sample of each group is filtered out of the loss
     for i in range(3):
         advs = [s.advantage for s in policy if s.group == i]
         assert advs == pytest.approx([r - mean for r in rewards[:3]])
     assert all(s.loss_weight == rc.lambda_pol for s in policy)
     assert out.stats["reward/policy_mean"] == pytest.approx(rewards * 3)
-    # Judged pairs: the two answered samples per question; the critic verdicts: tie for expert-vs-expert.
+    # Judged pairs: the two answered samples per question; the verdicts: tie for expert-vs-expert.
     assert len(out.new_pairs) == 6
-    assert sum(out.stats["critic/tie_rate"]) == 3 * 2  # 3 tie pairs x 2 critic samples
-    assert sum(out.stats["critic/accuracy"]) == 3 * 2  # the other 3 pairs: expert picked, both samples
-    critic = [s for s in out.samples if s.role == "critic"]
-    assert len(critic) == 4 * 2 and all(s.loss_weight == rc.lambda_crit for s in critic)
-    # A verifier critic is consistent within a pair: both samples get the same reward → zero advantage.
+    assert rc.critic_samples_per_pair == 4
+    assert sum(out.stats["critic/tie_rate"]) == 3 * 4  # 3 tie pairs x 4 critic samples
+    assert sum(out.stats["critic/accuracy"]) == 3 * 4  # the other 3 pairs: expert picked, every sample
+    # Diagnostics: among decisive verdicts the critic is always right; it agrees with the verifier everywhere;
+    # a right answer earns tau_pol and a wrong one 0.
+    assert out.stats["critic/decisive_accuracy"] == [1.0] * 12
+    assert out.stats["critic/oracle_agreement"] == [1.0] * 24
+    assert out.stats["reward/policy_mean_correct"] == pytest.approx([rc.tau_pol] * 3)
+    assert out.stats["reward/policy_mean_incorrect"] == [0.0] * 3
+    critic = by_role(out, "critic")
+    assert len(critic) == 6 * 4 and all(s.loss_weight == rc.lambda_crit for s in critic)
+    # A verifier critic is consistent within a pair: every sample gets the same reward → zero advantage.
     assert all(s.advantage == 0 for s in critic)
     for s in out.samples:
         assert s.input_ids[: s.prompt_len] and len(s.rollout_logprobs) == s.num_targets
 
 
+def test_critic_trains_on_every_fresh_pair_plus_replay_at_the_ratio(setting):
+    """Fix 3: all 6 fresh judged pairs are critic training pairs (not 4 of a fixed 8), and replay is asked for
+    at replay_ratio of them: 0.5 → as many as fresh, 0.75 → three times as many; a cap bounds the fresh ones."""
+    cfg, tok, task, examples = setting
+    ex = examples[0]
+    replay = [CriticPair(ex.id, ex.question, "1+1", ex.answer)] * 30
+    out, asked = play(cfg, tok, task, examples, replay=replay)
+    assert asked == [6] and out.stats["critic/fresh_pairs"] == [6] and out.stats["critic/replay_pairs"] == [6]
+    assert len(by_role(out, "critic")) == (6 + 6) * 4
+    out, asked = play(cfg, tok, task, examples, replay=replay, args=["--raro.replay_ratio", "0.75"])
+    assert asked == [18] and len(by_role(out, "critic")) == (6 + 18) * 4
+    out, asked = play(cfg, tok, task, examples, replay=replay, fresh_cap=4)
+    assert asked == [4] and out.stats["critic/fresh_pairs"] == [4] and len(by_role(out, "critic")) == (4 + 4) * 4
+    out, asked = play(cfg, tok, task, examples, replay=replay, args=["--raro.replay_ratio", "0"])
+    assert asked == [0] and out.stats["critic/replay_pairs"] == [0]
+
+
 def test_replayed_pairs_get_critic_rollouts_and_tie_rewards(setting):
-    cfg, tok, task = setting
+    cfg, tok, task, _ = setting
     ex = task.examples("train")[0]
     replay = [CriticPair(ex.id, ex.question, ex.answer, ex.answer), CriticPair(ex.id, ex.question, "1+1", ex.answer)]
-    eng = ScriptedEngine(tok, task, critic="tie")
-    out = raro_rollouts([ex], replay, engine=eng, tokenizer=tok, task=task, cfg=cfg, rng=random.Random(1), seed=2,
-                        critic_fresh_pairs=0)
-    critic = [s for s in out.samples if s.role == "critic"]
-    assert len(critic) == 2 * 2  # two replayed pairs, two critic samples each
-    assert out.stats["critic/replay_pairs"] == [2]
-    assert out.stats["reward/critic_mean"] == pytest.approx([cfg.raro.tau_crit] * 4)
+    out, _ = play(cfg, tok, task, [ex], critic="tie", replay=replay, fresh_cap=0)
+    critic = by_role(out, "critic")
+    assert len(critic) == 0  # a cap of 0 fresh pairs asks for 0 replayed ones too
+    out, _ = play(cfg, tok, task, [ex], critic="tie", replay=replay, fresh_cap=2)
+    critic = by_role(out, "critic")
+    assert len(critic) == (2 + 2) * 4 and out.stats["critic/replay_pairs"] == [2]
+    assert out.stats["reward/critic_mean"] == pytest.approx([cfg.raro.tau_crit] * 16)
     # Every policy answer got a tie → tau_pol for the answered ones.
     assert out.stats["reward/policy_mean"] == pytest.approx([cfg.raro.tau_pol, cfg.raro.tau_pol, 0, 0])
+    assert "critic/decisive_accuracy" not in out.stats  # no decisive verdict: no value, not a 0
 
 
-def test_unparseable_verdict_rule(setting):
-    cfg, tok, task = setting
-    ex = task.examples("train")[1]
-    out = raro_rollouts([ex], [], engine=ScriptedEngine(tok, task, critic="maybe"), tokenizer=tok, task=task, cfg=cfg,
-                        rng=random.Random(2), seed=3, critic_fresh_pairs=2)
-    assert out.stats["critic/invalid_rate"] == [1.0] * 4
-    assert out.stats["reward/policy_mean"][:2] == pytest.approx([cfg.raro.tau_pol] * 2)
-    assert out.stats["reward/critic_mean"] == [0.0] * 4
+def test_a_wrong_answer_that_breaks_the_critic_earns_nothing(setting):
+    """Fix 2: half of each pair's critic samples ramble past their limit. A wrong answer used to earn tau_pol from
+    each broken verdict (0.3 here, like half a tie); now only valid verdicts count (0: the expert is picked), and
+    the rambling critic samples stay in the critic's loss with reward 0 (advantage -0.5 against the valid ones)."""
+    cfg, tok, task, examples = setting
+    rc = cfg.raro
+    out, _ = play(cfg, tok, task, examples, critic="ramble_half")
+    assert out.stats["reward/policy_mean"] == pytest.approx([rc.tau_pol, 0.0, 0.0, 0.0] * 3)
+    assert out.stats["critic/invalid_rate"] == [1.0, 0.0] * 12
+    critic = by_role(out, "critic")
+    assert len(critic) == 6 * 4  # truncated critic samples kept
+    # rewards per pair [0, 1, 0, 1] (wrong answer: expert picked) or [0, tau_crit, 0, tau_crit] (right: tie)
+    tau = rc.tau_crit
+    assert sorted(s.advantage for s in critic) == pytest.approx([-0.5] * 6 + [-tau / 2] * 6 + [tau / 2] * 6 + [0.5] * 6)
+    # The old rule, kept behind a setting: tau_pol per broken verdict, truncated critic samples filtered.
+    old, _ = play(cfg, tok, task, examples, critic="ramble_half", args=["--raro.invalid_verdicts", "tie"])
+    assert old.stats["reward/policy_mean"] == pytest.approx([rc.tau_pol, rc.tau_pol / 2, 0.0, 0.0] * 3)
+    assert len(by_role(old, "critic")) == 6 * 2
+
+
+def test_an_answer_whose_verdicts_are_all_invalid_gets_zero_advantage(setting):
+    cfg, tok, task, examples = setting
+    out, _ = play(cfg, tok, task, examples, critic="ramble")
+    assert out.stats["reward/policy_mean"] == [0.0, 0.0] * 3  # only the unanswered samples have a reward
+    assert all(s.advantage == 0 for s in by_role(out, "policy"))
+    assert "reward/policy_mean_correct" not in out.stats and "critic/decisive_accuracy" not in out.stats
+    old, _ = play(cfg, tok, task, examples, critic="ramble", args=["--raro.invalid_verdicts", "tie"])
+    tau = cfg.raro.tau_pol
+    assert [s.advantage for s in by_role(old, "policy")][:3] == pytest.approx([tau / 2, tau / 2, -tau / 2])
+
+
+def test_oracle_critic_sets_the_policy_reward_and_the_model_critic_is_still_measured(setting):
+    cfg, tok, task, examples = setting
+    rc = cfg.raro
+    model, _ = play(cfg, tok, task, examples, critic="contrarian")
+    assert model.stats["reward/policy_mean"] == pytest.approx([rc.tau_pol, 1.0, 0.0, 0.0] * 3)  # fooled every time
+    assert model.stats["reward/policy_mean_incorrect"] == [1.0] * 3  # a wrong answer earns more than a right one
+    oracle, _ = play(cfg, tok, task, examples, critic="contrarian", args=["--raro.critic", "oracle"])
+    assert oracle.stats["reward/policy_mean"] == pytest.approx([rc.tau_pol, 0.0, 0.0, 0.0] * 3)
+    assert oracle.stats["critic/decisive_accuracy"] == [0.0] * 12  # the model critic's own verdicts
+    assert sorted(oracle.stats["critic/oracle_agreement"]) == [0.0] * 12 + [1.0] * 12
+    # and it is rewarded by them, as without the oracle: tie on the right answers, 0 for picking a wrong one
+    assert sorted(oracle.stats["reward/critic_mean"]) == pytest.approx([0.0] * 12 + [rc.tau_crit] * 12)
+    assert oracle.stats["reward/critic_mean"] == model.stats["reward/critic_mean"]
+
+
+def test_no_verifier_no_accuracy(setting):
+    """A task without a verifier reports no answer accuracy and no correct/incorrect rewards (null, not 0)."""
+    cfg, tok, task, examples = setting
+
+    class Unverified(type(task)):
+        has_verifier = False
+
+        def verify(self, example, answer):
+            return None
+
+    blind = Unverified(task.cfg)
+    out, _ = play(cfg, tok, blind, examples)
+    for key in ("policy/answer_accuracy", "reward/policy_mean_correct", "critic/oracle_agreement"):
+        assert key not in out.stats
+    assert len(out.stats["reward/policy_mean"]) == 12

@@ -15,11 +15,24 @@ from raro_fast.rewards import group_advantages, verdict_rewards
         ("1", 2, (1.0, 0.0)),
         ("tie", 1, (0.6, 0.55)),
         ("tie", 2, (0.6, 0.55)),
-        (None, 1, (0.6, 0.0)),  # unparseable: policy as for a tie, critic nothing
+        (None, 1, (None, 0.0)),  # unparseable: no policy reward at all, critic nothing
     ],
 )
 def test_verdict_rewards(verdict, pos, expected):
     assert verdict_rewards(verdict, pos, tau_pol=0.6, tau_crit=0.55) == expected
+
+
+def test_verdict_rewards_old_tie_rule_and_bad_rule():
+    assert verdict_rewards(None, 2, tau_pol=0.6, tau_crit=0.55, invalid="tie") == (0.6, 0.0)
+    with pytest.raises(ValueError, match="invalid must be one of"):
+        verdict_rewards(None, 2, tau_pol=0.6, tau_crit=0.55, invalid="skip")
+
+
+def test_group_advantages_none_takes_the_group_mean():
+    adv = group_advantages([0.6, None, 0.0, 0.0, None, None], [0, 0, 0, 0, 1, 1])
+    assert adv == pytest.approx([0.4, 0.0, -0.2, -0.2, 0.0, 0.0])
+    adv_std = group_advantages([1.0, None, 0.0], [0, 0, 0], std_normalize=True)
+    assert adv_std[1] == 0.0 and adv_std[0] == pytest.approx(0.5 / (0.5**0.5 + 1e-6))
 
 
 def test_verdict_rewards_rejects_bad_position():

@@ -25,6 +25,7 @@ class Example:
 
 class Task(ABC):
     name: str = "task"
+    has_verifier: bool = False  # True where `verify` answers True/False (evaluation and diagnostics only)
 
     @abstractmethod
     def examples(self, split: str) -> list[Example]:

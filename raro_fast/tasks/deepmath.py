@@ -192,6 +192,7 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
 
 class DeepMathTask(FileTask):
     name = "deepmath"
+    has_verifier = True
 
     load = staticmethod(load_examples)
 

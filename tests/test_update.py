@@ -1,0 +1,169 @@
+"""The update: each role normalised by its own constant (lambda_pol J_pol + lambda_crit J_crit as written), the KL
+penalty outside the role weights, and PPO mini-batches (k optimizer steps; k = 1 is the single update)."""
+import copy
+
+import pytest
+import torch
+
+from raro_fast.config import LossConfig, load_config
+from raro_fast.model.hf import build_embedded_model, load_project_tokenizer
+from raro_fast.model.policy import PolicyModel
+from raro_fast.model.varlen import use_varlen_attention
+from raro_fast.packing import SequenceSample, plan_micro_batches
+from raro_fast.train import role_constants
+from raro_fast.update import recompute_logprobs, split_mini_batches, update_mini_batches, update_step, weigh_roles
+from raro_kernels import policy_loss
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_project_tokenizer()
+
+
+def tiny_policy(tok, seed=0):
+    model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                 max_position=256, seed=seed)
+    use_varlen_attention(model)
+    return PolicyModel(model)
+
+
+def mixed_samples(n_policy=6, n_critic=10, seed=0):
+    """Policy sequences with short completions, critic sequences with long ones, random advantages."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_policy + n_critic):
+        role = "policy" if i < n_policy else "critic"
+        prompt = torch.randint(5, 200, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
+        length = int(torch.randint(3, 8 if role == "policy" else 20, (1,), generator=g))
+        completion = torch.randint(5, 200, (length,), generator=g).tolist()
+        out.append(SequenceSample(input_ids=prompt + completion, prompt_len=len(prompt),
+                                  advantage=float(torch.randn((), generator=g)), role=role, group=i // 2, uid=i,
+                                  loss_weight=1 / 9 if role == "policy" else 8 / 9))
+    return out
+
+
+def grads_of(policy, samples, *, loss_cfg, norm, lr=0.0):
+    policy = copy.deepcopy(policy)
+    mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    recompute_logprobs(policy, mbs, temperature=1.0)
+    opt = torch.optim.SGD(policy.parameters(), lr=lr)
+    stats = update_step(policy, opt, mbs, loss_cfg=loss_cfg, temperature=1.0, norm_constant=norm, grad_clip=0.0)
+    return {n: p.grad.clone() for n, p in policy.named_parameters()}, stats
+
+
+def test_role_constants_are_each_roles_planned_sequences_times_its_own_length():
+    cfg = load_config(["--raro.questions_per_step", "4", "--raro.group_size", "8", "--rollout.max_new_tokens", "48",
+                       "--rollout.critic_max_new_tokens", "96"])
+    # policy: 4 x 8 sequences x 48 tokens; critic: (32 fresh + 32 replayed pairs) x 4 samples x 96 tokens
+    assert role_constants(cfg) == {"policy": 4 * 8 * 48.0, "critic": 64 * 4 * 96.0}
+    capped = load_config(["--raro.critic_pairs_per_step", "10", "--raro.replay_ratio", "0.75"])
+    assert role_constants(capped)["critic"] == (10 + 30) * 4 * 96.0
+    assert role_constants(load_config(["--train.mode", "rlvr"])) == {"policy": 4 * 8 * 96.0}
+
+
+@pytest.mark.parametrize("loss_agg", ["token_sum_norm", "token_mean", "seq_mean_token_sum"])
+def test_mixed_update_is_the_lambda_weighted_sum_of_each_roles_own_objective(tok, loss_agg):
+    """Fix 1: the gradient of the mixed batch equals lambda_pol * grad J_pol + lambda_crit * grad J_crit, where each
+    J is the role's loss alone, normalised by that role's own constant (or own counts). Before, both roles shared
+    one constant: the policy's gradient shrank with every critic token in the batch."""
+    policy = tiny_policy(tok)
+    loss_cfg = LossConfig(loss_agg=loss_agg)
+    constants = {"policy": 6 * 10.0, "critic": 10 * 25.0}
+    samples = mixed_samples()
+    norm = weigh_roles(samples, loss_agg=loss_agg, role_constants=constants)
+    mixed, _ = grads_of(policy, samples, loss_cfg=loss_cfg, norm=norm)
+    expected = None
+    for role, lam in (("policy", 1 / 9), ("critic", 8 / 9)):
+        alone = [s for s in mixed_samples() if s.role == role]
+        for s in alone:
+            s.loss_weight = 1.0
+        g, _ = grads_of(policy, alone, loss_cfg=loss_cfg, norm=constants[role])
+        expected = {n: lam * v for n, v in g.items()} if expected is None else {n: expected[n] + lam * v for n, v in g.items()}
+    for n in mixed:  # fp32 sums in another order: compared as relative Frobenius error
+        assert float((mixed[n] - expected[n]).norm() / expected[n].norm()) < 1e-5, n
+    if loss_agg == "token_sum_norm":
+        for s in samples:  # per token: lambda_role / C_role
+            lam = 1 / 9 if s.role == "policy" else 8 / 9
+            assert s.loss_weight / norm == pytest.approx(lam / constants[s.role], rel=1e-12)
+
+
+def test_one_role_weights_are_unchanged_bit_for_bit():
+    samples = mixed_samples(n_critic=0)
+    before = [s.loss_weight for s in samples]
+    for agg in ("token_sum_norm", "token_mean", "seq_mean_token_mean"):
+        norm = weigh_roles(samples, loss_agg=agg, role_constants={"policy": 123.0})
+        assert [s.loss_weight for s in samples] == before
+    assert norm == float(len(samples))
+    assert weigh_roles(samples, loss_agg="token_sum_norm", role_constants={"policy": 123.0}, parts=4) == 123.0 / 4
+
+
+def test_kl_penalty_sits_outside_the_role_weights(tok):
+    """Fix 5: -beta * KL is not multiplied by lambda. With zero advantages only the KL term is left: the loss is
+    beta * sum KL / D whatever the weights (before, it was beta * sum w * KL / D)."""
+    policy, ref = tiny_policy(tok, seed=0), tiny_policy(tok, seed=1)
+    samples = mixed_samples()
+    for s in samples:
+        s.advantage = 0.0
+    mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    recompute_logprobs(policy, mbs, temperature=1.0)
+    recompute_logprobs(ref, mbs, temperature=1.0, field="ref_logprobs")
+    beta, norm = 0.3, 500.0
+    stats = update_step(copy.deepcopy(policy), torch.optim.SGD(policy.parameters(), lr=0.0), mbs,
+                        loss_cfg=LossConfig(kl_coef=beta), temperature=1.0, norm_constant=norm, grad_clip=0.0)
+    expected = 0.0
+    for mb in mbs:
+        m = mb.targets != -100
+        log_r = mb.ref_logprobs.double() - mb.old_logprobs.double()
+        expected += float(((log_r.exp() - 1 - log_r) * m).sum()) * beta / norm
+    assert expected > 0
+    assert stats.loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_split_mini_batches_is_a_seeded_partition_and_one_keeps_the_batch():
+    samples = mixed_samples()
+    assert split_mini_batches(samples, 1, "s") == [samples]
+    parts = split_mini_batches(samples, 3, "s")
+    assert [len(p) for p in parts] == [5, 5, 6]
+    assert sorted(s.uid for p in parts for s in p) == list(range(16))
+    assert [s.uid for p in parts for s in p] != list(range(16))
+    assert split_mini_batches(samples, 3, "s") == parts and split_mini_batches(samples, 3, "t") != parts
+
+
+def test_one_mini_batch_is_the_single_update_bit_for_bit(tok):
+    """Fix 4, k = 1: the mini-batch path gives exactly the weights of the one update it replaces."""
+    policy = tiny_policy(tok)
+    samples = mixed_samples()
+    a, b = copy.deepcopy(policy), copy.deepcopy(policy)
+    mbs_a = plan_micro_batches(samples, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    recompute_logprobs(a, mbs_a, temperature=1.0)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    update_step(a, opt_a, mbs_a, loss_cfg=LossConfig(), temperature=1.0, norm_constant=300.0, grad_clip=1.0)
+    (part,) = split_mini_batches(samples, 1, "x")
+    mbs_b = plan_micro_batches(part, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    recompute_logprobs(b, mbs_b, temperature=1.0)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
+    update_mini_batches(b, opt_b, [(mbs_b, 300.0)], loss_cfg=LossConfig(), temperature=1.0, grad_clip=1.0)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_several_mini_batches_move_the_ratio_and_clipping_acts(tok):
+    """Fix 4, k > 1: after the first optimizer step the later mini-batches see ratios off 1, so clipping acts;
+    with one update the ratio is exactly 1 and nothing is ever clipped."""
+    policy = tiny_policy(tok)
+    samples = mixed_samples(n_policy=16, n_critic=16)
+    for s in samples:
+        s.advantage = 4.0 if s.uid % 2 else -4.0
+    results = {}
+    for k in (1, 4):
+        model = copy.deepcopy(policy)
+        plan = []
+        for part in split_mini_batches(samples, k, "clip"):
+            mbs = plan_micro_batches(part, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+            plan.append((mbs, 200.0 / k))
+        recompute_logprobs(model, [mb for mbs, _ in plan for mb in mbs], temperature=1.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        results[k] = update_mini_batches(model, opt, plan, loss_cfg=LossConfig(), temperature=1.0, grad_clip=0.0)
+    assert results[1].metrics["actor/clip_frac"] == 0.0 and results[1].metrics["actor/ratio_mean"] == 1.0
+    assert results[4].metrics["actor/clip_frac"] > 0.05
+    assert results[4].metrics["actor/approx_kl"] > 0
