@@ -10,7 +10,9 @@ from typing import Any
 # Curves drawn at the end, one panel each: (title, metric keys).
 PLOT_PANELS = [
     ("rewards", ["reward/policy_mean", "reward/critic_mean"]),
-    ("critic", ["critic/tie_rate", "critic/accuracy", "critic/invalid_rate"]),
+    ("policy reward of right vs wrong answers (verifier, logged only)",
+     ["reward/policy_mean_correct", "reward/policy_mean_incorrect", "reward/policy_gap"]),
+    ("critic", ["critic/tie_rate", "critic/decisive_accuracy", "critic/oracle_agreement", "critic/invalid_rate"]),
     ("held-out accuracy", ["eval/heldout_accuracy"]),
     ("train answer accuracy (verifier, not trained on)", ["policy/answer_accuracy"]),
     ("lengths (tokens)", ["policy/response_length", "critic/response_length"]),
@@ -85,15 +87,18 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: s
     plt.close(fig)
 
 
-def summary_table(records: list[dict[str, Any]]) -> str:
-    """A fixed-width table: first and last value of the main metrics, and held-out accuracy at each evaluation."""
+def summary_table(records: list[dict[str, Any]], window: int = 5) -> str:
+    """A fixed-width table of the main metrics: held-out accuracy at the first and the last evaluation; every other
+    metric as its mean over the first and the last `window` steps that report it (one step is too noisy to read)."""
     keys = [
         "eval/heldout_accuracy",
         "policy/answer_accuracy",
         "reward/policy_mean",
         "reward/critic_mean",
+        "reward/policy_gap",
         "critic/tie_rate",
-        "critic/accuracy",
+        "critic/decisive_accuracy",
+        "critic/oracle_agreement",
         "critic/invalid_rate",
         "policy/response_length",
         "policy/truncated_rate",
@@ -104,12 +109,32 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     rows = [("metric", "first", "last")]
     for key in keys:
         vals = [r[key] for r in records if r.get(key) is not None]
-        if vals:
-            rows.append((key, _fmt(vals[0]), _fmt(vals[-1])))
+        if not vals:
+            continue
+        k = 1 if key.startswith("eval/") else max(1, min(window, len(vals) // 2))
+        rows.append((key, _fmt(sum(vals[:k]) / k), _fmt(sum(vals[-k:]) / k)))
+    rows[0] = ("metric", f"first{'' if window == 1 else f' ({window})'}", f"last{'' if window == 1 else f' ({window})'}")
     w0 = max(len(r[0]) for r in rows)
     lines = [f"{a:<{w0}}  {b:>10}  {c:>10}" for a, b, c in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def critic_signal(records: list[dict[str, Any]]) -> str | None:
+    """One sentence on whether the critic's reward carried signal over the run (means over all steps), or None
+    when the run logged no critic diagnostics (not RARO, or a task without a verifier)."""
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in records if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    decisive, gap = mean("critic/decisive_accuracy"), mean("reward/policy_gap")
+    if decisive is None or gap is None:
+        return None
+    right, wrong = mean("reward/policy_mean_correct"), mean("reward/policy_mean_incorrect")
+    return (f"critic: picked the expert in {decisive:.2f} of its decisive verdicts (chance 0.50), tie rate "
+            f"{mean('critic/tie_rate'):.2f}; the policy's reward was {right:.3f} for right answers and {wrong:.3f} for "
+            f"wrong ones (gap {gap:+.3f}; the verifier is only logged)")
 
 
 def _fmt(v: Any) -> str:

@@ -25,7 +25,7 @@ from raro_fast import checkpoint
 from raro_fast.config import ConfigError, JobConfig, help_text, load_config, to_dict
 from raro_fast.distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
 from raro_fast.evaluate import heldout_accuracy
-from raro_fast.metrics import MetricsLog, plot_curves, summary_table
+from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, summary_table
 from raro_fast.model.hf import build_embedded_model, load_pretrained, load_project_tokenizer, resolve_dtype, save_pretrained_atomic
 from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
@@ -297,11 +297,16 @@ def finish(r: Run) -> None:
         records = r.log.read()
         plot_curves(records, out / "curves.png", title=f"{r.cfg.train.mode} on {r.cfg.task.name}")
         accs = [x["eval/heldout_accuracy"] for x in records if "eval/heldout_accuracy" in x]
-        print("\n" + summary_table(records))
+        print("\n" + summary_table(records) + "\n")
+        signal = critic_signal(records)
+        if signal:
+            print(signal)
         if accs[-1] is None:
-            print(f"\nheld-out accuracy: none (the {r.cfg.task.name} task has no verifier)")
+            print(f"held-out accuracy: none (the {r.cfg.task.name} task has no verifier)")
         else:
-            print(f"\nheld-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {len(r.eval_examples)} problems")
+            n = len(r.eval_examples)
+            print(f"held-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {n} problems: "
+                  f"{round(accs[-1] * n) - round(accs[0] * n):+d} solved")
         print(f"metrics: {out / 'metrics.jsonl'}  curves: {out / 'curves.png'}  model: {out / 'final_model'}")
     barrier(r.d)
 

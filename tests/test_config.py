@@ -143,3 +143,14 @@ def test_only_colocated_engines_release_memory():
     # A server has its own GPUs; every trainer rank would release it, some while others still generate on it.
     assert load_config(["--rollout.backend", "sglang_http", "--rollout.release_memory", "kv_cache+weights"]
                        ).rollout.released_tags == ()
+
+
+def test_cpu_threads_keep_a_users_omp_num_threads_and_share_cores_under_torchrun():
+    from raro_fast.distributed import cpu_threads
+
+    assert cpu_threads({}, 8) == 8
+    assert cpu_threads({"OMP_NUM_THREADS": "1"}, 8) == 1  # one run of several side by side
+    assert cpu_threads({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, 8) == 3
+    assert cpu_threads({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, 8) == 4  # torchrun's own default
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "4"}, 2) == 1
+    assert cpu_threads({"OMP_NUM_THREADS": "x"}, 2) == 2
