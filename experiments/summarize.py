@@ -1,7 +1,8 @@
-"""Table and curves of a grid of runs named MODE-sSEED (experiments/replication.sh): held-out accuracy per mode,
-mean and spread over seeds, at the last step that every run reached.
+"""Table and curves of a grid of runs named MODE-sSEED (experiments/*.sh): held-out accuracy per mode, mean and
+spread over seeds, at the last step that every run reached; each mode's gain over its own step 0; the critic's
+diagnostics of the RARO runs; and whether RARO met the targets of docs/experiments.md.
 
-    python experiments/summarize.py ROOT [--out DIR]
+    python experiments/summarize.py ROOT [--out DIR] [--title TEXT]
 
 Writes DIR/replication.md (also printed) and DIR/replication_curves.png (DIR defaults to ROOT).
 """
@@ -16,6 +17,10 @@ from pathlib import Path
 
 RUN_NAME = re.compile(r"^(?P<mode>.+)-s(?P<seed>\d+)$")
 ACC = "eval/heldout_accuracy"
+# Run means of the critic's diagnostics (RARO modes only): whether its reward carried signal.
+DIAGNOSTICS = (("critic decisive acc.", "critic/decisive_accuracy"), ("agrees with verifier", "critic/oracle_agreement"),
+               ("reward right", "reward/policy_mean_correct"), ("reward wrong", "reward/policy_mean_incorrect"),
+               ("gap", "reward/policy_gap"), ("tie rate", "critic/tie_rate"))
 
 
 def read_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
@@ -74,10 +79,50 @@ def summarize(runs: dict[str, dict[int, list[dict]]]) -> tuple[str, int]:
                      f"{' / '.join(f'{x:.3f}' for x in at_last)} | {_mean_sd(train)} |")
     if "raro" in finals and finals.get("rlvr"):
         lines += ["", f"RARO / RLVR (last {len(window)} evals): {finals['raro'] / finals['rlvr']:.2f}"]
+    gains = {mode: [statistics.mean(c[s] for s in window if s in c) - c[0] for c in seeds.values() if 0 in c]
+             for mode, seeds in curves.items()}
+    lines += ["", f"Gain over each run's own step 0 (last {len(window)} evals minus step 0), mean ± sd over seeds:", "",
+              "| mode | gain | per seed | seeds that gained |", "|---|---|---|---|"]
+    for mode in sorted(gains):
+        g = gains[mode]
+        lines.append(f"| {mode} | {_mean_sd(g)} | {' / '.join(f'{x:+.3f}' for x in g)} | "
+                     f"{sum(x > 0 for x in g)} of {len(g)} |")
+    diag_modes = [m for m in sorted(runs) if any(r.get(DIAGNOSTICS[0][1]) is not None
+                                                for recs in runs[m].values() for r in recs)]
+    if diag_modes:
+        lines += ["", "The critic over the whole run (mean over steps, then mean ± sd over seeds); rewards are the "
+                  "policy's RARO reward of answers the verifier accepts (right) or rejects (wrong):", "",
+                  "| mode | " + " | ".join(name for name, _ in DIAGNOSTICS) + " |",
+                  "|---|" + "---|" * len(DIAGNOSTICS)]
+        for mode in diag_modes:
+            cells = [_mean_sd([_run_mean(recs, key) for recs in runs[mode].values() if _run_mean(recs, key) is not None])
+                     for _, key in DIAGNOSTICS]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines += targets(finals, gains)
     return "\n".join(lines) + "\n", last
 
 
-def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
+def _run_mean(records: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in records if r.get(key) is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def targets(finals: dict[str, float], gains: dict[str, list[float]]) -> list[str]:
+    """The three targets of docs/experiments.md, each met or not, on the last-evals means."""
+    if not {"raro", "rlvr", "sft"} <= set(finals):
+        return []
+    g = gains["raro"]
+    spread = statistics.stdev(g) if len(g) > 1 else 0.0
+    checks = [
+        (f"RARO >= 0.9 x RLVR: {finals['raro']:.3f} vs {0.9 * finals['rlvr']:.3f}", finals["raro"] >= 0.9 * finals["rlvr"]),
+        (f"RARO > SFT: {finals['raro']:.3f} vs {finals['sft']:.3f}", finals["raro"] > finals["sft"]),
+        (f"RARO above its own base by more than the seed spread: gain {statistics.mean(g):+.3f} vs sd {spread:.3f}",
+         statistics.mean(g) > spread),
+    ]
+    return ["", "Targets:", ""] + [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]
+
+
+def plot(runs: dict[str, dict[int, list[dict]]], path: Path, title: str = "Countdown") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +139,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_title("Countdown (3 numbers, target 10): mean over seeds, band = min..max")
+    ax.set_title(f"{title}: mean over seeds, band = min..max")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -106,6 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--title", default="Countdown", help="what the runs trained on, for the plot's title")
     args = ap.parse_args()
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +161,7 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     table, _ = summarize(runs)
     (out / "replication.md").write_text(table)
-    plot(runs, out / "replication_curves.png")
+    plot(runs, out / "replication_curves.png", args.title)
     print(table)
     print(f"curves: {out / 'replication_curves.png'}")
 

@@ -11,7 +11,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import summarize  # noqa: E402
 
 
-def _write(root: Path, name: str, accs: dict[int, float], train_acc: float | None = None) -> None:
+def _write(root: Path, name: str, accs: dict[int, float], train_acc: float | None = None,
+           extra: dict | None = None) -> None:
     (root / name).mkdir(parents=True)
     lines = []
     for step in range(0, max(accs) + 1):
@@ -20,6 +21,8 @@ def _write(root: Path, name: str, accs: dict[int, float], train_acc: float | Non
             rec["eval/heldout_accuracy"] = accs[step]
         if step and train_acc is not None:
             rec["policy/answer_accuracy"] = train_acc
+        if step and extra:
+            rec.update(extra)
         lines.append(json.dumps(rec))
     (root / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -31,13 +34,35 @@ def test_table_compares_modes_at_the_last_common_step(tmp_path):
     (tmp_path / "not-a-run").mkdir()
     table, last = summarize.summarize(summarize.read_runs(tmp_path))
     assert last == 20  # raro-s1 and rlvr-s0 stop at 20, raro-s0's step 30 is not compared
-    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| r")}
+    rows = {}
+    for line in table.splitlines():  # the first table's row of each mode
+        if line.startswith("| r"):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
     # raro: base (0.1, 0.3) -> 0.200 ± 0.141; step 20 (0.3, 0.5) -> 0.400 ± 0.141;
     # last three evals (0, 10, 20): seed 0 mean 0.2, seed 1 mean 0.4 -> 0.300 ± 0.141; train acc 0.500 ± 0.354
     assert rows["raro"].startswith("| raro | 2 | 0.200 ± 0.141 | 0.400 ± 0.141 | 0.300 ± 0.141 | 0.300 / 0.500 | "
                                    "0.500 ± 0.354 |")
     assert rows["rlvr"].startswith("| rlvr | 1 | 0.200 ± 0.000 | 0.800 ± 0.000 | 0.533 ± 0.000 | 0.800 | - |")
     assert "RARO / RLVR (last 3 evals): 0.56" in table
+    # gains over each run's own step 0: raro 0.2 - 0.1, 0.4 - 0.3; rlvr 0.533 - 0.2
+    assert "| raro | 0.100 ± 0.000 | +0.100 / +0.100 | 2 of 2 |" in table
+    assert "| rlvr | 0.333 ± 0.000 | +0.333 | 1 of 1 |" in table
+
+
+def test_critic_diagnostics_and_targets(tmp_path):
+    diag = {"critic/decisive_accuracy": 0.8, "critic/oracle_agreement": 0.7, "reward/policy_mean_correct": 0.6,
+            "reward/policy_mean_incorrect": 0.2, "reward/policy_gap": 0.4, "critic/tie_rate": 0.5}
+    _write(tmp_path, "raro-s0", {0: 0.1, 10: 0.3}, extra=diag)
+    _write(tmp_path, "raro-s1", {0: 0.1, 10: 0.2}, extra={**diag, "critic/decisive_accuracy": 0.6})
+    _write(tmp_path, "rlvr-s0", {0: 0.1, 10: 0.3})
+    _write(tmp_path, "sft-s0", {0: 0.1, 10: 0.1})
+    table, _ = summarize.summarize(summarize.read_runs(tmp_path))
+    assert "| raro | 0.700 ± 0.141 | 0.700 ± 0.000 | 0.600 ± 0.000 | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 |" in table
+    assert "| rlvr | " in table and table.count("| rlvr |") == 2  # accuracy and gain tables, no diagnostics
+    # raro last evals: (0.1+0.3)/2=0.2 and 0.15 -> 0.175; rlvr 0.2: 0.175 < 0.18; gains 0.1, 0.05 (sd 0.035)
+    assert "- NOT met: RARO >= 0.9 x RLVR: 0.175 vs 0.180" in table
+    assert "- met: RARO > SFT: 0.175 vs 0.100" in table
+    assert "- met: RARO above its own base by more than the seed spread: gain +0.075 vs sd 0.035" in table
 
 
 def test_bad_record_names_file_and_line(tmp_path):

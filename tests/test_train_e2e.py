@@ -108,6 +108,28 @@ def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
     assert (run / "checkpoints" / "step_000002" / "rng_rank1.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_oracle_critic_with_ppo_mini_batches(base_model, tmp_path):
+    run = _with_base(base_model, tmp_path / "oracle")
+    out = train([*TINY, "--raro.critic", "oracle", "--train.ppo_mini_batches", "2", "--train.steps", "2",
+                 "--train.output_dir", str(run)])
+    recs = metrics(run)
+    assert [r["step"] for r in recs] == [0, 1, 2]
+    for key in ("critic/oracle_agreement", "reward/policy_gap", "critic/decisive_accuracy", "actor/clip_frac"):
+        assert key in recs[1]
+    assert recs[1]["critic/fresh_pairs"] <= 4  # the TINY cap
+    assert "held-out accuracy:" in out.stdout
+
+
+def test_oracle_critic_refused_for_a_task_without_a_verifier(tmp_path):
+    t0 = time.monotonic()
+    out = train([*TINY, "--warmup.steps", "2000", "--task.name", "poetry", "--raro.critic", "oracle",
+                 "--train.output_dir", str(tmp_path / "r")], check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "raro.critic=oracle" in out.stderr and "the poetry task has none" in out.stderr
+    assert time.monotonic() - t0 < 120 and not (tmp_path / "r" / "base_model").exists()
+
+
 def test_missing_model_path_fails_at_start_naming_it(tmp_path):
     out = train(["--model.path", str(tmp_path / "nope"), "--train.output_dir", str(tmp_path / "r")], check=False)
     assert out.returncode == 2
@@ -164,8 +186,9 @@ def test_other_tasks_train_end_to_end(base_model, tmp_path, task):
     out = train([*TINY, "--task.name", task, "--train.steps", "1", "--train.output_dir", str(run)])
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1] and recs[1]["batch/policy_sequences"] > 0
-    if task == "poetry":  # no verifier: no accuracy, said plainly
+    if task == "poetry":  # no verifier: no accuracy, said plainly (null, not 0.0)
         assert recs[-1]["eval/heldout_accuracy"] is None and "the poetry task has no verifier" in out.stdout
+        assert recs[1]["policy/answer_accuracy"] is None and recs[1]["reward/policy_gap"] is None
     else:
         assert 0 <= recs[-1]["eval/heldout_accuracy"] <= 1
 

@@ -34,3 +34,22 @@ def test_warmup_corpus_is_well_formed_and_never_uses_task_puzzles():
             assert (tuple(sorted(nums)), target) not in task_keys
             assert verify(nums, target, prompts.parse_answer(completion))
     assert n_policy > 50 and n_critic > 50
+
+
+def test_critic_candidates_include_expert_shaped_hard_negatives():
+    """Besides the expert's own answer and joined numbers, the other answer of a warm-up critic pair is often the
+    expert's expression with its numbers permuted: the same shape, usually wrong (here: a negative inner step)."""
+    import random
+    import re
+
+    from raro_fast.warmup import _candidate_answer
+
+    rng = random.Random(0)
+    expert, numbers = "12-(11-9)", (12, 11, 9)
+    draws = [_candidate_answer(numbers, expert, rng) for _ in range(2000)]
+    same_shape = [d for d in draws if d != expert and re.fullmatch(r"\d+-\(\d+-\d+\)", d)]
+    assert 0.15 < draws.count(expert) / len(draws) < 0.4  # 20% by choice, plus permutations that give it back
+    assert 0.2 < len(same_shape) / len(draws) < 0.45
+    wrong = [d for d in same_shape if not verify(numbers, 10, d)]  # 9-(11-12) is right, 11-(9-12) is not
+    assert "11-(9-12)" in wrong and len(wrong) > len(same_shape) / 2
+    assert all(sorted(map(int, re.findall(r"\d+", d))) == sorted(numbers) for d in draws)
