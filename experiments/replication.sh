@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The mini-replication of docs/experiments.md: SFT, RARO, RLVR and RL-Logit on the easy Countdown, three seeds.
-# First one warm-up per seed (ROOT/bases/base-sN/base_model), then the twelve runs side by side, each starting
-# from its seed's base (one GPU machine with 16 cores: about 7 minutes in all). From the repository root:
+# "Does RARO learn?" on a lent GPU machine (docs/experiments.md): the CPU grid (experiments/grids/cpu.txt: SFT,
+# RLVR, RARO, RARO with the oracle critic, three seeds) with a larger embedded model (about 13M parameters) and
+# more steps. First one warm-up per seed (ROOT/bases/base-sN/base_model), then the twelve runs side by side, each
+# starting from its seed's base. From the repository root:
 #   experiments/replication.sh ROOT [TIMEOUT_S per stage]
 # then `python experiments/summarize.py ROOT` for the table and curves, and experiments/support.sh for pass@k.
 # A run stopped by the timeout keeps its metrics and its checkpoints (every 20 steps); the summary compares
-# modes at the last step that every run reached.
+# modes at the last step that every run reached. Not run yet at this model size (no GPU was lent since it was
+# written); the earlier 0.8M-parameter grid of 2026-11-22 ran the code before the fixes of issue 15.
 set -euo pipefail
 here=$(dirname "$0")
-"$here/run_grid.sh" "$1/bases" "${2:-480}" "$here/grids/bases.txt" \
-  --config configs/countdown-easy.yaml --warmup.steps 2400 --warmup.max_target 30 --train.steps 0 \
+model=(--model.embedded.hidden_size 384 --model.embedded.num_layers 8 --model.embedded.num_heads 6
+       --model.embedded.num_kv_heads 2 --model.embedded.intermediate_size 1152)
+"$here/run_grid.sh" "$1/bases" "${2:-1800}" "$here/grids/bases.txt" "${model[@]}" \
+  --config configs/countdown-easy.yaml --warmup.steps 6000 --warmup.max_target 30 --train.steps 0 \
   --train.eval_size 64
-"$here/run_grid.sh" "$1" "${2:-480}" "$here/grids/replication.txt" \
-  --config configs/countdown-easy.yaml --train.steps 80 --train.eval_every 10 --train.eval_size 64 \
-  --train.save_every 20 --rollout.max_new_tokens 48 --optim.lr 5e-5
+"$here/run_grid.sh" "$1" "${2:-1800}" "$here/grids/cpu.txt" \
+  --config configs/countdown-easy.yaml --train.steps 200 --train.eval_every 20 --train.eval_size 64 \
+  --train.save_every 20 --rollout.max_new_tokens 48 --optim.lr 1e-4

@@ -4,7 +4,8 @@ diagnostics of the RARO runs; and whether RARO met the targets of docs/experimen
 
     python experiments/summarize.py ROOT [--out DIR] [--title TEXT]
 
-Writes DIR/replication.md (also printed) and DIR/replication_curves.png (DIR defaults to ROOT).
+Writes DIR/replication.md (also printed), DIR/replication_curves.png and, for RARO runs, DIR/critic_curves.png
+(DIR defaults to ROOT).
 """
 from __future__ import annotations
 
@@ -139,12 +140,44 @@ def plot(runs: dict[str, dict[int, list[dict]]], path: Path, title: str = "Count
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_title(f"{title}: mean over seeds, band = min..max")
+    ax.set_title(f"{title}: mean over seeds, band = min..max", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_critic(runs: dict[str, dict[int, list[dict]]], path: Path, window: int = 5) -> bool:
+    """Per RARO run, the policy's reward of wrong answers and the critic's agreement with the verifier over the
+    steps (running means of `window` steps): a wrong-answer reward that rises while agreement falls is a critic
+    being exploited. False (no plot) when no run logged them."""
+    panels = (("reward of wrong answers", "reward/policy_mean_incorrect"),
+              ("critic agrees with the verifier", "critic/oracle_agreement"))
+    modes = [m for m in sorted(runs) if any(r.get(panels[0][1]) is not None for recs in runs[m].values() for r in recs)]
+    if not modes:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, (name, key) in zip(axes, panels):
+        for i, mode in enumerate(modes):
+            for seed, recs in sorted(runs[mode].items()):
+                pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+                smooth = [statistics.mean(v for _, v in pts[max(0, j - window + 1) : j + 1]) for j in range(len(pts))]
+                ax.plot([s for s, _ in pts], smooth, color=f"C{i}", alpha=0.5 + 0.5 * (seed == 0), lw=1.2,
+                        label=f"{mode} s{seed}")
+        ax.set_title(f"{name} ({window}-step running mean)", fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -164,6 +197,8 @@ def main() -> None:
     plot(runs, out / "replication_curves.png", args.title)
     print(table)
     print(f"curves: {out / 'replication_curves.png'}")
+    if plot_critic(runs, out / "critic_curves.png"):
+        print(f"critic: {out / 'critic_curves.png'}")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,11 @@ def raro_rollouts(
     seed: int,
     fresh_cap: int | None,
     draw_replay: Callable[[int], list[CriticPair]],
+    train_policy: bool = True,
 ) -> RankRollout:
     """This rank's step of the game. The critic trains on every fresh judged pair (at most `fresh_cap`) and on
-    `raro.replay_ratio` of replayed ones, drawn by `draw_replay(n)`."""
+    `raro.replay_ratio` of replayed ones, drawn by `draw_replay(n)`; the policy's sequences join the batch only
+    if `train_policy` (see `raro.critic_lead_steps`)."""
     rc, ro = cfg.raro, cfg.rollout
     out = RankRollout()
     if not examples:
@@ -104,7 +106,7 @@ def raro_rollouts(
     for i, comps in enumerate(policy):
         adv = group_advantages(rewards[i], [0] * len(comps), std_normalize=cfg.loss.std_normalize)
         for j, c in enumerate(comps):
-            if not c.truncated:  # over-length filtering: truncated samples count in the baseline, not the loss
+            if train_policy and not c.truncated:  # over-length filtering: in the baseline, not in the loss
                 out.samples.append(_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol))
     # 4. Critic training: the fresh verdicts above (on-policy rollouts already), plus rollouts on replayed pairs.
     fresh = list(zip((j.pair for j in judged), (j.expert_position for j in judged), verdicts))

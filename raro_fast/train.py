@@ -152,7 +152,7 @@ def rollouts_for_step(r: Run, step: int):
         mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
         rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed,
         fresh_cap=cap // d.world_size + (d.rank < cap % d.world_size) if cap else None,
-        draw_replay=lambda n: r.replay.sample(n, replay_rng),
+        draw_replay=lambda n: r.replay.sample(n, replay_rng), train_policy=step >= cfg.raro.critic_lead_steps,
     )
 
 

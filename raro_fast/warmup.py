@@ -1,15 +1,18 @@
-"""Format warm-up of the embedded default model: the "base ability to answer in format".
+"""Format warm-up of the embedded default model: the "base ability to answer in format" and to check arithmetic.
 
 A model built from random weights cannot read a prompt, so RARO would have nothing to start from. A real run
 starts from an instruct checkpoint that already reasons and follows formats; the embedded default gets the
-smallest stand-in for that: a few hundred steps of next-token training on synthetic conversations in the two
+smallest stand-in for that: a few thousand steps of next-token training on synthetic conversations in the two
 formats it will be asked for:
   - policy: a short solver search (`search_trace`) in <think>, the expression in <answer>;
   - critic: both candidate answers evaluated step by step (`evaluation_trace`) in <think>, then a verdict
-    (the correct one; tie when both or neither are correct).
+    (the correct one; tie when both or neither are correct), against other answers shaped like a policy's
+    (`_candidate_answer`).
 All warm-up puzzles are made backwards (random numbers, a random expression, its value as the target) with any
-target but the task's (24 by default), so no training or held-out puzzle is ever seen, and the expert demonstrations stay answers-only: what RARO then learns about the 24-game, it learns
-from the game between policy and critic.
+target but the task's (10 by default), so no training or held-out puzzle is ever seen, and the expert
+demonstrations stay answers-only: what RARO then learns about the task's target, it learns from the game between
+policy and critic. How long the warm-up must be for the critic to be worth playing against is measured in
+docs/experiments.md.
 """
 from __future__ import annotations
 
@@ -94,6 +97,16 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
     return corpus
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matrix products natively (so autocast to it is faster, not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # private helpers, present in torch >= 2.1; absent means no
+        checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        return any(check is not None and check() for check in checks)
+    return False
+
+
 def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *, device: torch.device, progress: bool) -> list[float]:
     """Train `model` in place on the warm-up corpus; returns the loss per step."""
     if cfg.steps <= 0:
@@ -105,6 +118,7 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
     )
     pad = tokenizer.pad_token_id
+    bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and native_bf16(device))
     losses = []
     bar = tqdm(range(cfg.steps), desc="format warm-up", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -118,7 +132,8 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
             ids[i, :n] = torch.tensor(e.input_ids)
             labels[i, e.prompt_len : n] = ids[i, e.prompt_len : n]
             mask[i, :n] = 1
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

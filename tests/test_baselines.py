@@ -50,7 +50,7 @@ def test_sft_update_gradient_is_nll_gradient(setting):
 
 def test_rlvr_rewards_are_the_verifiers(setting):
     cfg, tok, task = setting
-    examples = [e for e in task.examples("train") if sum(e.meta["numbers"]) != 24][:2]
+    examples = [e for e in task.examples("train") if sum(e.meta["numbers"]) != e.meta["target"]][:2]
     out = rlvr_rollouts(examples, engine=ScriptedEngine(tok, task), tokenizer=tok, task=task, cfg=cfg, seed=0)
     # Scripted samples per question: expert (1), wrong (0), no tag (0), truncated expert (0: truncated counts as no answer).
     assert out.stats["reward/policy_mean"] == [1.0, 0.0, 0.0, 0.0] * 2

@@ -28,19 +28,22 @@ def test_solve_known_cases():
 
 def test_every_default_puzzle_is_solved_and_verified():
     train, heldout = split_puzzles(CountdownConfig())
-    assert (len(train), len(heldout)) == (1000, 200)
-    for p in train + heldout:
+    assert (len(train), len(heldout)) == (100, 64)
+    game24 = CountdownConfig(num_numbers=4, target=24, num_train=1000, num_heldout=200)  # configs/countdown-24.yaml
+    train24, heldout24 = split_puzzles(game24)
+    assert (len(train24), len(heldout24)) == (1000, 200)
+    for p in train + heldout + train24 + heldout24:
         expr = solve(p.numbers, p.target)
         assert verify(p.numbers, p.target, expr), (p, expr)
 
 
 def test_splits_disjoint_deterministic_and_configurable():
-    cfg = CountdownConfig(num_train=300, num_heldout=100, seed=3)
+    cfg = CountdownConfig(num_numbers=4, target=24, num_train=300, num_heldout=100, seed=3)
     train, heldout = split_puzzles(cfg)
     assert not {p.key for p in train} & {p.key for p in heldout}
     assert len({p.key for p in train}) == 300
-    assert split_puzzles(CountdownConfig(num_train=300, num_heldout=100, seed=3)) == (train, heldout)
-    assert split_puzzles(CountdownConfig(num_train=300, num_heldout=100, seed=4)) != (train, heldout)
+    assert split_puzzles(CountdownConfig(num_numbers=4, target=24, num_train=300, num_heldout=100, seed=3)) == (train, heldout)
+    assert split_puzzles(CountdownConfig(num_numbers=4, target=24, num_train=300, num_heldout=100, seed=4)) != (train, heldout)
     small = CountdownConfig(num_numbers=3, min_number=1, max_number=9, target=10, num_train=20, num_heldout=5)
     tr, he = split_puzzles(small)
     for p in tr + he:
@@ -150,7 +153,7 @@ def test_countdown_task_interface():
     train, heldout = task.examples("train"), task.examples("heldout")
     assert len(train) == 40 and len(heldout) == 10
     ex = train[0]
-    assert ex.id.startswith("countdown:") and "24" in ex.question
+    assert ex.id.startswith("countdown:") and "make 10." in ex.question and len(ex.meta["numbers"]) == 3
     assert task.verify(ex, ex.answer) is True
     assert task.verify(ex, None) is False
     assert task.extract_answer(f"<think>x</think><answer>{ex.answer}</answer>") == ex.answer

@@ -83,3 +83,11 @@ def test_command_writes_table_and_plot(tmp_path):
                    check=True, capture_output=True)
     assert (out / "replication.md").read_text().count("| sft | 2 |") == 1
     assert (out / "replication_curves.png").stat().st_size > 5000
+    assert not (out / "critic_curves.png").exists()  # no RARO diagnostics in these runs
+
+
+def test_critic_curves_plot(tmp_path):
+    _write(tmp_path, "raro-s0", {0: 0.1, 10: 0.2}, extra={"reward/policy_mean_incorrect": 0.3,
+                                                          "critic/oracle_agreement": 0.6})
+    assert summarize.plot_critic(summarize.read_runs(tmp_path), tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 5000

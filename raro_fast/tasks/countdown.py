@@ -1,7 +1,8 @@
 """Countdown: reach a target from given integers with + - * / and parentheses, each number used exactly once.
 
-The default is the 24-game: four integers from 1 to 13, target 24. Arithmetic is exact (fractions): 8/(3-8/3)
-is 24. Expressions are parsed by a small recursive-descent parser, never `eval`. Expert demonstrations are
+The default is the easy Countdown the embedded model can learn on a CPU: three integers from 1 to 13, target 10
+(164 solvable number multisets: 100 training demonstrations, 64 held out). The paper's 24-game is four integers,
+target 24 (configs/countdown-24.yaml). Arithmetic is exact (fractions): 8/(3-8/3) is 24. Expressions are parsed by a small recursive-descent parser, never `eval`. Expert demonstrations are
 final expressions only, as in the paper; the search traces below exist only for the embedded model's format
 warm-up (raro_fast/warmup.py), on puzzles with other targets.
 """
@@ -22,12 +23,12 @@ _ENUMERATE_LIMIT = 200_000  # multisets; beyond this the generator samples inste
 
 @dataclass(kw_only=True)
 class CountdownConfig:
-    num_numbers: int = field(default=4, metadata={"help": "Integers per puzzle."})
+    num_numbers: int = field(default=3, metadata={"help": "Integers per puzzle (the 24-game: 4)."})
     min_number: int = field(default=1, metadata={"help": "Smallest integer in a puzzle."})
     max_number: int = field(default=13, metadata={"help": "Largest integer in a puzzle."})
-    target: int = field(default=24, metadata={"help": "The value to reach."})
-    num_train: int = field(default=1000, metadata={"help": "Training demonstrations (distinct puzzles)."})
-    num_heldout: int = field(default=200, metadata={"help": "Held-out puzzles, never sharing a number multiset with training."})
+    target: int = field(default=10, metadata={"help": "The value to reach (the 24-game: 24)."})
+    num_train: int = field(default=100, metadata={"help": "Training demonstrations (distinct puzzles)."})
+    num_heldout: int = field(default=64, metadata={"help": "Held-out puzzles, never sharing a number multiset with training."})
     seed: int = field(default=0, metadata={"help": "Seed of the puzzle split."})
 
     def __post_init__(self) -> None:
