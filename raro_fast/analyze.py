@@ -4,7 +4,6 @@ the support categories. Writes report.json, report.md and PNG plots to `analysis
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from raro_fast.analysis import (
 )
 from raro_fast.analysis.cache import SampleCache, chunk_seed
 from raro_fast.config import ConfigError, _help, help_text, load_config
+from raro_fast.metrics import strict_json
 from raro_fast.model.hf import load_pretrained, resolve_device
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
@@ -251,7 +251,7 @@ def run(cfg: AnalyzeConfig) -> dict:
     samples, token_h, trace_ppl = {}, {}, {}
     device = resolve_device(a.device, "analysis.device")
     for name, path in models:
-        model, tokenizer = load_pretrained(path, dtype=torch.float32)
+        model, tokenizer = load_pretrained(path, dtype=torch.float32, setting=f"analysis.models ({name})")
         model.to(device)  # fp32 everywhere: the models analysed are small, and fp32 keeps entropies exact
         samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
         token_h[name] = model_token_entropy(model, samples[name], a.temperature)
@@ -259,7 +259,7 @@ def run(cfg: AnalyzeConfig) -> dict:
             trace_ppl[name] = trace_perplexities(model, tokenizer, problems, traces)
     report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.json").write_text(strict_json(report, indent=1))
     (out / "report.md").write_text(markdown(report))
     plots(report, out)
     return report

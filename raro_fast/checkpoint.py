@@ -6,14 +6,18 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step_000010/`:
   optimizer.json              param groups (hyper-parameters and parameter order)
   rng_rank<r>.safetensors     each rank's torch RNG state
   trainer_state.json          step, data position, replay buffer, anything else the loop needs
+  manifest.json               every other file's size and SHA-256, written last
 A checkpoint is written in a hidden temporary folder and renamed into place; `latest` (a one-line file, itself
-replaced atomically) names the newest complete one. No pickles anywhere.
+replaced atomically) names the newest complete one. No pickles anywhere. A resume verifies the checkpoint against
+its manifest first; a damaged one is named and the newest intact one used instead, never a silent restart.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +38,74 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    pointer = checkpoint_root(output_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoint_root(output_dir) / pointer.read_text().strip()
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"{pointer}: names {path.name}, which is not a complete checkpoint")
-    return path
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with checkpoint `folder` (naming the file), or None if it is intact. A checkpoint from before
+    manifests is checked for its files only."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        needed = ["trainer_state.json", "optimizer.safetensors", "optimizer.json", "model/config.json"]
+        missing = [n for n in needed if not (folder / n).is_file()]
+        return f"{folder / missing[0]} is missing" if missing else None
+    try:
+        entries = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{manifest} is not valid JSON ({e})"
+    for name, want in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or replaced)"
+        if _sha256(path) != want["sha256"]:
+            return f"{path} does not match its SHA-256 in the manifest (changed after it was written)"
+    return None
+
+
+def resume_point(output_dir: str | os.PathLike, warn: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names if intact, else the newest intact one (each one passed
+    over is reported through `warn`, naming what is damaged). None when there are no checkpoints at all; a
+    ValueError when there are some but none is intact."""
+    root = checkpoint_root(output_dir)
+    pointer = root / "latest"
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    named = None
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named.is_dir():
+            steps = [named] + [p for p in steps if p != named]
+        else:
+            warn(f"train.resume: {pointer} names {named.name}, which does not exist")
+    elif steps:
+        warn(f"train.resume: {pointer} is missing; looking for the newest intact checkpoint instead")
+    problems = []
+    for path in steps:
+        problem = damage(path)
+        if problem is None:
+            if problems or (named is not None and path != named):
+                warn(f"train.resume: resuming from {path.name}, the newest intact checkpoint")
+            return path
+        problems.append(problem)
+        warn(f"train.resume: {path.name} is damaged, skipped: {problem}")
+    if problems:
+        raise ValueError(f"train.resume: no intact checkpoint in {root}: " + "; ".join(problems))
+    return None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -83,14 +147,25 @@ def save_checkpoint(
     save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / f"rng_rank{d.rank}.safetensors"))
     barrier(d)
     if d.is_main:
+        write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(root / "latest", name + "\n")
-        old = sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []
-        for p in old:
+        for p in prunable(root, final, keep):
             shutil.rmtree(p, ignore_errors=True)
     barrier(d)
     return final
+
+
+def prunable(root: Path, newest: Path, keep: int) -> list[Path]:
+    """Step folders to delete once `newest` is written and named by `latest`: all but the `keep` newest up to it
+    (`keep` <= 0: none). Never `newest` itself, whatever the names say: a folder with a higher step number is not
+    newer (it is left from a run this one resumed before, or a damaged one it fell back from), so it goes too."""
+    if keep <= 0:
+        return []
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < newest.name)
+    later = [p for p in root.glob("step_*") if p.is_dir() and p.name > newest.name]
+    return older[: max(0, len(older) - (keep - 1))] + later
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

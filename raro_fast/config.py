@@ -23,6 +23,13 @@ class ConfigError(ValueError):
     """A user's configuration is wrong; the message names the key and where it came from."""
 
 
+def _at_least(section: str, obj: Any, floor: float, *names: str) -> None:
+    """Refuse at start a setting below `floor` that would otherwise fail deep inside, or quietly do something else."""
+    for name in names:
+        if getattr(obj, name) < floor:
+            raise ValueError(f"{section}.{name} must be >= {floor}, got {getattr(obj, name)}")
+
+
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"help": text})
@@ -70,6 +77,10 @@ class WarmupConfig:
     batch_size: int = _help("Sequences per warm-up step.", 32)
     lr: float = _help("Warm-up learning rate (AdamW, cosine decay).", 3e-3)
     critic_fraction: float = _help("Fraction of warm-up sequences in the critic format.", 0.4)
+    arithmetic_fraction: float = _help(
+        "Fraction of warm-up sequences that are arithmetic drills: the steps of random expressions over the task's "
+        "numbers (\"a op b=c\", the lines both traces are made of), many per sequence, so a small model learns "
+        "the facts a critic checks; the rest are policy traces.", 0.0)
     min_target: int = _help("Smallest target of a warm-up puzzle (the task's own target is never used).", 1)
     max_target: int = _help("Largest target of a warm-up puzzle.", 30)
     seed: int = _help("Seed of the warm-up corpus and order.", 1234)
@@ -77,6 +88,15 @@ class WarmupConfig:
         "Compute dtype of the warm-up's matrix products (weights and optimizer stay float32): auto = bfloat16 "
         "autocast where the device computes bfloat16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; "
         "1.3x faster for the default model on such a CPU), else float32.", "auto")
+
+    def __post_init__(self) -> None:
+        _at_least("warmup", self, 0, "steps", "lr")
+        _at_least("warmup", self, 1, "batch_size")
+        if not 0.0 <= self.critic_fraction <= 1.0:
+            raise ValueError(f"warmup.critic_fraction must lie in [0, 1], got {self.critic_fraction}")
+        if not 0.0 <= self.arithmetic_fraction <= 1.0 - self.critic_fraction:
+            raise ValueError(f"warmup.arithmetic_fraction must lie in [0, 1 - critic_fraction], got "
+                             f"{self.arithmetic_fraction} with critic_fraction {self.critic_fraction}")
 
 
 @dataclass(kw_only=True)
@@ -107,6 +127,10 @@ class RolloutConfig:
     weight_group_port: int = _help("sglang_http: port of the weight-sync group's store on trainer rank 0.", 29650)
 
     def __post_init__(self) -> None:
+        _at_least("rollout", self, 1, "max_new_tokens", "critic_max_new_tokens", "batch_size", "tp_size", "server_ranks")
+        _at_least("rollout", self, 0, "temperature")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.weight_bucket_mb <= 0:
             raise ValueError(f"rollout.weight_bucket_mb must be > 0, got {self.weight_bucket_mb}")
         if not 0 < self.mem_fraction < 1:
@@ -233,6 +257,9 @@ class OptimConfig:
     beta2: float = _help("AdamW beta2.", 0.99)
     grad_clip: float = _help("Clip the global gradient norm to this (0: off).", 1.0)
 
+    def __post_init__(self) -> None:
+        _at_least("optim", self, 0, "lr", "weight_decay", "grad_clip")
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -257,8 +284,14 @@ class TrainConfig:
     eval_temperature: float = _help("Sampling temperature at evaluation (0: greedy).", 0.0)
     save_every: int = _help("Checkpoint every this many steps (0: only at the end).", 10)
     resume: bool = _help("Continue from the latest checkpoint in output_dir.", False)
+    overwrite: bool = _help("A new run into an output_dir that holds another run deletes that run's files (else it "
+                            "is refused); a base_model warmed up with other settings is warmed up again.", False)
     stop_after: int = _help("Exit (as if killed) after this many steps of this process; 0: never. For tests.", 0)
     progress: bool = _help("Show a progress bar.", True)
+
+    def __post_init__(self) -> None:
+        _at_least("train", self, 0, "steps", "eval_every", "eval_size", "save_every", "stop_after")
+        _at_least("train", self, 1, "max_tokens_per_micro_batch")
 
 
 @dataclass(kw_only=True)
@@ -274,6 +307,10 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.rollout.temperature == 0 and self.train.mode != "sft":
+            raise ValueError(f"rollout.temperature 0 (greedy) with train.mode {self.train.mode}: every sample of a "
+                             "group is the same answer, so every advantage is 0 and nothing is learnt; use > 0 "
+                             "(greedy evaluation is train.eval_temperature)")
         if self.train.ppo_mini_batches < 1:
             raise ValueError(f"train.ppo_mini_batches must be >= 1, got {self.train.ppo_mini_batches}")
         if self.train.ppo_mini_batches > 1 and self.train.mode == "dpo":

@@ -23,7 +23,6 @@ every setting. Runs on one process (CUDA if available); the engine is the embedd
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -35,6 +34,7 @@ from typing import Literal
 from raro_fast import prompts
 from raro_fast.config import ConfigError, _help, help_text, load_config, to_dict
 from raro_fast.distributed import Dist, all_gather_objects
+from raro_fast.metrics import strict_json
 from raro_fast.model.hf import load_pretrained, resolve_device, resolve_dtype
 from raro_fast.rerank import batched_tournaments, critic_judge
 from raro_fast.rollout.embedded import EmbeddedEngine
@@ -241,7 +241,7 @@ def run(cfg: EvaluateConfig) -> dict:
     task = make_task(cfg.task)
     device = resolve_device(e.device, "eval.device")
     # The model before the split: a bad path fails at once, not after the puzzles are generated.
-    model, tokenizer = load_pretrained(e.model, dtype=resolve_dtype(e.dtype, device))
+    model, tokenizer = load_pretrained(e.model, dtype=resolve_dtype(e.dtype, device), setting="eval.model")
     examples = task.examples(e.split)[: e.num_problems or None]
     if not examples:
         raise ValueError(f"eval.split: the {cfg.task.name} task's {e.split!r} split has no problems")
@@ -252,14 +252,14 @@ def run(cfg: EvaluateConfig) -> dict:
         rerank=e.rerank, critic_temperature=e.critic_temperature,
     )
     if e.judge_model:
-        judge, judge_tok = load_pretrained(e.judge_model, dtype=resolve_dtype(e.dtype, device))
+        judge, judge_tok = load_pretrained(e.judge_model, dtype=resolve_dtype(e.dtype, device), setting="eval.judge_model")
         report["judge"] = {"model": e.judge_model, **judge_report(
             examples, report["per_question"], engine=EmbeddedEngine.from_tokenizer(judge.to(device), judge_tok, batch_size=e.batch_size),
             tokenizer=judge_tok, max_new_tokens=e.judge_max_new_tokens, seed=e.seed)}
     report = {"model": e.model, "task": cfg.task.name, "split": e.split, **report, "config": to_dict(cfg)}
     out = Path(e.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.json").write_text(strict_json(report, indent=1))
     return report
 
 

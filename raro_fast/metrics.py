@@ -22,6 +22,21 @@ PLOT_PANELS = [
 ]
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """JSON that any strict parser reads: NaN and infinities are written as null (json.dumps writes a bare NaN)."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
 class MetricsLog:
     """Appends one JSON object per step to metrics.jsonl. On resume, lines past the resumed step are dropped,
     so the file always reads as one uninterrupted run."""
@@ -34,8 +49,15 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                rec = json.loads(line)
+            lines = self.path.read_text().splitlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if number == len(lines):  # the line being written when the run was killed
+                        break
+                    raise ValueError(f"{self.path}:{number}: not a JSON record ({e}); cannot resume this run's "
+                                     "metrics") from None
                 if rec.get("step", math.inf) <= resume_step:
                     kept.append(line)
         self.path.write_text("".join(f"{line}\n" for line in kept))
@@ -44,7 +66,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(strict_json(record, sort_keys=True) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -77,7 +99,10 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: s
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:  # e.g. critic panels of an SFT run
+            ax.text(0.5, 0.5, "no data in this run", ha="center", va="center", transform=ax.transAxes, color="gray")
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from raro_fast import checkpoint
-from raro_fast.config import ConfigError, JobConfig, help_text, load_config, to_dict
+from raro_fast import checkpoint, output_dir
+from raro_fast.config import ConfigError, JobConfig, OptimConfig, help_text, load_config, to_dict
 from raro_fast.distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
 from raro_fast.evaluate import heldout_accuracy
 from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, summary_table
@@ -37,7 +37,7 @@ from raro_fast.raro import COUNT_KEYS, STAT_KEYS, raro_rollouts
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import check_backend, make_engine
 from raro_fast.tasks import make_task
-from raro_fast.update import recompute_logprobs, split_mini_batches, update_mini_batches, weigh_roles
+from raro_fast.update import DivergedError, recompute_logprobs, split_mini_batches, update_mini_batches, weigh_roles
 from raro_fast.warmup import format_warmup
 
 
@@ -61,6 +61,9 @@ class Run:
     log: MetricsLog
     start_step: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    skipped_in_a_row: int = 0
+    warned_uniform: bool = False
+    first_entropy: float | None = None
 
     @contextmanager
     def timed(self, stage: str):
@@ -110,8 +113,9 @@ def run(r: Run) -> None:
         with r.timed("update_weights"):
             push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
         r.timings["timing_s/step"] = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, **upd.metrics, **stats,
-                  **batch_metrics(r, samples, mbs, entropies), **r.timings}
+        record = {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, "update/skipped": upd.skipped,
+                  **upd.metrics, **stats, **batch_metrics(r, samples, mbs, entropies), **r.timings}
+        check_health(r, step + 1, record)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps:
             record["eval/heldout_accuracy"] = evaluate(r, step + 1)
         r.log.write(record)
@@ -126,6 +130,40 @@ def run(r: Run) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The stages.
+
+
+MAX_SKIPPED_IN_A_ROW = 3
+UNIFORM_ENTROPY_FRACTION = 0.9
+
+
+def check_health(r: Run, step: int, record: dict) -> None:
+    """Stop after repeated non-finite updates (each was skipped, weights unchanged); warn, once, about a policy
+    whose entropy sits near the uniform maximum ln V: finite weights that no longer model anything."""
+    r.skipped_in_a_row = r.skipped_in_a_row + 1 if record["update/skipped"] else 0
+    if r.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise DivergedError(f"steps {step - r.skipped_in_a_row + 1}-{step}: the loss or gradient was not finite "
+                            f"{r.skipped_in_a_row} times in a row (each step was skipped, the weights are those of "
+                            f"step {step - r.skipped_in_a_row})")
+    entropy, ceiling = record.get("policy/entropy"), UNIFORM_ENTROPY_FRACTION * math.log(r.hf_model.config.vocab_size)
+    if entropy is None or not math.isfinite(entropy):
+        return
+    if r.first_entropy is None:
+        r.first_entropy = entropy
+    # Only a model that *became* uniform: an untrained one starts there, and that is not the optimizer's doing.
+    if entropy >= ceiling > r.first_entropy and not r.warned_uniform and r.d.is_main:
+        r.warned_uniform = True
+        print(f"warning: step {step}: policy entropy {entropy:.2f} nats (step 1: {r.first_entropy:.2f}) is near the "
+              f"uniform maximum ln V = {ceiling / UNIFORM_ENTROPY_FRACTION:.2f}: the model now samples noise; "
+              f"{divergence_hint(r.cfg)}")
+
+
+def divergence_hint(cfg: JobConfig) -> str:
+    pointer = checkpoint.checkpoint_root(cfg.train.output_dir) / "latest"
+    restart = (f"the last checkpoint is {pointer.parent / pointer.read_text().strip()}: resume from it with --resume "
+               "and a smaller --optim.lr") if pointer.is_file() else \
+        "no checkpoint was written yet: start again with a smaller --optim.lr"
+    return (f"the likely cause is a learning rate too large (optim.lr = {cfg.optim.lr:g}; the default is "
+            f"{OptimConfig().lr:g}); {restart}")
 
 
 def rollouts_for_step(r: Run, step: int):
@@ -329,9 +367,14 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:
         eval_examples = eval_examples[: cfg.train.eval_size]
-    resume_from = checkpoint.latest_checkpoint(out) if cfg.train.resume else None
-    if cfg.train.resume and resume_from is None and d.is_main:
-        print(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
+    output_dir.prepare(cfg, delete=d.is_main)
+    barrier(d)
+    warn = print if d.is_main else (lambda _message: None)  # every rank looks; rank 0 speaks
+    resume_from = checkpoint.resume_point(out, warn=warn) if cfg.train.resume else None
+    if cfg.train.resume and d.is_main:
+        print(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch" if resume_from
+              is None else f"train.resume: continuing after step {checkpoint.load_trainer_state(resume_from)['step']} "
+              f"from {resume_from}")
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
@@ -377,7 +420,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
 def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype, path: Path | None = None) -> PolicyModel:
     """A frozen copy of the run's initial model (the KL anchor; DPO's first reference), or of the model in `path`,
     sharded like the trained one. On resume it is the same initial model again, not the checkpoint."""
-    hf, _ = load_pretrained(str(path), dtype=torch.float32) if path else initial_model(cfg, d, resume_from=None)
+    hf, _ = (load_pretrained(str(path), dtype=torch.float32, setting="train.resume (the DPO reference)") if path
+             else initial_model(cfg, d, resume_from=None))
     use_varlen_attention(hf)
     hf.requires_grad_(False)
     ref = PolicyModel(hf.to(d.device)).eval()
@@ -388,7 +432,8 @@ def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
     """fp32 master weights: from a checkpoint, a real model directory, or the embedded default (built and warmed
     up once on rank 0, saved under output_dir/base_model, then loaded by every rank)."""
     if resume_from is not None or cfg.model.path:
-        return load_pretrained(str(initial_model_dir(cfg, resume_from)), dtype=torch.float32)
+        setting = "model.path" if resume_from is None else "train.resume (the checkpoint's model)"
+        return load_pretrained(str(initial_model_dir(cfg, resume_from)), dtype=torch.float32, setting=setting)
     base = initial_model_dir(cfg, None)
     if d.is_main and not (base / "config.json").is_file():
         tokenizer = load_project_tokenizer()
@@ -397,9 +442,9 @@ def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
                                      num_kv_heads=e.num_kv_heads, intermediate_size=e.intermediate_size,
                                      max_position=e.max_position, seed=cfg.train.seed)
         format_warmup(model.to(d.device), tokenizer, cfg.task.countdown, cfg.warmup, device=d.device, progress=cfg.train.progress)
-        save_pretrained_atomic(model.cpu(), tokenizer, base)
+        save_pretrained_atomic(model.cpu(), tokenizer, base, extra_files=output_dir.recipe_file(cfg))
     barrier(d)
-    return load_pretrained(str(base), dtype=torch.float32)
+    return load_pretrained(str(base), dtype=torch.float32, setting="train.output_dir (its warmed-up base_model)")
 
 
 def dpo_round_length(cfg: JobConfig) -> int:
@@ -458,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user mistakes found at start (bad model path, bad data): one clear line
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # DivergedError, NonFiniteLogitsError: stopped before saving a broken model
+        print(f"error: the run diverged: {e}; {divergence_hint(cfg)}", file=sys.stderr)
+        return 3
     finally:
         shutdown(d)
     return 0

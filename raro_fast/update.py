@@ -67,12 +67,17 @@ def recompute_logprobs(
     return entropies
 
 
+class DivergedError(FloatingPointError):
+    """The update made the weights non-finite (or could not make a finite step): training cannot go on."""
+
+
 @dataclass
 class UpdateStats:
     loss: float
     grad_norm: float
     metrics: dict[str, float]
     tokens: float = 0.0  # trained tokens the metrics average over
+    skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
 
 def update_mini_batches(model: PolicyModel, optimizer: torch.optim.Optimizer,
@@ -87,7 +92,8 @@ def update_mini_batches(model: PolicyModel, optimizer: torch.optim.Optimizer,
     keys = {k for u in steps for k in u.metrics}
     metrics = {k: sum(u.metrics.get(k, 0.0) * u.tokens for u in steps) / tokens for k in keys} if tokens else {}
     return UpdateStats(loss=sum(u.loss for u in steps) / len(steps),
-                       grad_norm=sum(u.grad_norm for u in steps) / len(steps), metrics=metrics, tokens=tokens)
+                       grad_norm=sum(u.grad_norm for u in steps) / len(steps), metrics=metrics, tokens=tokens,
+                       skipped=sum(u.skipped for u in steps))
 
 
 def update_step(
@@ -152,16 +158,38 @@ def update_step(
                     sums[k] = sums.get(k, 0.0) + v.detach().float() * n
             sums["_n"] = sums.get("_n", 0.0) + n
     grad_norm = _clip_grad_norm(model, grad_clip)
-    optimizer.step()
-    n = sums.pop("_n", None)
-    metrics = {f"actor/{k}": float(v / n) for k, v in sums.items()} if n is not None and float(n) > 0 else {}
     if world > 1:
         loss_t = total_loss.clone()
         torch.distributed.all_reduce(loss_t)
         total = float(loss_t)
     else:
         total = float(total_loss)
-    return UpdateStats(loss=total, grad_norm=grad_norm, metrics=metrics, tokens=float(n) if n is not None else 0.0)
+    # Both numbers are global, so every rank takes the same branch.
+    skipped = not (math.isfinite(total) and math.isfinite(grad_norm))
+    if skipped:  # one bad batch must not poison Adam's moments and the weights; the loop counts these
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        try:
+            optimizer.step()
+        except RuntimeError as e:  # torch's Adam: "value cannot be converted to type float without overflow"
+            if "overflow" not in str(e):
+                raise
+            raise DivergedError(f"the optimizer step overflowed ({e})") from None
+        if not _weights_finite(model, world):
+            raise DivergedError("the weights are not finite after the optimizer step (the step was too large to "
+                                "represent)")
+    n = sums.pop("_n", None)
+    metrics = {f"actor/{k}": float(v / n) for k, v in sums.items()} if n is not None and float(n) > 0 else {}
+    return UpdateStats(loss=total, grad_norm=grad_norm, metrics=metrics, tokens=float(n) if n is not None else 0.0,
+                       skipped=int(skipped))
+
+
+def _weights_finite(model: torch.nn.Module, world: int) -> bool:
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    ok = torch.stack([torch.isfinite(t.detach()).all() for t in local]).all().to(torch.int32)
+    if world > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok)
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:

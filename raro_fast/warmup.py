@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from raro_fast import prompts
 from raro_fast.config import WarmupConfig
-from raro_fast.tasks.countdown import (CountdownConfig, evaluation_trace, forward_puzzle, parse, question_text, search_trace,
-                                       to_string, verify)
+from raro_fast.tasks.countdown import (CountdownConfig, evaluation_trace, expression_steps, forward_puzzle, parse,
+                                       question_text, random_expression, search_trace, to_string, verify)
 
 
 @dataclass
@@ -63,8 +63,25 @@ def _with_leaves(node, leaves):
     return (op, _with_leaves(left, leaves), _with_leaves(right, leaves))
 
 
-def _is_critic_batch(batch_index: int, cfg: WarmupConfig) -> bool:
-    return random.Random(f"{cfg.seed}/role/{batch_index}").random() < cfg.critic_fraction
+def _batch_role(batch_index: int, cfg: WarmupConfig) -> str:
+    r = random.Random(f"{cfg.seed}/role/{batch_index}").random()
+    if r < cfg.critic_fraction:
+        return "critic"
+    return "arithmetic" if r < cfg.critic_fraction + cfg.arithmetic_fraction else "policy"
+
+
+ARITHMETIC_PROMPT = "Practice arithmetic."
+ARITHMETIC_EXPRESSIONS = 8
+
+
+def arithmetic_drill(task: CountdownConfig, rng: random.Random) -> str:
+    """The steps of random expressions over the task's numbers, in the traces' own words ("3*6=18 18-8=10"), all
+    four operators: the facts a critic must get right, many to a sequence instead of four."""
+    steps: list[str] = []
+    for _ in range(ARITHMETIC_EXPRESSIONS):
+        numbers = [rng.randint(task.min_number, task.max_number) for _ in range(task.num_numbers)]
+        steps += expression_steps(random_expression(numbers, rng, ops="+-*/"))
+    return " ".join(steps)
 
 
 def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: int, batch_size: int = 1) -> list[WarmupExample]:
@@ -79,7 +96,11 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
         numbers, target = puzzle.numbers, puzzle.target
         question = question_text(numbers, target)
         # Whole batches share a role: critic sequences are twice as long, and mixing them pads policy ones.
-        if _is_critic_batch(i // batch_size, cfg):
+        role = _batch_role(i // batch_size, cfg)
+        if role == "arithmetic":
+            messages = [{"role": "user", "content": ARITHMETIC_PROMPT}]
+            completion = arithmetic_drill(task, rng)
+        elif role == "critic":
             other = _candidate_answer(numbers, expert, rng)
             first, second = (expert, other) if rng.random() < 0.5 else (other, expert)
             ok1, ok2 = verify(numbers, target, first), verify(numbers, target, second)

@@ -113,6 +113,26 @@ def test_raro_values_are_validated():
         load_config(["--raro.group_size", "0"])
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--train.steps", "-5", "train.steps must be >= 0, got -5"),  # wrote an untrained final_model
+    ("--warmup.steps", "-3", "warmup.steps must be >= 0, got -3"),
+    ("--train.eval_size", "-1", "train.eval_size must be >= 0, got -1"),  # silently 199 of 200 puzzles
+    ("--rollout.max_new_tokens", "0", "rollout.max_new_tokens must be >= 1, got 0"),  # a traceback in generation
+    ("--rollout.top_p", "0", r"rollout.top_p must be in \(0, 1\], got 0"),
+    ("--optim.lr", "-0.1", "optim.lr must be >= 0, got -0.1"),
+    ("--warmup.critic_fraction", "1.5", r"warmup.critic_fraction must lie in \[0, 1\]"),
+    ("--rollout.temperature", "0", "rollout.temperature 0 .greedy. with train.mode raro"),  # 100% truncation, loss 0
+])
+def test_values_that_would_fail_deep_inside_are_refused_at_start(flag, value, message):
+    with pytest.raises(ConfigError, match=f"command line: .*{message}"):
+        load_config([flag, value])
+
+
+def test_greedy_rollouts_are_fine_where_nothing_is_sampled():
+    assert load_config(["--rollout.temperature", "0", "--train.mode", "sft"]).rollout.temperature == 0
+    assert load_config(["--train.steps", "0", "--train.eval_size", "0"]).train.steps == 0
+
+
 def test_help_lists_every_field():
     text = help_text("prog")
     names = [name for name, *_ in iter_fields()]

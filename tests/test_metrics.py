@@ -1,7 +1,9 @@
 import json
 import random
 
-from raro_fast.metrics import MetricsLog, plot_curves, summary_table
+import pytest
+
+from raro_fast.metrics import MetricsLog, plot_curves, strict_json, summary_table
 
 
 def _records(n, rng):
@@ -40,3 +42,22 @@ def test_plot_and_summary(tmp_path):
     evals = [r["eval/heldout_accuracy"] for r in recs if r["eval/heldout_accuracy"] is not None]
     line = next(l for l in table.splitlines() if l.startswith("eval/heldout_accuracy"))
     assert line.split()[1:] == [f"{evals[0]:.4g}", f"{evals[-1]:.4g}"]
+
+
+def test_a_line_cut_by_a_kill_is_dropped_on_resume_and_other_damage_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')  # killed while writing step 2
+    MetricsLog(path, enabled=True, resume_step=1)
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+    path.write_text('{"step": 0}\nnot json\n{"step": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        MetricsLog(path, enabled=True, resume_step=1)
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True, resume_step=None)
+    log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "nested": [1.5, float("-inf")]})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"step": 1, "loss": None, "grad_norm": None, "nested": [1.5, None]}
+    assert strict_json({"a": float("nan")}) == '{"a": null}'  # report.json of evaluate and analyze

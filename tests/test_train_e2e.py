@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY = [
     "--model.embedded.hidden_size", "64", "--model.embedded.num_layers", "2", "--model.embedded.intermediate_size",
@@ -75,6 +76,13 @@ def test_single_process_run_writes_everything(base_model, tmp_path):
     assert files and not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
     assert {"optimizer.safetensors", "optimizer.json", "trainer_state.json", "rng_rank0.safetensors",
             "model.safetensors"} <= set(files)
+    # A second new run into the same folder is refused before it touches anything (it used to truncate the
+    # metrics and let pruning delete its own newest checkpoint in favour of the old run's higher step numbers).
+    before = (run / "metrics.jsonl").read_text()
+    again = train([*TINY, "--train.steps", "1", "--train.output_dir", str(run)], check=False)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert f"train.output_dir: {run} holds another run" in again.stderr and "--resume" in again.stderr
+    assert (run / "metrics.jsonl").read_text() == before and (ckpts / "step_000003").is_dir()
 
 
 @pytest.mark.slow
@@ -231,3 +239,88 @@ def test_liger_kernels_on_cpu_fail_at_start(tmp_path):
     out = train(["--model.liger_kernels", "true", "--train.output_dir", str(tmp_path / "r")], check=False)
     assert out.returncode == 2 and "model.liger_kernels=true needs a CUDA GPU" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "r" / "base_model").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr,why", [
+    ("1e30", "non-finite next-token logits"),  # was a raw traceback from sampling (NaN probabilities) at step 2
+    ("1e38", "the optimizer step overflowed"),  # was a raw traceback from inside torch's Adam
+])
+def test_a_diverging_run_stops_with_a_message_naming_the_cause(base_model, tmp_path, lr, why):
+    run = _with_base(base_model, tmp_path / "run")
+    out = train([*TINY, "--train.mode", "sft", "--train.steps", "6", "--optim.lr", lr, "--train.output_dir", str(run)],
+                check=False)
+    assert out.returncode == 3 and "Traceback" not in out.stderr
+    assert "error: the run diverged" in out.stderr and why in out.stderr
+    assert f"optim.lr = {float(lr):g}" in out.stderr and "smaller --optim.lr" in out.stderr
+    assert not (run / "final_model").exists()  # a broken model is never saved as the result
+
+
+@pytest.mark.slow
+def test_a_model_that_becomes_uniform_is_warned_about(tmp_path):
+    # A base warmed up enough to be below the uniform entropy (the shared TINY base is not), then lr 1e6: finite
+    # weights that sample noise; the run used to end with exit 0 and no word.
+    out = train([*TINY, "--warmup.steps", "100", "--train.mode", "sft", "--train.steps", "3", "--optim.lr", "1e6",
+                 "--train.output_dir", str(tmp_path / "run")])
+    assert "near the uniform maximum ln V" in out.stdout and "optim.lr = 1e+06" in out.stdout
+
+
+# kill -9 at a chosen point inside the trainer: the named function of raro_fast.checkpoint exits the process on its
+# n-th call, leaving whatever was half-written on disk.
+_DIE_AT = """
+import os, sys
+import raro_fast.checkpoint as ck
+name, n = os.environ["DIE_AT"].split(":")
+calls, real = [0], getattr(ck, name)
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(n):
+        os._exit(9)
+    return real(*args, **kwargs)
+setattr(ck, name, dying)
+from raro_fast.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_until_killed(args, die_at):
+    out = subprocess.run([sys.executable, "-c", _DIE_AT, *args], capture_output=True, text=True,
+                         env={**ENV, "DIE_AT": die_at}, timeout=600)
+    assert out.returncode == 9, out.stderr[-3000:]
+
+
+def _final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final_model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("die_at", [
+    "write_manifest:2",  # inside step 4's checkpoint write: files written, folder not yet renamed into place
+    "_atomic_write_text:2",  # step 4's folder in place, `latest` still naming step 2
+])
+def test_killed_in_a_checkpoint_write_then_damaged_resumes_exactly(base_model, tmp_path, die_at):
+    args = [*TINY, "--train.steps", "6", "--train.save_every", "2", "--train.eval_every", "1"]
+    full = _with_base(base_model, tmp_path / "full")
+    train([*args, "--train.output_dir", str(full)])
+    cut = _with_base(base_model, tmp_path / "cut")
+    _train_until_killed([*args, "--train.output_dir", str(cut)], die_at)
+    ckpts = cut / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    out = train([*args, "--train.output_dir", str(cut), "--resume"])
+    assert "continuing after step 2" in out.stdout
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
+    assert [strip(r) for r in metrics(cut)] == [strip(r) for r in metrics(full)]
+    # Now damage the newest checkpoint and lose `latest`: the resume names the damage, falls back to step 4 and
+    # redoes steps 5-6 exactly (it used to give a deserialisation traceback, or restart from step 0 over the metrics).
+    (ckpts / "latest").unlink()
+    optimizer = ckpts / "step_000006" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    out = train([*args, "--train.output_dir", str(cut), "--resume"])
+    assert "latest is missing" in out.stdout
+    assert f"step_000006 is damaged, skipped: {optimizer} has 1000 bytes" in out.stdout
+    assert "continuing after step 4" in out.stdout
+    assert [strip(r) for r in metrics(cut)] == [strip(r) for r in metrics(full)]
+    a, b = _final_weights(full), _final_weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

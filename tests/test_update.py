@@ -167,3 +167,43 @@ def test_several_mini_batches_move_the_ratio_and_clipping_acts(tok):
     assert results[1].metrics["actor/clip_frac"] == 0.0 and results[1].metrics["actor/ratio_mean"] == 1.0
     assert results[4].metrics["actor/clip_frac"] > 0.05
     assert results[4].metrics["actor/approx_kl"] > 0
+
+
+def _adam_step(policy, samples, opt):
+    mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    recompute_logprobs(policy, mbs, temperature=1.0)
+    return update_step(policy, opt, mbs, loss_cfg=LossConfig(), temperature=1.0, norm_constant=100.0, grad_clip=1.0)
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_weights_and_adam_untouched(tok):
+    policy = tiny_policy(tok)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    assert _adam_step(policy, mixed_samples(seed=1), opt).skipped == 0
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    moments = {k: v["exp_avg"].clone() for k, v in enumerate(opt.state.values())}
+    bad = mixed_samples(seed=2)
+    bad[3].advantage = float("nan")
+    stats = _adam_step(policy, bad, opt)
+    assert stats.skipped == 1 and not torch.isfinite(torch.tensor(stats.loss))
+    assert all(torch.equal(before[n], p) for n, p in policy.named_parameters())
+    assert all(torch.equal(moments[k], v["exp_avg"]) for k, v in enumerate(opt.state.values()))
+    assert _adam_step(policy, mixed_samples(seed=3), opt).skipped == 0  # the next good batch trains as usual
+    assert any(not torch.equal(before[n], p) for n, p in policy.named_parameters())
+
+
+def test_an_update_that_overflows_the_weights_raises_diverged(tok):
+    from raro_fast.update import DivergedError
+
+    policy = tiny_policy(tok)
+    with pytest.raises(DivergedError, match="overflowed"):  # Adam's own step size is not representable
+        _adam_step(policy, mixed_samples(seed=1), torch.optim.AdamW(policy.parameters(), lr=1e38))
+    policy = tiny_policy(tok)
+
+    class Overshoot(torch.optim.SGD):  # a step whose result is infinite, whatever the optimizer
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                next(iter(policy.parameters()))[0].fill_(float("inf"))
+
+    with pytest.raises(DivergedError, match="not finite after the optimizer step"):
+        _adam_step(policy, mixed_samples(seed=1), Overshoot(policy.parameters(), lr=0.1))

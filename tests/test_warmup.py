@@ -53,3 +53,33 @@ def test_critic_candidates_include_expert_shaped_hard_negatives():
     wrong = [d for d in same_shape if not verify(numbers, 10, d)]  # 9-(11-12) is right, 11-(9-12) is not
     assert "11-(9-12)" in wrong and len(wrong) > len(same_shape) / 2
     assert all(sorted(map(int, re.findall(r"\d+", d))) == sorted(numbers) for d in draws)
+
+
+def test_arithmetic_drills_are_true_steps_in_the_traces_words_at_the_fraction_asked():
+    import re
+    from fractions import Fraction
+
+    from raro_fast.warmup import ARITHMETIC_PROMPT
+
+    tok = load_project_tokenizer()
+    task = CountdownConfig()
+    corpus = warmup_corpus(task, WarmupConfig(critic_fraction=0.4, arithmetic_fraction=0.3), tok, 50 * 32, batch_size=32)
+    drills = [tok.decode(e.input_ids[e.prompt_len :], skip_special_tokens=True) for e in corpus
+              if ARITHMETIC_PROMPT in tok.decode(e.input_ids[: e.prompt_len])]
+    assert 0.15 < len(drills) / len(corpus) < 0.45  # whole batches draw their role: 50 draws at 0.3
+    number = r"\(?-?\d+(?:/\d+)?\)?"
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+    checked = 0
+    for text in drills:
+        steps = text.split()
+        assert len(steps) >= 8
+        for step in steps:
+            m = re.fullmatch(rf"({number})([-+*/])({number})=(undefined|-?\d+(?:/\d+)?)", step)
+            assert m, step
+            a, op, b, c = Fraction(m[1].strip("()")), m[2], Fraction(m[3].strip("()")), m[4]
+            assert c == "undefined" if (op == "/" and b == 0) else Fraction(c) == ops[op](a, b), step
+            checked += 1
+    assert checked > 1000
+    # the operators a critic meets, and the negative and fractional steps the policy's exploits were made of
+    joined = " ".join(drills)
+    assert all(op in joined for op in "+-*/") and "=-" in joined and re.search(r"=\d+/\d+", joined)

@@ -5,6 +5,7 @@ checkpoint directory and the embedded default the same way.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -82,20 +83,58 @@ def build_embedded_model(
     return model
 
 
-def load_pretrained(path: str, *, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model directory in Hugging Face format; errors name the path and what is missing."""
+def load_pretrained(path: str, *, dtype: torch.dtype, setting: str = "model.path") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model directory in Hugging Face format. Every error names `setting` (the option that gave the path,
+    or what the folder is), the path, and the file at fault: never a traceback from inside transformers."""
     p = Path(path)
     if not p.is_dir():
-        raise ValueError(f"model.path: {path!r} is not a directory (expected a Hugging Face model directory)")
-    if not (p / "config.json").is_file():
-        raise ValueError(f"model.path: {path!r} has no config.json (not a Hugging Face model directory)")
-    if not any(p.glob("*.safetensors")):
-        raise ValueError(f"model.path: {path!r} has no *.safetensors weights (pickled weights are not loaded)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        raise ValueError(f"{setting}: {path!r} is not a directory (expected a Hugging Face model directory)")
+    config = p / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{setting}: {path!r} has no config.json (not a Hugging Face model directory)")
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{setting}: {config} is not valid JSON ({e})") from None
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{setting}: {path!r} has no *.safetensors weights (pickled weights are not loaded)")
+    for w in weights:
+        _check_safetensors(w, setting)
+    if not any((p / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"{setting}: {path!r} has no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); "
+                         "save the tokenizer with the model (tokenizer.save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{setting}: {path!r}: its tokenizer does not load ({type(e).__name__}: {e})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{setting}: {path!r}: the model does not load ({type(e).__name__}: {e})") from None
     return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_safetensors(path: Path, setting: str) -> None:
+    """A safetensors file whose header or size does not add up (truncated, or not safetensors at all)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = f.read(n) if 0 < n <= size - 8 else b""
+    try:
+        meta = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        raise ValueError(f"{setting}: {path} is not a readable safetensors file (damaged header)") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{setting}: {path} is truncated or damaged: {size} bytes, its header describes "
+                         f"{8 + n + end}")
 
 
 def save_pretrained_atomic(
@@ -103,14 +142,18 @@ def save_pretrained_atomic(
     tokenizer: PreTrainedTokenizerBase,
     path: str | os.PathLike,
     state_dict: dict[str, torch.Tensor] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
-    """Write model + tokenizer in HF format (safetensors) to a temporary folder, then rename it into place."""
+    """Write model + tokenizer in HF format (safetensors), and `extra_files` (name: text), to a temporary folder,
+    then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from transformers import PreTrainedModel
 
-from raro_fast.rollout.engine import Completion, SamplingParams, check_memory_tags
+from raro_fast.rollout.engine import Completion, NonFiniteLogitsError, SamplingParams, check_memory_tags
 
 
 class EmbeddedEngine:
@@ -81,6 +81,9 @@ class EmbeddedEngine:
             past = getattr(outputs, self._cache_name)
             logits = outputs.logits[:, -1, :].float() / temperature
             logp = torch.log_softmax(logits, dim=-1)
+            if not bool(torch.isfinite(logp).all()):
+                raise NonFiniteLogitsError(f"the rollout engine's model (weight version {self.weight_version}) "
+                                           "gives non-finite next-token logits")
             if greedy:
                 nxt = logp.argmax(-1)
             else:

@@ -10,6 +10,10 @@ from typing import Iterable, Protocol, runtime_checkable
 import torch
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The model's next-token logits hold NaN or infinity: its weights have diverged, nothing can be sampled."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample. `n` completions per prompt; `seed` makes a call reproducible where the backend allows."""

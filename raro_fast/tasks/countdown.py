@@ -175,6 +175,13 @@ def _value(node, steps: list[str] | None = None) -> Fraction | None:
     return c
 
 
+def expression_steps(node) -> list[str]:
+    """The evaluation of an expression tree as the traces write it: "a op b=c" per operation, in order."""
+    steps: list[str] = []
+    _value(node, steps)
+    return steps
+
+
 def _fmt(x: Fraction) -> str:
     return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
 

@@ -54,10 +54,10 @@ def _read_jsonl(path) -> list[tuple[str, dict[str, Any]]]:
 def _read_parquet(path, columns: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
     try:
         import pyarrow.parquet as pq  # optional: only Parquet input needs it
-    except ImportError:
-        raise ImportError(
+    except ImportError:  # a ValueError: the trainer reports it as one line, like any other bad input
+        raise ValueError(
             f"{path}: reading Parquet files needs pyarrow, which is not installed. "
-            "Install it with `pip install pyarrow`, or convert the file to JSONL."
+            "Install it with `pip install 'raro-fast[parquet]'` (or `pip install pyarrow`), or convert the file to JSONL."
         ) from None
     try:
         parquet_file = pq.ParquetFile(path)

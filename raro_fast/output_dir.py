@@ -1,0 +1,92 @@
+"""The run's output folder: one run per folder, and a warmed-up base reused only for the settings it was made with.
+
+A new run (no `--resume`) into a folder that holds another run's files would mix two runs: its metrics.jsonl
+rewritten, its checkpoints pruned by step number against the new run's, `latest` naming one that is then deleted.
+So a new run refuses such a folder unless `train.overwrite` says to delete those files. `base_model/` is the
+embedded model's warm-up, cached: it is reused (by a new run or by a test that prepared it) only when the
+settings it was warmed up with, recorded next to it, are the run's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raro_fast.config import JobConfig
+
+# What a run writes into its folder (besides base_model/, handled on its own).
+RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "final_model", "config.json", "curves.png", "dpo_reference")
+RECIPE_FILE = "warmup_recipe.json"
+
+
+def base_recipe(cfg: JobConfig) -> dict[str, Any]:
+    """Every setting the embedded base's weights depend on."""
+    c = cfg.task.countdown
+    return {
+        "model.embedded": dataclasses.asdict(cfg.model.embedded),
+        "warmup": dataclasses.asdict(cfg.warmup),
+        "task.countdown": {"num_numbers": c.num_numbers, "min_number": c.min_number, "max_number": c.max_number,
+                           "target": c.target},
+        "train.seed": cfg.train.seed,
+    }
+
+
+def recipe_file(cfg: JobConfig) -> dict[str, str]:
+    """The recipe as a file to save atomically with the base (`save_pretrained_atomic(extra_files=...)`)."""
+    return {RECIPE_FILE: json.dumps(base_recipe(cfg), indent=2)}
+
+
+def _recipe_differences(base: Path, cfg: JobConfig) -> list[str]:
+    path = base / RECIPE_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [f"{path.name} is missing, so what it was warmed up with is unknown"]
+    except json.JSONDecodeError as e:
+        return [f"{path} is not valid JSON ({e})"]
+    diffs = []
+    for section, now in base_recipe(cfg).items():
+        then = saved.get(section)
+        if isinstance(now, dict):
+            then = then if isinstance(then, dict) else {}
+            diffs += [f"{section}.{k}: {then.get(k)!r} there, {v!r} now" for k, v in now.items() if then.get(k) != v]
+        elif then != now:
+            diffs.append(f"{section}: {then!r} there, {now!r} now")
+    return diffs
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def prepare(cfg: JobConfig, *, delete: bool) -> None:
+    """Before anything is built, on every rank (the same verdict everywhere): refuse (ValueError) a folder a new run
+    must not mix with, or under `train.overwrite` clear it (only where `delete`: one rank)."""
+    out = Path(cfg.train.output_dir)
+    t = cfg.train
+    if t.resume:
+        return
+    found = [name for name in RUN_ENTRIES if (out / name).exists()]
+    base = out / "base_model"
+    stale_base = [] if cfg.model.path or not base.exists() else _recipe_differences(base, cfg)
+    if t.overwrite:
+        if not delete:
+            return
+        for name in found:
+            _remove(out / name)
+        if stale_base:
+            _remove(base)
+        return
+    if found:
+        raise ValueError(
+            f"train.output_dir: {out} holds another run ({', '.join(found)}). Continue it with --resume, choose "
+            f"another --train.output_dir, or pass --train.overwrite true to delete that run's files and start over.")
+    if stale_base:
+        raise ValueError(
+            f"train.output_dir: {base} was warmed up with other settings ({'; '.join(stale_base)}). Choose another "
+            f"--train.output_dir, or pass --train.overwrite true to warm up again there.")

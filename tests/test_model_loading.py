@@ -1,0 +1,60 @@
+"""A damaged model folder is refused with the setting, the path and the file at fault, never a traceback from
+inside transformers or safetensors."""
+import shutil
+
+import pytest
+import torch
+
+from raro_fast.model.hf import build_embedded_model, load_pretrained, load_project_tokenizer, save_pretrained_atomic
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tok = load_project_tokenizer()
+    model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                 max_position=64, seed=0)
+    path = tmp_path_factory.mktemp("m") / "model"
+    save_pretrained_atomic(model, tok, path)
+    return path
+
+
+def _copy(saved, tmp_path):
+    return shutil.copytree(saved, tmp_path / "model")
+
+
+def test_an_intact_folder_loads(saved):
+    model, tok = load_pretrained(str(saved), dtype=torch.float32)
+    assert model.config.hidden_size == 32 and tok.pad_token_id is not None
+
+
+def test_invalid_config_json_is_named(saved, tmp_path):
+    p = _copy(saved, tmp_path)
+    (p / "config.json").write_text('{"model_type": "qwen2",')
+    with pytest.raises(ValueError, match=r"eval.model: .*config.json is not valid JSON"):
+        load_pretrained(str(p), dtype=torch.float32, setting="eval.model")
+
+
+def test_truncated_weights_are_named(saved, tmp_path):
+    p = _copy(saved, tmp_path)
+    w = p / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model.path: .*model.safetensors is truncated or damaged"):
+        load_pretrained(str(p), dtype=torch.float32)
+    w.write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file"):
+        load_pretrained(str(p), dtype=torch.float32)
+
+
+def test_a_folder_without_tokenizer_files_is_named(saved, tmp_path):
+    p = _copy(saved, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (p / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"analysis.models \(base\): .* has no tokenizer files"):
+        load_pretrained(str(p), dtype=torch.float32, setting="analysis.models (base)")
+
+
+def test_a_damaged_tokenizer_is_named(saved, tmp_path):
+    p = _copy(saved, tmp_path)
+    (p / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"model.path: .*its tokenizer does not load"):
+        load_pretrained(str(p), dtype=torch.float32)

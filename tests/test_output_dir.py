@@ -1,0 +1,140 @@
+"""One run per output folder: a new run refuses another run's folder (or clears it under train.overwrite), a
+cached base_model is reused only for the settings it was warmed up with, and pruning never deletes the newest."""
+import json
+
+import pytest
+
+from raro_fast import checkpoint, output_dir
+from raro_fast.config import load_config
+
+
+def _cfg(out, *extra):
+    return load_config(["--train.output_dir", str(out), *extra])
+
+
+def _base(out, cfg):
+    base = out / "base_model"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    for name, text in output_dir.recipe_file(cfg).items():
+        (base / name).write_text(text)
+    return base
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    (out / "checkpoints" / "step_000004").mkdir(parents=True)
+    cfg = _cfg(out)
+    with pytest.raises(ValueError) as e:
+        output_dir.prepare(cfg, delete=True)
+    msg = str(e.value)
+    assert str(out) in msg and "metrics.jsonl, checkpoints" in msg
+    assert "--resume" in msg and "--train.overwrite true" in msg
+    assert (out / "metrics.jsonl").exists() and (out / "checkpoints" / "step_000004").exists()  # nothing touched
+    output_dir.prepare(_cfg(out, "--resume"), delete=True)  # continuing it is fine
+    output_dir.prepare(_cfg(tmp_path / "elsewhere"), delete=True)  # so is a new folder
+
+
+def test_overwrite_clears_the_old_run_and_keeps_a_matching_base(tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(out, "--train.overwrite", "true")
+    base = _base(out, cfg)
+    for name in ("metrics.jsonl", "config.json", "curves.png"):
+        (out / name).write_text("old")
+    (out / "checkpoints" / "step_000002").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    output_dir.prepare(cfg, delete=False)  # ranks other than 0 only check
+    assert (out / "metrics.jsonl").exists()
+    output_dir.prepare(cfg, delete=True)
+    assert sorted(p.name for p in out.iterdir()) == ["base_model", "notes.txt"]  # only the run's own files went
+    assert (base / "config.json").exists()
+
+
+def test_a_base_warmed_up_with_other_settings_is_refused_naming_them(tmp_path):
+    out = tmp_path / "run"
+    _base(out, _cfg(out, "--warmup.steps", "300"))
+    with pytest.raises(ValueError) as e:
+        output_dir.prepare(_cfg(out), delete=True)
+    assert "base_model was warmed up with other settings" in str(e.value)
+    assert "warmup.steps: 300 there, 2000 now" in str(e.value)
+    output_dir.prepare(_cfg(out, "--warmup.steps", "300"), delete=True)  # the same settings reuse it
+    output_dir.prepare(_cfg(out, "--model.path", str(tmp_path)), delete=True)  # a given model ignores it
+    output_dir.prepare(_cfg(out, "--train.overwrite", "true"), delete=True)
+    assert not (out / "base_model").exists()  # warmed up again by the run
+
+
+def test_a_base_without_its_recipe_is_refused(tmp_path):
+    out = tmp_path / "run"
+    base = _base(out, _cfg(out))
+    (base / output_dir.RECIPE_FILE).unlink()
+    with pytest.raises(ValueError, match="warmup_recipe.json is missing"):
+        output_dir.prepare(_cfg(out), delete=True)
+    (base / output_dir.RECIPE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        output_dir.prepare(_cfg(out), delete=True)
+
+
+def test_recipe_covers_what_the_base_depends_on(tmp_path):
+    a = output_dir.base_recipe(_cfg(tmp_path))
+    for flag, value in [("--model.embedded.hidden_size", "64"), ("--warmup.seed", "7"), ("--task.countdown.target", "12"),
+                        ("--train.seed", "3")]:
+        assert output_dir.base_recipe(_cfg(tmp_path, flag, value)) != a, flag
+    # settings the warm-up does not read leave it reusable
+    assert output_dir.base_recipe(_cfg(tmp_path, "--train.steps", "7", "--task.countdown.num_train", "50")) == a
+    json.dumps(a)
+
+
+def test_pruning_never_deletes_the_newest_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+    # the newest written is step 4 (a run that resumed from 2 after 6 and 8 were left behind)
+    names = [p.name for p in checkpoint.prunable(root, root / "step_000004", keep=2)]
+    assert sorted(names) == ["step_000006", "step_000008"]
+    names = [p.name for p in checkpoint.prunable(root, root / "step_000008", keep=2)]
+    assert names == ["step_000002", "step_000004"]
+    assert checkpoint.prunable(root, root / "step_000008", keep=1) == [root / f"step_{s:06d}" for s in (2, 4, 6)]
+    assert checkpoint.prunable(root, root / "step_000002", keep=0) == []
+
+
+def _checkpoint(root, step, *, manifest=True):
+    path = root / f"step_{step:06d}"
+    (path / "model").mkdir(parents=True)
+    for name, text in [("trainer_state.json", '{"step": %d}' % step), ("optimizer.json", "[]"),
+                       ("optimizer.safetensors", "x" * 50), ("model/config.json", "{}")]:
+        (path / name).write_text(text)
+    if manifest:
+        checkpoint.write_manifest(path)
+    return path
+
+
+def test_resume_point_skips_damaged_checkpoints_naming_the_file(tmp_path):
+    root = checkpoint.checkpoint_root(tmp_path)
+    _checkpoint(root, 2), _checkpoint(root, 4)
+    (root / "latest").write_text("step_000004\n")
+    said = []
+    assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000004" and said == []
+    (root / "step_000004" / "trainer_state.json").write_text('{"step": 5}')  # same size, other bytes
+    assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000002"
+    assert "step_000004 is damaged" in said[0] and "trainer_state.json does not match its SHA-256" in said[0]
+    assert "resuming from step_000002" in said[1]
+    (root / "step_000002" / "optimizer.json").unlink()
+    with pytest.raises(ValueError) as e:
+        checkpoint.resume_point(tmp_path, warn=said.append)
+    assert "no intact checkpoint" in str(e.value) and "optimizer.json is missing" in str(e.value)
+    assert checkpoint.resume_point(tmp_path / "fresh", warn=said.append) is None  # nothing to resume: from scratch
+
+
+def test_resume_point_without_latest_and_from_before_manifests(tmp_path):
+    root = checkpoint.checkpoint_root(tmp_path)
+    _checkpoint(root, 2, manifest=False), _checkpoint(root, 4, manifest=False)
+    said = []
+    assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000004"  # no latest: newest intact
+    assert "latest is missing" in said[0]
+    (root / "step_000004" / "optimizer.safetensors").unlink()  # old checkpoints: their files are checked
+    assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000002"
+    (root / "latest").write_text("step_000009\n")
+    assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000002"
+    assert any("names step_000009, which does not exist" in s for s in said)
