@@ -24,11 +24,14 @@ RECIPE_FILE = "warmup_recipe.json"
 def base_recipe(cfg: JobConfig) -> dict[str, Any]:
     """Every setting the embedded base's weights depend on."""
     c = cfg.task.countdown
+    countdown = {"num_numbers": c.num_numbers, "min_number": c.min_number, "max_number": c.max_number,
+                 "target": c.target, "max_target": c.max_target}
+    if c.max_target:  # the warm-up leaves out the task's own puzzles (warmup.task_exclusion), so the split counts
+        countdown.update(num_train=c.num_train, num_heldout=c.num_heldout, seed=c.seed)
     return {
         "model.embedded": dataclasses.asdict(cfg.model.embedded),
         "warmup": dataclasses.asdict(cfg.warmup),
-        "task.countdown": {"num_numbers": c.num_numbers, "min_number": c.min_number, "max_number": c.max_number,
-                           "target": c.target},
+        "task.countdown": countdown,
         "train.seed": cfg.train.seed,
     }
 

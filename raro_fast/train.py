@@ -6,13 +6,21 @@ The loop (`run`) is the whole method on one screen:
 """
 from __future__ import annotations
 
-import copy
+import sys
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    # Answered before torch and transformers are imported: seconds on a small machine, for a page of text.
+    from raro_fast.config import help_text
+
+    print(help_text("torchrun --nproc_per_node=N -m raro_fast.train"))
+    sys.exit(0)
+
+import copy  # noqa: E402  (below: the --help answer above must not wait for these)
 import dataclasses
 import functools
 import json
 import math
 import random
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field

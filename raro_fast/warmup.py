@@ -26,7 +26,7 @@ from tqdm import tqdm
 from raro_fast import prompts
 from raro_fast.config import WarmupConfig
 from raro_fast.tasks.countdown import (CountdownConfig, evaluation_trace, expression_steps, forward_puzzle, parse,
-                                       question_text, random_expression, search_trace, to_string, verify)
+                                       question_text, random_expression, search_trace, split_puzzles, to_string, verify)
 
 
 @dataclass
@@ -84,14 +84,25 @@ def arithmetic_drill(task: CountdownConfig, rng: random.Random) -> str:
     return " ".join(steps)
 
 
+def task_exclusion(task: CountdownConfig) -> dict:
+    """What the warm-up never shows (`forward_puzzle`'s exclusions). A task with one target: that target, so every
+    fact the model has about it comes from the game. A task whose puzzles each have their own target: the task's
+    puzzles (number multiset and target); its target values stay, as in any pretrained model's arithmetic."""
+    if not task.max_target:
+        return {"exclude_target": task.target}
+    train, heldout = split_puzzles(task)
+    return {"exclude": frozenset(p.key for p in train + heldout)}
+
+
 def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: int, batch_size: int = 1) -> list[WarmupExample]:
     rng = random.Random(cfg.seed)
     eos = tokenizer.eos_token
     corpus = []
+    unseen = task_exclusion(task)
     for i in range(count):
         puzzle, expert = forward_puzzle(
             rng, num_numbers=task.num_numbers, min_number=task.min_number, max_number=task.max_number,
-            min_target=cfg.min_target, max_target=cfg.max_target, exclude_target=task.target,
+            min_target=cfg.min_target, max_target=cfg.max_target, **unseen,
         )
         numbers, target = puzzle.numbers, puzzle.target
         question = question_text(numbers, target)

@@ -149,8 +149,11 @@ def test_shipped_configs_load():
 
 
 def test_train_help_and_bad_config_exit_codes():
-    out = subprocess.run([sys.executable, "-m", "raro_fast.train", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "raro_fast.train", "--help"], capture_output=True,
+                         text=True)
     assert out.returncode == 0 and "--raro.tau_pol" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
+    assert "torch" not in imported and "transformers" not in imported  # --help took 5 s importing them
     out = subprocess.run([sys.executable, "-m", "raro_fast.train", "--raro.tau_poll", "1"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "unknown key 'raro.tau_poll'" in out.stderr

@@ -138,9 +138,13 @@ def test_traces_are_true_arithmetic_and_short():
         assert len(trace) < 160
         expr = solve(p.numbers, p.target)
         ev = evaluation_trace(p.numbers, p.target, expr)
-        assert ev.endswith("ok.") and _check_steps(ev) == 3
+        assert ev.endswith(f"; {p.target} vs {p.target}: ok.") and _check_steps(ev.split(";")[0]) == 3
     assert evaluation_trace((5, 2, 2, 11), 24, "1+2") == "uses 1 which is not given."
-    assert evaluation_trace((5, 2, 2, 11), 24, "5+2+2+11") == "5+2=7 7+2=9 9+11=20 makes 20, not 24."
+    assert evaluation_trace((5, 2, 2, 11), 24, "5+2+2+11") == "5+2=7 7+2=9 9+11=20; 20 vs 24: no."
+    assert evaluation_trace((5, 2, 2, 11), 24, "2*11+5-2*2+1") == "uses 1 which is not given."
+    assert evaluation_trace((8, 3, 3), 24, "8*3/3") == "8*3=24 24/3=8; 8 vs 24: no."
+    assert evaluation_trace((8, 3, 3), 8, "8*(3/3)") == "3/3=1 8*1=8; 8 vs 8: ok."
+    assert evaluation_trace((8, 3, 3), 10, "8/3*3") == "8/3=8/3 (8/3)*3=8; 8 vs 10: no."
     assert evaluation_trace((5, 2, 2, 11), 24, "5+2+2") == "does not use 11."
     assert evaluation_trace((5, 2, 2, 11), 24, "5+2+2+2+11") == "uses 2 too often."
     assert evaluation_trace((4, 2, 2, 6), 24, "4/(2-2)*6") == "2-2=0 4/0=undefined divides by zero."
@@ -162,3 +166,18 @@ def test_countdown_task_interface():
         task.examples("test")
     with pytest.raises(ValueError, match="unknown task"):
         get_task("chess", None)
+
+
+def test_varied_targets_one_per_multiset_each_solvable_and_split_without_sharing():
+    cfg = CountdownConfig(target=10, max_target=30, num_train=100, num_heldout=64)
+    train, heldout = split_puzzles(cfg)
+    assert (len(train), len(heldout)) == (100, 64)
+    multisets = [tuple(sorted(p.numbers)) for p in train + heldout]
+    assert len(set(multisets)) == len(multisets)  # one target per multiset, so held-out never shares one
+    assert all(10 <= p.target <= 30 for p in train + heldout)
+    assert len({p.target for p in train}) > 10  # the target really varies
+    for p in train + heldout:
+        assert verify(p.numbers, p.target, solve(p.numbers, p.target)), p
+    assert split_puzzles(CountdownConfig(target=10, max_target=30, num_train=100, num_heldout=64)) == (train, heldout)
+    with pytest.raises(ValueError, match="max_target must be 0 .one target. or >= target"):
+        CountdownConfig(target=10, max_target=5)

@@ -83,3 +83,25 @@ def test_arithmetic_drills_are_true_steps_in_the_traces_words_at_the_fraction_as
     # the operators a critic meets, and the negative and fractional steps the policy's exploits were made of
     joined = " ".join(drills)
     assert all(op in joined for op in "+-*/") and "=-" in joined and re.search(r"=\d+/\d+", joined)
+
+
+def test_with_varied_targets_the_warmup_leaves_out_the_tasks_puzzles_not_its_target_values():
+    """A warm-up that never shows the task's one target taught the critic that a value of 10 is never right
+    ("18-8=10; 10 vs 10: no"); with a target per puzzle, the task's own puzzles are what it leaves out."""
+    import re
+
+    tok = load_project_tokenizer()
+    task = CountdownConfig(target=10, max_target=30)
+    task_keys = {p.key for ps in split_puzzles(task) for p in ps}
+    corpus = warmup_corpus(task, WarmupConfig(), tok, 3000, batch_size=1)
+    keys, targets = set(), set()
+    for ex in corpus:
+        prompt = tok.decode(ex.input_ids[: ex.prompt_len])
+        m = re.search(r"Using ([\d, ]+) each exactly once .* make (\d+)\.", prompt)
+        numbers, target = tuple(sorted(int(x) for x in m[1].split(", "))), int(m[2])
+        keys.add((numbers, target))
+        targets.add(target)
+    assert not keys & task_keys
+    assert {p.target for ps in split_puzzles(task) for p in ps} <= targets  # every target value the task uses
+    fixed = CountdownConfig()  # one target: that value is what stays out
+    assert all("make 10." not in tok.decode(e.input_ids[: e.prompt_len]) for e in warmup_corpus(fixed, WarmupConfig(), tok, 500))

@@ -1,5 +1,5 @@
 """Support categories of problems between a base and a trained model, and the metrics built on them
-(../shared/papers/invisible-leash.md).
+("The Invisible Leash: Why RLVR May (Not) Escape Its Origin", Wu et al., arXiv 2507.14843).
 
 A problem is in a model's empirical support when at least one of its k samples is correct. The paper's
 ε = -ln ζ / k is the resolution of that rule, not another rule: when none of k samples is correct, the model's

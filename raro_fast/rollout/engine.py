@@ -5,9 +5,10 @@ The trainer and the evaluators speak only to this; a backend knows nothing of th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Protocol, runtime_checkable
 
-import torch
+if TYPE_CHECKING:  # annotations only: the configs import this module, and `--help` must not wait for torch
+    import torch
 
 
 class NonFiniteLogitsError(FloatingPointError):

@@ -26,7 +26,11 @@ class CountdownConfig:
     num_numbers: int = field(default=3, metadata={"help": "Integers per puzzle (the 24-game: 4)."})
     min_number: int = field(default=1, metadata={"help": "Smallest integer in a puzzle."})
     max_number: int = field(default=13, metadata={"help": "Largest integer in a puzzle."})
-    target: int = field(default=10, metadata={"help": "The value to reach (the 24-game: 24)."})
+    target: int = field(default=10, metadata={"help": "The value to reach (the 24-game: 24); with max_target, the "
+                                                       "smallest target."})
+    max_target: int = field(default=0, metadata={
+        "help": "0: every puzzle has `target`. Else each puzzle has its own target in target..max_target, one per "
+                "number multiset (the Countdown of the RL literature, e.g. TinyZero's, varies the target)."})
     num_train: int = field(default=100, metadata={"help": "Training demonstrations (distinct puzzles)."})
     num_heldout: int = field(default=64, metadata={"help": "Held-out puzzles, never sharing a number multiset with training."})
     seed: int = field(default=0, metadata={"help": "Seed of the puzzle split."})
@@ -38,6 +42,9 @@ class CountdownConfig:
             raise ValueError(
                 f"task.countdown.min_number/max_number: need 0 <= min_number <= max_number, got {self.min_number}, {self.max_number}"
             )
+        if self.max_target and self.max_target < self.target:
+            raise ValueError(f"task.countdown.max_target must be 0 (one target) or >= target, got {self.max_target} "
+                             f"with target {self.target}")
         if self.num_train < 1 or self.num_heldout < 0:
             raise ValueError(f"task.countdown.num_train must be >= 1 and task.countdown.num_heldout >= 0, got {self.num_train}, {self.num_heldout}")
 
@@ -301,39 +308,50 @@ def question_text(numbers, target) -> str:
 
 
 def generate_puzzles(
-    *, num: int, num_numbers: int = 4, min_number: int = 1, max_number: int = 13, target: int = 24, seed: int = 0
+    *, num: int, num_numbers: int = 4, min_number: int = 1, max_number: int = 13, target: int = 24, seed: int = 0,
+    max_target: int = 0,
 ) -> list[Puzzle]:
     """`num` distinct solvable puzzles (distinct number multisets), deterministic in `seed`, each with its numbers
-    in a shuffled order. Raises ValueError if fewer exist."""
+    in a shuffled order; with `max_target`, each multiset's target is drawn from those in target..max_target it
+    can make. Raises ValueError if fewer exist."""
     rng = random.Random(seed)
     span = max_number - min_number + 1
     space = comb(span + num_numbers - 1, num_numbers)
-    target_f = Fraction(target)
+    targets = range(target, max(target, max_target) + 1)
+    wanted = f"make {target}" if len(targets) == 1 else f"make a target in {target}..{max_target}"
+
+    def draw(key: tuple[int, ...]) -> Puzzle | None:
+        values = tuple(Fraction(n) for n in key)
+        made = [t for t in targets if _reachable(values, Fraction(t))]
+        return _shuffled(key, rng.choice(made), rng) if made else None
+
     out: list[Puzzle] = []
     if space <= _ENUMERATE_LIMIT:
         keys = list(itertools.combinations_with_replacement(range(min_number, max_number + 1), num_numbers))
         rng.shuffle(keys)
         for key in keys:
-            if _reachable(tuple(Fraction(n) for n in key), target_f):
-                out.append(_shuffled(key, target, rng))
+            puzzle = draw(key)
+            if puzzle is not None:
+                out.append(puzzle)
                 if len(out) == num:
                     return out
         raise ValueError(
             f"task: only {len(out)} solvable puzzles of {num_numbers} numbers in {min_number}..{max_number} "
-            f"make {target}; asked for {num}"
+            f"{wanted}; asked for {num}"
         )
     seen: set[tuple[int, ...]] = set()
     tries = 0
     while len(out) < num:
         tries += 1
         if tries > 50 * num + 1000:
-            raise ValueError(f"task: could not find {num} solvable puzzles making {target} (found {len(out)})")
+            raise ValueError(f"task: could not find {num} solvable puzzles that {wanted} (found {len(out)})")
         key = tuple(sorted(rng.randint(min_number, max_number) for _ in range(num_numbers)))
         if key in seen:
             continue
         seen.add(key)
-        if _reachable(tuple(Fraction(n) for n in key), target_f):
-            out.append(_shuffled(key, target, rng))
+        puzzle = draw(key)
+        if puzzle is not None:
+            out.append(puzzle)
     return out
 
 
@@ -345,11 +363,12 @@ def _shuffled(key: tuple[int, ...], target: int, rng: random.Random) -> Puzzle:
 
 def split_puzzles(cfg: CountdownConfig) -> tuple[list[Puzzle], list[Puzzle]]:
     """(train, heldout): one draw of distinct multisets, held-out first; so they never share a puzzle."""
-    return _split(cfg.num_train, cfg.num_heldout, cfg.num_numbers, cfg.min_number, cfg.max_number, cfg.target, cfg.seed)
+    return _split(cfg.num_train, cfg.num_heldout, cfg.num_numbers, cfg.min_number, cfg.max_number, cfg.target, cfg.seed,
+                  cfg.max_target)
 
 
 @lru_cache(maxsize=16)
-def _split(num_train, num_heldout, num_numbers, min_number, max_number, target, seed):
+def _split(num_train, num_heldout, num_numbers, min_number, max_number, target, seed, max_target):
     puzzles = generate_puzzles(
         num=num_train + num_heldout,
         num_numbers=num_numbers,
@@ -357,6 +376,7 @@ def _split(num_train, num_heldout, num_numbers, min_number, max_number, target, 
         max_number=max_number,
         target=target,
         seed=seed,
+        max_target=max_target,
     )
     return puzzles[num_heldout:], puzzles[:num_heldout]
 
@@ -424,27 +444,37 @@ def random_expression(numbers, rng: random.Random, ops: str = "+-*"):
 
 
 def forward_puzzle(rng: random.Random, *, num_numbers: int, min_number: int, max_number: int,
-                   min_target: int, max_target: int, exclude_target: int | None = None) -> tuple[Puzzle, str]:
+                   min_target: int, max_target: int, exclude_target: int | None = None,
+                   exclude: frozenset = frozenset()) -> tuple[Puzzle, str]:
     """A puzzle made backwards: random numbers, a random expression over them, and its value as the target
-    (kept when a whole number in [min_target, max_target] other than `exclude_target`). Solvable by construction,
-    with its solution, and no search needed."""
+    (kept when a whole number in [min_target, max_target] other than `exclude_target`, and not a puzzle whose
+    `key` is in `exclude`). Solvable by construction, with its solution, and no search needed."""
     while True:
         numbers = tuple(rng.randint(min_number, max_number) for _ in range(num_numbers))
         node = random_expression(numbers, rng, ops="+-*/")
         value = _value(node)
         if value is not None and value.denominator == 1 and min_target <= value <= max_target and value != exclude_target:
-            return Puzzle(numbers, int(value)), to_string(node)
+            puzzle = Puzzle(numbers, int(value))
+            if puzzle.key not in exclude:
+                return puzzle, to_string(node)
 
 
 def evaluation_trace(numbers, target, expression: str) -> str:
-    """How a careful reader checks a candidate: its steps and value, or why it is not a valid answer."""
+    """How a careful reader checks a candidate: its steps, then its value set against the target ("21-11=10; 10 vs
+    10: ok.", "9+8=17; 17 vs 10: no."), or why it is not a valid answer. The target is copied next to the value
+    before the verdict, so the verdict is an equality check of two numbers side by side, which a small model learns
+    for every value at once. Warm-up puzzles never have the task's target: a trace that said only "ok." or "makes
+    10, not 12." taught the critic that a value of 10 is never right, and it rejected the task's right answers
+    ("18-8=10 makes 10, not 10.")."""
     node, problem = _check(tuple(numbers), target, expression)
     steps: list[str] = []
     if node is not None:
         _value(node, steps)
     head = " ".join(steps)
-    if problem is None:
-        return f"{head} ok."
-    if problem in ("no expression", "expression too long", "not a valid expression") or problem.startswith(("uses", "does not")):
+    if problem in ("no expression", "expression too long", "not a valid expression") or problem and problem.startswith(
+            ("uses", "does not")):
         return f"{problem}."
-    return f"{head} {problem}.".strip()
+    if problem == "divides by zero":
+        return f"{head} {problem}."
+    value = _value(node)
+    return f"{head}; {_fmt(value)} vs {target}: {'ok' if problem is None else 'no'}."
