@@ -84,6 +84,11 @@ class WarmupConfig:
     min_target: int = _help("Smallest target of a warm-up puzzle (the task's own target is never used).", 1)
     max_target: int = _help("Largest target of a warm-up puzzle.", 30)
     seed: int = _help("Seed of the warm-up corpus and order.", 1234)
+    leave_out: Literal["target", "puzzles"] = _help(
+        "What of a one-target task the warm-up never shows: target = its target value (no warm-up puzzle makes it), "
+        "puzzles = only the task's own puzzles (number multiset and target), so that puzzles the task does not use "
+        "may make its target. A task with a target per puzzle (task.countdown.max_target) always leaves out its "
+        "puzzles.", "target")
     precision: Literal["auto", "float32", "bfloat16"] = _help(
         "Compute dtype of the warm-up's matrix products (weights and optimizer stay float32): auto = bfloat16 "
         "autocast where the device computes bfloat16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; "
@@ -271,7 +276,7 @@ class TrainConfig:
         "expert answer preferred over each policy sample, the reference refreshed every round; see `dpo`).",
         "raro",
     )
-    steps: int = _help("Training steps (one rollout round each).", 20)
+    steps: int = _help("Training steps (one rollout round each).", 16)
     ppo_mini_batches: int = _help(
         "Optimizer steps per training step: the step's sequences are shuffled and split into this many mini-batches, "
         "each one update against the log-probs recomputed before the first (verl's ppo_mini_batch_size, TRL's "

@@ -2,17 +2,19 @@
 
 A model built from random weights cannot read a prompt, so RARO would have nothing to start from. A real run
 starts from an instruct checkpoint that already reasons and follows formats; the embedded default gets the
-smallest stand-in for that: a few thousand steps of next-token training on synthetic conversations in the two
+smallest stand-in for that: a few thousand steps of next-token training on synthetic conversations in the
 formats it will be asked for:
   - policy: a short solver search (`search_trace`) in <think>, the expression in <answer>;
-  - critic: both candidate answers evaluated step by step (`evaluation_trace`) in <think>, then a verdict
-    (the correct one; tie when both or neither are correct), against other answers shaped like a policy's
-    (`_candidate_answer`).
-All warm-up puzzles are made backwards (random numbers, a random expression, its value as the target) with any
-target but the task's (10 by default), so no training or held-out puzzle is ever seen, and the expert
-demonstrations stay answers-only: what RARO then learns about the task's target, it learns from the game between
-policy and critic. How long the warm-up must be for the critic to be worth playing against is measured in
-docs/experiments.md.
+  - critic: both candidate answers evaluated step by step (`evaluation_trace`: steps, then "value vs target") in
+    <think>, then a verdict (the correct one; tie when both or neither are correct), against other answers shaped
+    like a policy's (`_candidate_answer`);
+  - optionally (`warmup.arithmetic_fraction`) arithmetic drills: many true steps "a op b=c" to a sequence, the
+    facts a critic checks, which a 0.8M model otherwise gets wrong.
+All warm-up puzzles are made backwards (random numbers, a random expression, its value as the target) and never
+are the task's (`task_exclusion`): for a task with one target, by default no warm-up puzzle makes that target, so
+what RARO learns about it comes from the game between policy and critic (at the price, measured in
+docs/experiments.md section 2, of a critic that learns the target is never right); otherwise only the task's own
+puzzles are left out. The expert demonstrations stay answers-only either way.
 """
 from __future__ import annotations
 
@@ -84,11 +86,12 @@ def arithmetic_drill(task: CountdownConfig, rng: random.Random) -> str:
     return " ".join(steps)
 
 
-def task_exclusion(task: CountdownConfig) -> dict:
-    """What the warm-up never shows (`forward_puzzle`'s exclusions). A task with one target: that target, so every
-    fact the model has about it comes from the game. A task whose puzzles each have their own target: the task's
-    puzzles (number multiset and target); its target values stay, as in any pretrained model's arithmetic."""
-    if not task.max_target:
+def task_exclusion(task: CountdownConfig, leave_out: str = "target") -> dict:
+    """What the warm-up never shows (`forward_puzzle`'s exclusions). A task with one target, by default: that
+    target, so every fact the model has about it comes from the game (but the critic then learns that the value is
+    never right: docs/experiments.md, section 2). Otherwise the task's puzzles (number multiset and target); its
+    target values stay, as in any pretrained model's arithmetic."""
+    if not task.max_target and leave_out == "target":
         return {"exclude_target": task.target}
     train, heldout = split_puzzles(task)
     return {"exclude": frozenset(p.key for p in train + heldout)}
@@ -98,7 +101,7 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
     rng = random.Random(cfg.seed)
     eos = tokenizer.eos_token
     corpus = []
-    unseen = task_exclusion(task)
+    unseen = task_exclusion(task, cfg.leave_out)
     for i in range(count):
         puzzle, expert = forward_puzzle(
             rng, num_numbers=task.num_numbers, min_number=task.min_number, max_number=task.max_number,

@@ -148,6 +148,15 @@ def test_shipped_configs_load():
         load_config(["--config", str(f)])
 
 
+def test_the_default_config_file_spells_out_the_defaults():
+    from pathlib import Path
+
+    from raro_fast.config import to_dict
+
+    spelled = load_config(["--config", str(Path(__file__).parents[1] / "configs" / "countdown-default.yaml")])
+    assert to_dict(spelled) == to_dict(load_config([]))
+
+
 def test_train_help_and_bad_config_exit_codes():
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "raro_fast.train", "--help"], capture_output=True,
                          text=True)

@@ -91,3 +91,35 @@ def test_critic_curves_plot(tmp_path):
                                                           "critic/oracle_agreement": 0.6})
     assert summarize.plot_critic(summarize.read_runs(tmp_path), tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 5000
+
+
+def test_critic_probe_pools_every_demonstration_with_exact_values(monkeypatch, tmp_path):
+    """With a scripted engine whose critic is the verifier (policy samples: expert, wrong, no tag, truncated), every
+    training demonstration is played once: right answers earn tau_pol (a tie against the expert), wrong ones 0."""
+    import critic_probe
+    from test_raro_game import ScriptedEngine
+
+    from raro_fast.model.hf import load_project_tokenizer
+    from raro_fast.tasks import make_task
+    from raro_fast.config import load_config
+
+    argv = ["--task.countdown.num_train", "12", "--task.countdown.num_heldout", "4"]
+    tok, task = load_project_tokenizer(), make_task(load_config(argv).task)
+
+    class Model:
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(critic_probe, "load_pretrained", lambda *a, **k: (Model(), tok))
+    monkeypatch.setattr(critic_probe.EmbeddedEngine, "from_tokenizer",
+                        classmethod(lambda cls, *a, **k: ScriptedEngine(tok, task, "verifier")))
+    base = tmp_path / "base_model"
+    assert critic_probe.main([str(base), *argv, "--out", str(tmp_path / "probe.json")]) == 0
+    report = json.loads((tmp_path / "probe.json").read_text())
+    # 8 samples a question: 2 expert answers, 2 scripted wrong ones (a few of which happen to verify), 4 unjudged
+    assert report["judged_right"] + report["judged_wrong"] == 12 * 4 and report["judged_right"] >= 12 * 2
+    assert report["policy/answer_accuracy"] == round(report["judged_right"] / (12 * 8), 3)
+    assert report["critic/decisive_accuracy"] == 1.0 and report["critic/oracle_agreement"] == 1.0
+    assert report["reward/policy_mean_correct"] == 0.6 and report["reward/policy_mean_incorrect"] == 0.0
+    assert report["reward/policy_gap"] == 0.6
+    assert "<answer>" in (tmp_path / "base_model_critic_samples.txt").read_text()

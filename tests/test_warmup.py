@@ -103,5 +103,13 @@ def test_with_varied_targets_the_warmup_leaves_out_the_tasks_puzzles_not_its_tar
         targets.add(target)
     assert not keys & task_keys
     assert {p.target for ps in split_puzzles(task) for p in ps} <= targets  # every target value the task uses
-    fixed = CountdownConfig()  # one target: that value is what stays out
+    fixed = CountdownConfig()  # one target: by default that value is what stays out
     assert all("make 10." not in tok.decode(e.input_ids[: e.prompt_len]) for e in warmup_corpus(fixed, WarmupConfig(), tok, 500))
+    # ... or, with warmup.leave_out puzzles, the task's puzzles: other multisets may make 10
+    fewer = CountdownConfig(num_train=60)  # 164 multisets make 10: 40 are left to the warm-up
+    fewer_keys = {p.key for ps in split_puzzles(fewer) for p in ps}
+    seen = []
+    for e in warmup_corpus(fewer, WarmupConfig(leave_out="puzzles"), tok, 3000):
+        m = re.search(r"Using ([\d, ]+) each exactly once .* make (\d+)\.", tok.decode(e.input_ids[: e.prompt_len]))
+        seen.append((tuple(sorted(int(x) for x in m[1].split(", "))), int(m[2])))
+    assert not set(seen) & fewer_keys and sum(target == 10 for _, target in seen) > 10
