@@ -65,15 +65,16 @@ def damage(folder: Path) -> str | None:
         return f"{folder / missing[0]} is missing" if missing else None
     try:
         entries = json.loads(manifest.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"{manifest} is not valid JSON ({e})"
-    for name, want in entries.items():
+        wants = [(name, int(want["bytes"]), str(want["sha256"])) for name, want in entries.items()]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+        return f"{manifest} is not a valid manifest ({type(e).__name__}: {e})"
+    for name, size, sha256 in wants:
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != want["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or replaced)"
-        if _sha256(path) != want["sha256"]:
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {size} (truncated or replaced)"
+        if _sha256(path) != sha256:
             return f"{path} does not match its SHA-256 in the manifest (changed after it was written)"
     return None
 

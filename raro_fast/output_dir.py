@@ -26,7 +26,7 @@ def base_recipe(cfg: JobConfig) -> dict[str, Any]:
     c = cfg.task.countdown
     countdown = {"num_numbers": c.num_numbers, "min_number": c.min_number, "max_number": c.max_number,
                  "target": c.target, "max_target": c.max_target}
-    if c.max_target or cfg.warmup.leave_out == "puzzles":  # the warm-up leaves out the task's own puzzles, so the split counts
+    if c.max_target or cfg.warmup.leave_out == "puzzles":  # the warm-up leaves out the task's puzzles: the split counts
         countdown.update(num_train=c.num_train, num_heldout=c.num_heldout, seed=c.seed)
     return {
         "model.embedded": dataclasses.asdict(cfg.model.embedded),

@@ -120,6 +120,10 @@ def test_resume_point_skips_damaged_checkpoints_naming_the_file(tmp_path):
     assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000002"
     assert "step_000004 is damaged" in said[0] and "trainer_state.json does not match its SHA-256" in said[0]
     assert "resuming from step_000002" in said[1]
+    good = (root / "step_000002" / "manifest.json").read_text()
+    (root / "step_000002" / "manifest.json").write_text('{"optimizer.json": 3}')  # valid JSON, not a manifest
+    assert "manifest.json is not a valid manifest" in checkpoint.damage(root / "step_000002")
+    (root / "step_000002" / "manifest.json").write_text(good)
     (root / "step_000002" / "optimizer.json").unlink()
     with pytest.raises(ValueError) as e:
         checkpoint.resume_point(tmp_path, warn=said.append)
