@@ -207,3 +207,19 @@ def test_an_update_that_overflows_the_weights_raises_diverged(tok):
 
     with pytest.raises(DivergedError, match="not finite after the optimizer step"):
         _adam_step(policy, mixed_samples(seed=1), Overshoot(policy.parameters(), lr=0.1))
+
+
+def test_three_skipped_steps_in_a_row_stop_the_run_naming_the_last_good_weights(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from raro_fast.train import check_health
+    from raro_fast.update import DivergedError
+
+    r = SimpleNamespace(skipped_in_a_row=0, warned_uniform=False, first_entropy=None, d=SimpleNamespace(is_main=True),
+                        hf_model=SimpleNamespace(config=SimpleNamespace(vocab_size=400)),
+                        cfg=load_config(["--train.output_dir", str(tmp_path)]))
+    for step, skipped in [(1, 1), (2, 1), (3, 0), (4, 1), (5, 1)]:  # a good step in between resets the count
+        check_health(r, step, {"update/skipped": skipped, "policy/entropy": 2.0})
+    with pytest.raises(DivergedError, match=r"steps 4-6: .* 3 times in a row .* the weights are those of step 3"):
+        check_health(r, 6, {"update/skipped": 1})
+    assert "warning" not in capsys.readouterr().out  # entropy 2.0 of ln 400 = 6.0: no uniform warning
