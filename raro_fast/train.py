@@ -379,10 +379,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     barrier(d)
     warn = print if d.is_main else (lambda _message: None)  # every rank looks; rank 0 speaks
     resume_from = checkpoint.resume_point(out, warn=warn) if cfg.train.resume else None
-    if cfg.train.resume and d.is_main:
-        print(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch" if resume_from
-              is None else f"train.resume: continuing after step {checkpoint.load_trainer_state(resume_from)['step']} "
-              f"from {resume_from}")
+    if cfg.train.resume and resume_from is None:
+        warn(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
@@ -416,6 +414,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         replay.load_state_dict(state["replay"])
         start = state["step"]
         engine.weight_version = start
+        warn(f"train.resume: continuing after step {start} from {resume_from}")
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=start if resume_from else None)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)

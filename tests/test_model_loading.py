@@ -41,7 +41,7 @@ def test_truncated_weights_are_named(saved, tmp_path):
     with pytest.raises(ValueError, match=r"model.path: .*model.safetensors is truncated or damaged"):
         load_pretrained(str(p), dtype=torch.float32)
     w.write_bytes(b"not safetensors at all")
-    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated or damaged, not a readable safetensors file"):
         load_pretrained(str(p), dtype=torch.float32)
 
 
