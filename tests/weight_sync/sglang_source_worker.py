@@ -182,6 +182,11 @@ def send_as_trainer(port: int, fd_in: int, fd_out: int) -> None:
 if __name__ == "__main__" and len(sys.argv) > 1:
     role, port, fd_in, fd_out = sys.argv[1], *map(int, sys.argv[2:5])
     {"receive": receive_as_sglang_server, "send": send_as_trainer}[role](port, fd_in, fd_out)
+    # The work is done and reported; leave without interpreter finalisation, where a live gloo group can abort the
+    # process ("terminate called without an active exception", seen once in CI after a passing sync).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 elif __name__ == "__main__":
     check_version(sglang.__version__, "the sglang package under test")
     print(json.dumps({"sglang": sglang.__version__, **check_buckets(), **check_generate(),
