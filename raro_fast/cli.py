@@ -4,9 +4,10 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "train": ("raro_fast.train", "RARO training (same as `python -m raro_fast.train`; use torchrun for several ranks)"),
+    "train": ("raro_fast.launch", "RARO training; with torchrun's options (--nproc_per_node=N ...) on several ranks"),
     "analyze": ("raro_fast.analyze", "support and entropy analysis of two or more models"),
     "evaluate": ("raro_fast.evaluate", "accuracy of n samples: first, mean, majority vote, critic tournament, pass@n"),
+    "convert-gguf": ("raro_fast.model.gguf", "a GGUF file (or `smollm2`) to a Hugging Face directory for --model.path"),
 }
 
 
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: raro-fast <command> [options]   (raro-fast <command> --help for its options)", ""]
-        lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+        lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
         print("\n".join(lines))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     import importlib

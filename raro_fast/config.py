@@ -66,11 +66,14 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class WarmupConfig:
-    """Format warm-up of the embedded model (skipped for a real checkpoint, which already follows instructions).
+    """Format warm-up (Countdown): of the embedded model always, of a real checkpoint (`--model.path`) only when
+    `checkpoint_steps` asks for it.
 
     A model built from scratch cannot read the prompts at all, so it first learns the two output formats from
     synthetic traces on puzzles that never appear in training or evaluation (any target but the task's): a policy trace
-    (a short solver search, then the expression) and a critic trace (evaluate both answers, then a verdict).
+    (a short solver search, then the expression) and a critic trace (evaluate both answers, then a verdict). A real
+    instruct model reads the prompts but may not answer in the `<answer>` format; the same corpus, a few hundred steps
+    at a fine-tuning learning rate, teaches it the formats.
     """
 
     steps: int = _help("Optimizer steps of the warm-up (0: none).", 2000)
@@ -89,13 +92,18 @@ class WarmupConfig:
         "puzzles = only the task's own puzzles (number multiset and target), so that puzzles the task does not use "
         "may make its target. A task with a target per puzzle (task.countdown.max_target) always leaves out its "
         "puzzles.", "target")
+    checkpoint_steps: int = _help(
+        "Warm-up steps for a real checkpoint given by --model.path (0: none, the checkpoint is used as it is). The "
+        "warmed-up copy is saved as train.output_dir/base_model and the run starts from it; `steps` and `lr` are the "
+        "embedded model's.", 0)
+    checkpoint_lr: float = _help("Warm-up learning rate for a real checkpoint (AdamW, cosine decay).", 2e-5)
     precision: Literal["auto", "float32", "bfloat16"] = _help(
         "Compute dtype of the warm-up's matrix products (weights and optimizer stay float32): auto = bfloat16 "
         "autocast where the device computes bfloat16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; "
         "1.3x faster for the default model on such a CPU), else float32.", "auto")
 
     def __post_init__(self) -> None:
-        _at_least("warmup", self, 0, "steps", "lr")
+        _at_least("warmup", self, 0, "steps", "lr", "checkpoint_steps", "checkpoint_lr")
         _at_least("warmup", self, 1, "batch_size")
         if not 0.0 <= self.critic_fraction <= 1.0:
             raise ValueError(f"warmup.critic_fraction must lie in [0, 1], got {self.critic_fraction}")
@@ -112,7 +120,12 @@ class RolloutConfig:
         "sglang backends need `pip install raro-fast[sglang]`.",
         "embedded",
     )
-    temperature: float = _help("Sampling temperature for policy and critic rollouts.", 1.0)
+    temperature: float = _help("Sampling temperature for policy rollouts (and critic rollouts unless "
+                               "critic_temperature is set).", 1.0)
+    critic_temperature: float | None = _help(
+        "Sampling temperature for RARO's critic rollouts (empty: `temperature`). Their log-probs are recomputed at "
+        "the same temperature, so the update stays on-policy for both roles. A small critic at a lower temperature "
+        "checks arithmetic more reliably (docs/experiments.md, section 2).", None)
     top_p: float = _help("Nucleus sampling for rollouts (1.0 keeps the engine's log-probs exact).", 1.0)
     max_new_tokens: int = _help("Longest policy completion; longer ones are truncated and filtered out.", 96)
     critic_max_new_tokens: int = _help("Longest critic completion.", 96)
@@ -134,6 +147,9 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _at_least("rollout", self, 1, "max_new_tokens", "critic_max_new_tokens", "batch_size", "tp_size", "server_ranks")
         _at_least("rollout", self, 0, "temperature")
+        if self.critic_temperature is not None and self.critic_temperature <= 0:
+            raise ValueError(f"rollout.critic_temperature must be > 0 (every critic sample of a pair would be the "
+                             f"same at 0, and GRPO would see no difference), got {self.critic_temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.weight_bucket_mb <= 0:

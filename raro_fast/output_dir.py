@@ -21,15 +21,25 @@ RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "final_model", "config.json", "cu
 RECIPE_FILE = "warmup_recipe.json"
 
 
+FORMAT_RATES_FILE = "format_rates.json"
+
+
+def uses_base(cfg: JobConfig) -> bool:
+    """Whether the run starts from a base it warms up itself (and caches in base_model/): the embedded default,
+    or a real checkpoint given `warmup.checkpoint_steps`."""
+    return not cfg.model.path or cfg.warmup.checkpoint_steps > 0
+
+
 def base_recipe(cfg: JobConfig) -> dict[str, Any]:
-    """Every setting the embedded base's weights depend on."""
+    """Every setting the base's weights depend on."""
     c = cfg.task.countdown
     countdown = {"num_numbers": c.num_numbers, "min_number": c.min_number, "max_number": c.max_number,
                  "target": c.target, "max_target": c.max_target}
     if c.max_target or cfg.warmup.leave_out == "puzzles":  # the warm-up leaves out the task's puzzles: the split counts
         countdown.update(num_train=c.num_train, num_heldout=c.num_heldout, seed=c.seed)
+    start = {"model.path": cfg.model.path} if cfg.model.path else {"model.embedded": dataclasses.asdict(cfg.model.embedded)}
     return {
-        "model.embedded": dataclasses.asdict(cfg.model.embedded),
+        **start,
         "warmup": dataclasses.asdict(cfg.warmup),
         "task.countdown": countdown,
         "train.seed": cfg.train.seed,
@@ -76,7 +86,7 @@ def prepare(cfg: JobConfig, *, delete: bool) -> None:
         return
     found = [name for name in RUN_ENTRIES if (out / name).exists()]
     base = out / "base_model"
-    stale_base = [] if cfg.model.path or not base.exists() else _recipe_differences(base, cfg)
+    stale_base = _recipe_differences(base, cfg) if uses_base(cfg) and base.exists() else []
     if t.overwrite:
         if not delete:
             return

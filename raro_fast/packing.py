@@ -35,6 +35,7 @@ class SequenceSample:
     ref_logprobs: list[float] | None = None  # per completion token, from a frozen reference
     weight_version: int | None = None  # the engine weights that sampled it (None: not sampled, e.g. SFT data)
     preference: int = 0  # DPO: +1 the chosen, -1 the rejected member of pair `group`; 0 elsewhere
+    temperature: float | None = None  # sampled at this temperature (None: the run's rollout.temperature)
 
     @property
     def num_targets(self) -> int:
@@ -60,6 +61,7 @@ class PackedMicroBatch:
     num_sequences: int  # GLOBAL count over the whole step, for loss normalisation
     num_tokens: int  # GLOBAL count of trained tokens
     is_padding: bool = False
+    temperatures: torch.Tensor | None = None  # per token, where the samples carry their own (RARO's critic's)
 
     def to(self, device: torch.device | str) -> "PackedMicroBatch":
         moved = {}
@@ -105,6 +107,7 @@ def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: i
             else:
                 extra[name].extend([0.0] * (p - 1) + list(vals) + [0.0])
     f32 = torch.float32
+    temperatures = _temperatures(samples)
     return PackedMicroBatch(
         input_ids=torch.tensor(ids, dtype=torch.long),
         position_ids=torch.tensor(pos, dtype=torch.long),
@@ -120,7 +123,20 @@ def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: i
         ref_logprobs=None if extra["ref_logprobs"] is None else torch.tensor(extra["ref_logprobs"], dtype=f32),
         num_sequences=num_sequences,
         num_tokens=num_tokens,
+        temperatures=None if temperatures is None else torch.tensor(temperatures, dtype=f32),
     )
+
+
+def _temperatures(samples: Sequence[SequenceSample]) -> list[float] | None:
+    """Each token's sampling temperature where the samples carry their own; None where none does. A mix would
+    leave some tokens' temperature unknown here, so it is refused."""
+    own = [s.temperature is not None for s in samples]
+    if not any(own):
+        return None
+    if not all(own):
+        uid = next(s.uid for s in samples if s.temperature is None)
+        raise ValueError(f"sequence uid={uid}: no sampling temperature, packed with sequences that carry one")
+    return [t for s in samples for t in [s.temperature] * len(s.input_ids)]
 
 
 def balanced_partition(costs: Sequence[float], k: int) -> list[list[int]]:

@@ -55,7 +55,7 @@ class Judged:
     correct: bool | None
 
 
-def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight: float) -> SequenceSample:
+def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight: float, cfg: JobConfig) -> SequenceSample:
     return SequenceSample(
         input_ids=list(c.prompt_ids) + list(c.token_ids),
         prompt_len=len(c.prompt_ids),
@@ -66,7 +66,17 @@ def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight:
         loss_weight=weight,
         rollout_logprobs=list(c.logprobs),
         weight_version=c.weight_version,
+        temperature=role_temperatures(cfg)[role],
     )
+
+
+def role_temperatures(cfg: JobConfig) -> dict[str, float | None]:
+    """Each role's sampling temperature, carried by its sequences only where the critic has its own (else every
+    sequence is at the run's rollout.temperature and carries none)."""
+    ro = cfg.rollout
+    if ro.critic_temperature is None:
+        return {"policy": None, "critic": None}
+    return {"policy": ro.temperature, "critic": ro.critic_temperature}
 
 
 def raro_rollouts(
@@ -91,7 +101,8 @@ def raro_rollouts(
         return out
     policy_params = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                    n=rc.group_size, seed=seed)
-    critic_params = SamplingParams(max_new_tokens=ro.critic_max_new_tokens, temperature=ro.temperature,
+    critic_temperature = ro.temperature if ro.critic_temperature is None else ro.critic_temperature
+    critic_params = SamplingParams(max_new_tokens=ro.critic_max_new_tokens, temperature=critic_temperature,
                                    top_p=ro.top_p, n=rc.critic_samples_per_pair, seed=seed + 1)
 
     # 1. Policy rollouts: G per question.
@@ -107,7 +118,7 @@ def raro_rollouts(
         adv = group_advantages(rewards[i], [0] * len(comps), std_normalize=cfg.loss.std_normalize)
         for j, c in enumerate(comps):
             if train_policy and not c.truncated:  # over-length filtering: in the baseline, not in the loss
-                out.samples.append(_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol))
+                out.samples.append(_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol, cfg=cfg))
     # 4. Critic training: the fresh verdicts above (on-policy rollouts already), plus rollouts on replayed pairs.
     fresh = list(zip((j.pair for j in judged), (j.expert_position for j in judged), verdicts))
     if fresh_cap is not None and len(fresh) > fresh_cap:
@@ -183,7 +194,7 @@ def _add_critic_group(out: RankRollout, comps: list[Completion], expert_position
     for c, a, reward in zip(comps, adv, rewards):
         out.add("reward/critic_mean", reward)
         if not c.truncated or rc.invalid_verdicts == "abstain":
-            out.samples.append(_sequence(c, advantage=a, role="critic", group=group, weight=rc.lambda_crit))
+            out.samples.append(_sequence(c, advantage=a, role="critic", group=group, weight=rc.lambda_crit, cfg=cfg))
 
 
 def _judge(judged: list[Judged], engine: RolloutEngine, tokenizer, params: SamplingParams) -> list[list[Completion]]:

@@ -34,7 +34,8 @@ from raro_fast.config import ConfigError, JobConfig, OptimConfig, help_text, loa
 from raro_fast.distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
 from raro_fast.evaluate import heldout_accuracy
 from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, summary_table
-from raro_fast.model.hf import build_embedded_model, load_pretrained, load_project_tokenizer, resolve_dtype, save_pretrained_atomic
+from raro_fast.model.hf import (build_embedded_model, end_token_ids, load_pretrained, load_project_tokenizer, resolve_dtype,
+                                resolve_model_path, save_pretrained_atomic)
 from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
@@ -46,7 +47,7 @@ from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import check_backend, make_engine
 from raro_fast.tasks import make_task
 from raro_fast.update import DivergedError, recompute_logprobs, split_mini_batches, update_mini_batches, weigh_roles
-from raro_fast.warmup import format_warmup
+from raro_fast.warmup import format_rates, format_warmup
 
 
 @dataclass
@@ -388,7 +389,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
               "(the rollout engine's copy uses the requested dtype either way)")
     engine_copy = copy.deepcopy(hf_model).to(d.device, compute_dtype) if cfg.rollout.backend == "embedded" else None
     engine = make_engine(cfg.rollout, engine_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
-                         dtype=dtype_name, device=d.device, rank=d.rank, seed=cfg.train.seed)
+                         dtype=dtype_name, device=d.device, rank=d.rank, seed=cfg.train.seed,
+                         end_ids=end_token_ids(hf_model, tokenizer))
     use_varlen_attention(hf_model)  # the trainer's copy only: the engine keeps sdpa for cached generation
     if cfg.model.liger_kernels:
         from raro_fast.model.liger import use_liger_kernels
@@ -436,22 +438,42 @@ def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype, path: P
 
 
 def initial_model(cfg: JobConfig, d: Dist, resume_from: Path | None):
-    """fp32 master weights: from a checkpoint, a real model directory, or the embedded default (built and warmed
-    up once on rank 0, saved under output_dir/base_model, then loaded by every rank)."""
-    if resume_from is not None or cfg.model.path:
+    """fp32 master weights: from a checkpoint, a real model directory, or a warmed-up base (the embedded default, or
+    a real model given `warmup.checkpoint_steps`: warmed up once on rank 0, saved under output_dir/base_model, then
+    loaded by every rank)."""
+    if resume_from is not None or not output_dir.uses_base(cfg):
         setting = "model.path" if resume_from is None else "train.resume (the checkpoint's model)"
         return load_pretrained(str(initial_model_dir(cfg, resume_from)), dtype=torch.float32, setting=setting)
     base = initial_model_dir(cfg, None)
     if d.is_main and not (base / "config.json").is_file():
-        tokenizer = load_project_tokenizer()
-        e = cfg.model.embedded
-        model = build_embedded_model(tokenizer, hidden_size=e.hidden_size, num_layers=e.num_layers, num_heads=e.num_heads,
-                                     num_kv_heads=e.num_kv_heads, intermediate_size=e.intermediate_size,
-                                     max_position=e.max_position, seed=cfg.train.seed)
-        format_warmup(model.to(d.device), tokenizer, cfg.task.countdown, cfg.warmup, device=d.device, progress=cfg.train.progress)
-        save_pretrained_atomic(model.cpu(), tokenizer, base, extra_files=output_dir.recipe_file(cfg))
+        model, tokenizer, warmup = base_to_warm_up(cfg)
+        model.to(d.device)
+        rates = functools.partial(format_rates, model, tokenizer, make_task(cfg.task).examples("train"),
+                                  max_new_tokens=cfg.rollout.max_new_tokens,
+                                  critic_max_new_tokens=cfg.rollout.critic_max_new_tokens)
+        before = rates()
+        format_warmup(model, tokenizer, cfg.task.countdown, warmup, device=d.device, progress=cfg.train.progress)
+        rates = {"before": before, "after": rates()}
+        print("format warm-up: answers in format (greedy, 16 training questions): policy {before[policy]:.2f} -> "
+              "{after[policy]:.2f}, critic verdicts {before[critic]:.2f} -> {after[critic]:.2f}".format(**rates))
+        save_pretrained_atomic(model.cpu(), tokenizer, base, extra_files={
+            **output_dir.recipe_file(cfg), output_dir.FORMAT_RATES_FILE: json.dumps(rates, indent=2) + "\n"})
     barrier(d)
     return load_pretrained(str(base), dtype=torch.float32, setting="train.output_dir (its warmed-up base_model)")
+
+
+def base_to_warm_up(cfg: JobConfig):
+    """The model the warm-up starts from, its tokenizer, and the warm-up settings for it."""
+    if cfg.model.path:
+        model, tokenizer = load_pretrained(cfg.model.path, dtype=torch.float32, setting="model.path")
+        return model, tokenizer, dataclasses.replace(cfg.warmup, steps=cfg.warmup.checkpoint_steps,
+                                                     lr=cfg.warmup.checkpoint_lr)
+    tokenizer = load_project_tokenizer()
+    e = cfg.model.embedded
+    model = build_embedded_model(tokenizer, hidden_size=e.hidden_size, num_layers=e.num_layers, num_heads=e.num_heads,
+                                 num_kv_heads=e.num_kv_heads, intermediate_size=e.intermediate_size,
+                                 max_position=e.max_position, seed=cfg.train.seed)
+    return model, tokenizer, cfg.warmup
 
 
 def dpo_round_length(cfg: JobConfig) -> int:
@@ -487,7 +509,9 @@ def initial_model_dir(cfg: JobConfig, resume_from: Path | None) -> Path:
     """Where the run's starting weights are on disk (SGLang engines load them from there)."""
     if resume_from is not None:
         return resume_from / "model"
-    return Path(cfg.model.path) if cfg.model.path else Path(cfg.train.output_dir) / "base_model"
+    if output_dir.uses_base(cfg):
+        return Path(cfg.train.output_dir) / "base_model"
+    return Path(resolve_model_path(cfg.model.path, "model.path"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from raro_fast import prompts
 from raro_fast.config import WarmupConfig
+from raro_fast.rollout.engine import SamplingParams
 from raro_fast.tasks.countdown import (CountdownConfig, evaluation_trace, expression_steps, forward_puzzle, parse,
                                        question_text, random_expression, search_trace, split_puzzles, to_string, verify)
 
@@ -178,3 +179,31 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
+
+
+FORMAT_PROBE_QUESTIONS = 16
+
+
+@torch.no_grad()
+def format_rates(model, tokenizer, examples: list, *, max_new_tokens: int, critic_max_new_tokens: int) -> dict[str, float]:
+    """How often the model answers in the two formats (greedy, on up to 16 of `examples`): `policy` = the fraction
+    of policy completions with a complete <answer>, `critic` = the fraction of verdicts that are 1, 2 or tie when it
+    compares the expert's answer with the policy's (or with the expert's own, where the policy gave none). Leaves
+    the model trainable, as it found it."""
+    from raro_fast.rollout.embedded import EmbeddedEngine
+
+    examples = examples[:FORMAT_PROBE_QUESTIONS]
+    trainable = [p.requires_grad for p in model.parameters()]
+    engine = EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=len(examples))
+    greedy = dict(temperature=0.0, n=1, seed=0)
+    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples],
+                             SamplingParams(max_new_tokens=max_new_tokens, **greedy))
+    answers = [prompts.parse_answer(c[0].text) for c in policy]
+    critic = engine.generate([prompts.render_prompt(tokenizer, prompts.critic_messages(ex.question, ex.answer, a or ex.answer))
+                              for ex, a in zip(examples, answers, strict=True)],
+                             SamplingParams(max_new_tokens=critic_max_new_tokens, **greedy))
+    for p, flag in zip(model.parameters(), trainable, strict=True):
+        p.requires_grad_(flag)
+    n = max(1, len(examples))
+    return {"policy": sum(a is not None for a in answers) / n,
+            "critic": sum(prompts.parse_verdict(c[0].text) is not None for c in critic) / n}

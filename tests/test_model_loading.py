@@ -5,17 +5,12 @@ import shutil
 import pytest
 import torch
 
-from raro_fast.model.hf import build_embedded_model, load_pretrained, load_project_tokenizer, save_pretrained_atomic
+from raro_fast.model.hf import load_pretrained
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    tok = load_project_tokenizer()
-    model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                                 max_position=64, seed=0)
-    path = tmp_path_factory.mktemp("m") / "model"
-    save_pretrained_atomic(model, tok, path)
-    return path
+def saved(saved_embedded_model):
+    return saved_embedded_model
 
 
 def _copy(saved, tmp_path):

@@ -34,6 +34,7 @@ class ScriptedEngine:
 
     def generate(self, prompt_list, params):
         self.calls.append((len(prompt_list), params.n))
+        self.temperatures = getattr(self, "temperatures", []) + [params.temperature]
         out = []
         for p in prompt_list:
             text = self.tok.decode(p, skip_special_tokens=False)
@@ -91,9 +92,11 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
         asked.append(n)
         return list(replay)[:n]
 
-    out = raro_rollouts(examples, engine=ScriptedEngine(tok, task, critic=critic), tokenizer=tok, task=task, cfg=cfg,
+    engine = ScriptedEngine(tok, task, critic=critic)
+    out = raro_rollouts(examples, engine=engine, tokenizer=tok, task=task, cfg=cfg,
                         rng=random.Random(0), seed=1, fresh_cap=fresh_cap, draw_replay=draw,
                         train_policy=train_policy)
+    out.engine_temperatures = engine.temperatures
     return out, asked
 
 
@@ -236,3 +239,17 @@ def test_critic_lead_steps_judge_the_policy_but_train_only_the_critic(setting):
     full, _ = play(cfg, tok, task, examples)
     assert by_role(out, "policy") == [] and len(by_role(out, "critic")) == len(by_role(full, "critic")) == 24
     assert out.stats == full.stats  # the same game, logged the same way
+
+
+def test_the_critic_samples_at_its_own_temperature_and_its_sequences_say_so(setting):
+    cfg, tok, task, examples = setting
+    plain, _ = play(cfg, tok, task, examples, replay=[CriticPair("r", examples[0].question, "1+2", examples[0].answer)])
+    assert plain.engine_temperatures == [1.0, 1.0, 1.0]  # policy, fresh verdicts, replayed pairs
+    assert {s.temperature for s in plain.samples} == {None}  # one temperature: the run's, carried by none
+    own, _ = play(cfg, tok, task, examples, args=("--rollout.temperature", "0.9", "--rollout.critic_temperature", "0.3"),
+                  replay=[CriticPair("r", examples[0].question, "1+2", examples[0].answer)])
+    assert own.engine_temperatures == [0.9, 0.3, 0.3]
+    assert {s.temperature for s in by_role(own, "policy")} == {0.9}
+    assert {s.temperature for s in by_role(own, "critic")} == {0.3}
+    # everything else is the same game
+    assert [s.advantage for s in own.samples] == [s.advantage for s in plain.samples]

@@ -223,3 +223,32 @@ def test_three_skipped_steps_in_a_row_stop_the_run_naming_the_last_good_weights(
     with pytest.raises(DivergedError, match=r"steps 4-6: .* 3 times in a row .* the weights are those of step 3"):
         check_health(r, 6, {"update/skipped": 1})
     assert "warning" not in capsys.readouterr().out  # entropy 2.0 of ln 400 = 6.0: no uniform warning
+
+
+def test_each_role_is_recomputed_at_the_temperature_it_was_sampled_at(tok):
+    """Engine -> sequences -> packed batch -> recompute: with the critic at its own temperature, the trainer's
+    log-probs equal the engine's for both roles (recomputing the critic's at the policy's temperature would not)."""
+    from raro_fast.rollout.embedded import EmbeddedEngine
+    from raro_fast.rollout.engine import SamplingParams
+
+    policy = tiny_policy(tok, seed=3)
+    engine = EmbeddedEngine.from_tokenizer(  # the same weights, with the engine's own (cached sdpa) attention
+        build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                             max_position=256, seed=3), tok)
+    prompt = tok("<|im_start|>user\n3 4 2<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    samples = []
+    for role, temperature in (("policy", 1.0), ("critic", 0.3)):
+        for c in engine.generate([prompt], SamplingParams(max_new_tokens=12, temperature=temperature, n=3, seed=1))[0]:
+            samples.append(SequenceSample(input_ids=prompt + c.token_ids, prompt_len=len(prompt), advantage=1.0, role=role,
+                                          group=0, uid=len(samples), rollout_logprobs=c.logprobs, temperature=temperature))
+    mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=4096, world_size=1, rank=0)
+    recompute_logprobs(policy, mbs, temperature=1.0)
+    for mb in mbs:
+        m = mb.targets != -100
+        torch.testing.assert_close(mb.old_logprobs[m], mb.rollout_logprobs[m], rtol=0, atol=1e-4)
+    for s in samples:
+        s.temperature = None  # the run's one temperature for every sequence: the critic's no longer match
+    mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=4096, world_size=1, rank=0)
+    recompute_logprobs(policy, mbs, temperature=1.0)
+    gap = max((mb.old_logprobs - mb.rollout_logprobs)[mb.targets != -100].abs().max().item() for mb in mbs)
+    assert gap > 0.05

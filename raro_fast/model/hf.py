@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,9 +85,74 @@ def build_embedded_model(
     return model
 
 
+def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends a turn: the tokenizer's EOS first, then the generation config's `eos_token_id` (an int
+    or a list: Qwen2.5-Instruct ends on <|im_end|> or <|endoftext|>)."""
+    ids = [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
+    extra = getattr(generation, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+# Names tokenizers use for a padding token of their own; the first one present that does not end a turn is taken.
+_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
+
+
+def choose_pad_token(tokenizer: PreTrainedTokenizerBase, end_ids: list[int]) -> None:
+    """Give `tokenizer` a pad token that is not an end token where its vocabulary has one (SmolLM2 and Qwen2.5 pad
+    with an end token), else the EOS: generation pads finished rows, and a pad that reads as a stop or as text must
+    never be mistaken for the model's own output."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in end_ids:
+        return
+    vocab = tokenizer.get_vocab()
+    for name in _PAD_CANDIDATES:
+        if name in vocab and vocab[name] not in end_ids:
+            tokenizer.pad_token = name
+            return
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path: str, setting: str) -> str:
+    """A local directory as given; otherwise a hub id (`Qwen/Qwen2.5-1.5B-Instruct`) resolved through
+    huggingface_hub's cache, downloading its safetensors, config and tokenizer files unless HF_HUB_OFFLINE is set."""
+    if Path(path).exists() or not HUB_ID.match(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:  # transformers depends on it; a broken install is the only way here
+        raise ValueError(f"{setting}: {path!r} is not a directory, and huggingface_hub (to resolve it as a hub id) "
+                         "is not installed") from None
+    try:
+        return snapshot_download(path, allow_patterns=_HUB_FILES)
+    except LocalEntryNotFoundError:
+        raise ValueError(f"{setting}: {path!r} is neither a directory nor a model in the Hugging Face cache "
+                         f"({_hub_cache()}), and it cannot be downloaded here (offline, or no network); download it "
+                         "on a machine with network (`hf download` it) or give a model directory") from None
+    except (HFValidationError, OSError) as e:
+        raise ValueError(f"{setting}: {path!r} is not a directory and does not resolve as a hub id "
+                         f"({type(e).__name__}: {e})") from None
+
+
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
 def load_pretrained(path: str, *, dtype: torch.dtype, setting: str = "model.path") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model directory in Hugging Face format. Every error names `setting` (the option that gave the path,
-    or what the folder is), the path, and the file at fault: never a traceback from inside transformers."""
+    """Load a model directory in Hugging Face format (or a hub id, see `resolve_model_path`). Every error names
+    `setting` (the option that gave the path, or what the folder is), the path, and the file at fault: never a
+    traceback from inside transformers."""
+    path = resolve_model_path(path, setting)
     p = Path(path)
     if not p.is_dir():
         raise ValueError(f"{setting}: {path!r} is not a directory (expected a Hugging Face model directory)")
@@ -109,12 +175,11 @@ def load_pretrained(path: str, *, dtype: torch.dtype, setting: str = "model.path
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"{setting}: {path!r}: its tokenizer does not load ({type(e).__name__}: {e})") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{setting}: {path!r}: the model does not load ({type(e).__name__}: {e})") from None
+    choose_pad_token(tokenizer, end_token_ids(model, tokenizer))
     return model, tokenizer
 
 
@@ -142,6 +207,9 @@ def save_pretrained_atomic(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the model private once renamed into place
     try:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

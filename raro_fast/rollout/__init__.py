@@ -25,9 +25,11 @@ def check_backend(cfg, device, dtype: str) -> None:
                          "picks on CUDA)")
 
 
-def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, rank: int, seed: int) -> RolloutEngine:
+def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, rank: int, seed: int,
+                end_ids: list[int] | None = None) -> RolloutEngine:
     """The engine `cfg.backend` names. `model` (the embedded engine's own copy) is used only by the embedded
-    backend; SGLang loads `model_path` itself and is imported only when asked for."""
+    backend, which takes its end tokens from it; SGLang loads `model_path` itself, stops at `end_ids`, and is
+    imported only when asked for."""
     if cfg.backend == "embedded":
         from raro_fast.rollout.embedded import EmbeddedEngine
 
@@ -38,7 +40,9 @@ def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, r
     bucket_bytes = cfg.weight_bucket_mb * 2**20
     if cfg.backend == "sglang":
         return SGLangEngine(model_path=model_path, tokenizer=tokenizer, dtype=dtype, mem_fraction=cfg.mem_fraction,
-                            tp_size=cfg.tp_size, bucket_bytes=bucket_bytes, seed=seed + rank, gpu_id=device.index or 0)
+                            tp_size=cfg.tp_size, bucket_bytes=bucket_bytes, seed=seed + rank, gpu_id=device.index or 0,
+                            end_ids=end_ids)
     return SGLangServerEngine(url=cfg.sglang_url, tokenizer=tokenizer, bucket_bytes=bucket_bytes, sync_rank=rank == 0,
                               server_ranks=cfg.server_ranks, group_address=cfg.weight_group_address,
-                              group_port=cfg.weight_group_port, group_backend="nccl" if device.type == "cuda" else "gloo")
+                              group_port=cfg.weight_group_port, group_backend="nccl" if device.type == "cuda" else "gloo",
+                              end_ids=end_ids)

@@ -37,8 +37,10 @@ class EmbeddedEngine:
 
     @classmethod
     def from_tokenizer(cls, model: PreTrainedModel, tokenizer, *, batch_size: int = 64) -> "EmbeddedEngine":
-        """Pad, end and decoding from a Hugging Face tokenizer."""
-        return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=[tokenizer.eos_token_id],
+        """Pad and decoding from a Hugging Face tokenizer; end tokens from it and the model's generation config."""
+        from raro_fast.model.hf import end_token_ids
+
+        return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=end_token_ids(model, tokenizer),
                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), batch_size=batch_size)
 
     @property

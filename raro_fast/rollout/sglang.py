@@ -155,7 +155,7 @@ class SGLangEngine:
     """
 
     def __init__(self, *, model_path: str, tokenizer, dtype: str, mem_fraction: float, tp_size: int,
-                 bucket_bytes: int, seed: int, gpu_id: int, engine=None) -> None:
+                 bucket_bytes: int, seed: int, gpu_id: int, end_ids: list[int] | None = None, engine=None) -> None:
         if engine is None:
             sgl = require_sglang("sglang")
             engine = sgl.Engine(**engine_kwargs(model_path=model_path, dtype=dtype, mem_fraction=mem_fraction,
@@ -163,7 +163,7 @@ class SGLangEngine:
         self.engine = engine
         self.tp_size = tp_size
         self.bucket_bytes = bucket_bytes
-        self.stop_ids = [tokenizer.eos_token_id]
+        self.stop_ids = list(end_ids or [tokenizer.eos_token_id])  # end_token_ids(model, tokenizer)
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.weight_version = 0
 
@@ -224,7 +224,8 @@ class SGLangServerEngine:
     other ranks only generate (and take part in the FSDP gathers that feed rank 0)."""
 
     def __init__(self, *, url: str, tokenizer, bucket_bytes: int, sync_rank: bool, server_ranks: int,
-                 group_address: str, group_port: int, group_backend: str = "nccl", timeout_s: float = 600.0) -> None:
+                 group_address: str, group_port: int, group_backend: str = "nccl", timeout_s: float = 600.0,
+                 end_ids: list[int] | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.bucket_bytes = bucket_bytes
@@ -235,7 +236,7 @@ class SGLangServerEngine:
         # registered on a long-lived server (torch refuses a group name twice).
         self.group_name = f"raro_fast_weights_{uuid.uuid4().hex[:12]}"
         self.group = None
-        self.stop_ids = [tokenizer.eos_token_id]
+        self.stop_ids = list(end_ids or [tokenizer.eos_token_id])  # end_token_ids(model, tokenizer)
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.weight_version = 0
         self._check_server()

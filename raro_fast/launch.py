@@ -1,0 +1,57 @@
+"""`raro-fast train [torchrun options] [training options]`: training through torchrun's own launcher, in-process.
+
+    raro-fast train --nproc_per_node=2 --config configs/countdown-easy.yaml --train.steps 40
+
+Options without a dot (`--nproc_per_node`, `--nnodes`, `--master_port`, `--standalone`, ...) go to torchrun; the
+training's own (`--config`, `--model`, `--resume`, `--section.field`) go to `raro_fast.train`. With no torchrun
+option the training runs in this process, as `python -m raro_fast.train` does.
+
+Why not torchrun itself: when a rank stops with a clear error (a bad setting, a damaged checkpoint), torchrun
+follows it with ~30 lines of ChildFailedError that repeat nothing useful. Here that becomes one line naming the
+rank and its exit code; the rank's own message is already above it.
+"""
+from __future__ import annotations
+
+import sys
+
+TRAINING_FLAGS = {"--config", "--model", "--resume", "-h", "--help"}
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun's options, the training's options). A value follows its option into the same list."""
+    launcher, training, target = [], [], None
+    for arg in argv:
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            target = training if "." in name or name in TRAINING_FLAGS else launcher
+        (target if target is not None else training).append(arg)
+    return launcher, training
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    launcher, training = split_args(argv)
+    if not launcher:
+        from raro_fast import train
+
+        return train.main(training)
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # Its "failed (exitcode: N) local_rank: R" line says what the one line below says.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+
+    try:
+        run(parse_args([*launcher, "-m", "raro_fast.train", *training]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"raro-fast train: rank {rank} stopped with exit code {failure.exitcode} (its message is above)",
+              file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

