@@ -297,7 +297,14 @@ def linear_policy_loss(
         DEFAULT_CHUNK_COLS if chunk_cols is None else chunk_cols,
         torch.is_grad_enabled(),
     )
-    if n_tokens == 0:
+    return _loss_and_metrics(hidden, weight, targets, cfg, terms)
+
+
+def _loss_and_metrics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cfg: _RunConfig,
+                      terms: _LossTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The fused loss over validated inputs, with `policy_loss`'s metrics, the log-probs and the entropy."""
+    batch, opts = terms.batch, terms.opts
+    if hidden.shape[0] == 0:
         loss = hidden.float().sum() * 0.0
         logprobs_N = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         entropy_N = logprobs_N
@@ -305,7 +312,7 @@ def linear_policy_loss(
         loss, logprobs_N, entropy_N = _LinearPolicyLossFn.apply(hidden, weight, targets, cfg, terms)
     metrics = policy_metrics(logprobs_N, batch, opts)
     metrics["logprobs"] = logprobs_N.detach()
-    if with_entropy:
+    if cfg.with_entropy:
         count = batch.mask.sum().clamp(min=1)
         metrics["entropy"] = torch.where(batch.mask, entropy_N, torch.zeros_like(entropy_N)).sum() / count
     return loss, metrics

@@ -119,26 +119,46 @@ def rerank_report(
     majority = [majority_index(ans) for ans in answers]
     sampling_s = time.perf_counter() - t0
 
-    picks: list[int] | None = None
-    critic_verdicts: list[str | None] = []
-    critic_calls = 0
     t0 = time.perf_counter()
+    picks, critic_stats = None, None
     if rerank == "tournament":
-        critic = critic_judge(engine, tokenizer, max_new_tokens=critic_max_new_tokens,
-                              temperature=temperature if critic_temperature is None else critic_temperature,
-                              top_p=top_p, seed=seed + 1)
-
-        def logged_critic(matches):
-            nonlocal critic_calls
-            verdicts = critic(matches)
-            critic_calls += 1
-            critic_verdicts.extend(verdicts)
-            return verdicts
-
-        picks = batched_tournaments([ex.question for ex in examples], answers, logged_critic, seed=seed)
+        picks, critic_stats = _tournament_picks(
+            examples, answers, engine=engine, tokenizer=tokenizer, max_new_tokens=critic_max_new_tokens,
+            temperature=temperature if critic_temperature is None else critic_temperature, top_p=top_p, seed=seed)
     critic_s = time.perf_counter() - t0
+    counts, accuracy = _scores(answers, correct, majority, picks, n=n, verifiable=verifiable)
+    per_question = [
+        {"id": ex.id, "answers": ans, "correct": c, "majority": m, "tournament": None if picks is None else picks[i]}
+        for i, (ex, ans, c, m) in enumerate(zip(examples, answers, correct, majority))
+    ]
+    return {"n": n, "rerank": rerank, "accuracy": accuracy, "counts": counts, "critic": critic_stats,
+            "timing_s": {"sampling": sampling_s, "critic": critic_s}, "per_question": per_question}
 
-    q = len(examples)
+
+def _tournament_picks(examples: list[Example], answers: list[list[str | None]], *, engine: RolloutEngine, tokenizer,
+                      max_new_tokens: int, temperature: float, top_p: float, seed: int) -> tuple[list[int], dict]:
+    """The critic's single-elimination pick per example (seeds from seed + 1 on, one per judge call), and how
+    often it was called and gave no decisive verdict."""
+    critic = critic_judge(engine, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed + 1)
+    seen: list[str | None] = []
+    calls = 0
+
+    def logged_critic(matches):
+        nonlocal calls
+        verdicts = critic(matches)
+        calls += 1
+        seen.extend(verdicts)
+        return verdicts
+
+    picks = batched_tournaments([ex.question for ex in examples], answers, logged_critic, seed=seed)
+    return picks, {"judge_calls": calls, "matches": len(seen), "tie_or_invalid": sum(v not in ("1", "2") for v in seen)}
+
+
+def _scores(answers: list[list[str | None]], correct: list[list[bool]], majority: list[int | None],
+            picks: list[int] | None, *, n: int, verifiable: bool) -> tuple[dict, dict]:
+    """Counts of each way of choosing, and the accuracies (none for a task without a verifier)."""
+    q = len(answers)
     counts = {
         "questions": q,
         "samples": q * n,
@@ -156,17 +176,7 @@ def rerank_report(
         "tournament@n": None if picks is None else counts["tournament_correct"] / q,
         "pass@n": counts["any_correct"] / q,
     }
-    critic_stats = None if picks is None else {
-        "judge_calls": critic_calls,
-        "matches": len(critic_verdicts),
-        "tie_or_invalid": sum(v not in ("1", "2") for v in critic_verdicts),
-    }
-    per_question = [
-        {"id": ex.id, "answers": ans, "correct": c, "majority": m, "tournament": None if picks is None else picks[i]}
-        for i, (ex, ans, c, m) in enumerate(zip(examples, answers, correct, majority))
-    ]
-    return {"n": n, "rerank": rerank, "accuracy": accuracy, "counts": counts, "critic": critic_stats,
-            "timing_s": {"sampling": sampling_s, "critic": critic_s}, "per_question": per_question}
+    return counts, accuracy
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ class Judged:
     correct: bool | None
 
 
-def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight: float, cfg: JobConfig) -> SequenceSample:
+def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight: float,
+              temperature: float | None = None) -> SequenceSample:
     return SequenceSample(
         input_ids=list(c.prompt_ids) + list(c.token_ids),
         prompt_len=len(c.prompt_ids),
@@ -66,7 +67,7 @@ def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight:
         loss_weight=weight,
         rollout_logprobs=list(c.logprobs),
         weight_version=c.weight_version,
-        temperature=role_temperatures(cfg)[role],
+        temperature=temperature,
     )
 
 
@@ -118,7 +119,8 @@ def raro_rollouts(
         adv = group_advantages(rewards[i], [0] * len(comps), std_normalize=cfg.loss.std_normalize)
         for j, c in enumerate(comps):
             if train_policy and not c.truncated:  # over-length filtering: in the baseline, not in the loss
-                out.samples.append(_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol, cfg=cfg))
+                out.samples.append(_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol,
+                                            temperature=role_temperatures(cfg)["policy"]))
     # 4. Critic training: the fresh verdicts above (on-policy rollouts already), plus rollouts on replayed pairs.
     fresh = list(zip((j.pair for j in judged), (j.expert_position for j in judged), verdicts))
     if fresh_cap is not None and len(fresh) > fresh_cap:
@@ -194,7 +196,8 @@ def _add_critic_group(out: RankRollout, comps: list[Completion], expert_position
     for c, a, reward in zip(comps, adv, rewards):
         out.add("reward/critic_mean", reward)
         if not c.truncated or rc.invalid_verdicts == "abstain":
-            out.samples.append(_sequence(c, advantage=a, role="critic", group=group, weight=rc.lambda_crit, cfg=cfg))
+            out.samples.append(_sequence(c, advantage=a, role="critic", group=group, weight=rc.lambda_crit,
+                                        temperature=role_temperatures(cfg)["critic"]))
 
 
 def _judge(judged: list[Judged], engine: RolloutEngine, tokenizer, params: SamplingParams) -> list[list[Completion]]:

@@ -117,35 +117,7 @@ def update_step(
     for mb in mbs:
         logprobs, _ = model(mb, temperature=temperature)
         mask = mb.targets != -100
-        loss, metrics = policy_loss(
-            logprobs,
-            mb.old_logprobs,
-            mb.advantages,
-            mask,
-            clip_low=loss_cfg.clip_low,
-            clip_high=loss_cfg.clip_high,
-            dual_clip=loss_cfg.dual_clip,
-            ref_logprobs=mb.ref_logprobs if loss_cfg.kl_coef > 0 else None,  # for the ref_kl metric
-            kl_estimator=loss_cfg.kl_estimator,
-            rollout_logprobs=mb.rollout_logprobs if loss_cfg.tis_cap is not None else None,
-            tis_cap=loss_cfg.tis_cap,
-            loss_agg=loss_cfg.loss_agg,
-            seq_ids=mb.seq_ids,
-            num_sequences=mb.num_sequences,
-            num_tokens=mb.num_tokens,
-            norm_constant=norm_constant,
-            weights=mb.loss_weights,
-        )
-        if loss_cfg.kl_coef > 0:
-            # -beta * KL sits outside the role-weighted sum (paper): unit weights and the whole batch's normaliser.
-            # It is the policy loss with zero advantages, whose surrogate is exactly 0.
-            kl_loss, _ = policy_loss(
-                logprobs, mb.old_logprobs, torch.zeros_like(mb.advantages), mask, ref_logprobs=mb.ref_logprobs,
-                kl_coef=loss_cfg.kl_coef, kl_estimator=loss_cfg.kl_estimator, loss_agg=loss_cfg.loss_agg,
-                seq_ids=mb.seq_ids, num_sequences=mb.num_sequences, num_tokens=mb.num_tokens,
-                norm_constant=norm_constant,
-            )
-            loss = loss + kl_loss
+        loss, metrics = _micro_batch_loss(logprobs, mb, mask, loss_cfg, norm_constant)
         if mb.is_padding:
             # A filler micro-batch keeps collectives in step across ranks; it must add nothing.
             loss = loss * 0.0
@@ -164,24 +136,66 @@ def update_step(
         total = float(loss_t)
     else:
         total = float(total_loss)
-    # Both numbers are global, so every rank takes the same branch.
-    skipped = not (math.isfinite(total) and math.isfinite(grad_norm))
-    if skipped:  # one bad batch must not poison Adam's moments and the weights; the loop counts these
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        try:
-            optimizer.step()
-        except RuntimeError as e:  # torch's Adam: "value cannot be converted to type float without overflow"
-            if "overflow" not in str(e):
-                raise
-            raise DivergedError(f"the optimizer step overflowed ({e})") from None
-        if not _weights_finite(model, world):
-            raise DivergedError("the weights are not finite after the optimizer step (the step was too large to "
-                                "represent)")
+    skipped = _step_unless_non_finite(model, optimizer, total, grad_norm, world)
     n = sums.pop("_n", None)
     metrics = {f"actor/{k}": float(v / n) for k, v in sums.items()} if n is not None and float(n) > 0 else {}
     return UpdateStats(loss=total, grad_norm=grad_norm, metrics=metrics, tokens=float(n) if n is not None else 0.0,
                        skipped=int(skipped))
+
+
+def _micro_batch_loss(logprobs: torch.Tensor, mb: PackedMicroBatch, mask: torch.Tensor, loss_cfg: LossConfig,
+                      norm_constant: float) -> tuple[torch.Tensor, dict]:
+    """The role-weighted policy loss of one micro-batch, and −β·KL added outside the role weights."""
+    loss, metrics = policy_loss(
+        logprobs,
+        mb.old_logprobs,
+        mb.advantages,
+        mask,
+        clip_low=loss_cfg.clip_low,
+        clip_high=loss_cfg.clip_high,
+        dual_clip=loss_cfg.dual_clip,
+        ref_logprobs=mb.ref_logprobs if loss_cfg.kl_coef > 0 else None,  # for the ref_kl metric
+        kl_estimator=loss_cfg.kl_estimator,
+        rollout_logprobs=mb.rollout_logprobs if loss_cfg.tis_cap is not None else None,
+        tis_cap=loss_cfg.tis_cap,
+        loss_agg=loss_cfg.loss_agg,
+        seq_ids=mb.seq_ids,
+        num_sequences=mb.num_sequences,
+        num_tokens=mb.num_tokens,
+        norm_constant=norm_constant,
+        weights=mb.loss_weights,
+    )
+    if loss_cfg.kl_coef > 0:
+        # -beta * KL sits outside the role-weighted sum (paper): unit weights and the whole batch's normaliser.
+        # It is the policy loss with zero advantages, whose surrogate is exactly 0.
+        kl_loss, _ = policy_loss(
+            logprobs, mb.old_logprobs, torch.zeros_like(mb.advantages), mask, ref_logprobs=mb.ref_logprobs,
+            kl_coef=loss_cfg.kl_coef, kl_estimator=loss_cfg.kl_estimator, loss_agg=loss_cfg.loss_agg,
+            seq_ids=mb.seq_ids, num_sequences=mb.num_sequences, num_tokens=mb.num_tokens,
+            norm_constant=norm_constant,
+        )
+        loss = loss + kl_loss
+    return loss, metrics
+
+
+def _step_unless_non_finite(model: PolicyModel, optimizer: torch.optim.Optimizer, total: float, grad_norm: float,
+                            world: int) -> bool:
+    """The optimizer step, skipped (True) when the loss or gradient norm is not finite. Both numbers are global,
+    so every rank takes the same branch."""
+    if not (math.isfinite(total) and math.isfinite(grad_norm)):
+        # one bad batch must not poison Adam's moments and the weights; the loop counts these
+        optimizer.zero_grad(set_to_none=True)
+        return True
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # torch's Adam: "value cannot be converted to type float without overflow"
+        if "overflow" not in str(e):
+            raise
+        raise DivergedError(f"the optimizer step overflowed ({e})") from None
+    if not _weights_finite(model, world):
+        raise DivergedError("the weights are not finite after the optimizer step (the step was too large to "
+                            "represent)")
+    return False
 
 
 def _weights_finite(model: torch.nn.Module, world: int) -> bool:
