@@ -21,7 +21,7 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(torchrun's options, the training's options). A value follows its option into the same list."""
     launcher, training, target = [], [], None
     for arg in argv:
-        if arg.startswith("-"):
+        if arg.startswith("--") or arg == "-h":  # "-1" is a value (a negative number), not an option
             name = arg.split("=", 1)[0]
             target = training if "." in name or name in TRAINING_FLAGS else launcher
         (target if target is not None else training).append(arg)

@@ -13,6 +13,8 @@ def test_options_without_a_dot_go_to_torchrun_with_their_values():
     assert launcher == ["--nproc_per_node=2", "--master_port", "29511", "--standalone"]
     assert training == ["--config", "a.yaml", "--train.steps", "3", "--model", "m", "--resume", "--rollout.temperature=0.5"]
     assert split_args(["--help"]) == ([], ["--help"])
+    # a negative value stays with its option
+    assert split_args(["--nnodes", "1", "--loss.kl_coef", "-1"]) == (["--nnodes", "1"], ["--loss.kl_coef", "-1"])
 
 
 def test_a_ranks_clear_error_ends_in_one_line_not_torchruns_block(tmp_path):
