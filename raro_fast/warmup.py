@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from raro_fast import prompts
 from raro_fast.config import WarmupConfig
+from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
 from raro_fast.tasks.countdown import (CountdownConfig, evaluation_trace, expression_steps, forward_puzzle, parse,
                                        question_text, random_expression, search_trace, split_puzzles, to_string, verify)
@@ -190,8 +191,6 @@ def format_rates(model, tokenizer, examples: list, *, max_new_tokens: int, criti
     of policy completions with a complete <answer>, `critic` = the fraction of verdicts that are 1, 2 or tie when it
     compares the expert's answer with the policy's (or with the expert's own, where the policy gave none). Leaves
     the model trainable, as it found it."""
-    from raro_fast.rollout.embedded import EmbeddedEngine
-
     examples = examples[:FORMAT_PROBE_QUESTIONS]
     trainable = [p.requires_grad for p in model.parameters()]
     engine = EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=len(examples))
