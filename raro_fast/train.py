@@ -3,6 +3,8 @@
 The loop (`run`) is the whole method on one screen:
   demonstrations → policy rollouts → critic verdicts → rewards (+ replay) → packed mixed batch
   → log-prob recompute → ONE update of the ONE shared model → weight sync to the rollout engine.
+Where the trained sequences and their advantages come from is the mode's (`raro_fast/modes/`); the loop calls its
+hooks without asking which mode it holds.
 """
 from __future__ import annotations
 
@@ -41,8 +43,7 @@ from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import parallelize
 from raro_fast.weight_sync import full_state_dict, push_weights
-from raro_fast.baselines import dpo_advantages, dpo_pairs, rationalization_samples, rl_logit_rollouts, rlvr_rollouts, score_expert_answers, sft_samples
-from raro_fast.raro import COUNT_KEYS, STAT_KEYS, raro_rollouts
+from raro_fast.modes import COUNT_KEYS, STAT_KEYS, Mode, make_mode
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import check_backend, make_engine
 from raro_fast.tasks import make_task
@@ -65,6 +66,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     engine: object
     engine_dtype: torch.dtype
+    mode: Mode
     ref_model: PolicyModel | None
     replay: ReplayBuffer
     log: MetricsLog
@@ -92,30 +94,23 @@ def run(r: Run) -> None:
     for step in bar:
         r.timings = {}
         t0 = time.perf_counter()
-        if cfg.train.mode == "dpo" and step > 0 and step % dpo_round_length(cfg) == 0:
-            refresh_dpo_reference(r, step)
+        r.mode.start_step(r, step)
         with r.timed("gen"):
-            rollout = rollouts_for_step(r, step)
+            rollout = r.mode.rollouts(r, step_examples(r, step), step=step, seed=rollout_seed(cfg, d, step))
             if cfg.rollout.released_tags:  # colocated: the trainer gets the memory until the sync
                 r.engine.release_memory(cfg.rollout.released_tags)
         samples, scoring, stats = gather_samples(r, rollout, step)
-        if cfg.train.mode == "rl_logit":
-            with r.timed("reward"):
-                stats.update(score_expert_answers(r.model, samples, scoring, d=d, std_normalize=cfg.loss.std_normalize,
-                                                  max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch))
+        with r.timed("reward"):  # rewards that need the trainer's model (rl_logit's); nothing to do for the others
+            stats.update(r.mode.score(r, samples, scoring))
         with r.timed("pack"):
-            plan = plan_update(samples, cfg, d, step)
+            plan = plan_update(samples, cfg, d, step, r.mode.role_constants(cfg))
             mbs = [mb for part, _ in plan for mb in part]
         with r.timed("old_log_prob"):  # before the first optimizer step: every mini-batch's ratio starts at 1
             entropies = recompute_logprobs(r.model, mbs, temperature=cfg.rollout.temperature)
         if r.ref_model is not None:
             with r.timed("ref"):
                 recompute_logprobs(r.ref_model, mbs, temperature=cfg.rollout.temperature, field="ref_logprobs")
-        loss_cfg = cfg.loss
-        if cfg.train.mode == "dpo":  # DPO as the surrogate at ratio 1: summed over tokens, averaged over pairs
-            pairs, dpo_stats = dpo_advantages(samples, mbs, d=d, beta=cfg.dpo.beta)
-            stats.update(dpo_stats)
-            loss_cfg, plan = dataclasses.replace(cfg.loss, loss_agg="token_sum_norm"), [(mbs, float(max(pairs, 1)))]
+        loss_cfg, plan = r.mode.loss_plan(r, samples, plan, stats)
         with r.timed("update_actor"):
             upd = update_mini_batches(r.model, r.optimizer, plan, loss_cfg=loss_cfg,
                                       temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip)
@@ -175,32 +170,14 @@ def divergence_hint(cfg: JobConfig) -> str:
             f"{OptimConfig().lr:g}); {restart}")
 
 
-def rollouts_for_step(r: Run, step: int):
-    """This rank's share of the step's demonstrations (and, for RARO, replayed pairs), through the mode's game."""
-    cfg, d = r.cfg, r.d
-    examples = examples_for_step(r.train_examples, step, cfg.raro.questions_per_step, cfg.train.seed)
-    seed = (cfg.train.seed * 1_000_003 + step * 7919 + d.rank * 104_729) % 2**62
-    mine = examples[d.rank :: d.world_size]
-    if cfg.train.mode == "sft":
-        return sft_samples(mine, tokenizer=r.tokenizer)
-    if cfg.train.mode == "rationalization":
-        return rationalization_samples(mine, engine=r.engine, tokenizer=r.tokenizer, cfg=cfg, seed=seed)
-    if cfg.train.mode == "dpo":
-        return dpo_pairs(mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg, seed=seed,
-                         group_offset=d.rank * len(examples) * cfg.raro.group_size)
-    if cfg.train.mode == "rl_logit":
-        return rl_logit_rollouts(mine, engine=r.engine, tokenizer=r.tokenizer, cfg=cfg, seed=seed,
-                                 group_offset=d.rank * len(examples))
-    if cfg.train.mode == "rlvr":
-        return rlvr_rollouts(mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg, seed=seed)
-    cap = cfg.raro.critic_pairs_per_step
-    replay_rng = random.Random(f"{cfg.train.seed}/replay/{step}/{d.rank}")  # the buffer is the same on every rank
-    return raro_rollouts(
-        mine, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
-        rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed,
-        fresh_cap=cap // d.world_size + (d.rank < cap % d.world_size) if cap else None,
-        draw_replay=lambda n: r.replay.sample(n, replay_rng), train_policy=step >= cfg.raro.critic_lead_steps,
-    )
+def step_examples(r: Run, step: int) -> list:
+    """This rank's share of the step's demonstrations."""
+    examples = examples_for_step(r.train_examples, step, r.cfg.raro.questions_per_step, r.cfg.train.seed)
+    return examples[r.d.rank :: r.d.world_size]
+
+
+def rollout_seed(cfg: JobConfig, d: Dist, step: int) -> int:
+    return (cfg.train.seed * 1_000_003 + step * 7919 + d.rank * 104_729) % 2**62
 
 
 def examples_for_step(train: list, step: int, per_step: int, seed: int) -> list:
@@ -247,33 +224,14 @@ def gather_samples(r: Run, rollout, step: int):
     return samples, scoring, merged
 
 
-def role_constants(cfg: JobConfig) -> dict[str, float]:
-    """Dr.GRPO's constant of each role the mode trains: its planned sequences per step times its own longest
-    completion. It does not move with the lengths or counts a step happens to produce, so no length normalisation
-    creeps in; `weigh_roles` then normalises each role by its own."""
-    rc, ro = cfg.raro, cfg.rollout
-    policy_sequences = {
-        "raro": rc.questions_per_step * rc.group_size,
-        "rlvr": rc.questions_per_step * rc.group_size,
-        "sft": rc.questions_per_step,
-        "rationalization": rc.questions_per_step,
-        "rl_logit": rc.questions_per_step * rc.group_size,
-        "dpo": 2 * rc.questions_per_step * rc.group_size,
-    }[cfg.train.mode]
-    constants = {"policy": float(policy_sequences * ro.max_new_tokens)}
-    if cfg.train.mode == "raro":
-        pairs = rc.planned_fresh_pairs + rc.replay_pairs_for(rc.planned_fresh_pairs)
-        constants["critic"] = float(pairs * rc.critic_samples_per_pair * ro.critic_max_new_tokens)
-    return constants
-
-
-def plan_update(samples: list, cfg: JobConfig, d: Dist, step: int) -> list[tuple[list, float]]:
+def plan_update(samples: list, cfg: JobConfig, d: Dist, step: int,
+                role_constants: dict[str, float]) -> list[tuple[list, float]]:
     """The step's optimizer steps: per PPO mini-batch, this rank's packed micro-batches and the norm constant,
-    each role normalised by its own count."""
+    each role normalised by its own planned count (`role_constants`)."""
     k = cfg.train.ppo_mini_batches
     plan = []
     for part in split_mini_batches(samples, k, seed=f"{cfg.train.seed}/mini_batches/{step}"):
-        norm = weigh_roles(part, loss_agg=cfg.loss.loss_agg, role_constants=role_constants(cfg), parts=k)
+        norm = weigh_roles(part, loss_agg=cfg.loss.loss_agg, role_constants=role_constants, parts=k)
         mbs = plan_micro_batches(part, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
                                  world_size=d.world_size, rank=d.rank)
         plan.append(([mb.to(d.device) for mb in mbs], norm))
@@ -403,9 +361,10 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     model = parallelize(policy, policy.decoder_layers, d, compute_dtype=compute_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
+    mode = make_mode(cfg.train.mode)
     ref_model = None
-    if cfg.loss.kl_coef > 0 or cfg.train.mode == "dpo":
-        ref_model = reference_model(cfg, d, compute_dtype, dpo_reference_dir(cfg, resume_from))
+    if mode.needs_reference(cfg):
+        ref_model = reference_model(cfg, d, compute_dtype, mode.reference_dir(cfg, resume_from))
     replay = ReplayBuffer(cfg.raro.replay_size)
     start = 0
     if resume_from is not None:
@@ -423,7 +382,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
-               ref_model=ref_model, replay=replay, log=log, start_step=start)
+               mode=mode, ref_model=ref_model, replay=replay, log=log, start_step=start)
 
 
 def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype, path: Path | None = None) -> PolicyModel:
@@ -474,35 +433,6 @@ def base_to_warm_up(cfg: JobConfig):
                                  num_kv_heads=e.num_kv_heads, intermediate_size=e.intermediate_size,
                                  max_position=e.max_position, seed=cfg.train.seed)
     return model, tokenizer, cfg.warmup
-
-
-def dpo_round_length(cfg: JobConfig) -> int:
-    return max(1, math.ceil(cfg.train.steps / cfg.dpo.rounds))
-
-
-def dpo_reference_dir(cfg: JobConfig, resume_from: Path | None) -> Path | None:
-    """The saved reference of the round a resumed DPO run is in (None: round 1's is the initial model, or the run
-    resumes exactly at a round start, where the loop refreshes it anyway)."""
-    if cfg.train.mode != "dpo" or resume_from is None:
-        return None
-    step = checkpoint.load_trainer_state(resume_from)["step"]
-    start = step // dpo_round_length(cfg) * dpo_round_length(cfg)
-    if start == 0 or start == step:
-        return None
-    path = Path(cfg.train.output_dir) / "dpo_reference" / f"step_{start:06d}"
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: the DPO reference of the round starting at step {start} is missing; cannot resume exactly")
-    return path
-
-
-def refresh_dpo_reference(r: Run, step: int) -> None:
-    """A new DPO round: the reference becomes the current policy, and is saved so a resumed run finds it."""
-    r.ref_model.load_state_dict(r.model.state_dict())
-    weights = full_state_dict(r.model)
-    if r.d.is_main:
-        save_pretrained_atomic(r.hf_model, r.tokenizer, Path(r.cfg.train.output_dir) / "dpo_reference" / f"step_{step:06d}",
-                               state_dict={k: v.cpu() for k, v in weights.items()})
-    barrier(r.d)
 
 
 def initial_model_dir(cfg: JobConfig, resume_from: Path | None) -> Path:

@@ -4,8 +4,11 @@ answers; RLVR's rewards are the verifier's, with GRPO groups."""
 import pytest
 import torch
 
-from raro_fast.baselines import (dpo_advantages, dpo_pairs, rationalization_samples, reasoning_prefix_length, rl_logit_rollouts, rlvr_rollouts,
-                                   score_expert_answers, sft_samples)
+from raro_fast.modes.dpo import dpo_advantages, dpo_pairs
+from raro_fast.modes.rationalization import rationalization_samples
+from raro_fast.modes.rl_logit import reasoning_prefix_length, rl_logit_rollouts, score_expert_answers
+from raro_fast.modes.rlvr import rlvr_rollouts
+from raro_fast.modes.sft import sft_samples
 from raro_fast.config import LossConfig, load_config
 from raro_fast.model.hf import build_embedded_model, load_project_tokenizer
 from raro_fast.model.policy import PolicyModel

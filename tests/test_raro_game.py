@@ -7,7 +7,7 @@ import pytest
 from raro_fast import prompts
 from raro_fast.config import load_config
 from raro_fast.model.hf import load_project_tokenizer
-from raro_fast.raro import raro_rollouts
+from raro_fast.modes.raro import raro_rollouts
 from raro_fast.replay import CriticPair
 from raro_fast.rollout.engine import Completion
 from raro_fast.tasks import make_task

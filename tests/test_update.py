@@ -1,6 +1,7 @@
 """The update: each role normalised by its own constant (lambda_pol J_pol + lambda_crit J_crit as written), the KL
 penalty outside the role weights, and PPO mini-batches (k optimizer steps; k = 1 is the single update)."""
 import copy
+import typing
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from raro_fast.model.hf import build_embedded_model, load_project_tokenizer
 from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import SequenceSample, plan_micro_batches
-from raro_fast.train import role_constants
+from raro_fast.modes import make_mode
 from raro_fast.update import recompute_logprobs, split_mini_batches, update_mini_batches, update_step, weigh_roles
 from raro_kernels import policy_loss
 
@@ -51,6 +52,10 @@ def grads_of(policy, samples, *, loss_cfg, norm, lr=0.0):
     return {n: p.grad.clone() for n, p in policy.named_parameters()}, stats
 
 
+def role_constants(cfg):
+    return make_mode(cfg.train.mode).role_constants(cfg)
+
+
 def test_role_constants_are_each_roles_planned_sequences_times_its_own_length():
     cfg = load_config(["--raro.questions_per_step", "4", "--raro.group_size", "8", "--rollout.max_new_tokens", "48",
                        "--rollout.critic_max_new_tokens", "96"])
@@ -59,6 +64,21 @@ def test_role_constants_are_each_roles_planned_sequences_times_its_own_length():
     capped = load_config(["--raro.critic_pairs_per_step", "10", "--raro.replay_ratio", "0.75"])
     assert role_constants(capped)["critic"] == (10 + 30) * 4 * 96.0
     assert role_constants(load_config(["--train.mode", "rlvr"])) == {"policy": 4 * 8 * 96.0}
+
+
+def test_every_mode_the_config_offers_has_an_object_that_plans_its_own_sequences():
+    from raro_fast.config import TrainConfig
+    from raro_fast.modes import MODES
+
+    offered = typing.get_args(typing.get_type_hints(TrainConfig)["mode"])
+    assert set(offered) == set(MODES)
+    # planned policy sequences per step at 4 questions x 8 samples: a group per question, one expert answer per
+    # question, or a (chosen, rejected) pair per sample
+    planned = {"raro": 32, "rlvr": 32, "rl_logit": 32, "sft": 4, "rationalization": 4, "dpo": 64}
+    for name in offered:
+        assert role_constants(load_config(["--train.mode", name]))["policy"] == planned[name] * 96.0, name
+    with pytest.raises(ValueError, match="unknown mode 'ppo'.*raro, rlvr"):
+        make_mode("ppo")
 
 
 @pytest.mark.parametrize("loss_agg", ["token_sum_norm", "token_mean", "seq_mean_token_sum"])

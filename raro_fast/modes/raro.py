@@ -1,4 +1,4 @@
-"""The RARO game for one step on one rank: policy rollouts, critic verdicts, rewards, critic rollouts.
+"""RARO: the game for one step on one rank: policy rollouts, critic verdicts, rewards, critic rollouts.
 
 Data in: this rank's demonstrations and a way to draw replayed pairs. Data out: trainable sequences (policy and
 critic, with GRPO advantages and role weights), the fresh pairs for the replay buffer, and raw statistics. The
@@ -8,39 +8,16 @@ how the critic's reward relates to correctness: `reward/policy_mean_correct` vs 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from raro_fast import prompts
 from raro_fast.config import JobConfig
-from raro_fast.packing import SequenceSample
+from raro_fast.modes.base import Mode, RankRollout, Trainer, sampled_sequence
 from raro_fast.replay import CriticPair
 from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
 from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
 from raro_fast.tasks.base import Example, Task
-
-
-# Statistics every step reports (null in metrics.jsonl when a step has no data for one, e.g. no critic verdicts).
-STAT_KEYS = (
-    "policy/truncated_rate", "policy/answer_rate", "policy/response_length", "policy/answer_accuracy",
-    "critic/tie_rate", "critic/invalid_rate", "critic/accuracy", "critic/decisive_accuracy", "critic/oracle_agreement",
-    "critic/response_length", "critic/truncated_rate",
-    "reward/policy_mean", "reward/policy_mean_correct", "reward/policy_mean_incorrect", "reward/critic_mean",
-)
-# Counts summed over ranks rather than averaged.
-COUNT_KEYS = ("critic/fresh_pairs", "critic/replay_pairs")
-
-
-@dataclass
-class RankRollout:
-    samples: list[SequenceSample] = field(default_factory=list)
-    new_pairs: list[CriticPair] = field(default_factory=list)
-    scoring: list[SequenceSample] = field(default_factory=list)  # rl_logit: reasoning + expert answer, to score
-    stats: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, key: str, value: float | None) -> None:
-        if value is not None:
-            self.stats.setdefault(key, []).append(float(value))
 
 
 @dataclass
@@ -53,22 +30,6 @@ class Judged:
     pair: CriticPair
     expert_position: int
     correct: bool | None
-
-
-def _sequence(c: Completion, *, advantage: float, role: str, group: int, weight: float,
-              temperature: float | None = None) -> SequenceSample:
-    return SequenceSample(
-        input_ids=list(c.prompt_ids) + list(c.token_ids),
-        prompt_len=len(c.prompt_ids),
-        advantage=advantage,
-        role=role,
-        group=group,
-        uid=-1,  # assigned once all ranks' samples are gathered
-        loss_weight=weight,
-        rollout_logprobs=list(c.logprobs),
-        weight_version=c.weight_version,
-        temperature=temperature,
-    )
 
 
 def role_temperatures(cfg: JobConfig) -> dict[str, float | None]:
@@ -119,7 +80,7 @@ def raro_rollouts(
         adv = group_advantages(rewards[i], [0] * len(comps), std_normalize=cfg.loss.std_normalize)
         for j, c in enumerate(comps):
             if train_policy and not c.truncated:  # over-length filtering: in the baseline, not in the loss
-                out.samples.append(_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol,
+                out.samples.append(sampled_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol,
                                             temperature=role_temperatures(cfg)["policy"]))
     # 4. Critic training: the fresh verdicts above (on-policy rollouts already), plus rollouts on replayed pairs.
     fresh = list(zip((j.pair for j in judged), (j.expert_position for j in judged), verdicts))
@@ -196,7 +157,7 @@ def _add_critic_group(out: RankRollout, comps: list[Completion], expert_position
     for c, a, reward in zip(comps, adv, rewards):
         out.add("reward/critic_mean", reward)
         if not c.truncated or rc.invalid_verdicts == "abstain":
-            out.samples.append(_sequence(c, advantage=a, role="critic", group=group, weight=rc.lambda_crit,
+            out.samples.append(sampled_sequence(c, advantage=a, role="critic", group=group, weight=rc.lambda_crit,
                                         temperature=role_temperatures(cfg)["critic"]))
 
 
@@ -210,3 +171,29 @@ def _judge(judged: list[Judged], engine: RolloutEngine, tokenizer, params: Sampl
                          else (pair.policy_answer, pair.expert_answer))
         critic_prompts.append(prompts.render_prompt(tokenizer, prompts.critic_messages(pair.question, first, second)))
     return engine.generate(critic_prompts, params)
+
+
+class RaroMode(Mode):
+    """The policy and the critic of one shared model, trained together on the game's mixed batch."""
+
+    name = "raro"
+
+    def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
+        cfg, d = r.cfg, r.d
+        cap = cfg.raro.critic_pairs_per_step
+        replay_rng = random.Random(f"{cfg.train.seed}/replay/{step}/{d.rank}")  # the buffer is the same on every rank
+        return raro_rollouts(
+            examples, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
+            rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed,
+            fresh_cap=cap // d.world_size + (d.rank < cap % d.world_size) if cap else None,
+            draw_replay=lambda n: r.replay.sample(n, replay_rng), train_policy=step >= cfg.raro.critic_lead_steps,
+        )
+
+    def policy_sequences(self, cfg: JobConfig) -> int:
+        return cfg.raro.questions_per_step * cfg.raro.group_size
+
+    def role_constants(self, cfg: JobConfig) -> dict[str, float]:
+        rc = cfg.raro
+        pairs = rc.planned_fresh_pairs + rc.replay_pairs_for(rc.planned_fresh_pairs)
+        return {**super().role_constants(cfg),
+                "critic": float(pairs * rc.critic_samples_per_pair * cfg.rollout.critic_max_new_tokens)}

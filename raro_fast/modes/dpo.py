@@ -1,0 +1,138 @@
+"""Iterative DPO: every step, each policy sample that is not the expert answer itself is paired with the expert
+completion (chosen ≻ rejected); the reference is the policy at the start of the round. With one gradient step per
+batch, DPO's gradient is exactly the clipped-surrogate update's at ratio 1 with sequence advantages +w for the chosen
+and -w for the rejected, w = beta·sigmoid(-beta·margin), summed over tokens and divided by the number of pairs
+(`dpo_advantages`), so DPO too runs through the fused loss and the packed update."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from raro_fast import checkpoint
+from raro_fast.config import JobConfig, LossConfig
+from raro_fast.distributed import Dist, barrier
+from raro_fast.model.hf import save_pretrained_atomic
+from raro_fast.modes.base import Mode, RankRollout, Trainer, expert_completion_ids, policy_groups, sequence_sums
+from raro_fast.packing import SequenceSample
+from raro_fast.rollout.engine import RolloutEngine
+from raro_fast.tasks.base import Example, Task
+from raro_fast.weight_sync import full_state_dict
+
+
+def dpo_pairs(examples: list[Example], *, engine: RolloutEngine, tokenizer, task: Task, cfg: JobConfig, seed: int,
+              group_offset: int) -> RankRollout:
+    """(expert ≻ policy sample) pairs, the chosen then the rejected member of each, `group` = a pair id unique over
+    ranks. A truncated sample, or one whose answer is the expert's own, makes no pair."""
+    out = RankRollout()
+    if not examples:
+        return out
+    policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
+    pair = group_offset
+    for ex, comps in zip(examples, policy):
+        expert = expert_completion_ids(tokenizer, ex.answer)
+        for c in comps:
+            answer = None if c.truncated else task.extract_answer(c.text)
+            paired = not c.truncated and (answer is None or answer.strip() != ex.answer.strip())
+            out.add("policy/truncated_rate", c.truncated)
+            out.add("policy/answer_rate", answer is not None)
+            out.add("policy/response_length", len(c.token_ids))
+            verdict = task.verify(ex, answer)
+            if verdict is not None:  # logged only; DPO never sees it
+                out.add("policy/answer_accuracy", verdict)
+            out.add("dpo/pair_rate", paired)
+            if not paired:
+                continue
+            prompt = list(c.prompt_ids)
+            out.samples.append(SequenceSample(input_ids=prompt + expert, prompt_len=len(prompt), advantage=0.0,
+                                              role="policy", group=pair, uid=-1, preference=1))
+            out.samples.append(SequenceSample(input_ids=prompt + list(c.token_ids), prompt_len=len(prompt), advantage=0.0,
+                                              role="policy", group=pair, uid=-1, preference=-1,
+                                              weight_version=c.weight_version))
+            pair += 1
+    return out
+
+
+def dpo_advantages(samples: list[SequenceSample], mbs, *, d: Dist, beta: float) -> tuple[int, dict[str, float | None]]:
+    """Write DPO's per-sequence advantages into the packed micro-batches (after old and reference log-probs are
+    recomputed) and return (number of pairs, metrics). Sequence log-prob sums are added over ranks first."""
+    device = d.device
+    n = len(samples)
+    policy_sum, ref_sum = sequence_sums(mbs, n, ["old_logprobs", "ref_logprobs"], d=d)
+    members: dict[int, dict[int, int]] = {}
+    for s in samples:
+        members.setdefault(s.group, {})[s.preference] = s.uid
+    if any(set(m) != {1, -1} for m in members.values()):
+        raise ValueError("dpo: every pair needs exactly one chosen and one rejected sequence")
+    chosen = torch.tensor([m[1] for m in members.values()], dtype=torch.long, device=device)
+    rejected = torch.tensor([m[-1] for m in members.values()], dtype=torch.long, device=device)
+    log_ratio = policy_sum - ref_sum
+    margin = log_ratio[chosen] - log_ratio[rejected]
+    weight = beta * torch.sigmoid(-beta * margin)
+    adv = torch.zeros(n, dtype=torch.float64, device=device)
+    adv[chosen], adv[rejected] = weight, -weight
+    for mb in mbs:
+        if not mb.is_padding:
+            mb.advantages = torch.where(mb.targets != -100, adv[mb.uids[mb.seq_ids]].float(), 0.0)
+    pairs = len(members)
+    metrics = {
+        "dpo/loss": float(-torch.nn.functional.logsigmoid(beta * margin).mean()) if pairs else None,
+        "dpo/margin": float(margin.mean()) if pairs else None,
+        "dpo/accuracy": float((margin > 0).double().mean()) if pairs else None,
+        "dpo/pairs": pairs,
+    }
+    return pairs, metrics
+
+
+def round_length(cfg: JobConfig) -> int:
+    return max(1, math.ceil(cfg.train.steps / cfg.dpo.rounds))
+
+
+class DpoMode(Mode):
+    name = "dpo"
+
+    def needs_reference(self, cfg: JobConfig) -> bool:
+        return True
+
+    def reference_dir(self, cfg: JobConfig, resume_from: Path | None) -> Path | None:
+        """The saved reference of the round a resumed run is in (None: round 1's is the initial model, or the run
+        resumes exactly at a round start, where `start_step` refreshes it anyway)."""
+        if resume_from is None:
+            return None
+        step = checkpoint.load_trainer_state(resume_from)["step"]
+        start = step // round_length(cfg) * round_length(cfg)
+        if start == 0 or start == step:
+            return None
+        path = Path(cfg.train.output_dir) / "dpo_reference" / f"step_{start:06d}"
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: the DPO reference of the round starting at step {start} is missing; cannot resume exactly")
+        return path
+
+    def start_step(self, r: Trainer, step: int) -> None:
+        """A new round: the reference becomes the current policy, and is saved so a resumed run finds it."""
+        if step == 0 or step % round_length(r.cfg):
+            return
+        r.ref_model.load_state_dict(r.model.state_dict())
+        weights = full_state_dict(r.model)
+        if r.d.is_main:
+            save_pretrained_atomic(r.hf_model, r.tokenizer, Path(r.cfg.train.output_dir) / "dpo_reference" / f"step_{step:06d}",
+                                   state_dict={k: v.cpu() for k, v in weights.items()})
+        barrier(r.d)
+
+    def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
+        cfg = r.cfg
+        return dpo_pairs(examples, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg, seed=seed,
+                         group_offset=r.d.rank * cfg.raro.questions_per_step * cfg.raro.group_size)
+
+    def policy_sequences(self, cfg: JobConfig) -> int:
+        return 2 * cfg.raro.questions_per_step * cfg.raro.group_size
+
+    def loss_plan(self, r: Trainer, samples: list[SequenceSample], plan: list[tuple[list, float]],
+                  stats: dict) -> tuple[LossConfig, list[tuple[list, float]]]:
+        """DPO as the surrogate at ratio 1: summed over tokens, averaged over pairs."""
+        mbs = [mb for part, _ in plan for mb in part]
+        pairs, dpo_stats = dpo_advantages(samples, mbs, d=r.d, beta=r.cfg.dpo.beta)
+        stats.update(dpo_stats)
+        return dataclasses.replace(r.cfg.loss, loss_agg="token_sum_norm"), [(mbs, float(max(pairs, 1)))]

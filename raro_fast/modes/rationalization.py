@@ -1,0 +1,45 @@
+"""Rationalization (STaR's): SFT on `<think>r</think><answer>a*</answer>` where the reasoning r is the model's own,
+generated with the expert answer shown in the prompt. A rationalization that never closes its </think> falls back
+to empty reasoning (counted in `rationalization/fallback_rate`)."""
+from __future__ import annotations
+
+from raro_fast import prompts
+from raro_fast.config import JobConfig
+from raro_fast.modes.base import Mode, RankRollout, Trainer
+from raro_fast.modes.sft import sft_samples
+from raro_fast.rollout.engine import RolloutEngine, SamplingParams
+from raro_fast.tasks.base import Example
+
+
+def rationalization_samples(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig,
+                            seed: int) -> RankRollout:
+    if not examples:
+        return RankRollout()
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, n=1, seed=seed)
+    outs = engine.generate([prompts.render_prompt(tokenizer, prompts.rationalization_messages(ex.question, ex.answer))
+                            for ex in examples], params)
+    reasonings = [_reasoning_text(c.text) for (c,) in outs]
+    out = sft_samples(examples, tokenizer=tokenizer, reasonings=[r or "" for r in reasonings])
+    for r in reasonings:
+        out.add("rationalization/fallback_rate", r is None)
+    return out
+
+
+def _reasoning_text(text: str) -> str | None:
+    """What the model wrote inside <think>…</think>, or None if it never closed it."""
+    end = text.find(prompts.THINK_END)
+    if end < 0:
+        return None
+    start = text.find("<think>")
+    return text[start + len("<think>") if 0 <= start < end else 0 : end].strip()
+
+
+class RationalizationMode(Mode):
+    name = "rationalization"
+
+    def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
+        return rationalization_samples(examples, engine=r.engine, tokenizer=r.tokenizer, cfg=r.cfg, seed=seed)
+
+    def policy_sequences(self, cfg: JobConfig) -> int:
+        return cfg.raro.questions_per_step

@@ -1,0 +1,92 @@
+"""RL-Logit: GRPO where the reward of a sampled reasoning r is the model's own mean per-token log-likelihood of the
+expert answer after it, log p(<answer>a*</answer><eos> | question, r) / its length. Only the reasoning (up to and
+including </think>) is trained; samples that never close </think> are filtered like truncated ones. The
+likelihoods are computed by the trainer's model on packed micro-batches (`score_expert_answers`)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from raro_fast import prompts
+from raro_fast.config import JobConfig
+from raro_fast.distributed import Dist
+from raro_fast.modes.base import Mode, RankRollout, Trainer, policy_groups, sampled_sequence, sequence_sums
+from raro_fast.packing import SequenceSample, plan_micro_batches
+from raro_fast.rewards import group_advantages
+from raro_fast.rollout.engine import RolloutEngine
+from raro_fast.tasks.base import Example
+from raro_fast.update import recompute_logprobs
+
+
+def reasoning_prefix_length(token_ids: list[int], decode) -> int | None:
+    """Tokens up to and including the one that completes </think> (None if it never appears). Works on the
+    sampled tokens themselves, so their engine log-probs stay aligned: no re-tokenisation."""
+    if prompts.THINK_END not in decode(token_ids):
+        return None
+    lo, hi = 1, len(token_ids)  # the shortest prefix whose text contains </think> (containment is monotone)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if prompts.THINK_END in decode(token_ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig, seed: int,
+                      group_offset: int) -> RankRollout:
+    """Sampled reasonings to train (advantages filled in later by `score_expert_answers`) and, in `scoring`, the
+    same reasonings followed by the expert answer. `group_offset` makes group ids unique across ranks."""
+    out = RankRollout()
+    if not examples:
+        return out
+    policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    for i, (ex, comps) in enumerate(zip(examples, policy)):
+        expert = tokenizer(prompts.format_completion("", ex.answer).removeprefix("<think></think>") + tokenizer.eos_token,
+                           add_special_tokens=False)["input_ids"]
+        for c in comps:
+            n = None if c.truncated else reasoning_prefix_length(c.token_ids, decode)
+            out.add("policy/truncated_rate", c.truncated)
+            out.add("policy/response_length", len(c.token_ids))
+            out.add("rl_logit/reasoning_rate", n is not None)
+            if n is None:
+                continue
+            reasoning = replace(c, token_ids=c.token_ids[:n], logprobs=c.logprobs[:n])
+            out.samples.append(sampled_sequence(reasoning, advantage=0.0, role="policy", group=group_offset + i, weight=1.0))
+            out.scoring.append(SequenceSample(input_ids=list(c.prompt_ids) + c.token_ids[:n] + expert,
+                                              prompt_len=len(c.prompt_ids) + n, advantage=0.0, role="policy",
+                                              group=group_offset + i, uid=-1))
+    return out
+
+
+def score_expert_answers(model, samples: list[SequenceSample], scoring: list[SequenceSample], *, d: Dist,
+                         max_tokens_per_micro_batch: int, std_normalize: bool) -> dict[str, float | None]:
+    """RL-Logit rewards: every rank holds the same global lists; each scores its share of `scoring` with the
+    trainer's model, the per-sequence mean log-probs are summed over ranks, and GRPO advantages per question are
+    written into `samples` (scoring[j] belongs to samples[j])."""
+    for uid, s in enumerate(scoring):
+        s.uid = uid
+    device = d.device
+    mbs = [mb.to(device) for mb in plan_micro_batches(scoring, max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+                                                      world_size=d.world_size, rank=d.rank)]
+    recompute_logprobs(model, mbs, temperature=1.0)
+    sums, counts = sequence_sums(mbs, len(scoring), ["old_logprobs", None], d=d)
+    rewards = (sums / counts.clamp_min(1)).tolist()
+    for sample, a in zip(samples, group_advantages(rewards, [s.group for s in scoring], std_normalize=std_normalize), strict=True):
+        sample.advantage = a
+    return {"reward/policy_mean": sum(rewards) / len(rewards) if rewards else None}
+
+
+class RlLogitMode(Mode):
+    name = "rl_logit"
+
+    def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
+        return rl_logit_rollouts(examples, engine=r.engine, tokenizer=r.tokenizer, cfg=r.cfg, seed=seed,
+                                 group_offset=r.d.rank * r.cfg.raro.questions_per_step)
+
+    def score(self, r: Trainer, samples: list[SequenceSample], scoring: list[SequenceSample]) -> dict[str, float | None]:
+        return score_expert_answers(r.model, samples, scoring, d=r.d, std_normalize=r.cfg.loss.std_normalize,
+                                    max_tokens_per_micro_batch=r.cfg.train.max_tokens_per_micro_batch)
+
+    def policy_sequences(self, cfg: JobConfig) -> int:
+        return cfg.raro.questions_per_step * cfg.raro.group_size
