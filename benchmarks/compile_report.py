@@ -2,7 +2,8 @@
 
 No GPU needed: Triton compiles for a named target with the ptxas it ships, and its cuobjdump disassembles the
 cubin. Run it on the machine whose Triton version you measured with (the code it generates changes between
-versions). Usage, from the repository root, with `kernels/` importable as `raro_kernels`:
+versions). Usage, from the repository root, with the kernels installed (`pip install ./kernels`) or on the path
+(`PYTHONPATH=kernels`):
 
     python benchmarks/compile_report.py [--arch 90] [--hidden 3584] [--sass-dir DIR]
 

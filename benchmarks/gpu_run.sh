@@ -7,9 +7,8 @@ OUT=${OUT:-/tmp/raro_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_PRINT_AUTOTUNING=1
 root=$PWD
-# The project is not installed there: expose kernels/ under its import name.
-mkdir -p /tmp/raro_pkgs && ln -sfn "$root/kernels" /tmp/raro_pkgs/raro_kernels
-export PYTHONPATH=/tmp/raro_pkgs:${PYTHONPATH:-}
+# The project is not installed there: the kernels package is importable from kernels/.
+export PYTHONPATH=$root/kernels:${PYTHONPATH:-}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/raro_site .whl/*.whl && export PYTHONPATH=/tmp/raro_site:$PYTHONPATH
 fi
@@ -19,5 +18,5 @@ fi
   python3 -c "from raro_kernels._triton_lm_head import _mm_out_dtype_works as f; print('cuBLAS fp32-output GEMM (mm/addmm out_dtype):', f())"
   git log -1 --format='commit %H %s' 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.log"
-timeout "${1:-200}" python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+timeout "${1:-200}" python3 -m pytest kernels/tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 RARO_BENCH_JSON="$OUT/bench.json" timeout "${2:-330}" python3 -m pytest benchmarks/ -q -s -p no:cacheprovider 2>&1 | tee "$OUT/bench.log"

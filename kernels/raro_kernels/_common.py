@@ -26,9 +26,10 @@ POISON_ALLOCATIONS = False
 try:  # triton is a Linux-only dependency; the torch path must keep working without it.
     import triton  # noqa: F401
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the platform
-    HAVE_TRITON = False
+    HAVE_TRITON, TRITON_IMPORT_ERROR = True, None
+except ImportError as e:  # pragma: no cover - depends on the platform
+    # e.g. no triton wheel for the platform, or (under TRITON_INTERPRET=1) no numpy, which the interpreter needs
+    HAVE_TRITON, TRITON_IMPORT_ERROR = False, f"{type(e).__name__}: {e}"
 
 
 def triton_interpret() -> bool:

@@ -35,6 +35,10 @@ def _triton_available() -> bool:
     return kernels_common.HAVE_TRITON and (DEVICE.type == "cuda" or kernels_common.triton_interpret())
 
 
+if os.environ.get("RARO_KERNELS_REQUIRE_TRITON") == "1" and not _triton_available():
+    # CI sets this: there, a Triton path that cannot run is a broken install, not a reason to skip half the tests.
+    raise pytest.UsageError("RARO_KERNELS_REQUIRE_TRITON=1 but the Triton kernels cannot run here: "
+                            f"{kernels_common.TRITON_IMPORT_ERROR or 'no CUDA and TRITON_INTERPRET is not 1'}")
 _needs_triton = pytest.mark.skipif(not _triton_available(), reason="triton unavailable (no CUDA, no interpreter)")
 
 
