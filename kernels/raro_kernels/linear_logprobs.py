@@ -1,7 +1,8 @@
 """Per-token log-probabilities (and entropy) straight from hidden states: the LM head without its logits.
 
-Layering: kernels (`_triton_lm_head`, `_chunked_torch`) -> host stats/grads functions -> `_LinearLogprobsFn`
-(autograd) -> `linear_logprobs` (public).
+Layering: kernels (`_triton_lm_head`, `_chunked_torch`) -> host stats/grads functions -> the custom ops
+`raro_kernels::linear_logprobs` and its backward (autograd registered, fake implementations for tracing) ->
+`linear_logprobs` (public).
 """
 from __future__ import annotations
 
@@ -75,52 +76,81 @@ def lm_head_grads(
     )
 
 
-class _LinearLogprobsFn(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        hidden_NH: torch.Tensor,
-        weight_VH: torch.Tensor,
-        targets_N: torch.Tensor,
-        inv_temp: float,
-        with_entropy: bool,
-        ignore_index: int,
-        backend: str,
-        chunk_cols: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        stats = lm_head_stats(
-            backend, hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy,
-            chunk_cols=chunk_cols,
-        )
-        logprobs_N, entropy_N = finish_logprobs(stats, targets_N, weight_VH.shape[0], ignore_index)
-        ctx.save_for_backward(hidden_NH, weight_VH, targets_N, stats.lse, stats.entropy)
-        ctx.cfg = (inv_temp, ignore_index, backend, chunk_cols)
-        if entropy_N is None:  # autograd.Function outputs must be tensors; the wrapper maps this to None
-            entropy_N = logprobs_N.new_empty(0)
-            ctx.mark_non_differentiable(entropy_N)
-        return logprobs_N, entropy_N
+# The public function is a torch.library custom op (forward and backward each one op, with fake implementations
+# for tracing and the backward registered as the forward's autograd), so torch.compile(fullgraph=True) traces it
+# as one node instead of stopping at the host-side code inside. Optional outputs are empty tensors: an op
+# returns tensors only.
 
-    @staticmethod
-    def backward(ctx, grad_logprobs_N: torch.Tensor | None, grad_entropy_N: torch.Tensor | None):  # type: ignore[override]
-        hidden_NH, weight_VH, targets_N, lse_N, entropy_N = ctx.saved_tensors
-        inv_temp, ignore_index, backend, chunk_cols = ctx.cfg
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_hidden or need_weight):
-            return (None,) * 8
-        keep_N = targets_N != ignore_index
-        zero = torch.zeros((), dtype=torch.float32, device=lse_N.device)
-        if grad_logprobs_N is None:
-            g_lp_N = torch.zeros_like(lse_N)
-        else:
-            g_lp_N = torch.where(keep_N, grad_logprobs_N.float(), zero)
-        g_ent_N = None
-        if entropy_N is not None and grad_entropy_N is not None and grad_entropy_N.numel() > 0:
-            g_ent_N = torch.where(keep_N, grad_entropy_N.float(), zero)
-        grad_hidden, grad_weight = lm_head_grads(
-            backend, hidden_NH, weight_VH, targets_N, lse_N, entropy_N, g_lp_N, g_ent_N,
-            inv_temp=inv_temp, need_hidden=need_hidden, need_weight=need_weight, chunk_cols=chunk_cols,
-        )
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+@torch.library.custom_op("raro_kernels::linear_logprobs", mutates_args=())
+def _forward_op(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, inv_temp: float,
+                with_entropy: bool, ignore_index: int, backend: str, chunk_cols: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logprobs [N], entropy [N] (0 where ignored) or [0], and for the backward: logsumexp [N], raw entropy [N]
+    or [0])."""
+    stats = lm_head_stats(
+        backend, hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy, chunk_cols=chunk_cols,
+    )
+    logprobs_N, entropy_N = finish_logprobs(stats, targets_N, weight_VH.shape[0], ignore_index)
+    if entropy_N is None:
+        return logprobs_N, logprobs_N.new_empty(0), stats.lse, logprobs_N.new_empty(0)
+    return logprobs_N, entropy_N, stats.lse, stats.entropy.clone()  # clone: outputs may not alias each other
+
+
+@_forward_op.register_fake
+def _(hidden_NH, weight_VH, targets_N, inv_temp, with_entropy, ignore_index, backend, chunk_cols):
+    row = hidden_NH.new_empty((hidden_NH.shape[0],), dtype=torch.float32)
+    maybe = (lambda: torch.empty_like(row)) if with_entropy else (lambda: row.new_empty(0))
+    return torch.empty_like(row), maybe(), torch.empty_like(row), maybe()
+
+
+@torch.library.custom_op("raro_kernels::linear_logprobs_backward", mutates_args=())
+def _backward_op(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, lse_N: torch.Tensor,
+                 entropy_N: torch.Tensor, grad_logprob_N: torch.Tensor, grad_entropy_N: torch.Tensor, inv_temp: float,
+                 need_hidden: bool, need_weight: bool, backend: str, chunk_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad hidden [N, H] or [0], grad weight [V, H] or [0]); an empty entropy or its gradient means none."""
+    grad_hidden, grad_weight = lm_head_grads(
+        backend, hidden_NH, weight_VH, targets_N, lse_N, entropy_N if entropy_N.numel() else None, grad_logprob_N,
+        grad_entropy_N if grad_entropy_N.numel() else None, inv_temp=inv_temp, need_hidden=need_hidden,
+        need_weight=need_weight, chunk_cols=chunk_cols,
+    )
+    return (hidden_NH.new_empty(0) if grad_hidden is None else grad_hidden,
+            weight_VH.new_empty(0) if grad_weight is None else grad_weight)
+
+
+@_backward_op.register_fake
+def _(hidden_NH, weight_VH, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N, inv_temp, need_hidden,
+      need_weight, backend, chunk_cols):
+    return (torch.empty_like(hidden_NH) if need_hidden else hidden_NH.new_empty(0),
+            torch.empty_like(weight_VH) if need_weight else weight_VH.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden_NH, weight_VH, targets_N, inv_temp, _with_entropy, ignore_index, backend, chunk_cols = inputs
+    _logprobs, _entropy, lse_N, raw_entropy_N = output
+    ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N, raw_entropy_N)
+    ctx.cfg = (inv_temp, ignore_index, backend, chunk_cols)
+
+
+def _backward(ctx, grad_logprobs_N, grad_entropy_N, _grad_lse, _grad_raw_entropy):
+    hidden_NH, weight_VH, targets_N, lse_N, entropy_N = ctx.saved_tensors
+    inv_temp, ignore_index, backend, chunk_cols = ctx.cfg
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    none = (None,) * 6
+    if not (need_hidden or need_weight):
+        return (None, None, *none)
+    keep_N = targets_N != ignore_index
+    zero = torch.zeros((), dtype=torch.float32, device=lse_N.device)
+    g_lp_N = torch.zeros_like(lse_N) if grad_logprobs_N is None else torch.where(keep_N, grad_logprobs_N.float(), zero)
+    g_ent_N = lse_N.new_empty(0)
+    if entropy_N.numel() and grad_entropy_N is not None and grad_entropy_N.numel():
+        g_ent_N = torch.where(keep_N, grad_entropy_N.float(), zero)
+    grad_hidden, grad_weight = _backward_op(hidden_NH, weight_VH, targets_N, lse_N, entropy_N, g_lp_N, g_ent_N,
+                                            inv_temp, need_hidden, need_weight, backend, chunk_cols)
+    return (grad_hidden if need_hidden else None, grad_weight if need_weight else None, *none)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_logprobs(
@@ -168,12 +198,13 @@ def linear_logprobs(
     lead_shape = targets.shape
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     targets_N = targets.reshape(-1)
-    check_targets_in_range(targets_N, weight.shape[0], ignore_index)
+    if not torch.compiler.is_compiling():  # needs the targets' values: a host sync, and a guard a graph cannot hold
+        check_targets_in_range(targets_N, weight.shape[0], ignore_index)
     if hidden_NH.shape[0] == 0:
         # Nothing to compute; keep the result attached to hidden so a caller's backward() still runs.
         zeros_N = hidden_NH.float().sum(dim=-1) * 0.0
         return LinearLogprobs(zeros_N.reshape(lead_shape), zeros_N.reshape(lead_shape) if return_entropy else None)
-    logprobs_N, entropy_N = _LinearLogprobsFn.apply(
+    logprobs_N, entropy_N, _lse, _raw_entropy = _forward_op(
         hidden_NH, weight, targets_N, 1.0 / temperature, return_entropy, ignore_index, chosen, cols
     )
     return LinearLogprobs(

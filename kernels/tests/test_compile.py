@@ -1,0 +1,99 @@
+"""The public functions inside torch.compile(fullgraph=True): traced without graph breaks, with the values and
+gradients of eager mode; `torch.library.opcheck` on the custom ops (schema, fake implementation, autograd
+registration). A new user's first try found `linear_logprobs` stopping the trace at the data-dependent target
+range check."""
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import reference_logprobs
+
+from raro_kernels import linear_logprobs, policy_loss
+
+
+def _inputs(device, *, lead=(3, 7), hidden_size=16, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(*lead, hidden_size, generator=g) * 2).to(device).requires_grad_(True)
+    weight = torch.randn(vocab, hidden_size, generator=g).to(device).requires_grad_(True)
+    targets = torch.randint(0, vocab, lead, generator=g)
+    targets.view(-1)[:2] = -100  # ignored positions inside the traced graph too
+    return hidden, weight, targets.to(device)
+
+
+def _loss(hidden, weight, targets, temperature=0.7):
+    out = linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True)
+    # different weights per position and per output, so a swapped or dropped gradient shows
+    w = torch.linspace(-1.0, 2.0, targets.numel(), device=targets.device).reshape(targets.shape)
+    return (out.logprobs * w).sum() + (out.entropy * w.flip(-1)).sum(), out
+
+
+def test_linear_logprobs_compiles_fullgraph_with_eager_values_and_gradients(device, backend):
+    torch._dynamo.reset()
+    hidden, weight, targets = _inputs(device)
+    compiled = torch.compile(lambda h, w, t: _loss(h, w, t, 0.7), fullgraph=True, backend="aot_eager")
+    loss_c, out_c = compiled(hidden, weight, targets)
+    grads_c = torch.autograd.grad(loss_c, (hidden, weight))
+    loss_e, out_e = _loss(hidden, weight, targets, 0.7)
+    grads_e = torch.autograd.grad(loss_e, (hidden, weight))
+    torch.testing.assert_close(out_c.logprobs, out_e.logprobs, rtol=0, atol=0)
+    torch.testing.assert_close(out_c.entropy, out_e.entropy, rtol=0, atol=0)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-6)
+    # and both are the float64 reference's
+    ref_lp, ref_ent = reference_logprobs(hidden.detach(), weight.detach(), targets, temperature=0.7)
+    torch.testing.assert_close(out_c.logprobs.double(), ref_lp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out_c.entropy.double(), ref_ent, rtol=0, atol=2e-5)
+
+
+def test_linear_logprobs_compiles_with_inductor_and_dynamic_shapes(device):
+    """The default compiler, and a second length without a recompile failure (packed batches change N)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, w, t: _loss(h, w, t), fullgraph=True, dynamic=True)
+    for lead in ((3, 7), (5, 11)):
+        hidden, weight, targets = _inputs(device, lead=lead)
+        loss_c, _ = compiled(hidden, weight, targets)
+        grads_c = torch.autograd.grad(loss_c, (hidden, weight))
+        loss_e, _ = _loss(hidden, weight, targets)
+        grads_e = torch.autograd.grad(loss_e, (hidden, weight))
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+        for gc, ge in zip(grads_c, grads_e):
+            torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
+
+
+def test_policy_loss_compiles_fullgraph_with_eager_values():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    logprobs = (torch.randn(40, generator=g) - 2).requires_grad_(True)
+    old, adv = logprobs.detach() + 0.3 * torch.randn(40, generator=g), torch.randn(40, generator=g)
+    mask = torch.rand(40, generator=g) > 0.3
+    kwargs = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, loss_agg="token_mean")
+    loss_c, metrics_c = torch.compile(lambda *a: policy_loss(*a, **kwargs), fullgraph=True, backend="aot_eager")(
+        logprobs, old, adv, mask)
+    loss_e, metrics_e = policy_loss(logprobs, old, adv, mask, **kwargs)
+    torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
+    assert metrics_c.keys() == metrics_e.keys()
+    (gc,), (ge,) = torch.autograd.grad(loss_c, logprobs), torch.autograd.grad(loss_e, logprobs)
+    torch.testing.assert_close(gc, ge, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_opcheck_linear_logprobs_ops(device, backend, with_entropy):
+    hidden, weight, targets = _inputs(device, lead=(9,))
+    torch.library.opcheck(torch.ops.raro_kernels.linear_logprobs.default,
+                          (hidden, weight, targets, 1.3, with_entropy, -100, backend, 16))
+    with torch.no_grad():
+        _, _, lse, raw_entropy = torch.ops.raro_kernels.linear_logprobs.default(hidden, weight, targets, 1.3, with_entropy, -100,
+                                                                    backend, 16)
+    g = torch.randn(9, device=device)
+    torch.library.opcheck(torch.ops.raro_kernels.linear_logprobs_backward.default,
+                          (hidden.detach(), weight.detach(), targets, lse, raw_entropy, g,
+                           g.flip(0) if with_entropy else g.new_empty(0), 1.3, True, True, backend, 16))
+
+
+def test_out_of_range_targets_are_still_refused_in_eager_mode(device):
+    if device.type != "cpu":
+        pytest.skip("the range check needs a host sync, so it runs for CPU tensors only")
+    hidden, weight, targets = _inputs(device, lead=(4,))
+    targets[2] = 50
+    with pytest.raises(ValueError, match=r"targets\[2\] = 50 is outside \[0, 50\)"):
+        linear_logprobs(hidden, weight, targets)
