@@ -24,7 +24,7 @@ from raro_kernels._common import (
     resolve_backend,
     round_up,
 )
-from raro_kernels.linear_logprobs import DEFAULT_CHUNK_COLS, lm_head_grads, lm_head_stats
+from raro_kernels.linear_logprobs import DEFAULT_CHUNK_COLS, linear_logprobs, lm_head_grads, lm_head_stats
 from raro_kernels.policy_loss import (
     PolicyLossOptions,
     TokenBatch,
@@ -283,7 +283,8 @@ def linear_policy_loss(
     n_tokens = hidden.shape[0]
     batch = TokenBatch(old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs)
     check_token_batch(n_tokens, hidden.device, batch, opts, weights)
-    check_targets_in_range(targets, weight.shape[0], ignore_index)
+    if not torch.compiler.is_compiling():  # needs the targets' values: a host sync, and a guard a graph cannot hold
+        check_targets_in_range(targets, weight.shape[0], ignore_index)
     batch.mask = mask & (targets != ignore_index)
     scale_N = token_scale(
         batch.mask, loss_agg, seq_ids=seq_ids, num_sequences=num_sequences, num_tokens=num_tokens,
@@ -308,6 +309,14 @@ def _loss_and_metrics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         loss = hidden.float().sum() * 0.0
         logprobs_N = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         entropy_N = logprobs_N
+    elif torch.compiler.is_compiling():
+        # Traced: the loss on the custom op `linear_logprobs` (the two-pass strategy, 8NHV FLOPs). The one-pass
+        # strategy takes each token's loss gradient by autograd in the middle of its forward, which an op the
+        # compiler treats as opaque cannot do (autograd runs above custom ops); value and gradient are the same.
+        out = linear_logprobs(hidden, weight, targets, temperature=1.0 / cfg.inv_temp, return_entropy=cfg.with_entropy,
+                              ignore_index=cfg.ignore_index, backend=cfg.backend, chunk_cols=cfg.chunk_cols)
+        loss = terms.value(out.logprobs, out.entropy)
+        logprobs_N, entropy_N = out.logprobs.detach(), None if out.entropy is None else out.entropy.detach()
     else:
         loss, logprobs_N, entropy_N = _LinearPolicyLossFn.apply(hidden, weight, targets, cfg, terms)
     metrics = policy_metrics(logprobs_N, batch, opts)

@@ -138,7 +138,8 @@ def token_scale(
     if tuple(seq_ids.shape) != (n,) or seq_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"seq_ids must be int64 [N] = [{n}], got {seq_ids.dtype} {tuple(seq_ids.shape)}")
     seq_ids = seq_ids.long()
-    if dev.type == "cpu" and n > 0 and (int(seq_ids.min()) < 0 or int(seq_ids.max()) >= n):
+    if dev.type == "cpu" and n > 0 and not torch.compiler.is_compiling() and (
+            int(seq_ids.min()) < 0 or int(seq_ids.max()) >= n):
         raise ValueError(f"seq_ids must lie in [0, N) = [0, {n}), got range [{int(seq_ids.min())}, {int(seq_ids.max())}]")
     tokens_per_seq = torch.zeros(n, dtype=torch.float32, device=dev).scatter_add_(0, seq_ids, mask_N.float())
     if num_sequences is not None:
