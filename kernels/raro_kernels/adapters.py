@@ -1,0 +1,77 @@
+"""Drop-ins for the trainers people already run: the same inputs and outputs as the computation they replace, the
+logits never whole.
+
+- `LinearLogprobsHead`: an `nn.Module` around an LM head for any trainer: (hidden, targets) -> log-probs, entropy.
+- `FusedLinearForPPO` / `fused_linear_for_ppo`: verl's fused-kernel interface, (hidden_states, vocab_weights,
+  input_ids, temperature) -> (log_probs, entropy).
+- `trl_per_token_logps_and_entropies`: what TRL's GRPO trainer computes per completion token from a causal LM
+  (log-probs of the completion ids at the sampling temperature, and optionally the entropies), from the decoder's
+  last hidden state and the LM head instead of the model's logits.
+
+Each equals its counterpart's own formula on the same inputs (kernels/tests/test_adapters.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raro_kernels.linear_logprobs import LinearLogprobs, linear_logprobs
+
+
+class LinearLogprobsHead(nn.Module):
+    """Per-token log-probs (and entropy) of `targets` under softmax(head(hidden) / temperature), from an LM head
+    given as an `nn.Linear` without bias or as its weight [V, H] (e.g. a tied embedding's). The weight is shared,
+    not copied: training the head trains the model's."""
+
+    def __init__(self, head: nn.Linear | nn.Parameter | torch.Tensor, *, ignore_index: int = -100) -> None:
+        super().__init__()
+        if isinstance(head, nn.Linear):
+            if head.bias is not None:
+                raise ValueError("LinearLogprobsHead: the LM head has a bias; the fused kernels take a weight only "
+                                 "(LM heads of decoder models have none)")
+            head = head.weight
+        if head.dim() != 2:
+            raise ValueError(f"LinearLogprobsHead: the head's weight must be [V, H], got shape {tuple(head.shape)}")
+        self.weight = head if isinstance(head, nn.Parameter) else nn.Parameter(head, requires_grad=head.requires_grad)
+        self.ignore_index = ignore_index
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                return_entropy: bool = False) -> LinearLogprobs:
+        return linear_logprobs(hidden, self.weight, targets, temperature=temperature, return_entropy=return_entropy,
+                               ignore_index=self.ignore_index)
+
+
+def fused_linear_for_ppo(hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's interface: hidden_states [..., H], vocab_weights [V, H], input_ids [...] (the tokens to score) ->
+    (log-probs [...], entropy [...]) of softmax(hidden_states @ vocab_weights.T / temperature), both fp32."""
+    out = linear_logprobs(hidden_states, vocab_weights, input_ids, temperature=temperature, return_entropy=True)
+    return out.logprobs, out.entropy
+
+
+class FusedLinearForPPO(nn.Module):
+    """verl's `FusedLinearForPPO` module interface (`forward(hidden_states, vocab_weights, input_ids, temperature)`),
+    on the fused kernels; it has no parameters of its own."""
+
+    def forward(self, hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_linear_for_ppo(hidden_states, vocab_weights, input_ids, temperature)
+
+
+def trl_per_token_logps_and_entropies(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                      logits_to_keep: int, *, temperature: float = 1.0, compute_entropy: bool = False,
+                                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TRL GRPO's per-token log-probs of the last `logits_to_keep` tokens of `input_ids` (the completion), each
+    predicted from the position before it at `temperature`, and their entropies if `compute_entropy`: [B,
+    logits_to_keep] fp32 each. `model` is a Hugging Face causal LM whose decoder is `model.model` (returning
+    `last_hidden_state`) and whose head is `model.get_output_embeddings()` (Llama, Qwen2, Mistral, Gemma without
+    soft-capping, ...)."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("trl_per_token_logps_and_entropies: the LM head has a bias; the fused kernels take a weight only")
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # position t predicts token t + 1: the hidden states before each completion token
+    hidden = hidden[:, -logits_to_keep - 1 : -1]
+    out = linear_logprobs(hidden, head.weight, input_ids[:, -logits_to_keep:], temperature=temperature,
+                          return_entropy=compute_entropy)
+    return out.logprobs, out.entropy

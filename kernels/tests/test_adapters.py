@@ -1,0 +1,126 @@
+"""The drop-ins equal the computation they replace, on the same inputs, values and gradients. TRL and verl do not
+install here (their dependencies need a GPU stack or a network), so their formulas are transcribed: TRL GRPO's
+`_get_per_token_logps_and_entropies` (the model's logits of the last logits_to_keep + 1 positions, the last
+dropped, divided by the temperature, `selective_log_softmax` on the completion ids, `entropy_from_logits`) and
+verl's `FusedLinearForPPO` reference (fp32 logits / temperature, gathered log-softmax, logsumexp - sum p·z)."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from raro_kernels.adapters import (FusedLinearForPPO, LinearLogprobsHead, fused_linear_for_ppo,
+                                   trl_per_token_logps_and_entropies)
+
+VOCAB, HIDDEN = 61, 24
+
+
+class _Decoder(nn.Module):
+    """Embeddings, then a causal mix (each position sees the running mean of those before it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
+        self.mix = nn.Linear(2 * HIDDEN, HIDDEN)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed_tokens(input_ids) * attention_mask[..., None]
+        running = x.cumsum(1) / attention_mask.cumsum(1).clamp(min=1)[..., None]
+        return SimpleNamespace(last_hidden_state=torch.tanh(self.mix(torch.cat([x, running], -1))) * 3)
+
+
+class _CausalLM(nn.Module):
+    """The shape of a Hugging Face causal LM: `model` (the decoder), `lm_head`, logits from forward."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = _Decoder()
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask, logits_to_keep=0):
+        logits = self.lm_head(self.model(input_ids, attention_mask).last_hidden_state)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def _trl_reference(model, input_ids, attention_mask, logits_to_keep, temperature):
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1).logits
+    logits = logits[:, :-1, :] / temperature
+    completion_ids = input_ids[:, -logits_to_keep:]
+    logps = torch.gather(logits.log_softmax(-1), -1, completion_ids[..., None]).squeeze(-1)
+    p = logits.softmax(-1)
+    entropies = torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+    return logps, entropies
+
+
+def _grads(model, value):
+    return torch.autograd.grad(value, [p for p in model.parameters()], allow_unused=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trl_per_token_logps_and_entropies_equals_trls_own_formula(tied):
+    model = _CausalLM(tied)
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (3, 17), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0  # left padding, as TRL's batches have
+    keep, temperature = 9, 0.9
+    logps, ent = trl_per_token_logps_and_entropies(model, input_ids, attention_mask, keep, temperature=temperature,
+                                                   compute_entropy=True)
+    # TRL's formula on the same model in float64: the reference the float32 answers are held to
+    model64 = copy.deepcopy(model).double()
+    ref_logps, ref_ent = _trl_reference(model64, input_ids, attention_mask, keep, temperature)
+    assert logps.shape == ent.shape == (3, keep) and logps.dtype == torch.float32
+    torch.testing.assert_close(logps.double(), ref_logps, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=0, atol=2e-5)
+    w = torch.randn(3, keep, generator=g)
+    ours = _grads(model, (logps * w).sum() + (ent * w.flip(0)).sum())
+    theirs = _grads(model64, (ref_logps * w).sum() + (ref_ent * w.flip(0)).sum())
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5)
+    no_entropy = trl_per_token_logps_and_entropies(model, input_ids, attention_mask, keep, temperature=temperature)
+    assert no_entropy[1] is None and torch.equal(no_entropy[0], logps)
+
+
+def test_verl_interface_equals_verls_reference_formula():
+    g = torch.Generator().manual_seed(2)
+    hidden = (torch.randn(2, 13, HIDDEN, generator=g) * 3).requires_grad_(True)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g).requires_grad_(True)
+    input_ids = torch.randint(0, VOCAB, (2, 13), generator=g)
+    logp, ent = FusedLinearForPPO()(hidden, weight, input_ids, temperature=0.7)
+    h64, w64 = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    logits = (h64 @ w64.t()) / 0.7  # verl's formula, in float64
+    ref_logp = logits.log_softmax(-1).gather(-1, input_ids[..., None]).squeeze(-1)
+    ref_ent = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=0, atol=2e-5)
+    w = torch.randn(2, 13, generator=g)
+    ours = torch.autograd.grad((logp * w).sum() - (ent * w).sum(), (hidden, weight))
+    theirs = torch.autograd.grad((ref_logp * w).sum() - (ref_ent * w).sum(), (h64, w64))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(fused_linear_for_ppo(hidden, weight, input_ids, 0.7)[0], logp, rtol=0, atol=0)
+
+
+def test_head_module_shares_the_lm_heads_weight_and_refuses_a_bias():
+    model = _CausalLM(tied=True)
+    head = LinearLogprobsHead(model.lm_head)
+    assert head.weight is model.model.embed_tokens.weight  # tied: one parameter, trained through both uses
+    hidden = torch.randn(5, HIDDEN)
+    targets = torch.tensor([3, -100, 0, VOCAB - 1, 7])
+    out = head(hidden, targets, return_entropy=True)
+    ref = (hidden @ model.lm_head.weight.t()).log_softmax(-1)
+    torch.testing.assert_close(out.logprobs[[0, 2, 3, 4]], ref[[0, 2, 3, 4], targets[[0, 2, 3, 4]]], rtol=0, atol=2e-5)
+    assert out.logprobs[1] == 0 and out.entropy[1] == 0  # ignored position
+    out.logprobs.sum().backward()
+    assert model.model.embed_tokens.weight.grad is not None and model.model.embed_tokens.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="has a bias"):
+        LinearLogprobsHead(nn.Linear(HIDDEN, VOCAB))
