@@ -4,6 +4,8 @@ logits never whole.
 - `LinearLogprobsHead`: an `nn.Module` around an LM head for any trainer: (hidden, targets) -> log-probs, entropy.
 - `FusedLinearForPPO` / `fused_linear_for_ppo`: verl's fused-kernel interface, (hidden_states, vocab_weights,
   input_ids, temperature) -> (log_probs, entropy).
+- `linear_cross_entropy`: cross-entropy with `reduction` as Liger's fused linear cross-entropy and Cut-Cross-
+  Entropy take it, for code that switches from them.
 - `trl_per_token_logps_and_entropies`: what TRL's GRPO trainer computes per completion token from a causal LM
   (log-probs of the completion ids at the sampling temperature, and optionally the entropies), from the decoder's
   last hidden state and the LM head instead of the model's logits.
@@ -67,6 +69,9 @@ def trl_per_token_logps_and_entropies(model: nn.Module, input_ids: torch.Tensor,
     `last_hidden_state`) and whose head is `model.get_output_embeddings()` (Llama, Qwen2, Mistral, Gemma without
     soft-capping, ...)."""
     head = model.get_output_embeddings()
+    if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
+        raise ValueError("trl_per_token_logps_and_entropies: the model soft-caps its logits (Gemma 2's "
+                         "final_logit_softcapping); the fused kernels compute plain softmax(hidden @ W.T / T)")
     if getattr(head, "bias", None) is not None:
         raise ValueError("trl_per_token_logps_and_entropies: the LM head has a bias; the fused kernels take a weight only")
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -75,3 +80,21 @@ def trl_per_token_logps_and_entropies(model: nn.Module, input_ids: torch.Tensor,
     out = linear_logprobs(hidden, head.weight, input_ids[:, -logits_to_keep:], temperature=temperature,
                           return_entropy=compute_entropy)
     return out.logprobs, out.entropy
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         reduction: str = "mean", ignore_index: int = -100, temperature: float = 1.0) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T / temperature, targets) without the logits: "none" gives fp32 [...] (0 at
+    ignored positions), "sum" their sum, "mean" their mean over the positions not ignored (as torch's, NaN when
+    every position is ignored)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    loss = -linear_logprobs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index).logprobs
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (targets != ignore_index).sum()

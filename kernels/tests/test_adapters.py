@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from raro_kernels.adapters import (FusedLinearForPPO, LinearLogprobsHead, fused_linear_for_ppo,
+from raro_kernels.adapters import (FusedLinearForPPO, LinearLogprobsHead, fused_linear_for_ppo, linear_cross_entropy,
                                    trl_per_token_logps_and_entropies)
 
 VOCAB, HIDDEN = 61, 24
@@ -124,3 +124,33 @@ def test_head_module_shares_the_lm_heads_weight_and_refuses_a_bias():
     assert model.model.embed_tokens.weight.grad is not None and model.model.embed_tokens.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="has a bias"):
         LinearLogprobsHead(nn.Linear(HIDDEN, VOCAB))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_equals_torchs_on_the_full_logits(reduction):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 6, HIDDEN, generator=g).requires_grad_(True)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g).requires_grad_(True)
+    targets = torch.randint(0, VOCAB, (4, 6), generator=g)
+    targets[1, 2:] = -100
+    ours = linear_cross_entropy(hidden, weight, targets, reduction=reduction, temperature=1.5)
+    h64, w64 = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
+    logits = (h64 @ w64.t()) / 1.5
+    theirs = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), reduction=reduction,
+                                               ignore_index=-100)
+    theirs = theirs.reshape(4, 6) if reduction == "none" else theirs
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
+    w = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((ours * w.float()).sum(), (hidden, weight)),
+                    torch.autograd.grad((theirs * w).sum(), (h64, w64))):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        linear_cross_entropy(hidden, weight, targets, reduction="batchmean")
+
+
+def test_trl_adapter_refuses_a_model_that_soft_caps_its_logits():
+    model = _CausalLM(tied=False)
+    model.config = SimpleNamespace(final_logit_softcapping=30.0)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        trl_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 2)
