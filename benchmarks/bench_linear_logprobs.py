@@ -8,7 +8,9 @@ Rows per shape (bf16, V = 151,936 on CUDA):
 - raro linear_logprobs (+ entropy), raro linear_policy_loss one-pass (6NHV) and two-pass (8NHV).
 Peak extra memory = peak allocated during one forward+backward minus what was allocated before (inputs); it
 includes the returned gradients (grad h and grad W in bf16, which every method must produce); "beyond grads"
-subtracts them and is given as a percentage of the fp32 logits N x V x 4 bytes.
+subtracts them and is given as a percentage of the fp32 logits N x V x 4 bytes. The last column is each method's
+max |log-prob - float64 reference| on the first 1024 tokens (the cross-entropy methods: -loss, reduction "none"):
+the precision that fp32 logits buy, beside the speed.
 On a machine without CUDA it runs a small smoke version (CPU, torch backend) in a few seconds.
 Set RARO_BENCH_SHAPES="4096x3584,16384x1536" to restrict the CUDA shapes (N x H).
 """
@@ -124,6 +126,51 @@ def _methods() -> dict[str, Method]:
     return methods
 
 
+ACCURACY_ROWS = 1024  # tokens whose log-probs are checked against float64 (their fp64 logits: 1.2 GB at V = 151,936)
+
+
+def _per_token_logprobs() -> dict[str, Callable[[Inputs], torch.Tensor]]:
+    """name -> per-token log-probs [N] fp32 of the method (no grad), for the accuracy column; the cross-entropy
+    methods give them as -loss with reduction="none"."""
+    fns: dict[str, Callable[[Inputs], torch.Tensor]] = {
+        "eager": lambda x: _eager_logprobs(x.hidden, x.weight, x.targets),
+        "torch.compile": lambda x: _compiled(x.hidden, x.weight, x.targets),
+        "raro linear_logprobs": lambda x: linear_logprobs(x.hidden, x.weight, x.targets).logprobs,
+        "raro linear_logprobs +entropy": lambda x: linear_logprobs(x.hidden, x.weight, x.targets,
+                                                                   return_entropy=True).logprobs,
+    }
+    for label, one_pass, chunk in (("1-pass", True, None), ("1-pass chunk 4096", True, 4096), ("2-pass", False, None)):
+        fns[f"raro linear_policy_loss {label}"] = lambda x, one_pass=one_pass, chunk=chunk: linear_policy_loss(
+            x.hidden, x.weight, x.targets, x.old, x.adv, x.mask, one_pass=one_pass, chunk_tokens=chunk)[1]["logprobs"]
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
+
+        fns["liger FLCE"] = lambda x: -liger(x.hidden, x.weight, x.targets, reduction="none").float()
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        fns["cut-cross-entropy"] = lambda x: -cce(x.hidden, x.weight, x.targets, reduction="none").float()
+    except ImportError:
+        pass
+    return fns
+
+
+def _max_error_vs_float64(fn: Callable[[Inputs], torch.Tensor], x: Inputs) -> str:
+    """max |log-prob - float64 reference| over the first ACCURACY_ROWS tokens, the method run on those rows."""
+    rows = min(ACCURACY_ROWS, x.hidden.shape[0])
+    h, w, t = x.hidden.detach()[:rows], x.weight.detach(), x.targets[:rows]
+    sub = Inputs(h, w, t, x.old[:rows], x.adv[:rows], x.mask[:rows])
+    try:
+        with torch.no_grad():
+            ours = fn(sub).double()
+            ref = torch.log_softmax(h.double() @ w.double().T, dim=-1).gather(1, t[:, None]).squeeze(1)
+    except Exception as e:  # a method that cannot give per-token values says so in the table
+        return f"n/a ({type(e).__name__})"
+    return f"{(ours - ref).abs().max().item():.1e}"
+
+
 def _sum_both(out) -> torch.Tensor:
     return out.logprobs.sum() + out.entropy.sum()
 
@@ -168,8 +215,9 @@ def _fmt_ratio(m: Measurement | str | None, floor: Measurement) -> str:
 
 def test_bench_lm_head(bench_table) -> None:
     methods = _methods()
+    accuracy = _per_token_logprobs()
     columns = ["N x H x V", "method", "fwd ms", "fwd/floor", "fwd+bwd ms", "fwd+bwd/floor", "peak extra MB",
-               "beyond grads % fp32 logits"]
+               "beyond grads % fp32 logits", "max |logprob - fp64|"]
     rows = []
     for n, h, v in _shapes():
         x = _inputs(n, h, v)
@@ -182,7 +230,8 @@ def test_bench_lm_head(bench_table) -> None:
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
         label = f"{n} x {h} x {v}"
-        rows.append([label, "floor: 3 cuBLAS GEMMs", _fmt_ms(floor_fwd), "1.00x", _fmt_ms(floor_fb), "1.00x", "-", "-"])
+        rows.append([label, "floor: 3 cuBLAS GEMMs", _fmt_ms(floor_fwd), "1.00x", _fmt_ms(floor_fb), "1.00x", "-", "-",
+                     "-"])
         grads_bytes = (n * h + v * h) * x.hidden.element_size()
         for name, (fwd, fwd_bwd) in methods.items():
             m_fwd = None
@@ -199,8 +248,9 @@ def test_bench_lm_head(bench_table) -> None:
             if isinstance(m_fb, Measurement) and m_fb.peak_extra_bytes is not None:
                 mem = f"{m_fb.peak_extra_bytes / 2**20:.0f}"
                 beyond = f"{100 * max(m_fb.peak_extra_bytes - grads_bytes, 0) / (n * v * 4):.2f}"
+            error = _max_error_vs_float64(accuracy[name], x) if name in accuracy else "-"
             rows.append([label, name, _fmt_ms(m_fwd), _fmt_ratio(m_fwd, floor_fwd), _fmt_ms(m_fb),
-                         _fmt_ratio(m_fb, floor_fb), mem, beyond])
+                         _fmt_ratio(m_fb, floor_fb), mem, beyond, error])
             print(rows[-1], flush=True)  # progress, in case a run is cut short
         del x
         gc.collect()
