@@ -70,3 +70,19 @@ def test_the_kernels_need_torch_and_triton_only_and_raro_fast_depends_on_them():
     offenders = [str(f.relative_to(ROOT)) for f in (ROOT / "kernels").rglob("*.py")
                  if re.search(r"^\s*(from|import)\s+raro_fast\b", f.read_text(), re.M)]
     assert offenders == []
+
+
+def test_the_readmes_layout_table_names_every_module_and_folder():
+    """Issue 20: the layout table matches the tree. Every top-level module and folder of raro_fast/ and of the
+    repository's code folders is named in it."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([\w./-]+)`", table))
+    names = {n.rsplit("/", 1)[-1] if not n.endswith("/") else n.rstrip("/").rsplit("/", 1)[-1] + "/" for n in named}
+    entries = [p for p in (ROOT / "raro_fast").iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()]
+    missing = [p.name + ("/" if p.is_dir() else "") for p in entries
+               if (p.name + ("/" if p.is_dir() else "")) not in names]
+    assert missing == [], f"raro_fast entries the README's layout table does not name: {missing}"
+    for folder in ("kernels/", "benchmarks/", "configs/", "experiments/"):
+        assert folder in names, folder
