@@ -11,7 +11,7 @@ here=$(dirname "$0")
 root=$1
 export JOBS=${JOBS:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 JOBS=3 "$here/run_grid.sh" "$root/bases" 7200 "$here/grids/bases.txt" \
-  --config configs/countdown-easy.yaml --warmup.steps 3000 --warmup.max_target 30 --train.steps 0 \
+  --config configs/countdown-easy.yaml --model.path '' --warmup.steps 3000 --warmup.max_target 30 --train.steps 0 \
   --train.eval_size 64
 "$here/run_grid.sh" "$root" 7200 "$here/grids/cpu.txt" \
   --config configs/countdown-easy.yaml --train.steps 40 --train.eval_every 10 --train.eval_size 64 \

@@ -13,7 +13,7 @@ here=$(dirname "$0")
 model=(--model.embedded.hidden_size 384 --model.embedded.num_layers 8 --model.embedded.num_heads 6
        --model.embedded.num_kv_heads 2 --model.embedded.intermediate_size 1152)
 "$here/run_grid.sh" "$1/bases" "${2:-1800}" "$here/grids/bases.txt" "${model[@]}" \
-  --config configs/countdown-easy.yaml --warmup.steps 6000 --warmup.max_target 30 --train.steps 0 \
+  --config configs/countdown-easy.yaml --model.path '' --warmup.steps 6000 --warmup.max_target 30 --train.steps 0 \
   --train.eval_size 64
 "$here/run_grid.sh" "$1" "${2:-1800}" "$here/grids/cpu.txt" \
   --config configs/countdown-easy.yaml --train.steps 200 --train.eval_every 20 --train.eval_size 64 \

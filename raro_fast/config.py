@@ -51,9 +51,12 @@ class EmbeddedModelConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = _help(
-        "A Hugging Face model directory (e.g. path/to/Qwen2.5-1.5B-Instruct). Empty: build the embedded default "
-        "model with the project's own tokenizer and give it the format warm-up (see `warmup`).",
-        "",
+        "A Hugging Face model directory (e.g. path/to/Qwen2.5-1.5B-Instruct), a hub id, or builtin:NAME, a base shipped "
+        "with the package. The default, builtin:countdown-easy, is the embedded model after a 3000-step format "
+        "warm-up whose critic checks answers better than chance (raro_fast/model/bases/countdown-easy/README.md). "
+        "Empty: build the embedded model from `model.embedded` with the project's own tokenizer and warm it up in the "
+        "run (see `warmup`).",
+        "builtin:countdown-easy",
     )
     embedded: EmbeddedModelConfig = _help("Shape of the embedded default model.", factory=EmbeddedModelConfig)
     dtype: Literal["auto", "float32", "bfloat16"] = _help(
@@ -127,7 +130,8 @@ class RolloutConfig:
         "the same temperature, so the update stays on-policy for both roles. Measured on the embedded model (docs/"
         "experiments.md, section 5): at 0.3 the critic checks more reliably, but RARO gained less.", None)
     top_p: float = _help("Nucleus sampling for rollouts (1.0 keeps the engine's log-probs exact).", 1.0)
-    max_new_tokens: int = _help("Longest policy completion; longer ones are truncated and filtered out.", 96)
+    max_new_tokens: int = _help("Longest policy completion; longer ones are truncated and filtered out (48: the "
+                                "embedded model's easy-Countdown answers, search and expression, take 30-40).", 48)
     critic_max_new_tokens: int = _help("Longest critic completion.", 96)
     batch_size: int = _help("Prompts per engine call (bounds generation memory).", 64)
     release_memory: Literal["none", "kv_cache", "kv_cache+weights"] = _help(
@@ -292,7 +296,7 @@ class TrainConfig:
         "expert answer preferred over each policy sample, the reference refreshed every round; see `dpo`).",
         "raro",
     )
-    steps: int = _help("Training steps (one rollout round each).", 16)
+    steps: int = _help("Training steps (one rollout round each).", 40)
     ppo_mini_batches: int = _help(
         "Optimizer steps per training step: the step's sequences are shuffled and split into this many mini-batches, "
         "each one update against the log-probs recomputed before the first (verl's ppo_mini_batch_size, TRL's "

@@ -29,7 +29,7 @@ from raro_fast import prompts
 from raro_fast.config import WarmupConfig
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
-from raro_fast.tasks.countdown import (CountdownConfig, evaluation_trace, expression_steps, forward_puzzle, parse,
+from raro_fast.tasks.countdown import (CountdownConfig, Puzzle, compared, evaluate, evaluation_trace, expression_steps, forward_puzzle, parse,
                                        question_text, random_expression, search_trace, split_puzzles, to_string, verify)
 
 
@@ -75,17 +75,46 @@ def _batch_role(batch_index: int, cfg: WarmupConfig) -> str:
 
 
 ARITHMETIC_PROMPT = "Practice arithmetic."
-ARITHMETIC_EXPRESSIONS = 8
+ARITHMETIC_EXPRESSIONS = 4  # a drill about as long as a critic trace: both stay on the fast attention path
 
 
-def arithmetic_drill(task: CountdownConfig, rng: random.Random) -> str:
-    """The steps of random expressions over the task's numbers, in the traces' own words ("3*6=18 18-8=10"), all
-    four operators: the facts a critic must get right, many to a sequence instead of four."""
-    steps: list[str] = []
-    for _ in range(ARITHMETIC_EXPRESSIONS):
-        numbers = [rng.randint(task.min_number, task.max_number) for _ in range(task.num_numbers)]
-        steps += expression_steps(random_expression(numbers, rng, ops="+-*/"))
-    return " ".join(steps)
+def arithmetic_drill(task: CountdownConfig, cfg: WarmupConfig, rng: random.Random, unseen: dict) -> str:
+    """Random expressions over the task's numbers (2 to one more than a puzzle has), all four operators, each after
+    a number to make and checked against it in the traces' own words ("make 10: 2*5=10; 10 vs 10: ok.", "make 25:
+    7+2=9; 9 vs 25: no."): the facts a critic must get right, many to a sequence instead of four.
+
+    The number to make is the value itself half the time, else any number of the targets' range, the task's
+    target among them: the critic learns to copy the stated target and compare it with the value for every value,
+    where a warm-up whose critic traces never compared with the task's target taught it that 10 is never 10
+    ("18-8=10; 10 vs 10: no", docs/experiments.md, section 2). No drill is a solution of one of the task's puzzles
+    (`unseen`, as for the warm-up's puzzles): an expression over as many numbers as a puzzle has never makes
+    what the warm-up leaves out."""
+    lines: list[str] = []
+    while len(lines) < ARITHMETIC_EXPRESSIONS:
+        numbers = [rng.randint(task.min_number, task.max_number) for _ in range(rng.randint(2, task.num_numbers + 1))]
+        node = random_expression(numbers, rng, ops="+-*/")
+        value = evaluate(to_string(node))
+        if len(numbers) == task.num_numbers and _is_left_out(numbers, value, unseen):
+            continue
+        steps = " ".join(expression_steps(node))
+        if rng.random() < 0.5 and value is not None and value.denominator == 1:
+            against = int(value)
+        else:
+            against = rng.randint(cfg.min_target, max(cfg.max_target, task.target))
+        if value is None:  # as a critic trace ends one (`evaluation_trace`)
+            lines.append(f"make {against}: {steps} divides by zero.")
+        else:
+            lines.append(f"make {against}: {steps}; {compared(value, against, ok=value == against)}")
+    return " ".join(lines)
+
+
+def _is_left_out(numbers: list[int], value, unseen: dict) -> bool:
+    """Whether `numbers` making `value` is a puzzle the warm-up must not show (see `task_exclusion`)."""
+    if value is None or value.denominator != 1:
+        return False
+    if "exclude_target" in unseen:
+        return int(value) == unseen["exclude_target"]
+    return Puzzle(tuple(numbers), int(value)).key in unseen["exclude"]
 
 
 def task_exclusion(task: CountdownConfig, leave_out: str = "target") -> dict:
@@ -115,7 +144,7 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
         role = _batch_role(i // batch_size, cfg)
         if role == "arithmetic":
             messages = [{"role": "user", "content": ARITHMETIC_PROMPT}]
-            completion = arithmetic_drill(task, rng)
+            completion = arithmetic_drill(task, cfg, rng, unseen)
         elif role == "critic":
             other = _candidate_answer(numbers, expert, rng)
             first, second = (expert, other) if rng.random() < 0.5 else (other, expert)
@@ -156,6 +185,7 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
     )
     pad = tokenizer.pad_token_id
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and native_bf16(device))
+    attention = model.config._attn_implementation
     losses = []
     bar = tqdm(range(cfg.steps), desc="format warm-up", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -169,6 +199,8 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
             ids[i, :n] = torch.tensor(e.input_ids)
             labels[i, e.prompt_len : n] = ids[i, e.prompt_len : n]
             mask[i, :n] = 1
+        if device.type == "cpu" and attention == "sdpa":
+            model.set_attn_implementation(cpu_attention(width))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
         opt.zero_grad(set_to_none=True)
@@ -178,8 +210,20 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
         sched.step()
         losses.append(out.loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.set_attn_implementation(attention)
     model.eval()
     return losses
+
+
+EAGER_UP_TO = 256
+
+
+def cpu_attention(width: int) -> str:
+    """The faster attention for a padded batch `width` tokens long on a CPU. A padding mask sends SDPA down a slow
+    path, so for short sequences plain matmul-softmax attention wins; for long ones its [L, L] scores cost more.
+    Measured on the default model, one thread, bf16 (seconds per step of 32): width ~106: eager 0.18, SDPA 0.32;
+    ~220: 0.39 vs 0.54; ~375: 1.65 vs 1.12."""
+    return "eager" if width <= EAGER_UP_TO else "sdpa"
 
 
 FORMAT_PROBE_QUESTIONS = 16

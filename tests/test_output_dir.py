@@ -9,7 +9,8 @@ from raro_fast.config import load_config
 
 
 def _cfg(out, *extra):
-    return load_config(["--train.output_dir", str(out), *extra])
+    # the embedded model warmed up in the run (model.path empty): the case with a base_model folder to manage
+    return load_config(["--train.output_dir", str(out), "--model.path", "", *extra])
 
 
 def _base(out, cfg):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 TINY = [
-    "--model.embedded.hidden_size", "64", "--model.embedded.num_layers", "2", "--model.embedded.intermediate_size",
+    "--model.path", "", "--model.embedded.hidden_size", "64", "--model.embedded.num_layers", "2", "--model.embedded.intermediate_size",
     "128", "--warmup.steps", "20", "--warmup.batch_size", "8", "--rollout.max_new_tokens", "40",
     "--rollout.critic_max_new_tokens", "40", "--raro.questions_per_step", "2", "--raro.group_size", "4",
     "--raro.critic_pairs_per_step", "4", "--task.countdown.num_train", "40", "--task.countdown.num_heldout", "8", "--train.eval_size",

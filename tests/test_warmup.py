@@ -55,11 +55,11 @@ def test_critic_candidates_include_expert_shaped_hard_negatives():
     assert all(sorted(map(int, re.findall(r"\d+", d))) == sorted(numbers) for d in draws)
 
 
-def test_arithmetic_drills_are_true_steps_in_the_traces_words_at_the_fraction_asked():
+def test_arithmetic_drills_are_true_steps_and_comparisons_in_the_traces_words_at_the_fraction_asked():
     import re
     from fractions import Fraction
 
-    from raro_fast.warmup import ARITHMETIC_PROMPT
+    from raro_fast.warmup import ARITHMETIC_EXPRESSIONS, ARITHMETIC_PROMPT
 
     tok = load_project_tokenizer()
     task = CountdownConfig()
@@ -69,20 +69,38 @@ def test_arithmetic_drills_are_true_steps_in_the_traces_words_at_the_fraction_as
     assert 0.15 < len(drills) / len(corpus) < 0.45  # whole batches draw their role: 50 draws at 0.3
     number = r"\(?-?\d+(?:/\d+)?\)?"
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
-    checked = 0
+    checked, verdicts = 0, []
     for text in drills:
-        steps = text.split()
-        assert len(steps) >= 8
-        for step in steps:
-            m = re.fullmatch(rf"({number})([-+*/])({number})=(undefined|-?\d+(?:/\d+)?)", step)
-            assert m, step
-            a, op, b, c = Fraction(m[1].strip("()")), m[2], Fraction(m[3].strip("()")), m[4]
-            assert c == "undefined" if (op == "/" and b == 0) else Fraction(c) == ops[op](a, b), step
-            checked += 1
+        expressions = re.split(r"(?<=\.) (?=make )", text)
+        assert len(expressions) == ARITHMETIC_EXPRESSIONS, text
+        for expression in expressions:
+            head, _, rest = expression.partition(": ")
+            stated = re.fullmatch(r"make (-?\d+)", head)[1]
+            steps, _, comparison = rest.partition("; ")
+            c = None
+            for step in steps.removesuffix(" divides by zero.").split():
+                m = re.fullmatch(rf"({number})([-+*/])({number})=(undefined|-?\d+(?:/\d+)?)", step)
+                assert m, step
+                a, op, b, c = Fraction(m[1].strip("()")), m[2], Fraction(m[3].strip("()")), m[4]
+                assert c == "undefined" if (op == "/" and b == 0) else Fraction(c) == ops[op](a, b), step
+                checked += 1
+            if "undefined" in steps:
+                assert expression.endswith(" divides by zero.") and not comparison, expression
+                continue
+            # the value set against the number stated first, as a critic sets it against the target; right verdicts
+            m = re.fullmatch(r"(-?\d+(?:/\d+)?) vs (-?\d+): (ok|no)\.", comparison)
+            assert m and m[1] == c and m[2] == stated, expression
+            assert (m[3] == "ok") == (Fraction(m[1]) == int(m[2])), expression
+            verdicts.append((m[1], m[2], m[3]))
+            # never a solution of a task puzzle: three numbers (two steps) never make the task's target
+            assert not (len(steps.split()) == task.num_numbers - 1 and c == str(task.target)), expression
     assert checked > 1000
     # the operators a critic meets, and the negative and fractional steps the policy's exploits were made of
     joined = " ".join(drills)
     assert all(op in joined for op in "+-*/") and "=-" in joined and re.search(r"=\d+/\d+", joined)
+    # about half are a value against itself, and the task's target is compared both ways: 10 is 10, 9 is not 10
+    assert 0.3 < sum(v == "ok" for *_, v in verdicts) / len(verdicts) < 0.6
+    assert ("10", "10", "ok") in verdicts and any(t == "10" and v == "no" for _, t, v in verdicts)
 
 
 def test_with_varied_targets_the_warmup_leaves_out_the_tasks_puzzles_not_its_target_values():

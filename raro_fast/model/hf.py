@@ -17,6 +17,9 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
+# Warmed-up bases shipped with the package, named `builtin:NAME` in model.path (see each folder's README.md).
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).parent / "bases"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -118,8 +121,16 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model_path(path: str, setting: str) -> str:
-    """A local directory as given; otherwise a hub id (`Qwen/Qwen2.5-1.5B-Instruct`) resolved through
-    huggingface_hub's cache, downloading its safetensors, config and tokenizer files unless HF_HUB_OFFLINE is set."""
+    """A local directory as given; `builtin:NAME`, a base shipped with the package; otherwise a hub id
+    (`Qwen/Qwen2.5-1.5B-Instruct`) resolved through huggingface_hub's cache, downloading its safetensors, config and
+    tokenizer files unless HF_HUB_OFFLINE is set."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path.removeprefix(BUILTIN_PREFIX)
+        shipped = sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file())
+        if name not in shipped:
+            raise ValueError(f"{setting}: {path!r}: no such built-in base; the package ships "
+                             f"{', '.join(BUILTIN_PREFIX + n for n in shipped)}")
+        return str(BUILTIN_DIR / name)
     if Path(path).exists() or not HUB_ID.match(path):
         return path
     try:

@@ -477,4 +477,9 @@ def evaluation_trace(numbers, target, expression: str) -> str:
     if problem == "divides by zero":
         return f"{head} {problem}."
     value = _value(node)
-    return f"{head}; {_fmt(value)} vs {target}: {'ok' if problem is None else 'no'}."
+    return f"{head}; {compared(value, target, ok=problem is None)}"
+
+
+def compared(value: Fraction, target: int, *, ok: bool) -> str:
+    """The last words of a check: a value set against the target, then the verdict ("10 vs 10: ok.")."""
+    return f"{_fmt(value)} vs {target}: {'ok' if ok else 'no'}."

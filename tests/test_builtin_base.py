@@ -1,0 +1,54 @@
+"""The base the default job starts from: shipped in the package (`builtin:countdown-easy`), pinned byte for byte, the
+embedded model's shape with the project's own tokenizer, and the default of `model.path`."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raro_fast.config import EmbeddedModelConfig, load_config
+from raro_fast.model.hf import BUILTIN_DIR, load_pretrained, load_project_tokenizer, resolve_model_path
+
+SHA256 = "7942ba9361e27b8a756d3caa7b222fc3491c483dc718097076210aa2fe2388ea"  # the seed-0 base of docs/experiments.md
+
+
+def test_the_default_job_starts_from_the_shipped_base_pinned_byte_for_byte():
+    cfg = load_config([])
+    assert cfg.model.path == "builtin:countdown-easy"
+    path = Path(resolve_model_path(cfg.model.path, "model.path"))
+    assert path == BUILTIN_DIR / "countdown-easy"
+    assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == SHA256
+    assert "SHA-256" in (path / "README.md").read_text()  # its provenance travels with it
+
+
+def test_the_shipped_base_is_the_embedded_model_with_the_projects_tokenizer():
+    model, tokenizer = load_pretrained("builtin:countdown-easy", dtype=torch.float32)
+    shape = EmbeddedModelConfig()
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (
+        shape.hidden_size, shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
+    assert tokenizer.get_vocab() == load_project_tokenizer().get_vocab()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_unknown_builtin_name_lists_what_ships():
+    with pytest.raises(ValueError, match=r"model.path: 'builtin:countdown-hard': no such built-in base; the package "
+                                         r"ships builtin:countdown-easy"):
+        resolve_model_path("builtin:countdown-hard", "model.path")
+
+
+@pytest.mark.slow
+def test_the_default_job_trains_from_the_shipped_base_without_a_warm_up(tmp_path):
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "raro_fast.train", "--train.steps", "1", "--train.eval_size", "4",
+                          "--train.progress", "false", "--train.output_dir", str(run)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "format warm-up" not in out.stdout + out.stderr and not (run / "base_model").exists()
+    assert json.loads((run / "config.json").read_text())["model"]["path"] == "builtin:countdown-easy"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1] and records[1]["batch/critic_sequences"] > 0
