@@ -8,8 +8,9 @@ formats it will be asked for:
   - critic: both candidate answers evaluated step by step (`evaluation_trace`: steps, then "value vs target") in
     <think>, then a verdict (the correct one; tie when both or neither are correct), against other answers shaped
     like a policy's (`_candidate_answer`);
-  - optionally (`warmup.arithmetic_fraction`) arithmetic drills: many true steps "a op b=c" to a sequence, the
-    facts a critic checks, which a 0.8M model otherwise gets wrong.
+  - optionally (`warmup.arithmetic_fraction`) arithmetic drills: true steps "a op b=c" of random expressions, each
+    set against a stated number ("make 10: 2*5=10; 10 vs 10: ok."), the facts a critic checks, which a 0.8M model
+    otherwise gets wrong; never the solution of one of the task's puzzles.
 All warm-up puzzles are made backwards (random numbers, a random expression, its value as the target) and never
 are the task's (`task_exclusion`): for a task with one target, by default no warm-up puzzle makes that target, so
 what RARO learns about it comes from the game between policy and critic (at the price, measured in
@@ -29,8 +30,9 @@ from raro_fast import prompts
 from raro_fast.config import WarmupConfig
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
-from raro_fast.tasks.countdown import (CountdownConfig, Puzzle, compared, evaluate, evaluation_trace, expression_steps, forward_puzzle, parse,
-                                       question_text, random_expression, search_trace, split_puzzles, to_string, verify)
+from raro_fast.tasks.countdown import (CountdownConfig, Puzzle, compared, evaluate, evaluation_trace, expression_steps,
+                                       forward_puzzle, parse, question_text, random_expression, search_trace,
+                                       split_puzzles, to_string, verify)
 
 
 @dataclass

@@ -63,7 +63,8 @@ def test_role_constants_are_each_roles_planned_sequences_times_its_own_length():
     assert role_constants(cfg) == {"policy": 4 * 8 * 48.0, "critic": 64 * 4 * 96.0}
     capped = load_config(["--raro.critic_pairs_per_step", "10", "--raro.replay_ratio", "0.75"])
     assert role_constants(capped)["critic"] == (10 + 30) * 4 * 96.0
-    assert role_constants(load_config(["--train.mode", "rlvr"])) == {"policy": 4 * 8 * 96.0}
+    rlvr = load_config(["--train.mode", "rlvr", "--rollout.max_new_tokens", "96"])
+    assert role_constants(rlvr) == {"policy": 4 * 8 * 96.0}
 
 
 def test_every_mode_the_config_offers_has_an_object_that_plans_its_own_sequences():
@@ -76,7 +77,8 @@ def test_every_mode_the_config_offers_has_an_object_that_plans_its_own_sequences
     # question, or a (chosen, rejected) pair per sample
     planned = {"raro": 32, "rlvr": 32, "rl_logit": 32, "sft": 4, "rationalization": 4, "dpo": 64}
     for name in offered:
-        assert role_constants(load_config(["--train.mode", name]))["policy"] == planned[name] * 96.0, name
+        cfg = load_config(["--train.mode", name])
+        assert role_constants(cfg)["policy"] == planned[name] * cfg.rollout.max_new_tokens, name
     with pytest.raises(ValueError, match="unknown mode 'ppo'.*raro, rlvr"):
         make_mode("ppo")
 
