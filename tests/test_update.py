@@ -13,7 +13,6 @@ from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import SequenceSample, plan_micro_batches
 from raro_fast.modes import make_mode
 from raro_fast.update import recompute_logprobs, split_mini_batches, update_mini_batches, update_step, weigh_roles
-from raro_kernels import policy_loss
 
 
 @pytest.fixture(scope="module")
