@@ -2,10 +2,12 @@
 spread over seeds, at the last step that every run reached; each mode's gain over its own step 0; the critic's
 diagnostics of the RARO runs; and whether RARO met the targets of docs/experiments.md.
 
-    python experiments/summarize.py ROOT [--out DIR] [--title TEXT]
+    python experiments/summarize.py ROOT [--out DIR] [--title TEXT] [--evals EVALS]
 
 Writes DIR/replication.md (also printed), DIR/replication_curves.png and, for RARO runs, DIR/critic_curves.png
-(DIR defaults to ROOT).
+(DIR defaults to ROOT). With --evals, also a table of the final models' sampled evaluations: EVALS/MODE-sSEED/
+report.json and EVALS/base/report.json, written by `raro_fast.evaluate` (avg@n: the mean accuracy of n samples per
+puzzle, a lower-variance measure than one greedy answer; majority@n; the critic tournament's pick; pass@n).
 """
 from __future__ import annotations
 
@@ -109,18 +111,73 @@ def _run_mean(records: list[dict], key: str) -> float | None:
 
 
 def targets(finals: dict[str, float], gains: dict[str, list[float]]) -> list[str]:
-    """The three targets of docs/experiments.md, each met or not, on the last-evals means."""
-    if not {"raro", "rlvr", "sft"} <= set(finals):
+    """The three targets of docs/experiments.md, each met or not, on the last-evals means, for every RARO mode of the
+    grid (raro and its variants, raro_*; not the oracle-critic diagnostic)."""
+    variants = [m for m in sorted(finals) if (m == "raro" or m.startswith("raro_")) and m != "raro_oracle"]
+    if not variants or not {"rlvr", "sft"} <= set(finals):
         return []
-    g = gains["raro"]
-    spread = statistics.stdev(g) if len(g) > 1 else 0.0
-    checks = [
-        (f"RARO >= 0.9 x RLVR: {finals['raro']:.3f} vs {0.9 * finals['rlvr']:.3f}", finals["raro"] >= 0.9 * finals["rlvr"]),
-        (f"RARO > SFT: {finals['raro']:.3f} vs {finals['sft']:.3f}", finals["raro"] > finals["sft"]),
-        (f"RARO above its own base by more than the seed spread: gain {statistics.mean(g):+.3f} vs sd {spread:.3f}",
-         statistics.mean(g) > spread),
-    ]
-    return ["", "Targets:", ""] + [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]
+    lines = ["", "Targets:", ""]
+    for mode in variants:
+        g = gains[mode]
+        spread = statistics.stdev(g) if len(g) > 1 else 0.0
+        checks = [
+            (f"{mode} >= 0.9 x RLVR: {finals[mode]:.3f} vs {0.9 * finals['rlvr']:.3f}",
+             finals[mode] >= 0.9 * finals["rlvr"]),
+            (f"{mode} > SFT: {finals[mode]:.3f} vs {finals['sft']:.3f}", finals[mode] > finals["sft"]),
+            (f"{mode} above its own base by more than the seed spread: gain {statistics.mean(g):+.3f} vs sd "
+             f"{spread:.3f}", statistics.mean(g) > spread),
+        ]
+        lines += [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]
+    return lines
+
+
+EVAL_KEYS = ("avg@n", "majority@n", "tournament@n", "pass@n")
+
+
+def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int, dict]]]:
+    """({seed: the base's accuracies}, {mode: {seed: accuracies}}) from EVALS/*/report.json: EVALS/base-sSEED is
+    the base of that seed's runs, EVALS/base (seed None) the base of every seed without its own."""
+    bases, modes = {}, defaultdict(dict)
+    for path in sorted(evals.glob("*/report.json")):
+        try:
+            report = json.loads(path.read_text())
+            acc = {**report["accuracy"], "n": report["n"]}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a report of raro_fast.evaluate ({e!r})") from None
+        m = RUN_NAME.match(path.parent.name)
+        if path.parent.name == "base":
+            bases[None] = acc
+        elif m and m["mode"] == "base":
+            bases[int(m["seed"])] = acc
+        elif m:
+            modes[m["mode"]][int(m["seed"])] = acc
+    if not modes:
+        raise ValueError(f"{evals}: no MODE-sSEED/report.json evaluations found")
+    return bases, modes
+
+
+def eval_table(bases: dict[int | None, dict], modes: dict[str, dict[int, dict]]) -> str:
+    """Mean ± sd over seeds of each evaluation, and avg@n's gain over each seed's own base."""
+    ns = {acc["n"] for seeds in [*modes.values(), bases] for acc in seeds.values()}
+    n = ns.pop() if len(ns) == 1 else "n"
+    lines = [f"Final models, {n} samples per held-out puzzle at temperature 1 (raro_fast.evaluate), mean ± sd over "
+             "seeds; avg@n is the expected accuracy of one sample, far less noisy than one greedy answer per puzzle.", "",
+             "| model | seeds | " + " | ".join(k.replace("@n", f"@{n}") for k in EVAL_KEYS) + " | avg gain over base | "
+             "avg per seed |", "|---|---|" + "---|" * (len(EVAL_KEYS) + 2)]
+    if bases:
+        seeds = [bases[s] for s in sorted(bases, key=lambda s: -1 if s is None else s)]
+        lines.append(f"| base | {len(seeds)} | " + " | ".join(_mean_sd([a[k] for a in seeds if a.get(k) is not None])
+                                                        for k in EVAL_KEYS) + " | | "
+                     + " / ".join(f"{a['avg@n']:.3f}" for a in seeds) + " |")
+    for mode in sorted(modes):
+        seeds = sorted(modes[mode])
+        accs = [modes[mode][s] for s in seeds]
+        cells = [_mean_sd([a[k] for a in accs if a.get(k) is not None]) for k in EVAL_KEYS]
+        own = [bases.get(s, bases.get(None)) for s in seeds]
+        gain = _mean_sd([a["avg@n"] - b["avg@n"] for a, b in zip(accs, own) if b]) if all(own) else "-"
+        lines.append(f"| {mode} | {len(accs)} | " + " | ".join(cells) + f" | {gain} | "
+                     + " / ".join(f"{a['avg@n']:.3f}" for a in accs) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(runs: dict[str, dict[int, list[dict]]], path: Path, title: str = "Countdown") -> None:
@@ -185,6 +242,7 @@ def main() -> None:
     ap.add_argument("root", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--title", default="Countdown", help="what the runs trained on, for the plot's title")
+    ap.add_argument("--evals", type=Path, default=None, help="folder of raro_fast.evaluate reports, one per run")
     args = ap.parse_args()
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
@@ -193,6 +251,11 @@ def main() -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     table, _ = summarize(runs)
+    if args.evals:
+        try:
+            table += "\n" + eval_table(*read_evals(args.evals))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     (out / "replication.md").write_text(table)
     plot(runs, out / "replication_curves.png", args.title)
     print(table)

@@ -117,11 +117,14 @@ class WarmupConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
-    backend: Literal["embedded", "sglang", "sglang_http"] = _help(
-        "Rollout engine: embedded = transformers generation in the trainer process (works everywhere); sglang = "
-        "sglang.Engine colocated on each training GPU; sglang_http = an SGLang server at rollout.sglang_url. Both "
-        "sglang backends need `pip install raro-fast[sglang]`.",
-        "embedded",
+    backend: Literal["auto", "embedded", "continuous", "sglang", "sglang_http"] = _help(
+        "Rollout engine: embedded = transformers generation in the trainer process (works everywhere); continuous = "
+        "transformers' continuous batching (paged KV cache, its own scheduler) in the trainer process, needs "
+        "transformers >= 5.17 (else embedded is used, with a message); sglang = sglang.Engine colocated on each "
+        "training GPU; sglang_http = an SGLang server at rollout.sglang_url (both sglang backends need `pip install "
+        "raro-fast[sglang]`); auto = the measured-fastest of embedded and continuous on the device, said in the "
+        "log: embedded on CPU (measured faster there) and, until GPU numbers exist, on CUDA too.",
+        "auto",
     )
     temperature: float = _help("Sampling temperature for policy rollouts (and critic rollouts unless "
                                "critic_temperature is set).", 1.0)
@@ -133,7 +136,8 @@ class RolloutConfig:
     max_new_tokens: int = _help("Longest policy completion; longer ones are truncated and filtered out (48: the "
                                 "embedded model's easy-Countdown answers, search and expression, take 30-40).", 48)
     critic_max_new_tokens: int = _help("Longest critic completion.", 96)
-    batch_size: int = _help("Prompts per engine call (bounds generation memory).", 64)
+    batch_size: int = _help("embedded: prompts per engine call (bounds generation memory; the continuous engine "
+                            "sizes its KV cache for each call instead).", 64)
     release_memory: Literal["none", "kv_cache", "kv_cache+weights"] = _help(
         "What a colocated engine frees while the trainer updates; it is taken back in stages around the weight "
         "sync (weights first, KV cache after). Weights need SGLang's memory saver. An SGLang server (sglang_http) "
@@ -307,6 +311,16 @@ class TrainConfig:
     eval_every: int = _help("Held-out evaluation every this many steps (0: only at the start and the end).", 10)
     eval_size: int = _help("Held-out puzzles evaluated (0: all).", 128)
     eval_temperature: float = _help("Sampling temperature at evaluation (0: greedy).", 0.0)
+    eval_samples: int = _help(
+        "Also sample this many answers per held-out puzzle at the rollouts' temperature and log their mean accuracy, "
+        "eval/heldout_avg_at_n (the expected accuracy of one sample: on 64 puzzles a greedy answer per puzzle moves "
+        "in steps of 1/64 and flips with small weight changes, the mean of n samples does not), and "
+        "eval/heldout_pass_at_n. 0: off.", 8)
+    eval_tournament: bool = _help(
+        "At the first and the last evaluation, also let the shared model's critic pick one of the eval_samples "
+        "answers per puzzle by a single-elimination tournament (raro_fast/rerank.py; no verifier) and log how often "
+        "its pick is right, eval/heldout_tournament_at_n: what the critic RARO trains adds at test time. It costs "
+        "about eval_samples critic calls per puzzle.", True)
     save_every: int = _help("Checkpoint every this many steps (0: only at the end).", 10)
     resume: bool = _help("Continue from the latest checkpoint in output_dir.", False)
     overwrite: bool = _help("A new run into an output_dir that holds another run deletes that run's files (else it "
@@ -315,7 +329,7 @@ class TrainConfig:
     progress: bool = _help("Show a progress bar.", True)
 
     def __post_init__(self) -> None:
-        _at_least("train", self, 0, "steps", "eval_every", "eval_size", "save_every", "stop_after")
+        _at_least("train", self, 0, "steps", "eval_every", "eval_size", "eval_samples", "save_every", "stop_after")
         _at_least("train", self, 1, "max_tokens_per_micro_batch")
 
 

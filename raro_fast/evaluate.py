@@ -58,21 +58,53 @@ def heldout_accuracy(
 ) -> float:
     """Fraction of `examples` whose sampled (greedy at temperature 0) answer the verifier accepts, over all ranks;
     None for a task without a verifier (poetry: judge it pairwise instead)."""
+    scores = heldout_scores(examples, engine=engine, tokenizer=tokenizer, task=task, n=1,
+                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, d=d)
+    return None if scores is None else scores["avg@n"]
+
+
+def heldout_scores(
+    examples: list[Example],
+    *,
+    engine: RolloutEngine,
+    tokenizer,
+    task: Task,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    d: Dist,
+    critic_max_new_tokens: int | None = None,
+) -> dict[str, float] | None:
+    """Over all ranks: avg@n, the mean accuracy of `n` sampled answers per example (the expected accuracy of one
+    sample, with less variance than one answer per example); pass@n, the fraction of examples with any of them
+    right; and, given `critic_max_new_tokens`, tournament@n, the fraction whose critic tournament pick (the
+    shared model judging at `temperature`, seeds from seed + 1 on) is right. None for a task without a verifier."""
     mine = examples[d.rank :: d.world_size]
-    correct, unverifiable = 0, False
+    right = solved = picked = 0
+    unverifiable = False
     if mine:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=1, seed=seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
         outs = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in mine], params)
-        for ex, (c,) in zip(mine, outs):
-            answer = None if c.truncated else task.extract_answer(c.text)
-            verdict = task.verify(ex, answer)
-            unverifiable |= verdict is None
-            correct += bool(verdict)
-    totals = all_gather_objects(d, (correct, len(mine), unverifiable))
-    if any(t[2] for t in totals):
+        # a truncated completion, or one without a final answer, is wrong
+        answers = [[None if c.truncated else task.extract_answer(c.text) for c in comps] for comps in outs]
+        verdicts = [[task.verify(ex, a) for a in ans] for ex, ans in zip(mine, answers)]
+        unverifiable = any(v is None for vs in verdicts for v in vs)
+        right = sum(bool(v) for vs in verdicts for v in vs)
+        solved = sum(any(vs) for vs in verdicts)
+        if critic_max_new_tokens is not None and not unverifiable:
+            picks, _ = _tournament_picks(mine, answers, engine=engine, tokenizer=tokenizer,
+                                         max_new_tokens=critic_max_new_tokens, temperature=temperature, top_p=1.0,
+                                         seed=seed)
+            picked = sum(bool(vs[p]) for vs, p in zip(verdicts, picks))
+    totals = all_gather_objects(d, (right, solved, picked, len(mine), unverifiable))
+    if any(t[4] for t in totals):
         return None
-    n = sum(t[1] for t in totals)
-    return sum(t[0] for t in totals) / max(n, 1)
+    problems = max(sum(t[3] for t in totals), 1)
+    scores = {"avg@n": sum(t[0] for t in totals) / (problems * n), "pass@n": sum(t[1] for t in totals) / problems}
+    if critic_max_new_tokens is not None:
+        scores["tournament@n"] = sum(t[2] for t in totals) / problems
+    return scores
 
 
 def majority_index(answers: list[str | None]) -> int | None:

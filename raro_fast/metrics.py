@@ -13,7 +13,8 @@ PLOT_PANELS = [
     ("policy reward of right vs wrong answers (verifier, logged only)",
      ["reward/policy_mean_correct", "reward/policy_mean_incorrect", "reward/policy_gap"]),
     ("critic", ["critic/tie_rate", "critic/decisive_accuracy", "critic/oracle_agreement", "critic/invalid_rate"]),
-    ("held-out accuracy", ["eval/heldout_accuracy"]),
+    ("held-out accuracy", ["eval/heldout_accuracy", "eval/heldout_avg_at_n", "eval/heldout_pass_at_n",
+                           "eval/heldout_tournament_at_n"]),
     ("train answer accuracy (verifier, not trained on)", ["policy/answer_accuracy"]),
     ("lengths (tokens)", ["policy/response_length", "critic/response_length"]),
     ("trainer-engine log-prob gap", ["logprob/gap_mean_abs", "logprob/gap_max_abs"]),
@@ -117,6 +118,8 @@ def summary_table(records: list[dict[str, Any]], window: int = 5) -> str:
     metric as its mean over the first and the last `window` steps that report it (one step is too noisy to read)."""
     keys = [
         "eval/heldout_accuracy",
+        "eval/heldout_avg_at_n",
+        "eval/heldout_tournament_at_n",
         "policy/answer_accuracy",
         "reward/policy_mean",
         "reward/critic_mean",

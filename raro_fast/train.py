@@ -34,7 +34,7 @@ from tqdm import tqdm
 from raro_fast import checkpoint, output_dir
 from raro_fast.config import ConfigError, JobConfig, OptimConfig, help_text, load_config, to_dict
 from raro_fast.distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
-from raro_fast.evaluate import heldout_accuracy
+from raro_fast.evaluate import heldout_accuracy, heldout_scores
 from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, summary_table
 from raro_fast.model.hf import (build_embedded_model, end_token_ids, load_pretrained, load_project_tokenizer, resolve_dtype,
                                 resolve_model_path, save_pretrained_atomic)
@@ -90,7 +90,7 @@ def run(r: Run) -> None:
     steps = range(r.start_step, cfg.train.steps)
     bar = tqdm(steps, desc=cfg.train.mode.upper(), disable=not (cfg.train.progress and d.is_main), dynamic_ncols=True, initial=r.start_step, total=cfg.train.steps)
     if r.start_step == 0:
-        r.log.write({"step": 0, "eval/heldout_accuracy": evaluate(r, 0)})
+        r.log.write({"step": 0, **evaluate(r, 0)})
     for step in bar:
         r.timings = {}
         t0 = time.perf_counter()
@@ -121,7 +121,7 @@ def run(r: Run) -> None:
                   **upd.metrics, **stats, **batch_metrics(r, samples, mbs, entropies), **r.timings}
         check_health(r, step + 1, record)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps:
-            record["eval/heldout_accuracy"] = evaluate(r, step + 1)
+            record.update(evaluate(r, step + 1))
         r.log.write(record)
         bar.set_postfix({k.split("/")[1]: f"{stats[k]:.2f}" for k in ("reward/policy_mean", "critic/tie_rate",
                          "policy/answer_accuracy") if stats[k] is not None})
@@ -278,13 +278,20 @@ def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
     }
 
 
-def evaluate(r: Run, step: int) -> float:
+def evaluate(r: Run, step: int) -> dict[str, float | None]:
     cfg = r.cfg
-    return heldout_accuracy(
-        r.eval_examples, engine=r.engine, tokenizer=r.tokenizer, task=r.task,
-        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.train.eval_temperature,
-        seed=cfg.train.seed + 7 * step, d=r.d,
-    )
+    common = dict(engine=r.engine, tokenizer=r.tokenizer, task=r.task, max_new_tokens=cfg.rollout.max_new_tokens, d=r.d)
+    record = {"eval/heldout_accuracy": heldout_accuracy(r.eval_examples, temperature=cfg.train.eval_temperature,
+                                                        seed=cfg.train.seed + 7 * step, **common)}
+    if cfg.train.eval_samples:
+        # The critic's tournament costs about n critic calls per puzzle: at the first and the last evaluation only.
+        tournament = cfg.train.eval_tournament and cfg.train.eval_samples > 1 and step in (0, cfg.train.steps)
+        scores = heldout_scores(r.eval_examples, n=cfg.train.eval_samples, temperature=cfg.rollout.temperature,
+                                seed=cfg.train.seed + 7 * step + 3,
+                                critic_max_new_tokens=cfg.rollout.critic_max_new_tokens if tournament else None, **common)
+        scores = scores or {"avg@n": None, "pass@n": None, **({"tournament@n": None} if tournament else {})}
+        record.update({f"eval/heldout_{k.replace('@', '_at_')}": v for k, v in scores.items()})
+    return record
 
 
 def save(r: Run, step: int) -> None:
@@ -312,6 +319,15 @@ def finish(r: Run) -> None:
             n = len(r.eval_examples)
             print(f"held-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {n} problems: "
                   f"{round(accs[-1] * n) - round(accs[0] * n):+d} solved")
+        sampled = [x["eval/heldout_avg_at_n"] for x in records if x.get("eval/heldout_avg_at_n") is not None]
+        k = r.cfg.train.eval_samples
+        if sampled:
+            print(f"held-out avg@{k} (mean accuracy of {k} samples per problem at temperature "
+                  f"{r.cfg.rollout.temperature:g}): {sampled[-1]:.3f} (start {sampled[0]:.3f})")
+        picked = [x["eval/heldout_tournament_at_n"] for x in records if x.get("eval/heldout_tournament_at_n") is not None]
+        if len(picked) > 1:
+            print(f"held-out tournament@{k} (the critic picks one of the {k} samples, no verifier): {picked[-1]:.3f} "
+                  f"(start {picked[0]:.3f})")
         print(f"metrics: {out / 'metrics.jsonl'}  curves: {out / 'curves.png'}  model: {out / 'final_model'}")
     barrier(r.d)
 
@@ -345,7 +361,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
               "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "
               "(the rollout engine's copy uses the requested dtype either way)")
-    engine_copy = copy.deepcopy(hf_model).to(d.device, compute_dtype) if cfg.rollout.backend == "embedded" else None
+    engine_copy = (copy.deepcopy(hf_model).to(d.device, compute_dtype)
+                   if cfg.rollout.backend in ("embedded", "continuous") else None)  # in-process engines: their own copy
     engine = make_engine(cfg.rollout, engine_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
                          dtype=dtype_name, device=d.device, rank=d.rank, seed=cfg.train.seed,
                          end_ids=end_token_ids(hf_model, tokenizer))

@@ -1,16 +1,25 @@
-"""The embedded engine: its sampled-token log-probs are the model's (teacher-forced) log-probs at the sampling
-temperature; finish reasons, stop tokens, seeding and weight updates behave as the interface says."""
+"""The in-process rollout engines' contract (embedded, and transformers' continuous batching): sampled-token
+log-probs are the model's (teacher-forced) log-probs at the sampling temperature, before top-p; n, stop tokens,
+truncation, seeding, weight updates and memory release behave as the interface says. Then what only the continuous
+backend has to show (greedy = the embedded engine's greedy, its kept cache) and how a backend is chosen."""
 import random
 import warnings
+import weakref
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from raro_fast.config import RolloutConfig
+from raro_fast.rollout import check_backend, make_engine, settle_backend
+from raro_fast.rollout.continuous import ContinuousEngine, continuous_batching_unavailable
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
 
 PAD, EOS, VOCAB = 0, 1, 61
+BACKENDS = ["embedded", "continuous"]
+CONTINUOUS_MISSING = continuous_batching_unavailable()
+needs_continuous = pytest.mark.skipif(CONTINUOUS_MISSING is not None, reason=str(CONTINUOUS_MISSING))
 
 
 def tiny_model(seed=0):
@@ -20,22 +29,31 @@ def tiny_model(seed=0):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
-def engine_for(model, batch_size=4):
-    return EmbeddedEngine(model, pad_token_id=PAD, eos_token_ids=[EOS], decode=lambda ids: " ".join(map(str, ids)),
-                          batch_size=batch_size)
+def engine_for(model, backend="embedded", batch_size=4, **kw):
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    if backend == "continuous":
+        if CONTINUOUS_MISSING:
+            pytest.skip(CONTINUOUS_MISSING)
+        return ContinuousEngine(model, pad_token_id=PAD, eos_token_ids=[EOS], decode=decode, **kw)
+    return EmbeddedEngine(model, pad_token_id=PAD, eos_token_ids=[EOS], decode=decode, batch_size=batch_size)
 
 
 def random_prompts(n, rng):
     return [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 9))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_match_teacher_forcing(temperature):
+def token_ids(outs):
+    return [[c.token_ids for c in o] for o in outs]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.8)])
+def test_logprobs_match_teacher_forcing(backend, temperature, top_p):
     rng = random.Random(1)
     model = tiny_model()
-    eng = engine_for(model)
+    eng = engine_for(model, backend)
     prompts = random_prompts(5, rng)
-    outs = eng.generate(prompts, SamplingParams(max_new_tokens=12, temperature=temperature, n=3, seed=5))
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=12, temperature=temperature, top_p=top_p, n=3, seed=5))
     assert len(outs) == 5 and all(len(o) == 3 for o in outs)
     with torch.no_grad():
         for p, comps in zip(prompts, outs):
@@ -46,46 +64,196 @@ def test_logprobs_match_teacher_forcing(temperature):
                 logits = model(input_ids=ids).logits[0].double() / temperature
                 ref = torch.log_softmax(logits, -1)[len(p) - 1 : -1].gather(-1, ids[0, len(p):, None]).squeeze(-1)
                 got = torch.tensor(c.logprobs, dtype=torch.float64)
-                # fp32 model, batched with left padding vs one sequence alone: agreement to fp32 rounding.
+                # fp32 model, batched (left padding; or a paged cache) vs one sequence alone: agreement to fp32
+                # rounding. With top_p < 1 still the temperature-scaled distribution's, not the truncated one's.
                 torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
                 if c.finish_reason == "stop":
                     assert c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1]
                 else:
-                    assert c.finish_reason == "length" and len(c.token_ids) == 12 and EOS not in c.token_ids
+                    assert c.finish_reason == "length" and c.truncated
+                    assert len(c.token_ids) == 12 and EOS not in c.token_ids
 
 
-def test_generation_passes_no_deprecated_transformers_argument():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_tokens_n_and_truncation(backend):
+    eng = engine_for(tiny_model(), backend)
+    prompts = random_prompts(4, random.Random(4))
+    stops = tuple(range(2, 22))  # a third of the vocabulary: most samples stop early, some run to the limit
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=6, n=5, seed=3, stop_token_ids=stops))
+    assert [len(o) for o in outs] == [5] * 4
+    reasons = set()
+    for p, comps in zip(prompts, outs):
+        for c in comps:
+            assert c.prompt_ids == p and c.text == " ".join(map(str, c.token_ids))
+            ends = set(stops) | {EOS}
+            reasons.add(c.finish_reason)
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] in ends and not ends & set(c.token_ids[:-1]) and not c.truncated
+            else:
+                assert len(c.token_ids) == 6 and not ends & set(c.token_ids) and c.truncated
+    assert reasons == {"stop", "length"}  # both cases were exercised
+    (one,) = eng.generate([prompts[0]], SamplingParams(max_new_tokens=1, temperature=0.0))[0]
+    assert len(one.token_ids) == 1 and len(one.logprobs) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_passes_no_deprecated_transformers_argument(backend):
     # transformers 5.24 renamed past_key_values -> cache and removes the old name in 5.40: fail now, not then
-    eng = engine_for(tiny_model())
+    # (and no deprecated continuous-batching setting, such as block_size, is passed either)
+    eng = engine_for(tiny_model(), backend)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*deprecated", category=FutureWarning)
         (c,) = eng.generate([[2, 3, 4]], SamplingParams(max_new_tokens=4, seed=0))[0]
     assert len(c.token_ids) >= 1
 
 
-def test_seed_reproducible_and_greedy_deterministic():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_reproducible_and_greedy_deterministic(backend):
     rng = random.Random(2)
-    eng = engine_for(tiny_model())
+    eng = engine_for(tiny_model(), backend)
     prompts = random_prompts(3, rng)
+    torch.manual_seed(123)
+    trainer_rng = torch.get_rng_state()
     a = eng.generate(prompts, SamplingParams(max_new_tokens=8, n=2, seed=11))
+    assert torch.equal(torch.get_rng_state(), trainer_rng)  # a seeded call leaves the trainer's random state alone
     b = eng.generate(prompts, SamplingParams(max_new_tokens=8, n=2, seed=11))
-    assert [[c.token_ids for c in o] for o in a] == [[c.token_ids for c in o] for o in b]
+    assert token_ids(a) == token_ids(b)
+    assert token_ids(a) != token_ids(eng.generate(prompts, SamplingParams(max_new_tokens=8, n=2, seed=12)))
     g1 = eng.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0))
     g2 = eng.generate(prompts[::-1], SamplingParams(max_new_tokens=8, temperature=0.0))
     assert [o[0].token_ids for o in g1] == [o[0].token_ids for o in g2[::-1]]  # batch order does not matter
 
 
-def test_update_weights_sets_version_and_weights():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_weights_sets_version_and_weights(backend):
     src, dst = tiny_model(0), tiny_model(1)
-    eng = engine_for(dst)
+    eng = engine_for(dst, backend)
+    prompts = random_prompts(4, random.Random(3))
+    # (Sampled: greedy, a random tiny model with tied embeddings repeats the prompt's last token whatever its weights.)
+    sampled = SamplingParams(max_new_tokens=6, n=2, seed=3)
+    before = eng.generate(prompts, sampled)  # and, for the continuous engine, a kept cache the update must not upset
     eng.update_weights(src.state_dict().items(), version=7)
     assert eng.weight_version == 7
     for (n1, p1), (n2, p2) in zip(src.state_dict().items(), dst.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
-    prompts = random_prompts(2, random.Random(3))
-    out = eng.generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0))
+    out = eng.generate(prompts, sampled)
     assert all(c.weight_version == 7 for o in out for c in o)
+    assert token_ids(out) != token_ids(before)
+    assert token_ids(out) == token_ids(engine_for(tiny_model(0), backend).generate(prompts, sampled))
     with pytest.raises(KeyError, match="no parameter named 'bogus'"):
         eng.update_weights([("bogus", torch.zeros(1))], version=8)
     with pytest.raises(KeyError, match="no new value"):
         eng.update_weights(list(src.state_dict().items())[:3], version=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_release_then_resume_still_generates(backend):
+    eng = engine_for(tiny_model(), backend)
+    prompts = random_prompts(3, random.Random(5))
+    params = SamplingParams(max_new_tokens=6, n=2, seed=9)
+    first = eng.generate(prompts, params)
+    with pytest.raises(ValueError, match="memory tags"):
+        eng.release_memory(("optimizer",))
+    eng.release_memory(("kv_cache",))
+    eng.resume_memory(("kv_cache",))
+    assert token_ids(eng.generate(prompts, params)) == token_ids(first)
+
+
+# --- The continuous backend alone -------------------------------------------------------------------------------
+
+
+@needs_continuous
+def test_continuous_greedy_equals_the_embedded_engines_on_the_shipped_base():
+    # The shipped base answers Countdown in the chat format, so its greedy outputs are long, varied and end on
+    # its end token: a real test of token-for-token agreement (random tiny models repeat one token).
+    from raro_fast import prompts as chat
+    from raro_fast.model.hf import load_pretrained
+    from raro_fast.tasks import TaskConfig, make_task
+
+    model, tok = load_pretrained("builtin:countdown-easy", dtype=torch.float32)
+    questions = [ex.question for ex in make_task(TaskConfig()).examples("heldout")[:6]]
+    prompts = [chat.render_prompt(tok, chat.policy_messages(q)) for q in questions]
+    params = SamplingParams(max_new_tokens=48, temperature=0.0)
+    emb = EmbeddedEngine.from_tokenizer(model, tok).generate(prompts, params)
+    con = ContinuousEngine.from_tokenizer(model, tok).generate(prompts, params)
+    assert token_ids(con) == token_ids(emb)
+    assert [o[0].finish_reason for o in con] == [o[0].finish_reason for o in emb]
+    assert {o[0].finish_reason for o in con} == {"stop"} and len({tuple(o[0].token_ids) for o in con}) > 1
+    for e, c in zip(emb, con):
+        torch.testing.assert_close(torch.tensor(c[0].logprobs), torch.tensor(e[0].logprobs), atol=2e-5, rtol=0)
+
+
+@needs_continuous
+def test_continuous_release_frees_its_cache_and_the_next_call_builds_one():
+    eng = engine_for(tiny_model(), "continuous")
+    params = SamplingParams(max_new_tokens=4, n=2, seed=1)
+    eng.generate([[2, 3, 4]], params)
+    # Kept between calls where transformers can queue a call while its loop waits (5.24); else built per call.
+    assert eng.holds_kv_cache == eng.keep_cache
+    manager = weakref.ref(eng._manager) if eng.keep_cache else lambda: None
+    eng.release_memory(("kv_cache", "weights"))
+    assert not eng.holds_kv_cache and manager() is None  # the manager, and the cache it owned, are gone
+    eng.resume_memory(("weights", "kv_cache"))
+    assert not eng.holds_kv_cache  # rebuilt lazily, sized for the next call
+    eng.generate([[2, 3, 4]], params)
+    assert eng.holds_kv_cache == eng.keep_cache
+
+
+@needs_continuous
+def test_continuous_kept_and_per_call_managers_sample_the_same():
+    # keep_cache=False is the path for transformers without ContinuousBatchingManager.pause (5.17): a manager per
+    # call, its requests queued before its loop starts. Both queue a whole call before the first batch.
+    prompts = random_prompts(6, random.Random(6))
+    calls = [SamplingParams(max_new_tokens=10, temperature=0.9, n=3, seed=4),
+             SamplingParams(max_new_tokens=20, temperature=0.6, n=2, seed=5),  # a bigger cache: rebuilt
+             SamplingParams(max_new_tokens=10, temperature=0.0)]  # other sampling settings: rebuilt
+    kept, per_call = engine_for(tiny_model(), "continuous"), engine_for(tiny_model(), "continuous", keep_cache=False)
+    for params in calls:
+        assert token_ids(kept.generate(prompts, params)) == token_ids(per_call.generate(prompts, params))
+    assert kept.holds_kv_cache == kept.keep_cache and not per_call.holds_kv_cache
+
+
+@needs_continuous
+def test_continuous_engine_from_a_saved_model(saved_embedded_model):
+    # What the trainer does for rollout.backend=continuous: no in-process copy given, the engine loads the weights.
+    from raro_fast.model.hf import load_project_tokenizer
+
+    tok = load_project_tokenizer()
+    cfg = RolloutConfig(backend="continuous")
+    eng = make_engine(cfg, None, tok, model_path=str(saved_embedded_model), dtype="float32",
+                      device=torch.device("cpu"), rank=0, seed=0, end_ids=[tok.eos_token_id])
+    assert isinstance(eng, ContinuousEngine) and cfg.backend == "continuous"
+    (c,) = eng.generate([tok("12 + 3")["input_ids"]], SamplingParams(max_new_tokens=5, seed=0))[0]
+    assert 1 <= len(c.token_ids) <= 5
+
+
+# --- Choosing a backend ----------------------------------------------------------------------------------------
+
+
+def test_auto_picks_the_embedded_engine_on_cpu_and_cuda_and_says_why(capsys):
+    for device in ("cpu", "cuda"):
+        cfg = RolloutConfig()
+        assert cfg.backend == "auto"  # the default
+        check_backend(cfg, torch.device(device), "float32")
+        assert cfg.backend == "embedded"
+        (line,) = capsys.readouterr().out.splitlines()
+        assert line.startswith("rollout.backend=auto: embedded (")
+
+
+def test_continuous_on_a_transformers_without_it_falls_back_to_embedded_in_one_line():
+    # `settle_backend` is given the installed transformers' verdict, here an old one's.
+    old = lambda: "transformers 5.0.0 has no continuous batching (model.generate_batch); it needs >= 5.17"  # noqa: E731
+    for device in ("cpu", "cuda"):
+        assert settle_backend("continuous", torch.device(device), old) == (
+            "embedded", "rollout.backend=continuous: transformers 5.0.0 has no continuous batching "
+                        "(model.generate_batch); it needs >= 5.17; using the embedded engine instead")
+    assert settle_backend("continuous", torch.device("cpu"), lambda: None) == ("continuous", None)
+    assert settle_backend("embedded", torch.device("cpu"), old) == ("embedded", None)
+    assert settle_backend("sglang", torch.device("cuda"), old) == ("sglang", None)
+
+
+@needs_continuous
+def test_the_installed_transformers_runs_continuous_batching(capsys):
+    cfg = RolloutConfig(backend="continuous")
+    check_backend(cfg, torch.device("cpu"), "float32")
+    assert cfg.backend == "continuous" and capsys.readouterr().out == ""

@@ -56,13 +56,18 @@ def test_critic_diagnostics_and_targets(tmp_path):
     _write(tmp_path, "raro-s1", {0: 0.1, 10: 0.2}, extra={**diag, "critic/decisive_accuracy": 0.6})
     _write(tmp_path, "rlvr-s0", {0: 0.1, 10: 0.3})
     _write(tmp_path, "sft-s0", {0: 0.1, 10: 0.1})
+    _write(tmp_path, "raro_lp3-s0", {0: 0.1, 10: 0.4})  # a RARO variant: held to the same targets
+    _write(tmp_path, "raro_oracle-s0", {0: 0.1, 10: 0.5})  # the diagnostic is not
     table, _ = summarize.summarize(summarize.read_runs(tmp_path))
     assert "| raro | 0.700 ± 0.141 | 0.700 ± 0.000 | 0.600 ± 0.000 | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 |" in table
     assert "| rlvr | " in table and table.count("| rlvr |") == 2  # accuracy and gain tables, no diagnostics
     # raro last evals: (0.1+0.3)/2=0.2 and 0.15 -> 0.175; rlvr 0.2: 0.175 < 0.18; gains 0.1, 0.05 (sd 0.035)
-    assert "- NOT met: RARO >= 0.9 x RLVR: 0.175 vs 0.180" in table
-    assert "- met: RARO > SFT: 0.175 vs 0.100" in table
-    assert "- met: RARO above its own base by more than the seed spread: gain +0.075 vs sd 0.035" in table
+    assert "- NOT met: raro >= 0.9 x RLVR: 0.175 vs 0.180" in table
+    assert "- met: raro > SFT: 0.175 vs 0.100" in table
+    assert "- met: raro above its own base by more than the seed spread: gain +0.075 vs sd 0.035" in table
+    assert "- met: raro_lp3 >= 0.9 x RLVR: 0.250 vs 0.180" in table
+    assert "- met: raro_lp3 above its own base by more than the seed spread: gain +0.150 vs sd 0.000" in table
+    assert "raro_oracle >=" not in table
 
 
 def test_bad_record_names_file_and_line(tmp_path):
@@ -123,3 +128,32 @@ def test_critic_probe_pools_every_demonstration_with_exact_values(monkeypatch, t
     assert report["reward/policy_mean_correct"] == 0.6 and report["reward/policy_mean_incorrect"] == 0.0
     assert report["reward/policy_gap"] == 0.6
     assert "<answer>" in (tmp_path / "base_model_critic_samples.txt").read_text()
+
+
+def _report(root: Path, name: str, acc: dict, n: int = 16) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "report.json").write_text(json.dumps({"n": n, "accuracy": acc}))
+
+
+def test_sampled_evaluations_table(tmp_path):
+    _report(tmp_path, "base", {"avg@n": 0.1, "majority@n": 0.2, "tournament@n": 0.15, "pass@n": 0.5})
+    _report(tmp_path, "raro-s0", {"avg@n": 0.2, "majority@n": 0.3, "tournament@n": 0.25, "pass@n": 0.6})
+    _report(tmp_path, "raro-s1", {"avg@n": 0.3, "majority@n": 0.3, "tournament@n": 0.35, "pass@n": 0.6})
+    _report(tmp_path, "rlvr-s0", {"avg@n": 0.4, "majority@n": 0.5, "tournament@n": None, "pass@n": 0.7})
+    (tmp_path / "notes").mkdir()
+    table = summarize.eval_table(*summarize.read_evals(tmp_path))
+    assert "| model | seeds | avg@16 | majority@16 | tournament@16 | pass@16 |" in table
+    assert "| base | 1 | 0.100 ± 0.000 | 0.200 ± 0.000 | 0.150 ± 0.000 | 0.500 ± 0.000 | | 0.100 |" in table
+    # raro: avg (0.2, 0.3) -> 0.250 ± 0.071, gains over the base 0.1, 0.2 -> 0.150 ± 0.071
+    assert ("| raro | 2 | 0.250 ± 0.071 | 0.300 ± 0.000 | 0.300 ± 0.071 | 0.600 ± 0.000 | 0.150 ± 0.071 | "
+            "0.200 / 0.300 |") in table
+    assert "| rlvr | 1 | 0.400 ± 0.000 | 0.500 ± 0.000 | - | 0.700 ± 0.000 | 0.300 ± 0.000 | 0.400 |" in table
+    # A base per seed: each seed's gain is over its own base.
+    _report(tmp_path, "base-s1", {"avg@n": 0.25, "majority@n": 0.2, "tournament@n": 0.15, "pass@n": 0.5})
+    table = summarize.eval_table(*summarize.read_evals(tmp_path))
+    assert "| base | 2 | 0.175 ± 0.106 |" in table
+    assert "| 0.600 ± 0.000 | 0.075 ± 0.035 | 0.200 / 0.300 |" in table  # raro: 0.2 - 0.1, 0.3 - 0.25
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "report.json").write_text("{")
+    with pytest.raises(ValueError, match="bad/report.json: not a report"):
+        summarize.read_evals(tmp_path)

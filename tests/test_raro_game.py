@@ -253,3 +253,28 @@ def test_the_critic_samples_at_its_own_temperature_and_its_sequences_say_so(sett
     assert {s.temperature for s in by_role(own, "critic")} == {0.3}
     # everything else is the same game
     assert [s.advantage for s in own.samples] == [s.advantage for s in plain.samples]
+
+
+def test_heldout_scores_average_samples_and_count_problems_with_any_right(setting):
+    """avg@n is right answers / (problems x n), pass@n problems with any right, tournament@n problems whose critic
+    tournament pick is right; greedy accuracy is n = 1. The scripted policy's samples are [right, wrong, no answer,
+    truncated]: avg@4 = 1/4, avg@8 = 2/8, pass@4 = 1; a critic that checks picks the right one, a contrarian the
+    wrong one (answers without a final answer are out of the bracket)."""
+    import torch
+
+    from raro_fast.distributed import Dist
+    from raro_fast.evaluate import heldout_accuracy, heldout_scores
+
+    cfg, tok, task, examples = setting
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    engine = ScriptedEngine(tok, task)
+    common = dict(engine=engine, tokenizer=tok, task=task, max_new_tokens=40, temperature=1.0, seed=0, d=d)
+    assert heldout_scores(examples, n=4, **common) == {"avg@n": 0.25, "pass@n": 1.0}
+    assert heldout_scores(examples, n=8, **common) == {"avg@n": 0.25, "pass@n": 1.0}
+    assert heldout_scores(examples, n=2, **common) == {"avg@n": 0.5, "pass@n": 1.0}  # [right, wrong]
+    assert heldout_accuracy(examples, **common) == 1.0  # the first sample only
+    assert engine.calls == [(len(examples), 4), (len(examples), 8), (len(examples), 2), (len(examples), 1)]
+    for critic, picked in (("verifier", 1.0), ("contrarian", 0.0)):
+        engine = ScriptedEngine(tok, task, critic=critic)
+        scores = heldout_scores(examples, n=4, critic_max_new_tokens=40, **{**common, "engine": engine})
+        assert scores == {"avg@n": 0.25, "pass@n": 1.0, "tournament@n": picked}, critic

@@ -102,6 +102,29 @@ def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_sampled_evaluation_is_logged_and_leaves_training_unchanged(base_model, tmp_path):
+    args = [*TINY, "--train.steps", "2", "--train.eval_every", "1"]
+    plain = _with_base(base_model, tmp_path / "plain")
+    train([*args, "--train.eval_samples", "0", "--train.output_dir", str(plain)])
+    sampled = _with_base(base_model, tmp_path / "sampled")
+    out = train([*args, "--train.eval_samples", "4", "--train.output_dir", str(sampled)])
+    assert "held-out avg@4" in out.stdout
+    a, b = metrics(plain), metrics(sampled)
+    assert "held-out tournament@4" in out.stdout
+    for r in b:
+        assert 0 <= r["eval/heldout_avg_at_n"] <= r["eval/heldout_pass_at_n"] <= 1
+        assert r["eval/heldout_avg_at_n"] * 4 * 4 == round(r["eval/heldout_avg_at_n"] * 4 * 4)  # 4 puzzles x 4
+    # The critic's tournament at the first and the last evaluation only: a right pick needs a right sample.
+    assert [r["step"] for r in b if "eval/heldout_tournament_at_n" in r] == [0, 2]
+    assert all(r["eval/heldout_tournament_at_n"] <= r["eval/heldout_pass_at_n"] for r in (b[0], b[2]))
+    # Its samples come from their own seeds: the training steps and the greedy evaluation are the same bit for bit.
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/", "eval/heldout_avg",
+                                                                         "eval/heldout_pass", "eval/heldout_tour"))}
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert all("eval/heldout_avg_at_n" not in r for r in a)
+
+
+@pytest.mark.slow
 def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
     run = _with_base(base_model, tmp_path / "ddp")
     # With the KL term on, the frozen reference is sharded and evaluated too; activation checkpointing on.

@@ -1,16 +1,54 @@
-"""Rollout engines behind one interface (engine.py): the embedded transformers engine, and SGLang on GPU nodes."""
+"""Rollout engines behind one interface (engine.py): the embedded transformers engine, transformers' continuous
+batching, and SGLang on GPU nodes."""
 from __future__ import annotations
 
 from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
 
-__all__ = ["Completion", "RolloutEngine", "SamplingParams", "check_backend", "make_engine"]
+__all__ = ["Completion", "RolloutEngine", "SamplingParams", "auto_backend", "check_backend", "make_engine",
+           "settle_backend"]
+
+
+def auto_backend(device) -> tuple[str, str]:
+    """The one place `rollout.backend=auto` is decided: the backend measured fastest on `device`'s kind, and why.
+
+    SGLang is never picked: it is a separate install with settings of its own (memory fraction, TP size)."""
+    if device.type == "cuda":
+        # Nothing measured on a GPU yet: benchmarks/bench_rollout.py measures both backends; until its numbers are
+        # in benchmarks/RESULTS.md, the embedded engine stays the choice.
+        return "embedded", "no GPU measurement of the continuous backend yet (benchmarks/bench_rollout.py)"
+    # Issue 17, 2 CPU cores, SmolLM2-135M, 8 prompts x 4 samples x 64 tokens: 85-87 tokens/s embedded,
+    # 48-50 continuous.
+    return "embedded", "on CPU it measured faster than continuous batching (85-87 vs 48-50 tokens/s)"
+
+
+def settle_backend(requested: str, device, continuous_missing) -> tuple[str, str | None]:
+    """The in-process backend that runs for `requested` on `device`, and the line that says so where it is not
+    simply what was asked for. `continuous_missing()`: why continuous batching cannot run here (None: it can),
+    asked only when it matters. Other backends pass through."""
+    backend, line = requested, None
+    if requested == "auto":
+        backend, why = auto_backend(device)
+        line = f"rollout.backend=auto: {backend} ({why})"
+    if backend == "continuous":
+        reason = continuous_missing()
+        if reason:
+            return "embedded", f"rollout.backend={requested}: {reason}; using the embedded engine instead"
+    return backend, line
 
 
 def check_backend(cfg, device, dtype: str) -> None:
     """What `cfg.backend` needs here (SGLang installed and new enough, a GPU and a half-precision dtype for a
     colocated engine), checked before any model is built or warmed up so a wrong setting fails in a second, not
-    after minutes of work. `dtype`: the engine's, e.g. "bfloat16"."""
-    if cfg.backend == "embedded":
+    after minutes of work. `dtype`: the engine's, e.g. "bfloat16".
+
+    It also settles which in-process backend runs (`settle_backend`) and writes it back into `cfg.backend`, with
+    one line where that is not what was asked for: everything after it (the engine's model copy, the saved config)
+    then sees the backend actually used."""
+    if cfg.backend in ("auto", "continuous"):
+        cfg.backend, line = settle_backend(cfg.backend, device, _continuous_missing)
+        if line:
+            _say(line)
+    if cfg.backend in ("embedded", "continuous"):
         return
     from raro_fast.rollout.sglang import require_sglang
 
@@ -27,13 +65,25 @@ def check_backend(cfg, device, dtype: str) -> None:
 
 def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, rank: int, seed: int,
                 end_ids: list[int] | None = None) -> RolloutEngine:
-    """The engine `cfg.backend` names. `model` (the embedded engine's own copy) is used only by the embedded
-    backend, which takes its end tokens from it; SGLang loads `model_path` itself, stops at `end_ids`, and is
-    imported only when asked for."""
+    """The engine `cfg.backend` names (`auto` and an unavailable `continuous` settled by `check_backend` first).
+    `model` is the in-process engines' own copy; the embedded backend needs it and takes its end tokens from it.
+    The continuous backend uses it where given, else loads `model_path` in `dtype` onto `device` (as SGLang does);
+    it and SGLang stop at `end_ids`. Each backend's module is imported only when asked for."""
+    if cfg.backend in ("auto", "continuous"):
+        check_backend(cfg, device, dtype)
     if cfg.backend == "embedded":
         from raro_fast.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=cfg.batch_size)
+    if cfg.backend == "continuous":
+        from raro_fast.rollout.continuous import ContinuousEngine
+
+        if model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device)
+        return ContinuousEngine.from_tokenizer(model, tokenizer, end_ids=end_ids)
     from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine
 
     check_backend(cfg, device, dtype)
@@ -46,3 +96,17 @@ def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, r
                               server_ranks=cfg.server_ranks, group_address=cfg.weight_group_address,
                               group_port=cfg.weight_group_port, group_backend="nccl" if device.type == "cuda" else "gloo",
                               end_ids=end_ids)
+
+
+def _continuous_missing() -> str | None:
+    from raro_fast.rollout.continuous import continuous_batching_unavailable
+
+    return continuous_batching_unavailable()
+
+
+def _say(line: str) -> None:
+    """Print `line` once per job: on rank 0 where a process group is up (every rank settles the same backend)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(line, flush=True)

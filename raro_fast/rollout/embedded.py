@@ -122,19 +122,8 @@ class EmbeddedEngine:
             )
         return results
 
-    @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        # state_dict names include tied aliases (lm_head.weight), which an HF state dict sends too.
-        params = self.model.state_dict(keep_vars=True)
-        seen = set()
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise KeyError(f"update_weights: the engine's model has no parameter named {name!r}")
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
-            seen.add(name)
-        missing = {n for n, _ in self.model.named_parameters()} - seen - _tied_aliases(self.model, seen)
-        if missing:
-            raise KeyError(f"update_weights: no new value for {sorted(missing)[:5]}")
+        copy_weights_in_place(self.model, named_tensors)
         self.weight_version = version
 
     def release_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
@@ -145,6 +134,23 @@ class EmbeddedEngine:
 
     def resume_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
         check_memory_tags(tags)
+
+
+@torch.no_grad()
+def copy_weights_in_place(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy new values (Hugging Face names) into `model`'s own parameters, which keep their storage: no reload, and
+    anything that holds a parameter's address (a captured CUDA graph) stays valid. Every parameter must get one."""
+    # state_dict names include tied aliases (lm_head.weight), which an HF state dict sends too.
+    params = model.state_dict(keep_vars=True)
+    seen = set()
+    for name, tensor in named_tensors:
+        if name not in params:
+            raise KeyError(f"update_weights: the engine's model has no parameter named {name!r}")
+        params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        seen.add(name)
+    missing = {n for n, _ in model.named_parameters()} - seen - _tied_aliases(model, seen)
+    if missing:
+        raise KeyError(f"update_weights: no new value for {sorted(missing)[:5]}")
 
 
 def _tied_aliases(model: torch.nn.Module, seen: set[str]) -> set[str]:
