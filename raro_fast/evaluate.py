@@ -75,11 +75,13 @@ def heldout_scores(
     seed: int,
     d: Dist,
     critic_max_new_tokens: int | None = None,
+    critic_temperature: float | None = None,
 ) -> dict[str, float] | None:
     """Over all ranks: avg@n, the mean accuracy of `n` sampled answers per example (the expected accuracy of one
     sample, with less variance than one answer per example); pass@n, the fraction of examples with any of them
     right; and, given `critic_max_new_tokens`, tournament@n, the fraction whose critic tournament pick (the
-    shared model judging at `temperature`, seeds from seed + 1 on) is right. None for a task without a verifier."""
+    shared model judging at `critic_temperature`, None: `temperature`; seeds from seed + 1 on) is right. None for a
+    task without a verifier."""
     mine = examples[d.rank :: d.world_size]
     right = solved = picked = 0
     unverifiable = False
@@ -94,8 +96,8 @@ def heldout_scores(
         solved = sum(any(vs) for vs in verdicts)
         if critic_max_new_tokens is not None and not unverifiable:
             picks, _ = _tournament_picks(mine, answers, engine=engine, tokenizer=tokenizer,
-                                         max_new_tokens=critic_max_new_tokens, temperature=temperature, top_p=1.0,
-                                         seed=seed)
+                                         max_new_tokens=critic_max_new_tokens, top_p=1.0, seed=seed,
+                                         temperature=temperature if critic_temperature is None else critic_temperature)
             picked = sum(bool(vs[p]) for vs, p in zip(verdicts, picks))
     totals = all_gather_objects(d, (right, solved, picked, len(mine), unverifiable))
     if any(t[4] for t in totals):

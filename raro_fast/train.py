@@ -288,7 +288,8 @@ def evaluate(r: Run, step: int) -> dict[str, float | None]:
         tournament = cfg.train.eval_tournament and cfg.train.eval_samples > 1 and step in (0, cfg.train.steps)
         scores = heldout_scores(r.eval_examples, n=cfg.train.eval_samples, temperature=cfg.rollout.temperature,
                                 seed=cfg.train.seed + 7 * step + 3,
-                                critic_max_new_tokens=cfg.rollout.critic_max_new_tokens if tournament else None, **common)
+                                critic_max_new_tokens=cfg.rollout.critic_max_new_tokens if tournament else None,
+                                critic_temperature=cfg.rollout.critic_temperature, **common)
         scores = scores or {"avg@n": None, "pass@n": None, **({"tournament@n": None} if tournament else {})}
         record.update({f"eval/heldout_{k.replace('@', '_at_')}": v for k, v in scores.items()})
     return record

@@ -278,3 +278,6 @@ def test_heldout_scores_average_samples_and_count_problems_with_any_right(settin
         engine = ScriptedEngine(tok, task, critic=critic)
         scores = heldout_scores(examples, n=4, critic_max_new_tokens=40, **{**common, "engine": engine})
         assert scores == {"avg@n": 0.25, "pass@n": 1.0, "tournament@n": picked}, critic
+    # The critic judges at its own temperature where one is set (as in training, rollout.critic_temperature).
+    heldout_scores(examples, n=4, critic_max_new_tokens=40, critic_temperature=0.3, **{**common, "engine": engine})
+    assert engine.temperatures[-2:] == [1.0, 0.3]  # the policy's samples, then the one round (two answers parse)
