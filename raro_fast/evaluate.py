@@ -45,6 +45,15 @@ from raro_fast.tasks.base import Example, Task
 RERANK_METHODS = ("tournament", "none")
 
 
+def sample_and_verify(examples: list[Example], params: SamplingParams, *, engine: RolloutEngine, tokenizer,
+                      task: Task) -> tuple[list[list[str | None]], list[list[bool | None]]]:
+    """`params.n` policy answers per example and the verifier's verdict on each (None: the task has no verifier).
+    A truncated completion, or one without a final answer, is no answer (None), which the verifier rejects."""
+    outs = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], params)
+    answers = [[None if c.truncated else task.extract_answer(c.text) for c in comps] for comps in outs]
+    return answers, [[task.verify(ex, a) for a in ans] for ex, ans in zip(examples, answers)]
+
+
 def heldout_accuracy(
     examples: list[Example],
     *,
@@ -87,10 +96,7 @@ def heldout_scores(
     unverifiable = False
     if mine:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
-        outs = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in mine], params)
-        # a truncated completion, or one without a final answer, is wrong
-        answers = [[None if c.truncated else task.extract_answer(c.text) for c in comps] for comps in outs]
-        verdicts = [[task.verify(ex, a) for a in ans] for ex, ans in zip(mine, answers)]
+        answers, verdicts = sample_and_verify(mine, params, engine=engine, tokenizer=tokenizer, task=task)
         unverifiable = any(v is None for vs in verdicts for v in vs)
         right = sum(bool(v) for vs in verdicts for v in vs)
         solved = sum(any(vs) for vs in verdicts)
@@ -144,10 +150,7 @@ def rerank_report(
         raise ValueError("rerank_report: no examples to evaluate")
     t0 = time.perf_counter()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
-    policy_prompts = [prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples]
-    outs = engine.generate(policy_prompts, params)
-    answers = [[None if c.truncated else task.extract_answer(c.text) for c in comps] for comps in outs]
-    verdicts = [[task.verify(ex, a) for a in ans] for ex, ans in zip(examples, answers)]
+    answers, verdicts = sample_and_verify(examples, params, engine=engine, tokenizer=tokenizer, task=task)
     verifiable = not any(v is None for vs in verdicts for v in vs)  # poetry has no verifier: no accuracies
     correct = [[bool(v) for v in vs] for vs in verdicts]
     majority = [majority_index(ans) for ans in answers]
