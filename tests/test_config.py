@@ -117,6 +117,7 @@ def test_raro_values_are_validated():
     ("--train.steps", "-5", "train.steps must be >= 0, got -5"),  # wrote an untrained final_model
     ("--warmup.steps", "-3", "warmup.steps must be >= 0, got -3"),
     ("--train.eval_size", "-1", "train.eval_size must be >= 0, got -1"),  # silently 199 of 200 puzzles
+    ("--train.eval_samples", "-2", "train.eval_samples must be >= 0, got -2"),  # n = -2 samples per puzzle
     ("--rollout.max_new_tokens", "0", "rollout.max_new_tokens must be >= 1, got 0"),  # a traceback in generation
     ("--rollout.top_p", "0", r"rollout.top_p must be in \(0, 1\], got 0"),
     ("--optim.lr", "-0.1", "optim.lr must be >= 0, got -0.1"),
