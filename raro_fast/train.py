@@ -92,44 +92,51 @@ def run(r: Run) -> None:
     if r.start_step == 0:
         r.log.write({"step": 0, **evaluate(r, 0)})
     for step in bar:
-        r.timings = {}
-        t0 = time.perf_counter()
-        r.mode.start_step(r, step)
-        with r.timed("gen"):
-            rollout = r.mode.rollouts(r, step_examples(r, step), step=step, seed=rollout_seed(cfg, d, step))
-            if cfg.rollout.released_tags:  # colocated: the trainer gets the memory until the sync
-                r.engine.release_memory(cfg.rollout.released_tags)
-        samples, scoring, stats = gather_samples(r, rollout, step)
-        with r.timed("reward"):  # rewards that need the trainer's model (rl_logit's); nothing to do for the others
-            stats.update(r.mode.score(r, samples, scoring))
-        with r.timed("pack"):
-            plan = plan_update(samples, cfg, d, step, r.mode.role_constants(cfg))
-            mbs = [mb for part, _ in plan for mb in part]
-        with r.timed("old_log_prob"):  # before the first optimizer step: every mini-batch's ratio starts at 1
-            entropies = recompute_logprobs(r.model, mbs, temperature=cfg.rollout.temperature)
-        if r.ref_model is not None:
-            with r.timed("ref"):
-                recompute_logprobs(r.ref_model, mbs, temperature=cfg.rollout.temperature, field="ref_logprobs")
-        loss_cfg, plan = r.mode.loss_plan(r, samples, plan, stats)
-        with r.timed("update_actor"):
-            upd = update_mini_batches(r.model, r.optimizer, plan, loss_cfg=loss_cfg,
-                                      temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip)
-        with r.timed("update_weights"):
-            push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
-        r.timings["timing_s/step"] = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, "update/skipped": upd.skipped,
-                  **upd.metrics, **stats, **batch_metrics(r, samples, mbs, entropies), **r.timings}
+        record = train_step(r, step)
         check_health(r, step + 1, record)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps:
             record.update(evaluate(r, step + 1))
         r.log.write(record)
-        bar.set_postfix({k.split("/")[1]: f"{stats[k]:.2f}" for k in ("reward/policy_mean", "critic/tie_rate",
-                         "policy/answer_accuracy") if stats[k] is not None})
+        bar.set_postfix({k.split("/")[1]: f"{record[k]:.2f}" for k in ("reward/policy_mean", "critic/tie_rate",
+                         "policy/answer_accuracy") if record.get(k) is not None})
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
             save(r, step + 1)
         if cfg.train.stop_after and step + 1 - r.start_step == cfg.train.stop_after:
             raise SystemExit(f"stopping after {cfg.train.stop_after} steps (train.stop_after)")
     finish(r)
+
+
+def train_step(r: Run, step: int) -> dict:
+    """One step of the data flow: rollouts -> rewards -> packed batch -> log-probs -> update -> weight sync.
+    Returns the step's metrics record (before evaluation), with the wall time of each stage in `timing_s/*`."""
+    cfg, d = r.cfg, r.d
+    r.timings = {}
+    t0 = time.perf_counter()
+    r.mode.start_step(r, step)
+    with r.timed("gen"):
+        rollout = r.mode.rollouts(r, step_examples(r, step), step=step, seed=rollout_seed(cfg, d, step))
+        if cfg.rollout.released_tags:  # colocated: the trainer gets the memory until the sync
+            r.engine.release_memory(cfg.rollout.released_tags)
+    samples, scoring, stats = gather_samples(r, rollout, step)
+    with r.timed("reward"):  # rewards that need the trainer's model (rl_logit's); nothing to do for the others
+        stats.update(r.mode.score(r, samples, scoring))
+    with r.timed("pack"):
+        plan = plan_update(samples, cfg, d, step, r.mode.role_constants(cfg))
+        mbs = [mb for part, _ in plan for mb in part]
+    with r.timed("old_log_prob"):  # before the first optimizer step: every mini-batch's ratio starts at 1
+        entropies = recompute_logprobs(r.model, mbs, temperature=cfg.rollout.temperature)
+    if r.ref_model is not None:
+        with r.timed("ref"):
+            recompute_logprobs(r.ref_model, mbs, temperature=cfg.rollout.temperature, field="ref_logprobs")
+    loss_cfg, plan = r.mode.loss_plan(r, samples, plan, stats)
+    with r.timed("update_actor"):
+        upd = update_mini_batches(r.model, r.optimizer, plan, loss_cfg=loss_cfg,
+                                  temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip)
+    with r.timed("update_weights"):
+        push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
+    r.timings["timing_s/step"] = time.perf_counter() - t0
+    return {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, "update/skipped": upd.skipped,
+            **upd.metrics, **stats, **batch_metrics(r, samples, mbs, entropies), **r.timings}
 
 
 # ---------------------------------------------------------------------------------------------------------------
