@@ -157,3 +157,41 @@ def test_sampled_evaluations_table(tmp_path):
     (tmp_path / "bad" / "report.json").write_text("{")
     with pytest.raises(ValueError, match="bad/report.json: not a report"):
         summarize.read_evals(tmp_path)
+
+
+def test_reward_signal_report_exact_values():
+    import reward_signal
+
+    rows = [  # group 0: one right answer, three wrong (one never answered); group 1: two wrong
+        {"group": 0, "correct": True, "rewards": [0.6, 0.6], "failure": None},
+        {"group": 0, "correct": False, "rewards": [0.0, 0.0], "failure": "value"},
+        {"group": 0, "correct": False, "rewards": [1.0, 1.0], "failure": "numbers, hits target"},
+        {"group": 0, "correct": False, "rewards": None, "failure": "parse"},
+        {"group": 1, "correct": False, "rewards": [0.6, 0.0], "failure": "value"},
+        {"group": 1, "correct": False, "rewards": [0.0, 0.0], "failure": "value"},
+    ]
+    out = reward_signal.report(rows, verdicts=2, tau_pol=0.6)
+    assert (out["answers"], out["judged"], out["accuracy"]) == (6, 5, round(1 / 6, 3))
+    # Advantages with both verdicts: group 0 (0.6, 0, 1, 0) - 0.4, group 1 (0.3, 0) - 0.15; against correct (1,0,0,0,0,0):
+    # sum a*c = 0.2, sum a^2 = 0.765, sum (c - 1/6)^2 = 5/6.
+    assert out["advantage_correctness_corr"]["k=2"] == round(0.2 / (0.765 * 5 / 6) ** 0.5, 3) == 0.25
+    # The oracle: 0.6 for the right answer, 0 for the others: advantages (0.45, -0.15, -0.15, -0.15, 0, 0).
+    assert out["advantage_correctness_corr"]["oracle"] == round(0.45 / (0.27 * 5 / 6) ** 0.5, 3) == 0.949
+    wrong = out["wrong_answers"]
+    # Four judged wrong answers: per-verdict variances 0, 0, 0.18, 0; means 0, 1, 0.3, 0 (variance 0.2225).
+    assert wrong["n"] == 4 and wrong["mean_reward"] == 0.325
+    assert wrong["verdict_variance_within_answer"] == 0.045
+    assert wrong["variance_between_answers_systematic"] == round(0.2225 - 0.045 / 2, 4)
+    assert out["right_answers"] == {"n": 1, "mean_reward": 0.6}
+    assert out["wrong_answers_by_failure"] == {"numbers, hits target": {"n": 1, "mean_reward": 1.0},
+                                               "value": {"n": 3, "mean_reward": 0.1}}
+
+
+def test_reward_signal_names_why_a_countdown_answer_fails():
+    from types import SimpleNamespace
+
+    import reward_signal
+
+    ex = SimpleNamespace(meta={"numbers": [1, 2, 3], "target": 6})
+    assert [reward_signal._countdown_failure(ex, a) for a in ("1+2+3", "1*2-3", "2*3", "1+2+3+3", "1+", None)] == [
+        None, "value", "numbers, hits target", "numbers, misses target", "parse", "parse"]
