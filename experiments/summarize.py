@@ -4,7 +4,8 @@ diagnostics of the RARO runs; and whether RARO met the targets of docs/experimen
 
     python experiments/summarize.py ROOT [--out DIR] [--title TEXT] [--evals EVALS]
 
-Writes DIR/replication.md (also printed), DIR/replication_curves.png and, for RARO runs, DIR/critic_curves.png
+The held-out measure is avg@n (`train.eval_samples`) where every run logged it from step 0, else the greedy
+accuracy (`--measure` chooses). Writes DIR/replication.md (also printed), DIR/replication_curves.png and, for RARO runs, DIR/critic_curves.png
 (DIR defaults to ROOT). With --evals, also a table of the final models' sampled evaluations: EVALS/MODE-sSEED/
 report.json and EVALS/base/report.json, written by `raro_fast.evaluate` (avg@n: the mean accuracy of n samples per
 puzzle, a lower-variance measure than one greedy answer; majority@n; the critic tournament's pick; pass@n).
@@ -19,7 +20,9 @@ from collections import defaultdict
 from pathlib import Path
 
 RUN_NAME = re.compile(r"^(?P<mode>.+)-s(?P<seed>\d+)$")
-ACC = "eval/heldout_accuracy"
+# The held-out measures a run logs at each evaluation: avg@n (the mean accuracy of n samples per puzzle,
+# `train.eval_samples`) where every run has it, else the greedy accuracy (one answer per puzzle, noisier).
+MEASURES = {"avg@n": "eval/heldout_avg_at_n", "greedy": "eval/heldout_accuracy"}
 # Run means of the critic's diagnostics (RARO modes only): whether its reward carried signal.
 DIAGNOSTICS = (("critic decisive acc.", "critic/decisive_accuracy"), ("agrees with verifier", "critic/oracle_agreement"),
                ("reward right", "reward/policy_mean_correct"), ("reward wrong", "reward/policy_mean_incorrect"),
@@ -45,8 +48,16 @@ def read_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
     return runs
 
 
-def accuracy_curve(records: list[dict]) -> dict[int, float]:
-    return {r["step"]: r[ACC] for r in records if ACC in r}
+def measure_of(runs: dict[str, dict[int, list[dict]]]) -> str:
+    """avg@n if every run logged it at step 0 and later, else greedy."""
+    every = [recs for seeds in runs.values() for recs in seeds.values()]
+    logged = [sorted(r["step"] for r in recs if r.get(MEASURES["avg@n"]) is not None) for recs in every]
+    return "avg@n" if all(len(s) > 1 and s[0] == 0 for s in logged) else "greedy"
+
+
+def accuracy_curve(records: list[dict], measure: str = "greedy") -> dict[int, float]:
+    key = MEASURES[measure]
+    return {r["step"]: r[key] for r in records if r.get(key) is not None}
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -56,12 +67,14 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {sd:.3f}"
 
 
-def summarize(runs: dict[str, dict[int, list[dict]]]) -> tuple[str, int]:
-    curves = {mode: {seed: accuracy_curve(recs) for seed, recs in seeds.items()} for mode, seeds in runs.items()}
+def summarize(runs: dict[str, dict[int, list[dict]]], measure: str = "greedy") -> tuple[str, int]:
+    curves = {mode: {seed: accuracy_curve(recs, measure) for seed, recs in seeds.items()} for mode, seeds in runs.items()}
+    what = ("avg@n (mean accuracy of the n samples per puzzle)" if measure == "avg@n"
+            else "greedy accuracy (fraction of puzzles solved)")
     last = min(max(c) for seeds in curves.values() for c in seeds.values())
     window = [s for s in sorted({s for seeds in curves.values() for c in seeds.values() for s in c}) if s <= last][-3:]
     lines = [
-        f"Held-out greedy accuracy (fraction of puzzles solved), mean ± sd over seeds; compared at step {last}, the "
+        f"Held-out {what}, mean ± sd over seeds; compared at step {last}, the "
         f"last step every run reached; 'last {len(window)} evals' averages steps {', '.join(map(str, window))} of "
         "each run first (less noise from one evaluation).", "",
         "| mode | seeds | base (step 0) | step " + str(last) + " | last " + str(len(window)) + " evals | per seed at step "
@@ -180,7 +193,7 @@ def eval_table(bases: dict[int | None, dict], modes: dict[str, dict[int, dict]])
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[str, dict[int, list[dict]]], path: Path, title: str = "Countdown") -> None:
+def plot(runs: dict[str, dict[int, list[dict]]], path: Path, title: str = "Countdown", measure: str = "greedy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +201,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], path: Path, title: str = "Count
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for mode in sorted(runs):
-        curves = [accuracy_curve(recs) for recs in runs[mode].values()]
+        curves = [accuracy_curve(recs, measure) for recs in runs[mode].values()]
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         mean = [statistics.mean(c[s] for c in curves) for s in steps]
         lo = [min(c[s] for c in curves) for s in steps]
@@ -196,7 +209,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], path: Path, title: str = "Count
         line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{mode} ({len(curves)} seeds)")
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
-    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylabel(f"held-out accuracy ({measure})")
     ax.set_title(f"{title}: mean over seeds, band = min..max", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -243,6 +256,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--title", default="Countdown", help="what the runs trained on, for the plot's title")
     ap.add_argument("--evals", type=Path, default=None, help="folder of raro_fast.evaluate reports, one per run")
+    ap.add_argument("--measure", choices=("auto", *MEASURES), default="auto",
+                    help="the held-out measure of the tables and targets; auto: avg@n where every run logged it")
     args = ap.parse_args()
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
@@ -250,14 +265,18 @@ def main() -> None:
         runs = read_runs(args.root)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    table, _ = summarize(runs)
+    measure = measure_of(runs) if args.measure == "auto" else args.measure
+    if measure == "avg@n" and measure_of(runs) != "avg@n":
+        raise SystemExit(f"error: --measure avg@n: not every run under {args.root} logged {MEASURES['avg@n']} "
+                         "(train.eval_samples) at step 0 and later")
+    table, _ = summarize(runs, measure)
     if args.evals:
         try:
             table += "\n" + eval_table(*read_evals(args.evals))
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     (out / "replication.md").write_text(table)
-    plot(runs, out / "replication_curves.png", args.title)
+    plot(runs, out / "replication_curves.png", args.title, measure)
     print(table)
     print(f"curves: {out / 'replication_curves.png'}")
     if plot_critic(runs, out / "critic_curves.png"):

@@ -195,3 +195,24 @@ def test_reward_signal_names_why_a_countdown_answer_fails():
     ex = SimpleNamespace(meta={"numbers": [1, 2, 3], "target": 6})
     assert [reward_signal._countdown_failure(ex, a) for a in ("1+2+3", "1*2-3", "2*3", "1+2+3+3", "1+", None)] == [
         None, "value", "numbers, hits target", "numbers, misses target", "parse", "parse"]
+
+
+def test_table_uses_avg_at_n_where_every_run_logged_it(tmp_path):
+    def write(name, greedy, avg):
+        (tmp_path / name).mkdir()
+        recs = [{"step": s, "eval/heldout_accuracy": g, **({} if a is None else {"eval/heldout_avg_at_n": a})}
+                for s, g, a in zip((0, 10, 20), greedy, avg)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    write("raro-s0", (0.1, 0.5, 0.5), (0.10, 0.12, 0.14))
+    write("rlvr-s0", (0.1, 0.2, 0.2), (0.10, 0.20, 0.30))
+    runs = summarize.read_runs(tmp_path)
+    assert summarize.measure_of(runs) == "avg@n"
+    table, last = summarize.summarize(runs, "avg@n")
+    assert last == 20 and "Held-out avg@n" in table
+    # last three evals (0, 10, 20) averaged, over step 0: RARO (0.10 + 0.12 + 0.14) / 3 / ((0.1 + 0.2 + 0.3) / 3)
+    assert "RARO / RLVR (last 3 evals): 0.60" in table
+    greedy, _ = summarize.summarize(runs, "greedy")
+    assert "RARO / RLVR (last 3 evals): 2.20" in greedy
+    write("sft-s0", (0.1, 0.1, 0.1), (None, None, None))  # a run without samples: the greedy score for all
+    assert summarize.measure_of(summarize.read_runs(tmp_path)) == "greedy"
