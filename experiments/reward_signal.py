@@ -24,7 +24,7 @@ import torch
 from raro_fast import prompts
 from raro_fast.config import load_config
 from raro_fast.model.hf import load_pretrained
-from raro_fast.modes.raro import _answers_to_judge, _judge
+from raro_fast.modes.raro import answers_to_judge, judge_pairs
 from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
@@ -67,8 +67,8 @@ def judge_all(model_dir: str, argv: list[str], questions: int, verdicts: int) ->
                               n=verdicts, seed=2000 + start)
         policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question))
                                   for ex in batch], pol)
-        judged = _answers_to_judge(batch, policy, task, rng, RankRollout())
-        by_sample = {(jd.question, jd.sample): (jd, comps) for jd, comps in zip(judged, _judge(judged, engine,
+        judged = answers_to_judge(batch, policy, task, rng, RankRollout())
+        by_sample = {(jd.question, jd.sample): (jd, comps) for jd, comps in zip(judged, judge_pairs(judged, engine,
                                                                                               tokenizer, crit))}
         for i, (ex, comps) in enumerate(zip(batch, policy)):
             for j, c in enumerate(comps):

@@ -71,8 +71,8 @@ def raro_rollouts(
     policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples],
                              policy_params)
     # 2. Every finished answer is judged against the expert's, in random order.
-    judged = _answers_to_judge(examples, policy, task, rng, out)
-    verdicts = _judge(judged, engine, tokenizer, critic_params)
+    judged = answers_to_judge(examples, policy, task, rng, out)
+    verdicts = judge_pairs(judged, engine, tokenizer, critic_params)
     out.new_pairs.extend(j.pair for j in judged)
     # 3. Policy rewards and advantages.
     rewards = _policy_rewards(examples, judged, verdicts, cfg, out)
@@ -88,7 +88,8 @@ def raro_rollouts(
         fresh = rng.sample(fresh, fresh_cap)
     replayed = [(p, rng.choice((1, 2))) for p in draw_replay(rc.replay_pairs_for(len(fresh)))]
     replay_params = replace(critic_params, seed=seed + 2)
-    replay_verdicts = _judge([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine, tokenizer, replay_params)
+    replay_verdicts = judge_pairs([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine, tokenizer,
+                                  replay_params)
     out.add("critic/fresh_pairs", len(fresh))
     out.add("critic/replay_pairs", len(replayed))
     for g, (_pair, pos, comps) in enumerate(fresh + [(p, pos, v) for (p, pos), v in zip(replayed, replay_verdicts)]):
@@ -96,8 +97,10 @@ def raro_rollouts(
     return out
 
 
-def _answers_to_judge(examples: list[Example], policy: list[list[Completion]], task: Task, rng: random.Random,
-                      out: RankRollout) -> list[Judged]:
+def answers_to_judge(examples: list[Example], policy: list[list[Completion]], task: Task, rng: random.Random,
+                     out: RankRollout) -> list[Judged]:
+    """Every policy sample that finished with an answer, paired with its question's expert answer at a random
+    position; the policy's statistics go to `out`."""
     judged = []
     for i, (ex, comps) in enumerate(zip(examples, policy)):
         for j, c in enumerate(comps):
@@ -161,7 +164,9 @@ def _add_critic_group(out: RankRollout, comps: list[Completion], expert_position
                                         temperature=role_temperatures(cfg)["critic"]))
 
 
-def _judge(judged: list[Judged], engine: RolloutEngine, tokenizer, params: SamplingParams) -> list[list[Completion]]:
+def judge_pairs(judged: list[Judged], engine: RolloutEngine, tokenizer,
+                params: SamplingParams) -> list[list[Completion]]:
+    """The critic's `params.n` rollouts on each pair, the two answers in the order `expert_position` says."""
     if not judged:
         return []
     critic_prompts = []
