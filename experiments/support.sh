@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # The support experiment of docs/experiments.md (issue 6): pass@k up to K, support categories and entropies of the
 # seed-0 base, SFT, RARO and RLVR models of experiments/replication.sh, at one training step. From the repo root:
-#   experiments/support.sh ROOT STEP [K] [OUT]      (STEP: a saved step such as 60, or `final`)
+#   [BASE=DIR] experiments/support.sh ROOT STEP [K] [OUT] [analyze flags ...]   (STEP: a saved step such as 60,
+#   or `final`; BASE: the base model, default ROOT/bases/base-s0/base_model, e.g. builtin:countdown-easy)
 # Two processes sample two models each (the GPU has room); their caches are merged and the report is made from
 # the cache. Samples stay cached under OUT/samples, so a larger K later only draws what is missing.
 set -euo pipefail
 root=$1 step=$2 k=${3:-1024} out=${4:-$1/support}
+shift $(( $# < 4 ? $# : 4 ))
+base=${BASE:-$root/bases/base-s0/base_model}
 model() {
   if [ "$step" = final ]; then echo "$root/$1-s0/final_model"; else printf '%s/checkpoints/step_%06d/model' "$root/$1-s0" "$step"; fi
 }
+extra=("$@")
 analyze() {  # OUTPUT_DIR MODELS
   python3 -m raro_fast.analyze --config configs/countdown-easy.yaml --analysis.models "$2" --analysis.k "$k" \
-    --analysis.chunk "$k" --analysis.batch_size "$k" --analysis.num_problems 64 --analysis.output_dir "$1"
+    --analysis.chunk "$k" --analysis.batch_size "$k" --analysis.num_problems 64 --analysis.output_dir "$1" "${extra[@]}"
 }
-analyze "$out.a" "base=$root/bases/base-s0/base_model,sft=$(model sft)" >"$out.a.log" 2>&1 &
+analyze "$out.a" "base=$base,sft=$(model sft)" >"$out.a.log" 2>&1 &
 a=$!
 analyze "$out.b" "raro=$(model raro),rlvr=$(model rlvr)" >"$out.b.log" 2>&1 &
 b=$!
 wait $a && wait $b
 mkdir -p "$out/samples"
 cp -r "$out.a/samples/." "$out.b/samples/." "$out/samples/"
-analyze "$out" "base=$root/bases/base-s0/base_model,sft=$(model sft),raro=$(model raro),rlvr=$(model rlvr)"
+analyze "$out" "base=$base,sft=$(model sft),raro=$(model raro),rlvr=$(model rlvr)"
