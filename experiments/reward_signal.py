@@ -158,7 +158,7 @@ def main(argv: list[str]) -> int:
         return 2
     model_dir, rest = argv[0], argv[1:]
     out_path, rest = _pop(rest, "--out", "")
-    questions, rest = _pop(rest, "--questions", 32)
+    questions, rest = _pop(rest, "--questions", 64)
     verdicts, rest = _pop(rest, "--verdicts", 16)
     t0 = time.perf_counter()
     rows = judge_all(model_dir, rest, questions, verdicts)
