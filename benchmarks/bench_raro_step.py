@@ -21,7 +21,6 @@ import os
 import random
 import socket
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
