@@ -48,10 +48,9 @@ def _corr(xs: list[float], ys: list[float]) -> float | None:
     return statistics.correlation(xs, ys)
 
 
-def judge_all(model_dir: str, argv: list[str], questions: int, verdicts: int) -> list[dict]:
+def judge_all(model_dir: str, cfg, questions: int, verdicts: int) -> list[dict]:
     """One row per policy sample: its group, whether it verifies, and its K per-verdict policy rewards (None for an
     invalid verdict); a sample without an answer has no verdicts (reward 0, as in training)."""
-    cfg = load_config(argv)
     rc, ro = cfg.raro, cfg.rollout
     model, tokenizer = load_pretrained(model_dir, dtype=torch.float32, setting="reward_signal MODEL_DIR")
     engine = EmbeddedEngine.from_tokenizer(model.eval(), tokenizer, batch_size=64)
@@ -161,8 +160,13 @@ def main(argv: list[str]) -> int:
     questions, rest = _pop(rest, "--questions", 64)
     verdicts, rest = _pop(rest, "--verdicts", 16)
     t0 = time.perf_counter()
-    rows = judge_all(model_dir, rest, questions, verdicts)
-    result = report(rows, verdicts, load_config(rest).raro.tau_pol)
+    try:
+        cfg = load_config(rest)
+        rows = judge_all(model_dir, cfg, questions, verdicts)
+    except ValueError as e:  # a bad model directory or setting: one line naming it, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = report(rows, verdicts, cfg.raro.tau_pol)
     result["seconds"] = round(time.perf_counter() - t0)
     text = json.dumps(result, indent=1)
     print(text)

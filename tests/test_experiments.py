@@ -216,3 +216,20 @@ def test_table_uses_avg_at_n_where_every_run_logged_it(tmp_path):
     assert "RARO / RLVR (last 3 evals): 2.20" in greedy
     write("sft-s0", (0.1, 0.1, 0.1), (None, None, None))  # a run without samples: the greedy score for all
     assert summarize.measure_of(summarize.read_runs(tmp_path)) == "greedy"
+
+
+def test_measure_avg_at_n_without_samples_names_the_setting(tmp_path):
+    _write(tmp_path, "sft-s0", {0: 0.1, 10: 0.2})
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "summarize.py"), str(tmp_path), "--measure",
+                          "avg@n"], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "eval/heldout_avg_at_n" in res.stderr and "train.eval_samples" in res.stderr and str(tmp_path) in res.stderr
+
+
+def test_reward_signal_bad_model_dir_is_one_line_naming_it(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "reward_signal.py"), str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: reward_signal MODEL_DIR: {str(tmp_path / 'nope')!r} is not a directory (expected a Hugging Face "
+        "model directory)"]
