@@ -9,8 +9,9 @@ For each k it reports the correlation over all judged answers between the GRPO a
 minus its group's mean, as in training) and the verifier's verdict on the answer (the verifier is used only here, to
 measure), averaged over 20 random subsamples; the oracle critic's correlation is the ceiling. It also splits the
 variance of wrong answers' rewards into the part that more verdicts remove (sampling: within-answer variance / k) and
-the part they do not (the critic's systematic preferences among wrong answers). Used for docs/experiments.md,
-section 9."""
+the part they do not (the critic's systematic preferences among wrong answers), and compares the reward of right
+answers written exactly as the expert wrote them with that of right answers in another form. Used for docs/experiments.md,
+sections 9 and 10."""
 from __future__ import annotations
 
 import json
@@ -73,7 +74,7 @@ def judge_all(model_dir: str, cfg, questions: int, verdicts: int) -> list[dict]:
             for j, c in enumerate(comps):
                 answer = None if c.truncated else task.extract_answer(c.text)
                 row = {"group": start + i, "correct": bool(task.verify(ex, answer)), "rewards": None,
-                       "answer": answer, "failure": _countdown_failure(ex, answer) if "numbers" in ex.meta else None}
+                       "answer": answer, "expert": ex.answer, "failure": _countdown_failure(ex, answer) if "numbers" in ex.meta else None}
                 if (i, j) in by_sample:
                     jd, vs = by_sample[(i, j)]
                     row["rewards"] = [verdict_rewards(None if v.truncated else prompts.parse_verdict(v.text),
@@ -148,7 +149,22 @@ def report(rows: list[dict], verdicts: int, tau_pol: float) -> dict:
     right = [x for x in right if x is not None]
     if right:
         out["right_answers"] = {"n": len(right), "mean_reward": round(statistics.fmean(right), 3)}
+    # A critic that learned the expert's wording pays a right answer written the expert's way more than one
+    # written another way; a critic that checks answers pays them alike.
+    by_form: dict[str, list[float]] = {}
+    for r in rows:
+        m = mean_or_none(r["rewards"]) if r["rewards"] is not None and r["correct"] and "expert" in r else None
+        if m is not None:
+            same = _squeeze(r["answer"]) == _squeeze(r["expert"])
+            by_form.setdefault("same_text_as_expert" if same else "other_form", []).append(m)
+    if by_form:
+        out["right_answers_by_form"] = {k: {"n": len(v), "mean_reward": round(statistics.fmean(v), 3)}
+                                        for k, v in sorted(by_form.items())}
     return out
+
+
+def _squeeze(text: str | None) -> str:
+    return "".join((text or "").split())
 
 
 def main(argv: list[str]) -> int:

@@ -10,8 +10,10 @@ from raro_fast.tasks.countdown import (
     CountdownTask,
     evaluate,
     evaluation_trace,
+    expert_answer,
     generate_puzzles,
     search_trace,
+    solutions,
     solve,
     split_puzzles,
     verify,
@@ -59,7 +61,8 @@ def test_asking_for_more_puzzles_than_exist_names_the_count():
 
 
 @pytest.mark.parametrize(
-    "field,value", [("num_numbers", 1), ("min_number", 20), ("num_train", 0), ("num_heldout", -1)]
+    "field,value", [("num_numbers", 1), ("min_number", 20), ("num_train", 0), ("num_heldout", -1),
+                    ("expert_form", "fancy")]
 )
 def test_bad_config_names_field(field, value):
     with pytest.raises(ValueError, match=f"task.countdown.{field}"):
@@ -195,3 +198,42 @@ def test_the_easy_countdowns_puzzles_are_pinned():
     assert train[:3] == [Puzzle((6, 3, 8), 10), Puzzle((11, 3, 7), 10), Puzzle((4, 4, 2), 10)]
     assert generate_puzzles(num=3, num_numbers=4, seed=0) == [Puzzle((2, 10, 9, 3), 24), Puzzle((3, 8, 8, 8), 24),
                                                               Puzzle((11, 7, 8, 1), 24)]
+
+
+def test_solutions_are_every_expression_that_makes_the_target():
+    # By hand: 4, 5, 11 make 10 as 11-(5-4), 11-5+4, 11+4-5, 4+11-5 (whole, non-negative steps), and also through
+    # -1 or -7: 4-5+11, 4-(5-11).
+    assert solutions((4, 5, 11), 10, natural=True) == ("11+4-5", "11-(5-4)", "11-5+4", "4+11-5")
+    assert solutions((4, 5, 11), 10) == ("11+4-5", "11-(5-4)", "11-5+4", "4+11-5", "4-(5-11)", "4-5+11")
+    assert solutions((3, 3, 8, 8), 24) == ("8/(3-8/3)",)  # the 24-game's famous one: through fractions only
+    assert solutions((3, 3, 8, 8), 24, natural=True) == ()
+    assert solutions((4, 7), 24) == ()
+    # Against brute force over random puzzles: every listed text verifies, and every verifying expression that
+    # the solver (a different search) finds is listed.
+    rng = random.Random(0)
+    for _ in range(60):
+        nums = tuple(rng.randint(1, 13) for _ in range(3))
+        target = rng.randint(1, 30)
+        found = solutions(nums, target)
+        assert all(verify(nums, target, e) for e in found)
+        assert len(set(found)) == len(found)
+        s = solve(nums, target)
+        assert (s is None) == (not found) and (s is None or s in found), (nums, target, s, found)
+
+
+def test_expert_form_varied_draws_one_valid_expression_per_puzzle_seeded():
+    canonical = CountdownTask(CountdownConfig()).examples("train")
+    varied = CountdownTask(CountdownConfig(expert_form="varied")).examples("train")
+    assert [e.question for e in varied] == [e.question for e in canonical]  # the same puzzles, in the same order
+    for ex in varied:
+        nums, target = ex.meta["numbers"], ex.meta["target"]
+        assert ex.answer in (solutions(tuple(sorted(nums)), target, natural=True) or solutions(tuple(sorted(nums)), target))
+        assert verify(nums, target, ex.answer)
+    differ = sum(v.answer != c.answer for v, c in zip(varied, canonical))
+    assert differ > 50, differ  # the house style is gone on most puzzles
+    assert [e.answer for e in CountdownTask(CountdownConfig(expert_form="varied")).examples("train")] == [e.answer for e in varied]
+    other_seed = [expert_answer(e.meta["numbers"], e.meta["target"], "varied", 1) for e in canonical]
+    assert other_seed != [e.answer for e in varied]
+    # Where no expression has whole steps, a fractional one is still drawn.
+    assert expert_answer((3, 8, 3, 8), 24, "varied", 0) == "8/(3-8/3)"
+    assert [e.answer for e in canonical[:3]] == ["3*6-8", "3*7-11", "4+2+4"]  # the default is unchanged

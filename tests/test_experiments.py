@@ -187,6 +187,22 @@ def test_reward_signal_report_exact_values():
                                                "value": {"n": 3, "mean_reward": 0.1}}
 
 
+def test_reward_signal_splits_right_answers_by_whether_they_read_as_the_experts():
+    import reward_signal
+
+    rows = [  # all right; one written as the expert did (spaces aside), two in another form, one not judged
+        {"group": 0, "correct": True, "rewards": [0.6, 0.6], "answer": "4 + 2+4", "expert": "4+2+4"},
+        {"group": 0, "correct": True, "rewards": [0.0, 0.6], "answer": "2+4+4", "expert": "4+2+4"},
+        {"group": 1, "correct": True, "rewards": [0.0, None], "answer": "11-5+4", "expert": "11-(5-4)"},
+        {"group": 1, "correct": True, "rewards": None, "answer": "11-(5-4)", "expert": "11-(5-4)"},
+        {"group": 1, "correct": False, "rewards": [1.0, 1.0], "answer": "11-(5-4)+1", "expert": "11-(5-4)"},
+    ]
+    out = reward_signal.report(rows, verdicts=2, tau_pol=0.6)
+    assert out["right_answers_by_form"] == {"other_form": {"n": 2, "mean_reward": 0.15},
+                                           "same_text_as_expert": {"n": 1, "mean_reward": 0.6}}
+    assert "right_answers_by_form" not in reward_signal.report(rows[4:], verdicts=2, tau_pol=0.6)  # no right answer
+
+
 def test_reward_signal_names_why_a_countdown_answer_fails():
     from types import SimpleNamespace
 

@@ -19,6 +19,7 @@ from raro_fast.tasks.base import Example, Task
 
 MAX_EXPRESSION_CHARS = 256
 _ENUMERATE_LIMIT = 200_000  # multisets; beyond this the generator samples instead of enumerating
+EXPERT_FORMS = ("canonical", "varied")
 
 
 @dataclass(kw_only=True)
@@ -34,8 +35,15 @@ class CountdownConfig:
     num_train: int = field(default=100, metadata={"help": "Training demonstrations (distinct puzzles)."})
     num_heldout: int = field(default=64, metadata={"help": "Held-out puzzles, never sharing a number multiset with training."})
     seed: int = field(default=0, metadata={"help": "Seed of the puzzle split."})
+    expert_form: str = field(default="canonical", metadata={
+        "help": "How the expert demonstrations are written. canonical: the solver's one expression per puzzle, in "
+                "its house style (smaller operands and natural steps first). varied: for each puzzle one of all its "
+                "expressions with whole, non-negative steps, drawn at random (seeded): operands in any order, any "
+                "bracketing, as different people would write them, so no style singles the expert out."})
 
     def __post_init__(self) -> None:
+        if self.expert_form not in EXPERT_FORMS:
+            raise ValueError(f"task.countdown.expert_form must be one of {', '.join(EXPERT_FORMS)}, got {self.expert_form!r}")
         if self.num_numbers < 2:
             raise ValueError(f"task.countdown.num_numbers must be >= 2, got {self.num_numbers}")
         if not 0 <= self.min_number <= self.max_number:
@@ -303,6 +311,43 @@ def solve(numbers, target) -> str | None:
 # Puzzles and splits.
 
 
+def _expressions(items: tuple[tuple[Fraction, object], ...]):
+    """(value, node, natural) for every expression tree over `items`, each used once, operands in either order;
+    `natural`: every step's value is a whole number >= 0."""
+    if len(items) == 1:
+        yield items[0][0], items[0][1], True
+        return
+    for i, j in itertools.permutations(range(len(items)), 2):
+        (a, na), (b, nb) = items[i], items[j]
+        rest = tuple(x for k, x in enumerate(items) if k not in (i, j))
+        for op in "+-*/":
+            v = _apply(op, a, b)
+            if v is None:
+                continue
+            step_natural = v >= 0 and v.denominator == 1
+            for value, node, natural in _expressions(rest + ((v, (op, na, nb)),)):
+                yield value, node, natural and step_natural
+
+
+@lru_cache(maxsize=4096)
+def solutions(numbers: tuple[int, ...], target: int, *, natural: bool = False) -> tuple[str, ...]:
+    """Every distinct expression text (as `to_string` prints it) that makes `target` with each number once, sorted;
+    with `natural`, only those whose every step is a whole number >= 0."""
+    items = tuple((Fraction(n), int(n)) for n in sorted(numbers))
+    found = {to_string(node) for value, node, nat in _expressions(items)
+             if value == target and (nat or not natural)}
+    return tuple(sorted(found))
+
+
+def expert_answer(numbers, target, form: str, seed: int) -> str | None:
+    """The demonstration's expression in the given `form` (see CountdownConfig.expert_form)."""
+    if form == "canonical":
+        return solve(numbers, target)
+    key = tuple(sorted(numbers))
+    choices = solutions(key, target, natural=True) or solutions(key, target)
+    return random.Random(f"{seed}:{key}:{target}").choice(choices) if choices else None
+
+
 def question_text(numbers, target) -> str:
     return f"Using {', '.join(map(str, numbers))} each exactly once with + - * / and parentheses, make {target}."
 
@@ -396,13 +441,12 @@ class CountdownTask(Task):
             self._splits = {"train": [self._example(p) for p in train], "heldout": [self._example(p) for p in heldout]}
         return list(self._splits[split])
 
-    @staticmethod
-    def _example(p: Puzzle) -> Example:
+    def _example(self, p: Puzzle) -> Example:
         key = "-".join(map(str, sorted(p.numbers)))
         return Example(
             id=f"countdown:{key}:{p.target}",
             question=question_text(p.numbers, p.target),
-            answer=solve(p.numbers, p.target),
+            answer=expert_answer(p.numbers, p.target, self.cfg.expert_form, self.cfg.seed),
             meta={"numbers": list(p.numbers), "target": p.target},
         )
 
