@@ -1,5 +1,6 @@
 """experiments/summarize.py: the replication table from a grid of MODE-sSEED runs, with exact values."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,21 @@ def test_reward_signal_bad_model_dir_is_one_line_naming_it(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"error: reward_signal MODEL_DIR: {str(tmp_path / 'nope')!r} is not a directory (expected a Hugging Face "
         "model directory)"]
+
+
+def test_smollm2_gpu_script_says_what_is_missing(tmp_path):
+    script = ROOT / "experiments" / "smollm2_gpu.sh"
+    env = dict(os.environ, SMOLLM2_PARTS=str(tmp_path / "parts"), SMOLLM2_STASH=str(tmp_path / "stash"))
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: experiments/smollm2_gpu.sh prepare | stage | run")
+    stage = subprocess.run(["bash", str(script), "stage"], capture_output=True, text=True, env=env)
+    assert stage.returncode == 2 and "part-a is missing; carry .device/smollm2/part-a" in stage.stderr
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "part-b").write_bytes(b"second half")
+    run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "the first half is not here" in run.stderr
+    (tmp_path / "parts" / "part-a").write_bytes(b"first half, ")
+    (tmp_path / "parts" / "SHA256").write_text("0" * 64 + "\n")
+    run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "the joined GGUF's SHA-256 is" in run.stderr and "expected " + "0" * 64 in run.stderr
+    assert (tmp_path / "stash" / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"first half, second half"
