@@ -11,6 +11,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -413,9 +414,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
+            try:  # "1/9" as well as "0.111": the paper states the role weights as fractions
+                return float(Fraction(value.strip())) if "/" in value else float(value)
+            except (ValueError, ZeroDivisionError):
                 pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:

@@ -52,6 +52,17 @@ def test_bad_literal_and_unknown_cli_key():
         load_config(["--raro.group_size"])
 
 
+def test_a_number_setting_takes_a_fraction_as_the_paper_writes_it(tmp_path):
+    cfg = load_config(["--raro.lambda_pol", "1/9", "--raro.lambda_crit", " 8/9 "])
+    assert (cfg.raro.lambda_pol, cfg.raro.lambda_crit) == (1 / 9, 8 / 9)
+    f = tmp_path / "w.yaml"
+    f.write_text("raro:\n  lambda_pol: 1/3\n")
+    assert load_config(["--config", str(f)]).raro.lambda_pol == 1 / 3
+    for bad in ("1/0", "1/x", "1//3"):
+        with pytest.raises(ConfigError, match=f"command line: 'raro.lambda_pol': expected a number, got '{bad}'"):
+            load_config(["--raro.lambda_pol", bad])
+
+
 def test_missing_yaml_file_and_malformed_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"nope.yaml: cannot read"):
         load_config(["--config", str(tmp_path / "nope.yaml")])
