@@ -219,6 +219,19 @@ def test_solutions_are_every_expression_that_makes_the_target():
         assert len(set(found)) == len(found)
         s = solve(nums, target)
         assert (s is None) == (not found) and (s is None or s in found), (nums, target, s, found)
+    # Four numbers, against a brute force over the five bracketings written out as text (parsed and printed back).
+    from itertools import permutations, product
+
+    from raro_fast.tasks.countdown import parse, to_string
+    shapes = ["(({a}{p}{b}){q}{c}){r}{d}", "({a}{p}({b}{q}{c})){r}{d}", "({a}{p}{b}){q}({c}{r}{d})",
+              "{a}{p}(({b}{q}{c}){r}{d})", "{a}{p}({b}{q}({c}{r}{d}))"]
+    for nums, target in [((3, 3, 8, 8), 24), ((1, 2, 3, 4), 24), ((2, 5, 5, 10), 10), ((4, 4, 7, 7), 24)]:
+        brute = set()
+        for (a, b, c, d), (p, q, r), shape in product(set(permutations(nums)), product("+-*/", repeat=3), shapes):
+            text = shape.format(a=a, b=b, c=c, d=d, p=p, q=q, r=r)
+            if evaluate(text) == target:
+                brute.add(to_string(parse(text)))
+        assert set(solutions(nums, target)) == brute, nums
 
 
 def test_expert_form_varied_draws_one_valid_expression_per_puzzle_seeded():

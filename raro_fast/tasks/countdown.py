@@ -311,31 +311,57 @@ def solve(numbers, target) -> str | None:
 # Puzzles and splits.
 
 
-def _expressions(items: tuple[tuple[Fraction, object], ...]):
-    """(value, node, natural) for every expression tree over `items`, each used once, operands in either order;
-    `natural`: every step's value is a whole number >= 0."""
-    if len(items) == 1:
-        yield items[0][0], items[0][1], True
-        return
-    for i, j in itertools.permutations(range(len(items)), 2):
-        (a, na), (b, nb) = items[i], items[j]
-        rest = tuple(x for k, x in enumerate(items) if k not in (i, j))
-        for op in "+-*/":
-            v = _apply(op, a, b)
-            if v is None:
-                continue
-            step_natural = v >= 0 and v.denominator == 1
-            for value, node, natural in _expressions(rest + ((v, (op, na, nb)),)):
-                yield value, node, natural and step_natural
+def _trees_by_value(leaves: tuple[int, ...], mask: int, memo: dict) -> dict[Fraction, list[tuple[object, bool]]]:
+    """{value: [(node, natural), ...]} for every expression tree over the leaves in `mask` (a bit set), each used
+    once, operands in either order; `natural`: every step's value is a whole number >= 0. Built from the trees of
+    every split of `mask` in two, each subset's trees computed once."""
+    if mask in memo:
+        return memo[mask]
+    out: dict[Fraction, list[tuple[object, bool]]] = {}
+    if mask & (mask - 1) == 0:
+        leaf = leaves[mask.bit_length() - 1]
+        out[Fraction(leaf)] = [(leaf, True)]
+    else:
+        for left, right in _splits(mask):
+            for a, lefts in _trees_by_value(leaves, left, memo).items():
+                for b, rights in _trees_by_value(leaves, right, memo).items():
+                    for op in "+-*/":
+                        v = _apply(op, a, b)
+                        if v is None:
+                            continue
+                        step = v >= 0 and v.denominator == 1
+                        out.setdefault(v, []).extend(((op, na, nb), step and nat_a and nat_b)
+                                                     for na, nat_a in lefts for nb, nat_b in rights)
+    memo[mask] = out
+    return out
+
+
+def _splits(mask: int):
+    """Every ordered pair (left, right) of non-empty bit sets that partition `mask`."""
+    sub = (mask - 1) & mask
+    while sub:
+        yield sub, mask ^ sub
+        sub = (sub - 1) & mask
 
 
 @lru_cache(maxsize=4096)
 def solutions(numbers: tuple[int, ...], target: int, *, natural: bool = False) -> tuple[str, ...]:
     """Every distinct expression text (as `to_string` prints it) that makes `target` with each number once, sorted;
     with `natural`, only those whose every step is a whole number >= 0."""
-    items = tuple((Fraction(n), int(n)) for n in sorted(numbers))
-    found = {to_string(node) for value, node, nat in _expressions(items)
-             if value == target and (nat or not natural)}
+    leaves = tuple(int(n) for n in sorted(numbers))
+    full, memo, want, found = (1 << len(leaves)) - 1, {}, Fraction(target), set()
+    if len(leaves) == 1:
+        return (str(leaves[0]),) if want == leaves[0] else ()
+    for left, right in _splits(full):  # the last step only where it makes the target: most trees are never built
+        rights_by_value = _trees_by_value(leaves, right, memo)
+        for a, lefts in _trees_by_value(leaves, left, memo).items():
+            for b, rights in rights_by_value.items():
+                for op in "+-*/":
+                    if _apply(op, a, b) != want:
+                        continue
+                    step = want >= 0 and want.denominator == 1
+                    found.update(to_string((op, na, nb)) for na, nat_a in lefts for nb, nat_b in rights
+                                 if not natural or (step and nat_a and nat_b))
     return tuple(sorted(found))
 
 
