@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 from math import comb
+from typing import Literal, get_args
 
 from raro_fast.tasks.base import Example, Task
 
 MAX_EXPRESSION_CHARS = 256
 _ENUMERATE_LIMIT = 200_000  # multisets; beyond this the generator samples instead of enumerating
-EXPERT_FORMS = ("canonical", "varied")
+ExpertForm = Literal["canonical", "varied"]
 
 
 @dataclass(kw_only=True)
@@ -35,15 +36,16 @@ class CountdownConfig:
     num_train: int = field(default=100, metadata={"help": "Training demonstrations (distinct puzzles)."})
     num_heldout: int = field(default=64, metadata={"help": "Held-out puzzles, never sharing a number multiset with training."})
     seed: int = field(default=0, metadata={"help": "Seed of the puzzle split."})
-    expert_form: str = field(default="canonical", metadata={
+    expert_form: ExpertForm = field(default="canonical", metadata={
         "help": "How the expert demonstrations are written. canonical: the solver's one expression per puzzle, in "
                 "its house style (smaller operands and natural steps first). varied: for each puzzle one of all its "
                 "expressions with whole, non-negative steps, drawn at random (seeded): operands in any order, any "
                 "bracketing, as different people would write them, so no style singles the expert out."})
 
     def __post_init__(self) -> None:
-        if self.expert_form not in EXPERT_FORMS:
-            raise ValueError(f"task.countdown.expert_form must be one of {', '.join(EXPERT_FORMS)}, got {self.expert_form!r}")
+        if self.expert_form not in get_args(ExpertForm):
+            raise ValueError(f"task.countdown.expert_form must be one of {', '.join(get_args(ExpertForm))}, got "
+                             f"{self.expert_form!r}")
         if self.num_numbers < 2:
             raise ValueError(f"task.countdown.num_numbers must be >= 2, got {self.num_numbers}")
         if not 0 <= self.min_number <= self.max_number:
@@ -307,10 +309,6 @@ def solve(numbers, target) -> str | None:
     return None if node is None else to_string(node)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Puzzles and splits.
-
-
 def _trees_by_value(leaves: tuple[int, ...], mask: int, memo: dict) -> dict[Fraction, list[tuple[object, bool]]]:
     """{value: [(node, natural), ...]} for every expression tree over the leaves in `mask` (a bit set), each used
     once, operands in either order; `natural`: every step's value is a whole number >= 0. Built from the trees of
@@ -350,6 +348,7 @@ def solutions(numbers: tuple[int, ...], target: int, *, natural: bool = False) -
     with `natural`, only those whose every step is a whole number >= 0."""
     leaves = tuple(int(n) for n in sorted(numbers))
     full, memo, want, found = (1 << len(leaves)) - 1, {}, Fraction(target), set()
+    whole_target = want >= 0 and want.denominator == 1
     if len(leaves) == 1:
         return (str(leaves[0]),) if want == leaves[0] else ()
     for left, right in _splits(full):  # the last step only where it makes the target: most trees are never built
@@ -359,9 +358,8 @@ def solutions(numbers: tuple[int, ...], target: int, *, natural: bool = False) -
                 for op in "+-*/":
                     if _apply(op, a, b) != want:
                         continue
-                    step = want >= 0 and want.denominator == 1
                     found.update(to_string((op, na, nb)) for na, nat_a in lefts for nb, nat_b in rights
-                                 if not natural or (step and nat_a and nat_b))
+                                 if not natural or (whole_target and nat_a and nat_b))
     return tuple(sorted(found))
 
 
@@ -372,6 +370,10 @@ def expert_answer(numbers, target, form: str, seed: int) -> str | None:
     key = tuple(sorted(numbers))
     choices = solutions(key, target, natural=True) or solutions(key, target)
     return random.Random(f"{seed}:{key}:{target}").choice(choices) if choices else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Puzzles and splits.
 
 
 def question_text(numbers, target) -> str:
