@@ -17,10 +17,10 @@ from raro_fast.analysis import (
     answer_entropy, avg_at_n, load_traces_jsonl, mean_token_entropy, pass_at_k_curve, perplexity, support_categories,
     support_metrics, token_entropy,
 )
-from raro_fast.analysis.cache import SampleCache, chunk_seed
+from raro_fast.analysis.cache import SampleCache, chunk_seed, weights_digest
 from raro_fast.config import ConfigError, _help, help_text, load_config
 from raro_fast.metrics import strict_json
-from raro_fast.model.hf import load_pretrained, resolve_device
+from raro_fast.model.hf import load_pretrained, resolve_device, resolve_model_path
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
 from raro_fast.tasks import TaskConfig, make_task
@@ -252,6 +252,8 @@ def run(cfg: AnalyzeConfig) -> dict:
     device = resolve_device(a.device, "analysis.device")
     for name, path in models:
         model, tokenizer = load_pretrained(path, dtype=torch.float32, setting=f"analysis.models ({name})")
+        cache.claim(name, {"weights_sha256": weights_digest(resolve_model_path(path, f"analysis.models ({name})")),
+                           "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens})
         model.to(device)  # fp32 everywhere: the models analysed are small, and fp32 keeps entropies exact
         samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
         token_h[name] = model_token_entropy(model, samples[name], a.temperature)

@@ -1,5 +1,7 @@
 """On-disk cache of sampled answers, one JSON file per (model, problem), so that k can grow across runs and an
-interrupted run resumes without resampling.
+interrupted run resumes without resampling. Each model's folder records what drew its samples (the weights'
+digest and the sampling settings): a later run that names other weights or settings under the same model name is
+refused, never served the old samples.
 
 Samples are drawn in chunks; chunk j of a problem is sampled with seed `chunk_seed(seed, problem_id, j)`, so the
 first k samples of a problem are the same whatever k a later run asks for.
@@ -10,7 +12,10 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def chunk_seed(seed: int, problem_id: str, chunk: int) -> int:
@@ -18,13 +23,55 @@ def chunk_seed(seed: int, problem_id: str, chunk: int) -> int:
     return int.from_bytes(digest[:6], "little")
 
 
+def weights_digest(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over the model directory's weight files (names and bytes, in name order): what the samples came from."""
+    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise ValueError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to identify the model by")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(model_dir).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
 class SampleCache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
 
+    def _folder(self, model: str) -> Path:
+        return self.root / re.sub(r"[^A-Za-z0-9_.-]", "_", model)
+
     def _path(self, model: str, problem_id: str, seed: int) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", problem_id)
-        return self.root / re.sub(r"[^A-Za-z0-9_.-]", "_", model) / f"seed{seed}" / f"{safe}.json"
+        return self._folder(model) / f"seed{seed}" / f"{safe}.json"
+
+    def claim(self, model: str, identity: dict) -> None:
+        """Bind `model`'s cached samples to `identity` (what draws them: weights digest, sampling settings). Samples
+        drawn under another identity raise ValueError naming what differs; they are neither reused nor overwritten.
+        A folder from before identities were recorded is adopted with a warning on stderr."""
+        folder = self._folder(model)
+        record = folder / "identity.json"
+        if record.is_file():
+            try:
+                stored = json.loads(record.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{record}: corrupt ({e}); delete {folder} to resample") from None
+            differ = sorted(k for k in stored.keys() | identity.keys() if stored.get(k) != identity.get(k))
+            if differ:
+                what = "; ".join(f"{k}: cached {stored.get(k)!r}, now {identity.get(k)!r}" for k in differ)
+                raise ValueError(f"{folder}: the cached samples of '{model}' were drawn by another model or settings "
+                                 f"({what}); give another analysis.output_dir, another model name, or delete {folder}")
+            return
+        if any(folder.glob("seed*/*.json")):
+            print(f"warning: {folder}: cached samples without a record of the model and settings that drew them; "
+                  "assuming they match this run's", file=sys.stderr)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
+        os.replace(tmp, record)
 
     def get(self, model: str, problem_id: str, seed: int) -> list[dict]:
         path = self._path(model, problem_id, seed)

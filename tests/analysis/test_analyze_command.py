@@ -88,3 +88,39 @@ def test_analyze_bad_device(two_models, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert analyze.main(args + ["--analysis.device", "cuda"]) == 2
         assert "has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cached_samples_are_never_served_for_other_weights_or_settings(two_models, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert analyze.main(_args(two_models, out, 2)) == 0
+    capsys.readouterr()
+    files = {p: p.read_bytes() for p in (out / "samples").rglob("seed0/*.json")}
+    # The same names given the other weights: before, the old samples were silently reused.
+    swapped = _args(two_models[::-1], out, 2)
+    assert analyze.main(swapped) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'samples' / 'base'}: the cached samples of 'base' were drawn by another model or settings " \
+           "(weights_sha256: cached '" in err and "give another analysis.output_dir" in err
+    assert analyze.main(_args(two_models, out, 2) + ["--analysis.temperature", "1.0"]) == 2
+    assert "(temperature: cached 0.6, now 1.0)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (out / "samples").rglob("seed0/*.json")} == files  # nothing overwritten
+    # A cache from before identities were recorded is adopted, with a warning, and then bound.
+    for record in (out / "samples").rglob("identity.json"):
+        record.unlink()
+    assert analyze.main(_args(two_models, out, 2)) == 0
+    assert "cached samples without a record of the model and settings" in capsys.readouterr().err
+    assert analyze.main(swapped) == 2
+
+
+def test_weights_digest_follows_the_bytes(tmp_path):
+    from raro_fast.analysis.cache import weights_digest
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no weight files"):
+        weights_digest(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x01\x02")
+    first = weights_digest(tmp_path)
+    (tmp_path / "config.json").write_text('{"a": 1}')  # not a weight file
+    assert weights_digest(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"\x01\x03")
+    assert weights_digest(tmp_path) != first
