@@ -7,7 +7,8 @@
 #                  -> .device/smollm2/part-a, part-b, SHA256 and .device/smollm2/whl/gguf-*.whl (ignored by git)
 #   device, 1st: carry [".device/smollm2/part-a", ".device/smollm2/whl"], command:
 #                  bash experiments/smollm2_gpu.sh stage
-#   device, 2nd: carry [".device/smollm2/part-b"], command (at once, before the machine goes back):
+#   device, 2nd: carry [".device/smollm2/part-b", ".device/smollm2/SHA256"], command (at once, before the machine
+#                goes back):
 #                  bash experiments/smollm2_gpu.sh run [SECONDS per mode, default 360]
 #
 # `run` joins the halves (checked against SHA256), converts the GGUF with raro-fast's converter, gives the model
@@ -43,7 +44,9 @@ stage)
   ;;
 run)
   seconds=${2:-360}
-  [[ -f "$dir/part-b" ]] || { echo "smollm2_gpu run: $dir/part-b is missing; carry .device/smollm2/part-b" >&2; exit 2; }
+  for f in part-b SHA256; do
+    [[ -f "$dir/$f" ]] || { echo "smollm2_gpu run: $dir/$f is missing; carry .device/smollm2/$f" >&2; exit 2; }
+  done
   first=$stash/part-a
   [[ -f "$first" ]] || first=$dir/part-a
   [[ -f "$first" ]] || { echo "smollm2_gpu run: the first half is not here (neither $stash/part-a nor $dir/part-a):" \

@@ -262,9 +262,11 @@ def test_smollm2_gpu_script_says_what_is_missing(tmp_path):
     (tmp_path / "parts").mkdir()
     (tmp_path / "parts" / "part-b").write_bytes(b"second half")
     run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "SHA256 is missing; carry .device/smollm2/SHA256" in run.stderr
+    (tmp_path / "parts" / "SHA256").write_text("0" * 64 + "\n")
+    run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "the first half is not here" in run.stderr
     (tmp_path / "parts" / "part-a").write_bytes(b"first half, ")
-    (tmp_path / "parts" / "SHA256").write_text("0" * 64 + "\n")
     run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "the joined GGUF's SHA-256 is" in run.stderr and "expected " + "0" * 64 in run.stderr
     assert (tmp_path / "stash" / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"first half, second half"
