@@ -74,7 +74,8 @@ def judge_all(model_dir: str, cfg, questions: int, verdicts: int) -> list[dict]:
             for j, c in enumerate(comps):
                 answer = None if c.truncated else task.extract_answer(c.text)
                 row = {"group": start + i, "correct": bool(task.verify(ex, answer)), "rewards": None,
-                       "answer": answer, "expert": ex.answer, "failure": _countdown_failure(ex, answer) if "numbers" in ex.meta else None}
+                       "answer": answer, "expert": ex.answer,
+                       "failure": _countdown_failure(ex, answer) if "numbers" in ex.meta else None}
                 if (i, j) in by_sample:
                     jd, vs = by_sample[(i, j)]
                     row["rewards"] = [verdict_rewards(None if v.truncated else prompts.parse_verdict(v.text),
@@ -137,30 +138,30 @@ def report(rows: list[dict], verdicts: int, tau_pol: float) -> dict:
         out["wrong_answers"] = {"n": len(wrong), "mean_reward": round(statistics.fmean(means), 3),
                                 "verdict_variance_within_answer": round(within, 4),
                                 "variance_between_answers_systematic": round(systematic, 4)}
-    by_failure: dict[str, list[float]] = {}
-    for r in rows:
-        if r["rewards"] is not None and not r["correct"] and r.get("failure"):
-            m = mean_or_none(r["rewards"])
-            if m is not None:
-                by_failure.setdefault(r["failure"], []).append(m)
+    by_failure = _mean_reward_by(rows, lambda r: None if r["correct"] else r.get("failure"))
     if by_failure:
-        out["wrong_answers_by_failure"] = {k: {"n": len(v), "mean_reward": round(statistics.fmean(v), 3)}
-                                           for k, v in sorted(by_failure.items())}
+        out["wrong_answers_by_failure"] = by_failure
     right = [x for x in right if x is not None]
     if right:
         out["right_answers"] = {"n": len(right), "mean_reward": round(statistics.fmean(right), 3)}
     # A critic that learned the expert's wording pays a right answer written the expert's way more than one
     # written another way; a critic that checks answers pays them alike.
-    by_form: dict[str, list[float]] = {}
-    for r in rows:
-        m = mean_or_none(r["rewards"]) if r["rewards"] is not None and r["correct"] and "expert" in r else None
-        if m is not None:
-            same = _squeeze(r["answer"]) == _squeeze(r["expert"])
-            by_form.setdefault("same_text_as_expert" if same else "other_form", []).append(m)
+    by_form = _mean_reward_by(rows, lambda r: None if not r["correct"] or "expert" not in r else (
+        "same_text_as_expert" if _squeeze(r["answer"]) == _squeeze(r["expert"]) else "other_form"))
     if by_form:
-        out["right_answers_by_form"] = {k: {"n": len(v), "mean_reward": round(statistics.fmean(v), 3)}
-                                        for k, v in sorted(by_form.items())}
+        out["right_answers_by_form"] = by_form
     return out
+
+
+def _mean_reward_by(rows: list[dict], key_of) -> dict:
+    """{key: {n, mean_reward}} over the judged rows with a valid verdict, grouped by `key_of(row)` (None: left out)."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        key = key_of(r) if r["rewards"] is not None else None
+        m = mean_or_none(r["rewards"]) if key is not None else None
+        if m is not None:
+            groups.setdefault(key, []).append(m)
+    return {k: {"n": len(v), "mean_reward": round(statistics.fmean(v), 3)} for k, v in sorted(groups.items())}
 
 
 def _squeeze(text: str | None) -> str:

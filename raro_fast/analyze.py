@@ -251,9 +251,11 @@ def run(cfg: AnalyzeConfig) -> dict:
     samples, token_h, trace_ppl = {}, {}, {}
     device = resolve_device(a.device, "analysis.device")
     for name, path in models:
-        model, tokenizer = load_pretrained(path, dtype=torch.float32, setting=f"analysis.models ({name})")
-        cache.claim(name, {"weights_sha256": weights_digest(resolve_model_path(path, f"analysis.models ({name})")),
-                           "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens})
+        setting = f"analysis.models ({name})"
+        path = resolve_model_path(path, setting)  # once: a hub id is looked up here, not again for the digest
+        model, tokenizer = load_pretrained(path, dtype=torch.float32, setting=setting)
+        cache.claim(name, {"weights_sha256": weights_digest(path), "temperature": a.temperature, "top_p": a.top_p,
+                           "max_new_tokens": a.max_new_tokens})
         model.to(device)  # fp32 everywhere: the models analysed are small, and fp32 keeps entropies exact
         samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
         token_h[name] = model_token_entropy(model, samples[name], a.temperature)

@@ -68,10 +68,7 @@ class SampleCache:
         if any(folder.glob("seed*/*.json")):
             print(f"warning: {folder}: cached samples without a record of the model and settings that drew them; "
                   "assuming they match this run's", file=sys.stderr)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
-        os.replace(tmp, record)
+        _write_atomic(record, json.dumps(identity, indent=1, sort_keys=True))
 
     def get(self, model: str, problem_id: str, seed: int) -> list[dict]:
         path = self._path(model, problem_id, seed)
@@ -83,9 +80,13 @@ class SampleCache:
             raise ValueError(f"{path}: corrupt sample cache ({e}); delete the file to resample") from None
 
     def put(self, model: str, problem_id: str, seed: int, samples: list[dict]) -> None:
-        """Replace the stored samples (write to a temporary file, then rename: never a half-written file)."""
-        path = self._path(model, problem_id, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"problem_id": problem_id, "samples": samples}))
-        os.replace(tmp, path)
+        """Replace the stored samples, atomically."""
+        _write_atomic(self._path(model, problem_id, seed), json.dumps({"problem_id": problem_id, "samples": samples}))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
