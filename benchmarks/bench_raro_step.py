@@ -118,9 +118,10 @@ def test_raro_step(bench_table, tmp_path, monkeypatch):
             train_step(r, 0)
             r.mode = FixedLengthGame(NEW_TOKENS)
             rec = train_step(r, 1)
-            t = {s: rec[f"timing_s/{s}"] for s in STAGES}
+            t = {s: rec.get(f"timing_s/{s}") for s in STAGES}  # old_log_prob: none with one update a round
             step_s = rec["timing_s/step"]
-            rows.append([backend, f"{step_s:.2f}", *(f"{t[s]:.2f}" for s in STAGES), f"{t['gen'] / step_s:.0%}",
+            rows.append([backend, f"{step_s:.2f}", *("-" if t[s] is None else f"{t[s]:.2f}" for s in STAGES),
+                         f"{t['gen'] / step_s:.0%}",
                          f"{rec['perf/rollout_tokens_per_s']:.0f}", f"{rec['batch/tokens'] / step_s:.0f}",
                          f"{rec['batch/policy_sequences']}+{rec['batch/critic_sequences']}"])
             print(" | ".join(rows[-1]), flush=True)  # with -s: a run cut short keeps what it measured

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The support experiment of docs/experiments.md (issue 6): pass@k up to K, support categories and entropies of the
-# seed-0 base, SFT, RARO and RLVR models of experiments/replication.sh, at one training step. From the repo root:
-#   [BASE=DIR] experiments/support.sh ROOT STEP [K] [OUT] [analyze flags ...]   (STEP: a saved step such as 60,
-#   or `final`; BASE: the base model, default ROOT/bases/base-s0/base_model, e.g. builtin:countdown-easy)
+# base, SFT, RARO and RLVR models of one training seed of experiments/replication.sh, at one training step. From
+# the repo root:
+#   [SEED=N] [BASE=DIR] experiments/support.sh ROOT STEP [K] [OUT] [analyze flags ...]   (STEP: a saved step such
+#   as 60, or `final`; SEED: the training seed, default 0; BASE: the base model, default
+#   ROOT/bases/base-sSEED/base_model, e.g. builtin:countdown-easy)
 # Two processes sample two models each (the GPU has room); their caches are merged and the report is made from
 # the cache. Samples stay cached under OUT/samples, so a larger K later only draws what is missing.
 set -euo pipefail
 root=$1 step=$2 k=${3:-1024} out=${4:-$1/support}
 shift $(( $# < 4 ? $# : 4 ))
-base=${BASE:-$root/bases/base-s0/base_model}
+seed=${SEED:-0}
+base=${BASE:-$root/bases/base-s$seed/base_model}
 model() {
-  if [ "$step" = final ]; then echo "$root/$1-s0/final_model"; else printf '%s/checkpoints/step_%06d/model' "$root/$1-s0" "$step"; fi
+  if [ "$step" = final ]; then echo "$root/$1-s$seed/final_model"; else printf '%s/checkpoints/step_%06d/model' "$root/$1-s$seed" "$step"; fi
 }
 extra=("$@")
 analyze() {  # OUTPUT_DIR MODELS

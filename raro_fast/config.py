@@ -305,7 +305,8 @@ class TrainConfig:
     ppo_mini_batches: int = _help(
         "Optimizer steps per training step: the step's sequences are shuffled and split into this many mini-batches, "
         "each one update against the log-probs recomputed before the first (verl's ppo_mini_batch_size, TRL's "
-        "num_iterations), so the PPO ratio moves off 1 and clipping acts. 1: one update, ratio 1.", 1)
+        "num_iterations), so the PPO ratio moves off 1 and clipping acts. 1: one update, ratio 1, and the old "
+        "log-probs are the update's own forward's (no separate recompute pass: the same numbers, one forward fewer).", 1)
     seed: int = _help("Seed of everything (data order, sampling, model init).", 0)
     output_dir: str = _help("Where metrics, plots, checkpoints and the final model go.", "runs/raro-countdown")
     max_tokens_per_micro_batch: int = _help("Token budget of one packed micro-batch.", 4096)

@@ -123,15 +123,21 @@ def train_step(r: Run, step: int) -> dict:
     with r.timed("pack"):
         plan = plan_update(samples, cfg, d, step, r.mode.role_constants(cfg))
         mbs = [mb for part, _ in plan for mb in part]
-    with r.timed("old_log_prob"):  # before the first optimizer step: every mini-batch's ratio starts at 1
-        entropies = recompute_logprobs(r.model, mbs, temperature=cfg.rollout.temperature)
+    # One optimizer step per round: the update's own forward gives the old log-probs (ratio 1, as a recompute
+    # would), so the separate pass is skipped, unless the mode reads them to plan its loss.
+    old_from_forward = cfg.train.ppo_mini_batches == 1 and not r.mode.plans_with_old_logprobs
+    if not old_from_forward:
+        with r.timed("old_log_prob"):  # before the first optimizer step: every mini-batch's ratio starts at 1
+            entropies = recompute_logprobs(r.model, mbs, temperature=cfg.rollout.temperature)
     if r.ref_model is not None:
         with r.timed("ref"):
             recompute_logprobs(r.ref_model, mbs, temperature=cfg.rollout.temperature, field="ref_logprobs")
     loss_cfg, plan = r.mode.loss_plan(r, samples, plan, stats)
     with r.timed("update_actor"):
-        upd = update_mini_batches(r.model, r.optimizer, plan, loss_cfg=loss_cfg,
+        upd = update_mini_batches(r.model, r.optimizer, plan, loss_cfg=loss_cfg, old_from_forward=old_from_forward,
                                   temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip)
+    if old_from_forward:
+        entropies = upd.entropies
     with r.timed("update_weights"):
         push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
     r.timings["timing_s/step"] = time.perf_counter() - t0

@@ -78,14 +78,19 @@ class UpdateStats:
     metrics: dict[str, float]
     tokens: float = 0.0  # trained tokens the metrics average over
     skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    entropies: list[torch.Tensor] | None = None  # per micro-batch, when the update's forward filled the old log-probs
 
 
 def update_mini_batches(model: PolicyModel, optimizer: torch.optim.Optimizer,
-                        plan: list[tuple[list[PackedMicroBatch], float]], **kwargs) -> UpdateStats:
+                        plan: list[tuple[list[PackedMicroBatch], float]], *, old_from_forward: bool = False,
+                        **kwargs) -> UpdateStats:
     """One optimizer step per (micro-batches, norm_constant) of `plan`; the old log-probs of every micro-batch
-    must have been recomputed before the first. Loss and grad norm are the mean over the steps, the actor metrics
-    their token-weighted mean."""
-    steps = [update_step(model, optimizer, mbs, norm_constant=norm, **kwargs) for mbs, norm in plan]
+    must have been recomputed before the first, unless `old_from_forward` (one step only; see `update_step`).
+    Loss and grad norm are the mean over the steps, the actor metrics their token-weighted mean."""
+    if old_from_forward and len(plan) != 1:
+        raise ValueError(f"old log-probs from the update's own forward need exactly one optimizer step, got {len(plan)}")
+    steps = [update_step(model, optimizer, mbs, norm_constant=norm, old_from_forward=old_from_forward, **kwargs)
+             for mbs, norm in plan]
     if len(steps) == 1:
         return steps[0]
     tokens = sum(u.tokens for u in steps)
@@ -105,17 +110,27 @@ def update_step(
     temperature: float,
     norm_constant: float,
     grad_clip: float,
+    old_from_forward: bool = False,
 ) -> UpdateStats:
     """One optimizer step over all micro-batches. The loss of each micro-batch is normalised by the GLOBAL
     token/sequence counts carried by the micro-batch, so the summed gradient is the full batch's gradient on
-    every rank (FSDP2 averages over ranks; we pre-multiply by world size to turn that into a sum)."""
+    every rank (FSDP2 averages over ranks; we pre-multiply by world size to turn that into a sum).
+
+    `old_from_forward`: the old log-probs are this forward's own, detached, and are written into each micro-batch
+    (with the entropies returned) for the metrics. With one optimizer step per rollout round the weights here are
+    the weights a recompute would have used, so the ratio is 1 and the gradient is the same: a whole forward pass
+    over the batch is saved."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     total_loss = torch.zeros((), device=mbs[0].input_ids.device) if mbs else torch.zeros(())
     sums: dict[str, torch.Tensor] = {}
+    entropies = [] if old_from_forward else None
     for mb in mbs:
-        logprobs, _ = model(mb, temperature=temperature)
+        logprobs, entropy = model(mb, temperature=temperature, return_entropy=old_from_forward)
+        if old_from_forward:
+            mb.old_logprobs = logprobs.detach().float()
+            entropies.append(entropy.detach())
         mask = mb.targets != -100
         loss, metrics = _micro_batch_loss(logprobs, mb, mask, loss_cfg, norm_constant)
         if mb.is_padding:
@@ -140,7 +155,7 @@ def update_step(
     n = sums.pop("_n", None)
     metrics = {f"actor/{k}": float(v / n) for k, v in sums.items()} if n is not None and float(n) > 0 else {}
     return UpdateStats(loss=total, grad_norm=grad_norm, metrics=metrics, tokens=float(n) if n is not None else 0.0,
-                       skipped=int(skipped))
+                       skipped=int(skipped), entropies=entropies)
 
 
 def _micro_batch_loss(logprobs: torch.Tensor, mb: PackedMicroBatch, mask: torch.Tensor, loss_cfg: LossConfig,

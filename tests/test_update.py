@@ -168,6 +168,36 @@ def test_one_mini_batch_is_the_single_update_bit_for_bit(tok):
         assert torch.equal(p, q), n
 
 
+def test_old_logprobs_from_the_update_forward_equal_a_recompute_bit_for_bit(tok):
+    """One optimizer step per round: taking the old log-probs from the update's own forward (no recompute pass)
+    gives the weights, metrics, old log-probs and entropies of recompute-then-update exactly."""
+    policy = tiny_policy(tok)
+    samples = mixed_samples()
+    a, b = copy.deepcopy(policy), copy.deepcopy(policy)
+    mbs_a = plan_micro_batches(samples, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    entropies_a = recompute_logprobs(a, mbs_a, temperature=0.7)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2)
+    upd_a = update_mini_batches(a, opt_a, [(mbs_a, 300.0)], loss_cfg=LossConfig(), temperature=0.7, grad_clip=1.0)
+    mbs_b = plan_micro_batches(samples, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    for mb in mbs_b:
+        mb.old_logprobs = torch.full_like(mb.targets, float("nan"), dtype=torch.float32)  # poison: must be replaced
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2)
+    upd_b = update_mini_batches(b, opt_b, [(mbs_b, 300.0)], loss_cfg=LossConfig(), temperature=0.7, grad_clip=1.0,
+                                old_from_forward=True)
+    assert len(mbs_a) > 1 and upd_a.entropies is None and len(upd_b.entropies) == len(mbs_b)
+    for mb_a, mb_b, ent_a, ent_b in zip(mbs_a, mbs_b, entropies_a, upd_b.entropies):
+        assert torch.equal(mb_a.old_logprobs, mb_b.old_logprobs) and not mb_b.old_logprobs.requires_grad
+        assert torch.equal(ent_a, ent_b) and not ent_b.requires_grad
+    assert (upd_a.loss, upd_a.grad_norm, upd_a.metrics) == (upd_b.loss, upd_b.grad_norm, upd_b.metrics)
+    assert upd_b.metrics["actor/ratio_mean"] == 1.0
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+        assert not torch.equal(p, dict(policy.named_parameters())[n]), n  # the step did move the weights
+    with pytest.raises(ValueError, match="exactly one optimizer step, got 2"):
+        update_mini_batches(b, opt_b, [(mbs_b[:1], 1.0), (mbs_b[1:], 1.0)], loss_cfg=LossConfig(), temperature=0.7,
+                            grad_clip=1.0, old_from_forward=True)
+
+
 def test_several_mini_batches_move_the_ratio_and_clipping_acts(tok):
     """Fix 4, k > 1: after the first optimizer step the later mini-batches see ratios off 1, so clipping acts;
     with one update the ratio is exactly 1 and nothing is ever clipped."""

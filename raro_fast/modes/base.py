@@ -70,6 +70,8 @@ class Mode:
     most modes do (nothing, or the run's own settings)."""
 
     name: ClassVar[str]
+    # Whether `loss_plan` reads the micro-batches' old log-probs (then they are recomputed before the update).
+    plans_with_old_logprobs: ClassVar[bool] = False
 
     def needs_reference(self, cfg: JobConfig) -> bool:
         """Whether the run keeps a frozen reference model (the KL anchor, or DPO's)."""

@@ -92,6 +92,7 @@ def round_length(cfg: JobConfig) -> int:
 
 class DpoMode(Mode):
     name = "dpo"
+    plans_with_old_logprobs = True  # the pairs' log-ratios against the reference are its advantages
 
     def needs_reference(self, cfg: JobConfig) -> bool:
         return True
