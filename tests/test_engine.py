@@ -124,6 +124,30 @@ def test_seed_reproducible_and_greedy_deterministic(backend):
     assert [o[0].token_ids for o in g1] == [o[0].token_ids for o in g2[::-1]]  # batch order does not matter
 
 
+def test_embedded_prefills_each_prompt_once_and_samples_as_if_repeated():
+    """The n samples of a prompt share one prefill (its KV cache repeated n times), and sample what n copies of
+    the prompt would: the same tokens from the same seed, log-probs equal to fp32 rounding."""
+    model = tiny_model()
+    prompts = random_prompts(6, random.Random(5))  # lengths 2-8: left padding differs per prompt
+    batches = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: batches.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    shared = engine_for(model, batch_size=8).generate(prompts, SamplingParams(max_new_tokens=7, n=4, seed=9))
+    prefills = [b for b in batches if b[1] > 1]
+    assert [b[0] for b in prefills] == [2, 2, 2]  # 8 rows a batch: 2 prompts x 4 samples, each prompt once
+    assert {b[0] for b in batches if b[1] == 1} == {8}  # and the decode steps run all 8 rows
+    hook.remove()
+    repeated = engine_for(model, batch_size=8).generate([p for p in prompts for _ in range(4)],
+                                                        SamplingParams(max_new_tokens=7, n=1, seed=9))
+    flat = [c for o in shared for c in o]
+    assert [c.token_ids for c in flat] == [o[0].token_ids for o in repeated]
+    assert [c.prompt_ids for c in flat] == [p for p in prompts for _ in range(4)]
+    assert len({tuple(c.token_ids) for c in flat}) > len(prompts)  # the copies did sample independently
+    for c, (r,) in zip(flat, repeated):
+        assert c.finish_reason == r.finish_reason
+        assert max(abs(a - b) for a, b in zip(c.logprobs, r.logprobs)) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_update_weights_sets_version_and_weights(backend):
     src, dst = tiny_model(0), tiny_model(1)

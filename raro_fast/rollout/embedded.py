@@ -33,7 +33,10 @@ class EmbeddedEngine:
         self.weight_version = 0
         # transformers 5.24 renamed the KV-cache argument and output field past_key_values -> cache (the old
         # name goes in 5.40); the project supports releases on both sides of the rename.
-        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        forward_params = inspect.signature(model.forward).parameters
+        self._cache_name = "cache" if "cache" in forward_params else "past_key_values"
+        # Prefill needs the logits of the last prompt position only (the others would be B x prompt x vocab floats).
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
 
     @classmethod
     def from_tokenizer(cls, model: PreTrainedModel, tokenizer, *, batch_size: int = 64) -> "EmbeddedEngine":
@@ -49,16 +52,19 @@ class EmbeddedEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        flat = [p for p in prompts for _ in range(params.n)]
         out: list[Completion] = []
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(params.seed)
-        for start in range(0, len(flat), self.batch_size):
-            out.extend(self._generate_batch(flat[start : start + self.batch_size], params, gen))
+        # About batch_size rows at a time, each prompt's n samples in one batch (its prefill is shared).
+        per_batch = max(1, self.batch_size // params.n)
+        for start in range(0, len(prompts), per_batch):
+            out.extend(self._generate_batch(prompts[start : start + per_batch], params, gen))
         return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, gen) -> list[Completion]:
+        """params.n samples of each prompt, as rows prompt-major. The prompts are prefilled once and their KV
+        cache repeated n times: the n rows of a prompt would compute the same prefill n times."""
         device = self.device
         width = max(len(p) for p in prompts)
         # Left padding keeps every prompt's last token in the same column, where generation continues.
@@ -69,19 +75,29 @@ class EmbeddedEngine:
             attention_mask[i, width - len(p) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        n = params.n
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **self._last_logits)
+        past = getattr(outputs, self._cache_name)
+        prefill_logits = outputs.logits[:, -1, :]
+        if n > 1:  # transformers' caches repeat in place (every release the project supports, >= 4.56)
+            past.batch_repeat_interleave(n)
+            prefill_logits, attention_mask, position_ids = (
+                x.repeat_interleave(n, dim=0) for x in (prefill_logits, attention_mask, position_ids))
+        rows = [p for p in prompts for _ in range(n)]
 
         stop_ids = torch.tensor(self.eos_token_ids + list(params.stop_token_ids), device=device)
         greedy = params.temperature <= 0
         temperature = 1.0 if greedy else params.temperature
         tokens, logprobs = [], []
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        past = None
-        step_ids, step_pos, step_mask = input_ids, position_ids, attention_mask
-        for _ in range(params.max_new_tokens):
-            outputs = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, use_cache=True,
-                                 **{self._cache_name: past})
-            past = getattr(outputs, self._cache_name)
-            logits = outputs.logits[:, -1, :].float() / temperature
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        step_pos, step_mask = position_ids, attention_mask
+        for t in range(params.max_new_tokens):
+            if t:
+                outputs = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
+                                     use_cache=True, **{self._cache_name: past})
+                past = getattr(outputs, self._cache_name)
+            logits = (prefill_logits if t == 0 else outputs.logits[:, -1, :]).float() / temperature
             logp = torch.log_softmax(logits, dim=-1)
             if not bool(torch.isfinite(logp).all()):
                 raise NonFiniteLogitsError(f"the rollout engine's model (weight version {self.weight_version}) "
@@ -103,7 +119,7 @@ class EmbeddedEngine:
         lps = torch.stack(logprobs, 1).cpu().tolist()
         stops = set(stop_ids.tolist())
         results = []
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(rows):
             ids, lp = tok[i], lps[i]
             end = next((j for j, t in enumerate(ids) if t in stops), None)
             if end is None:
