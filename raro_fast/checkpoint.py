@@ -173,6 +173,44 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "trainer_state.json").read_text())
 
 
+# What a resume may change: how long the run goes, how often it evaluates and saves, how it runs (engine, memory,
+# micro-batch budget), and the optimizer's hyperparameters (a diverged run resumes with a smaller lr). Every other
+# setting defines what the run trains on and how; a resume that changed one would continue another run under this
+# one's name (a changed questions_per_step, say, skips demonstrations: the data position is step x that count).
+RESUMABLE = ("train.steps", "train.eval_", "train.progress", "train.save_every", "train.stop_after", "train.resume",
+             "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch", "optim.", "rollout.backend",
+             "rollout.batch_size", "rollout.release_memory", "rollout.weight_bucket_mb", "rollout.mem_fraction",
+             "rollout.tp_size", "rollout.sglang_url", "rollout.server_ranks", "rollout.weight_group_",
+             "model.gradient_checkpointing", "model.liger_kernels", "task.deepmath.verify_timeout_seconds")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(refused, allowed): the settings of `now` (a `to_dict(config)`) that differ from the run's `saved` ones, as
+    'name: saved -> now'. Only the run's own task section is compared (another task's data path may move with the
+    checkout), and a setting the saved config does not have (added to the project later) has its default."""
+    then, current = _flat(saved), _flat(json.loads(json.dumps(now)))  # as saved: tuples are lists there
+    task = f"task.{current.get('task.name')}."
+    refused, allowed = [], []
+    for name, value in current.items():
+        if name not in then or then[name] == value:
+            continue
+        if name.startswith("task.") and name != "task.name" and not name.startswith(task):
+            continue
+        change = f"{name}: {then[name]!r} -> {value!r}"
+        (allowed if name.startswith(RESUMABLE) else refused).append(change)
+    return refused, allowed
+
+
 def restore_optimizer_and_rng(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> None:
     """Load optimizer state (every rank reads the full state and keeps its shard) and this rank's RNG."""
     tensors = load_file(str(path / "optimizer.safetensors"))

@@ -370,6 +370,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     resume_from = checkpoint.resume_point(out, warn=warn) if cfg.train.resume else None
     if cfg.train.resume and resume_from is None:
         warn(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
+    if resume_from is not None:
+        check_resume_settings(cfg, resume_from, out, warn)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
@@ -403,6 +405,9 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         if state["world_size"] != d.world_size:
             raise ValueError(f"{resume_from}: saved with {state['world_size']} ranks; resume with the same number")
         checkpoint.restore_optimizer_and_rng(resume_from, model=model, optimizer=optimizer, d=d)
+        for group in optimizer.param_groups:  # the command's hyperparameters, not the ones saved with the state
+            group.update(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                         weight_decay=cfg.optim.weight_decay)
         replay.load_state_dict(state["replay"])
         start = state["step"]
         engine.weight_version = start
@@ -414,6 +419,23 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, start_step=start)
+
+
+def check_resume_settings(cfg: JobConfig, resume_from: Path, out: Path, warn) -> None:
+    """A resume continues the saved run: refuse settings that would make it another run, and say which of the
+    changes a resume may make (`checkpoint.RESUMABLE`) it makes."""
+    saved = checkpoint.load_trainer_state(resume_from).get("config")
+    if saved is None:
+        warn(f"train.resume: {resume_from} does not record the run's settings; assuming they are this command's")
+        return
+    refused, allowed = checkpoint.resume_changes(saved, to_dict(cfg))
+    if refused:
+        raise ValueError(f"train.resume: {resume_from} was saved with other settings ({'; '.join(refused)}); a "
+                         f"resume continues the same run, so give it that run's settings (they are in "
+                         f"{out / 'config.json'}: --config {out / 'config.json'} --resume), or start a new run "
+                         f"in another train.output_dir")
+    if allowed:
+        warn(f"train.resume: changed from the saved run: {'; '.join(allowed)}")
 
 
 def reference_model(cfg: JobConfig, d: Dist, compute_dtype: torch.dtype, path: Path | None = None) -> PolicyModel:

@@ -143,3 +143,19 @@ def test_resume_point_without_latest_and_from_before_manifests(tmp_path):
     (root / "latest").write_text("step_000009\n")
     assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000002"
     assert any("names step_000009, which does not exist" in s for s in said)
+
+
+def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
+    from raro_fast.checkpoint import resume_changes
+    from raro_fast.config import load_config, to_dict
+
+    saved = to_dict(load_config(["--task.name", "poetry"]))
+    del saved["task"]["countdown"]["expert_form"]  # a setting added after the run was saved: it has its default
+    saved["task"]["deepmath"]["path"] = "/elsewhere/deepmath.jsonl"  # another task's data: not this run's
+    now = to_dict(load_config(["--task.name", "poetry", "--optim.lr", "1e-5", "--rollout.batch_size", "8",
+                               "--task.poetry.seed", "3", "--rollout.temperature", "0.7",
+                               "--task.countdown.expert_form", "varied"]))
+    refused, allowed = resume_changes(saved, now)
+    assert refused == ["task.poetry.seed: 0 -> 3", "rollout.temperature: 1.0 -> 0.7"]
+    assert allowed == ["rollout.batch_size: 64 -> 8", "optim.lr: 0.0002 -> 1e-05"]
+    assert resume_changes(saved, to_dict(load_config(["--task.name", "poetry"]))) == ([], [])

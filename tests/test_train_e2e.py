@@ -104,6 +104,27 @@ def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resume_takes_the_new_lr_and_refuses_settings_that_make_another_run(base_model, tmp_path):
+    args = [*TINY, "--train.steps", "2", "--train.save_every", "1", "--train.eval_every", "0", "--train.eval_samples", "0"]
+    run = _with_base(base_model, tmp_path / "run")
+    train([*args, "--train.output_dir", str(run), "--train.stop_after", "1"], check=False)
+    before = (run / "metrics.jsonl").read_text()
+    # questions_per_step sets the data position (step x count): a resume with another one skipped demonstrations
+    out = train([*args, "--train.output_dir", str(run), "--resume", "--raro.questions_per_step", "3",
+                 "--raro.tau_pol", "0.5"], check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "raro.questions_per_step: 2 -> 3; raro.tau_pol: 0.6 -> 0.5" in out.stderr
+    assert f"--config {run / 'config.json'} --resume" in out.stderr
+    assert (run / "metrics.jsonl").read_text() == before
+    # the divergence hint's advice: resume with a smaller lr. It used to be overwritten by the checkpoint's lr.
+    out = train([*args, "--train.output_dir", str(run), "--resume", "--optim.lr", "1e-5", "--train.steps", "3"])
+    assert "changed from the saved run: optim.lr: 0.0002 -> 1e-05; train.steps: 2 -> 3" in out.stdout
+    groups = json.loads((run / "checkpoints" / "step_000003" / "optimizer.json").read_text())
+    assert groups and all(g["lr"] == 1e-5 for g in groups)
+    assert [r["step"] for r in metrics(run)] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
 def test_sampled_evaluation_is_logged_and_leaves_training_unchanged(base_model, tmp_path):
     args = [*TINY, "--train.steps", "2", "--train.eval_every", "1"]
     plain = _with_base(base_model, tmp_path / "plain")
