@@ -17,7 +17,7 @@ from raro_fast.analysis import (
     answer_entropy, avg_at_n, load_traces_jsonl, mean_token_entropy, pass_at_k_curve, perplexity, support_categories,
     support_metrics, token_entropy,
 )
-from raro_fast.analysis.cache import SampleCache, chunk_seed, weights_digest
+from raro_fast.analysis.cache import SampleCache, draw_seed, weights_digest
 from raro_fast.config import ConfigError, _help, help_text, load_config
 from raro_fast.metrics import strict_json
 from raro_fast.model.hf import load_pretrained, resolve_device, resolve_model_path
@@ -70,17 +70,16 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
     """Fill the cache up to k samples per problem (only what is missing), return the samples per problem id."""
     engine = EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=cfg.batch_size)
     have = {p.id: cache.get(name, p.id, cfg.seed) for p in problems}
-    chunks = math.ceil(cfg.k / cfg.chunk)
-    bar = tqdm(total=chunks * len(problems), desc=f"sampling {name}", dynamic_ncols=True)
-    for j in range(chunks):
-        # Always whole chunks (samples past k stay cached for a larger k later), so chunk j is the same draw
-        # whatever k asked for it.
-        todo = [p for p in problems if len(have[p.id]) == j * cfg.chunk]
-        bar.update(len(problems) - len(todo))
-        n = cfg.chunk
-        for p in todo:  # one engine call per problem and chunk: its seed must not depend on which others are due
+    bar = tqdm(total=sum(math.ceil(max(0, cfg.k - len(have[p.id])) / cfg.chunk) for p in problems),
+               desc=f"sampling {name}", dynamic_ncols=True)
+    while due := [p for p in problems if len(have[p.id]) < cfg.k]:
+        for p in due:  # one engine call per problem and draw: its seed must not depend on which others are due
+            # Whole chunks (samples past k stay cached for a larger k later). A draw is seeded by the index of its
+            # first sample, so no seed draws twice for a problem whatever k and chunk this run or an earlier one
+            # used (seeded by chunk number, a changed chunk size drew from a seed already used: correlated samples).
+            start = len(have[p.id])
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    n=n, seed=chunk_seed(cfg.seed, p.id, j))
+                                    n=cfg.chunk, seed=draw_seed(cfg.seed, p.id, start))
             comps = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(p.question))], params)[0]
             for c in comps:
                 answer = None if c.truncated else task.extract_answer(c.text)
@@ -144,6 +143,10 @@ def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict
     base = names[0]
     report = {"k": k, "models": {}, "support_vs": base}
     for name in names:
+        short = {pid: len(s) for pid, s in samples[name].items() if len(s) != k}
+        if short:
+            raise ValueError(f"{name}: {len(short)} problems do not have exactly k = {k} samples (e.g. "
+                             f"{next(iter(short.items()))}): pass@k would be reported for another n")
         counts = [(len(s), sum(x["correct"] for x in s)) for s in samples[name].values()]
         curve = pass_at_k_curve(counts)
         ent = [answer_entropy([x["answer"] for x in s]) for s in samples[name].values()]
@@ -244,6 +247,9 @@ def run(cfg: AnalyzeConfig) -> dict:
     if a.k < 1 or a.chunk < 1:
         raise ValueError("analysis.k and analysis.chunk must be >= 1")
     task = make_task(cfg.task)
+    if not task.has_verifier:
+        raise ValueError(f"task.name: the {cfg.task.name} task has no verifier, and pass@k and the support "
+                         "categories count verified answers; analyse a task with one (countdown, deepmath)")
     problems = task.examples(a.split)[: a.num_problems or None]
     out = Path(a.output_dir)
     cache = SampleCache(out / "samples")

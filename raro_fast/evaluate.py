@@ -90,7 +90,7 @@ def heldout_scores(
     sample, with less variance than one answer per example); pass@n, the fraction of examples with any of them
     right; and, given `critic_max_new_tokens`, tournament@n, the fraction whose critic tournament pick (the
     shared model judging at `critic_temperature`, None: `temperature`; seeds from seed + 1 on) is right. None for a
-    task without a verifier."""
+    task without a verifier, or for no examples."""
     mine = examples[d.rank :: d.world_size]
     right = solved = picked = 0
     unverifiable = False
@@ -106,9 +106,9 @@ def heldout_scores(
                                          temperature=temperature if critic_temperature is None else critic_temperature)
             picked = sum(bool(vs[p]) for vs, p in zip(verdicts, picks))
     totals = all_gather_objects(d, (right, solved, picked, len(mine), unverifiable))
-    if any(t[4] for t in totals):
+    problems = sum(t[3] for t in totals)
+    if any(t[4] for t in totals) or not problems:  # no verifier, or nothing held out: no accuracy, not 0.0
         return None
-    problems = max(sum(t[3] for t in totals), 1)
     scores = {"avg@n": sum(t[0] for t in totals) / (problems * n), "pass@n": sum(t[1] for t in totals) / problems}
     if critic_max_new_tokens is not None:
         scores["tournament@n"] = sum(t[2] for t in totals) / problems

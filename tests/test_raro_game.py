@@ -281,3 +281,5 @@ def test_heldout_scores_average_samples_and_count_problems_with_any_right(settin
     # The critic judges at its own temperature where one is set (as in training, rollout.critic_temperature).
     heldout_scores(examples, n=4, critic_max_new_tokens=40, critic_temperature=0.3, **{**common, "engine": engine})
     assert engine.temperatures[-2:] == [1.0, 0.3]  # the policy's samples, then the one round (two answers parse)
+    # Nothing held out: no accuracy at all (it was 0.0, logged and averaged as a real zero).
+    assert heldout_scores([], n=4, **common) is None and heldout_accuracy([], **common) is None

@@ -3,8 +3,10 @@ interrupted run resumes without resampling. Each model's folder records what dre
 digest and the sampling settings): a later run that names other weights or settings under the same model name is
 refused, never served the old samples.
 
-Samples are drawn in chunks; chunk j of a problem is sampled with seed `chunk_seed(seed, problem_id, j)`, so the
-first k samples of a problem are the same whatever k a later run asks for.
+Samples are drawn in chunks; the chunk whose first sample is sample i of a problem is drawn with seed
+`draw_seed(seed, problem_id, i)`, so the first k samples of a problem are the same whatever k a later run asks for,
+and no seed draws twice for a problem even when the chunk size changes (a draw seeded by its chunk number did:
+correlated samples).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from pathlib import Path
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def chunk_seed(seed: int, problem_id: str, chunk: int) -> int:
-    digest = hashlib.sha256(f"{seed}/{problem_id}/{chunk}".encode()).digest()
+def draw_seed(seed: int, problem_id: str, first: int) -> int:
+    """The seed of the draw whose first sample is sample `first` of the problem (the same as the chunk-numbered
+    seed of the caches written before, for their first chunk)."""
+    digest = hashlib.sha256(f"{seed}/{problem_id}/{first}".encode()).digest()
     return int.from_bytes(digest[:6], "little")
 
 

@@ -52,6 +52,37 @@ def test_analyze_end_to_end_and_growing_k(two_models, tmp_path, capsys):
     assert cache.get("base", "nope", 0) == []
 
 
+def test_a_changed_chunk_size_draws_what_is_missing_from_seeds_never_used(two_models, tmp_path, monkeypatch):
+    """k and chunk both grow (support.sh passes chunk = k): a larger k used to draw nothing when the cached count
+    was not a multiple of the new chunk (and then label the old samples pass@k), or to draw again from a seed that
+    had drawn already (correlated samples) when it was."""
+    from raro_fast.rollout.embedded import EmbeddedEngine
+
+    seeds = []
+    generate = EmbeddedEngine.generate
+    monkeypatch.setattr(EmbeddedEngine, "generate",
+                        lambda self, prompts, params: seeds.append(params.seed) or generate(self, prompts, params))
+    out = tmp_path / "g"
+    grow = lambda k, chunk: analyze.main([*_args(two_models, out, k), "--analysis.chunk", str(chunk)])  # noqa: E731
+    assert grow(4, 2) == 0  # draws at samples 0 and 2 of every problem and model
+    first = {p: json.loads(p.read_text())["samples"] for p in (out / "samples").rglob("seed0/*.json")}
+    assert grow(6, 4) == 0  # 4 cached, a chunk of 4 from sample 4 (the old code: none, then a KeyError)
+    assert grow(8, 8) == 0  # 8 cached: nothing to draw
+    # models x problems x draws; within a model all distinct (the two models share them: a paired comparison)
+    assert len(seeds) == 2 * 3 * 3 and len(set(seeds)) == 3 * 3
+    for path, samples in first.items():
+        now = json.loads(path.read_text())["samples"]
+        assert len(now) == 8 and now[:4] == samples
+    report = json.loads((out / "report.json").read_text())
+    assert report["k"] == 8 and "pass@8" in (out / "report.md").read_text()
+
+
+def test_analyze_refuses_a_task_without_a_verifier(two_models, tmp_path, capsys):
+    # poetry's verify is None: every answer was counted wrong and the report said pass@k = 0, out of support
+    assert analyze.main([*_args(two_models, tmp_path / "p", 2), "--task.name", "poetry"]) == 2
+    assert "the poetry task has no verifier" in capsys.readouterr().err
+
+
 def test_analyze_trace_perplexity_by_category(two_models, tmp_path):
     from raro_fast.tasks import get_task
     from raro_fast.tasks.countdown import CountdownConfig
