@@ -45,6 +45,10 @@ def test_boxed_beats_answer_tag_and_tag_is_fallback():
     assert extract_answer("<think>x</think><answer> 5/6 </answer>") == "5/6"
     assert extract_answer("<think>no answer at all</think>") is None
     assert extract_answer(None) is None
+    # A box in the reasoning is a step, not the final answer (it used to beat the tag: 3, scored and judged).
+    assert extract_answer(r"<think>Guess \boxed{3}, no.</think><answer>4</answer>") == "4"
+    assert extract_answer(r"<think>\boxed{3}</think><answer>so \boxed{4}</answer>") == "4"
+    assert extract_answer(r"<think>\boxed{3}</think><answer>4") is None  # cut off in the answer
 
 
 def test_unclosed_or_empty_box_is_no_answer():

@@ -151,12 +151,19 @@ def last_boxed(text: str) -> str | None:
     return content.strip()
 
 
+_ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
+
+
 def extract_answer(completion: str) -> str | None:
-    """The last \\boxed{...} if the completion has one, else the last <answer>...</answer>."""
+    """The final answer: the last \\boxed{...} from the last <answer> tag on (the whole text if it has no tag),
+    else the last <answer>...</answer>. A box in the reasoning before the answer tag is a step, not the answer
+    (it used to win over the tag: `<think>... \\boxed{3}</think><answer>4</answer>` gave 3)."""
     if not isinstance(completion, str):
         return None
-    if _BOXED_RE.search(completion):
-        return last_boxed(completion)
+    opens = list(_ANSWER_OPEN_RE.finditer(completion))
+    final = completion[opens[-1].start() :] if opens else completion
+    if _BOXED_RE.search(final):
+        return last_boxed(final)
     return prompts.parse_answer(completion)
 
 
