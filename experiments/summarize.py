@@ -71,11 +71,15 @@ def summarize(runs: dict[str, dict[int, list[dict]]], measure: str = "greedy") -
     curves = {mode: {seed: accuracy_curve(recs, measure) for seed, recs in seeds.items()} for mode, seeds in runs.items()}
     what = ("avg@n (mean accuracy of the n samples per puzzle)" if measure == "avg@n"
             else "greedy accuracy (fraction of puzzles solved)")
-    last = min(max(c) for seeds in curves.values() for c in seeds.values())
-    window = [s for s in sorted({s for seeds in curves.values() for c in seeds.values() for s in c}) if s <= last][-3:]
+    # Compared only at steps that every run evaluated: runs on other evaluation schedules must average the same
+    # steps (taken from the union of steps, each run averaged whichever of them it had).
+    common = sorted(set.intersection(*(set(c) for seeds in curves.values() for c in seeds.values())))
+    if not common:
+        raise ValueError("the runs share no evaluation step; give them the same train.eval_every")
+    last, window = common[-1], common[-3:]
     lines = [
         f"Held-out {what}, mean ± sd over seeds; compared at step {last}, the "
-        f"last step every run reached; 'last {len(window)} evals' averages steps {', '.join(map(str, window))} of "
+        f"last step every run evaluated; 'last {len(window)} evals' averages steps {', '.join(map(str, window))} of "
         "each run first (less noise from one evaluation).", "",
         "| mode | seeds | base (step 0) | step " + str(last) + " | last " + str(len(window)) + " evals | per seed at step "
         + str(last) + " | train answer acc. (last 10 steps) |",

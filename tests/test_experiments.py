@@ -50,6 +50,20 @@ def test_table_compares_modes_at_the_last_common_step(tmp_path):
     assert "| rlvr | 0.333 ± 0.000 | +0.333 | 1 of 1 |" in table
 
 
+def test_runs_on_other_evaluation_schedules_are_compared_at_the_same_steps(tmp_path):
+    # The same curve, evaluated every 10 and every 20 steps: the window is the steps both have (0, 20, 40; the
+    # union's 20, 30, 40 gave raro an average of its two of them, 0.100 against 0.167).
+    curve = {s: (0.3 if s == 30 else 0.1) for s in range(0, 41, 10)}
+    _write(tmp_path, "rlvr-s0", curve)
+    _write(tmp_path, "raro-s0", {s: a for s, a in curve.items() if s % 20 == 0})
+    table, last = summarize.summarize(summarize.read_runs(tmp_path))
+    assert last == 40 and "averages steps 0, 20, 40 of each run" in table
+    assert "RARO / RLVR (last 3 evals): 1.00" in table
+    with pytest.raises(ValueError, match="share no evaluation step"):
+        summarize.summarize({"a": {0: [{"step": 5, "eval/heldout_accuracy": 0.1}]},
+                             "b": {0: [{"step": 10, "eval/heldout_accuracy": 0.1}]}})
+
+
 def test_critic_diagnostics_and_targets(tmp_path):
     diag = {"critic/decisive_accuracy": 0.8, "critic/oracle_agreement": 0.7, "reward/policy_mean_correct": 0.6,
             "reward/policy_mean_incorrect": 0.2, "reward/policy_gap": 0.4, "critic/tie_rate": 0.5}
