@@ -7,6 +7,8 @@ An unknown or ill-typed key is an error naming the key (and, for YAML, the file 
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 import re
 import types
 import typing
@@ -243,9 +245,15 @@ class RaroConfig:
         every = self.questions_per_step * self.group_size
         return min(every, self.critic_pairs_per_step) if self.critic_pairs_per_step else every
 
-    def replay_pairs_for(self, fresh: int) -> int:
-        """Replayed pairs to mix with `fresh` fresh ones, so that they are `replay_ratio` of the whole."""
-        return round(fresh * self.replay_ratio / (1.0 - self.replay_ratio))
+    def replay_pairs_for(self, fresh: int, rng: random.Random | None = None) -> int:
+        """Replayed pairs to mix with `fresh` fresh ones, so that they are `replay_ratio` of the whole: rounded, or
+        given `rng`, exact in expectation (the fraction drawn; no draw when there is none). A rank rounding its own
+        few fresh pairs would round replay away: 1 fresh pair at ratio 0.3 drew none, on every rank."""
+        exact = fresh * self.replay_ratio / (1.0 - self.replay_ratio)
+        if rng is None:
+            return round(exact)
+        whole = math.floor(exact)
+        return whole + (rng.random() < exact - whole) if exact > whole else whole
 
 
 @dataclass(kw_only=True)

@@ -86,7 +86,7 @@ def raro_rollouts(
     fresh = list(zip((j.pair for j in judged), (j.expert_position for j in judged), verdicts))
     if fresh_cap is not None and len(fresh) > fresh_cap:
         fresh = rng.sample(fresh, fresh_cap)
-    replayed = [(p, rng.choice((1, 2))) for p in draw_replay(rc.replay_pairs_for(len(fresh)))]
+    replayed = [(p, rng.choice((1, 2))) for p in draw_replay(rc.replay_pairs_for(len(fresh), rng))]
     replay_params = replace(critic_params, seed=seed + 2)
     replay_verdicts = judge_pairs([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine, tokenizer,
                                   replay_params)
