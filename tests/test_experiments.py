@@ -284,3 +284,25 @@ def test_smollm2_gpu_script_says_what_is_missing(tmp_path):
     run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "the joined GGUF's SHA-256 is" in run.stderr and "expected " + "0" * 64 in run.stderr
     assert (tmp_path / "stash" / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"first half, second half"
+
+
+def test_evaluate_grid_evaluates_again_only_a_model_that_changed(tmp_path):
+    """A grid extended in place (--resume to more steps) rewrites final_model: its old report was kept."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "bin" / "python3"  # stands in for `python3 -m raro_fast.evaluate`: logs, writes a report
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/bash\nout=""; while (( $# )); do [[ $1 == --output-dir ]] && out=$2; shift; done\n'
+                    f'echo "$out" >> {calls}; mkdir -p "$out"; echo {{}} > "$out/report.json"\n')
+    stub.chmod(0o755)
+    model = tmp_path / "grid" / "raro-s0" / "final_model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"v1")
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+    run = lambda: subprocess.run(["bash", str(ROOT / "experiments" / "evaluate_grid.sh"), str(tmp_path / "grid")],  # noqa: E731
+                                 env=env, check=True, capture_output=True)
+    run()
+    run()
+    assert calls.read_text().count("raro-s0") == 1  # the second pass found it done
+    os.utime(model / "model.safetensors", (2e9, 2e9))  # the weights are rewritten after the report
+    run()
+    assert calls.read_text().count("raro-s0") == 2

@@ -59,14 +59,14 @@ def perplexity(token_logprobs: Sequence[float]) -> float:
 
 
 def load_traces_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """External reasoning traces, one JSON object per line with "problem_id" and "trace" (both strings).
-    A bad line is an error naming the file, the line and the field."""
+    """External reasoning traces, one JSON object per line with "problem_id" and "trace" (both strings), one per
+    problem. A bad line is an error naming the file, the line and the field."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise ValueError(f"{path}: cannot read traces ({e.strerror})") from None
-    out = []
+    out, first_line = [], {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -81,5 +81,9 @@ def load_traces_jsonl(path: str | Path) -> list[dict[str, str]]:
                 raise ValueError(f"{path}:{lineno}: missing field '{field}'")
             if not isinstance(rec[field], str):
                 raise ValueError(f"{path}:{lineno}: field '{field}' must be a string")
+        if rec["problem_id"] in first_line:  # one perplexity per problem: a second trace would overwrite the first
+            raise ValueError(f"{path}:{lineno}: problem_id {rec['problem_id']!r} already has a trace (line "
+                             f"{first_line[rec['problem_id']]}); give one trace per problem")
+        first_line[rec["problem_id"]] = lineno
         out.append({"problem_id": rec["problem_id"], "trace": rec["trace"]})
     return out

@@ -112,6 +112,9 @@ def test_load_traces_jsonl_errors_name_file_line_field(tmp_path):
     f.write_text('{"problem_id": 3, "trace": "x"}\n')
     with pytest.raises(ValueError, match=r"t.jsonl:1: field 'problem_id' must be a string"):
         load_traces_jsonl(f)
+    f.write_text('{"problem_id": "a", "trace": "x"}\n{"problem_id": "b", "trace": "y"}\n{"problem_id": "a", "trace": "z"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:3: problem_id 'a' already has a trace \(line 1\)"):
+        load_traces_jsonl(f)  # it silently replaced line 1's trace and was counted as not analysed
     f.write_text('not json\n')
     with pytest.raises(ValueError, match=r"t.jsonl:1: not valid JSON"):
         load_traces_jsonl(f)
