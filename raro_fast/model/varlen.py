@@ -4,8 +4,8 @@
 `transformers.AttentionInterface.register` is the library's documented extension point: the model calls our
 function with the per-sequence boundaries we pass to its forward (`cu_seq_lens_q` etc., the names of
 transformers' FlashAttentionKwargs). Backends, first available wins: flash-attn's `flash_attn_varlen_func`
-(CUDA, fp16/bf16, if installed), `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.9), and a plain per-sequence
-causal SDPA loop (CPU, or anything else). No attention ever crosses a sequence boundary.
+(CUDA, fp16/bf16, if installed), `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.9), and causal SDPA
+over sequences of similar length padded into one batch (CPU, or anything else). No attention ever crosses a sequence boundary.
 """
 from __future__ import annotations
 
@@ -48,12 +48,42 @@ def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_s
         if out is not None:
             return out
     k_THD, v_THD = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
-    out = torch.empty_like(q_THD)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = (x[start:end].transpose(0, 1) for x in (q_THD, k_THD, v_THD))  # [H, L, D]
-        out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
+    starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    # One SDPA call per bucket of similar lengths, padded at the end, instead of one per sequence (a packed row
+    # holds tens of them; the calls' overhead dominated on CPU). Exact: under the causal mask a real position only
+    # attends to positions before it, which are all real; the padded rows are computed and dropped.
+    pad_row = q_THD.shape[0]  # index of an all-zero row appended below
+    padded = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_THD, v_THD)]
+    out = torch.empty_like(q_THD)
+    for bucket in _length_buckets(lengths):
+        width = max(lengths[i] for i in bucket)
+        index = torch.full((len(bucket), width), pad_row, dtype=torch.long)
+        for row, i in enumerate(bucket):
+            index[row, : lengths[i]] = torch.arange(starts[i], starts[i] + lengths[i])
+        index = index.to(q_THD.device)
+        q, k, v = (x[index].transpose(1, 2) for x in padded)  # [B, H, L, D]
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
+        real = index != pad_row
+        out[index[real]] = attended[real]
     return out
+
+
+# A bucket's padded area may exceed its tokens by this factor: few calls, little attention spent on padding.
+BUCKET_SLACK = 1.3
+
+
+def _length_buckets(lengths: list[int]) -> list[list[int]]:
+    """Indices of the non-empty sequences, by increasing length, cut into buckets whose padded size (longest x
+    count) stays within BUCKET_SLACK of their tokens."""
+    buckets, current, tokens = [], [], 0
+    for i in sorted((i for i, n in enumerate(lengths) if n), key=lengths.__getitem__):
+        if current and lengths[i] * (len(current) + 1) > BUCKET_SLACK * (tokens + lengths[i]):
+            buckets.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    return buckets + [current] if current else buckets
 
 
 def _fused_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale, groups) -> torch.Tensor | None:
