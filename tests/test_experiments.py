@@ -306,3 +306,29 @@ def test_evaluate_grid_evaluates_again_only_a_model_that_changed(tmp_path):
     os.utime(model / "model.safetensors", (2e9, 2e9))  # the weights are rewritten after the report
     run()
     assert calls.read_text().count("raro-s0") == 2
+
+
+def test_support_seeds_table_and_plot_exact_values(tmp_path):
+    import support_seeds
+
+    def report(seed_shift):
+        model = lambda p1, pk, cats, h: {"pass_at_k": {"1": p1, "2": pk}, "answer_entropy": h,  # noqa: E731
+                                          **({"categories": cats} if cats else {})}
+        return {"k": 2, "support_vs": "base", "models": {
+            "base": model(0.5, 0.75, None, 1.0),
+            "raro": model(0.25 + seed_shift, 0.5, {"P": 3 + seed_shift * 8, "S": 1, "E": 2}, 0.5)}}
+
+    paths = []
+    for i, shift in enumerate((0.0, 0.25)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(report(shift)))
+    png = tmp_path / "p.png"
+    assert support_seeds.main([str(png), *map(str, paths)]) == 0
+    table = support_seeds.table(support_seeds.read_reports([str(p) for p in paths]))
+    assert "| raro | 0.375 ± 0.177 | 0.500 ± 0.000 | 4.0 ± 1.4 | 1.0 ± 0.0 | 2.0 ± 0.0 | 0.500 ± 0.000 |" in table
+    assert "| base | 0.500 ± 0.000 | 0.750 ± 0.000 | - | - | - | 1.000 ± 0.000 |" in table and png.stat().st_size > 5000
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**report(0.0), "k": 4}))
+    with pytest.raises(ValueError, match="differ in k"):
+        support_seeds.read_reports([str(paths[0]), str(other)])
+    assert support_seeds.main([str(png), str(tmp_path / "missing.json")]) == 2
