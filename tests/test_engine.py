@@ -148,6 +148,35 @@ def test_embedded_prefills_each_prompt_once_and_samples_as_if_repeated():
         assert max(abs(a - b) for a, b in zip(c.logprobs, r.logprobs)) < 1e-5
 
 
+def test_embedded_drops_finished_rows_and_still_samples_each_rows_own_continuation():
+    """Rows that finished leave the decode batch (cache, mask, positions) once they are a quarter of it; every
+    remaining row's log-probs are still its own sequence's (teacher-forced), and each row samples what it would
+    with every row kept (the random stream draws for all rows)."""
+    model = tiny_model()
+    prompts = random_prompts(4, random.Random(6))
+    stops = tuple(range(2, 10))  # an eighth of the vocabulary: rows stop at different steps, some never
+    params = SamplingParams(max_new_tokens=10, n=4, seed=8, stop_token_ids=stops)
+    decoded = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: decoded.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] == 1 else None,
+        with_kwargs=True)
+    outs = engine_for(model, batch_size=16).generate(prompts, params)
+    hook.remove()
+    assert decoded == sorted(decoded, reverse=True) and decoded[-1] < 16  # rows left as they finished
+    lengths = [len(c.token_ids) for o in outs for c in o]
+    assert min(lengths) < max(lengths) == 10  # some stopped early, some ran to the limit
+    with torch.no_grad():
+        for p, comps in zip(prompts, outs):
+            for c in comps:
+                ids = torch.tensor([p + c.token_ids])
+                ref = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)[len(p) - 1 : -1]
+                ref = ref.gather(-1, ids[0, len(p):, None]).squeeze(-1)
+                torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), ref, atol=2e-5, rtol=0)
+    kept = engine_for(model, batch_size=16)
+    kept.drop_finished_at = 2.0  # never drop: every row decoded to the end, as before
+    assert token_ids(kept.generate(prompts, params)) == token_ids(outs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_update_weights_sets_version_and_weights(backend):
     src, dst = tiny_model(0), tiny_model(1)
