@@ -24,7 +24,8 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        """A process group exists (launched by torchrun, even with one process)."""
+        """A process group exists (launched by torchrun: several processes, or one that uses FSDP2's mixed
+        precision)."""
         return dist.is_available() and dist.is_initialized()
 
 
@@ -40,7 +41,11 @@ def cpu_threads(env: Mapping[str, str], cpus: int) -> int:
     return max(1, cpus // local_world)
 
 
-def init_distributed() -> Dist:
+def init_distributed(*, half_precision: bool = False) -> Dist:
+    """This process's rank and device, and the process group under torchrun. One process gets a group where FSDP2
+    gives it something, mixed precision: on CUDA, or on CPU with a `half_precision` model dtype. A float32 CPU
+    process has nothing to shard, reduce or cast, and a gloo group only slows it: the default job's step took 6.4 s
+    with one against 4.6 s without, with the same numbers (its threads take turns with the compute's)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,8 +57,7 @@ def init_distributed() -> Dist:
         device = torch.device("cpu")
         backend = "gloo"
         torch.set_num_threads(cpu_threads(os.environ, os.cpu_count() or 1))
-    # Under torchrun a group exists even for one process, so one code path (FSDP2) serves 1..N ranks.
-    if "RANK" in os.environ and not dist.is_initialized():
+    if "RANK" in os.environ and not dist.is_initialized() and (world_size > 1 or device.type == "cuda" or half_precision):
         # device_id binds NCCL to this rank's GPU up front (no guessing from the rank number).
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)

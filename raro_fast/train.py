@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    d = init_distributed()
+    d = init_distributed(half_precision=resolve_dtype(cfg.model.dtype, torch.device("cpu")) != torch.float32)
     torch.manual_seed(cfg.train.seed)
     import transformers
 
