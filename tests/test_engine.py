@@ -78,7 +78,7 @@ def test_logprobs_match_teacher_forcing(backend, temperature, top_p):
 def test_stop_tokens_n_and_truncation(backend):
     eng = engine_for(tiny_model(), backend)
     prompts = random_prompts(4, random.Random(4))
-    stops = tuple(range(2, 22))  # a third of the vocabulary: most samples stop early, some run to the limit
+    stops = tuple(range(2, 17))  # a quarter of the vocabulary: most samples stop early, some run to the limit
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=6, n=5, seed=3, stop_token_ids=stops))
     assert [len(o) for o in outs] == [5] * 4
     reasons = set()
@@ -146,6 +146,14 @@ def test_embedded_prefills_each_prompt_once_and_samples_as_if_repeated():
     for c, (r,) in zip(flat, repeated):
         assert c.finish_reason == r.finish_reason
         assert max(abs(a - b) for a, b in zip(c.logprobs, r.logprobs)) < 1e-5
+    # More samples than batch_size: still at most batch_size rows at a time (a memory bound), all n of them.
+    batches.clear()
+    hook = model.register_forward_pre_hook(lambda m, args, kw: batches.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    many = engine_for(model, batch_size=3).generate(prompts[:2], SamplingParams(max_new_tokens=5, n=7, seed=9))
+    hook.remove()
+    assert [len(o) for o in many] == [7, 7] and max(b[0] for b in batches) == 3
+    assert [b[0] for b in batches if b[1] > 1] == [1, 1, 1, 1, 1, 1]  # per prompt: 3 + 3 + 1 samples
 
 
 def test_embedded_drops_finished_rows_and_still_samples_each_rows_own_continuation():

@@ -6,6 +6,7 @@ separate, and `update_weights` is a real hand-over that the trainer–engine log
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -60,10 +61,17 @@ class EmbeddedEngine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(params.seed)
-        # About batch_size rows at a time, each prompt's n samples in one batch (its prefill is shared).
-        per_batch = max(1, self.batch_size // params.n)
-        for start in range(0, len(prompts), per_batch):
-            out.extend(self._generate_batch(prompts[start : start + per_batch], params, gen))
+        # At most batch_size rows at a time, each prompt's n samples in one batch where they fit (its prefill is
+        # shared), else in batches of batch_size of them.
+        if params.n > self.batch_size:
+            for p in prompts:
+                for done in range(0, params.n, self.batch_size):
+                    part = replace(params, n=min(self.batch_size, params.n - done))
+                    out.extend(self._generate_batch([p], part, gen))
+        else:
+            per_batch = self.batch_size // params.n
+            for start in range(0, len(prompts), per_batch):
+                out.extend(self._generate_batch(prompts[start : start + per_batch], params, gen))
         return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, gen) -> list[Completion]:
