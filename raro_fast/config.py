@@ -309,7 +309,7 @@ class TrainConfig:
         "expert answer preferred over each policy sample, the reference refreshed every round; see `dpo`).",
         "raro",
     )
-    steps: int = _help("Training steps (one rollout round each).", 40)
+    steps: int = _help("Training steps (one rollout round each).", 80)
     ppo_mini_batches: int = _help(
         "Optimizer steps per training step: the step's sequences are shuffled and split into this many mini-batches, "
         "each one update against the log-probs recomputed before the first (verl's ppo_mini_batch_size, TRL's "

@@ -44,8 +44,8 @@ def cpu_threads(env: Mapping[str, str], cpus: int) -> int:
 def init_distributed(*, half_precision: bool = False) -> Dist:
     """This process's rank and device, and the process group under torchrun. One process gets a group where FSDP2
     gives it something, mixed precision: on CUDA, or on CPU with a `half_precision` model dtype. A float32 CPU
-    process has nothing to shard, reduce or cast, and a gloo group only slows it: the default job's step took 6.4 s
-    with one against 4.6 s without, with the same numbers (its threads take turns with the compute's)."""
+    process has nothing to shard, reduce or cast, and a gloo group only slows it: the default job's step took 6.3-6.8 s
+    with one against 4.8-5.0 s without, with the same numbers (measured on 2 cores, runs alternated)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
