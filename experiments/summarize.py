@@ -91,9 +91,9 @@ def summarize(runs: dict[str, dict[int, list[dict]]], measure: str = "greedy") -
         base = [c[0] for c in seeds.values() if 0 in c]
         at_last = [seeds[s][last] for s in sorted(seeds) if last in seeds[s]]
         tail = [statistics.mean(c[s] for s in window if s in c) for c in seeds.values()]
-        train = [statistics.mean(r["policy/answer_accuracy"] for r in recs[-10:]
-                                 if r.get("policy/answer_accuracy") is not None) for recs in runs[mode].values()
-                 if any(r.get("policy/answer_accuracy") is not None for r in recs[-10:])]
+        upto = [[r for r in recs if r["step"] <= last][-10:] for recs in runs[mode].values()]  # at `last`, like the rest
+        train = [statistics.mean(r["policy/answer_accuracy"] for r in recs if r.get("policy/answer_accuracy") is not None)
+                 for recs in upto if any(r.get("policy/answer_accuracy") is not None for r in recs)]
         finals[mode] = statistics.mean(tail)
         lines.append(f"| {mode} | {len(seeds)} | {_mean_sd(base)} | {_mean_sd(at_last)} | {_mean_sd(tail)} | "
                      f"{' / '.join(f'{x:.3f}' for x in at_last)} | {_mean_sd(train)} |")

@@ -30,6 +30,8 @@ def _write(root: Path, name: str, accs: dict[int, float], train_acc: float | Non
 
 def test_table_compares_modes_at_the_last_common_step(tmp_path):
     _write(tmp_path, "raro-s0", {0: 0.1, 10: 0.2, 20: 0.3, 30: 0.5}, train_acc=0.25)
+    with (tmp_path / "raro-s0" / "metrics.jsonl").open("a") as f:  # steps past the compared one do not count
+        f.write(json.dumps({"step": 31, "policy/answer_accuracy": 1.0}) + "\n")
     _write(tmp_path, "raro-s1", {0: 0.3, 10: 0.4, 20: 0.5}, train_acc=0.75)
     _write(tmp_path, "rlvr-s0", {0: 0.2, 10: 0.6, 20: 0.8})
     (tmp_path / "not-a-run").mkdir()
