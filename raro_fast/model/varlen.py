@@ -5,7 +5,8 @@
 function with the per-sequence boundaries we pass to its forward (`cu_seq_lens_q` etc., the names of
 transformers' FlashAttentionKwargs). Backends, first available wins: flash-attn's `flash_attn_varlen_func`
 (CUDA, fp16/bf16, if installed), `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.9), and causal SDPA
-over sequences of similar length padded into one batch (CPU, or anything else). No attention ever crosses a sequence boundary.
+over sequences of similar length padded into one batch (CPU, or anything else). No attention ever crosses a
+sequence boundary.
 """
 from __future__ import annotations
 
@@ -48,24 +49,32 @@ def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_s
         if out is not None:
             return out
     k_THD, v_THD = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
-    bounds = cu_seqlens.tolist()
-    starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     # One SDPA call per bucket of similar lengths, padded at the end, instead of one per sequence (a packed row
     # holds tens of them; the calls' overhead dominated on CPU). Exact: under the causal mask a real position only
     # attends to positions before it, which are all real; the padded rows are computed and dropped.
-    pad_row = q_THD.shape[0]  # index of an all-zero row appended below
-    padded = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_THD, v_THD)]
+    padded = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_THD, v_THD)]  # row T: all zeros
     out = torch.empty_like(q_THD)
-    for bucket in _length_buckets(lengths):
-        width = max(lengths[i] for i in bucket)
-        index = torch.full((len(bucket), width), pad_row, dtype=torch.long)
-        for row, i in enumerate(bucket):
-            index[row, : lengths[i]] = torch.arange(starts[i], starts[i] + lengths[i])
-        index = index.to(q_THD.device)
+    for index, real, rows in _bucket_indices(tuple(cu_seqlens.tolist()), q_THD.shape[0], q_THD.device):
         q, k, v = (x[index].transpose(1, 2) for x in padded)  # [B, H, L, D]
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
+        out[rows] = attended[real]
+    return out
+
+
+@lru_cache(maxsize=8)
+def _bucket_indices(bounds: tuple[int, ...], pad_row: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Per bucket of `_length_buckets`: the [B, L] index of its tokens in the packed row (padding points at
+    `pad_row`, the zero row appended after the row's tokens), the mask of real positions, and their packed rows.
+    Cached: every layer of a forward asks for the same boundaries."""
+    starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    out = []
+    for bucket in _length_buckets(lengths):
+        index = torch.full((len(bucket), max(lengths[i] for i in bucket)), pad_row, dtype=torch.long)
+        for row, i in enumerate(bucket):
+            index[row, : lengths[i]] = torch.arange(starts[i], starts[i] + lengths[i])
+        index = index.to(device)
         real = index != pad_row
-        out[index[real]] = attended[real]
+        out.append((index, real, index[real]))
     return out
 
 

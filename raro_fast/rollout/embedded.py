@@ -131,7 +131,8 @@ class EmbeddedEngine:
             if bool(finished.all()):
                 break
             done = finished[active]
-            if int(done.sum()) and int(done.sum()) >= self.drop_finished_at * len(active):
+            finished_rows = int(done.sum())
+            if finished_rows and finished_rows >= self.drop_finished_at * len(active):
                 keep = (~done).nonzero().squeeze(1)
                 past.batch_select_indices(keep)
                 active, step_pos, step_mask = active[keep], step_pos[keep], step_mask[keep]
