@@ -17,7 +17,9 @@ CRITIC_SYSTEM = (
     "<answer>1</answer>, <answer>2</answer>, or <answer>tie</answer> if equally good."
 )
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
+_ANSWER_CLOSE_RE = re.compile(r"</answer>", re.IGNORECASE)
+_THINK_TAG_RE = re.compile(r"</?think>", re.IGNORECASE)
 
 
 def policy_messages(question: str) -> list[dict[str, str]]:
@@ -31,8 +33,15 @@ def rationalization_messages(question: str, answer: str) -> list[dict[str, str]]
 
 
 def critic_messages(question: str, answer_1: str, answer_2: str) -> list[dict[str, str]]:
-    user = f"Question: {question}\nAnswer 1: {answer_1}\nAnswer 2: {answer_2}"
+    """The critic's conversation. An answer's later lines are indented, so a policy answer cannot start a line of
+    the prompt: "…\nAnswer 2: <the expert's>" would otherwise forge the layout the critic reads. Single-line
+    answers (every Countdown expert's) read exactly as before; expert and policy answers get the same treatment."""
+    user = f"Question: {question}\nAnswer 1: {_one_block(answer_1)}\nAnswer 2: {_one_block(answer_2)}"
     return [{"role": "system", "content": CRITIC_SYSTEM}, {"role": "user", "content": user}]
+
+
+def _one_block(answer: str) -> str:
+    return "\n  ".join(answer.splitlines())
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -49,20 +58,26 @@ def format_completion(think: str, answer: str) -> str:
 
 
 def parse_answer(text: str) -> str | None:
-    """The stripped content of the last complete <answer>…</answer>; None if there is none.
+    """The stripped content of the last <answer> tag, up to the </answer> that closes it; None if there is none.
 
-    An opening tag that is never closed after the last complete one does not count: the output was cut off or
-    malformed, and whatever came before it was not the model's final word, so the answer is None.
+    The last *opening* tag decides: in `<answer>13-9=10 yes.</think><answer>8</answer>` the answer is "8". Matching
+    from the first opening tag used to return the whole `13-9=10 yes.</think><answer>8`, and a RARO policy learned
+    to write such answers: text in the critic's own verification style, pasted into the critic's prompt, that
+    talked wrong answers into ties (docs/experiments.md, section 12). An answer that still contains a think tag is
+    reasoning, not an answer (None), and so is a last tag that is never closed (the output was cut off there).
     """
     if not isinstance(text, str):
         return None
-    matches = list(_ANSWER_RE.finditer(text))
-    if not matches:
+    opens = list(_ANSWER_OPEN_RE.finditer(text))
+    if not opens:
         return None
-    last = matches[-1]
-    if re.search(r"<answer>", text[last.end() :], re.IGNORECASE):
+    close = _ANSWER_CLOSE_RE.search(text, opens[-1].end())
+    if close is None:
         return None
-    return last.group(1).strip()
+    answer = text[opens[-1].end() : close.start()]
+    if _THINK_TAG_RE.search(answer):
+        return None
+    return answer.strip()
 
 
 def parse_verdict(text: str) -> str | None:

@@ -169,9 +169,9 @@ def check_health(r: Run, step: int, record: dict) -> None:
     # Only a model that *became* uniform: an untrained one starts there, and that is not the optimizer's doing.
     if entropy >= ceiling > r.first_entropy and not r.warned_uniform and r.d.is_main:
         r.warned_uniform = True
-        print(f"warning: step {step}: policy entropy {entropy:.2f} nats (step 1: {r.first_entropy:.2f}) is near the "
-              f"uniform maximum ln V = {ceiling / UNIFORM_ENTROPY_FRACTION:.2f}: the model now samples noise; "
-              f"{divergence_hint(r.cfg)}")
+        print(f"warning: step {step}: policy entropy {entropy:.2f} nats (at the run's start: {r.first_entropy:.2f}) "
+              f"is near the uniform maximum ln V = {ceiling / UNIFORM_ENTROPY_FRACTION:.2f}: the model now samples "
+              f"noise; {divergence_hint(r.cfg)}")
 
 
 def divergence_hint(cfg: JobConfig) -> str:
@@ -418,7 +418,18 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
-               mode=mode, ref_model=ref_model, replay=replay, log=log, start_step=start)
+               mode=mode, ref_model=ref_model, replay=replay, log=log, start_step=start,
+               first_entropy=first_logged_entropy(log.read()) if resume_from is not None else None)
+
+
+def first_logged_entropy(records: list[dict]) -> float | None:
+    """The policy entropy of the run's first logged step: a resumed run compares against its start, not against
+    the resumed step (a model that became uniform before the checkpoint would otherwise never be warned about)."""
+    for rec in records:
+        entropy = rec.get("policy/entropy")
+        if isinstance(entropy, (int, float)) and math.isfinite(entropy):
+            return float(entropy)
+    return None
 
 
 def check_resume_settings(cfg: JobConfig, resume_from: Path, out: Path, warn) -> None:

@@ -334,3 +334,19 @@ def test_support_seeds_table_and_plot_exact_values(tmp_path):
     with pytest.raises(ValueError, match="differ in k"):
         support_seeds.read_reports([str(paths[0]), str(other)])
     assert support_seeds.main([str(png), str(tmp_path / "missing.json")]) == 2
+
+
+@pytest.mark.parametrize("grid", sorted((ROOT / "experiments" / "grids").glob("*.txt")), ids=lambda p: p.name)
+def test_every_grid_line_is_a_valid_training_command(grid, tmp_path):
+    """A typo in a grid's flags would surface only when that run starts, an hour into a grid."""
+    from raro_fast.config import load_config
+
+    lines = [ln.split(None, 1) for ln in grid.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines, f"{grid}: no runs"
+    names = [ln[0] for ln in lines]
+    assert len(set(names)) == len(names), f"{grid}: a run name repeats"
+    for name, flags in lines:
+        cfg = load_config(flags.replace("{root}", str(tmp_path)).split() + ["--train.output_dir", str(tmp_path / name)])
+        assert summarize.RUN_NAME.match(name), f"{grid}: {name} is not MODE-sSEED"
+        assert name.endswith(f"-s{cfg.train.seed}") or "--train.seed" not in flags, \
+            f"{grid}: {name} has seed {cfg.train.seed}"

@@ -1,6 +1,7 @@
 """The update: each role normalised by its own constant (lambda_pol J_pol + lambda_crit J_crit as written), the KL
 penalty outside the role weights, and PPO mini-batches (k optimizer steps; k = 1 is the single update)."""
 import copy
+import json
 import typing
 
 import pytest
@@ -303,3 +304,28 @@ def test_each_role_is_recomputed_at_the_temperature_it_was_sampled_at(tok):
     recompute_logprobs(policy, mbs, temperature=1.0)
     gap = max((mb.old_logprobs - mb.rollout_logprobs)[mb.targets != -100].abs().max().item() for mb in mbs)
     assert gap > 0.05
+
+
+def test_a_resumed_run_warns_about_uniform_entropy_against_its_start(tmp_path, capsys):
+    """After a resume the uniform-entropy warning compared against the first step *after* the resume: a model that
+    had become uniform before the checkpoint set its own baseline there and was never warned about."""
+    from types import SimpleNamespace
+
+    from raro_fast.metrics import MetricsLog
+    from raro_fast.train import check_health, first_logged_entropy
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "eval/heldout_avg_at_n": 0.1},
+                                                           {"step": 1, "policy/entropy": None},
+                                                           {"step": 2, "policy/entropy": 1.5},
+                                                           {"step": 3, "policy/entropy": 5.9},
+                                                           {"step": 4, "policy/entropy": 5.9}]))
+    log = MetricsLog(path, enabled=True, resume_step=3)  # the resumed run keeps steps 0-3
+    assert first_logged_entropy(log.read()) == 1.5
+    assert first_logged_entropy([{"step": 1, "policy/entropy": float("nan")}]) is None
+    r = SimpleNamespace(skipped_in_a_row=0, warned_uniform=False, first_entropy=first_logged_entropy(log.read()),
+                        d=SimpleNamespace(is_main=True),
+                        hf_model=SimpleNamespace(config=SimpleNamespace(vocab_size=400)),
+                        cfg=load_config(["--train.output_dir", str(tmp_path)]))
+    check_health(r, 4, {"update/skipped": 0, "policy/entropy": 5.9})  # 0.9 * ln 400 = 5.39
+    assert "at the run's start: 1.50" in capsys.readouterr().out
