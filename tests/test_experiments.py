@@ -350,3 +350,22 @@ def test_every_grid_line_is_a_valid_training_command(grid, tmp_path):
         assert summarize.RUN_NAME.match(name), f"{grid}: {name} is not MODE-sSEED"
         assert name.endswith(f"-s{cfg.train.seed}") or "--train.seed" not in flags, \
             f"{grid}: {name} has seed {cfg.train.seed}"
+
+
+def test_panels_plot_runs_side_by_side_and_name_a_missing_run(tmp_path):
+    import panels
+
+    for name, wrong in (("old-s0", 0.3), ("fixed-s0", 0.05)):
+        _write(tmp_path, name, {0: 0.2, 20: 0.25}, extra={"reward/policy_mean_incorrect": wrong})
+        rows = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            if "eval/heldout_accuracy" in r:
+                r["eval/heldout_avg_at_n"] = r["eval/heldout_accuracy"]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "p.png"
+    assert panels.main([str(tmp_path), str(out), "from seed 0=old-s0,fixed-s0"]) == 0
+    assert out.stat().st_size > 5000
+    assert panels.running_mean([1, 2, 3], [0.0, 1.0, 2.0], 2) == ([1, 2, 3], [0.0, 0.5, 1.5])
+    with pytest.raises(SystemExit, match="nope/metrics.jsonl: no such metrics file"):
+        panels.main([str(tmp_path), str(out), "x=nope"])
+    assert panels.main([str(tmp_path), str(out), "no title"]) == 2

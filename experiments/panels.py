@@ -1,0 +1,64 @@
+"""Runs side by side, one panel per group: held-out avg@n per evaluation (top row) and the reward of wrong answers,
+a 10-step running mean (bottom row), for runs that share a starting point (docs/experiments.md, section 12).
+
+    python experiments/panels.py ROOT OUT.png "TITLE=RUN,RUN,..." ["TITLE=RUN,..." ...]
+
+RUN names a directory ROOT/RUN with a metrics.jsonl; a missing run is an error naming it."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+WINDOW = 10
+
+
+def read(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such metrics file")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def running_mean(steps: list[int], values: list[float], window: int) -> tuple[list[int], list[float]]:
+    out = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+           for i in range(len(values))]
+    return steps, out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or any("=" not in g for g in argv[2:]):
+        print(__doc__)
+        return 2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root, out = Path(argv[0]), Path(argv[1])
+    groups = [(g.split("=", 1)[0], g.split("=", 1)[1].split(",")) for g in argv[2:]]
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False, sharex=True)
+    for col, (title, runs) in enumerate(groups):
+        for run in runs:
+            rows = read(root / run / "metrics.jsonl")
+            ev = [(r["step"], r["eval/heldout_avg_at_n"]) for r in rows if r.get("eval/heldout_avg_at_n") is not None]
+            axes[0][col].plot(*zip(*ev), marker="o", label=run)
+            wrong = [(r["step"], r["reward/policy_mean_incorrect"]) for r in rows
+                     if r.get("reward/policy_mean_incorrect") is not None]
+            if wrong:
+                axes[1][col].plot(*running_mean(*map(list, zip(*wrong)), WINDOW), label=run)
+        axes[0][col].set_title(title, fontsize=10)
+        axes[1][col].set_xlabel("training step")
+        axes[0][col].legend(fontsize=8)
+        axes[0][col].grid(alpha=0.3)
+        axes[1][col].grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out avg@n")
+    axes[1][0].set_ylabel(f"reward of wrong answers ({WINDOW}-step mean)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
