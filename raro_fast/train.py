@@ -419,7 +419,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, start_step=start,
-               first_entropy=first_logged_entropy(log.read()) if resume_from is not None else None)
+               # main only: it alone warns, and another rank could read the file while main rewrites it
+               first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
 
 
 def first_logged_entropy(records: list[dict]) -> float | None:
