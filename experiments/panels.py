@@ -6,9 +6,10 @@ a 10-step running mean (bottom row), for runs that share a starting point (docs/
 RUN names a directory ROOT/RUN with a metrics.jsonl; a missing run is an error naming it."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from summarize import accuracy_curve, read_metrics
 
 WINDOW = 10
 
@@ -16,13 +17,15 @@ WINDOW = 10
 def read(path: Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such metrics file")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def running_mean(steps: list[int], values: list[float], window: int) -> tuple[list[int], list[float]]:
-    out = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-           for i in range(len(values))]
-    return steps, out
+    means = []
+    for i in range(len(values)):
+        recent = values[max(0, i - window + 1):i + 1]
+        means.append(sum(recent) / len(recent))
+    return steps, means
 
 
 def main(argv: list[str]) -> int:
@@ -40,8 +43,8 @@ def main(argv: list[str]) -> int:
     for col, (title, runs) in enumerate(groups):
         for run in runs:
             rows = read(root / run / "metrics.jsonl")
-            ev = [(r["step"], r["eval/heldout_avg_at_n"]) for r in rows if r.get("eval/heldout_avg_at_n") is not None]
-            axes[0][col].plot(*zip(*ev), marker="o", label=run)
+            curve = accuracy_curve(rows, "avg@n")
+            axes[0][col].plot(list(curve), list(curve.values()), marker="o", label=run)
             wrong = [(r["step"], r["reward/policy_mean_incorrect"]) for r in rows
                      if r.get("reward/policy_mean_incorrect") is not None]
             if wrong:

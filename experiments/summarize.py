@@ -36,16 +36,21 @@ def read_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
         m = RUN_NAME.match(path.parent.name)
         if not m:
             continue
-        records = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
-        runs[m["mode"]][int(m["seed"])] = records
+        runs[m["mode"]][int(m["seed"])] = read_metrics(path)
     if not runs:
         raise ValueError(f"{root}: no MODE-sSEED/metrics.jsonl runs found")
     return runs
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of one metrics.jsonl; a line that is not JSON is an error naming the file and line."""
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
+    return records
 
 
 def measure_of(runs: dict[str, dict[int, list[dict]]]) -> str:
