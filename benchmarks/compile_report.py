@@ -36,13 +36,13 @@ _SIG_STATS = {
     "h_ptr": "*bf16", "w_ptr": "*bf16", "tgt_ptr": "*i64", "z_ptr": "*fp32", "m_ptr": "*fp32", "s_ptr": "*fp32",
     "u_ptr": "*fp32", "zt_ptr": "*fp32", "n_rows": "i32", "vocab": "i32", "hidden_size": "i32",
     "stride_hn": "i32", "stride_hk": "i32", "stride_wv": "i32", "stride_wk": "i32", "stride_zn": "i32",
-    "cols_per_split": "i32", "num_splits": "i32", "inv_temp": "fp32",
+    "cols_per_split": "i32", "num_splits": "i32", "inv_temp_ptr": "*fp32",
 }
 _SIG_DZ = {
     "h_ptr": "*bf16", "w_ptr": "*bf16", "tgt_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
     "glp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": "*bf16", "n_rows": "i32", "n_cols": "i32",
     "col_offset": "i32", "hidden_size": "i32", "stride_hn": "i32", "stride_hk": "i32", "stride_wv": "i32",
-    "stride_wk": "i32", "stride_dzn": "i32", "inv_temp": "fp32",
+    "stride_wk": "i32", "stride_dzn": "i32", "inv_temp_ptr": "*fp32",
 }
 
 

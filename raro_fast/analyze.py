@@ -8,6 +8,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -138,7 +139,10 @@ def trace_perplexities(model, tokenizer, problems, traces: list[dict[str, str]])
 
 
 def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict[str, float],
-              trace_ppl: dict[str, dict[str, float]] | None = None, traces_total: int = 0) -> dict:
+              trace_ppl: dict[str, dict[str, float]] | None = None, traces_total: int = 0, *,
+              answer_classes: Callable[[list[str | None]], list[int | None]] | None = None) -> dict:
+    """The report: pass@k, support against the first model, answer entropy (answers grouped by `answer_classes`,
+    the task's, where given), token entropy, lengths."""
     names = list(samples)
     base = names[0]
     report = {"k": k, "models": {}, "support_vs": base}
@@ -149,7 +153,8 @@ def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict
                              f"{next(iter(short.items()))}): pass@k would be reported for another n")
         counts = [(len(s), sum(x["correct"] for x in s)) for s in samples[name].values()]
         curve = pass_at_k_curve(counts)
-        ent = [answer_entropy([x["answer"] for x in s]) for s in samples[name].values()]
+        answers = [[x["answer"] for x in s] for s in samples[name].values()]
+        ent = [answer_entropy(a, None if answer_classes is None else answer_classes(a)) for a in answers]
         lengths = [x["length"] for s in samples[name].values() for x in s]
         entry = {"pass_at_k": {str(kk): v for kk, v in curve.items()}, "avg_at_n": avg_at_n(counts),
                  "answer_entropy": sum(ent) / len(ent), "token_entropy": token_entropies[name],
@@ -267,7 +272,8 @@ def run(cfg: AnalyzeConfig) -> dict:
         token_h[name] = model_token_entropy(model, samples[name], a.temperature)
         if traces is not None:
             trace_ppl[name] = trace_perplexities(model, tokenizer, problems, traces)
-    report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []))
+    report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []),
+                       answer_classes=task.answer_classes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(strict_json(report, indent=1))
     (out / "report.md").write_text(markdown(report))

@@ -10,7 +10,8 @@ Command (also `raro-fast evaluate ...`):
 It samples n answers per problem of the split (one engine call for all), then reports side by side:
     pass@1        the first sample of each problem (accuracy of one draw),
     avg@n         the mean over the n samples (the same expectation, lower variance),
-    majority@n    the most frequent extracted answer (ties: the one that occurs first),
+    majority@n    the most frequent extracted answer, equal answers counted together as the task says (DeepMath's
+                  1/2 and 0.5 are one answer; ties: the one that occurs first),
     tournament@n  the critic tournament's pick (raro_fast/rerank.py; absent with --rerank none),
     pass@n        any of the n correct: the oracle ceiling of any reranker.
 A truncated completion, or one without a final answer, counts as no answer (wrong, and out of the votes and the
@@ -115,13 +116,14 @@ def heldout_scores(
     return scores
 
 
-def majority_index(answers: list[str | None]) -> int | None:
-    """Index of the first occurrence of the most frequent answer (None answers do not vote); None if none."""
-    votes = Counter(a for a in answers if a is not None)
+def majority_index(classes: list[int | None]) -> int | None:
+    """Index of the first occurrence of the most frequent answer class (`Task.answer_classes`; None, no answer,
+    does not vote); None if no answer has a class."""
+    votes = Counter(c for c in classes if c is not None)
     if not votes:
         return None
     top = max(votes.values())
-    return next(i for i, a in enumerate(answers) if a is not None and votes[a] == top)
+    return next(i for i, c in enumerate(classes) if c is not None and votes[c] == top)
 
 
 def rerank_report(
@@ -153,7 +155,7 @@ def rerank_report(
     answers, verdicts = sample_and_verify(examples, params, engine=engine, tokenizer=tokenizer, task=task)
     verifiable = not any(v is None for vs in verdicts for v in vs)  # poetry has no verifier: no accuracies
     correct = [[bool(v) for v in vs] for vs in verdicts]
-    majority = [majority_index(ans) for ans in answers]
+    majority = [majority_index(task.answer_classes(ans)) for ans in answers]
     sampling_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

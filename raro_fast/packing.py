@@ -61,7 +61,8 @@ class PackedMicroBatch:
     num_sequences: int  # GLOBAL count over the whole step, for loss normalisation
     num_tokens: int  # GLOBAL count of trained tokens
     is_padding: bool = False
-    temperatures: torch.Tensor | None = None  # per token, where the samples carry their own (RARO's critic's)
+    # per token, where the samples carry their own (RARO's critic's); float64, so 1/T rounds once, as for a number
+    temperatures: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "PackedMicroBatch":
         moved = {}
@@ -123,7 +124,7 @@ def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: i
         ref_logprobs=None if extra["ref_logprobs"] is None else torch.tensor(extra["ref_logprobs"], dtype=f32),
         num_sequences=num_sequences,
         num_tokens=num_tokens,
-        temperatures=None if temperatures is None else torch.tensor(temperatures, dtype=f32),
+        temperatures=None if temperatures is None else torch.tensor(temperatures, dtype=torch.float64),
     )
 
 

@@ -171,6 +171,12 @@ def test_countdown_task_interface():
         get_task("chess", None)
 
 
+def test_answer_classes_count_one_expression_however_written():
+    task = get_task("countdown", CountdownConfig(num_train=4, num_heldout=2))
+    answers = ["8+2", "(8+2)", None, " 8 + 2 ", "2+8", "(8*2)-6", "8*2-6", "8 +", "8+", "((" * 200 + "1"]
+    assert task.answer_classes(answers) == [0, 0, None, 0, 1, 2, 2, 3, 3, 4]
+
+
 def test_varied_targets_one_per_multiset_each_solvable_and_split_without_sharing():
     cfg = CountdownConfig(target=10, max_target=30, num_train=100, num_heldout=64)
     train, heldout = split_puzzles(cfg)

@@ -8,7 +8,9 @@ import pytest
 
 from raro_fast.tasks import TASKS, get_task
 from raro_fast.tasks.base import Example
-from raro_fast.tasks.deepmath import SAMPLE_PATH, DeepMathConfig, DeepMathTask, extract_answer, last_boxed, math_equal
+from raro_fast.tasks.deepmath import (
+    SAMPLE_PATH, DeepMathConfig, DeepMathTask, extract_answer, last_boxed, math_answer_classes, math_equal,
+)
 from raro_fast.tasks.records import in_heldout
 
 
@@ -89,6 +91,33 @@ def test_verify_through_task_never_raises():
     assert task.verify(ex("2"), None) is False
     assert task.verify(ex("2"), r"\frac{1}{") is False
     assert task.verify(ex("2"), r"}}}\left(\right") is False
+
+
+def test_answer_classes_group_what_math_verify_finds_equal():
+    task = DeepMathTask(DeepMathConfig())
+    answers = ["0.5", r"\frac{1}{2}", None, "3", "1/2", r"50\%", " 3 ", r"\frac{6}{2}", "x=3", "[0,1)", r"[0, 1)",
+               r"\sqrt{2}/2", r"\frac{\sqrt{2}}{2}", "garbage((", "garbage((", "2+3i", "3i+2", "2" * 2000, "0.500001"]
+    assert task.answer_classes(answers) == [0, 0, None, 1, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 7]
+    # An equation first: the number that equals its right-hand side joins it, checked pairwise.
+    assert math_answer_classes(["x=3", "3", "4"]) == [0, 0, 1]
+    # The classes agree with math_equal on every pair of these answers (both ways round).
+    parsed = [a for a in answers[:17] if a is not None and not a.startswith("garbage")]
+    classes = dict(zip(parsed, math_answer_classes(parsed)))
+    for a in parsed:
+        for b in parsed:
+            assert (classes[a] == classes[b]) == (math_equal(a, b) and math_equal(b, a)), (a, b)
+
+
+def test_answer_classes_of_a_thousand_numbers_take_no_pairwise_checks(monkeypatch):
+    import raro_fast.tasks.deepmath as deepmath
+
+    def no_pairwise(*args, **kwargs):
+        raise AssertionError("numbers must be grouped by value, not compared pairwise")
+
+    monkeypatch.setattr(deepmath, "math_equal", no_pairwise)
+    answers = [str(i % 250) for i in range(1000)] + [f"\\frac{{{2 * i}}}{{2}}" for i in range(250)]
+    classes = math_answer_classes(answers)
+    assert classes == [i % 250 for i in range(1000)] + list(range(250))
 
 
 def test_verify_off_the_main_thread():

@@ -214,10 +214,25 @@ def test_critic_judge_makes_one_engine_call_per_round(tok):
 
 
 def test_majority_index():
-    assert majority_index([None, "b", "a", "a", "b"]) == 1  # a and b both twice: b occurs first
-    assert majority_index(["c", None, "a", "a"]) == 2
+    assert majority_index([None, 0, 1, 1, 0]) == 1  # classes 0 and 1 both twice: 0 occurs first
+    assert majority_index([0, None, 1, 1]) == 2
     assert majority_index([None, None]) is None
-    assert majority_index(["z"]) == 0
+    assert majority_index([3]) == 0
+
+
+def test_majority_vote_counts_equal_answers_together(tok):
+    """DeepMath's 1/2, 0.5 and \\frac{1}{2} are one answer: three votes, against two for 3 (by their text, 3 won)."""
+    from raro_fast.tasks.deepmath import DeepMathConfig
+
+    task = get_task("deepmath", DeepMathConfig())
+    ex = task.examples("heldout")[0]
+    ex = type(ex)(id="half", question=ex.question, answer="\\frac{1}{2}")
+    answers = ["3", "1/2", "0.5", "3", "\\frac{1}{2}"]
+    engine = ScriptedEngine(tok, {ex.question: [(prompts.format_completion("t", a), False) for a in answers]})
+    report = rerank_report([ex], engine=engine, tokenizer=tok, task=task, n=5, max_new_tokens=32, temperature=1.0,
+                           top_p=1.0, critic_max_new_tokens=8, seed=0, rerank="none")
+    assert report["per_question"][0]["majority"] == 1
+    assert report["counts"]["majority_correct"] == 1
 
 
 def _constructed(task):
@@ -233,7 +248,7 @@ def _constructed(task):
         [s("1+1"), s(right[0]), s("1+1"), s(right[0], truncated=True)],  # majority wrong, tournament right
         [s(right[1]), s(right[1]), s("1+2"), no_tag],                    # all methods right
         [no_tag, s("1+3"), s("1+4"), s("1+3")],                          # nothing right
-        [s("1+5"), s(right[3]), s("1+6"), s(f"({right[3]})")],            # vote of ones: first (wrong) wins
+        [s("1+5"), s(right[3]), s("1+6"), s(f"({right[3]})")],            # R and (R) are one answer: two votes
     ]
     return exs, {ex.question: sc for ex, sc in zip(exs, scripts)}
 
@@ -250,12 +265,12 @@ def test_rerank_report_exact_numbers(tok, task):
     report = rerank_report(exs, engine=engine, tokenizer=tok, task=task, n=4, max_new_tokens=32, temperature=1.0,
                            top_p=1.0, critic_max_new_tokens=16, seed=3)
     assert report["accuracy"] == pytest.approx(
-        {"pass@1": 1 / 4, "avg@n": (1 / 4 + 2 / 4 + 0 + 2 / 4) / 4, "majority@n": 1 / 4, "tournament@n": 3 / 4,
+        {"pass@1": 1 / 4, "avg@n": (1 / 4 + 2 / 4 + 0 + 2 / 4) / 4, "majority@n": 2 / 4, "tournament@n": 3 / 4,
          "pass@n": 3 / 4})
     assert report["counts"] == {"questions": 4, "samples": 16, "no_answer": 3, "correct_samples": 5, "first_correct": 1,
-                                "majority_correct": 1, "tournament_correct": 3, "any_correct": 3}
+                                "majority_correct": 2, "tournament_correct": 3, "any_correct": 3}
     assert [q["tournament"] for q in report["per_question"]] == [1, 0, 1, 1]
-    assert [q["majority"] for q in report["per_question"]] == [0, 0, 1, 0]
+    assert [q["majority"] for q in report["per_question"]] == [0, 0, 1, 1]
     # Round 1: four matches, the B-vs-C tie rematched; round 2: three matches, the R-vs-(R) tie rematched.
     assert report["critic"] == {"judge_calls": 4, "matches": 9, "tie_or_invalid": 4}
     assert [size for size, _ in engine.calls] == [4, 4, 1, 3, 1]

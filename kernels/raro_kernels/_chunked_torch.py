@@ -26,12 +26,12 @@ def lm_head_stats_torch(
     weight_VH: torch.Tensor,
     targets_N: torch.Tensor,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     with_entropy: bool,
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
     cols_per_chunk: int = DEFAULT_COLS_PER_CHUNK,
 ) -> RowStats:
-    """logsumexp, target logit and (optionally) entropy of softmax(hidden @ weight.T * inv_temp), per row."""
+    """logsumexp, target logit and (optionally) entropy of softmax(hidden @ weight.T * inv_temp_N[row]), per row."""
     n_rows, vocab = hidden_NH.shape[0], weight_VH.shape[0]
     dev = hidden_NH.device
     lse_N = alloc((n_rows,), torch.float32, dev)
@@ -41,6 +41,7 @@ def lm_head_stats_torch(
         r1 = min(r0 + rows_per_chunk, n_rows)
         h_RH = hidden_NH[r0:r1].float()
         tgt_R = targets_N[r0:r1]
+        inv_R1 = inv_temp_N[r0:r1, None]
         # Running max m, sum of exp(z - m) s, and u = sum of exp(z - m) * (z - m): keeping u relative to the
         # running max makes entropy = log s - u / s free of the cancellation that lse - E[z] would suffer.
         m_R = torch.full((r1 - r0,), float("-inf"), dtype=torch.float32, device=dev)
@@ -49,7 +50,7 @@ def lm_head_stats_torch(
         zt_R = torch.zeros(r1 - r0, dtype=torch.float32, device=dev)
         for c0 in range(0, vocab, cols_per_chunk):
             c1 = min(c0 + cols_per_chunk, vocab)
-            z_RC = (h_RH @ weight_VH[c0:c1].float().T) * inv_temp
+            z_RC = (h_RH @ weight_VH[c0:c1].float().T) * inv_R1
             m_new_R = torch.maximum(m_R, z_RC.amax(dim=1))
             alpha_R = torch.exp(m_R - m_new_R)  # 0 on the first tile, where m = -inf
             shifted_RC = z_RC - m_new_R[:, None]
@@ -80,7 +81,7 @@ def lm_head_grads_torch(
     grad_logprob_N: torch.Tensor,
     grad_entropy_N: torch.Tensor | None,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     need_hidden: bool,
     need_weight: bool,
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
@@ -88,8 +89,9 @@ def lm_head_grads_torch(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(g_lp * logprob + g_ent * entropy) w.r.t. hidden and weight, recomputing the logits.
 
-    With p = softmax(z), z = logits * inv_temp: d logp[t] / dz = onehot(t) - p and d entropy / dz = -p (log p + H),
-    then d/dlogits = inv_temp * d/dz. Rows to be skipped (ignored targets) must carry g_lp = g_ent = 0.
+    With p = softmax(z), z = logits * inv_temp (the row's): d logp[t] / dz = onehot(t) - p and
+    d entropy / dz = -p (log p + H), then d/dlogits = inv_temp * d/dz. Rows to be skipped (ignored targets) must
+    carry g_lp = g_ent = 0.
     Gradients accumulate in fp32 and are cast once to the input dtype.
     """
     n_rows, vocab = hidden_NH.shape[0], weight_VH.shape[0]
@@ -104,11 +106,12 @@ def lm_head_grads_torch(
         tgt_R = targets_N[r0:r1]
         lse_R = lse_N[r0:r1, None]
         g_lp_R = grad_logprob_N[r0:r1, None]
+        inv_R1 = inv_temp_N[r0:r1, None]
         grad_h32_RH = torch.zeros_like(h_RH) if need_hidden else None
         for c0 in range(0, vocab, cols_per_chunk):
             c1 = min(c0 + cols_per_chunk, vocab)
             w_CH = weight_VH[c0:c1].float()
-            logp_RC = (h_RH @ w_CH.T) * inv_temp - lse_R
+            logp_RC = (h_RH @ w_CH.T) * inv_R1 - lse_R
             p_RC = torch.exp(logp_RC)
             dz_RC = -g_lp_R * p_RC
             inside_R, index_R = _target_in_tile(tgt_R, c0, c1 - c0)
@@ -116,7 +119,7 @@ def lm_head_grads_torch(
             if grad_entropy_N is not None:
                 assert entropy_N is not None
                 dz_RC -= grad_entropy_N[r0:r1, None] * p_RC * (logp_RC + entropy_N[r0:r1, None])
-            dz_RC *= inv_temp
+            dz_RC *= inv_R1
             if grad_h32_RH is not None:
                 grad_h32_RH.addmm_(dz_RC, w_CH)
             if grad_weight32_VH is not None:

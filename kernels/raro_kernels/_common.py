@@ -67,7 +67,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 class RowStats(NamedTuple):
-    """Per-token statistics of softmax(z), z = hidden @ weight.T / temperature, all fp32 [N].
+    """Per-token statistics of softmax(z), z = hidden @ weight.T / temperature (one per row), all fp32 [N].
 
     lse: logsumexp(z); target_logit: z[target] (0 where the target is ignored); entropy: -sum p log p, or None.
     """
@@ -78,9 +78,10 @@ class RowStats(NamedTuple):
 
 
 def check_lm_head_inputs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float | torch.Tensor
 ) -> None:
-    """ValueError naming the argument at fault; shapes: hidden [..., H], weight [V, H], targets [...]."""
+    """ValueError naming the argument at fault; shapes: hidden [..., H], weight [V, H], targets [...], temperature
+    a number or a tensor shaped like targets (one temperature per token)."""
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [..., H] with at least 2 dims, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
@@ -105,8 +106,35 @@ def check_lm_head_inputs(
         )
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"weight must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
-    if not temperature > 0:
+    if isinstance(temperature, torch.Tensor):
+        _check_temperature_tensor(temperature, targets)
+    elif not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_temperature_tensor(temperature: torch.Tensor, targets: torch.Tensor) -> None:
+    if tuple(temperature.shape) != tuple(targets.shape):
+        raise ValueError(f"temperature, a tensor, must be shaped like targets {tuple(targets.shape)} (one per token), "
+                         f"got shape {tuple(temperature.shape)}")
+    if not temperature.is_floating_point():
+        raise ValueError(f"temperature, a tensor, must be floating point, got {temperature.dtype}")
+    if temperature.device != targets.device:
+        raise ValueError(f"temperature ({temperature.device}) must be on the targets' device ({targets.device})")
+    # Like the targets' range check: a host sync, so CPU tensors only (on CUDA a temperature <= 0 gives inf/NaN).
+    if temperature.device.type == "cpu" and temperature.numel() and not torch.compiler.is_compiling():
+        bad = ~(temperature > 0) | ~torch.isfinite(temperature)
+        if bool(bad.any()):
+            first = int(bad.reshape(-1).nonzero()[0, 0])
+            raise ValueError(f"temperature must be finite and > 0 at every token, got "
+                             f"{float(temperature.reshape(-1)[first])} at flat index {first}")
+
+
+def inverse_temperatures(temperature: float | torch.Tensor, n_rows: int, device: torch.device) -> torch.Tensor:
+    """1 / temperature per row, fp32 [N] and contiguous, as every kernel reads it. The reciprocal is taken in
+    float64 and rounded once, so a tensor of T gives bit for bit what the number T gives."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature.reshape(-1).to(torch.float64).reciprocal().to(torch.float32).contiguous()
+    return torch.full((n_rows,), 1.0 / temperature, dtype=torch.float32, device=device)
 
 
 def check_targets_in_range(targets_N: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -84,7 +84,7 @@ def _stats_kernel(
     h_ptr, w_ptr, tgt_ptr, z_ptr, m_ptr, s_ptr, u_ptr, zt_ptr,
     n_rows, vocab, hidden_size,
     stride_hn, stride_hk, stride_wv, stride_wk, stride_zn,
-    cols_per_split, num_splits, inv_temp,
+    cols_per_split, num_splits, inv_temp_ptr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, STORE_Z: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -96,6 +96,7 @@ def _stats_kernel(
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    inv_temp = tl.load(inv_temp_ptr + rows, mask=row_ok, other=1.0)
     v_lo = pid_s * cols_per_split
     v_hi = tl.minimum(v_lo + cols_per_split, vocab)
     offs_k = tl.arange(0, BLOCK_K)
@@ -111,7 +112,7 @@ def _stats_kernel(
         w_tile = w_ptr + cols.to(tl.int64)[:, None] * stride_wv + offs_k[None, :] * stride_wk
         acc = _logits_tile(h_tile, w_tile, row_ok, col_ok, offs_k, hidden_size, stride_hk, stride_wk,
                            BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION, UPCAST)
-        z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+        z = tl.where(col_ok[None, :], acc * inv_temp[:, None], float("-inf"))
         if STORE_Z:  # unscaled, like the cuBLAS route's logits: the row kernels apply inv_temp
             z_tile = z_ptr + rows[:, None] * stride_zn + cols[None, :]
             tl.store(z_tile, acc, mask=row_ok[:, None] & col_ok[None, :])
@@ -137,7 +138,7 @@ def _stats_kernel(
 def _dz_kernel(
     h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
     n_rows, n_cols, col_offset, hidden_size,
-    stride_hn, stride_hk, stride_wv, stride_wk, stride_dzn, inv_temp,
+    stride_hn, stride_hk, stride_wv, stride_wk, stride_dzn, inv_temp_ptr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
     WITH_ENTROPY_GRAD: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -164,7 +165,8 @@ def _dz_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    logp = acc * inv_temp - lse[:, None]
+    inv_temp = tl.load(inv_temp_ptr + rows, mask=row_ok, other=1.0)
+    logp = acc * inv_temp[:, None] - lse[:, None]
     p = tl.exp(logp)
     is_tgt = (cols.to(tl.int64) + col_offset)[None, :] == tgt[:, None]
     dz = tl.where(is_tgt, g_lp[:, None], 0.0) - g_lp[:, None] * p
@@ -172,7 +174,7 @@ def _dz_kernel(
         ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
         g_ent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
         dz -= g_ent[:, None] * p * (logp + ent[:, None])
-    dz = dz * inv_temp
+    dz = dz * inv_temp[:, None]
     dz_tile = dz_ptr + rows[:, None] * stride_dzn + cols[None, :]
     tl.store(dz_tile, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -180,11 +182,12 @@ def _dz_kernel(
 @triton.jit
 def _row_stats_kernel(
     z_ptr, tgt_ptr, m_ptr, s_ptr, u_ptr, zt_ptr,
-    n_cols, col_offset, stride_zn, out_offset, inv_temp,
+    n_cols, col_offset, stride_zn, out_offset, inv_temp_ptr,
     BLOCK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
 ):
     # One program per row of a logits slice (columns [col_offset, col_offset + n_cols) of the vocabulary).
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = tl.load(inv_temp_ptr + row)
     tgt = tl.load(tgt_ptr + row).to(tl.int64) - col_offset
     z_row = z_ptr + row * stride_zn
     # Per-lane running statistics, reduced across lanes at the end: no cross-lane work inside the loop.
@@ -219,13 +222,14 @@ def _row_stats_kernel(
 @triton.jit
 def _dz_from_logits_kernel(
     z_ptr, dz_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
-    vocab, col_offset, stride_zn, stride_dzn, inv_temp,
+    vocab, col_offset, stride_zn, stride_dzn, inv_temp_ptr,
     BLOCK: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr,
 ):
     # One program per row, sweeping the row left to right. dz may alias z (16-bit dz over the front half of
     # the fp32 row): the dz written at columns [c, c+B) covers fp32 columns [c/2, (c+B)/2), all already read
     # by this program, and no other program touches this row.
     row = tl.program_id(0).to(tl.int64)
+    inv_temp = tl.load(inv_temp_ptr + row)
     lse = tl.load(lse_ptr + row)
     g_lp = tl.load(glp_ptr + row)
     tgt = tl.load(tgt_ptr + row).to(tl.int64) - col_offset
@@ -308,19 +312,19 @@ def lm_head_stats_triton(
     weight_VH: torch.Tensor,
     targets_N: torch.Tensor,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     with_entropy: bool,
     logits_out: torch.Tensor | None = None,
     slice_cols: int | None = None,
 ) -> RowStats:
-    """Per-row lse, target logit and entropy of softmax(hidden @ weight.T * inv_temp).
+    """Per-row lse, target logit and entropy of softmax(hidden @ weight.T * inv_temp_N[row]).
 
     cuBLAS route: the logits are produced N x slice_cols at a time in fp32 and reduced by `_row_stats_kernel`;
     with `logits_out` (an fp32 [N, >=V] buffer, unit column stride) the whole rows are written there and kept.
     Triton route: `_stats_kernel`, which writes no logits unless `logits_out` is given."""
-    targets_N = _rows(targets_N)
+    targets_N, inv_temp_N = _rows(targets_N), _rows(inv_temp_N)
     if not cublas_route(hidden_NH.device):
-        return _stats_fused(hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy,
+        return _stats_fused(hidden_NH, weight_VH, targets_N, inv_temp_N=inv_temp_N, with_entropy=with_entropy,
                             logits_out=logits_out)
     n_rows = hidden_NH.shape[0]
     vocab = weight_VH.shape[0]
@@ -336,7 +340,7 @@ def lm_head_stats_triton(
         z_NC = z_buf[:, : c1 - c0]
         mm_fp32_(hidden_NH, weight_VH[c0:c1].t(), z_NC)
         _row_stats_kernel[(n_rows,)](
-            z_NC, targets_N, m_SN, s_SN, u_SN, zt_SN, c1 - c0, c0, z_NC.stride(0), k * n_rows, inv_temp,
+            z_NC, targets_N, m_SN, s_SN, u_SN, zt_SN, c1 - c0, c0, z_NC.stride(0), k * n_rows, inv_temp_N,
             BLOCK=256 if TRITON_INTERPRET else 1024, WITH_ENTROPY=with_entropy, num_warps=4,
         )
     return merge_split_stats(m_SN, s_SN, zt_SN, u_SN if with_entropy else None)
@@ -347,13 +351,13 @@ def _stats_fused(
     weight_VH: torch.Tensor,
     targets_N: torch.Tensor,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     with_entropy: bool,
     logits_out: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> RowStats:
     """The Triton route of `lm_head_stats_triton` (`_stats_kernel`)."""
-    targets_N = _rows(targets_N)
+    targets_N, inv_temp_N = _rows(targets_N), _rows(inv_temp_N)
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
     dev = hidden_NH.device
@@ -376,7 +380,7 @@ def _stats_fused(
         n_rows=n_rows, vocab=vocab, hidden_size=hidden_size,
         stride_hn=hidden_NH.stride(0), stride_hk=hidden_NH.stride(1),
         stride_wv=weight_VH.stride(0), stride_wk=weight_VH.stride(1),
-        stride_zn=z.stride(0), cols_per_split=cols_per_split, num_splits=splits, inv_temp=inv_temp,
+        stride_zn=z.stride(0), cols_per_split=cols_per_split, num_splits=splits, inv_temp_ptr=inv_temp_N,
         WITH_ENTROPY=with_entropy, STORE_Z=logits_out is not None,
         **_dot_args(hidden_NH.dtype),
     )
@@ -443,7 +447,7 @@ def lm_head_grads_triton(
     grad_logprob_N: torch.Tensor,
     grad_entropy_N: torch.Tensor | None,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     need_hidden: bool,
     need_weight: bool,
     cols_per_chunk: int,
@@ -453,7 +457,7 @@ def lm_head_grads_triton(
     then cuBLAS gives grad_weight[slice] = dz.T @ hidden (written once, fp32-accumulated over all N inside the
     GEMM) and grad_hidden += dz @ weight[slice] (fp32 accumulator [N, H] when there is more than one slice).
     Rows to skip must carry zero upstream gradients."""
-    targets_N, lse_N, entropy_N = _rows(targets_N), _rows(lse_N), _rows(entropy_N)
+    targets_N, lse_N, entropy_N, inv_temp_N = _rows(targets_N), _rows(lse_N), _rows(entropy_N), _rows(inv_temp_N)
     grad_logprob_N, grad_entropy_N = _rows(grad_logprob_N), _rows(grad_entropy_N)
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
@@ -479,7 +483,7 @@ def lm_head_grads_triton(
             z_NC = z_buf[:, : c1 - c0]
             mm_fp32_(hidden_NH, w_CH.t(), z_NC)
             dz_NC = dz_from_logits_(
-                z_NC, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N, inv_temp=inv_temp, dtype=dtype,
+                z_NC, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N, inv_temp_N=inv_temp_N, dtype=dtype,
                 col_offset=c0,
             )
         else:
@@ -494,7 +498,8 @@ def lm_head_grads_triton(
                 gent_ptr=grad_entropy_N if with_ent_grad else lse_N, dz_ptr=dz_NC,
                 n_rows=n_rows, n_cols=c1 - c0, col_offset=c0, hidden_size=hidden_size,
                 stride_hn=hidden_NH.stride(0), stride_hk=hidden_NH.stride(1),
-                stride_wv=w_CH.stride(0), stride_wk=w_CH.stride(1), stride_dzn=dz_NC.stride(0), inv_temp=inv_temp,
+                stride_wv=w_CH.stride(0), stride_wk=w_CH.stride(1), stride_dzn=dz_NC.stride(0),
+                inv_temp_ptr=inv_temp_N,
                 GROUP_N=8, WITH_ENTROPY_GRAD=with_ent_grad, **_dot_args(dtype),
             )
         if grad_weight_VH is not None:
@@ -517,17 +522,18 @@ def dz_from_logits_(
     grad_logprob_R: torch.Tensor,
     grad_entropy_R: torch.Tensor | None,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     dtype: torch.dtype,
     col_offset: int = 0,
 ) -> torch.Tensor:
-    """Overwrite fp32 logits [R, V] (hidden @ weight.T, not yet divided by the temperature; a row-major buffer,
+    """Overwrite fp32 logits [R, V] (hidden @ weight.T, not yet divided by the row's temperature, 1 / inv_temp_N;
+    a row-major buffer,
     row stride >= V) with d(loss)/d(logits) in `dtype`,
     in place; returns the [R, V] view of the gradient (16-bit: row stride twice the fp32 one). The buffer may be
     a vocabulary slice starting at column `col_offset` (targets are compared with col_offset + column)."""
     n_rows, vocab = logits_RV.shape
     assert logits_RV.dtype == torch.float32 and logits_RV.stride(1) == 1
-    targets_R, lse_R, entropy_R = _rows(targets_R), _rows(lse_R), _rows(entropy_R)
+    targets_R, lse_R, entropy_R, inv_temp_N = _rows(targets_R), _rows(lse_R), _rows(entropy_R), _rows(inv_temp_N)
     grad_logprob_R, grad_entropy_R = _rows(grad_logprob_R), _rows(grad_entropy_R)
     if dtype == torch.float32:
         dz_RV = logits_RV
@@ -540,7 +546,7 @@ def dz_from_logits_(
             logits_RV, dz_RV, targets_R, lse_R,
             entropy_R if with_ent_grad else lse_R, grad_logprob_R,
             grad_entropy_R if with_ent_grad else lse_R,
-            vocab, col_offset, logits_RV.stride(0), dz_RV.stride(0), inv_temp,
+            vocab, col_offset, logits_RV.stride(0), dz_RV.stride(0), inv_temp_N,
             BLOCK=256 if TRITON_INTERPRET else 2048, WITH_ENTROPY_GRAD=with_ent_grad,
             num_warps=8,
         )

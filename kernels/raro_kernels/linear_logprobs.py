@@ -16,6 +16,7 @@ from raro_kernels._common import (
     check_lm_head_inputs,
     check_targets_in_range,
     finish_logprobs,
+    inverse_temperatures,
     resolve_backend,
 )
 
@@ -36,16 +37,17 @@ def lm_head_stats(
     weight_VH: torch.Tensor,
     targets_N: torch.Tensor,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     with_entropy: bool,
     chunk_cols: int = DEFAULT_CHUNK_COLS,
 ) -> RowStats:
     if backend == "triton":
         from raro_kernels._triton_lm_head import lm_head_stats_triton
 
-        return lm_head_stats_triton(hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy)
+        return lm_head_stats_triton(hidden_NH, weight_VH, targets_N, inv_temp_N=inv_temp_N,
+                                    with_entropy=with_entropy)
     return _chunked_torch.lm_head_stats_torch(
-        hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy, cols_per_chunk=chunk_cols
+        hidden_NH, weight_VH, targets_N, inv_temp_N=inv_temp_N, with_entropy=with_entropy, cols_per_chunk=chunk_cols
     )
 
 
@@ -59,7 +61,7 @@ def lm_head_grads(
     grad_logprob_N: torch.Tensor,
     grad_entropy_N: torch.Tensor | None,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     need_hidden: bool,
     need_weight: bool,
     chunk_cols: int = DEFAULT_CHUNK_COLS,
@@ -69,10 +71,10 @@ def lm_head_grads(
         from raro_kernels._triton_lm_head import lm_head_grads_triton
 
         return lm_head_grads_triton(
-            *args, inv_temp=inv_temp, need_hidden=need_hidden, need_weight=need_weight, cols_per_chunk=chunk_cols
+            *args, inv_temp_N=inv_temp_N, need_hidden=need_hidden, need_weight=need_weight, cols_per_chunk=chunk_cols
         )
     return _chunked_torch.lm_head_grads_torch(
-        *args, inv_temp=inv_temp, need_hidden=need_hidden, need_weight=need_weight, cols_per_chunk=chunk_cols
+        *args, inv_temp_N=inv_temp_N, need_hidden=need_hidden, need_weight=need_weight, cols_per_chunk=chunk_cols
     )
 
 
@@ -83,13 +85,14 @@ def lm_head_grads(
 
 
 @torch.library.custom_op("raro_kernels::linear_logprobs", mutates_args=())
-def _forward_op(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, inv_temp: float,
+def _forward_op(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, inv_temp_N: torch.Tensor,
                 with_entropy: bool, ignore_index: int, backend: str, chunk_cols: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs [N], entropy [N] (0 where ignored) or [0], and for the backward: logsumexp [N], raw entropy [N]
-    or [0])."""
+    or [0]). inv_temp_N: fp32 [N], 1 / each row's temperature."""
     stats = lm_head_stats(
-        backend, hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy, chunk_cols=chunk_cols,
+        backend, hidden_NH, weight_VH, targets_N, inv_temp_N=inv_temp_N, with_entropy=with_entropy,
+        chunk_cols=chunk_cols,
     )
     logprobs_N, entropy_N = finish_logprobs(stats, targets_N, weight_VH.shape[0], ignore_index)
     if entropy_N is None:
@@ -98,7 +101,7 @@ def _forward_op(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: tor
 
 
 @_forward_op.register_fake
-def _(hidden_NH, weight_VH, targets_N, inv_temp, with_entropy, ignore_index, backend, chunk_cols):
+def _(hidden_NH, weight_VH, targets_N, inv_temp_N, with_entropy, ignore_index, backend, chunk_cols):
     row = hidden_NH.new_empty((hidden_NH.shape[0],), dtype=torch.float32)
     maybe = (lambda: torch.empty_like(row)) if with_entropy else (lambda: row.new_empty(0))
     return torch.empty_like(row), maybe(), torch.empty_like(row), maybe()
@@ -106,12 +109,13 @@ def _(hidden_NH, weight_VH, targets_N, inv_temp, with_entropy, ignore_index, bac
 
 @torch.library.custom_op("raro_kernels::linear_logprobs_backward", mutates_args=())
 def _backward_op(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, lse_N: torch.Tensor,
-                 entropy_N: torch.Tensor, grad_logprob_N: torch.Tensor, grad_entropy_N: torch.Tensor, inv_temp: float,
-                 need_hidden: bool, need_weight: bool, backend: str, chunk_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 entropy_N: torch.Tensor, grad_logprob_N: torch.Tensor, grad_entropy_N: torch.Tensor,
+                 inv_temp_N: torch.Tensor, need_hidden: bool, need_weight: bool, backend: str, chunk_cols: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad hidden [N, H] or [0], grad weight [V, H] or [0]); an empty entropy or its gradient means none."""
     grad_hidden, grad_weight = lm_head_grads(
         backend, hidden_NH, weight_VH, targets_N, lse_N, entropy_N if entropy_N.numel() else None, grad_logprob_N,
-        grad_entropy_N if grad_entropy_N.numel() else None, inv_temp=inv_temp, need_hidden=need_hidden,
+        grad_entropy_N if grad_entropy_N.numel() else None, inv_temp_N=inv_temp_N, need_hidden=need_hidden,
         need_weight=need_weight, chunk_cols=chunk_cols,
     )
     return (hidden_NH.new_empty(0) if grad_hidden is None else grad_hidden,
@@ -119,22 +123,22 @@ def _backward_op(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: to
 
 
 @_backward_op.register_fake
-def _(hidden_NH, weight_VH, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N, inv_temp, need_hidden,
+def _(hidden_NH, weight_VH, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N, inv_temp_N, need_hidden,
       need_weight, backend, chunk_cols):
     return (torch.empty_like(hidden_NH) if need_hidden else hidden_NH.new_empty(0),
             torch.empty_like(weight_VH) if need_weight else weight_VH.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden_NH, weight_VH, targets_N, inv_temp, _with_entropy, ignore_index, backend, chunk_cols = inputs
+    hidden_NH, weight_VH, targets_N, inv_temp_N, _with_entropy, ignore_index, backend, chunk_cols = inputs
     _logprobs, _entropy, lse_N, raw_entropy_N = output
-    ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N, raw_entropy_N)
-    ctx.cfg = (inv_temp, ignore_index, backend, chunk_cols)
+    ctx.save_for_backward(hidden_NH, weight_VH, targets_N, inv_temp_N, lse_N, raw_entropy_N)
+    ctx.cfg = (ignore_index, backend, chunk_cols)
 
 
 def _backward(ctx, grad_logprobs_N, grad_entropy_N, _grad_lse, _grad_raw_entropy):
-    hidden_NH, weight_VH, targets_N, lse_N, entropy_N = ctx.saved_tensors
-    inv_temp, ignore_index, backend, chunk_cols = ctx.cfg
+    hidden_NH, weight_VH, targets_N, inv_temp_N, lse_N, entropy_N = ctx.saved_tensors
+    ignore_index, backend, chunk_cols = ctx.cfg
     need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     none = (None,) * 6
     if not (need_hidden or need_weight):
@@ -146,7 +150,7 @@ def _backward(ctx, grad_logprobs_N, grad_entropy_N, _grad_lse, _grad_raw_entropy
     if entropy_N.numel() and grad_entropy_N is not None and grad_entropy_N.numel():
         g_ent_N = torch.where(keep_N, grad_entropy_N.float(), zero)
     grad_hidden, grad_weight = _backward_op(hidden_NH, weight_VH, targets_N, lse_N, entropy_N, g_lp_N, g_ent_N,
-                                            inv_temp, need_hidden, need_weight, backend, chunk_cols)
+                                            inv_temp_N, need_hidden, need_weight, backend, chunk_cols)
     return (grad_hidden if need_hidden else None, grad_weight if need_weight else None, *none)
 
 
@@ -158,7 +162,7 @@ def linear_logprobs(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     return_entropy: bool = False,
     ignore_index: int = -100,
     backend: str | None = None,
@@ -166,6 +170,12 @@ def linear_logprobs(
 ) -> LinearLogprobs:
     """log softmax(hidden @ weight.T / temperature)[target] and the entropy of that softmax, per token,
     without ever holding the [N, V] logits.
+
+    temperature: one number, or a float tensor shaped like targets giving each token its own (a batch that
+    mixes rollouts sampled at different temperatures, e.g. RARO's policy and critic). Either way the logits are
+    divided in fp32, after the fp32-accumulated product: scaling 16-bit hidden states instead would round them
+    again. A tensor must be > 0 everywhere (checked for CPU tensors; on CUDA a bad one gives inf/NaN). The
+    temperature gets no gradient.
 
     hidden [..., H] (any leading dims, any strides), weight [V, H] (the LM head or tied embedding), same dtype
     (fp32, bf16 or fp16); targets int [...] in [0, V) or `ignore_index`. Any N, H, V. Returns
@@ -204,8 +214,9 @@ def linear_logprobs(
         # Nothing to compute; keep the result attached to hidden so a caller's backward() still runs.
         zeros_N = hidden_NH.float().sum(dim=-1) * 0.0
         return LinearLogprobs(zeros_N.reshape(lead_shape), zeros_N.reshape(lead_shape) if return_entropy else None)
+    inv_temp_N = inverse_temperatures(temperature, hidden_NH.shape[0], hidden.device)
     logprobs_N, entropy_N, _lse, _raw_entropy = _forward_op(
-        hidden_NH, weight, targets_N, 1.0 / temperature, return_entropy, ignore_index, chosen, cols
+        hidden_NH, weight, targets_N, inv_temp_N, return_entropy, ignore_index, chosen, cols
     )
     return LinearLogprobs(
         logprobs_N.reshape(lead_shape), entropy_N.reshape(lead_shape) if return_entropy else None

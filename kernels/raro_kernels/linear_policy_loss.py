@@ -21,6 +21,7 @@ from raro_kernels._common import (
     check_lm_head_inputs,
     check_targets_in_range,
     finish_logprobs,
+    inverse_temperatures,
     resolve_backend,
     round_up,
 )
@@ -76,7 +77,7 @@ def _one_pass_triton(
     weight_VH: torch.Tensor,
     targets_N: torch.Tensor,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     ignore_index: int,
     with_entropy: bool,
     token_grads: TokenGrads,
@@ -104,10 +105,10 @@ def _one_pass_triton(
         grad_weight32_VH = alloc((vocab, hidden_size), torch.float32, dev)
     for r0 in range(0, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
-        h_RH, tgt_R = hidden_NH[r0:r1], targets_N[r0:r1]
+        h_RH, tgt_R, inv_R = hidden_NH[r0:r1], targets_N[r0:r1], inv_temp_N[r0:r1]
         z_RV = logits_buf[: r1 - r0, :vocab]
         stats = lm_head_stats_triton(
-            h_RH, weight_VH, tgt_R, inv_temp=inv_temp, with_entropy=with_entropy, logits_out=z_RV
+            h_RH, weight_VH, tgt_R, inv_temp_N=inv_R, with_entropy=with_entropy, logits_out=z_RV
         )
         lp_R, ent_R = finish_logprobs(stats, tgt_R, vocab, ignore_index)
         logprobs_N[r0:r1] = lp_R
@@ -115,7 +116,7 @@ def _one_pass_triton(
             entropy_N[r0:r1] = ent_R
         g_lp_R, g_ent_R = token_grads(r0, r1, lp_R, ent_R)
         dz_RV = dz_from_logits_(
-            z_RV, tgt_R, stats.lse, stats.entropy, g_lp_R, g_ent_R, inv_temp=inv_temp, dtype=dtype
+            z_RV, tgt_R, stats.lse, stats.entropy, g_lp_R, g_ent_R, inv_temp_N=inv_R, dtype=dtype
         )
         if grad_hidden_NH is not None:
             torch.mm(dz_RV, weight_VH, out=grad_hidden_NH[r0:r1])
@@ -135,7 +136,7 @@ def _two_pass(
     weight_VH: torch.Tensor,
     targets_N: torch.Tensor,
     *,
-    inv_temp: float,
+    inv_temp_N: torch.Tensor,
     ignore_index: int,
     with_entropy: bool,
     token_grads: TokenGrads | None,
@@ -146,7 +147,8 @@ def _two_pass(
     """Statistics of all tokens first, then the gradients with the logits recomputed (8NHV FLOPs, memory of
     `linear_logprobs`' backward). `token_grads` None: forward only."""
     stats = lm_head_stats(
-        backend, hidden_NH, weight_VH, targets_N, inv_temp=inv_temp, with_entropy=with_entropy, chunk_cols=chunk_cols
+        backend, hidden_NH, weight_VH, targets_N, inv_temp_N=inv_temp_N, with_entropy=with_entropy,
+        chunk_cols=chunk_cols,
     )
     logprobs_N, entropy_N = finish_logprobs(stats, targets_N, weight_VH.shape[0], ignore_index)
     if token_grads is None:
@@ -154,14 +156,13 @@ def _two_pass(
     g_lp_N, g_ent_N = token_grads(0, hidden_NH.shape[0], logprobs_N, entropy_N)
     grad_hidden, grad_weight = lm_head_grads(
         backend, hidden_NH, weight_VH, targets_N, stats.lse, stats.entropy, g_lp_N, g_ent_N,
-        inv_temp=inv_temp, need_hidden=need_hidden, need_weight=need_weight, chunk_cols=chunk_cols,
+        inv_temp_N=inv_temp_N, need_hidden=need_hidden, need_weight=need_weight, chunk_cols=chunk_cols,
     )
     return logprobs_N, entropy_N, grad_hidden, grad_weight
 
 
 @dataclass(frozen=True)
 class _RunConfig:
-    inv_temp: float
     ignore_index: int
     with_entropy: bool
     backend: str
@@ -174,14 +175,14 @@ class _RunConfig:
 class _LinearPolicyLossFn(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, cfg: _RunConfig,
-        terms: _LossTerms,
+        ctx, hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, inv_temp_N: torch.Tensor,
+        cfg: _RunConfig, terms: _LossTerms,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need_hidden = cfg.grad_enabled and ctx.needs_input_grad[0]
         need_weight = cfg.grad_enabled and ctx.needs_input_grad[1]
         grads_needed = need_hidden or need_weight
         common = dict(
-            inv_temp=cfg.inv_temp, ignore_index=cfg.ignore_index, with_entropy=cfg.with_entropy,
+            inv_temp_N=inv_temp_N, ignore_index=cfg.ignore_index, with_entropy=cfg.with_entropy,
             need_hidden=need_hidden, need_weight=need_weight,
         )
         if cfg.backend == "triton" and cfg.one_pass and grads_needed:
@@ -214,7 +215,7 @@ class _LinearPolicyLossFn(torch.autograd.Function):
         for g in (grad_hidden, grad_weight):
             if g is not None:
                 g.mul_(grad_loss.to(g.dtype))
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_policy_loss(
@@ -225,7 +226,7 @@ def linear_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     entropy_coef: float = 0.0,
@@ -252,7 +253,7 @@ def linear_policy_loss(
 
     hidden [N, H] (flatten leading dims first), weight [V, H], targets int [N] (`ignore_index` positions are
     dropped from `mask`), and the per-token [N] inputs and keyword options of `policy_loss`, whose docstring
-    defines the loss, aggregation and metrics. `entropy_coef` adds an entropy bonus:
+    defines the loss, aggregation and metrics. temperature: a number or one per token, as in `linear_logprobs`. `entropy_coef` adds an entropy bonus:
     loss -= entropy_coef * (entropy aggregated like the per-token loss, weights included).
     Returns (loss 0-dim fp32, metrics): `policy_loss`'s metrics plus "logprobs" (fp32 [N], detached: the
     trainer's log-probs, e.g. to compare with the rollout engine's), and with return_entropy or entropy_coef
@@ -293,15 +294,16 @@ def linear_policy_loss(
     terms = _LossTerms(batch, opts, scale_N)
     with_entropy = return_entropy or entropy_coef != 0
     cfg = _RunConfig(
-        1.0 / temperature, ignore_index, with_entropy, chosen, one_pass,
+        ignore_index, with_entropy, chosen, one_pass,
         DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens,
         DEFAULT_CHUNK_COLS if chunk_cols is None else chunk_cols,
         torch.is_grad_enabled(),
     )
-    return _loss_and_metrics(hidden, weight, targets, cfg, terms)
+    return _loss_and_metrics(hidden, weight, targets, temperature, cfg, terms)
 
 
-def _loss_and_metrics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cfg: _RunConfig,
+def _loss_and_metrics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      temperature: float | torch.Tensor, cfg: _RunConfig,
                       terms: _LossTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fused loss over validated inputs, with `policy_loss`'s metrics, the log-probs and the entropy."""
     batch, opts = terms.batch, terms.opts
@@ -313,12 +315,13 @@ def _loss_and_metrics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         # Traced: the loss on the custom op `linear_logprobs` (the two-pass strategy, 8NHV FLOPs). The one-pass
         # strategy takes each token's loss gradient by autograd in the middle of its forward, which an op the
         # compiler treats as opaque cannot do (autograd runs above custom ops); value and gradient are the same.
-        out = linear_logprobs(hidden, weight, targets, temperature=1.0 / cfg.inv_temp, return_entropy=cfg.with_entropy,
+        out = linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=cfg.with_entropy,
                               ignore_index=cfg.ignore_index, backend=cfg.backend, chunk_cols=cfg.chunk_cols)
         loss = terms.value(out.logprobs, out.entropy)
         logprobs_N, entropy_N = out.logprobs.detach(), None if out.entropy is None else out.entropy.detach()
     else:
-        loss, logprobs_N, entropy_N = _LinearPolicyLossFn.apply(hidden, weight, targets, cfg, terms)
+        inv_temp_N = inverse_temperatures(temperature, hidden.shape[0], hidden.device)
+        loss, logprobs_N, entropy_N = _LinearPolicyLossFn.apply(hidden, weight, targets, inv_temp_N, cfg, terms)
     metrics = policy_metrics(logprobs_N, batch, opts)
     metrics["logprobs"] = logprobs_N.detach()
     if cfg.with_entropy:

@@ -5,9 +5,13 @@ import torch
 
 
 def reference_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float, ignore_index: int = -100
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float | torch.Tensor,
+    ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target), entropy) in float64 from the full logits; 0 at ignored positions. Differentiable."""
+    """(log p(target), entropy) in float64 from the full logits; 0 at ignored positions. Differentiable.
+    temperature: a number, or one per token (shaped like targets)."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach().cpu().double().reshape(-1, 1)
     logits = hidden.double().reshape(-1, hidden.shape[-1]) @ weight.double().T / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     t = targets.reshape(-1)

@@ -45,6 +45,22 @@ def test_linear_logprobs_compiles_fullgraph_with_eager_values_and_gradients(devi
     torch.testing.assert_close(out_c.entropy.double(), ref_ent, rtol=0, atol=2e-5)
 
 
+def test_per_token_temperatures_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    hidden, weight, targets = _inputs(device)
+    temps = torch.linspace(0.3, 2.0, targets.numel(), device=device).reshape(targets.shape)
+    compiled = torch.compile(_loss, fullgraph=True, backend="aot_eager")
+    loss_c, out_c = compiled(hidden, weight, targets, temps)
+    grads_c = torch.autograd.grad(loss_c, (hidden, weight))
+    loss_e, out_e = _loss(hidden, weight, targets, temps)
+    grads_e = torch.autograd.grad(loss_e, (hidden, weight))
+    torch.testing.assert_close(out_c.logprobs, out_e.logprobs, rtol=0, atol=0)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-6)
+    ref_lp, _ = reference_logprobs(hidden.detach(), weight.detach(), targets, temperature=temps)
+    torch.testing.assert_close(out_c.logprobs.double(), ref_lp, rtol=0, atol=2e-5)
+
+
 def test_linear_logprobs_compiles_with_inductor_and_dynamic_shapes(device):
     """The default compiler, and a second length without a recompile failure (packed batches change N)."""
     torch._dynamo.reset()
@@ -79,15 +95,16 @@ def test_policy_loss_compiles_fullgraph_with_eager_values():
 @pytest.mark.parametrize("with_entropy", [True, False])
 def test_opcheck_linear_logprobs_ops(device, backend, with_entropy):
     hidden, weight, targets = _inputs(device, lead=(9,))
+    inv_temp = torch.linspace(0.6, 1.8, 9, device=device)  # one per row
     torch.library.opcheck(torch.ops.raro_kernels.linear_logprobs.default,
-                          (hidden, weight, targets, 1.3, with_entropy, -100, backend, 16))
+                          (hidden, weight, targets, inv_temp, with_entropy, -100, backend, 16))
     with torch.no_grad():
-        _, _, lse, raw_entropy = torch.ops.raro_kernels.linear_logprobs.default(hidden, weight, targets, 1.3, with_entropy, -100,
-                                                                    backend, 16)
+        _, _, lse, raw_entropy = torch.ops.raro_kernels.linear_logprobs.default(
+            hidden, weight, targets, inv_temp, with_entropy, -100, backend, 16)
     g = torch.randn(9, device=device)
     torch.library.opcheck(torch.ops.raro_kernels.linear_logprobs_backward.default,
                           (hidden.detach(), weight.detach(), targets, lse, raw_entropy, g,
-                           g.flip(0) if with_entropy else g.new_empty(0), 1.3, True, True, backend, 16))
+                           g.flip(0) if with_entropy else g.new_empty(0), inv_temp, True, True, backend, 16))
 
 
 def test_out_of_range_targets_are_still_refused_in_eager_mode(device):

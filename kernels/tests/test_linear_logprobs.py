@@ -34,7 +34,8 @@ def _make(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed
     return hidden.to(device, dtype), weight.to(device, dtype), targets.to(device)
 
 
-def _check(out: LinearLogprobs, hidden, weight, targets, temperature: float, *, grads: bool = True) -> None:
+def _check(out: LinearLogprobs, hidden, weight, targets, temperature: float | torch.Tensor, *,
+           grads: bool = True) -> None:
     h64 = hidden.detach().cpu().double().requires_grad_(grads)
     w64 = weight.detach().cpu().double().requires_grad_(grads)
     ref_lp, ref_ent = reference_logprobs(h64, w64, targets.cpu(), temperature=temperature)
@@ -75,6 +76,42 @@ def test_matches_float64_forward_and_backward(backend: str, dtype: torch.dtype, 
         hidden, weight, targets, temperature=0.7, return_entropy=True, backend=backend, chunk_cols=512
     )
     _check(out, hidden, weight, targets, 0.7)
+
+
+def _token_temperatures(shape, device, seed: int) -> torch.Tensor:
+    """Per-token temperatures from 0.3 to 2 (RARO's critic at 0.3 next to the policy at 1, and more)."""
+    g = torch.Generator().manual_seed(seed)
+    return (0.3 + 1.7 * torch.rand(shape, generator=g)).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_token_temperatures_match_float64(backend: str, dtype: torch.dtype, device) -> None:
+    """A batch mixing temperatures: each token's log-prob and entropy at its own, and their gradients; leading
+    dims and a strided temperature view too. The logits are divided in fp32, so bf16 meets the same 1e-4 as a
+    single temperature does (scaling bf16 hidden states by T/T_t instead was off by up to 5e-2 here)."""
+    n, h, v = SHAPES[1]
+    hidden, weight, targets = _make(n, h, v, dtype, device, seed=3)
+    hidden = hidden.reshape(5, 9, h).requires_grad_(True)
+    weight.requires_grad_(True)
+    targets = targets.reshape(5, 9)
+    temps = _token_temperatures((9, 5), device, seed=4).t()  # strided: the kernels read it as contiguous rows
+    out = linear_logprobs(hidden, weight, targets, temperature=temps, return_entropy=True, backend=backend,
+                          chunk_cols=512)
+    _check(out, hidden, weight, targets, temps)
+
+
+def test_one_temperature_as_a_tensor_is_the_number_bit_for_bit(backend: str, device) -> None:
+    n, h, v = SHAPES[0]
+    results = []
+    for temperature in (0.7, torch.full((n,), 0.7, dtype=torch.float64, device=device)):
+        hidden, weight, targets = _make(n, h, v, torch.bfloat16, device, seed=5)
+        hidden.requires_grad_(True)
+        weight.requires_grad_(True)
+        out = linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True, backend=backend)
+        total = (out.logprobs * torch.linspace(-1, 1, n, device=device)).sum() + out.entropy.sum()
+        results.append((out.logprobs, out.entropy, *torch.autograd.grad(total, (hidden, weight))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_logprobs_only_leading_dims_and_strided_hidden(backend: str, device) -> None:
@@ -171,6 +208,12 @@ def test_bad_inputs_raise_value_error() -> None:
         (dict(hidden=h, weight=w, targets=t[:4]), "targets shape"),
         (dict(hidden=h, weight=w, targets=t.float()), "targets must be"),
         (dict(hidden=h, weight=w, targets=t, temperature=0.0), "temperature"),
+        (dict(hidden=h, weight=w, targets=t, temperature=torch.ones(4)), r"shaped like targets \(5,\)"),
+        (dict(hidden=h, weight=w, targets=t, temperature=torch.ones(5, dtype=torch.long)), "floating point"),
+        (dict(hidden=h, weight=w, targets=t, temperature=torch.tensor([1.0, 0.5, 0.0, 1.0, 1.0])),
+         "finite and > 0 at every token, got 0.0 at flat index 2"),
+        (dict(hidden=h, weight=w, targets=t, temperature=torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])),
+         "at flat index 1"),
         (dict(hidden=h, weight=w, targets=t, backend="cuda"), "backend"),
         (dict(hidden=h, weight=w, targets=torch.tensor([0, 1, 30, 2, -100])), r"targets\[2\] = 30"),
         (dict(hidden=h[0], weight=w, targets=t[0]), "hidden must be"),

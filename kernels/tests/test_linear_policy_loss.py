@@ -46,7 +46,7 @@ OPTIONS = dict(
 )
 
 
-def _run(x, backend: str, temperature: float, entropy_coef: float, **extra):
+def _run(x, backend: str, temperature: float | torch.Tensor, entropy_coef: float, **extra):
     hidden = x["hidden"].clone().requires_grad_(True)
     weight = x["weight"].clone().requires_grad_(True)
     loss, metrics = linear_policy_loss(
@@ -57,7 +57,7 @@ def _run(x, backend: str, temperature: float, entropy_coef: float, **extra):
     return loss, metrics, torch.autograd.grad(loss, (hidden, weight))
 
 
-def _reference(x, temperature: float, entropy_coef: float):
+def _reference(x, temperature: float | torch.Tensor, entropy_coef: float):
     h64 = x["hidden"].cpu().double().requires_grad_(True)
     w64 = x["weight"].cpu().double().requires_grad_(True)
     lp, ent = reference_logprobs(h64, w64, x["targets"].cpu(), temperature=temperature)
@@ -92,6 +92,23 @@ def test_matches_float64_reference(backend: str, dtype: torch.dtype, strategy: s
     assert dh.dtype == dtype and dw.dtype == dtype
     assert _rel_err(dh, ref_dh) < GRAD_RTOL[dtype], _rel_err(dh, ref_dh)
     assert _rel_err(dw, ref_dw) < GRAD_RTOL[dtype], _rel_err(dw, ref_dw)
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_per_token_temperatures(backend: str, strategy: str, device) -> None:
+    """A temperature per token (each one-pass chunk reads its own rows of them): the float64 reference's loss,
+    log-probs and gradients at each token's temperature, in bf16."""
+    if backend == "torch" and strategy != "two_pass":
+        pytest.skip("the torch backend always runs two passes")
+    g = torch.Generator().manual_seed(8)
+    temps = (0.3 + 1.7 * torch.rand(41, generator=g)).to(device)
+    x = _make(41, 40, 700, torch.bfloat16, device, seed=808, temperature=0.8)
+    loss, metrics, (dh, dw) = _run(x, backend, temps, 0.01, **STRATEGIES[strategy])
+    ref_loss, ref_lp, _, _, (ref_dh, ref_dw) = _reference(x, temps, 0.01)
+    torch.testing.assert_close(loss.cpu().double(), ref_loss.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(metrics["logprobs"].cpu().double(), ref_lp.detach(), rtol=1e-5, atol=1e-4)
+    assert _rel_err(dh, ref_dh) < GRAD_RTOL[torch.bfloat16], _rel_err(dh, ref_dh)
+    assert _rel_err(dw, ref_dw) < GRAD_RTOL[torch.bfloat16], _rel_err(dw, ref_dw)
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -192,6 +209,8 @@ def test_bad_inputs_raise_value_error(device) -> None:
         linear_policy_loss(*args, chunk_tokens=0)
     with pytest.raises(ValueError, match="kl_coef"):
         linear_policy_loss(*args, kl_coef=0.1)
+    with pytest.raises(ValueError, match="shaped like targets"):
+        linear_policy_loss(*args, temperature=torch.ones(8, device=device))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,7 +9,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -18,12 +18,16 @@ from raro_kernels import linear_logprobs
 NA = "NA"  # the one class of every unfinished output
 
 
-def answer_entropy(answers: Sequence[str | None], normalize: Callable[[str], str] = str.strip) -> float:
+def answer_entropy(answers: Sequence[str | None], classes: Sequence[int | None] | None = None) -> float:
     """H = -sum_j p_j ln p_j over the distinct final answers of N samples (None, an unfinished output, is the
-    single class "NA"); answers are grouped after `normalize`."""
+    single class "NA"). Answers are grouped by `classes` where given (one per answer, as `Task.answer_classes`
+    numbers them: DeepMath's 1/2 and 0.5 are one answer), else by their text without surrounding whitespace."""
     if not answers:
         raise ValueError("answer_entropy: no answers")
-    counts = Counter(NA if a is None else "ans:" + normalize(a) for a in answers)
+    if classes is not None and len(classes) != len(answers):
+        raise ValueError(f"answer_entropy: {len(classes)} classes for {len(answers)} answers")
+    labels = classes if classes is not None else [None if a is None else a.strip() for a in answers]
+    counts = Counter(NA if a is None or c is None else ("class", c) for a, c in zip(answers, labels))
     n = len(answers)
     return -sum(c / n * math.log(c / n) for c in counts.values())
 

@@ -29,14 +29,12 @@ class PolicyModel(nn.Module):
         """fp32 log-probs [T] of mb.targets (0 where the target is -100) and optionally the entropy [T], at
         `temperature`, or at each token's own where the micro-batch carries them (`mb.temperatures`)."""
         hidden_TH = packed_hidden_states(self.lm.model, mb)
-        if mb.temperatures is not None:
-            # logits are linear in the hidden state: scaling row t by T/T_t makes the kernel's logits/T equal
-            # logits/T_t, exactly where T_t == T (a factor of 1), and the gradient flows through the scale.
-            scale_T = (temperature / mb.temperatures).to(hidden_TH.dtype)
-            hidden_TH = hidden_TH * scale_T[:, None]
         weight_VH = self.lm.get_output_embeddings().weight
+        # Per-token temperatures go to the kernel, which divides the fp32 logits: scaling the (bf16) hidden
+        # states by T/T_t instead rounded both the factor and every scaled element.
+        temperatures = temperature if mb.temperatures is None else mb.temperatures
         out = linear_logprobs(
-            hidden_TH, weight_VH, mb.targets, temperature=temperature, return_entropy=return_entropy
+            hidden_TH, weight_VH, mb.targets, temperature=temperatures, return_entropy=return_entropy
         )
         # Fresh tensors, not views of the kernel's buffers: FSDP2 hooks its pre-backward on the root's outputs,
         # and warns that a view could lose that hook.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from raro_fast import prompts
 
@@ -38,6 +38,12 @@ class Task(ABC):
         """True/False if the task can check an answer, None if it has no verifier."""
         return None
 
+    def answer_classes(self, answers: Sequence[str | None]) -> list[int | None]:
+        """One class number per answer (None for no answer), numbered by first appearance: answers that are the
+        same answer share one. Majority vote and answer entropy count classes, not strings. Here: the same text
+        up to surrounding whitespace; a task whose answers have many spellings (DeepMath: 1/2 and 0.5) says more."""
+        return classes_by_key(answers, str.strip)
+
     @staticmethod
     def check_split(split: str) -> None:
         if split not in SPLITS:
@@ -58,3 +64,9 @@ class FileTask(Task):
         self.check_split(split)
         return list(self._splits[split])
 
+
+
+def classes_by_key(answers: Sequence[str | None], key) -> list[int | None]:
+    """Class numbers (by first appearance) of answers grouped by `key(answer)`; None stays None."""
+    numbers: dict[Any, int] = {}
+    return [None if a is None else numbers.setdefault(key(a), len(numbers)) for a in answers]

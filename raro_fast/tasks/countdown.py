@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 from math import comb
-from typing import Literal, get_args
+from typing import Literal, Sequence, get_args
 
-from raro_fast.tasks.base import Example, Task
+from raro_fast.tasks.base import Example, Task, classes_by_key
 
 MAX_EXPRESSION_CHARS = 256
 _ENUMERATE_LIMIT = 200_000  # multisets; beyond this the generator samples instead of enumerating
@@ -480,6 +480,20 @@ class CountdownTask(Task):
 
     def verify(self, example: Example, answer: str | None) -> bool:
         return answer is not None and verify(example.meta["numbers"], example.meta["target"], answer)
+
+    def answer_classes(self, answers: Sequence[str | None]) -> list[int | None]:
+        """The same expression is one answer however it is spaced or parenthesised (`(8+2)` and `8 + 2`); an
+        expression that does not parse is its text without whitespace."""
+        return classes_by_key(answers, _expression_key)
+
+
+def _expression_key(answer: str) -> str:
+    if len(answer) <= MAX_EXPRESSION_CHARS:  # the parser recurses per parenthesis: bound it as `verify` does
+        try:
+            return to_string(parse(answer))
+        except _ParseError:
+            pass
+    return "".join(answer.split())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from raro_fast import prompts
 from raro_fast.tasks.base import Example, FileTask
@@ -197,6 +197,59 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
         return False
 
 
+def _real_value(text: str, timeout_seconds: int | None) -> float | None:
+    """The value of an answer that parses to a real number (1/2, 0.5, 50\\%, \\sqrt{2}/2), rounded to math-verify's
+    six decimals; None for anything else (sets, intervals, equations, expressions with a variable)."""
+    from math_verify.errors import TimeoutException
+
+    try:
+        parsed = _parse_latex(text, timeout_seconds)
+        expr = parsed[0] if parsed else None
+        if not getattr(expr, "is_number", False):
+            return None
+        value = complex(expr.evalf())
+    except (Exception, TimeoutException):  # sympy raises many kinds on odd input: then it is not a plain number
+        return None
+    if value.imag or value.real != value.real:  # complex, or nan
+        return None
+    return round(value.real, 6)
+
+
+def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int = 5) -> list[int | None]:
+    """Class numbers by first appearance (None for no answer) where math-verify's equal answers share one:
+    \\frac{1}{2}, 0.5 and 1/2 are one answer. Real numbers are grouped by their value without a pairwise check (a
+    thousand numeric samples cost a thousand parses, not half a million comparisons); any other answer is
+    compared by `math_equal` with the first member of each class, and a number with the first member of each class
+    that is not a number (x=3 and 3 are one answer). An answer that does not parse is its own text."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    timeout = timeout_seconds if timeout_seconds > 0 and on_main_thread else None
+    by_text: dict[str, int] = {}
+    by_value: dict[float, int] = {}
+    firsts: list[tuple[str, bool]] = []  # each class's first member, and whether it is a number
+    out: list[int | None] = []
+    for answer in answers:
+        if answer is None:
+            out.append(None)
+            continue
+        text = answer.strip()
+        if text not in by_text:
+            value = _real_value(text, timeout) if text and len(text) <= MAX_ANSWER_CHARS else None
+            cls = by_value.get(value) if value is not None else None
+            if cls is None:
+                cls = next((c for c, (first, is_number) in enumerate(firsts)
+                            if not (value is not None and is_number) and math_equal(first, text,
+                                                                                     timeout_seconds=timeout_seconds)),
+                           None)
+            if cls is None:
+                cls = len(firsts)
+                firsts.append((text, value is not None))
+            if value is not None:
+                by_value.setdefault(value, cls)
+            by_text[text] = cls
+        out.append(by_text[text])
+    return out
+
+
 class DeepMathTask(FileTask):
     name = "deepmath"
     has_verifier = True
@@ -208,3 +261,6 @@ class DeepMathTask(FileTask):
 
     def verify(self, example: Example, answer: str | None) -> bool:
         return math_equal(example.answer, answer, timeout_seconds=self.cfg.verify_timeout_seconds)
+
+    def answer_classes(self, answers: Sequence[str | None]) -> list[int | None]:
+        return math_answer_classes(answers, timeout_seconds=self.cfg.verify_timeout_seconds)

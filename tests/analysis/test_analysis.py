@@ -9,6 +9,8 @@ from raro_fast.analysis import (
     answer_entropy, avg_at_n, default_ks, load_traces_jsonl, mean_token_entropy, pass_at_k, pass_at_k_curve,
     perplexity, support_categories, support_metrics, token_entropy,
 )
+from raro_fast.tasks import get_task
+from raro_fast.tasks.deepmath import DeepMathConfig
 
 
 def test_pass_at_k_equals_brute_force_over_subsets():
@@ -74,6 +76,16 @@ def test_answer_entropy_known_distributions():
     assert answer_entropy([None, None, "x", "x"]) == pytest.approx(math.log(2))  # NA is one class
     assert answer_entropy([" 24 ", "24", None]) == pytest.approx(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
     assert answer_entropy(["NA", None]) == pytest.approx(math.log(2))  # the text "NA" is not the unfinished class
+
+
+def test_answer_entropy_counts_a_tasks_equal_answers_as_one():
+    answers = ["0.5", r"\frac{1}{2}", "1/2", "3"]
+    assert answer_entropy(answers) == pytest.approx(math.log(4))  # by text: four answers
+    classes = get_task("deepmath", DeepMathConfig()).answer_classes(answers)
+    assert answer_entropy(answers, classes) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert answer_entropy([None, "x"], [None, 0]) == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="3 classes for 2 answers"):
+        answer_entropy(["a", "b"], [0, 1, 2])
 
 
 def test_token_entropy_against_float64_reference():
