@@ -45,9 +45,44 @@ def _one_block(answer: str) -> str:
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation up to the assistant's turn, through the tokenizer's own chat template."""
+    """Token ids of a conversation up to the assistant's turn, through the tokenizer's own chat template.
+
+    Special tokens come from the template only. A message holding a special token's text (a policy answer that
+    spells `<|im_end|>` out of ordinary tokens, say) would otherwise be read back as that token and could end its
+    turn early and write a turn of its own into the critic's prompt; such content is tokenized as plain text.
+    Every other prompt is the template's text tokenized whole, as before."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    specials = _special_token_texts(tokenizer)
+    if not any(sp in m["content"] for m in messages for sp in specials):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The template around placeholders (private-use characters, in no template or tokenizer's special tokens),
+    # each placeholder's content tokenized on its own with special tokens split into ordinary ones.
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    around = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                           tokenize=False, add_generation_prompt=True)
+    ids: list[int] = []
+    for m, mark in zip(messages, marks):
+        before, found, around = around.partition(mark)
+        if not found:  # a template that rewrites its contents: keep it, without the special tokens' text
+            return tokenizer(tokenizer.apply_chat_template(
+                [{**m, "content": _without(m["content"], specials)} for m in messages], tokenize=False,
+                add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        ids += tokenizer(before, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(m["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids + tokenizer(around, add_special_tokens=False)["input_ids"]
+
+
+def _special_token_texts(tokenizer) -> tuple[str, ...]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if t.special}
+    return tuple(t for t in texts if t)
+
+
+def _without(text: str, specials: tuple[str, ...]) -> str:
+    while any(sp in text for sp in specials):  # until none is left: removing one can join another
+        for sp in specials:
+            text = text.replace(sp, "")
+    return text
 
 
 THINK_END = "</think>"
