@@ -24,6 +24,10 @@ def parallelize(root: nn.Module, layers: list[nn.Module], d: Dist, *, compute_dt
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
-    fully_shard(root, mp_policy=mp)
+    # The root's inputs stay as given: FSDP2 would cast every float tensor in them to bf16, the packed batch's
+    # per-token temperatures too (0.3 -> 0.30078: critic log-probs 0.47 nats off in a test). The decoder layers
+    # still cast what reaches them; the embeddings' output is in the compute dtype anyway.
+    fully_shard(root, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                     cast_forward_inputs=False))
     return root
 
