@@ -64,9 +64,9 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     for m, mark in zip(messages, marks):
         before, found, around = around.partition(mark)
         if not found:  # a template that rewrites its contents: keep it, without the special tokens' text
-            return tokenizer(tokenizer.apply_chat_template(
-                [{**m, "content": _without(m["content"], specials)} for m in messages], tokenize=False,
-                add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            cleaned = [{**msg, "content": _without(msg["content"], specials)} for msg in messages]
+            text = tokenizer.apply_chat_template(cleaned, tokenize=False, add_generation_prompt=True)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += tokenizer(before, add_special_tokens=False)["input_ids"]
         ids += tokenizer(m["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids + tokenizer(around, add_special_tokens=False)["input_ids"]

@@ -65,7 +65,6 @@ class FileTask(Task):
         return list(self._splits[split])
 
 
-
 def classes_by_key(answers: Sequence[str | None], key) -> list[int | None]:
     """Class numbers (by first appearance) of answers grouped by `key(answer)`; None stays None."""
     numbers: dict[Any, int] = {}

@@ -236,9 +236,9 @@ def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int =
             value = _real_value(text, timeout) if text and len(text) <= MAX_ANSWER_CHARS else None
             cls = by_value.get(value) if value is not None else None
             if cls is None:
-                cls = next((c for c, (first, is_number) in enumerate(firsts)
-                            if not (value is not None and is_number) and math_equal(first, text,
-                                                                                     timeout_seconds=timeout_seconds)),
+                # Two numbers of different values are different answers: compare only where one is not a number.
+                candidates = (c for c, (first, is_number) in enumerate(firsts) if value is None or not is_number)
+                cls = next((c for c in candidates if math_equal(firsts[c][0], text, timeout_seconds=timeout_seconds)),
                            None)
             if cls is None:
                 cls = len(firsts)
