@@ -188,25 +188,36 @@ def test_policy_model_log_probs_and_entropy_at_each_sequences_temperature_match_
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def policy_and_critic_batch():
+    """A model with logits of O(10) (as a trained model's, so a temperature error shows) and a packed batch of two
+    policy samples at 1.0 and two critic samples at 0.3, each carrying its temperature."""
+    model = tiny_qwen(seed=6)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+    samples = random_samples(4, random.Random(5), with_logprobs=False)
+    for s, temp in zip(samples, (1.0, 0.3, 0.3, 1.0)):
+        s.temperature = temp
+    return model, pack(samples, num_sequences=4, num_tokens=sum(x.num_targets for x in samples))
+
+
+def logprobs_at_token_temperatures(hidden, weight, mb):
+    """float64 log-probs of mb's targets from these hidden states and head, each token at its own temperature;
+    and the mask of scored tokens."""
+    logits = hidden.double() @ weight.double().T / mb.temperatures[:, None]
+    return torch.log_softmax(logits, -1).gather(1, mb.targets.clamp(min=0)[:, None])[:, 0], mb.targets != -100
+
+
 def test_policy_model_in_bf16_divides_the_fp32_logits_by_each_tokens_temperature():
     """bf16 with RARO's critic at 0.3 beside the policy at 1: log-probs within fp32 accumulation (1e-4) of the
     float64 softmax of the model's own bf16 hidden states and head, each token at its temperature. Scaling the
     bf16 hidden states by T/T_t (the way before) rounded the factor and every element: 0.36 off here."""
     from raro_fast.model.policy import PolicyModel
 
-    model = tiny_qwen(seed=6).bfloat16()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(30)  # logits of O(10), as a trained model's
-    samples = random_samples(4, random.Random(5), with_logprobs=False)
-    for s, temp in zip(samples, (1.0, 0.3, 0.3, 1.0)):
-        s.temperature = temp
-    mb = pack(samples, num_sequences=4, num_tokens=sum(x.num_targets for x in samples))
+    model, mb = policy_and_critic_batch()
+    model = model.bfloat16()
     with torch.no_grad():
         logprobs, _ = PolicyModel(model)(mb, temperature=1.0)
-        hidden = packed_hidden_states(model.model, mb).double()
-    logits = hidden @ model.get_output_embeddings().weight.double().T / mb.temperatures[:, None]
-    keep = mb.targets != -100
-    want = torch.log_softmax(logits, -1).gather(1, mb.targets.clamp(min=0)[:, None])[:, 0]
+        hidden = packed_hidden_states(model.model, mb)
+    want, keep = logprobs_at_token_temperatures(hidden, model.get_output_embeddings().weight, mb)
     assert float((logprobs.double() - want)[keep].abs().max()) < 1e-4
     assert float(want[keep].abs().max()) > 1.0  # not a near-uniform distribution that any scale would match
-

@@ -4,7 +4,6 @@ temperatures divide the logits at full precision. FSDP2 casts every float tensor
 compute dtype by default, the temperatures too (0.3 -> 0.30078)."""
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -32,18 +31,11 @@ def _worker(out: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import raro_fast.model.policy as policy
     from raro_fast.distributed import Dist
-    from raro_fast.packing import pack
     from raro_fast.parallelize import parallelize
-    from test_packing import random_samples, tiny_qwen
+    from test_packing import logprobs_at_token_temperatures, policy_and_critic_batch
 
     dist.init_process_group("gloo", rank=0, world_size=1)
-    model = tiny_qwen(seed=6)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(30)  # logits of O(10), as a trained model's
-    samples = random_samples(4, random.Random(5), with_logprobs=False)
-    for s, temp in zip(samples, (1.0, 0.3, 0.3, 1.0)):
-        s.temperature = temp
-    mb = pack(samples, num_sequences=4, num_tokens=sum(x.num_targets for x in samples))
+    model, mb = policy_and_critic_batch()
     seen = {}
     kernel = policy.linear_logprobs
 
@@ -56,11 +48,9 @@ def _worker(out: str) -> None:
                      Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), compute_dtype=torch.bfloat16)
     with torch.no_grad():
         logprobs, _ = pm(mb, temperature=1.0)
-    hidden, weight = seen["hidden"].double(), seen["weight"].full_tensor() if hasattr(seen["weight"], "full_tensor") \
-        else seen["weight"]
-    logits = hidden @ weight.double().T / mb.temperatures[:, None]  # the packed batch's own, exact temperatures
-    keep = mb.targets != -100
-    want = torch.log_softmax(logits, -1).gather(1, mb.targets.clamp(min=0)[:, None])[:, 0]
+    weight = seen["weight"]
+    weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+    want, keep = logprobs_at_token_temperatures(seen["hidden"], weight, mb)  # the batch's exact temperatures
     Path(out).write_text(json.dumps({
         "temperature_dtype": str(getattr(seen["temperature"], "dtype", None)),
         "max_error": float((logprobs.double() - want)[keep].abs().max()),
