@@ -256,3 +256,21 @@ def test_expert_form_varied_draws_one_valid_expression_per_puzzle_seeded():
     # Where no expression has whole steps, a fractional one is still drawn.
     assert expert_answer((3, 8, 3, 8), 24, "varied", 0) == "8/(3-8/3)"
     assert [e.answer for e in canonical[:3]] == ["3*6-8", "3*7-11", "4+2+4"]  # the default is unchanged
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("<think>7+7=14, 14-4=10</think><answer>7+7-4</answer>", "7+7-4"),
+    ("<answer> (8 + 2) </answer>", "(8 + 2)"),
+    ("<answer>8 × 2 - 6</answer>", "8 × 2 - 6"),
+    ("<answer>5*3-6</answer>", "5*3-6"),  # a wrong value is still an answer: the verifier, not extraction, rejects it
+    # What a RARO policy wrote at step 320 (section 13), paid more than the expert's answer by its critic:
+    ("<think>7+7=14</think><answer>7+7-4 mak10)</answer>", None),
+    ("<think>6+3=9</think><answer>6+3-5 mak1-39=-3 mak1)</answer>", None),
+    ("<answer>8+2=10</answer>", None),
+    ("<answer>((8+2)</answer>", None),
+    ("<answer>" + "1+" * 200 + "1</answer>", None),  # longer than any expression is read
+    ("<think>no answer</think>", None),
+])
+def test_an_answer_is_an_expression_and_nothing_beside_it(completion, expected):
+    task = get_task("countdown", CountdownConfig(num_train=4, num_heldout=2))
+    assert task.extract_answer(completion) == expected

@@ -16,6 +16,7 @@ from functools import lru_cache
 from math import comb
 from typing import Literal, Sequence, get_args
 
+from raro_fast import prompts
 from raro_fast.tasks.base import Example, Task, classes_by_key
 
 MAX_EXPRESSION_CHARS = 256
@@ -478,6 +479,15 @@ class CountdownTask(Task):
             meta={"numbers": list(p.numbers), "target": p.target},
         )
 
+    def extract_answer(self, completion: str) -> str | None:
+        """The last answer tag's content if it is an arithmetic expression (integers, + - * / and parentheses, by
+        the grammar of `parse`; neither the numbers nor the value are checked), else None: text beside an
+        expression is no answer. The critic reads the answer, and a RARO policy learned to write `7+7-4 mak10)`, the
+        expert's expression with a claim that it makes the target, which its critic paid more than the expert's
+        own answer (docs/experiments.md, section 13)."""
+        answer = prompts.parse_answer(completion)
+        return answer if answer is not None and _is_expression(answer) else None
+
     def verify(self, example: Example, answer: str | None) -> bool:
         return answer is not None and verify(example.meta["numbers"], example.meta["target"], answer)
 
@@ -485,6 +495,16 @@ class CountdownTask(Task):
         """The same expression is one answer however it is spaced or parenthesised (`(8+2)` and `8 + 2`); an
         expression that does not parse is its text without whitespace."""
         return classes_by_key(answers, _expression_key)
+
+
+def _is_expression(text: str) -> bool:
+    if len(text) > MAX_EXPRESSION_CHARS:
+        return False
+    try:
+        parse(text)
+    except _ParseError:
+        return False
+    return True
 
 
 def _expression_key(answer: str) -> str:
