@@ -41,14 +41,15 @@ def main(argv: list[str]) -> int:
     groups = [(g.split("=", 1)[0], g.split("=", 1)[1].split(",")) for g in argv[2:]]
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False, sharex=True)
     for col, (title, runs) in enumerate(groups):
-        for run in runs:
+        for i, run in enumerate(runs):
             rows = read(root / run / "metrics.jsonl")
             curve = accuracy_curve(rows, "avg@n")
-            axes[0][col].plot(list(curve), list(curve.values()), marker="o", label=run)
+            color = f"C{i}"  # one colour per run in both rows, also where a run (RLVR) logs no critic reward
+            axes[0][col].plot(list(curve), list(curve.values()), marker="o", label=run, color=color)
             wrong = [(r["step"], r["reward/policy_mean_incorrect"]) for r in rows
                      if r.get("reward/policy_mean_incorrect") is not None]
             if wrong:
-                axes[1][col].plot(*running_mean(*map(list, zip(*wrong)), WINDOW), label=run)
+                axes[1][col].plot(*running_mean(*map(list, zip(*wrong)), WINDOW), label=run, color=color)
         axes[0][col].set_title(title, fontsize=10)
         axes[1][col].set_xlabel("training step")
         axes[0][col].legend(fontsize=8)
