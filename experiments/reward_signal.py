@@ -74,7 +74,7 @@ def judge_all(model_dir: str, cfg, questions: int, verdicts: int) -> list[dict]:
             for j, c in enumerate(comps):
                 answer = None if c.truncated else task.extract_answer(c.text)
                 row = {"group": start + i, "correct": bool(task.verify(ex, answer)), "rewards": None,
-                       "answer": answer, "expert": ex.answer,
+                       "answer": answer, "expert": ex.answer, "text": c.text, "truncated": c.truncated,
                        "failure": _countdown_failure(ex, answer) if "numbers" in ex.meta else None}
                 if (i, j) in by_sample:
                     jd, vs = by_sample[(i, j)]

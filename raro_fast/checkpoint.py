@@ -178,10 +178,11 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 # setting defines what the run trains on and how; a resume that changed one would continue another run under this
 # one's name (a changed questions_per_step, say, skips demonstrations: the data position is step x that count).
 RESUMABLE = ("train.steps", "train.eval_", "train.progress", "train.save_every", "train.stop_after", "train.resume",
-             "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch", "optim.", "rollout.backend",
-             "rollout.batch_size", "rollout.release_memory", "rollout.weight_bucket_mb", "rollout.mem_fraction",
-             "rollout.tp_size", "rollout.sglang_url", "rollout.server_ranks", "rollout.weight_group_",
-             "model.gradient_checkpointing", "model.liger_kernels", "task.deepmath.verify_timeout_seconds")
+             "train.log_rollouts_every", "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch",
+             "optim.", "rollout.backend", "rollout.batch_size", "rollout.release_memory", "rollout.weight_bucket_mb",
+             "rollout.mem_fraction", "rollout.tp_size", "rollout.sglang_url", "rollout.server_ranks",
+             "rollout.weight_group_", "model.gradient_checkpointing", "model.liger_kernels",
+             "task.deepmath.verify_timeout_seconds")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

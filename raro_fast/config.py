@@ -332,6 +332,11 @@ class TrainConfig:
         "its pick is right, eval/heldout_tournament_at_n: what the critic RARO trains adds at test time. It costs "
         "about eval_samples critic calls per puzzle.", True)
     save_every: int = _help("Checkpoint every this many steps (0: only at the end).", 10)
+    log_rollouts_every: int = _help(
+        "Every this many steps, write each sequence the step trains to rollouts.jsonl: role, group, prompt and "
+        "completion text, reward and advantage. What the policy writes and what the critic answers, to read when a "
+        "curve turns (twice on Countdown the policy drifted into a form that the critic paid and the verifier "
+        "rejected, seen only there). 0: off.", 10)
     resume: bool = _help("Continue from the latest checkpoint in output_dir.", False)
     overwrite: bool = _help("A new run into an output_dir that holds another run deletes that run's files (else it "
                             "is refused); a base_model warmed up with other settings is warmed up again.", False)
@@ -339,7 +344,8 @@ class TrainConfig:
     progress: bool = _help("Show a progress bar.", True)
 
     def __post_init__(self) -> None:
-        _at_least("train", self, 0, "steps", "eval_every", "eval_size", "eval_samples", "save_every", "stop_after")
+        _at_least("train", self, 0, "steps", "eval_every", "eval_size", "eval_samples", "save_every", "stop_after",
+                   "log_rollouts_every")
         _at_least("train", self, 1, "max_tokens_per_micro_batch")
 
 

@@ -5,7 +5,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 # Curves drawn at the end, one panel each: (title, metric keys).
 PLOT_PANELS = [
@@ -39,8 +39,9 @@ def strict_json(obj: Any, **kwargs: Any) -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to metrics.jsonl. On resume, lines past the resumed step are dropped,
-    so the file always reads as one uninterrupted run."""
+    """Appends JSON records, each with its step, to a .jsonl file (metrics.jsonl: one a step; rollouts.jsonl: one a
+    trained sequence). On resume, records past the resumed step are dropped, so the file always reads as one
+    uninterrupted run."""
 
     def __init__(self, path: str | os.PathLike, *, enabled: bool, resume_step: int | None) -> None:
         self.path = Path(path)
@@ -64,10 +65,13 @@ class MetricsLog:
         self.path.write_text("".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        self.write_all([record])
+
+    def write_all(self, records: Iterable[dict[str, Any]]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(strict_json(record, sort_keys=True) + "\n")
+            f.writelines(strict_json(record, sort_keys=True) + "\n" for record in records)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

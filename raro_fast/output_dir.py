@@ -17,7 +17,8 @@ from typing import Any
 from raro_fast.config import JobConfig
 
 # What a run writes into its folder (besides base_model/, handled on its own).
-RUN_ENTRIES = ("metrics.jsonl", "checkpoints", "final_model", "config.json", "curves.png", "dpo_reference")
+RUN_ENTRIES = ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "final_model", "config.json", "curves.png",
+               "dpo_reference")
 RECIPE_FILE = "warmup_recipe.json"
 
 

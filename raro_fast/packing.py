@@ -36,6 +36,7 @@ class SequenceSample:
     weight_version: int | None = None  # the engine weights that sampled it (None: not sampled, e.g. SFT data)
     preference: int = 0  # DPO: +1 the chosen, -1 the rejected member of pair `group`; 0 elsewhere
     temperature: float | None = None  # sampled at this temperature (None: the run's rollout.temperature)
+    reward: float | None = None  # before group centring; only read by the rollout log (None: the mode has none)
 
     @property
     def num_targets(self) -> int:

@@ -70,6 +70,7 @@ class Run:
     ref_model: PolicyModel | None
     replay: ReplayBuffer
     log: MetricsLog
+    rollout_log: MetricsLog
     start_step: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     skipped_in_a_row: int = 0
@@ -120,6 +121,7 @@ def train_step(r: Run, step: int) -> dict:
     samples, scoring, stats = gather_samples(r, rollout, step)
     with r.timed("reward"):  # rewards that need the trainer's model (rl_logit's); nothing to do for the others
         stats.update(r.mode.score(r, samples, scoring))
+    log_rollouts(r, samples, step + 1)
     with r.timed("pack"):
         plan = plan_update(samples, cfg, d, step, r.mode.role_constants(cfg))
         mbs = [mb for part, _ in plan for mb in part]
@@ -235,6 +237,18 @@ def gather_samples(r: Run, rollout, step: int):
     merged["batch/policy_sequences"] = sum(s.role == "policy" for s in samples)
     merged["batch/critic_sequences"] = sum(s.role == "critic" for s in samples)
     return samples, scoring, merged
+
+
+def log_rollouts(r: Run, samples: list, step: int) -> None:
+    """Every sequence the step trains, as text (main rank, every `train.log_rollouts_every` steps)."""
+    every = r.cfg.train.log_rollouts_every
+    if not (every and step % every == 0 and r.d.is_main):
+        return
+    r.rollout_log.write_all(
+        {"step": step, "role": s.role, "group": s.group, "reward": s.reward, "advantage": s.advantage,
+         "weight_version": s.weight_version,  # None: not sampled (an expert's demonstration)
+         "prompt": r.tokenizer.decode(s.input_ids[:s.prompt_len]),
+         "completion": r.tokenizer.decode(s.input_ids[s.prompt_len:])} for s in samples)
 
 
 def plan_update(samples: list, cfg: JobConfig, d: Dist, step: int,
@@ -413,12 +427,14 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         engine.weight_version = start
         warn(f"train.resume: continuing after step {start} from {resume_from}")
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=start if resume_from else None)
+    rollout_log = MetricsLog(out / "rollouts.jsonl", enabled=d.is_main and cfg.train.log_rollouts_every > 0,
+                             resume_step=start if resume_from else None)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
-               mode=mode, ref_model=ref_model, replay=replay, log=log, start_step=start,
+               mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
 

@@ -1,5 +1,6 @@
 """The RARO game on one rank with a scripted engine: pairing, verdict → rewards, over-length filtering, GRPO groups,
 replay mixing and role weights are exactly as the method says."""
+import json
 import random
 
 import pytest
@@ -135,6 +136,43 @@ def test_rewards_groups_and_filtering_with_a_verifier_critic(setting):
     assert all(s.advantage == 0 for s in critic)
     for s in out.samples:
         assert s.input_ids[: s.prompt_len] and len(s.rollout_logprobs) == s.num_targets
+
+
+def test_the_rollout_log_holds_each_trained_sequence_as_text_with_its_reward(setting, tmp_path):
+    from types import SimpleNamespace
+
+    from raro_fast.metrics import MetricsLog
+    from raro_fast.train import log_rollouts
+
+    cfg, tok, task, examples = setting
+    out, _ = play(cfg, tok, task, examples, critic="ramble_half")
+    run = SimpleNamespace(cfg=load_config(["--train.log_rollouts_every", "5"]), d=SimpleNamespace(is_main=True),
+                          tokenizer=tok, rollout_log=MetricsLog(tmp_path / "rollouts.jsonl", enabled=True, resume_step=None))
+    log_rollouts(run, out.samples, 4)  # not a logged step
+    assert (tmp_path / "rollouts.jsonl").read_text() == ""
+    log_rollouts(run, out.samples, 5)
+    rows = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == len(out.samples) and {r["step"] for r in rows} == {5}
+    rc = cfg.raro
+    policy = [r for r in rows if r["role"] == "policy"]
+    for i, ex in enumerate(examples):
+        group = [r for r in policy if r["group"] == i]
+        assert [r["completion"] for r in group] == [prompts.format_completion("t", ex.answer) + tok.eos_token,
+                                                    prompts.format_completion("t", "+".join(map(str, ex.meta["numbers"])))
+                                                    + tok.eos_token, "<think>no answer</think>" + tok.eos_token]
+        assert all(ex.question in r["prompt"] for r in group)
+        # half the critic's verdicts ramble (invalid, not counted): the valid half decides
+        assert [r["reward"] for r in group] == [rc.tau_pol, 0.0, 0.0]
+    critic = [r for r in rows if r["role"] == "critic"]
+    assert len(critic) == 6 * 4
+    # the rambling half is truncated, in the loss with reward 0; the other half is right: 1, or tau_crit on a tie
+    assert sorted({r["reward"] for r in critic}) == [0.0, rc.tau_crit, 1.0]
+    assert all(r["completion"].startswith("<think>and and") for r in critic if r["reward"] == 0.0)
+    for g in {r["group"] for r in critic}:
+        members = [r for r in critic if r["group"] == g]
+        mean = sum(r["reward"] for r in members) / len(members)
+        assert [r["advantage"] for r in members] == pytest.approx([r["reward"] - mean for r in members], abs=1e-12)
+        assert all("Answer 1: " in r["prompt"] and "Answer 2: " in r["prompt"] for r in members)
 
 
 def test_critic_trains_on_every_fresh_pair_plus_replay_at_the_ratio(setting):

@@ -55,10 +55,12 @@ def _with_base(base_model, run_dir):
 @pytest.mark.slow
 def test_single_process_run_writes_everything(base_model, tmp_path):
     run = _with_base(base_model, tmp_path / "run")
-    out = train([*TINY, "--train.steps", "3", "--train.save_every", "2", "--train.output_dir", str(run)])
+    out = train([*TINY, "--train.steps", "3", "--train.save_every", "2", "--train.log_rollouts_every", "2",
+                 "--train.output_dir", str(run)])
     assert "held-out accuracy:" in out.stdout
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    _check_rollout_log(run, recs[2])
     for key in ["reward/policy_mean", "reward/critic_mean", "critic/tie_rate", "critic/accuracy", "critic/invalid_rate",
                 "policy/response_length", "logprob/gap_mean_abs", "timing_s/gen",
                 "timing_s/update_actor", "timing_s/update_weights", "perf/throughput", "policy/entropy"]:
@@ -87,9 +89,24 @@ def test_single_process_run_writes_everything(base_model, tmp_path):
     assert (run / "metrics.jsonl").read_text() == before and (ckpts / "step_000003").is_dir()
 
 
+def _check_rollout_log(run, rec):
+    """rollouts.jsonl holds, as text, exactly the sequences step `rec` trained (the tiny base answers nothing, so no
+    critic sequences here: tests/test_raro_game.py checks those, and the rewards)."""
+    from raro_fast.prompts import POLICY_SYSTEM
+
+    rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {rec["step"]}
+    roles = [r["role"] for r in rows]
+    assert roles.count("policy") == rec["batch/policy_sequences"] > 0
+    assert roles.count("critic") == rec["batch/critic_sequences"]
+    for r in rows:
+        assert POLICY_SYSTEM in r["prompt"] and r["completion"] and r["weight_version"] == rec["step"] - 1
+
+
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
-    args = [*TINY, "--train.steps", "4", "--train.save_every", "2", "--train.eval_every", "1"]
+    args = [*TINY, "--train.steps", "4", "--train.save_every", "2", "--train.eval_every", "1",
+            "--train.log_rollouts_every", "1"]
     full = _with_base(base_model, tmp_path / "full")
     train([*args, "--train.output_dir", str(full)])
     cut = _with_base(base_model, tmp_path / "cut")
@@ -101,6 +118,8 @@ def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
     assert [strip(r) for r in a] == [strip(r) for r in b]
+    # the killed run's step-3 rollouts are dropped on resume and written again, once
+    assert (full / "rollouts.jsonl").read_text() == (cut / "rollouts.jsonl").read_text()
 
 
 @pytest.mark.slow

@@ -117,7 +117,7 @@ def policy_groups(examples: list[Example], *, engine: RolloutEngine, tokenizer, 
 
 
 def sampled_sequence(c: Completion, *, advantage: float, role: str, group: int, weight: float,
-                     temperature: float | None = None) -> SequenceSample:
+                     temperature: float | None = None, reward: float | None = None) -> SequenceSample:
     """A sampled completion as a trainable sequence (its engine log-probs and weight version kept)."""
     return SequenceSample(
         input_ids=list(c.prompt_ids) + list(c.token_ids),
@@ -130,6 +130,7 @@ def sampled_sequence(c: Completion, *, advantage: float, role: str, group: int, 
         rollout_logprobs=list(c.logprobs),
         weight_version=c.weight_version,
         temperature=temperature,
+        reward=reward,
     )
 
 

@@ -81,7 +81,7 @@ def raro_rollouts(
         for j, c in enumerate(comps):
             if train_policy and not c.truncated:  # over-length filtering: in the baseline, not in the loss
                 out.samples.append(sampled_sequence(c, advantage=adv[j], role="policy", group=i, weight=rc.lambda_pol,
-                                            temperature=role_temperatures(cfg)["policy"]))
+                                                    temperature=role_temperatures(cfg)["policy"], reward=rewards[i][j]))
     # 4. Critic training: the fresh verdicts above (on-policy rollouts already), plus rollouts on replayed pairs.
     fresh = list(zip((j.pair for j in judged), (j.expert_position for j in judged), verdicts))
     if fresh_cap is not None and len(fresh) > fresh_cap:
@@ -161,7 +161,7 @@ def _add_critic_group(out: RankRollout, comps: list[Completion], expert_position
         out.add("reward/critic_mean", reward)
         if not c.truncated or rc.invalid_verdicts == "abstain":
             out.samples.append(sampled_sequence(c, advantage=a, role="critic", group=group, weight=rc.lambda_crit,
-                                        temperature=role_temperatures(cfg)["critic"]))
+                                                temperature=role_temperatures(cfg)["critic"], reward=reward))
 
 
 def judge_pairs(judged: list[Judged], engine: RolloutEngine, tokenizer,

@@ -26,7 +26,7 @@ def rlvr_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, 
             out.add("policy/answer_accuracy", r)
             out.add("reward/policy_mean", r)
             if not c.truncated:
-                out.samples.append(sampled_sequence(c, advantage=g, role="policy", group=i, weight=1.0))
+                out.samples.append(sampled_sequence(c, advantage=g, role="policy", group=i, weight=1.0, reward=r))
     return out
 
 
