@@ -83,14 +83,26 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
                                     n=cfg.chunk, seed=draw_seed(cfg.seed, p.id, start))
             comps = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(p.question))], params)[0]
             for c in comps:
-                answer = None if c.truncated else task.extract_answer(c.text)
                 keep_ids = len(have[p.id]) < cfg.entropy_samples
-                have[p.id].append({"answer": answer, "correct": bool(task.verify(p, answer)), "length": len(c.token_ids),
+                have[p.id].append({"text": c.text, "truncated": c.truncated, "length": len(c.token_ids),
                                    **({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids} if keep_ids else {})})
             cache.put(name, p.id, cfg.seed, have[p.id])
             bar.update(1)
     bar.close()
-    return {pid: s[: cfg.k] for pid, s in have.items()}
+    unread = sum("text" not in x for p in problems for x in have[p.id][: cfg.k])
+    if unread:
+        print(f"warning: {name}: {unread} cached samples hold their answer but not their text (cached before texts "
+              "were): their answers stay as the parser of that time read them; delete the model's cache folder to "
+              "sample again", file=sys.stderr)
+    return {p.id: [read_answer(task, p, x) for x in have[p.id][: cfg.k]] for p in problems}
+
+
+def read_answer(task, problem, sample: dict) -> dict:
+    """The sample with its answer and verdict, read now by the task's current parser and verifier: the cache keeps
+    the text, so samples drawn before a parser fix are never scored by the old rule."""
+    answer = (None if sample["truncated"] else task.extract_answer(sample["text"])) if "text" in sample \
+        else sample["answer"]
+    return {**sample, "answer": answer, "correct": bool(task.verify(problem, answer))}
 
 
 

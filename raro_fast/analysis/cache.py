@@ -1,5 +1,6 @@
-"""On-disk cache of sampled answers, one JSON file per (model, problem), so that k can grow across runs and an
-interrupted run resumes without resampling. Each model's folder records what drew its samples (the weights'
+"""On-disk cache of sampled completions, one JSON file per (model, problem), so that k can grow across runs and an
+interrupted run resumes without resampling. It keeps each completion's text, not a reading of it: answers are
+extracted and verified again on every run, so a fixed parser applies to samples drawn before the fix. Each model's folder records what drew its samples (the weights'
 digest and the sampling settings): a later run that names other weights or settings under the same model name is
 refused, never served the old samples.
 

@@ -120,10 +120,11 @@ def choose_pad_token(tokenizer: PreTrainedTokenizerBase, end_ids: list[int]) -> 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(path: str, setting: str) -> str:
+def resolve_model_path(path: str | os.PathLike, setting: str) -> str:
     """A local directory as given; `builtin:NAME`, a base shipped with the package; otherwise a hub id
     (`Qwen/Qwen2.5-1.5B-Instruct`) resolved through huggingface_hub's cache, downloading its safetensors, config and
     tokenizer files unless HF_HUB_OFFLINE is set."""
+    path = os.fspath(path)
     if path.startswith(BUILTIN_PREFIX):
         name = path.removeprefix(BUILTIN_PREFIX)
         shipped = sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file())
@@ -159,7 +160,8 @@ def _hub_cache() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def load_pretrained(path: str, *, dtype: torch.dtype, setting: str = "model.path") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
+                    setting: str = "model.path") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model directory in Hugging Face format (or a hub id, see `resolve_model_path`). Every error names
     `setting` (the option that gave the path, or what the folder is), the path, and the file at fault: never a
     traceback from inside transformers."""

@@ -77,6 +77,29 @@ def test_a_changed_chunk_size_draws_what_is_missing_from_seeds_never_used(two_mo
     assert report["k"] == 8 and "pass@8" in (out / "report.md").read_text()
 
 
+def test_cached_samples_are_read_by_the_current_parser_and_verifier(two_models, tmp_path, capsys):
+    """The cache keeps texts: a sample drawn before a parser fix is read by the fixed parser (it used to keep the
+    answer and verdict of the day it was drawn); one cached before texts were has its answer verified again."""
+    from raro_fast.model.hf import load_pretrained
+    from raro_fast.tasks import make_task
+
+    cfg = analyze.load_config(_args(two_models, tmp_path / "c", 3), root=analyze.AnalyzeConfig)
+    task = make_task(cfg.task)
+    p = task.examples("heldout")[0]
+    cache = SampleCache(tmp_path / "c" / "samples")
+    text = f"<think>x</think><answer>{p.answer} makes {p.meta['target']}</answer>"  # text beside the expression
+    cache.put("m", p.id, 0, [
+        # read by the old parser as the expression: right; the current one reads no answer
+        {"text": text, "truncated": False, "length": 9, "answer": p.answer, "correct": True},
+        {"text": f"<think>x</think><answer>{p.answer}</answer>", "truncated": True, "length": 9},  # cut off: none
+        {"answer": p.answer, "correct": False, "length": 5},  # cached before texts: its verdict is computed again
+    ])
+    model, tok = load_pretrained(two_models[0], dtype=torch.float32, setting="test")
+    got = analyze.sample_model("m", model, tok, task, [p], cfg.analysis, cache)[p.id]
+    assert [(x["answer"], x["correct"]) for x in got] == [(None, False), (None, False), (p.answer, True)]
+    assert "1 cached samples hold their answer but not their text" in capsys.readouterr().err
+
+
 def test_analyze_refuses_a_task_without_a_verifier(two_models, tmp_path, capsys):
     # poetry's verify is None: every answer was counted wrong and the report said pass@k = 0, out of support
     assert analyze.main([*_args(two_models, tmp_path / "p", 2), "--task.name", "poetry"]) == 2
