@@ -322,9 +322,9 @@ class TrainConfig:
     eval_size: int = _help("Held-out puzzles evaluated (0: all).", 128)
     eval_temperature: float = _help("Sampling temperature at evaluation (0: greedy).", 0.0)
     eval_samples: int = _help(
-        "Also sample this many answers per held-out puzzle at the rollouts' temperature and log their mean accuracy, "
-        "eval/heldout_avg_at_n (the expected accuracy of one sample: on 64 puzzles a greedy answer per puzzle moves "
-        "in steps of 1/64 and flips with small weight changes, the mean of n samples does not), and "
+        "Also sample this many answers per held-out puzzle at the rollouts' temperature and top_p and log their mean "
+        "accuracy, eval/heldout_avg_at_n (the expected accuracy of one sample: on 64 puzzles a greedy answer per "
+        "puzzle moves in steps of 1/64 and flips with small weight changes, the mean of n samples does not), and "
         "eval/heldout_pass_at_n. 0: off.", 8)
     eval_tournament: bool = _help(
         "At the first and the last evaluation, also let the shared model's critic pick one of the eval_samples "

@@ -86,24 +86,25 @@ def heldout_scores(
     d: Dist,
     critic_max_new_tokens: int | None = None,
     critic_temperature: float | None = None,
+    top_p: float = 1.0,
 ) -> dict[str, float] | None:
     """Over all ranks: avg@n, the mean accuracy of `n` sampled answers per example (the expected accuracy of one
     sample, with less variance than one answer per example); pass@n, the fraction of examples with any of them
     right; and, given `critic_max_new_tokens`, tournament@n, the fraction whose critic tournament pick (the
-    shared model judging at `critic_temperature`, None: `temperature`; seeds from seed + 1 on) is right. None for a
-    task without a verifier, or for no examples."""
+    shared model judging at `critic_temperature`, None: `temperature`; seeds from seed + 1 on) is right. Both roles
+    sample at `top_p`. None for a task without a verifier, or for no examples."""
     mine = examples[d.rank :: d.world_size]
     right = solved = picked = 0
     unverifiable = False
     if mine:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
         answers, verdicts = sample_and_verify(mine, params, engine=engine, tokenizer=tokenizer, task=task)
         unverifiable = any(v is None for vs in verdicts for v in vs)
         right = sum(bool(v) for vs in verdicts for v in vs)
         solved = sum(any(vs) for vs in verdicts)
         if critic_max_new_tokens is not None and not unverifiable:
             picks, _ = _tournament_picks(mine, answers, engine=engine, tokenizer=tokenizer,
-                                         max_new_tokens=critic_max_new_tokens, top_p=1.0, seed=seed,
+                                         max_new_tokens=critic_max_new_tokens, top_p=top_p, seed=seed,
                                          temperature=temperature if critic_temperature is None else critic_temperature)
             picked = sum(bool(vs[p]) for vs, p in zip(verdicts, picks))
     totals = all_gather_objects(d, (right, solved, picked, len(mine), unverifiable))

@@ -316,7 +316,7 @@ def evaluate(r: Run, step: int) -> dict[str, float | None]:
         scores = heldout_scores(r.eval_examples, n=cfg.train.eval_samples, temperature=cfg.rollout.temperature,
                                 seed=cfg.train.seed + 7 * step + 3,
                                 critic_max_new_tokens=cfg.rollout.critic_max_new_tokens if tournament else None,
-                                critic_temperature=cfg.rollout.critic_temperature, **common)
+                                critic_temperature=cfg.rollout.critic_temperature, top_p=cfg.rollout.top_p, **common)
         scores = scores or {"avg@n": None, "pass@n": None, **({"tournament@n": None} if tournament else {})}
         record.update({f"eval/heldout_{k.replace('@', '_at_')}": v for k, v in scores.items()})
     return record

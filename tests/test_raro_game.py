@@ -36,6 +36,7 @@ class ScriptedEngine:
     def generate(self, prompt_list, params):
         self.calls.append((len(prompt_list), params.n))
         self.temperatures = getattr(self, "temperatures", []) + [params.temperature]
+        self.top_ps = getattr(self, "top_ps", []) + [params.top_p]
         out = []
         for p in prompt_list:
             text = self.tok.decode(p, skip_special_tokens=False)
@@ -319,5 +320,8 @@ def test_heldout_scores_average_samples_and_count_problems_with_any_right(settin
     # The critic judges at its own temperature where one is set (as in training, rollout.critic_temperature).
     heldout_scores(examples, n=4, critic_max_new_tokens=40, critic_temperature=0.3, **{**common, "engine": engine})
     assert engine.temperatures[-2:] == [1.0, 0.3]  # the policy's samples, then the one round (two answers parse)
+    # ... and both at the nucleus the rollouts use (rollout.top_p): it was always 1.0
+    heldout_scores(examples, n=4, critic_max_new_tokens=40, top_p=0.9, **{**common, "engine": engine})
+    assert engine.top_ps[-2:] == [0.9, 0.9]
     # Nothing held out: no accuracy at all (it was 0.0, logged and averaged as a real zero).
     assert heldout_scores([], n=4, **common) is None and heldout_accuracy([], **common) is None
