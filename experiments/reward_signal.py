@@ -10,8 +10,9 @@ minus its group's mean, as in training) and the verifier's verdict on the answer
 measure), averaged over 20 random subsamples; the oracle critic's correlation is the ceiling. It also splits the
 variance of wrong answers' rewards into the part that more verdicts remove (sampling: within-answer variance / k) and
 the part they do not (the critic's systematic preferences among wrong answers), and compares the reward of right
-answers written exactly as the expert wrote them with that of right answers in another form. Used for docs/experiments.md,
-sections 9 and 10."""
+answers written exactly as the expert wrote them with that of right answers in another form. With --out F.json it also
+writes F.rows.json: one row per policy sample (its text, answer, failure and rewards), to read what the policy writes.
+Used for docs/experiments.md, sections 9, 10, 13 and 14."""
 from __future__ import annotations
 
 import json
