@@ -1,8 +1,8 @@
 """On-disk cache of sampled completions, one JSON file per (model, problem), so that k can grow across runs and an
 interrupted run resumes without resampling. It keeps each completion's text, not a reading of it: answers are
-extracted and verified again on every run, so a fixed parser applies to samples drawn before the fix. Each model's folder records what drew its samples (the weights'
-digest and the sampling settings): a later run that names other weights or settings under the same model name is
-refused, never served the old samples.
+extracted and verified again on every run, so a fixed parser applies to samples drawn before the fix. Each model's
+folder records what drew its samples (the weights' digest and the sampling settings): a later run that names other
+weights or settings under the same model name is refused, never served the old samples.
 
 Samples are drawn in chunks; the chunk whose first sample is sample i of a problem is drawn with seed
 `draw_seed(seed, problem_id, i)`, so the first k samples of a problem are the same whatever k a later run asks for,
