@@ -73,7 +73,7 @@ def judge_all(model_dir: str, cfg, questions: int, verdicts: int) -> list[dict]:
                                                                                               tokenizer, crit))}
         for i, (ex, comps) in enumerate(zip(batch, policy)):
             for j, c in enumerate(comps):
-                answer = None if c.truncated else task.extract_answer(c.text)
+                answer = task.final_answer(c.text, c.truncated)
                 row = {"group": start + i, "correct": bool(task.verify(ex, answer)), "rewards": None,
                        "answer": answer, "expert": ex.answer, "text": c.text, "truncated": c.truncated,
                        "failure": _countdown_failure(ex, answer) if "numbers" in ex.meta else None}

@@ -100,8 +100,7 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
 def read_answer(task, problem, sample: dict) -> dict:
     """The sample with its answer and verdict, read now by the task's current parser and verifier: the cache keeps
     the text, so samples drawn before a parser fix are never scored by the old rule."""
-    answer = (None if sample["truncated"] else task.extract_answer(sample["text"])) if "text" in sample \
-        else sample["answer"]
+    answer = task.final_answer(sample["text"], sample["truncated"]) if "text" in sample else sample["answer"]
     return {**sample, "answer": answer, "correct": bool(task.verify(problem, answer))}
 
 

@@ -51,7 +51,7 @@ def sample_and_verify(examples: list[Example], params: SamplingParams, *, engine
     """`params.n` policy answers per example and the verifier's verdict on each (None: the task has no verifier).
     A truncated completion, or one without a final answer, is no answer (None), which the verifier rejects."""
     outs = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], params)
-    answers = [[None if c.truncated else task.extract_answer(c.text) for c in comps] for comps in outs]
+    answers = [[task.final_answer(c.text, c.truncated) for c in comps] for comps in outs]
     return answers, [[task.verify(ex, a) for a in ans] for ex, ans in zip(examples, answers)]
 
 

@@ -34,7 +34,7 @@ def dpo_pairs(examples: list[Example], *, engine: RolloutEngine, tokenizer, task
     for ex, comps in zip(examples, policy):
         expert = expert_completion_ids(tokenizer, ex.answer)
         for c in comps:
-            answer = None if c.truncated else task.extract_answer(c.text)
+            answer = task.final_answer(c.text, c.truncated)
             paired = not c.truncated and (answer is None or answer.strip() != ex.answer.strip())
             out.add("policy/truncated_rate", c.truncated)
             out.add("policy/answer_rate", answer is not None)

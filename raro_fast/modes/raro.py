@@ -104,7 +104,7 @@ def answers_to_judge(examples: list[Example], policy: list[list[Completion]], ta
     judged = []
     for i, (ex, comps) in enumerate(zip(examples, policy)):
         for j, c in enumerate(comps):
-            answer = None if c.truncated else task.extract_answer(c.text)
+            answer = task.final_answer(c.text, c.truncated)
             correct = task.verify(ex, answer) if task.has_verifier else None
             out.add("policy/truncated_rate", c.truncated)
             out.add("policy/answer_rate", answer is not None)

@@ -16,7 +16,7 @@ def rlvr_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, 
         return out
     policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
     for i, (ex, comps) in enumerate(zip(examples, policy)):
-        answers = [None if c.truncated else task.extract_answer(c.text) for c in comps]
+        answers = [task.final_answer(c.text, c.truncated) for c in comps]
         rewards = [float(bool(task.verify(ex, a))) for a in answers]
         adv = group_advantages(rewards, [0] * len(rewards), std_normalize=cfg.loss.std_normalize)
         for c, a, r, g in zip(comps, answers, rewards, adv):

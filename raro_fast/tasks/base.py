@@ -34,6 +34,11 @@ class Task(ABC):
     def extract_answer(self, completion: str) -> str | None:
         return prompts.parse_answer(completion)
 
+    def final_answer(self, completion: str, truncated: bool) -> str | None:
+        """The answer a sampled completion gives: none if it was cut off at its token limit (whatever it wrote so
+        far), else `extract_answer`'s. Training, evaluation and analysis all read answers through this."""
+        return None if truncated else self.extract_answer(completion)
+
     def verify(self, example: Example, answer: str | None) -> bool | None:
         """True/False if the task can check an answer, None if it has no verifier."""
         return None
