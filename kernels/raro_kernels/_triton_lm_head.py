@@ -301,6 +301,15 @@ def mm_fp32_(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 
 
 
+def mm_(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b in a's dtype (cuBLAS on CUDA). CPU tensors (interpreter tests) are made contiguous first: torch's CPU
+    16-bit GEMM (oneDNN on AVX-512, torch 2.13) reads a strided view's row padding past its last column, so a NaN
+    there, such as the NaN that poisoned buffers hold, turned whole rows of a gradient into NaN."""
+    if a.device.type == "cpu":
+        a, b = a.contiguous(), b.contiguous()
+    return torch.mm(a, b, out=out)
+
+
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
     """A per-row vector as the kernels read it: `ptr + row`, so unit stride. A strided view (e.g. targets[:, 0])
     would otherwise be read at the wrong addresses, silently."""
@@ -503,10 +512,10 @@ def lm_head_grads_triton(
                 GROUP_N=8, WITH_ENTROPY_GRAD=with_ent_grad, **_dot_args(dtype),
             )
         if grad_weight_VH is not None:
-            torch.mm(dz_NC.t(), hidden_NH, out=grad_weight_VH[c0:c1])
+            mm_(dz_NC.t(), hidden_NH, out=grad_weight_VH[c0:c1])
         if need_hidden:
             if grad_hidden32_NH is None:
-                grad_hidden_NH = torch.mm(dz_NC, w_CH)
+                grad_hidden_NH = mm_(dz_NC, w_CH)
             else:
                 accumulate_fp32_(grad_hidden32_NH, dz_NC, w_CH, first=c0 == 0)
     if grad_hidden32_NH is not None:

@@ -88,7 +88,7 @@ def _one_pass_triton(
     """(logprobs, entropy, grad hidden, grad weight) of sum(loss), with 6NHV FLOPs: per chunk of tokens the
     chunk's fp32 logits (cuBLAS, or the fused Triton kernel) reduced to statistics, the per-token loss
     gradient, one kernel turning the logits into dz in place, and two cuBLAS products."""
-    from raro_kernels._triton_lm_head import accumulate_fp32_, dz_from_logits_, lm_head_stats_triton
+    from raro_kernels._triton_lm_head import accumulate_fp32_, dz_from_logits_, lm_head_stats_triton, mm_
 
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
@@ -119,10 +119,10 @@ def _one_pass_triton(
             z_RV, tgt_R, stats.lse, stats.entropy, g_lp_R, g_ent_R, inv_temp_N=inv_R, dtype=dtype
         )
         if grad_hidden_NH is not None:
-            torch.mm(dz_RV, weight_VH, out=grad_hidden_NH[r0:r1])
+            mm_(dz_RV, weight_VH, out=grad_hidden_NH[r0:r1])
         if need_weight:
             if grad_weight32_VH is None:
-                grad_weight_VH = torch.mm(dz_RV.t(), h_RH)
+                grad_weight_VH = mm_(dz_RV.t(), h_RH)
             else:
                 accumulate_fp32_(grad_weight32_VH, dz_RV.t(), h_RH, first=r0 == 0)
     if grad_weight32_VH is not None:

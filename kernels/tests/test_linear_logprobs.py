@@ -255,3 +255,21 @@ def test_peak_memory_within_stated_bound_on_cuda(device) -> None:
     bound = n * 4096 * 4 + n * h * 4 + 200 * n * 4 + grads + (1 << 20)
     assert extra <= bound, (extra, bound)
     assert extra < 0.2 * n * v * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_backwards_gemm_reads_no_padding_past_a_views_last_column(dtype, device) -> None:
+    """The backward's dz is a view narrower than its buffer (an in-place 16-bit view over fp32 logits, or a row
+    padded to 8). torch's CPU 16-bit GEMM on AVX-512 read that padding: NaN there made whole rows NaN."""
+    pytest.importorskip("triton")
+    from raro_kernels._triton_lm_head import mm_
+
+    g = torch.Generator().manual_seed(3)
+    buf = torch.full((33, 1560), float("nan"), dtype=dtype)
+    buf[:, :777] = torch.randn(33, 777, generator=g).to(dtype)
+    a = buf[:, :777].to(device)
+    b = torch.randn(777, 48, generator=g).to(device, dtype)
+    ref = a.double() @ b.double()
+    for got in (mm_(a, b), mm_(a.t(), torch.randn(33, 48, generator=g).to(device, dtype))):
+        assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(mm_(a, b).double(), ref, rtol=2e-2, atol=0.5)
