@@ -3,13 +3,23 @@
 Triton reads TRITON_INTERPRET when its kernels are decorated (the first import of raro_kernels' Triton module),
 and any test module may trigger that first; so the CPU interpreter is switched on here, before any test module is
 imported. CPU tensors still take the PyTorch path unless a kernel test forces backend="triton".
+
+The test command runs one pytest worker per core (`pytest -n auto`): each worker computes on its share of the
+cores, and a test that opens a process group takes a `free_port` (or torchrun's `--standalone`), never a fixed one.
 """
 import os
+import socket
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under `pytest -n N` the workers share the cores: N workers at torch's default of one thread per core each would
+# oversubscribe them (OpenMP threads then spin against each other).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 import pytest  # noqa: E402
 
@@ -25,3 +35,12 @@ def saved_embedded_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "model"
     save_pretrained_atomic(model, tok, path)
     return path
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nothing listens on: tests that open a process group each get their own, so tests running side by
+    side (`pytest -n`) never meet on one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

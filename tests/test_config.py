@@ -202,13 +202,13 @@ def test_cpu_threads_keep_a_users_omp_num_threads_and_share_cores_under_torchrun
 
 
 @pytest.mark.parametrize("half,group", [(False, False), (True, True)])
-def test_one_cpu_process_under_torchrun_gets_a_group_only_for_mixed_precision(half, group):
+def test_one_cpu_process_under_torchrun_gets_a_group_only_for_mixed_precision(half, group, free_port):
     """A float32 CPU process has nothing for FSDP2 to do, and a gloo group made its steps 40% slower; a half-
     precision one needs the group (FSDP2's mixed precision). Several processes always get one (tested end to end)."""
     code = ("import torch; from raro_fast.distributed import init_distributed, shutdown; "
             f"d = init_distributed(half_precision={half}); print(d.enabled, d.rank, d.world_size); shutdown(d)")
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29700 + os.getpid() % 200), "CUDA_VISIBLE_DEVICES": ""}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port), "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(group), "0", "1"]

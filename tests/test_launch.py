@@ -18,8 +18,8 @@ def test_options_without_a_dot_go_to_torchrun_with_their_values():
 
 
 def test_a_ranks_clear_error_ends_in_one_line_not_torchruns_block(tmp_path):
-    cmd = [sys.executable, "-m", "raro_fast.cli", "train", "--nproc_per_node=1", "--master_port",
-           str(29600 + os.getpid() % 300), "--model.path", str(tmp_path / "missing"),
+    cmd = [sys.executable, "-m", "raro_fast.cli", "train", "--nproc_per_node=1", "--standalone",
+           "--model.path", str(tmp_path / "missing"),
            "--train.output_dir", str(tmp_path / "run")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 2, out.stderr[-3000:]

@@ -4,17 +4,13 @@ temperatures divide the logits at full precision. FSDP2 casts every float tensor
 compute dtype by default, the temperatures too (0.3 -> 0.30078)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 
-def test_fsdp_bf16_keeps_the_per_token_temperatures(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+def test_fsdp_bf16_keeps_the_per_token_temperatures(tmp_path, free_port):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

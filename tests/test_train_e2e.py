@@ -26,8 +26,9 @@ def train(args, *, nproc=None, check=True):
     if nproc is None:
         cmd = [sys.executable, "-m", "raro_fast.train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "raro_fast.train", *args]
+        # --standalone: torchrun picks a free port, so runs side by side (pytest -n) never meet on one
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+               "-m", "raro_fast.train", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\nSTDOUT:\n{out.stdout[-3000:]}\nSTDERR:\n{out.stderr[-5000:]}")

@@ -2,7 +2,6 @@
 receiver rebuilds the state dict into an embedded engine; afterwards the engine's weights are the trainer's bit for
 bit and its sampled log-probs equal the trainer's recompute on the same tokens."""
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +18,8 @@ sys.path.insert(0, str(WORKER.parent))
 from gloo_worker import PROMPT, tiny_model  # noqa: E402
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_gloo_broadcast_rebuilds_the_trainers_weights_in_an_embedded_engine(tmp_path):
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), role, str(port), str(tmp_path)],
+def test_gloo_broadcast_rebuilds_the_trainers_weights_in_an_embedded_engine(tmp_path, free_port):
+    procs = [subprocess.Popen([sys.executable, str(WORKER), role, str(free_port), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for role in ("trainer", "receiver")]
     try:
         for p in procs:
