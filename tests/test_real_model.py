@@ -201,6 +201,7 @@ def smollm2(tmp_path_factory):
 
 @pytest.mark.slow
 @needs_smollm2
+@pytest.mark.xdist_group("smollm2")  # one worker converts the GGUF once for the three
 def test_converted_smollm2_equals_transformers_own_gguf_model(smollm2):
     model, tok = load_pretrained(str(smollm2), dtype=torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.tie_word_embeddings
@@ -217,6 +218,7 @@ def test_converted_smollm2_equals_transformers_own_gguf_model(smollm2):
 
 @pytest.mark.slow
 @needs_smollm2
+@pytest.mark.xdist_group("smollm2")  # one worker converts the GGUF once for the three
 def test_weight_sync_into_smollm2_and_the_engine_samples_what_the_trainer_computes(smollm2):
     model, tok = load_pretrained(str(smollm2), dtype=torch.float32)
     engine = EmbeddedEngine.from_tokenizer(copy.deepcopy(model), tok)
@@ -245,6 +247,7 @@ def test_weight_sync_into_smollm2_and_the_engine_samples_what_the_trainer_comput
 
 @pytest.mark.slow
 @needs_smollm2
+@pytest.mark.xdist_group("smollm2")  # one worker converts the GGUF once for the three
 def test_smollm2_trains_one_raro_step_and_resumes(smollm2, tmp_path):
     args = [sys.executable, "-m", "raro_fast.train", "--model.path", str(smollm2), "--config", "configs/countdown-easy.yaml",
             "--raro.questions_per_step", "1", "--raro.group_size", "2", "--raro.critic_samples_per_pair", "2",
