@@ -300,7 +300,6 @@ def mm_fp32_(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a.float(), b.float(), out=out)
 
 
-
 def mm_(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b in a's dtype (cuBLAS on CUDA). CPU tensors (interpreter tests) are made contiguous first: torch's CPU
     16-bit GEMM (oneDNN on AVX-512, torch 2.13) reads a strided view's row padding past its last column, so a NaN
