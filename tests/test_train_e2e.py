@@ -19,7 +19,10 @@ TINY = [
     "--raro.critic_pairs_per_step", "4", "--task.countdown.num_train", "40", "--task.countdown.num_heldout", "8", "--train.eval_size",
     "4", "--train.progress", "false", "--train.eval_every", "2",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# Unbuffered, with the fault handler on: a run that dies of a signal (one 2-rank CI run aborted on a corrupted heap,
+# not reproduced in 60 reruns here) leaves what it printed last and every thread's Python stack in the failure message.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1",
+       "PYTHONFAULTHANDLER": "1"}
 
 
 def train(args, *, nproc=None, check=True):
@@ -31,7 +34,7 @@ def train(args, *, nproc=None, check=True):
                "-m", "raro_fast.train", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     if check and out.returncode != 0:
-        raise AssertionError(f"exit {out.returncode}\nSTDOUT:\n{out.stdout[-3000:]}\nSTDERR:\n{out.stderr[-5000:]}")
+        raise AssertionError(f"exit {out.returncode}\nSTDOUT:\n{out.stdout[-3000:]}\nSTDERR:\n{out.stderr[-12000:]}")
     return out
 
 
