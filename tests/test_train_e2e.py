@@ -20,7 +20,7 @@ TINY = [
     "4", "--train.progress", "false", "--train.eval_every", "2",
 ]
 # Unbuffered, with the fault handler on: a run that dies of a signal (one 2-rank CI run aborted on a corrupted heap,
-# not reproduced in 60 reruns here) leaves what it printed last and every thread's Python stack in the failure message.
+# not reproduced in 100 reruns here) leaves what it printed last and every thread's Python stack in the failure message.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1",
        "PYTHONFAULTHANDLER": "1"}
 
