@@ -183,6 +183,12 @@ class FakeServer:
         self.version, self.weight_version = version, "default"  # SGLang's weight version before any update
         self.sessions = version is not None and _version_tuple(version) >= (0, 5, 21)
         self.session_open, self.memory, self.group_names = False, MemoryTags(), set()
+        # SGLang's scheduler loads weight updates one at a time, in the order they came. This server answers each
+        # request on its own thread, and the trainer posts bucket k+1 as soon as bucket k's broadcast is done, so
+        # without the lock the last bucket's thread could load the weights before bucket k's thread had added its
+        # tensors (CI, once: "no new value for ['model.layers.1.mlp.down_proj.weight']"). Bucket k's thread holds the
+        # lock from before its broadcast, so bucket k+1's waits for it.
+        self.update_lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -259,13 +265,17 @@ class FakeServer:
             if self.sessions and not self.session_open:  # refused before it joins the broadcast, as SGLang does
                 return {"success": False, "message": SESSION_REFUSAL.format("update_weights_from_distributed")}
             assert body["load_format"] == "flattened_bucket"
-            self.received += receive_bucket(self.group, body)
-            if body["flush_cache"]:
-                self.inner.update_weights(self.received, version=int(body["weight_version"]))
-                self.weight_version = body["weight_version"]
-                self.received = []
-            return {"success": True, "message": "Succeeded to update parameter online."}
+            with self.update_lock:
+                return self._update_weights(body)
         return {"success": True, "message": ""}
+
+    def _update_weights(self, body):
+        self.received += receive_bucket(self.group, body)
+        if body["flush_cache"]:
+            self.inner.update_weights(self.received, version=int(body["weight_version"]))
+            self.weight_version = body["weight_version"]
+            self.received = []
+        return {"success": True, "message": "Succeeded to update parameter online."}
 
     def close(self):
         self.httpd.shutdown()
