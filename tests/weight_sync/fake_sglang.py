@@ -266,16 +266,13 @@ class FakeServer:
                 return {"success": False, "message": SESSION_REFUSAL.format("update_weights_from_distributed")}
             assert body["load_format"] == "flattened_bucket"
             with self.update_lock:
-                return self._update_weights(body)
+                self.received += receive_bucket(self.group, body)
+                if body["flush_cache"]:
+                    self.inner.update_weights(self.received, version=int(body["weight_version"]))
+                    self.weight_version = body["weight_version"]
+                    self.received = []
+            return {"success": True, "message": "Succeeded to update parameter online."}
         return {"success": True, "message": ""}
-
-    def _update_weights(self, body):
-        self.received += receive_bucket(self.group, body)
-        if body["flush_cache"]:
-            self.inner.update_weights(self.received, version=int(body["weight_version"]))
-            self.weight_version = body["weight_version"]
-            self.received = []
-        return {"success": True, "message": "Succeeded to update parameter online."}
 
     def close(self):
         self.httpd.shutdown()
