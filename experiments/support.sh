@@ -4,9 +4,10 @@
 # the repo root:
 #   [SEED=N] [BASE=DIR] experiments/support.sh ROOT STEP [K] [OUT] [analyze flags ...]   (STEP: a saved step such
 #   as 60, or `final`; SEED: the training seed, default 0; BASE: the base model, default
-#   ROOT/bases/base-sSEED/base_model, e.g. builtin:countdown-easy)
-# Two processes sample two models each (the GPU has room); their caches are merged and the report is made from
-# the cache. Samples stay cached under OUT/samples, so a larger K later only draws what is missing.
+#   ROOT/bases/base-sSEED/base_model, e.g. builtin:countdown-easy; MODES: the trained runs ROOT/MODE-sSEED to compare
+#   with the base, default "sft raro rlvr", e.g. "sft raro rlvr raro_oracle")
+# Two processes sample half the models each (the GPU has room); their caches are merged and the report is made
+# from the cache. Samples stay cached under OUT/samples, so a larger K later only draws what is missing.
 set -euo pipefail
 root=$1 step=$2 k=${3:-1024} out=${4:-$1/support}
 shift $(( $# < 4 ? $# : 4 ))
@@ -20,11 +21,16 @@ analyze() {  # OUTPUT_DIR MODELS
   python3 -m raro_fast.analyze --config configs/countdown-easy.yaml --analysis.models "$2" --analysis.k "$k" \
     --analysis.chunk "$k" --analysis.batch_size "$k" --analysis.num_problems 64 --analysis.output_dir "$1" "${extra[@]}"
 }
-analyze "$out.a" "base=$base,sft=$(model sft)" >"$out.a.log" 2>&1 &
+read -r -a modes <<<"${MODES:-sft raro rlvr}"
+models=("base=$base")
+for mode in "${modes[@]}"; do models+=("$mode=$(model "$mode")"); done
+half=$(( (${#models[@]} + 1) / 2 ))
+join() { local IFS=,; echo "$*"; }
+analyze "$out.a" "$(join "${models[@]:0:half}")" >"$out.a.log" 2>&1 &
 a=$!
-analyze "$out.b" "raro=$(model raro),rlvr=$(model rlvr)" >"$out.b.log" 2>&1 &
+analyze "$out.b" "$(join "${models[@]:half}")" >"$out.b.log" 2>&1 &
 b=$!
 wait $a && wait $b
 mkdir -p "$out/samples"
 cp -r "$out.a/samples/." "$out.b/samples/." "$out/samples/"
-analyze "$out" "base=$base,sft=$(model sft),raro=$(model raro),rlvr=$(model rlvr)"
+analyze "$out" "$(join "${models[@]}")"

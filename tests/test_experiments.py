@@ -310,6 +310,34 @@ def test_evaluate_grid_evaluates_again_only_a_model_that_changed(tmp_path):
     assert calls.read_text().count("raro-s0") == 2
 
 
+def test_support_script_splits_the_models_between_two_samplers_and_reports_on_all(tmp_path):
+    """MODES names the trained runs; each model is sampled by one of two processes, and the report names them all."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "bin" / "python3"  # stands in for `python3 -m raro_fast.analyze`: logs its models and output
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/bash\nwhile (( $# )); do case $1 in --analysis.models) m=$2;; --analysis.output_dir) o=$2;; '
+                    f'esac; shift; done\necho "$o $m" >> {calls}; mkdir -p "$o/samples/$(basename "$o")"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SEED": "1", "BASE": "builtin:b",
+           "MODES": "sft raro rlvr raro_oracle"}
+    out = tmp_path / "sup"
+    subprocess.run(["bash", str(ROOT / "experiments" / "support.sh"), "/R", "final", "8", str(out)], env=env,
+                   check=True, capture_output=True)
+    runs = dict(line.split(" ", 1) for line in calls.read_text().splitlines())
+    f = "/R/{}-s1/final_model".format
+    assert runs[f"{out}.a"] == f"base=builtin:b,sft={f('sft')},raro={f('raro')}"
+    assert runs[f"{out}.b"] == f"rlvr={f('rlvr')},raro_oracle={f('raro_oracle')}"
+    assert runs[str(out)] == f"base=builtin:b,sft={f('sft')},raro={f('raro')},rlvr={f('rlvr')},raro_oracle={f('raro_oracle')}"
+    assert {p.name for p in (out / "samples").iterdir()} >= {"sup.a", "sup.b"}  # both caches merged for the report
+    calls.unlink()
+    del env["MODES"], env["BASE"]
+    subprocess.run(["bash", str(ROOT / "experiments" / "support.sh"), "/R", "60", "8", str(tmp_path / "s2")], env=env,
+                   check=True, capture_output=True)
+    step = "/R/{}-s1/checkpoints/step_000060/model".format
+    assert calls.read_text().splitlines()[-1] == (f"{tmp_path / 's2'} base=/R/bases/base-s1/base_model,"
+                                                  f"sft={step('sft')},raro={step('raro')},rlvr={step('rlvr')}")
+
+
 def test_support_seeds_table_and_plot_exact_values(tmp_path):
     import support_seeds
 
