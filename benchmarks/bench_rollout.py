@@ -4,7 +4,8 @@ transformers' continuous batching where the installed transformers has it), on t
 Models (random weights from a config, nothing downloaded, bf16): the embedded default model (EmbeddedModelConfig,
 the project's tokenizer), Qwen2.5-0.5B- and 1.5B-shaped models. Workload: 64 and 256 prompts of 64-192 random
 tokens, one sample each, 256 new tokens at temperature 1 (random weights rarely draw an end token, so nearly every
-sample runs to the limit), the embedded engine at the trainer's default `rollout.batch_size` of 64.
+sample runs to the limit), the embedded engine at the trainer's default `rollout.batch_size` (128 since
+2026-12-06, 64 before).
 Each call is timed as the trainer makes it: after `release_memory(("kv_cache",))`, so the continuous engine's cache
 is built inside the timed call, as it is every step. One untimed warm-up call first (16 new tokens) takes the
 one-time costs (CUDA context, kernel selection). tokens/s = generated tokens / wall time of the call. SGLang is not

@@ -185,6 +185,65 @@ def test_embedded_drops_finished_rows_and_still_samples_each_rows_own_continuati
     assert token_ids(kept.generate(prompts, params)) == token_ids(outs)
 
 
+def test_reserved_kv_layer_holds_what_concatenation_would_through_drops_repeats_and_crops():
+    """ReservedKVLayer against transformers' DynamicLayer on the same updates: prefill, a row repeat, decode steps
+    written in place (one buffer, no copy per step), a batch_select of rows, more steps, a crop: equal keys and
+    values at every point."""
+    from transformers.cache_utils import DynamicLayer
+
+    from raro_fast.rollout.embedded import ReservedKVLayer
+
+    g = torch.Generator().manual_seed(11)
+    states = lambda b, n: (torch.randn(b, 2, n, 4, generator=g), torch.randn(b, 2, n, 4, generator=g))  # noqa: E731
+    ours, theirs = ReservedKVLayer(reserve=3), DynamicLayer()
+
+    def both(step):
+        step(ours)
+        step(theirs)
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+
+    prefill = states(2, 5)
+    both(lambda layer: layer.update(*prefill))
+    both(lambda layer: layer.batch_repeat_interleave(3))
+    pointers = set()
+    for _ in range(5):  # beyond the reserve of 3: one regrowth
+        new = states(6, 1)
+        both(lambda layer: layer.update(*new))
+        pointers.add(ours.keys.data_ptr())
+    assert len(pointers) == 2 and not ours.keys.is_contiguous()
+    keep = torch.tensor([0, 2, 5])
+    both(lambda layer: layer.batch_select_indices(keep))
+    for _ in range(2):
+        new = states(3, 1)
+        both(lambda layer: layer.update(*new))
+    both(lambda layer: layer.crop(-2))
+    new = states(3, 1)
+    both(lambda layer: layer.update(*new))
+    assert ours.get_seq_length() == theirs.get_seq_length() == 5 + 5 + 2 - 2 + 1
+
+
+def test_embedded_decodes_into_a_reserved_cache_and_samples_exactly_as_with_transformers_own(monkeypatch):
+    """The engine's decode steps run on ReservedKVLayers, and generation (tokens, log-probs, finish reasons) is
+    the same to the last bit as with the cache transformers builds, through n > 1 and rows that leave early."""
+    import raro_fast.rollout.embedded as embedded
+
+    model = tiny_model()
+    prompts = random_prompts(5, random.Random(12))
+    params = SamplingParams(max_new_tokens=12, n=3, seed=4, stop_token_ids=tuple(range(2, 8)))
+    caches = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: caches.append(kw.get("cache", kw.get("past_key_values"))) if kw["input_ids"].shape[1] == 1
+        else None, with_kwargs=True)
+    reserved = engine_for(model, batch_size=15).generate(prompts, params)
+    hook.remove()
+    assert caches and all(isinstance(layer, embedded.ReservedKVLayer) for c in caches for layer in c.layers)
+    monkeypatch.setattr(embedded, "reserved_cache", lambda *args: None)
+    own = engine_for(model, batch_size=15).generate(prompts, params)
+    flat = lambda outs: [(c.token_ids, c.logprobs, c.finish_reason) for o in outs for c in o]  # noqa: E731
+    assert flat(reserved) == flat(own)
+    assert len({len(c.token_ids) for o in own for c in o}) > 1  # rows did finish at different steps
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_update_weights_sets_version_and_weights(backend):
     src, dst = tiny_model(0), tiny_model(1)

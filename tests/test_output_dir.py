@@ -157,5 +157,5 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
                                "--task.countdown.expert_form", "varied"]))
     refused, allowed = resume_changes(saved, now)
     assert refused == ["task.poetry.seed: 0 -> 3", "rollout.temperature: 1.0 -> 0.7"]
-    assert allowed == ["rollout.batch_size: 64 -> 8", "optim.lr: 0.0002 -> 1e-05"]
+    assert allowed == ["rollout.batch_size: 128 -> 8", "optim.lr: 0.0002 -> 1e-05"]
     assert resume_changes(saved, to_dict(load_config(["--task.name", "poetry"]))) == ([], [])

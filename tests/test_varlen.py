@@ -166,3 +166,22 @@ def test_length_buckets_cover_every_sequence_once_within_the_slack():
         assert sorted(i for b in buckets for i in b) == [i for i, n in enumerate(lengths) if n]
         for b in buckets:
             assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= BUCKET_SLACK * sum(lengths[i] for i in b)
+
+
+def test_rows_after_the_last_sequence_read_zero_and_pass_no_gradient():
+    """A packed row longer than its sequences (cu_seqlens ending before T): the rows outside every sequence come
+    out exactly zero (the old path left them as uninitialised memory), and the real rows are unchanged."""
+    from raro_fast.model import varlen
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [6, 2, 9]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    T = sum(lengths) + 4
+    q, k, v = (torch.randn(T, h, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    got = varlen.varlen_causal_attention(q, k, v, cu, max(lengths), 0.3)
+    assert torch.equal(got[sum(lengths):], torch.zeros(4, 4, 8, dtype=torch.float64))
+    torch.testing.assert_close(got[: sum(lengths)], _reference_attention(q, k, v, cu, 0.3)[: sum(lengths)], rtol=1e-12,
+                               atol=1e-12)
+    grads = torch.autograd.grad(got.sum(), (q, k, v))
+    for grad in grads:
+        assert torch.equal(grad[sum(lengths):], torch.zeros_like(grad[sum(lengths):]))

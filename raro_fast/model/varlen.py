@@ -48,34 +48,44 @@ def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_s
         out = _fused_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale, groups)
         if out is not None:
             return out
-    k_THD, v_THD = _repeat_kv(k_THD, groups), _repeat_kv(v_THD, groups)
     # One SDPA call per bucket of similar lengths, padded at the end, instead of one per sequence (a packed row
     # holds tens of them; the calls' overhead dominated on CPU). Exact: under the causal mask a real position only
     # attends to positions before it, which are all real; the padded rows are computed and dropped.
+    # Gathers are index_select, whose backward is an index_add: advanced indexing's backward (an accumulating
+    # index_put) took as long as the attention itself on the default job's micro-batches.
+    # Grouped KV heads go to SDPA as they are (enable_gqa): no repeated copies of k and v, and their gradients are
+    # summed inside the kernel.
+    T, H, D = q_THD.shape
+    gathers, where = _bucket_gathers(tuple(cu_seqlens.tolist()), T, q_THD.device)
     padded = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_THD, v_THD)]  # row T: all zeros
-    out = torch.empty_like(q_THD)
-    for index, real, rows in _bucket_indices(tuple(cu_seqlens.tolist()), q_THD.shape[0], q_THD.device):
-        q, k, v = (x[index].transpose(1, 2) for x in padded)  # [B, H, L, D]
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
-        out[rows] = attended[real]
-    return out
+    outs = []
+    for index, batch, length in gathers:
+        q, k, v = (x.index_select(0, index).view(batch, length, *x.shape[1:]).transpose(1, 2) for x in padded)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        outs.append(attended.transpose(1, 2).reshape(batch * length, H, D))
+    outs.append(q_THD.new_zeros(1, H, D))  # what a row outside every sequence reads
+    return torch.cat(outs).index_select(0, where)
 
 
 @lru_cache(maxsize=8)
-def _bucket_indices(bounds: tuple[int, ...], pad_row: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
-    """Per bucket of `_length_buckets`: the [B, L] index of its tokens in the packed row (padding points at
-    `pad_row`, the zero row appended after the row's tokens), the mask of real positions, and their packed rows.
+def _bucket_gathers(bounds: tuple[int, ...], total: int, device: torch.device):
+    """Per bucket of `_length_buckets`: the flat [B * L] index of its tokens in the packed row (padding points at
+    row `total`, the zero row appended after the row's tokens), B and L; and `where`, for each packed row, its
+    position in the buckets' outputs laid end to end (rows outside every sequence point past them, at a zero row).
     Cached: every layer of a forward asks for the same boundaries."""
     starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    out = []
+    gathers, offset = [], 0
+    where = torch.full((total,), -1, dtype=torch.long)
     for bucket in _length_buckets(lengths):
-        index = torch.full((len(bucket), max(lengths[i] for i in bucket)), pad_row, dtype=torch.long)
+        longest = max(lengths[i] for i in bucket)
+        index = torch.full((len(bucket), longest), total, dtype=torch.long)
         for row, i in enumerate(bucket):
             index[row, : lengths[i]] = torch.arange(starts[i], starts[i] + lengths[i])
-        index = index.to(device)
-        real = index != pad_row
-        out.append((index, real, index[real]))
-    return out
+            where[starts[i] : starts[i] + lengths[i]] = offset + row * longest + torch.arange(lengths[i])
+        gathers.append((index.flatten().to(device), len(bucket), longest))
+        offset += len(bucket) * longest
+    where[where < 0] = offset
+    return gathers, where.to(device)
 
 
 # A bucket's padded area may exceed its tokens by this factor: few calls, little attention spent on padding.
