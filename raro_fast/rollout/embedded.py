@@ -192,7 +192,7 @@ class ReservedKVLayer(DynamicLayer):
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized or self.keys.numel() == 0:
+        if self.keys is None or self.keys.numel() == 0:  # the prefill (4.56's layers have no is_initialized)
             return super().update(key_states, value_states, *args, **kwargs)
         length, new = self.keys.shape[-2], key_states.shape[-2]
         buffers = self._buffers
