@@ -35,6 +35,13 @@ def test_the_shipped_base_is_the_embedded_model_with_the_projects_tokenizer():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_the_shipped_base_names_a_tokenizer_class_that_transformers_4_has():
+    """transformers 5 saves `TokenizersBackend`, which 4.x (the project supports >= 4.56) cannot load: the default
+    job then stopped at start. Re-saving the base with 5.x must not bring it back."""
+    config = json.loads((BUILTIN_DIR / "countdown-easy" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
 def test_an_unknown_builtin_name_lists_what_ships():
     with pytest.raises(ValueError, match=r"model.path: 'builtin:countdown-hard': no such built-in base; the package "
                                          r"ships builtin:countdown-easy"):

@@ -46,11 +46,26 @@ def check_gguf_file(path: Path) -> None:
         raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with {GGUF_MAGIC!r})")
 
 
-def _require_extra() -> None:
+def gguf_unavailable() -> str | None:
+    """Why this environment cannot read GGUF (with the command that fixes it), or None when it can."""
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
-        raise ValueError(f"reading GGUF needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
-                         "pip install 'raro-fast[gguf]'")
+        return (f"reading GGUF needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
+                "pip install 'raro-fast[gguf]'")
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # Measured with 4.56.0 and 4.57.3: their GGUF tokenizer makes SmolLM2's eos <|im_start|>, not <|im_end|>, so
+        # a converted model would stop on the wrong token and pad with its turn marker.
+        return (f"reading GGUF needs transformers >= 5 (installed: {transformers.__version__}, whose GGUF tokenizer "
+                "gives SmolLM2 the wrong end token): pip install -U transformers")
+    return None
+
+
+def _require_extra() -> None:
+    reason = gguf_unavailable()
+    if reason:
+        raise ValueError(reason)
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
