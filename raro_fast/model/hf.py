@@ -184,16 +184,17 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
     if not any((p / name).is_file() for name in _TOKENIZER_FILES):
         raise ValueError(f"{setting}: {path!r} has no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); "
                          "save the tokenizer with the model (tokenizer.save_pretrained)")
-    if (p / "tokenizer.json").is_file():
-        # transformers 4.x reports a broken tokenizer.json as a missing protobuf library; name the file instead.
-        try:
-            json.loads((p / "tokenizer.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{setting}: {p / 'tokenizer.json'} is not valid JSON, its tokenizer does not load "
-                             f"({e})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, ImportError, json.JSONDecodeError) as e:
+        # Only once it failed is tokenizer.json parsed here (a real one is megabytes): transformers 4.x reports a
+        # broken one as a missing protobuf library, so the file and the place in it are named instead.
+        try:
+            if (p / "tokenizer.json").is_file():
+                json.loads((p / "tokenizer.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+            raise ValueError(f"{setting}: {p / 'tokenizer.json'} is not valid JSON, its tokenizer does not load "
+                             f"({bad})") from None
         raise ValueError(f"{setting}: {path!r}: its tokenizer does not load ({type(e).__name__}: {e})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
