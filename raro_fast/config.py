@@ -429,14 +429,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # "1/9" as well as "0.111": the paper states the role weights as fractions
-                return float(Fraction(value.strip())) if "/" in value else float(value)
+                number = float(Fraction(value.strip())) if "/" in value else float(value)
             except (ValueError, ZeroDivisionError):
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means anything at nan or inf; lr nan trained NaN weights quietly
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

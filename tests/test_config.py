@@ -64,6 +64,18 @@ def test_a_number_setting_takes_a_fraction_as_the_paper_writes_it(tmp_path):
             load_config(["--raro.lambda_pol", bad])
 
 
+def test_a_number_setting_must_be_finite(tmp_path):
+    # Python's float() reads "nan" and "inf", and no range check catches nan: --optim.lr nan trained NaN weights.
+    for flag, bad in (("optim.lr", "nan"), ("rollout.temperature", "inf"), ("loss.kl_coef", "-inf"),
+                      ("loss.tis_cap", "NaN")):
+        with pytest.raises(ConfigError, match=f"command line: '{flag}': expected a finite number, got '{bad}'"):
+            load_config([f"--{flag}", bad])
+    f = tmp_path / "lr.yaml"
+    f.write_text("optim:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match=r"lr.yaml:2: 'optim.lr': expected a finite number, got nan"):
+        load_config(["--config", str(f)])
+
+
 def test_missing_yaml_file_and_malformed_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"nope.yaml: cannot read"):
         load_config(["--config", str(tmp_path / "nope.yaml")])

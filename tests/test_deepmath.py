@@ -2,6 +2,7 @@
 import json
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -111,13 +112,43 @@ def test_answer_classes_group_what_math_verify_finds_equal():
 def test_answer_classes_of_a_thousand_numbers_take_no_pairwise_checks(monkeypatch):
     import raro_fast.tasks.deepmath as deepmath
 
-    def no_pairwise(*args, **kwargs):
-        raise AssertionError("numbers must be grouped by value, not compared pairwise")
+    calls = []
 
-    monkeypatch.setattr(deepmath, "math_equal", no_pairwise)
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return math_equal(*args, **kwargs)
+
+    monkeypatch.setattr(deepmath, "math_equal", counted)
     answers = [str(i % 250) for i in range(1000)] + [f"\\frac{{{2 * i}}}{{2}}" for i in range(250)]
     classes = math_answer_classes(answers)
     assert classes == [i % 250 for i in range(1000)] + list(range(250))
+    # One check for each new spelling of a value already seen, with that value's class only: 250, not 500 * 250 / 2.
+    assert len(calls) == 250 and all(a == str(int(b.split("{")[1].rstrip("}")) // 2) for a, b in calls)
+
+
+def test_numbers_that_round_alike_are_not_one_answer():
+    # The rounded value used to decide alone: 10^{-9} joined 0, and integers past 2^53 joined their neighbours, so a
+    # majority vote over ["10^{-9}", "0", "0"] picked 10^{-9}, which the verifier rejects.
+    assert math_answer_classes(["10^{-9}", "0", "0", r"\frac{0}{5}"]) == [0, 1, 1, 1]
+    assert math_answer_classes(["18446744073709551616", "18446744073709551615", "18446744073709551615"]) == [0, 1, 1]
+    assert math_answer_classes(["0.5000001", "0.5", r"\frac{1}{2}"]) == [0, 0, 0]  # math-verify's own rounding
+
+
+def test_a_parse_timeout_is_not_remembered(monkeypatch):
+    # math-verify returns [] on a timeout; cached, one slow moment judged that answer wrong for the whole process.
+    import math_verify.parser as parser
+
+    real, stalls = parser.extract_target_from_pred, []
+
+    def stalls_once(pred, *args, **kwargs):
+        if "\\frac{7}{9}" in pred and not stalls:
+            stalls.append(pred)
+            time.sleep(1.5)
+        return real(pred, *args, **kwargs)
+
+    monkeypatch.setattr(parser, "extract_target_from_pred", stalls_once)
+    assert not math_equal(r"\frac{14}{18}", r"\frac{7}{9}", timeout_seconds=1) and stalls
+    assert math_equal(r"\frac{14}{18}", r"\frac{7}{9}", timeout_seconds=1)
 
 
 def test_verify_off_the_main_thread():
@@ -206,6 +237,17 @@ def test_answer_alias_and_numbers(tmp_path):
         ("q1", "7", None), ("q2", "8", None), ("q3", "9", None)]
 
 
+def test_a_numeric_answer_is_written_without_an_exponent(tmp_path):
+    # str(0.00001) is "1e-05", which math-verify reads as e - 5: every right answer was judged wrong.
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": f"q{i}", "final_answer": v}
+                                              for i, v in enumerate([0.00001, 1e16, 2.5, 10**30, -0.125])])
+    task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
+    golds = [e.answer for e in task.examples("train")]
+    assert golds == ["0.00001", "10000000000000000", "2.5", "1" + "0" * 30, "-0.125"]
+    assert [task.verify(e, a) for e, a in zip(task.examples("train"), ["10^{-5}", "10^{16}", r"\frac{5}{2}",
+                                                                        "10^{30}", r"-\frac{1}{8}"])] == [True] * 5
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"heldout_fraction": 1.0}, "task.deepmath.heldout_fraction must be in"),
     ({"heldout_fraction": -0.1}, "task.deepmath.heldout_fraction must be in"),
@@ -238,6 +280,9 @@ def test_missing_field_names_file_line_and_field(tmp_path):
     ('{"question": "b", "final_answer": "1", "difficulty": "hard"}', r"x\.jsonl:2: field 'difficulty' must be a number, got str"),
     ('{"question": "b", "final_answer": "1", "answer": "2"}', r"x\.jsonl:2: fields 'final_answer' and 'answer'"),
     ('{"question": "a", "final_answer": "1"}', r"x\.jsonl:2: field 'question' repeats the question of .*x\.jsonl:1"),
+    # Python's json reads these; a NaN difficulty passed every filter, an Infinity answer became "inf".
+    ('{"question": "b", "final_answer": NaN}', r"x\.jsonl:2: NaN is not a JSON number"),
+    ('{"question": "b", "final_answer": "1", "difficulty": -Infinity}', r"x\.jsonl:2: -Infinity is not a JSON number"),
 ])
 def test_bad_rows(tmp_path, line, message):
     path = tmp_path / "x.jsonl"
@@ -331,6 +376,14 @@ def test_parquet_rows_and_row_numbers(tmp_path, fake_pyarrow):
     with pytest.raises(ValueError) as e:
         DeepMathTask(DeepMathConfig(path=str(path)))
     assert str(e.value) == f"{path}: row 1: field 'final_answer' missing"
+    # Parquet has NaN and infinities (JSONL's reader refuses them): a NaN difficulty passed every filter.
+    for row, message in (({"difficulty": float("nan")}, "field 'difficulty' is nan, not a finite number"),
+                         ({"final_answer": float("inf")}, "field 'final_answer' is inf, not a finite number")):
+        fake_pyarrow.rows = [{"question": "q1", "final_answer": "1", "difficulty": 2},
+                             {"question": "q2", "final_answer": "2", "difficulty": 2, **row}]
+        with pytest.raises(ValueError) as e:
+            DeepMathTask(DeepMathConfig(path=str(path), min_difficulty=1))
+        assert str(e.value) == f"{path}: row 1: {message}"
 
 
 # --- registry -----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Files are read by records.py (shared with poetry.py).
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ def _difficulty(record: dict[str, Any], where: str, needed_by: str | None) -> fl
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: field 'difficulty' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):  # a NaN compares False both ways and passed every difficulty filter
+        raise ValueError(f"{where}: field 'difficulty' is {value}, not a finite number")
     return float(value)
 
 
@@ -172,8 +175,12 @@ def _parse_latex(text: str, timeout_seconds: int | None) -> tuple:
     import math_verify  # imported on first use: it pulls in sympy, slow to import and unused by other tasks
 
     # Wrapped in \boxed{} so math-verify reads the whole text as one LaTeX answer: bare, it misses forms such as
-    # \sqrt{2}/2, intervals and \infty.
-    return tuple(math_verify.parse(f"\\boxed{{{text}}}", parsing_timeout=timeout_seconds))
+    # \sqrt{2}/2, intervals and \infty. A timeout raises, so that it is not cached: math-verify's own [] on a
+    # timeout, cached, judged that text wrong for the rest of the process after one slow moment.
+    try:
+        return tuple(math_verify.parse(f"\\boxed{{{text}}}", parsing_timeout=timeout_seconds, raise_on_error=True))
+    except Exception:  # a text that does not parse will not parse next time either (TimeoutException is no Exception)
+        return ()
 
 
 def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) -> bool:
@@ -199,7 +206,8 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
 
 def _real_value(text: str, timeout_seconds: int | None) -> float | None:
     """The value of an answer that parses to a real number (1/2, 0.5, 50\\%, \\sqrt{2}/2), rounded to math-verify's
-    six decimals; None for anything else (sets, intervals, equations, expressions with a variable)."""
+    six decimals; None for anything else (sets, intervals, equations, expressions with a variable). Only a key to
+    find candidates by: 10^{-9} and 0 round alike, and so do integers past 2^53."""
     from math_verify.errors import TimeoutException
 
     try:
@@ -217,14 +225,16 @@ def _real_value(text: str, timeout_seconds: int | None) -> float | None:
 
 def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int = 5) -> list[int | None]:
     """Class numbers by first appearance (None for no answer) where math-verify's equal answers share one:
-    \\frac{1}{2}, 0.5 and 1/2 are one answer. Real numbers are grouped by their value without a pairwise check (a
-    thousand numeric samples cost a thousand parses, not half a million comparisons); any other answer is
-    compared by `math_equal` with the first member of each class, and a number with the first member of each class
-    that is not a number (x=3 and 3 are one answer). An answer that does not parse is its own text."""
+    \\frac{1}{2}, 0.5 and 1/2 are one answer. An answer is compared by `math_equal` with the first member of each
+    class it could equal: a real number only with the classes of numbers of the same rounded value (a thousand
+    numeric samples cost a thousand parses and about as many comparisons, not half a million) and with those that
+    are not numbers (x=3 and 3 are one answer); anything else with every class. A spelling seen before is not
+    compared again. An answer that does not parse is its own text. The rounded value alone used to decide, and put
+    10^{-9} with 0, so a majority vote picked the wrong one."""
     on_main_thread = threading.current_thread() is threading.main_thread()
     timeout = timeout_seconds if timeout_seconds > 0 and on_main_thread else None
     by_text: dict[str, int] = {}
-    by_value: dict[float, int] = {}
+    by_value: dict[float, list[int]] = {}
     firsts: list[tuple[str, bool]] = []  # each class's first member, and whether it is a number
     out: list[int | None] = []
     for answer in answers:
@@ -234,17 +244,17 @@ def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int =
         text = answer.strip()
         if text not in by_text:
             value = _real_value(text, timeout) if text and len(text) <= MAX_ANSWER_CHARS else None
-            cls = by_value.get(value) if value is not None else None
-            if cls is None:
-                # Two numbers of different values are different answers: compare only where one is not a number.
-                candidates = (c for c, (first, is_number) in enumerate(firsts) if value is None or not is_number)
-                cls = next((c for c in candidates if math_equal(firsts[c][0], text, timeout_seconds=timeout_seconds)),
-                           None)
+            if value is None:
+                candidates = list(range(len(firsts)))
+            else:  # numbers of different rounded values are different answers
+                candidates = by_value.get(value, []) + [c for c, (_, is_number) in enumerate(firsts) if not is_number]
+            cls = next((c for c in candidates if math_equal(firsts[c][0], text, timeout_seconds=timeout_seconds)),
+                       None)
             if cls is None:
                 cls = len(firsts)
                 firsts.append((text, value is not None))
-            if value is not None:
-                by_value.setdefault(value, cls)
+                if value is not None:
+                    by_value.setdefault(value, []).append(cls)
             by_text[text] = cls
         out.append(by_text[text])
     return out

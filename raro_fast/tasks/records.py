@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +44,19 @@ def _read_jsonl(path) -> list[tuple[str, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.rstrip("\r\n"))  # without the newline, e.colno is the column in the line
+                # Python's json reads NaN and Infinity, which JSON does not have: a NaN difficulty passed every
+                # difficulty filter, and an Infinity answer became the gold "inf".
+                record = json.loads(line.rstrip("\r\n"), parse_constant=lambda name: _not_json(where, name))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
             records.append((where, record))
     return records
+
+
+def _not_json(where: str, name: str):
+    raise ValueError(f"{where}: {name} is not a JSON number (JSON has no NaN or Infinity)")
 
 
 def _read_parquet(path, columns: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
@@ -76,7 +84,10 @@ def text_field(record: dict[str, Any], where: str, name: str, *, allow_numbers: 
         raise ValueError(f"{where}: field {name!r} missing")
     value = record[name]
     if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: field {name!r} is {value}, not a finite number")
+        # Positional, never an exponent: str(0.00001) is "1e-05", which math-verify reads as e - 5.
+        value = str(value) if isinstance(value, int) else format(Decimal(repr(value)), "f")
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
     if not value.strip():
