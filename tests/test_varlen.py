@@ -185,3 +185,67 @@ def test_rows_after_the_last_sequence_read_zero_and_pass_no_gradient():
     grads = torch.autograd.grad(got.sum(), (q, k, v))
     for grad in grads:
         assert torch.equal(grad[sum(lengths):], torch.zeros_like(grad[sum(lengths):]))
+
+
+def _gemma2(**overrides):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**{**dict(vocab_size=89, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=64,
+                                  query_pre_attn_scalar=8, max_position_embeddings=128, attn_logit_softcapping=50.0,
+                                  final_logit_softcapping=None), **overrides})
+
+
+def _scores_scaled_up(model):
+    """q and k weights x30: scores large enough that a soft-cap of 50 changes them (a random init's do not)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    return model
+
+
+def test_attention_it_does_not_compute_is_refused_not_dropped():
+    """Gemma 2 passes `softcap` and gpt-oss `s_aux` (sinks) through the attention interface's kwargs; dropped, they
+    gave hidden states 0.3-3.4 away from the model's own with no error. Refused when the model is switched to packed
+    attention, and by the attention itself for a model switched some other way."""
+    from raro_fast.model import varlen
+
+    torch.manual_seed(0)
+    capped = _scores_scaled_up(AutoModelForCausalLM.from_config(_gemma2(), attn_implementation="eager").float())
+    with pytest.raises(ValueError, match="soft-capping .Gemma 2's attn_logit_softcapping."):
+        use_varlen_attention(capped)
+    varlen.register_varlen_attention()
+    capped.set_attn_implementation(varlen.VARLEN_ATTENTION)  # past the check: the attention refuses it itself
+    mb = pack(random_sequences(3, min_len=4, max_len=9), num_sequences=3, num_tokens=40)
+    with pytest.raises(ValueError, match="soft-capping"):
+        packed_hidden_states(capped.model, mb)
+    with pytest.raises(ValueError, match="attention dropout 0.1 is not applied"):
+        use_varlen_attention(AutoModelForCausalLM.from_config(
+            Qwen2Config(**{**CONFIGS["qwen2"]().to_dict(), "attention_dropout": 0.1})))
+    try:
+        from transformers import GptOssConfig
+    except ImportError:
+        return
+    sinks = AutoModelForCausalLM.from_config(GptOssConfig(
+        vocab_size=89, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=64, num_local_experts=2, num_experts_per_tok=1,
+        max_position_embeddings=128, layer_types=["full_attention"] * 2))
+    with pytest.raises(ValueError, match="attention sinks .gpt-oss."):
+        use_varlen_attention(sinks)
+
+
+def test_gemma2_without_soft_capping_packs_exactly():
+    """The control: the same model with its score cap off goes through packed attention as the model computes it."""
+    torch.manual_seed(0)
+    ref = _scores_scaled_up(AutoModelForCausalLM.from_config(_gemma2(attn_logit_softcapping=None),
+                                                             attn_implementation="eager").float().eval())
+    packed = AutoModelForCausalLM.from_config(_gemma2(attn_logit_softcapping=None)).float().eval()
+    packed.load_state_dict(ref.state_dict())
+    use_varlen_attention(packed)
+    seqs = random_sequences(3, min_len=5, max_len=12)
+    mb = pack(seqs, num_sequences=3, num_tokens=sum(s.num_targets for s in seqs))
+    with torch.no_grad():
+        got = packed_hidden_states(packed.model, mb)
+        want = torch.cat([ref.model(input_ids=torch.tensor([s.input_ids])).last_hidden_state[0] for s in seqs])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

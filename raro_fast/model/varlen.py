@@ -139,10 +139,39 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
         raise ValueError(f"{VARLEN_ATTENTION} attention takes one packed row, got batch {query.shape[0]}")
     if sliding_window is not None and sliding_window < int(kwargs.get("max_length_q", 0)):
         raise ValueError(f"{VARLEN_ATTENTION}: sliding-window attention is not supported")
+    _refuse_what_changes_the_scores(dropout, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     out = varlen_causal_attention(q, k, v, cu, int(kwargs["max_length_q"]), scale)
     return out.unsqueeze(0), None
+
+
+# Attention arguments some models pass that this plain causal softmax does not compute; ignored, they gave other
+# hidden states with no error (Gemma 2's score soft-capping, gpt-oss's attention sinks).
+_UNSUPPORTED = {"softcap": "attention-score soft-capping (Gemma 2's attn_logit_softcapping)",
+                "s_aux": "attention sinks (gpt-oss)"}
+
+
+def _refuse_what_changes_the_scores(dropout: float, kwargs: dict) -> None:
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{VARLEN_ATTENTION}: the model asks for {what}, which packed attention does not "
+                             f"compute; this model cannot be trained here")
+    if dropout:
+        raise ValueError(f"{VARLEN_ATTENTION}: attention dropout {dropout} is not applied by packed attention; set "
+                         f"attention_dropout to 0 in the model's config.json")
+
+
+def check_varlen_supported(model) -> None:
+    """Refuse at load what `_attention` would refuse at the first update, minutes of generation later."""
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    for cfg in filter(None, configs):
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            _refuse_what_changes_the_scores(0.0, {"softcap": cfg.attn_logit_softcapping})
+        if getattr(cfg, "attention_dropout", 0.0):
+            _refuse_what_changes_the_scores(cfg.attention_dropout, {})
+    if any(name.rsplit(".", 1)[-1] == "sinks" for name, _ in model.named_parameters()):
+        _refuse_what_changes_the_scores(0.0, {"s_aux": True})
 
 
 def _no_mask(*args, **kwargs):
@@ -161,6 +190,7 @@ def register_varlen_attention() -> str:
 
 def use_varlen_attention(model) -> None:
     """Switch a loaded HF model to the varlen attention (the trainer's copy; the rollout engine keeps sdpa)."""
+    check_varlen_supported(model)
     register_varlen_attention()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(VARLEN_ATTENTION)
