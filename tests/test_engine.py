@@ -97,6 +97,14 @@ def test_stop_tokens_n_and_truncation(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_prompt_is_refused_naming_it(backend):
+    # With no token to continue from, the embedded engine sampled from a masked pad position, with no error.
+    eng = engine_for(tiny_model(), backend)
+    with pytest.raises(ValueError, match=r"rollout: prompt 1 of 3 is empty"):
+        eng.generate([[2, 3], [], [4]], SamplingParams(max_new_tokens=2, seed=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_generation_passes_no_deprecated_transformers_argument(backend):
     # transformers 5.24 renamed past_key_values -> cache and removes the old name in 5.40: fail now, not then
     # (and no deprecated continuous-batching setting, such as block_size, is passed either)

@@ -25,7 +25,8 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from raro_fast.rollout.embedded import copy_weights_in_place
-from raro_fast.rollout.engine import Completion, NonFiniteLogitsError, SamplingParams, check_memory_tags
+from raro_fast.rollout.engine import (Completion, NonFiniteLogitsError, SamplingParams, check_memory_tags,
+                                      check_prompts)
 
 # What this engine uses of transformers' continuous batching; all present in transformers 5.17 (the GPU machine's)
 # and 5.24 (where it was written and tested).
@@ -121,6 +122,7 @@ class ContinuousEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        check_prompts(prompts)
         if not self._weights_finite:
             # Checked here, not met in the loop: on CUDA, sampling from NaN probabilities is a device-side assert
             # that takes the process down with it.

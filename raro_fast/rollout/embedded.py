@@ -13,7 +13,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from raro_fast.rollout.engine import Completion, NonFiniteLogitsError, SamplingParams, check_memory_tags
+from raro_fast.rollout.engine import (Completion, NonFiniteLogitsError, SamplingParams, check_memory_tags,
+                                      check_prompts)
 
 
 class EmbeddedEngine:
@@ -58,6 +59,7 @@ class EmbeddedEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        check_prompts(prompts)
         out: list[Completion] = []
         gen = None
         if params.seed is not None:

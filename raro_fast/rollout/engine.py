@@ -71,6 +71,14 @@ class RolloutEngine(Protocol):
         ...
 
 
+def check_prompts(prompts: list[list[int]]) -> None:
+    """An empty prompt has no last token to continue from: the embedded engine sampled from a masked pad position."""
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"rollout: prompt {empty[0]} of {len(prompts)} is empty (no tokens); every prompt needs at "
+                         f"least one token")
+
+
 MEMORY_TAGS = ("kv_cache", "weights")
 
 
