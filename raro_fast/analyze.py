@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,10 +19,11 @@ from raro_fast.analysis import (
     answer_entropy, avg_at_n, load_traces_jsonl, mean_token_entropy, pass_at_k_curve, perplexity, support_categories,
     support_metrics, token_entropy,
 )
-from raro_fast.analysis.cache import SampleCache, draw_seed, weights_digest
+from raro_fast.analysis.cache import SampleCache, draw_seed, model_files_digest, weights_digest
 from raro_fast.config import ConfigError, _help, help_text, load_config
 from raro_fast.metrics import strict_json
 from raro_fast.model.hf import load_pretrained, resolve_device, resolve_model_path
+from raro_fast.model.policy import fused_lm_head_refusal
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
 from raro_fast.tasks import TaskConfig, make_task
@@ -37,7 +39,9 @@ class AnalysisSettings:
     temperature: float = _help("Sampling temperature.", 0.6)
     top_p: float = _help("Nucleus sampling.", 0.95)
     max_new_tokens: int = _help("Longest completion; a longer one is unfinished (answer class NA).", 96)
-    entropy_samples: int = _help("Samples per problem teacher-forced for token-level entropy.", 4)
+    entropy_samples: int = _help(
+        "Samples per problem teacher-forced for token-level entropy (at most k; a cache that kept the token ids of "
+        "fewer draws a chunk more for them).", 4)
     seed: int = _help("Seed of the sample chunks (cached per model, problem and seed).", 0)
     batch_size: int = _help("Sequences per engine forward (a chunk of samples of one problem is split into these).", 64)
     device: str = _help("Where models run: auto = the GPU if there is one, else the CPU; or cpu, cuda, cuda:N.", "auto")
@@ -67,13 +71,34 @@ def parse_models(spec: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def entropy_count(cfg: AnalysisSettings) -> int:
+    """Samples per problem teacher-forced for token entropy: entropy_samples, at most k."""
+    return max(0, min(cfg.entropy_samples, cfg.k))
+
+
+def _with_ids(samples: list[dict]) -> int:
+    return sum("token_ids" in x for x in samples)
+
+
+def _draws_due(samples: list[dict], cfg: AnalysisSettings) -> int:
+    """Draws (chunks) still to make for a problem: to k samples, and to `entropy_count` of them with token ids."""
+    return max(math.ceil(max(0, cfg.k - len(samples)) / cfg.chunk),
+               math.ceil(max(0, entropy_count(cfg) - _with_ids(samples)) / cfg.chunk))
+
+
 def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, cache: SampleCache) -> dict[str, list]:
-    """Fill the cache up to k samples per problem (only what is missing), return the samples per problem id."""
+    """Fill the cache up to k samples per problem (only what is missing), and up to `entropy_count` samples with
+    token ids; return the first k samples per problem id.
+
+    Token ids are kept only for the first samples of a problem that need them (entropy_samples of them: they are
+    long). A cache written with a smaller entropy_samples holds fewer: the samples after it in the cache have no
+    ids to teacher-force, so chunks are drawn past the cached ones (fresh seeds, as for a larger k) until enough
+    carry ids; they are samples like any other, used by a later, larger k. Before, token entropy was silently
+    averaged over the fewer sequences the old run kept."""
     engine = EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=cfg.batch_size)
     have = {p.id: cache.get(name, p.id, cfg.seed) for p in problems}
-    bar = tqdm(total=sum(math.ceil(max(0, cfg.k - len(have[p.id])) / cfg.chunk) for p in problems),
-               desc=f"sampling {name}", dynamic_ncols=True)
-    while due := [p for p in problems if len(have[p.id]) < cfg.k]:
+    bar = tqdm(total=sum(_draws_due(have[p.id], cfg) for p in problems), desc=f"sampling {name}", dynamic_ncols=True)
+    while due := [p for p in problems if _draws_due(have[p.id], cfg)]:
         for p in due:  # one engine call per problem and draw: its seed must not depend on which others are due
             # Whole chunks (samples past k stay cached for a larger k later). A draw is seeded by the index of its
             # first sample, so no seed draws twice for a problem whatever k and chunk this run or an earlier one
@@ -82,8 +107,10 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                     n=cfg.chunk, seed=draw_seed(cfg.seed, p.id, start))
             comps = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(p.question))], params)[0]
+            kept = _with_ids(have[p.id])
             for c in comps:
-                keep_ids = len(have[p.id]) < cfg.entropy_samples
+                keep_ids = kept < cfg.entropy_samples
+                kept += keep_ids
                 have[p.id].append({"text": c.text, "truncated": c.truncated, "length": len(c.token_ids),
                                    **({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids} if keep_ids else {})})
             cache.put(name, p.id, cfg.seed, have[p.id])
@@ -97,6 +124,20 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
     return {p.id: [read_answer(task, p, x) for x in have[p.id][: cfg.k]] for p in problems}
 
 
+def entropy_sequences(name: str, problems, cfg: AnalysisSettings, cache: SampleCache) -> dict[str, list[dict]]:
+    """The samples teacher-forced for token entropy, per problem id: its first `entropy_count` cached samples that
+    kept their token ids (a cache that kept more gives its first ones). Call after `sample_model`, which drew them."""
+    n = entropy_count(cfg)
+    out = {}
+    for p in problems:
+        seqs = [x for x in cache.get(name, p.id, cfg.seed) if "token_ids" in x][:n]
+        if len(seqs) < n:
+            raise ValueError(f"{name}: problem {p.id!r} has {len(seqs)} cached samples with token ids, not "
+                             f"analysis.entropy_samples = {n}")
+        out[p.id] = seqs
+    return out
+
+
 def read_answer(task, problem, sample: dict) -> dict:
     """The sample with its answer and verdict, read now by the task's current parser and verifier: the cache keeps
     the text, so samples drawn before a parser fix are never scored by the old rule."""
@@ -106,9 +147,39 @@ def read_answer(task, problem, sample: dict) -> dict:
 
 
 
+_CHECKED_HEADS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+@torch.no_grad()
+def check_lm_head(model, setting: str) -> None:
+    """Refuse (ValueError naming `setting`) a model whose next-token distribution is not softmax(hidden @ W.T / T),
+    what `token_entropy` computes from the LM-head weight W: a config that transforms the logits (Gemma 2's
+    final_logit_softcapping, Cohere's logit_scale, ...), a head with a bias (`fused_lm_head_refusal`, as the trainer
+    checks), or, for whatever else a model does, its own logits on a short probe differing from hidden @ W.T.
+    Before, Gemma 2's token entropy came out 0.04 where its own logits give 3.6."""
+    if model in _CHECKED_HEADS:
+        return
+    why = fused_lm_head_refusal(model)
+    if why is None:
+        weight = model.get_output_embeddings().weight
+        ids = torch.arange(min(16, weight.shape[0]), device=weight.device)[None]
+        logits = model(input_ids=ids).logits[0].float()
+        mine = model.model(input_ids=ids).last_hidden_state[0].float() @ weight.float().T
+        err, scale = float((logits - mine).abs().max()), float(logits.abs().max())
+        if not err <= (1e-3 if weight.dtype == torch.float32 else 3e-2) * max(1.0, scale):
+            why = (f"the model's logits are not its last hidden state times the LM-head weight (they differ by up to "
+                   f"{err:.3g} at logits up to {scale:.3g} on a probe): it transforms them in a way the fused "
+                   "LM-head kernels, which token entropy and trace perplexity go through, do not")
+    if why is not None:
+        raise ValueError(f"{setting}: {why}; analyse a model without it")
+    _CHECKED_HEADS.add(model)
+
+
 @torch.no_grad()
 def teacher_forced(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0):
-    """(log-prob, entropy, mask) at every position of prompt + completion; only completion targets are kept."""
+    """(log-prob, entropy, mask) at every position of prompt + completion; only completion targets are kept. A
+    model whose logits are not hidden @ W.T is refused (`check_lm_head`)."""
+    check_lm_head(model, "teacher_forced")
     ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
     targets = torch.full_like(ids[0], -100)
     targets[len(prompt_ids) - 1 : -1] = ids[0, len(prompt_ids) :]
@@ -119,7 +190,8 @@ def teacher_forced(model, prompt_ids: list[int], completion_ids: list[int], temp
 
 @torch.no_grad()
 def model_token_entropy(model, samples: dict[str, list], temperature: float) -> float:
-    """Teacher-force the first samples of every problem; average over positions, then sequences (the paper)."""
+    """Teacher-force every given sample that kept its token ids (`entropy_sequences`: the first entropy_samples of
+    each problem); average over positions, then sequences (the paper)."""
     ents, masks, seqs = [], [], []
     for sid, s in enumerate(x for xs in samples.values() for x in xs if "token_ids" in x):
         _, ent, mask = teacher_forced(model, s["prompt_ids"], s["token_ids"], temperature)
@@ -276,11 +348,14 @@ def run(cfg: AnalyzeConfig) -> dict:
         setting = f"analysis.models ({name})"
         path = resolve_model_path(path, setting)  # once: a hub id is looked up here, not again for the digest
         model, tokenizer = load_pretrained(path, dtype=torch.float32, setting=setting)
-        cache.claim(name, {"weights_sha256": weights_digest(path), "temperature": a.temperature, "top_p": a.top_p,
-                           "max_new_tokens": a.max_new_tokens})
         model.to(device)  # fp32 everywhere: the models analysed are small, and fp32 keeps entropies exact
+        check_lm_head(model, setting)  # before sampling: its token entropy could not be computed
+        # What draws the samples: the weights, the files that configure the model and render its prompts
+        # (config, generation config, tokenizer, chat template), and the sampling settings.
+        cache.claim(name, {"weights_sha256": weights_digest(path), "model_files_sha256": model_files_digest(path),
+                           "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens})
         samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
-        token_h[name] = model_token_entropy(model, samples[name], a.temperature)
+        token_h[name] = model_token_entropy(model, entropy_sequences(name, problems, a, cache), a.temperature)
         if traces is not None:
             trace_ppl[name] = trace_perplexities(model, tokenizer, problems, traces)
     report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []),

@@ -1,8 +1,9 @@
 """On-disk cache of sampled completions, one JSON file per (model, problem), so that k can grow across runs and an
 interrupted run resumes without resampling. It keeps each completion's text, not a reading of it: answers are
 extracted and verified again on every run, so a fixed parser applies to samples drawn before the fix. Each model's
-folder records what drew its samples (the weights' digest and the sampling settings): a later run that names other
-weights or settings under the same model name is refused, never served the old samples.
+folder records what drew its samples (the weights' digest, the digest of the files that configure the model and
+render its prompts, and the sampling settings): a later run that names other weights, another config, tokenizer or
+chat template, or other settings under the same model name is refused, never served the old samples.
 
 Samples are drawn in chunks; the chunk whose first sample is sample i of a problem is drawn with seed
 `draw_seed(seed, problem_id, i)`, so the first k samples of a problem are the same whatever k a later run asks for,
@@ -19,6 +20,15 @@ import sys
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Beside the weights, the files Hugging Face reads that change what a model samples: its architecture and numerics
+# (config.json), end tokens and defaults (generation_config.json), and its tokenizer and chat template, which render
+# the prompts (and decode the completions).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+               "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
+MODEL_FILE_SUFFIXES = (".tiktoken",)
+# Keys of those JSON files that name where or by what they were written, not what the model does.
+VOLATILE_JSON_KEYS = ("transformers_version", "_name_or_path", "name_or_path", "_commit_hash")
 
 
 def draw_seed(seed: int, problem_id: str, first: int) -> int:
@@ -42,6 +52,32 @@ def weights_digest(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def model_files_digest(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over the model directory's files that are not weights but change what is sampled (`MODEL_FILES`,
+    `MODEL_FILE_SUFFIXES`, the chat templates in additional_chat_templates/): the weights' digest alone served
+    samples drawn under another config, tokenizer or chat template. A JSON file counts by its content without
+    `VOLATILE_JSON_KEYS`, so saving the same model again (another transformers version) changes nothing."""
+    root = Path(model_dir)
+    files = [p for p in root.iterdir()
+             if p.is_file() and (p.name in MODEL_FILES or p.name.endswith(MODEL_FILE_SUFFIXES))]
+    if (root / "additional_chat_templates").is_dir():
+        files += [p for p in (root / "additional_chat_templates").iterdir() if p.is_file()]
+    h = hashlib.sha256()
+    for f in sorted(files):
+        data = f.read_bytes()
+        if f.suffix == ".json" and f.name != "tokenizer.json":  # tokenizer.json: megabytes, and no such keys
+            try:
+                obj = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass  # the bytes, then
+            else:
+                if isinstance(obj, dict):
+                    obj = {k: v for k, v in obj.items() if k not in VOLATILE_JSON_KEYS}
+                data = json.dumps(obj, sort_keys=True).encode()
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
 class SampleCache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -56,7 +92,8 @@ class SampleCache:
     def claim(self, model: str, identity: dict) -> None:
         """Bind `model`'s cached samples to `identity` (what draws them: weights digest, sampling settings). Samples
         drawn under another identity raise ValueError naming what differs; they are neither reused nor overwritten.
-        A folder from before identities were recorded is adopted with a warning on stderr."""
+        A folder from before identities were recorded is adopted with a warning on stderr, and so is a record from
+        before one of the identity's keys was (then the key is added to it)."""
         folder = self._folder(model)
         record = folder / "identity.json"
         if record.is_file():
@@ -64,11 +101,17 @@ class SampleCache:
                 stored = json.loads(record.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{record}: corrupt ({e}); delete {folder} to resample") from None
-            differ = sorted(k for k in stored.keys() | identity.keys() if stored.get(k) != identity.get(k))
+            unrecorded = sorted(identity.keys() - stored.keys())
+            differ = sorted(k for k in stored.keys() | identity.keys()
+                            if k not in unrecorded and stored.get(k) != identity.get(k))
             if differ:
                 what = "; ".join(f"{k}: cached {stored.get(k)!r}, now {identity.get(k)!r}" for k in differ)
                 raise ValueError(f"{folder}: the cached samples of '{model}' were drawn by another model or settings "
                                  f"({what}); give another analysis.output_dir, another model name, or delete {folder}")
+            if unrecorded:
+                print(f"warning: {record}: does not record {', '.join(unrecorded)} (written before it was); assuming "
+                      "the cached samples match this run's", file=sys.stderr)
+                _write_atomic(record, json.dumps({**stored, **identity}, indent=1, sort_keys=True))
             return
         if any(folder.glob("seed*/*.json")):
             print(f"warning: {folder}: cached samples without a record of the model and settings that drew them; "

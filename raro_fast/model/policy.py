@@ -3,6 +3,9 @@
 The decoder body runs on a packed micro-batch (attention within each sequence only); its final hidden states go
 straight to `raro_kernels.linear_logprobs` with the LM-head weight, so the tokens x vocab logits never exist.
 FSDP2 wraps this module as the root unit, so the LM-head (or tied embedding) weight is gathered for the call.
+The kernel computes softmax(hidden @ W.T / T): a model whose own logits are something else (Gemma 2's soft-capping,
+Cohere's and Granite's logit scaling, an LM head with a bias) is refused when it is wrapped (`check_fused_lm_head`),
+never trained on another distribution than the one it samples from.
 """
 from __future__ import annotations
 
@@ -14,9 +17,51 @@ from raro_fast.packing import PackedMicroBatch
 from raro_kernels import linear_logprobs
 
 
+# Config fields by which Hugging Face causal LMs change the LM head's output (logits = f(hidden @ W.T)), each with
+# the values that leave it unchanged: the fused kernels cannot apply them.
+LOGIT_TRANSFORMS: dict[str, tuple] = {
+    "final_logit_softcapping": (None, 0, 0.0),  # Gemma 2/3, nanochat, ...: cap * tanh(logits / cap)
+    "logit_scale": (None, 1, 1.0),  # Cohere: logits * scale
+    "logits_scaling": (None, 1, 1.0),  # Granite: logits / scaling (HyperCLOVA X: * scaling)
+    "output_multiplier": (None, 1, 1.0),  # MuseGlimmer/MuseSpark: logits * multiplier
+    "lm_head_multiplier": (None, 1, 1.0),  # Falcon-H1: logits * multiplier
+}
+
+
+def fused_lm_head_refusal(lm: nn.Module) -> str | None:
+    """Why softmax(last_hidden_state @ W.T / T), what the fused kernels compute from the LM-head weight W, is not
+    `lm`'s own next-token distribution, as far as its config and head show; None when nothing says so."""
+    configs = [getattr(lm, "config", None)]
+    if hasattr(configs[0], "get_text_config"):
+        configs.append(configs[0].get_text_config())
+    for config in configs:
+        for name, identity in LOGIT_TRANSFORMS.items():
+            value = getattr(config, name, None)
+            if value not in identity:
+                return (f"the model transforms its logits (config {name} = {value!r}), and the fused LM-head kernels "
+                        "compute plain softmax(hidden @ W.T / T): log-probs and entropies would be another "
+                        "distribution's")
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return (f"the model has no LM head with a [vocab, hidden] weight (get_output_embeddings() gave "
+                f"{type(head).__name__}), which the fused LM-head kernels need")
+    if getattr(head, "bias", None) is not None:
+        return ("the model's LM head has a bias, and the fused LM-head kernels take a weight only: log-probs and "
+                "entropies would leave it out")
+    return None
+
+
+def check_fused_lm_head(lm: nn.Module, setting: str) -> None:
+    """ValueError naming `setting` (the option that gave the model) where `fused_lm_head_refusal` finds a reason."""
+    if (why := fused_lm_head_refusal(lm)) is not None:
+        raise ValueError(f"{setting}: {why}; use a model without it")
+
+
 class PolicyModel(nn.Module):
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, *, setting: str = "model.path") -> None:
         super().__init__()
+        check_fused_lm_head(lm, setting)  # at setup: before a step is trained on the wrong distribution
         self.lm = lm
 
     @property

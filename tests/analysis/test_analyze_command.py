@@ -178,3 +178,81 @@ def test_weights_digest_follows_the_bytes(tmp_path):
     assert weights_digest(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(b"\x01\x03")
     assert weights_digest(tmp_path) != first
+
+
+def test_token_entropy_teacher_forces_entropy_samples_sequences_whatever_the_cache_kept(two_models, tmp_path,
+                                                                                       monkeypatch):
+    """Token ids are kept for the first entropy_samples samples only. A rerun with a larger entropy_samples was
+    served the cache of a smaller one and silently averaged token entropy over the fewer sequences it kept; now
+    the missing ones are drawn (one chunk past the cached samples, whose first k stay as they were). A cache that
+    kept more gives its first entropy_samples."""
+    forced = []
+    teacher_forced = analyze.teacher_forced
+    monkeypatch.setattr(analyze, "teacher_forced",
+                        lambda model, p, c, t=1.0: forced.append(tuple(c)) or teacher_forced(model, p, c, t))
+    out = tmp_path / "e"
+    run = lambda n: analyze.main([*_args(two_models, out, 4), "--analysis.entropy_samples", str(n)])  # noqa: E731
+    def files():
+        return {p: json.loads(p.read_text())["samples"] for p in (out / "samples").rglob("seed0/*.json")}
+
+    assert run(1) == 0
+    assert len(forced) == 2 * 3 * 1  # models x problems x entropy_samples
+    first = files()
+    assert all(len(s) == 4 and sum("token_ids" in x for x in s) == 1 for s in first.values())
+    forced.clear()
+    assert run(3) == 0
+    assert len(forced) == 2 * 3 * 3  # the old code: 2 * 3 * 1, the sequences the first run kept
+    for path, samples in files().items():
+        assert samples[:4] == first[path]  # the k samples analysed are the cached ones
+        assert len(samples) == 6 and sum("token_ids" in x for x in samples) == 3  # one chunk of 2 more, both kept
+    forced.clear()
+    assert run(2) == 0
+    assert len(forced) == 2 * 3 * 2  # the cache keeps 3 per problem: the first 2 are used (the old code: all 3)
+    cache = SampleCache(out / "samples")
+    cfg = analyze.load_config([*_args(two_models, out, 4), "--analysis.entropy_samples", "2"],
+                              root=analyze.AnalyzeConfig).analysis
+    from raro_fast.tasks import get_task
+    from raro_fast.tasks.countdown import CountdownConfig
+
+    problems = get_task("countdown", CountdownConfig(num_train=10, num_heldout=5)).examples("heldout")[:3]
+    seqs = analyze.entropy_sequences("base", problems, cfg, cache)
+    assert {pid: [x["token_ids"] for x in s] for pid, s in seqs.items()} == {
+        p.id: [x["token_ids"] for x in cache.get("base", p.id, 0) if "token_ids" in x][:2] for p in problems}
+    assert all(len(s) == 2 for s in seqs.values())
+
+
+def test_samples_are_never_served_for_another_config_tokenizer_or_chat_template(two_models, tmp_path, capsys):
+    """The identity held the weights' digest only: the same weights under another chat template (other prompts) or
+    config (another model) were served the old samples. A config saved again, the same but for its
+    transformers_version, is still the same model."""
+    import shutil
+
+    models = [tmp_path / "base", tmp_path / "other"]
+    for src, dst in zip(two_models, models):
+        shutil.copytree(src, dst)
+    out = tmp_path / "c"
+    assert analyze.main(_args(models, out, 2)) == 0
+    capsys.readouterr()
+    template = models[0] / "chat_template.jinja"
+    original = template.read_text()
+    template.write_text("Be brief.\n" + original)
+    assert analyze.main(_args(models, out, 2)) == 2  # the old code: 0, the samples of the old template
+    assert "(model_files_sha256: cached '" in capsys.readouterr().err
+    template.write_text(original)
+
+    config_path = models[0] / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "transformers_version": "0.0.1"}, indent=4))  # saved again
+    assert analyze.main(_args(models, out, 2)) == 0
+    config_path.write_text(json.dumps({**config, "rms_norm_eps": 0.5}))  # another model, the same weights
+    assert analyze.main(_args(models, out, 2)) == 2
+    assert "(model_files_sha256: cached '" in capsys.readouterr().err
+    config_path.write_text(json.dumps(config))
+
+    # A record from before model_files_sha256 was recorded is adopted with a warning, then holds it.
+    record = out / "samples" / "base" / "identity.json"
+    stored = json.loads(record.read_text())
+    record.write_text(json.dumps({k: v for k, v in stored.items() if k != "model_files_sha256"}))
+    assert analyze.main(_args(models, out, 2)) == 0
+    assert "does not record model_files_sha256" in capsys.readouterr().err
+    assert json.loads(record.read_text()) == stored

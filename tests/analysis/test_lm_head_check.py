@@ -1,0 +1,124 @@
+"""Token entropy, log-probs and trace perplexity go through the fused LM-head kernels, softmax(hidden @ W.T / T): a
+model whose own logits are something else (Gemma 2's final_logit_softcapping, a head with a bias, any other
+transform) is refused, with the setting named, never measured wrong. The trainer (PolicyModel) refuses the same
+models at setup. Before, a soft-capped Gemma 2 gave token entropy 0.04 where its own logits give 3.6."""
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from raro_fast import analyze
+from raro_fast.model.hf import load_project_tokenizer, save_pretrained_atomic
+from raro_fast.model.policy import PolicyModel
+
+PROMPT, COMPLETION = [1, 5, 7], [9, 11, 13, 2]
+
+
+def _gemma2(cap: float | None, vocab: int = 64) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    final_logit_softcapping=cap)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits large enough that the cap matters
+    return model
+
+
+def _gemma3(cap: float | None, vocab: int = 64) -> nn.Module:
+    """Gemma 3 (text) soft-caps as Gemma 2 does where its config says, and loads with sdpa (Gemma 2 does not)."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                        final_logit_softcapping=cap)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def _llama(vocab: int = 64) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _reference(model, temperature=1.0):
+    """(log-probs, entropies) of the completion from the model's own logits, in float64."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([PROMPT + COMPLETION])).logits[0].double() / temperature
+    logp = logits.log_softmax(-1)[len(PROMPT) - 1 : -1]
+    return logp.gather(1, torch.tensor(COMPLETION)[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("make", [lambda: _gemma2(None), lambda: _gemma3(None), _llama],
+                         ids=["gemma2-uncapped", "gemma3-uncapped", "llama"])
+def test_teacher_forced_is_the_models_own_distribution(make):
+    model = make()
+    lp, ent, mask = analyze.teacher_forced(model, PROMPT, COMPLETION, temperature=0.7)
+    ref_lp, ref_ent = _reference(model, 0.7)
+    torch.testing.assert_close(ent[mask].double(), ref_ent, atol=1e-4, rtol=0)
+    torch.testing.assert_close(lp[mask].double(), ref_lp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("make", [_gemma2, _gemma3], ids=["gemma2", "gemma3"])
+def test_teacher_forced_refuses_a_soft_capped_gemma(make):
+    model = make(2.0)
+    ref_lp, ref_ent = _reference(model)
+    assert float(ref_ent.min()) > 3.0  # the capped distribution is nearly flat; hidden @ W.T alone gave ~0.04
+    with pytest.raises(ValueError, match=r"final_logit_softcapping = 2\.0"):
+        analyze.teacher_forced(model, PROMPT, COMPLETION)
+
+
+def test_teacher_forced_refuses_an_lm_head_with_a_bias():
+    model = _llama()
+    head = nn.Linear(32, 64, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_(0, 3.0)
+    model.lm_head = head
+    with pytest.raises(ValueError, match="LM head has a bias"):
+        analyze.teacher_forced(model, PROMPT, COMPLETION)
+
+
+def test_teacher_forced_refuses_logits_transformed_where_no_config_says():
+    """A transform no config field names (here a hook that scales the logits) is found by the probe."""
+    model = _llama()
+    model.lm_head.register_forward_hook(lambda module, args, out: out * 3.0)
+    with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
+        analyze.teacher_forced(model, PROMPT, COMPLETION)
+
+
+@pytest.mark.parametrize("setting,value", [("logit_scale", 0.0625), ("logits_scaling", 8.0)])
+def test_logit_scaling_configs_are_refused(setting, value):
+    model = _llama()
+    setattr(model.config, setting, value)
+    with pytest.raises(ValueError, match=f"config {setting} = {value!r}"):
+        analyze.teacher_forced(model, PROMPT, COMPLETION)
+
+
+def test_analyze_refuses_a_soft_capped_model_before_sampling(tmp_path, capsys):
+    tok = load_project_tokenizer()
+    save_pretrained_atomic(_gemma3(2.0, vocab=len(tok)), tok, tmp_path / "gemma")
+    save_pretrained_atomic(_llama(vocab=len(tok)), tok, tmp_path / "llama")
+    out = tmp_path / "out"
+    args = ["--analysis.models", f"base={tmp_path / 'gemma'},other={tmp_path / 'llama'}", "--analysis.k", "2",
+            "--analysis.chunk", "2", "--analysis.num_problems", "2", "--analysis.max_new_tokens", "4",
+            "--analysis.output_dir", str(out), "--task.countdown.num_train", "10", "--task.countdown.num_heldout", "5"]
+    assert analyze.main(args) == 2
+    err = capsys.readouterr().err
+    assert "analysis.models (base): the model transforms its logits (config final_logit_softcapping = 2.0)" in err
+    assert not (out / "samples").exists()  # refused before anything was drawn or recorded
+
+
+def test_the_trainer_refuses_the_same_models_at_setup():
+    with pytest.raises(ValueError, match=r"model\.path: the model transforms its logits \(config "
+                                         r"final_logit_softcapping = 2\.0\)"):
+        PolicyModel(_gemma3(2.0))
+    biased = _llama()
+    biased.lm_head = nn.Linear(32, 64, bias=True)
+    with pytest.raises(ValueError, match="model.path: the model's LM head has a bias"):
+        PolicyModel(biased)
+    PolicyModel(_gemma3(None))  # nothing to refuse
+    PolicyModel(_llama())
