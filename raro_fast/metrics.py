@@ -41,12 +41,18 @@ def strict_json(obj: Any, **kwargs: Any) -> str:
 class MetricsLog:
     """Appends JSON records, each with its step, to a .jsonl file (metrics.jsonl: one a step; rollouts.jsonl: one a
     trained sequence). On resume, records past the resumed step are dropped, so the file always reads as one
-    uninterrupted run."""
+    uninterrupted run.
 
-    def __init__(self, path: str | os.PathLike, *, enabled: bool, resume_step: int | None) -> None:
+    `main`: whether this process owns the file (the main rank; by default, whether it is `enabled`). The owner
+    cuts an existing file back to the resumed step (`resume_step`; None: a run from scratch keeps nothing) even
+    when it writes nothing itself: a resume with the log off (train.log_rollouts_every 0) would otherwise leave
+    the killed run's records of later steps, and a further resume with the log on would keep them as this run's."""
+
+    def __init__(self, path: str | os.PathLike, *, enabled: bool, resume_step: int | None,
+                 main: bool | None = None) -> None:
         self.path = Path(path)
         self.enabled = enabled
-        if not enabled:
+        if not (enabled or (main and self.path.exists())):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -138,14 +144,19 @@ def summary_table(records: list[dict[str, Any]], window: int = 5) -> str:
         "perf/throughput",
         "timing_s/step",
     ]
-    rows = [("metric", "first", "last")]
+    body = []  # (metric, values averaged, first, last)
     for key in keys:
         vals = [r[key] for r in records if r.get(key) is not None]
         if not vals:
             continue
         k = 1 if key.startswith("eval/") else max(1, min(window, len(vals) // 2))
-        rows.append((key, _fmt(sum(vals[:k]) / k), _fmt(sum(vals[-k:]) / k)))
-    rows[0] = ("metric", f"first{'' if window == 1 else f' ({window})'}", f"last{'' if window == 1 else f' ({window})'}")
+        body.append((key, k, _fmt(sum(vals[:k]) / k), _fmt(sum(vals[-k:]) / k)))
+    # The header says how many steps the averages take (fewer than `window` in a short run); a metric reported on
+    # fewer steps than the others says its own count. Held-out rows are one evaluation each (see above).
+    n = max((k for key, k, _, _ in body if not key.startswith("eval/")), default=1)
+    label = lambda word: word if n == 1 else f"{word} ({n})"
+    rows = [("metric", label("first"), label("last"))]
+    rows += [(key if key.startswith("eval/") or k == n else f"{key} ({k})", a, b) for key, k, a, b in body]
     w0 = max(len(r[0]) for r in rows)
     lines = [f"{a:<{w0}}  {b:>10}  {c:>10}" for a, b, c in rows]
     lines.insert(1, "-" * len(lines[0]))

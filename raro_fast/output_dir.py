@@ -3,8 +3,8 @@
 A new run (no `--resume`) into a folder that holds another run's files would mix two runs: its metrics.jsonl
 rewritten, its checkpoints pruned by step number against the new run's, `latest` naming one that is then deleted.
 So a new run refuses such a folder unless `train.overwrite` says to delete those files. `base_model/` is the
-embedded model's warm-up, cached: it is reused (by a new run or by a test that prepared it) only when the
-settings it was warmed up with, recorded next to it, are the run's own.
+embedded model's warm-up, cached: it is reused (by a new run, a resume that finds no checkpoint yet, or a test
+that prepared it) only when the settings it was warmed up with, recorded next to it, are the run's own.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from raro_fast.checkpoint import checkpoint_root
 from raro_fast.config import JobConfig
 
 # What a run writes into its folder (besides base_model/, handled on its own).
@@ -71,6 +72,12 @@ def _recipe_differences(base: Path, cfg: JobConfig) -> list[str]:
     return diffs
 
 
+def _has_checkpoints(out: Path) -> bool:
+    """Whether a resume has a checkpoint to start from: `checkpoint.resume_point` returns one (or refuses, when all
+    are damaged) exactly when a step folder exists; this looks without verifying any."""
+    return any(p.is_dir() for p in checkpoint_root(out).glob("step_*"))
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -80,12 +87,17 @@ def _remove(path: Path) -> None:
 
 def prepare(cfg: JobConfig, *, delete: bool) -> None:
     """Before anything is built, on every rank (the same verdict everywhere): refuse (ValueError) a folder a new run
-    must not mix with, or under `train.overwrite` clear it (only where `delete`: one rank)."""
+    must not mix with, or under `train.overwrite` clear it (only where `delete`: one rank).
+
+    A resume that finds a checkpoint continues from its weights (its settings are checked against the saved ones
+    later). One that finds none starts from scratch, from base_model/ like a new run, so its base gets a new run's
+    check: a base warmed up with other settings is refused, or warmed up again under `train.overwrite`. The run's
+    own files stay: a resume continues in this folder (the logs are cut back to where it starts)."""
     out = Path(cfg.train.output_dir)
     t = cfg.train
-    if t.resume:
+    if t.resume and _has_checkpoints(out):
         return
-    found = [name for name in RUN_ENTRIES if (out / name).exists()]
+    found = [] if t.resume else [name for name in RUN_ENTRIES if (out / name).exists()]
     base = out / "base_model"
     stale_base = _recipe_differences(base, cfg) if uses_base(cfg) and base.exists() else []
     if t.overwrite:

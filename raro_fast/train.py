@@ -76,6 +76,8 @@ class Run:
     skipped_in_a_row: int = 0
     warned_uniform: bool = False
     first_entropy: float | None = None
+    # What a mode fixes when the run starts and a resume must keep (DPO's round length): saved with each checkpoint
+    mode_state: dict = field(default_factory=dict)
 
     @contextmanager
     def timed(self, stage: str):
@@ -324,7 +326,7 @@ def evaluate(r: Run, step: int) -> dict[str, float | None]:
 
 def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
-             "world_size": r.d.world_size, "config": to_dict(r.cfg)}
+             "world_size": r.d.world_size, "config": to_dict(r.cfg), "mode_state": dict(r.mode_state)}
     checkpoint.save_checkpoint(r.cfg.train.output_dir, step, model=r.model, hf_model=r.hf_model, tokenizer=r.tokenizer,
                                optimizer=r.optimizer, trainer_state=state, d=r.d)
 
@@ -375,6 +377,9 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if cfg.raro.critic == "oracle" and not task.has_verifier:
         raise ValueError(f"raro.critic=oracle replaces the critic's verdict by the task's verifier; the "
                          f"{cfg.task.name} task has none")
+    if cfg.train.mode == "rlvr" and not task.has_verifier:  # every reward would be 0: nothing learnt, silently
+        raise ValueError(f"train.mode=rlvr rewards an answer by the task's verifier; the {cfg.task.name} task has "
+                         f"none (raro, sft, rationalization, rl_logit and dpo need no verifier)")
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:
         eval_examples = eval_examples[: cfg.train.eval_size]
@@ -413,7 +418,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if mode.needs_reference(cfg):
         ref_model = reference_model(cfg, d, compute_dtype, mode.reference_dir(cfg, resume_from))
     replay = ReplayBuffer(cfg.raro.replay_size)
-    start = 0
+    start, mode_state = 0, {}
     if resume_from is not None:
         state = checkpoint.load_trainer_state(resume_from)
         if state["world_size"] != d.world_size:
@@ -423,18 +428,20 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
             group.update(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                          weight_decay=cfg.optim.weight_decay)
         replay.load_state_dict(state["replay"])
-        start = state["step"]
+        start, mode_state = state["step"], dict(state.get("mode_state", {}))
         engine.weight_version = start
         warn(f"train.resume: continuing after step {start} from {resume_from}")
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=start if resume_from else None)
+    # main=: cut back on every resume even with the log off now, or records of steps this run never trained stay
     rollout_log = MetricsLog(out / "rollouts.jsonl", enabled=d.is_main and cfg.train.log_rollouts_every > 0,
-                             resume_step=start if resume_from else None)
+                             resume_step=start if resume_from else None, main=d.is_main)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
+               mode_state=mode_state,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
 

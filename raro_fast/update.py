@@ -76,7 +76,7 @@ class UpdateStats:
     loss: float
     grad_norm: float
     metrics: dict[str, float]
-    tokens: float = 0.0  # trained tokens the metrics average over
+    tokens: float = 0.0  # trained tokens the metrics average over: the global batch's, summed over ranks
     skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     entropies: list[torch.Tensor] | None = None  # per micro-batch, when the update's forward filled the old log-probs
 
@@ -123,8 +123,12 @@ def update_step(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    total_loss = torch.zeros((), device=mbs[0].input_ids.device) if mbs else torch.zeros(())
+    device = mbs[0].input_ids.device if mbs else torch.device("cpu")
+    total_loss = torch.zeros((), device=device)
+    # Token-weighted sums of the scalar metrics and the trained-token count, over this rank's micro-batches; they
+    # are added over ranks below, so the averages are the global batch's (rank 0 alone writes metrics.jsonl).
     sums: dict[str, torch.Tensor] = {}
+    n_tokens = torch.zeros((), device=device)
     entropies = [] if old_from_forward else None
     for mb in mbs:
         logprobs, entropy = model(mb, temperature=temperature, return_entropy=old_from_forward)
@@ -138,24 +142,27 @@ def update_step(
             loss = loss * 0.0
         (loss * world).backward()
         total_loss += loss.detach()
+        # A filler adds nothing, but names its metrics all the same: every rank then holds the same keys (they
+        # follow the loss settings and the micro-batches' fields, which a filler copies), so the sums line up.
+        n = mask.sum().float()
+        for k, v in metrics.items():
+            if v.dim() == 0 and k not in ("ratio_min", "ratio_max"):
+                add = torch.zeros((), device=device) if mb.is_padding else v.detach().float() * n
+                sums[k] = sums.get(k, 0.0) + add
         if not mb.is_padding:
-            n = mask.sum()
-            for k, v in metrics.items():
-                if v.dim() == 0 and k not in ("ratio_min", "ratio_max"):
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() * n
-            sums["_n"] = sums.get("_n", 0.0) + n
+            n_tokens += n
     grad_norm = _clip_grad_norm(model, grad_clip)
+    keys = sorted(sums)
+    # loss, trained tokens, then each metric's sum: one collective for all of them
+    totals = torch.stack([total_loss.float(), n_tokens, *(sums[k] for k in keys)])
     if world > 1:
-        loss_t = total_loss.clone()
-        torch.distributed.all_reduce(loss_t)
-        total = float(loss_t)
-    else:
-        total = float(total_loss)
+        torch.distributed.all_reduce(totals)
+    totals = totals.tolist()
+    total, tokens = totals[0], totals[1]
     skipped = _step_unless_non_finite(model, optimizer, total, grad_norm, world)
-    n = sums.pop("_n", None)
-    metrics = {f"actor/{k}": float(v / n) for k, v in sums.items()} if n is not None and float(n) > 0 else {}
-    return UpdateStats(loss=total, grad_norm=grad_norm, metrics=metrics, tokens=float(n) if n is not None else 0.0,
-                       skipped=int(skipped), entropies=entropies)
+    metrics = {f"actor/{k}": v / tokens for k, v in zip(keys, totals[2:])} if tokens > 0 else {}
+    return UpdateStats(loss=total, grad_norm=grad_norm, metrics=metrics, tokens=tokens, skipped=int(skipped),
+                       entropies=entropies)
 
 
 def _micro_batch_loss(logprobs: torch.Tensor, mb: PackedMicroBatch, mask: torch.Tensor, loss_cfg: LossConfig,

@@ -215,3 +215,29 @@ def test_dpo_update_gradient_is_the_dpo_loss_gradient(setting):
     for n, p in policy.named_parameters():  # fp32, summed in another order: ~1e-7 absolute noise on O(1e-2) grads
         torch.testing.assert_close(g_update[n], p.grad, rtol=1e-4, atol=1e-6)
     assert any(g.abs().max() > 0 for g in g_update.values())
+
+
+def test_dpo_round_length_is_the_one_the_run_started_with(tmp_path):
+    """train.steps may change on resume; DPO's round length (ceil(steps / rounds)) is fixed at the run's first step
+    and saved with its checkpoints. Recomputed from the new steps, a run of 10 steps in 2 rounds extended to 20
+    resumed at step 7 with the initial model as its reference instead of the round-2 one saved at step 5."""
+    import json
+    from types import SimpleNamespace
+
+    from raro_fast.modes.dpo import DpoMode
+
+    def cfg(steps, *extra):
+        return load_config(["--train.mode", "dpo", "--dpo.rounds", "2", "--train.steps", str(steps),
+                            "--train.output_dir", str(tmp_path), *extra])
+
+    mode, r = DpoMode(), SimpleNamespace(cfg=cfg(10), mode_state={})
+    mode.start_step(r, 0)  # the run's first step (no refresh there)
+    ck = tmp_path / "checkpoints" / "step_000007"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 7, "mode_state": r.mode_state}))
+    ref = tmp_path / "dpo_reference" / "step_000005"
+    ref.mkdir(parents=True)
+    (ref / "config.json").write_text("{}")
+    assert mode.reference_dir(cfg(10, "--resume"), ck) == ref
+    assert mode.reference_dir(cfg(20, "--resume"), ck) == ref  # extended: still round 2's reference
+    assert mode.reference_dir(cfg(8, "--resume"), ck) == ref  # shortened likewise (ceil(8 / 2) = 4)

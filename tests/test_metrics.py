@@ -28,6 +28,41 @@ def test_metrics_log_resume_drops_steps_after_checkpoint(tmp_path):
     assert not (tmp_path / "other.jsonl").exists()
 
 
+def test_a_resume_with_the_log_off_still_cuts_it_back(tmp_path):
+    """A resume with train.log_rollouts_every 0 writes no rollouts, but the killed run's records past the resumed
+    step must still go: a later resume with the log on kept them as if this run had trained those steps."""
+    path = tmp_path / "rollouts.jsonl"
+    log = MetricsLog(path, enabled=True, resume_step=None)  # the first run logs steps 10, 20, 30, killed after 30
+    log.write_all({"step": s, "completion": f"first run {s}"} for s in (10, 20, 30))
+    MetricsLog(path, enabled=False, resume_step=20, main=False)  # another rank neither writes nor cuts
+    assert [r["step"] for r in log.read()] == [10, 20, 30]
+    off = MetricsLog(path, enabled=False, resume_step=20, main=True)  # resumed from step 20 with the log off
+    off.write({"step": 30, "completion": "not logged"})
+    assert [r["completion"] for r in log.read()] == ["first run 10", "first run 20"]
+    MetricsLog(path, enabled=False, resume_step=None, main=True)  # a resume that found no checkpoint: from scratch
+    assert log.read() == []
+    MetricsLog(tmp_path / "never.jsonl", enabled=False, resume_step=None, main=True)  # no file made for nothing
+    assert not (tmp_path / "never.jsonl").exists()
+
+
+def test_summary_table_labels_the_number_of_steps_it_averages():
+    rng = random.Random(2)
+    recs = _records(4, rng)  # four steps: the means are over the first and last two
+    header = summary_table(recs).splitlines()[0].split()
+    assert header == ["metric", "first", "(2)", "last", "(2)"]
+    rewards = [r["reward/policy_mean"] for r in recs]
+    line = next(l for l in summary_table(recs).splitlines() if l.startswith("reward/policy_mean"))
+    assert line.split()[1:] == [f"{sum(rewards[:2]) / 2:.4g}", f"{sum(rewards[-2:]) / 2:.4g}"]
+    assert summary_table(recs[:3]).splitlines()[0].split() == ["metric", "first", "last"]  # one value each
+    recs = _records(12, rng)
+    for r in recs[:-4]:
+        del r["critic/tie_rate"]  # reported on four steps only: its own count, by its name
+    table = summary_table(recs).splitlines()
+    assert table[0].split() == ["metric", "first", "(5)", "last", "(5)"]
+    assert any(l.startswith("critic/tie_rate (2) ") for l in table)
+    assert any(l.startswith("reward/policy_mean ") for l in table)
+
+
 def test_plot_and_summary(tmp_path):
     rng = random.Random(1)
     recs = _records(12, rng)

@@ -66,6 +66,28 @@ def test_a_base_warmed_up_with_other_settings_is_refused_naming_them(tmp_path):
     assert not (out / "base_model").exists()  # warmed up again by the run
 
 
+def test_a_resume_with_no_checkpoint_yet_checks_the_base_like_a_new_run(tmp_path):
+    """A run killed before its first save, resumed: it starts from base_model/, so a base warmed up with other
+    settings is refused (it was loaded silently), or warmed up again under train.overwrite; the run's own files stay."""
+    out = tmp_path / "run"
+    _base(out, _cfg(out, "--warmup.steps", "300"))
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(ValueError) as e:
+        output_dir.prepare(_cfg(out, "--resume"), delete=True)
+    assert "base_model was warmed up with other settings" in str(e.value)
+    assert "warmup.steps: 300 there, 2000 now" in str(e.value) and "--train.overwrite true" in str(e.value)
+    output_dir.prepare(_cfg(out, "--resume", "--warmup.steps", "300"), delete=True)  # its own settings: fine
+    output_dir.prepare(_cfg(out, "--resume", "--train.overwrite", "true"), delete=False)  # other ranks only check
+    assert (out / "base_model").exists()
+    output_dir.prepare(_cfg(out, "--resume", "--train.overwrite", "true"), delete=True)
+    assert not (out / "base_model").exists() and (out / "metrics.jsonl").exists()
+    # with a checkpoint the weights are the checkpoint's (its settings are checked against the saved run's later)
+    _base(out, _cfg(out, "--warmup.steps", "300"))
+    (checkpoint.checkpoint_root(out) / "step_000002").mkdir(parents=True)
+    output_dir.prepare(_cfg(out, "--resume"), delete=True)
+    assert (out / "base_model").exists()
+
+
 def test_a_base_without_its_recipe_is_refused(tmp_path):
     out = tmp_path / "run"
     base = _base(out, _cfg(out))

@@ -205,12 +205,15 @@ def test_oracle_critic_with_ppo_mini_batches(base_model, tmp_path):
     assert "held-out accuracy:" in out.stdout
 
 
-def test_oracle_critic_refused_for_a_task_without_a_verifier(tmp_path):
+@pytest.mark.parametrize("flags, named", [(["--raro.critic", "oracle"], "raro.critic=oracle"),
+                                           (["--train.mode", "rlvr"], "train.mode=rlvr")])
+def test_a_verifier_mode_is_refused_for_a_task_without_one(tmp_path, flags, named):
+    # RLVR on poetry used to run: every reward 0 (a None verdict is False), nothing learnt, accuracy logged as 0.0.
     t0 = time.monotonic()
-    out = train([*TINY, "--warmup.steps", "2000", "--task.name", "poetry", "--raro.critic", "oracle",
+    out = train([*TINY, "--warmup.steps", "2000", "--task.name", "poetry", *flags,
                  "--train.output_dir", str(tmp_path / "r")], check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "raro.critic=oracle" in out.stderr and "the poetry task has none" in out.stderr
+    assert named in out.stderr and "the poetry task has none" in out.stderr
     assert time.monotonic() - t0 < 120 and not (tmp_path / "r" / "base_model").exists()
 
 
@@ -297,6 +300,38 @@ def test_dpo_resume_mid_round_equals_uninterrupted(base_model, tmp_path):
     # first step of each round: policy == reference, so every margin is 0 and the loss is log 2
     assert a[1]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6) and a[4]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert a[2]["dpo/loss"] != pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_extended_dpo_run_keeps_its_round_length(base_model, tmp_path):
+    """train.steps may change on resume, but the rounds keep the length the run started with: a 4-step run in 2
+    rounds (2 steps each), killed after step 3 and resumed from step 2 with train.steps 6, trains as a 6-step run
+    with 2-step rounds. The length used to be recomputed (ceil(6 / 2) = 3): the resume kept the initial model as
+    the reference at step 3 and refreshed it at step 3 instead of 2 and 4."""
+    args = [*TINY, "--train.mode", "dpo", "--train.save_every", "2", "--train.eval_every", "2"]
+    full = _with_base(base_model, tmp_path / "full")
+    train([*args, "--dpo.rounds", "3", "--train.steps", "6", "--train.output_dir", str(full)])
+    cut = _with_base(base_model, tmp_path / "cut")
+    cut_args = [*args, "--dpo.rounds", "2", "--train.output_dir", str(cut)]
+    assert train([*cut_args, "--train.steps", "4", "--train.stop_after", "3"], check=False).returncode != 0
+    out = train([*cut_args, "--train.steps", "6", "--resume"])
+    assert "train.steps: 4 -> 6" in out.stdout
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
+    a, b = metrics(full), metrics(cut)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5, 6]
+    assert [strip(r) for r in a] == [strip(r) for r in b]
+    assert sorted(p.name for p in (cut / "dpo_reference").iterdir()) == ["step_000002", "step_000004"]
+
+
+@pytest.mark.slow
+def test_a_resume_with_rollout_logging_off_drops_the_killed_runs_later_rollouts(base_model, tmp_path):
+    run = _with_base(base_model, tmp_path / "run")
+    args = [*TINY, "--train.steps", "4", "--train.save_every", "2", "--train.output_dir", str(run)]
+    assert train([*args, "--train.log_rollouts_every", "1", "--train.stop_after", "3"], check=False).returncode != 0
+    logged = lambda: sorted({json.loads(line)["step"] for line in (run / "rollouts.jsonl").read_text().splitlines()})
+    assert logged() == [1, 2, 3]  # killed after step 3; the last checkpoint is step 2
+    train([*args, "--train.log_rollouts_every", "0", "--resume"])  # trains steps 3 and 4 again, logging nothing
+    assert logged() == [1, 2]  # the killed run's step 3 is not this run's: a later resume must not keep it
 
 
 @pytest.mark.slow

@@ -2,6 +2,9 @@
 penalty outside the role weights, and PPO mini-batches (k optimizer steps; k = 1 is the single update)."""
 import copy
 import json
+import os
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -329,3 +332,57 @@ def test_a_resumed_run_warns_about_uniform_entropy_against_its_start(tmp_path, c
                         cfg=load_config(["--train.output_dir", str(tmp_path)]))
     check_health(r, 4, {"update/skipped": 0, "policy/entropy": 5.9})  # 0.9 * ln 400 = 5.39
     assert "at the run's start: 1.50" in capsys.readouterr().out
+
+
+def _sharded_update(world: int, rank: int):
+    """Rank `rank`'s share of one PPO round (2 mini-batches, KL term on) over mixed_samples, at SGD lr 0 so the
+    weights stay; the old log-probs are perturbed per (sequence, position), the same on whichever rank holds the
+    sequence, so ratios move off 1 and clipping acts. The second mini-batch is one sequence: on two ranks, one of
+    them trains only a filler there."""
+    tok = load_project_tokenizer()
+    policy, ref = tiny_policy(tok, seed=0), tiny_policy(tok, seed=1)
+    samples = mixed_samples()
+    plan = []
+    for part in (samples[:-1], samples[-1:]):
+        norm = weigh_roles(part, loss_agg="token_sum_norm", role_constants={"policy": 60.0, "critic": 250.0}, parts=2)
+        plan.append((plan_micro_batches(part, max_tokens_per_micro_batch=40, world_size=world, rank=rank), norm))
+    mbs = [mb for part, _ in plan for mb in part]
+    recompute_logprobs(policy, mbs, temperature=1.0)
+    recompute_logprobs(ref, mbs, temperature=1.0, field="ref_logprobs")
+    for mb in mbs:
+        mb.old_logprobs = mb.old_logprobs + torch.sin(mb.uids[mb.seq_ids].float() * 7.0 + mb.position_ids.float() * 3.0) * 0.5
+    upd = update_mini_batches(policy, torch.optim.SGD(policy.parameters(), lr=0.0), plan,
+                              loss_cfg=LossConfig(kl_coef=0.1), temperature=1.0, grad_clip=0.0)
+    return upd, sum(mb.is_padding for mb in mbs)
+
+
+def test_two_ranks_log_the_global_batchs_actor_metrics(tmp_path):
+    """Only rank 0 writes metrics.jsonl: its actor/* metrics (and the token counts that weigh the mini-batches)
+    must be the whole batch's, added over ranks, not rank 0's own share of the tokens."""
+    result = tmp_path / "rank0.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          __file__, str(result)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-6000:]
+    got = json.loads(result.read_text())
+    single, _ = _sharded_update(1, 0)
+    assert got["tokens"] == single.tokens == sum(len(s.input_ids) - s.prompt_len for s in mixed_samples())
+    assert set(got["metrics"]) == set(single.metrics) >= {"actor/clip_frac", "actor/ratio_mean", "actor/ref_kl"}
+    assert single.metrics["actor/clip_frac"] > 0.05
+    for key, value in single.metrics.items():
+        assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert got["loss"] == pytest.approx(single.loss, rel=1e-5)
+    assert got["padding"] > 0  # a rank with a filler micro-batch still lines its sums up with the other's
+
+
+if __name__ == "__main__":  # one rank of test_two_ranks_log_the_global_batchs_actor_metrics, under torchrun
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    upd, padding = _sharded_update(dist.get_world_size(), dist.get_rank())
+    padding_t = torch.tensor(padding)
+    dist.all_reduce(padding_t)
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump({"loss": upd.loss, "tokens": upd.tokens, "metrics": upd.metrics, "padding": int(padding_t)}, f)
+    dist.destroy_process_group()

@@ -86,7 +86,20 @@ def dpo_advantages(samples: list[SequenceSample], mbs, *, d: Dist, beta: float) 
     return pairs, metrics
 
 
-def round_length(cfg: JobConfig) -> int:
+# The round length is fixed when the run starts and kept in the trainer state (`Run.mode_state`, saved with every
+# checkpoint). A resume may change train.steps (checkpoint.RESUMABLE: extending a run is the usual reason to resume),
+# and a length recomputed from the new value moves every round boundary: the resumed run would load the reference of
+# another round, or none, and refresh it at steps the saved run never did. Refusing the change for DPO would also be
+# exact, but would make a DPO run the one kind that cannot be extended; with the length kept, extending just adds
+# rounds of the same length (more than dpo.rounds of them), and the steps already trained keep their references.
+ROUND_LENGTH = "dpo_round_length"
+
+
+def round_length(cfg: JobConfig, mode_state: dict | None = None) -> int:
+    """Steps per round: the one the run started with (in `mode_state`), else ceil(train.steps / dpo.rounds) for a
+    run that starts now (or a checkpoint from before the length was kept)."""
+    if mode_state and ROUND_LENGTH in mode_state:
+        return int(mode_state[ROUND_LENGTH])
     return max(1, math.ceil(cfg.train.steps / cfg.dpo.rounds))
 
 
@@ -102,8 +115,9 @@ class DpoMode(Mode):
         resumes exactly at a round start, where `start_step` refreshes it anyway)."""
         if resume_from is None:
             return None
-        step = checkpoint.load_trainer_state(resume_from)["step"]
-        start = step // round_length(cfg) * round_length(cfg)
+        state = checkpoint.load_trainer_state(resume_from)
+        step, length = state["step"], round_length(cfg, state.get("mode_state"))
+        start = step // length * length
         if start == 0 or start == step:
             return None
         path = Path(cfg.train.output_dir) / "dpo_reference" / f"step_{start:06d}"
@@ -112,8 +126,10 @@ class DpoMode(Mode):
         return path
 
     def start_step(self, r: Trainer, step: int) -> None:
-        """A new round: the reference becomes the current policy, and is saved so a resumed run finds it."""
-        if step == 0 or step % round_length(r.cfg):
+        """A new round: the reference becomes the current policy, and is saved so a resumed run finds it. The round
+        length is fixed at the run's first step (a resumed run has it from its checkpoint)."""
+        length = r.mode_state.setdefault(ROUND_LENGTH, round_length(r.cfg))
+        if step == 0 or step % length:
             return
         r.ref_model.load_state_dict(r.model.state_dict())
         weights = full_state_dict(r.model)
