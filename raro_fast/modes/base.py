@@ -37,6 +37,7 @@ class Trainer(Protocol):
     hf_model: Any  # the Hugging Face module inside it, for saving
     ref_model: torch.nn.Module | None
     replay: Any
+    mode_state: dict  # what a mode fixes at the run's start and a resume keeps (saved with each checkpoint)
 
 
 @dataclass
