@@ -14,27 +14,26 @@ from raro_fast.model.policy import PolicyModel
 PROMPT, COMPLETION = [1, 5, 7], [9, 11, 13, 2]
 
 
-def _gemma2(cap: float | None, vocab: int = 64) -> nn.Module:
+def _gemma(version: int, cap: float | None, vocab: int = 64) -> nn.Module:
+    """Gemma 2, or Gemma 3 (text), which soft-caps as Gemma 2 does where its config says and loads with sdpa
+    (Gemma 2 does not)."""
     torch.manual_seed(0)
-    cfg = transformers.Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                    final_logit_softcapping=cap)
-    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    config, causal_lm = ((transformers.Gemma2Config, transformers.Gemma2ForCausalLM) if version == 2
+                         else (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM))
+    cfg = config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, final_logit_softcapping=cap)
+    model = causal_lm(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # logits large enough that the cap matters
     return model
 
 
+def _gemma2(cap: float | None, vocab: int = 64) -> nn.Module:
+    return _gemma(2, cap, vocab)
+
+
 def _gemma3(cap: float | None, vocab: int = 64) -> nn.Module:
-    """Gemma 3 (text) soft-caps as Gemma 2 does where its config says, and loads with sdpa (Gemma 2 does not)."""
-    torch.manual_seed(0)
-    cfg = transformers.Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                        final_logit_softcapping=cap)
-    model = transformers.Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    return model
+    return _gemma(3, cap, vocab)
 
 
 def _llama(vocab: int = 64) -> nn.Module:
