@@ -86,17 +86,19 @@ def lm_head_grads_torch(
     need_weight: bool,
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
     cols_per_chunk: int = DEFAULT_COLS_PER_CHUNK,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(g_lp * logprob + g_ent * entropy) w.r.t. hidden and weight, recomputing the logits.
 
     With p = softmax(z), z = logits * inv_temp (the row's): d logp[t] / dz = onehot(t) - p and
     d entropy / dz = -p (log p + H), then d/dlogits = inv_temp * d/dz. Rows to be skipped (ignored targets) must
     carry g_lp = g_ent = 0.
-    Gradients accumulate in fp32 and are cast once to the input dtype.
+    Gradients accumulate in fp32 and are cast once to `grad_dtype` (default: the input dtype).
     """
     n_rows, vocab = hidden_NH.shape[0], weight_VH.shape[0]
     dev = hidden_NH.device
-    grad_hidden_NH = alloc(tuple(hidden_NH.shape), hidden_NH.dtype, dev) if need_hidden else None
+    grad_dtype = grad_dtype or hidden_NH.dtype
+    grad_hidden_NH = alloc(tuple(hidden_NH.shape), grad_dtype, dev) if need_hidden else None
     grad_weight32_VH = (
         torch.zeros(weight_VH.shape, dtype=torch.float32, device=dev) if need_weight else None
     )
@@ -126,5 +128,5 @@ def lm_head_grads_torch(
                 grad_weight32_VH[c0:c1].addmm_(dz_RC.T, h_RH)
         if grad_hidden_NH is not None:
             grad_hidden_NH[r0:r1] = grad_h32_RH
-    grad_weight_VH = None if grad_weight32_VH is None else grad_weight32_VH.to(weight_VH.dtype)
+    grad_weight_VH = None if grad_weight32_VH is None else grad_weight32_VH.to(grad_dtype)
     return grad_hidden_NH, grad_weight_VH

@@ -459,17 +459,22 @@ def lm_head_grads_triton(
     need_hidden: bool,
     need_weight: bool,
     cols_per_chunk: int,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Backward of the LM head, one vocabulary slice of `cols_per_chunk` columns at a time: dz [N, slice] (input
     dtype) from recomputed logits (cuBLAS fp32 slice + `_dz_from_logits_kernel` in place, or `_dz_kernel`),
     then cuBLAS gives grad_weight[slice] = dz.T @ hidden (written once, fp32-accumulated over all N inside the
-    GEMM) and grad_hidden += dz @ weight[slice] (fp32 accumulator [N, H] when there is more than one slice).
-    Rows to skip must carry zero upstream gradients."""
+    GEMM) and grad_hidden += dz @ weight[slice] (fp32 accumulator [N, H] when there is more than one slice, or
+    when `grad_dtype` is fp32). The gradients come in `grad_dtype` (default: the input dtype); fp32 returns the
+    fp32 GEMM results unrounded. Rows to skip must carry zero upstream gradients."""
     targets_N, lse_N, entropy_N, inv_temp_N = _rows(targets_N), _rows(lse_N), _rows(entropy_N), _rows(inv_temp_N)
     grad_logprob_N, grad_entropy_N = _rows(grad_logprob_N), _rows(grad_entropy_N)
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
     dev, dtype = hidden_NH.device, hidden_NH.dtype
+    grad_dtype = grad_dtype or dtype
+    assert grad_dtype in (dtype, torch.float32), grad_dtype
+    wide = grad_dtype != dtype  # 16-bit inputs, fp32 gradients
     cols = min(cols_per_chunk, vocab)
     n_slices = triton.cdiv(vocab, cols)
     use_cublas = cublas_route(dev)
@@ -478,10 +483,10 @@ def lm_head_grads_triton(
         z_buf = alloc((n_rows, round_up(cols, 4)), torch.float32, dev)
     else:
         dz_buf = alloc((n_rows, round_up(cols, 8)), dtype, dev)
-    grad_weight_VH = alloc(tuple(weight_VH.shape), weight_VH.dtype, dev) if need_weight else None
+    grad_weight_VH = alloc(tuple(weight_VH.shape), grad_dtype, dev) if need_weight else None
     grad_hidden_NH = None
     grad_hidden32_NH = None
-    if need_hidden and n_slices > 1:
+    if need_hidden and (n_slices > 1 or wide):
         grad_hidden32_NH = alloc((n_rows, hidden_size), torch.float32, dev)
     with_ent_grad = grad_entropy_N is not None
     for c0 in range(0, vocab, cols):
@@ -511,14 +516,17 @@ def lm_head_grads_triton(
                 GROUP_N=8, WITH_ENTROPY_GRAD=with_ent_grad, **_dot_args(dtype),
             )
         if grad_weight_VH is not None:
-            mm_(dz_NC.t(), hidden_NH, out=grad_weight_VH[c0:c1])
+            if wide:
+                accumulate_fp32_(grad_weight_VH[c0:c1], dz_NC.t(), hidden_NH, first=True)
+            else:
+                mm_(dz_NC.t(), hidden_NH, out=grad_weight_VH[c0:c1])
         if need_hidden:
             if grad_hidden32_NH is None:
                 grad_hidden_NH = mm_(dz_NC, w_CH)
             else:
                 accumulate_fp32_(grad_hidden32_NH, dz_NC, w_CH, first=c0 == 0)
     if grad_hidden32_NH is not None:
-        grad_hidden_NH = grad_hidden32_NH.to(dtype)
+        grad_hidden_NH = grad_hidden32_NH.to(grad_dtype)
     return grad_hidden_NH, grad_weight_VH
 
 

@@ -65,17 +65,18 @@ def lm_head_grads(
     need_hidden: bool,
     need_weight: bool,
     chunk_cols: int = DEFAULT_CHUNK_COLS,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients w.r.t. hidden and weight, in `grad_dtype` (default: the input dtype; fp32 skips the final
+    rounding, for a caller that still has to scale them)."""
     args = (hidden_NH, weight_VH, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N)
+    kwargs = dict(inv_temp_N=inv_temp_N, need_hidden=need_hidden, need_weight=need_weight,
+                  cols_per_chunk=chunk_cols, grad_dtype=grad_dtype)
     if backend == "triton":
         from raro_kernels._triton_lm_head import lm_head_grads_triton
 
-        return lm_head_grads_triton(
-            *args, inv_temp_N=inv_temp_N, need_hidden=need_hidden, need_weight=need_weight, cols_per_chunk=chunk_cols
-        )
-    return _chunked_torch.lm_head_grads_torch(
-        *args, inv_temp_N=inv_temp_N, need_hidden=need_hidden, need_weight=need_weight, cols_per_chunk=chunk_cols
-    )
+        return lm_head_grads_triton(*args, **kwargs)
+    return _chunked_torch.lm_head_grads_torch(*args, **kwargs)
 
 
 # The public function is a torch.library custom op (forward and backward each one op, with fake implementations
@@ -125,8 +126,10 @@ def _backward_op(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: to
 @_backward_op.register_fake
 def _(hidden_NH, weight_VH, targets_N, lse_N, entropy_N, grad_logprob_N, grad_entropy_N, inv_temp_N, need_hidden,
       need_weight, backend, chunk_cols):
-    return (torch.empty_like(hidden_NH) if need_hidden else hidden_NH.new_empty(0),
-            torch.empty_like(weight_VH) if need_weight else weight_VH.new_empty(0))
+    # new_empty, not empty_like: the real op returns fresh contiguous gradients whatever the inputs' strides
+    # (a transposed weight, e.g. W.t() of a weight stored [H, V]), and inductor asserts the fake's strides.
+    return (hidden_NH.new_empty(hidden_NH.shape) if need_hidden else hidden_NH.new_empty(0),
+            weight_VH.new_empty(weight_VH.shape) if need_weight else weight_VH.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:

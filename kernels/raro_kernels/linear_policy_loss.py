@@ -57,6 +57,12 @@ class _LossTerms:
             loss = loss - self.opts.entropy_coef * ent
         return loss
 
+    def grad_prescale(self) -> torch.Tensor:
+        """A power of two s near 1 / max |token weight| (fp32, 0-dim, on the tokens' device, no host sync): the
+        per-token gradients times s are O(d per-token loss / d logprob), whatever the aggregation's 1 / count."""
+        _mantissa, exponent = torch.frexp(self.scale_N.abs().amax())  # max = mantissa * 2^exponent; 0 -> 1
+        return torch.ldexp(torch.ones((), dtype=torch.float32, device=self.scale_N.device), -exponent)
+
     def token_grads(
         self, r0: int, r1: int, logprobs_R: torch.Tensor, entropy_R: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,24 +90,28 @@ def _one_pass_triton(
     need_hidden: bool,
     need_weight: bool,
     chunk_tokens: int,
+    grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(logprobs, entropy, grad hidden, grad weight) of sum(loss), with 6NHV FLOPs: per chunk of tokens the
     chunk's fp32 logits (cuBLAS, or the fused Triton kernel) reduced to statistics, the per-token loss
-    gradient, one kernel turning the logits into dz in place, and two cuBLAS products."""
+    gradient, one kernel turning the logits into dz in place, and two cuBLAS products. The gradients come in
+    `grad_dtype`: the input dtype, or fp32 (the GEMMs' fp32 results, unrounded)."""
     from raro_kernels._triton_lm_head import accumulate_fp32_, dz_from_logits_, lm_head_stats_triton, mm_
 
     n_rows, hidden_size = hidden_NH.shape
     vocab = weight_VH.shape[0]
     dev, dtype = hidden_NH.device, hidden_NH.dtype
+    assert grad_dtype in (dtype, torch.float32), grad_dtype
+    wide = grad_dtype != dtype  # 16-bit inputs, fp32 gradients
     rows = min(chunk_tokens, n_rows)
     n_chunks = (n_rows + rows - 1) // rows
     logits_buf = alloc((rows, round_up(vocab, 8)), torch.float32, dev)
     logprobs_N = alloc((n_rows,), torch.float32, dev)
     entropy_N = alloc((n_rows,), torch.float32, dev) if with_entropy else None
-    grad_hidden_NH = alloc((n_rows, hidden_size), dtype, dev) if need_hidden else None
+    grad_hidden_NH = alloc((n_rows, hidden_size), grad_dtype, dev) if need_hidden else None
     grad_weight_VH = None
     grad_weight32_VH = None
-    if need_weight and n_chunks > 1:
+    if need_weight and (n_chunks > 1 or wide):
         grad_weight32_VH = alloc((vocab, hidden_size), torch.float32, dev)
     for r0 in range(0, n_rows, rows):
         r1 = min(r0 + rows, n_rows)
@@ -119,14 +129,17 @@ def _one_pass_triton(
             z_RV, tgt_R, stats.lse, stats.entropy, g_lp_R, g_ent_R, inv_temp_N=inv_R, dtype=dtype
         )
         if grad_hidden_NH is not None:
-            mm_(dz_RV, weight_VH, out=grad_hidden_NH[r0:r1])
+            if wide:
+                accumulate_fp32_(grad_hidden_NH[r0:r1], dz_RV, weight_VH, first=True)
+            else:
+                mm_(dz_RV, weight_VH, out=grad_hidden_NH[r0:r1])
         if need_weight:
             if grad_weight32_VH is None:
                 grad_weight_VH = mm_(dz_RV.t(), h_RH)
             else:
                 accumulate_fp32_(grad_weight32_VH, dz_RV.t(), h_RH, first=r0 == 0)
     if grad_weight32_VH is not None:
-        grad_weight_VH = grad_weight32_VH.to(dtype)
+        grad_weight_VH = grad_weight32_VH.to(grad_dtype)
     return logprobs_N, entropy_N, grad_hidden_NH, grad_weight_VH
 
 
@@ -143,9 +156,10 @@ def _two_pass(
     need_hidden: bool,
     need_weight: bool,
     chunk_cols: int,
+    grad_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Statistics of all tokens first, then the gradients with the logits recomputed (8NHV FLOPs, memory of
-    `linear_logprobs`' backward). `token_grads` None: forward only."""
+    """Statistics of all tokens first, then the gradients (in `grad_dtype`) with the logits recomputed (8NHV
+    FLOPs, memory of `linear_logprobs`' backward). `token_grads` None: forward only."""
     stats = lm_head_stats(
         backend, hidden_NH, weight_VH, targets_N, inv_temp_N=inv_temp_N, with_entropy=with_entropy,
         chunk_cols=chunk_cols,
@@ -157,6 +171,7 @@ def _two_pass(
     grad_hidden, grad_weight = lm_head_grads(
         backend, hidden_NH, weight_VH, targets_N, stats.lse, stats.entropy, g_lp_N, g_ent_N,
         inv_temp_N=inv_temp_N, need_hidden=need_hidden, need_weight=need_weight, chunk_cols=chunk_cols,
+        grad_dtype=grad_dtype,
     )
     return logprobs_N, entropy_N, grad_hidden, grad_weight
 
@@ -181,19 +196,43 @@ class _LinearPolicyLossFn(torch.autograd.Function):
         need_hidden = cfg.grad_enabled and ctx.needs_input_grad[0]
         need_weight = cfg.grad_enabled and ctx.needs_input_grad[1]
         grads_needed = need_hidden or need_weight
+        # fp16 (5-bit exponent) cannot hold the gradients at d(loss)=1 and scale them later: their small entries
+        # are subnormal or 0 before backward's loss scale arrives, and that scale cast to fp16 (GradScaler starts
+        # at 65536) is inf. So for fp16:
+        # (a) the gradients stay fp32 until backward has scaled them. Cost: 2 more bytes per element of grad
+        #     hidden and grad weight held from forward to backward (+1.1 GB at a 151,936 x 3584 head). The peak
+        #     does not grow where an fp32 grad-weight accumulator existed already (torch backend, one pass over
+        #     several token chunks: its 16-bit copy now appears in backward instead of forward); it grows by that
+        #     much on the triton single-chunk and two-pass paths, which wrote 16-bit grad weight directly.
+        # (b) the per-token gradients are multiplied by a power of two ~ 1 / max token weight, as a loss scale
+        #     would be, since the triton backend rounds d(logits) to fp16 before its GEMMs and a token's
+        #     d(logits) is ~ its weight (1 / token count for token_mean) times p: mostly subnormal or 0 at
+        #     d(loss)=1. Backward divides it out exactly. No host sync: the scale stays on the device.
+        # bf16 has fp32's exponent range, neither under- nor overflows here, and keeps the 2-byte gradients.
+        ctx.out_dtype = hidden_NH.dtype
+        grad_dtype = torch.float32 if hidden_NH.dtype == torch.float16 else hidden_NH.dtype
+        token_grads = terms.token_grads
+        ctx.prescale = None
+        if grads_needed and hidden_NH.dtype == torch.float16:
+            ctx.prescale = prescale = terms.grad_prescale()
+
+            def token_grads(r0: int, r1: int, lp_R: torch.Tensor, ent_R: torch.Tensor | None):
+                g_lp_R, g_ent_R = terms.token_grads(r0, r1, lp_R, ent_R)
+                return g_lp_R * prescale, None if g_ent_R is None else g_ent_R * prescale
+
         common = dict(
             inv_temp_N=inv_temp_N, ignore_index=cfg.ignore_index, with_entropy=cfg.with_entropy,
-            need_hidden=need_hidden, need_weight=need_weight,
+            need_hidden=need_hidden, need_weight=need_weight, grad_dtype=grad_dtype,
         )
         if cfg.backend == "triton" and cfg.one_pass and grads_needed:
             logprobs_N, entropy_N, grad_hidden, grad_weight = _one_pass_triton(
-                hidden_NH, weight_VH, targets_N, token_grads=terms.token_grads, chunk_tokens=cfg.chunk_tokens,
+                hidden_NH, weight_VH, targets_N, token_grads=token_grads, chunk_tokens=cfg.chunk_tokens,
                 **common,
             )
         else:
             logprobs_N, entropy_N, grad_hidden, grad_weight = _two_pass(
                 cfg.backend, hidden_NH, weight_VH, targets_N,
-                token_grads=terms.token_grads if grads_needed else None, chunk_cols=cfg.chunk_cols, **common,
+                token_grads=token_grads if grads_needed else None, chunk_cols=cfg.chunk_cols, **common,
             )
         loss = terms.value(logprobs_N, entropy_N)
         # Kept as attributes, not saved tensors: backward scales them in place and hands them over, so the
@@ -209,13 +248,20 @@ class _LinearPolicyLossFn(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_policy_loss: backward ran twice through one graph (retain_graph); its "
                                "gradients are computed in the forward and handed over once")
-        grad_hidden, grad_weight = ctx.grads
+        grads = list(ctx.grads)
         ctx.grads = None
-        # The gradients were computed for d(output)/d(loss) = 1 during the forward; scale by the real one.
-        for g in (grad_hidden, grad_weight):
-            if g is not None:
-                g.mul_(grad_loss.to(g.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        # The gradients were computed for d(output)/d(loss) = 1 (times the fp16 prescale) during the forward;
+        # scale by the real one, in fp32 where they are fp32, then round once to the inputs' dtype.
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if g.dtype == ctx.out_dtype:
+                g.mul_(grad_loss.float())  # an fp32 factor: rounded to bf16 first, it was up to 0.2% off
+            else:
+                factor = grad_loss.float() if ctx.prescale is None else grad_loss.float() / ctx.prescale
+                grads[i] = g.mul_(factor).to(ctx.out_dtype)
+            del g  # the fp32 buffer goes as soon as its 16-bit copy exists
+        return grads[0], grads[1], None, None, None, None
 
 
 def linear_policy_loss(
@@ -267,7 +313,9 @@ def linear_policy_loss(
     - one_pass=False, or the torch backend: statistics of all tokens, then gradients with the logits recomputed
       (8NHV FLOPs); memory as in `linear_logprobs` (N x chunk_cols fp32 slice, fp32 [N, H]).
     The gradients are computed during the forward and kept until backward, which scales them in place by the
-    incoming gradient: backward can run once per graph (a second one raises).
+    incoming gradient: backward can run once per graph (a second one raises). fp16 inputs keep them in fp32
+    until then (2 more bytes per element of grad hidden and grad weight), so that a loss scale (GradScaler)
+    neither overflows nor arrives after their small entries were flushed to 0.
     backend: as in `linear_logprobs` (None: triton on CUDA, torch on CPU; "triton" on CPU needs
     TRITON_INTERPRET=1 before the first Triton call).
     """

@@ -92,9 +92,46 @@ def test_policy_loss_compiles_fullgraph_with_eager_values():
     torch.testing.assert_close(gc, ge, rtol=0, atol=0)
 
 
+def test_transposed_weight_and_hidden_compile_with_inductor(device):
+    """hidden and weight given as transposed views (a head stored [H, V] and used as W.t()): the backward op's
+    fake implementation gave the gradients the inputs' strides while the real op returns contiguous ones, and
+    inductor asserted the strides at run time ("expected ... stride 8==1"). The compiled gradients are eager's."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    w_hv = (torch.randn(16, 50, generator=g) / 4).to(device).requires_grad_(True)  # stored [H, V]
+    h_hn = torch.randn(16, 21, generator=g).to(device).requires_grad_(True)  # stored [H, N]
+    targets = torch.randint(0, 50, (21,), generator=g).to(device)
+    targets[5] = -100
+
+    def f(h_hn, w_hv, targets):
+        # the second uses of hidden and weight (as a tied embedding would be) make inductor generate a kernel
+        # that adds the op's gradient to theirs, reading it at the strides the fake promised
+        return _loss(h_hn.t(), w_hv.t(), targets)[0] + 0.1 * (w_hv * w_hv).sum() + 0.1 * (h_hn * h_hn).sum()
+
+    assert not w_hv.t().is_contiguous() and not h_hn.t().is_contiguous()
+    # No compile cache: its key does not cover the fake implementation, so a graph compiled against an older
+    # fake would be reused (a stale one failed this test after the fix, a good one would hide a regression).
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(force_disable_caches=True):
+        loss_c = torch.compile(f, fullgraph=True, backend="inductor")(h_hn, w_hv, targets)
+        grads_c = torch.autograd.grad(loss_c, (h_hn, w_hv))
+    loss_e = f(h_hn, w_hv, targets)
+    grads_e = torch.autograd.grad(loss_e, (h_hn, w_hv))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
 @pytest.mark.parametrize("with_entropy", [True, False])
-def test_opcheck_linear_logprobs_ops(device, backend, with_entropy):
+def test_opcheck_linear_logprobs_ops(device, backend, with_entropy, transposed):
+    """opcheck compares each fake implementation's outputs (shape, dtype, strides) with the real op's; with
+    `transposed`, hidden and weight are transposed views, whose strides a fake must not copy."""
     hidden, weight, targets = _inputs(device, lead=(9,))
+    if transposed:
+        hidden, weight = hidden.detach().t().contiguous().t(), weight.detach().t().contiguous().t()
+        assert hidden.stride(0) == 1 and weight.stride(0) == 1
     inv_temp = torch.linspace(0.6, 1.8, 9, device=device)  # one per row
     torch.library.opcheck(torch.ops.raro_kernels.linear_logprobs.default,
                           (hidden, weight, targets, inv_temp, with_entropy, -100, backend, 16))

@@ -2,7 +2,7 @@
 
 Tolerances: the log-probs are fp32 from fp32-accumulated logits (as in test_linear_logprobs), so the loss, a
 weighted mean of O(1) per-token terms, matches at rtol 1e-4. Gradients carry two roundings to the input
-dtype (d(logits) and the result), compared as relative Frobenius error: fp32 2e-5, bf16 1e-2.
+dtype (d(logits) and the result), compared as relative Frobenius error: fp32 2e-5, fp16 2e-3, bf16 1e-2.
 """
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from kernel_helpers import reference_logprobs, reference_policy_loss
 
 from raro_kernels import linear_logprobs, linear_policy_loss, policy_loss
 
-GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+GRAD_RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double().cpu() - ref).norm() / ref.norm())
 
 
-def _make(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int, temperature: float):
+def _make(n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, seed: int, temperature: float,
+          logit_scale: float = 2.0):
+    """Inputs of a batch; logit_scale: the logits' standard deviation (larger: more peaked softmax)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g)
-    weight = torch.randn(v, h, generator=g) * (2.0 / h**0.5)
+    weight = torch.randn(v, h, generator=g) * (logit_scale / h**0.5)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[torch.randperm(n, generator=g)[:3]] = -100
     with torch.no_grad():  # old log-probs near the current ones, so ratios straddle the clip range
@@ -46,18 +48,20 @@ OPTIONS = dict(
 )
 
 
-def _run(x, backend: str, temperature: float | torch.Tensor, entropy_coef: float, **extra):
+def _run(x, backend: str, temperature: float | torch.Tensor, entropy_coef: float, *, loss_scale: float = 1.0,
+         options: dict = OPTIONS, **extra):
+    """(loss, metrics, gradients of loss_scale * loss)."""
     hidden = x["hidden"].clone().requires_grad_(True)
     weight = x["weight"].clone().requires_grad_(True)
     loss, metrics = linear_policy_loss(
         hidden, weight, x["targets"], x["old"], x["adv"], x["mask"], temperature=temperature,
         return_entropy=True, entropy_coef=entropy_coef, ref_logprobs=x["ref"], rollout_logprobs=x["rollout"],
-        seq_ids=x["seq_ids"], weights=x["weights"], backend=backend, **OPTIONS, **extra,
+        seq_ids=x["seq_ids"], weights=x["weights"], backend=backend, **options, **extra,
     )
-    return loss, metrics, torch.autograd.grad(loss, (hidden, weight))
+    return loss, metrics, torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, (hidden, weight))
 
 
-def _reference(x, temperature: float | torch.Tensor, entropy_coef: float):
+def _reference(x, temperature: float | torch.Tensor, entropy_coef: float, options: dict = OPTIONS):
     h64 = x["hidden"].cpu().double().requires_grad_(True)
     w64 = x["weight"].cpu().double().requires_grad_(True)
     lp, ent = reference_logprobs(h64, w64, x["targets"].cpu(), temperature=temperature)
@@ -65,7 +69,7 @@ def _reference(x, temperature: float | torch.Tensor, entropy_coef: float):
     mask = c["mask"] & (c["targets"] != -100)
     loss = reference_policy_loss(
         lp, c["old"], c["adv"], mask, ref=c["ref"], rollout=c["rollout"], seq_ids=c["seq_ids"],
-        weights=c["weights"], entropy=ent, entropy_coef=entropy_coef, **OPTIONS,
+        weights=c["weights"], entropy=ent, entropy_coef=entropy_coef, **options,
     )
     return loss, lp, ent, mask, torch.autograd.grad(loss, (h64, w64))
 
@@ -77,7 +81,7 @@ STRATEGIES = {  # one pass with several token chunks (fp32 grad-weight accumulat
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_matches_float64_reference(backend: str, dtype: torch.dtype, strategy: str, device) -> None:
     if backend == "torch" and strategy != "two_pass":
@@ -92,6 +96,28 @@ def test_matches_float64_reference(backend: str, dtype: torch.dtype, strategy: s
     assert dh.dtype == dtype and dw.dtype == dtype
     assert _rel_err(dh, ref_dh) < GRAD_RTOL[dtype], _rel_err(dh, ref_dh)
     assert _rel_err(dw, ref_dw) < GRAD_RTOL[dtype], _rel_err(dw, ref_dw)
+
+
+@pytest.mark.parametrize("loss_scale", [65536.0, 1024.0])
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "two_pass_one_slice"])
+def test_fp16_gradients_under_a_loss_scale(backend: str, strategy: str, loss_scale: float, device) -> None:
+    """fp16 with a loss scale, as under torch.amp.GradScaler (which starts at 65536): the float64 reference's
+    gradients to fp16's precision. The loss is normalised by a large constant, so the unscaled gradients (~1e-6)
+    lie below fp16's normal range, as they do for batches of 10^4+ tokens. The fused loss takes its gradients at
+    d(loss)=1 during the forward; it used to round them to fp16 there, flushing the small ones to 0 (and, on the
+    triton backend, d(logits) before its GEMMs: relative error 3e-2 to 8e-2 at scale 1024), and to multiply them
+    by the loss scale cast to fp16, which for 65536 is inf (gradients inf/NaN)."""
+    if backend == "torch" and not strategy.startswith("two_pass"):
+        pytest.skip("the torch backend always runs two passes")
+    options = dict(OPTIONS, loss_agg="token_sum_norm", norm_constant=2.0**20)
+    extra = dict(one_pass=False) if strategy == "two_pass_one_slice" else STRATEGIES[strategy]
+    x = _make(64, 32, 300, torch.float16, device, seed=1616, temperature=0.8)
+    _, _, (dh, dw) = _run(x, backend, 0.8, 0.01, loss_scale=loss_scale, options=options, **extra)
+    _, _, _, _, (ref_dh, ref_dw) = _reference(x, 0.8, 0.01, options=options)
+    assert dh.dtype == dw.dtype == torch.float16
+    assert bool(dh.isfinite().all()) and bool(dw.isfinite().all())
+    errors = _rel_err(dh.double() / loss_scale, ref_dh), _rel_err(dw.double() / loss_scale, ref_dw)
+    assert max(errors) < GRAD_RTOL[torch.float16], errors
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -214,8 +240,9 @@ def test_bad_inputs_raise_value_error(device) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_no_host_sync_on_cuda(device) -> None:
-    x = _make(300, 64, 1000, torch.bfloat16, device, seed=2, temperature=1.0)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)  # fp16: fp32 gradients, prescale
+def test_no_host_sync_on_cuda(device, dtype: torch.dtype) -> None:
+    x = _make(300, 64, 1000, dtype, device, seed=2, temperature=1.0)
     hidden = x["hidden"].clone().requires_grad_(True)
     _run(x, "triton", 1.0, 0.0)  # compile first: compilation may synchronise
     torch.cuda.synchronize()
