@@ -16,9 +16,9 @@ def auto_backend(device) -> tuple[str, str]:
         # Nothing measured on a GPU yet: benchmarks/bench_rollout.py measures both backends; until its numbers are
         # in benchmarks/RESULTS.md, the embedded engine stays the choice.
         return "embedded", "no GPU measurement of the continuous backend yet (benchmarks/bench_rollout.py)"
-    # Issue 17, 2 CPU cores, SmolLM2-135M, 8 prompts x 4 samples x 64 tokens: 85-87 tokens/s embedded,
-    # 48-50 continuous.
-    return "embedded", "on CPU it measured faster than continuous batching (85-87 vs 48-50 tokens/s)"
+    # benchmarks/rollout_cpu_real_model.py, 2 CPU cores, SmolLM2-135M, 8 prompts x 4 samples x 64 tokens, fp32
+    # (2026-12-06): embedded 199-201 tokens/s (median of 4 calls, two runs), continuous 104-115.
+    return "embedded", "on CPU it measured faster than continuous batching (about 200 vs 105-115 tokens/s)"
 
 
 def settle_backend(requested: str, device, continuous_missing) -> tuple[str, str | None]:
