@@ -30,16 +30,22 @@ DIAGNOSTICS = (("critic decisive acc.", "critic/decisive_accuracy"), ("agrees wi
 
 
 def read_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
-    """{mode: {seed: records}} for every ROOT/MODE-sSEED/metrics.jsonl."""
+    """{mode: {seed: records}} for every ROOT/MODE-sSEED/metrics.jsonl, seeds in numeric order (the paths' text
+    order put s10 before s2, and the per-seed columns of one table came in two orders)."""
     runs: dict[str, dict[int, list[dict]]] = defaultdict(dict)
+    folders: dict[tuple[str, int], str] = {}
     for path in sorted(root.glob("*/metrics.jsonl")):
         m = RUN_NAME.match(path.parent.name)
         if not m:
             continue
+        key = (m["mode"], int(m["seed"]))
+        if key in folders:  # MODE-s01 and MODE-s1: one would silently replace the other
+            raise ValueError(f"{path.parent}: the same mode and seed as {root / folders[key]}")
+        folders[key] = path.parent.name
         runs[m["mode"]][int(m["seed"])] = read_metrics(path)
     if not runs:
         raise ValueError(f"{root}: no MODE-sSEED/metrics.jsonl runs found")
-    return runs
+    return {mode: dict(sorted(seeds.items())) for mode, seeds in sorted(runs.items())}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -90,41 +96,53 @@ def summarize(runs: dict[str, dict[int, list[dict]]], measure: str = "greedy") -
         + str(last) + " | train answer acc. (last 10 steps) |",
         "|---|---|---|---|---|---|---|",
     ]
-    finals = {}
+    tails: dict[str, dict[int, float]] = {}
     for mode in sorted(curves):
         seeds = curves[mode]
         base = [c[0] for c in seeds.values() if 0 in c]
         at_last = [seeds[s][last] for s in sorted(seeds) if last in seeds[s]]
-        tail = [statistics.mean(c[s] for s in window if s in c) for c in seeds.values()]
+        tails[mode] = {s: statistics.mean(c[x] for x in window if x in c) for s, c in seeds.items()}
+        tail = list(tails[mode].values())
         upto = [[r for r in recs if r["step"] <= last][-10:] for recs in runs[mode].values()]  # at `last`, like the rest
         train = [statistics.mean(r["policy/answer_accuracy"] for r in recs if r.get("policy/answer_accuracy") is not None)
                  for recs in upto if any(r.get("policy/answer_accuracy") is not None for r in recs)]
-        finals[mode] = statistics.mean(tail)
         lines.append(f"| {mode} | {len(seeds)} | {_mean_sd(base)} | {_mean_sd(at_last)} | {_mean_sd(tail)} | "
                      f"{' / '.join(f'{x:.3f}' for x in at_last)} | {_mean_sd(train)} |")
-    if "raro" in finals and finals.get("rlvr"):
-        lines += ["", f"RARO / RLVR (last {len(window)} evals): {finals['raro'] / finals['rlvr']:.2f}"]
-    gains = {mode: [statistics.mean(c[s] for s in window if s in c) - c[0] for c in seeds.values() if 0 in c]
-             for mode, seeds in curves.items()}
+    if {"raro", "rlvr"} <= set(tails):
+        raro, rlvr, note = paired(tails, "raro", "rlvr")
+        if rlvr:
+            lines += ["", f"RARO / RLVR (last {len(window)} evals{note}): {raro / rlvr:.2f}"]
+    gains = {mode: {s: tails[mode][s] - c[0] for s, c in seeds.items() if 0 in c} for mode, seeds in curves.items()}
     lines += ["", f"Gain over each run's own step 0 (last {len(window)} evals minus step 0), mean ± sd over seeds:", "",
               "| mode | gain | per seed | seeds that gained |", "|---|---|---|---|"]
     for mode in sorted(gains):
-        g = gains[mode]
+        g = list(gains[mode].values())
         lines.append(f"| {mode} | {_mean_sd(g)} | {' / '.join(f'{x:+.3f}' for x in g)} | "
                      f"{sum(x > 0 for x in g)} of {len(g)} |")
     diag_modes = [m for m in sorted(runs) if any(r.get(DIAGNOSTICS[0][1]) is not None
                                                 for recs in runs[m].values() for r in recs)]
     if diag_modes:
-        lines += ["", "The critic over the whole run (mean over steps, then mean ± sd over seeds); rewards are the "
+        lines += ["", f"The critic up to step {last} (mean over steps, then mean ± sd over seeds); rewards are the "
                   "policy's RARO reward of answers the verifier accepts (right) or rejects (wrong):", "",
                   "| mode | " + " | ".join(name for name, _ in DIAGNOSTICS) + " |",
                   "|---|" + "---|" * len(DIAGNOSTICS)]
         for mode in diag_modes:
-            cells = [_mean_sd([_run_mean(recs, key) for recs in runs[mode].values() if _run_mean(recs, key) is not None])
-                     for _, key in DIAGNOSTICS]
+            # up to `last`, like the held-out table: runs of other lengths are compared over the same steps
+            upto = [[r for r in recs if r["step"] <= last] for recs in runs[mode].values()]
+            cells = [_mean_sd([m for recs in upto if (m := _run_mean(recs, key)) is not None]) for _, key in DIAGNOSTICS]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    lines += targets(finals, gains)
+    lines += targets(tails, gains)
     return "\n".join(lines) + "\n", last
+
+
+def paired(tails: dict[str, dict[int, float]], a: str, b: str) -> tuple[float, float, str]:
+    """Means of modes a and b over the seeds both have (a ratio of means over different seeds compares other
+    draws), and a note naming those seeds where either mode has others."""
+    shared = sorted(tails[a].keys() & tails[b].keys())
+    if not shared:
+        raise ValueError(f"modes {a} and {b} share no seed")
+    note = "" if len(shared) == len(tails[a]) == len(tails[b]) else f", seeds {', '.join(map(str, shared))} only"
+    return (statistics.mean(tails[a][s] for s in shared), statistics.mean(tails[b][s] for s in shared), note)
 
 
 def _run_mean(records: list[dict], key: str) -> float | None:
@@ -132,20 +150,22 @@ def _run_mean(records: list[dict], key: str) -> float | None:
     return statistics.mean(vals) if vals else None
 
 
-def targets(finals: dict[str, float], gains: dict[str, list[float]]) -> list[str]:
+def targets(tails: dict[str, dict[int, float]], gains: dict[str, dict[int, float]]) -> list[str]:
     """The three targets of docs/experiments.md, each met or not, on the last-evals means, for every RARO mode of the
-    grid (raro and its variants, raro_*; not the oracle-critic diagnostic)."""
-    variants = [m for m in sorted(finals) if (m == "raro" or m.startswith("raro_")) and m != "raro_oracle"]
-    if not variants or not {"rlvr", "sft"} <= set(finals):
+    grid (raro and its variants, raro_*; not the oracle-critic diagnostic). Each comparison with RLVR or SFT is over
+    the seeds both modes have."""
+    variants = [m for m in sorted(tails) if (m == "raro" or m.startswith("raro_")) and m != "raro_oracle"]
+    if not variants or not {"rlvr", "sft"} <= set(tails):
         return []
     lines = ["", "Targets:", ""]
     for mode in variants:
-        g = gains[mode]
+        g = list(gains[mode].values())
         spread = statistics.stdev(g) if len(g) > 1 else 0.0
+        ours, rlvr, vs_rlvr = paired(tails, mode, "rlvr")
+        ours_s, sft, vs_sft = paired(tails, mode, "sft")
         checks = [
-            (f"{mode} >= 0.9 x RLVR: {finals[mode]:.3f} vs {0.9 * finals['rlvr']:.3f}",
-             finals[mode] >= 0.9 * finals["rlvr"]),
-            (f"{mode} > SFT: {finals[mode]:.3f} vs {finals['sft']:.3f}", finals[mode] > finals["sft"]),
+            (f"{mode} >= 0.9 x RLVR: {ours:.3f} vs {0.9 * rlvr:.3f}{vs_rlvr}", ours >= 0.9 * rlvr),
+            (f"{mode} > SFT: {ours_s:.3f} vs {sft:.3f}{vs_sft}", ours_s > sft),
             (f"{mode} above its own base by more than the seed spread: gain {statistics.mean(g):+.3f} vs sd "
              f"{spread:.3f}", statistics.mean(g) > spread),
         ]

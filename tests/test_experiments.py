@@ -46,7 +46,8 @@ def test_table_compares_modes_at_the_last_common_step(tmp_path):
     assert rows["raro"].startswith("| raro | 2 | 0.200 ± 0.141 | 0.400 ± 0.141 | 0.300 ± 0.141 | 0.300 / 0.500 | "
                                    "0.500 ± 0.354 |")
     assert rows["rlvr"].startswith("| rlvr | 1 | 0.200 ± 0.000 | 0.800 ± 0.000 | 0.533 ± 0.000 | 0.800 | - |")
-    assert "RARO / RLVR (last 3 evals): 0.56" in table
+    # over the seeds both modes have: raro's seed 0 (0.2) against rlvr's (0.533); over raro's two seeds it said 0.56
+    assert "RARO / RLVR (last 3 evals, seeds 0 only): 0.38" in table
     # gains over each run's own step 0: raro 0.2 - 0.1, 0.4 - 0.3; rlvr 0.533 - 0.2
     assert "| raro | 0.100 ± 0.000 | +0.100 / +0.100 | 2 of 2 |" in table
     assert "| rlvr | 0.333 ± 0.000 | +0.333 | 1 of 1 |" in table
@@ -78,13 +79,33 @@ def test_critic_diagnostics_and_targets(tmp_path):
     table, _ = summarize.summarize(summarize.read_runs(tmp_path))
     assert "| raro | 0.700 ± 0.141 | 0.700 ± 0.000 | 0.600 ± 0.000 | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 |" in table
     assert "| rlvr | " in table and table.count("| rlvr |") == 2  # accuracy and gain tables, no diagnostics
-    # raro last evals: (0.1+0.3)/2=0.2 and 0.15 -> 0.175; rlvr 0.2: 0.175 < 0.18; gains 0.1, 0.05 (sd 0.035)
-    assert "- NOT met: raro >= 0.9 x RLVR: 0.175 vs 0.180" in table
-    assert "- met: raro > SFT: 0.175 vs 0.100" in table
+    # raro last evals: (0.1+0.3)/2=0.2 and 0.15; rlvr and sft have seed 0 only, so raro is compared on its seed 0:
+    # 0.2 against 0.9 x 0.2 and against 0.1; its gains 0.1, 0.05 (sd 0.035) are its own
+    assert "- met: raro >= 0.9 x RLVR: 0.200 vs 0.180, seeds 0 only" in table
+    assert "- met: raro > SFT: 0.200 vs 0.100, seeds 0 only" in table
     assert "- met: raro above its own base by more than the seed spread: gain +0.075 vs sd 0.035" in table
     assert "- met: raro_lp3 >= 0.9 x RLVR: 0.250 vs 0.180" in table
     assert "- met: raro_lp3 above its own base by more than the seed spread: gain +0.150 vs sd 0.000" in table
     assert "raro_oracle >=" not in table
+
+
+def test_seeds_in_numeric_order_and_diagnostics_up_to_the_compared_step(tmp_path):
+    # Found by review: seeds came in the paths' text order (s0, s1, s10, s2) in the gain column and numeric order in
+    # the step column, so a reader matching them by position gave s2 the gain of s10; and the critic table averaged
+    # steps past the compared one.
+    for seed, final in ((0, 0.2), (1, 0.3), (2, 0.4), (10, 0.9)):
+        _write(tmp_path, f"raro-s{seed}", {0: 0.1, 10: final}, extra={"critic/decisive_accuracy": 0.5})
+    with (tmp_path / "raro-s10" / "metrics.jsonl").open("a") as f:  # a longer run: its later steps are not compared
+        f.write("".join(json.dumps({"step": s, "critic/decisive_accuracy": 1.0}) + "\n" for s in (11, 12)))
+    runs = summarize.read_runs(tmp_path)
+    assert list(runs["raro"]) == [0, 1, 2, 10]
+    table, last = summarize.summarize(runs)
+    assert last == 10 and "| 0.200 / 0.300 / 0.400 / 0.900 |" in table
+    assert "| +0.050 / +0.100 / +0.150 / +0.400 |" in table  # (step 0 + step 10) / 2 - step 0, in the same order
+    assert "The critic up to step 10" in table and "| raro | 0.500 ± 0.000 |" in table
+    _write(tmp_path, "raro-s01", {0: 0.1})
+    with pytest.raises(ValueError, match=r"raro-s1: the same mode and seed as .*raro-s01"):
+        summarize.read_runs(tmp_path)
 
 
 def test_bad_record_names_file_and_line(tmp_path):
