@@ -64,8 +64,9 @@ def flatten(named_tensors: list[tuple[str, torch.Tensor]]) -> Bucket:
     device = named_tensors[0][1].device
     flat = torch.empty(start, dtype=torch.uint8, device=device)
     for (_, t), m in zip(named_tensors, metas):
-        # reshape(-1) copies only non-contiguous tensors; view(uint8) reinterprets bytes, so any dtype round-trips
-        flat[m.start_idx : m.end_idx].copy_(t.detach().reshape(-1).view(torch.uint8))
+        # contiguous() copies only non-contiguous tensors (reshape(-1) of a strided column such as base[:, 1] is a
+        # strided view, which view(uint8) refuses); view(uint8) reinterprets bytes, so any dtype round-trips
+        flat[m.start_idx : m.end_idx].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
     return Bucket(flat, metas)
 
 

@@ -38,7 +38,8 @@ def test_flatten_unflatten_round_trips_exactly(dtype):
     named = [(f"t{i}.{'x' * i}", rand(s, dtype, gen)) for i, s in enumerate(SHAPES)]
     # a non-contiguous tensor (transposed) and a strided slice must flatten by value, not by storage
     big = rand((6, 4), dtype, gen)
-    named += [("transposed", big.t()), ("strided", big[::2, 1:])]
+    # a column, and every other column: reshape(-1) keeps those strided (view(uint8) refused them)
+    named += [("transposed", big.t()), ("strided", big[::2, 1:]), ("column", big[:, 1]), ("every_other", big[:, ::2])]
     bucket = flatten(named)
     assert bucket.flat.dtype == torch.uint8 and bucket.flat.dim() == 1
     assert bucket.nbytes == sum(t.numel() * t.element_size() for _, t in named)
