@@ -59,3 +59,18 @@ def test_the_default_job_trains_from_the_shipped_base_without_a_warm_up(tmp_path
     assert json.loads((run / "config.json").read_text())["model"]["path"] == "builtin:countdown-easy"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1] and records[1]["batch/critic_sequences"] > 0
+
+
+def test_building_a_tokenizer_never_overwrites_the_shipped_one(tmp_path):
+    """A build learns from today's prompts and traces, so its ids differ from the shipped tokenizer's; run as the
+    docstring said, it overwrote the shipped files and the shipped base read other tokens with no error."""
+    from raro_fast.model import build_tokenizer
+
+    shipped = (build_tokenizer.OUT_DIR / "tokenizer.json").read_bytes()
+    with pytest.raises(SystemExit, match="holds the shipped tokenizer"):
+        build_tokenizer.main([str(build_tokenizer.OUT_DIR / ".." / "tokenizer")])
+    assert (build_tokenizer.OUT_DIR / "tokenizer.json").read_bytes() == shipped
+    build_tokenizer.main([str(tmp_path / "tok")])
+    assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+    with pytest.raises(SystemExit, match="usage"):
+        build_tokenizer.main([])

@@ -1,10 +1,16 @@
-"""Build the project's own tokenizer, shipped in raro_fast/model/tokenizer/ (run: python -m raro_fast.model.build_tokenizer).
+"""How the project's own tokenizer, shipped in raro_fast/model/tokenizer/, was built
+(`python -m raro_fast.model.build_tokenizer OUT_DIR` builds one like it into OUT_DIR).
 
 Byte-level BPE, so any text round-trips. Digits are split one per token: the model does arithmetic on them, and
 a merged "24" would be an opaque symbol. The reasoning and answer tags are single tokens, and a Qwen-style chat
 template makes the embedded default and a real Qwen2.5-Instruct checkpoint read the same messages. The vocabulary
 is learnt from the project's own prompts and synthetic traces, so it is small (the embedded model's LM head is
-tiny) and the build needs no download. The shipped files are the source of truth; rebuilding is deterministic.
+tiny) and the build needs no download.
+
+The shipped files are the source of truth. A build is deterministic, but it learns from today's prompts and traces,
+which have changed since the shipped tokenizer was built, so it gives other merges and token ids. The shipped base
+models' embeddings are indexed by the shipped ids: a build over the shipped files would make them read other tokens
+with no error, so the command refuses that folder.
 """
 from __future__ import annotations
 
@@ -77,6 +83,18 @@ def build(out_dir: Path = OUT_DIR) -> None:
     )
 
 
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m raro_fast.model.build_tokenizer OUT_DIR")
+    out = Path(argv[0])
+    if out.resolve() == OUT_DIR.resolve():
+        raise SystemExit(f"error: {out} holds the shipped tokenizer, whose token ids the shipped base models are "
+                         "trained on; build into another folder")
+    build(out)
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
-    build()
-    print(f"wrote {OUT_DIR}")
+    import sys
+
+    main(sys.argv[1:])
