@@ -55,3 +55,66 @@ def test_a_damaged_tokenizer_is_named(saved, tmp_path):
     with pytest.raises(ValueError, match=r"model.path: .*tokenizer\.json is not valid JSON, its tokenizer does not "
                                          r"load \(.*line 1 column 2"):
         load_pretrained(str(p), dtype=torch.float32)
+
+
+def _edit_weights(p, edit):
+    from safetensors.torch import load_file, save_file
+
+    w = p / "model.safetensors"
+    save_file(edit(load_file(str(w))), str(w), metadata={"format": "pt"})
+
+
+def test_missing_or_misnamed_tensors_are_refused_not_left_random(saved, tmp_path):
+    """transformers loads such a folder, leaving the weights it did not find random, and only logs it."""
+    p = _copy(saved, tmp_path)
+    _edit_weights(p, lambda sd: {k: v for k, v in sd.items() if k != "model.layers.0.mlp.down_proj.weight"})
+    with pytest.raises(ValueError, match=r"model.path: .*model\.safetensors does not hold the weights of the model its "
+                                         r"config\.json describes; tensors 1 missing .*: "
+                                         r"model\.layers\.0\.mlp\.down_proj\.weight$"):
+        load_pretrained(str(p), dtype=torch.float32)
+    _edit_weights(p, lambda sd: {"lm." + k: v for k, v in sd.items()})
+    with pytest.raises(ValueError, match=r"eval.model: .*model\.safetensors does not hold .* missing .*"
+                                         r"model\.embed_tokens\.weight.*; \d+ not in the model \(misnamed\?\): "
+                                         r".*lm\.model\."):
+        load_pretrained(str(p), dtype=torch.float32, setting="eval.model")
+
+
+def test_an_untied_head_saved_without_its_tensor_is_refused(saved, tmp_path):
+    """Only a tied head may be missing from the file (it is the embedding under another name)."""
+    import json
+
+    p = _copy(saved, tmp_path)
+    config = json.loads((p / "config.json").read_text())
+    (p / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match=r"tensors 1 missing .*: lm_head\.weight$"):
+        load_pretrained(str(p), dtype=torch.float32)
+
+
+def test_tensors_of_another_shape_than_the_config_says_are_named(saved, tmp_path):
+    import json
+
+    p = _copy(saved, tmp_path)
+    config = json.loads((p / "config.json").read_text())
+    (p / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(ValueError, match=r"model.path: .*model\.safetensors does not hold .*; tensors 3 of another "
+                                         r"shape than config\.json describes: "
+                                         r"model\.layers\.0\.mlp\.down_proj\.weight"):
+        load_pretrained(str(p), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("config, error", [
+    ("[]", r"config\.json is not a model configuration: it holds a JSON list"),
+    ('"qwen2"', r"config\.json is not a model configuration: it holds a JSON str"),
+    ({"num_hidden_layers": "1"}, r"config\.json.*(Validation error for field 'num_hidden_layers'|'str' object "
+                                 r"cannot be interpreted as an integer)"),
+    ({"model_type": "nosuchmodel"}, r"config\.json does not describe a model transformers can build .*nosuchmodel"),
+])
+def test_a_config_json_of_the_wrong_shape_or_types_is_named(saved, tmp_path, config, error):
+    import json
+
+    p = _copy(saved, tmp_path)
+    if isinstance(config, dict):
+        config = json.dumps({**json.loads((p / "config.json").read_text()), **config})
+    (p / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=r"analysis.models \(base\): .*" + error):
+        load_pretrained(str(p), dtype=torch.float32, setting="analysis.models (base)")

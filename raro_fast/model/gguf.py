@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -75,21 +76,57 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(path)
     check_gguf_file(path)
     _require_extra()
+    architecture = gguf_architecture(path)
     where, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=dtype)
-    except (ValueError, KeyError, NotImplementedError, OSError) as e:
+    except (ValueError, KeyError, NotImplementedError, OSError, struct.error) as e:
         raise ValueError(f"{path}: transformers cannot read this GGUF file ({type(e).__name__}: {e}); its "
-                         "architecture must be one transformers supports in GGUF (llama, qwen2, mistral, ...)") from None
+                         f"architecture ({architecture}) must be one transformers supports in GGUF (llama, qwen2, "
+                         "mistral, ...)") from None
     return model, tokenizer
+
+
+def gguf_architecture(path: Path) -> str:
+    """The file's `general.architecture`, read with the gguf package's reader (the one transformers uses), which
+    also maps every tensor: a truncated or damaged file fails here, before transformers blames the architecture."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields.get("general.architecture")
+        architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else "not named in the file"
+    except Exception as e:  # noqa: BLE001 - the reader fails on damage with struct, index, value or decode errors
+        raise ValueError(f"{path}: truncated or damaged, not a readable GGUF file ({type(e).__name__}: "
+                         f"{str(e)[:200]}); download or copy it again") from None
+    return architecture
+
+
+CONVERSION_MARKER = "raro_fast_source.json"
+
+
+def check_out_dir(out: Path) -> None:
+    """convert-gguf replaces OUT_DIR whole: only a new or empty folder, or an earlier conversion's (which holds
+    CONVERSION_MARKER), may be replaced, never a folder with someone's other files."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; give convert-gguf a new folder as OUT_DIR")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONVERSION_MARKER).is_file():
+        raise ValueError(f"{out}: exists and is not empty, and is not an earlier convert-gguf output (it has no "
+                         f"{CONVERSION_MARKER}); convert-gguf replaces OUT_DIR whole, so give a new or empty folder, "
+                         "or move this one's files away first")
 
 
 def convert_gguf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `path` (a GGUF file) as a Hugging Face directory at `out_dir`: config, generation config, safetensors
-    weights, tokenizer with its chat template. Written to a temporary folder and renamed into place."""
+    weights, tokenizer with its chat template. Written to a temporary folder and renamed into place; an existing
+    `out_dir` must be empty or an earlier conversion (see `check_out_dir`)."""
     from transformers import AutoModelForCausalLM
 
+    out = Path(out_dir)
+    check_out_dir(out)  # before the minutes of reading the file
+    if out.is_dir() and out.resolve() in Path(path).resolve().parents:
+        raise ValueError(f"{out}: holds the GGUF file {path}, which replacing it would delete; give another OUT_DIR")
     quantized, tokenizer = load_gguf(path, dtype)
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -106,9 +143,9 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
         raise ValueError(f"{path}: some weights were not in the GGUF file (an untied LM head without its tensor?)")
     model.generation_config = quantized.generation_config
     model.config.name_or_path = ""  # the GGUF's own title, not a path or hub id anyone can load
-    out = Path(out_dir)
+    check_out_dir(out)  # again: it may have been filled meanwhile
     save_pretrained_atomic(model, tokenizer, out, extra_files={
-        "raro_fast_source.json": json.dumps({"converted_from": str(Path(path).resolve())}, indent=2) + "\n"})
+        CONVERSION_MARKER: json.dumps({"converted_from": str(Path(path).resolve())}, indent=2) + "\n"})
     return out
 
 

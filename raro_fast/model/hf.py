@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
+                          Qwen2Config)
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
 # Warmed-up bases shipped with the package, named `builtin:NAME` in model.path (see each folder's README.md).
@@ -173,9 +174,17 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
     if not config.is_file():
         raise ValueError(f"{setting}: {path!r} has no config.json (not a Hugging Face model directory)")
     try:
-        json.loads(config.read_text())
+        raw = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{setting}: {config} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{setting}: {config} is not a model configuration: it holds a JSON {type(raw).__name__}, "
+                         "not an object of settings")
+    try:  # before the tokenizer, which reads config.json too (transformers 5 checks each field's type there)
+        AutoConfig.from_pretrained(path)
+    except _CONFIG_ERRORS as e:
+        raise ValueError(f"{setting}: {config} does not describe a model transformers can build "
+                         f"({type(e).__name__}: {_first_lines(e)})") from None
     weights = sorted(p.glob("*.safetensors"))
     if not weights:
         raise ValueError(f"{setting}: {path!r} has no *.safetensors weights (pickled weights are not loaded)")
@@ -197,14 +206,79 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
                              f"({bad})") from None
         raise ValueError(f"{setting}: {path!r}: its tokenizer does not load ({type(e).__name__}: {e})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+        # ignore_mismatched_sizes: transformers then lists the tensors of another shape (raised below, by name)
+        # instead of raising a RuntimeError that only refers to the log.
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                           use_safetensors=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{setting}: {path!r}: the model does not load ({type(e).__name__}: {e})") from None
+    except (TypeError, RuntimeError, *_CONFIG_ERRORS) as e:
+        # a field of the wrong type (transformers 4.x builds the model before noticing) or a tensor of another shape
+        raise ValueError(f"{setting}: {config} and {_weights_label(weights)}: the model does not build from that "
+                         f"config, or its weights do not fit it ({type(e).__name__}: {_first_lines(e)})") from None
+    _check_all_weights_loaded(model, info, weights, setting)
     choose_pad_token(tokenizer, end_token_ids(model, tokenizer))
     return model, tokenizer
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+try:  # huggingface_hub >= 1.0 (transformers 5) validates config fields with it; 0.x has no such class
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    StrictDataclassError = ValueError
+_CONFIG_ERRORS = (ValueError, TypeError, KeyError, OSError, StrictDataclassError)
+
+
+def _first_lines(e: BaseException, n: int = 3) -> str:
+    return " ".join(str(e).strip().splitlines()[:n])
+
+
+def _weights_label(weights: list[Path]) -> str:
+    return str(weights[0]) if len(weights) == 1 else f"{weights[0].parent}/*.safetensors ({len(weights)} files)"
+
+
+def _listed(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _check_all_weights_loaded(model: PreTrainedModel, info: dict, weights: list[Path], setting: str) -> None:
+    """transformers loads a checkpoint whose tensors are missing, misnamed or of another shape, leaving those weights
+    random, and only logs it: refused here. Missing keys the model expects to miss are ignored: aliases of a tied
+    weight that did load (lm_head.weight under tie_word_embeddings), the class's `_keys_to_ignore_on_load_missing`,
+    rotary inv_freq buffers; so are unexpected keys its `_keys_to_ignore_on_load_unexpected` names."""
+    def patterns(attr: str) -> list[re.Pattern]:
+        return [re.compile(p) for p in (getattr(model, attr, None) or ())] + [re.compile(r"rotary_emb\.inv_freq")]
+
+    tensors: dict[str, torch.Tensor] = {**dict(model.named_parameters(remove_duplicate=False)),
+                                        **dict(model.named_buffers(remove_duplicate=False))}
+    missing_set = set(info.get("missing_keys") or ())
+    skip_missing = patterns("_keys_to_ignore_on_load_missing")
+
+    def expected_missing(key: str) -> bool:
+        if any(p.search(key) for p in skip_missing):
+            return True
+        t = tensors.get(key)
+        return t is not None and any(  # tied: the same tensor loaded under another name
+            other not in missing_set and (u is t or (u.data_ptr() == t.data_ptr() != 0 and u.shape == t.shape))
+            for other, u in tensors.items() if other != key)
+
+    missing = [k for k in missing_set if not expected_missing(k)]
+    skip_unexpected = patterns("_keys_to_ignore_on_load_unexpected")
+    unexpected = [k for k in info.get("unexpected_keys") or () if not any(p.search(k) for p in skip_unexpected)]
+    mismatched = [f"{m[0]} (file {list(m[1])}, model {list(m[2])})" if isinstance(m, (tuple, list)) and len(m) == 3
+                  else str(m) for m in info.get("mismatched_keys") or ()]
+    errors = [_first_lines(Exception(e), 1) for e in info.get("error_msgs") or ()]
+    problems = [f"{len(keys)} {what}: {_listed(keys)}" for what, keys in (
+        ("missing (the model would keep random weights there)", missing),
+        ("not in the model (misnamed?)", unexpected),
+        ("of another shape than config.json describes", mismatched),
+        ("errors", errors)) if keys]
+    if problems:
+        raise ValueError(f"{setting}: {_weights_label(weights)} does not hold the weights of the model its "
+                         f"config.json describes; tensors {'; '.join(problems)}")
 
 
 def _check_safetensors(path: Path, setting: str) -> None:
