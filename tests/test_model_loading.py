@@ -118,3 +118,15 @@ def test_a_config_json_of_the_wrong_shape_or_types_is_named(saved, tmp_path, con
     (p / "config.json").write_text(config)
     with pytest.raises(ValueError, match=r"analysis.models \(base\): .*" + error):
         load_pretrained(str(p), dtype=torch.float32, setting="analysis.models (base)")
+
+
+@pytest.mark.parametrize("text, error", [("{\"eos_token_id\": [2, ", "Expecting value"),
+                                         ("[2, 3]", "not a JSON object")])
+def test_a_broken_generation_config_is_named_not_skipped(saved, tmp_path, text, error):
+    # transformers logs and falls back to the defaults, and a model that ends turns on a second token (Qwen2.5's
+    # <|endoftext|>, Llama 3's <|eot_id|>) would generate past it with no error.
+    p = _copy(saved, tmp_path)
+    (p / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"model.path: .*generation_config\.json is not a generation configuration "
+                                         r"\(.*" + error):
+        load_pretrained(str(p), dtype=torch.float32)

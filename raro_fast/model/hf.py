@@ -180,6 +180,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
     if not isinstance(raw, dict):
         raise ValueError(f"{setting}: {config} is not a model configuration: it holds a JSON {type(raw).__name__}, "
                          "not an object of settings")
+    generation = p / "generation_config.json"
+    if generation.is_file():  # transformers falls back to defaults on a broken one, silently losing its end tokens
+        try:
+            if not isinstance(json.loads(generation.read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{setting}: {generation} is not a generation configuration ({e}); it names the "
+                             "tokens that end a turn, so it is not skipped") from None
     try:  # before the tokenizer, which reads config.json too (transformers 5 checks each field's type there)
         AutoConfig.from_pretrained(path)
     except _CONFIG_ERRORS as e:
