@@ -32,6 +32,21 @@ def device_description() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} threads"
 
 
+# Dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a substring of
+# torch.cuda.get_device_name(); more specific names first (an "H100 NVL" also contains "H100").
+RATED_BF16_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5), ("H100 PCIe", 756.5),
+                     ("H100", 989.4), ("A100", 312.0), ("L40S", 362.05))
+
+
+def rated_bf16_flops(device_name: str) -> float:
+    """The data-sheet dense bf16 peak of a GPU, in FLOP/s, the denominator of MFU as usually stated (PaLM's);
+    NaN for a GPU not in the table."""
+    for name, tflops in RATED_BF16_TFLOPS:
+        if name in device_name:
+            return tflops * 1e12
+    return float("nan")
+
+
 def versions() -> str:
     try:
         import triton
