@@ -116,6 +116,9 @@ class WarmupConfig:
         if not 0.0 <= self.arithmetic_fraction <= 1.0 - self.critic_fraction:
             raise ValueError(f"warmup.arithmetic_fraction must lie in [0, 1 - critic_fraction], got "
                              f"{self.arithmetic_fraction} with critic_fraction {self.critic_fraction}")
+        if self.min_target > self.max_target:  # no warm-up puzzle could be made: the corpus builder would spin
+            raise ValueError(f"warmup.min_target/max_target: need min_target <= max_target, got {self.min_target}, "
+                             f"{self.max_target}")
 
 
 @dataclass(kw_only=True)

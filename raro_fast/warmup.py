@@ -15,13 +15,17 @@ All warm-up puzzles are made backwards (random numbers, a random expression, its
 are the task's (`task_exclusion`): for a task with one target, by default no warm-up puzzle makes that target, so
 what RARO learns about it comes from the game between policy and critic (at the price, measured in
 docs/experiments.md section 2, of a critic that learns the target is never right); otherwise only the task's own
-puzzles are left out. The expert demonstrations stay answers-only either way.
+puzzles are left out. The same rule (`_is_left_out`) holds for every expression the corpus shows, not only the
+puzzles: a critic's other answer and every sub-expression of a drill that uses as many numbers as a puzzle has
+are drawn again when they would be a left-out puzzle's solution. The expert demonstrations stay answers-only
+either way.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from tqdm import tqdm
@@ -30,9 +34,9 @@ from raro_fast import prompts
 from raro_fast.config import WarmupConfig
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
-from raro_fast.tasks.countdown import (CountdownConfig, Puzzle, compared, evaluate, evaluation_trace, expression_steps,
-                                       forward_puzzle, parse, question_text, random_expression, search_trace,
-                                       split_puzzles, to_string, verify)
+from raro_fast.tasks.countdown import (CountdownConfig, Puzzle, _apply, _leaves, _value, compared, evaluate,
+                                       evaluation_trace, expression_steps, forward_puzzle, parse, question_text,
+                                       random_expression, search_trace, split_puzzles, to_string, verify)
 
 
 @dataclass
@@ -59,6 +63,23 @@ def _candidate_answer(numbers: tuple[int, ...], expert: str, rng: random.Random)
     for n in nums[1:]:
         expr = f"{expr}{rng.choice('+-*')}{n}"
     return expr
+
+
+MAX_REDRAWS = 1000  # draws of one shown expression before the corpus builder gives up (ValueError)
+
+
+def _shown_candidate(numbers: tuple[int, ...], expert: str, rng: random.Random, redraw: random.Random,
+                     task: CountdownConfig, unseen: dict) -> str:
+    """`_candidate_answer` that is never a left-out puzzle's solution (the numbers are the warm-up puzzle's, so
+    e.g. 5+3+2 for a puzzle of 2, 3 and 5 in a task whose target is 10). A left-out draw is drawn again from
+    `redraw`, a generator of the sequence's own, so that `rng`, and with it every other sequence, stays as it was."""
+    other = _candidate_answer(numbers, expert, rng)
+    for _ in range(MAX_REDRAWS):
+        if not _any_left_out(_subexpressions(parse(other)), task, unseen):
+            return other
+        other = _candidate_answer(numbers, expert, redraw)
+    raise ValueError(f"warm-up: no other answer for the critic over {numbers} that is not a solution of a task "
+                     f"puzzle in {MAX_REDRAWS} draws")
 
 
 def _with_leaves(node, leaves):
@@ -88,15 +109,18 @@ def arithmetic_drill(task: CountdownConfig, cfg: WarmupConfig, rng: random.Rando
     The number to make is the value itself half the time, else any number of the targets' range, the task's
     target among them: the critic learns to copy the stated target and compare it with the value for every value,
     where a warm-up whose critic traces never compared with the task's target taught it that 10 is never 10
-    ("18-8=10; 10 vs 10: no", docs/experiments.md, section 2). No drill is a solution of one of the task's puzzles
-    (`unseen`, as for the warm-up's puzzles): an expression over as many numbers as a puzzle has never makes
-    what the warm-up leaves out."""
+    ("18-8=10; 10 vs 10: no", docs/experiments.md, section 2). No drill shows a solution of one of the task's
+    puzzles (`unseen`, as for the warm-up's puzzles): no expression or sub-expression over as many numbers as a
+    puzzle has makes what the warm-up leaves out, however its steps are read (a drill shows steps, not the
+    expression: `_readings`); such an expression is drawn again."""
     lines: list[str] = []
-    while len(lines) < ARITHMETIC_EXPRESSIONS:
+    for _ in range(MAX_REDRAWS * ARITHMETIC_EXPRESSIONS):
+        if len(lines) == ARITHMETIC_EXPRESSIONS:
+            break
         numbers = [rng.randint(task.min_number, task.max_number) for _ in range(rng.randint(2, task.num_numbers + 1))]
         node = random_expression(numbers, rng, ops="+-*/")
         value = evaluate(to_string(node))
-        if len(numbers) == task.num_numbers and _is_left_out(numbers, value, unseen):
+        if _any_left_out(_readings(_step_values(node)), task, unseen):
             continue
         steps = " ".join(expression_steps(node))
         if rng.random() < 0.5 and value is not None and value.denominator == 1:
@@ -107,16 +131,80 @@ def arithmetic_drill(task: CountdownConfig, cfg: WarmupConfig, rng: random.Rando
             lines.append(f"make {against}: {steps} divides by zero.")
         else:
             lines.append(f"make {against}: {steps}; {compared(value, against, ok=value == against)}")
+    if len(lines) < ARITHMETIC_EXPRESSIONS:
+        raise ValueError(f"warm-up: arithmetic drills kept only {len(lines)} of {ARITHMETIC_EXPRESSIONS} expressions "
+                         f"in {MAX_REDRAWS * ARITHMETIC_EXPRESSIONS} draws: all others showed a solution of a task puzzle")
     return " ".join(lines)
 
 
-def _is_left_out(numbers: list[int], value, unseen: dict) -> bool:
-    """Whether `numbers` making `value` is a puzzle the warm-up must not show (see `task_exclusion`)."""
-    if value is None or value.denominator != 1:
+def _is_left_out(numbers, value, unseen: dict, task: CountdownConfig) -> bool:
+    """Whether `numbers` making `value` is a puzzle the warm-up must not show (see `task_exclusion`): as many
+    numbers as a puzzle has, each in the task's range, making (leave_out target) the task's target or (otherwise)
+    one of the task's puzzles."""
+    if value is None or value.denominator != 1 or len(numbers) != task.num_numbers:
+        return False
+    if not all(task.min_number <= n <= task.max_number for n in numbers):
         return False
     if "exclude_target" in unseen:
         return int(value) == unseen["exclude_target"]
     return Puzzle(tuple(numbers), int(value)).key in unseen["exclude"]
+
+
+def _any_left_out(shown, task: CountdownConfig, unseen: dict) -> bool:
+    """Whether any (numbers, value) of `shown` is left out (`_is_left_out`)."""
+    return any(_is_left_out(numbers, value, unseen, task) for numbers, value in shown)
+
+
+def _subexpressions(node):
+    """(numbers, value) of every operation of an expression tree: what its text and its steps show."""
+    if isinstance(node, int):
+        return
+    yield _leaves(node), _value(node)
+    yield from _subexpressions(node[1])
+    yield from _subexpressions(node[2])
+
+
+def _step_values(node, out: list | None = None) -> list[tuple[Fraction, Fraction, Fraction | None]]:
+    """(a, b, c) of each step "a op b=c" that `expression_steps` writes for `node`, in its order (c None:
+    undefined)."""
+    out = [] if out is None else out
+    if isinstance(node, int):
+        return out
+    op, left, right = node
+    _step_values(left, out)
+    _step_values(right, out)
+    a, b = _value(left), _value(right)
+    if a is not None and b is not None:
+        out.append((a, b, _apply(op, a, b)))
+    return out
+
+
+def _readings(steps: list[tuple[Fraction, Fraction, Fraction | None]]) -> set[tuple[tuple[int, ...], Fraction]]:
+    """Every (numbers, value) that steps written without their expression can be read as computing. Steps are the
+    evaluation in order (an expression's operands before it), so each operand is either the value of the latest
+    step not yet used, when it is that value, or a number given (a whole number >= 0, as a step writes a number
+    without brackets); every reading is followed, the expression's own among them."""
+    found: set[tuple[tuple[int, ...], Fraction]] = set()
+
+    def operand(x: Fraction, stack: tuple):
+        if stack and stack[-1][1] == x:
+            yield stack[-1][0], stack[:-1]
+        if x >= 0 and x.denominator == 1:
+            yield (int(x),), stack
+
+    def follow(i: int, stack: tuple) -> None:
+        if i == len(steps):
+            return
+        a, b, c = steps[i]
+        for b_numbers, rest in operand(b, stack):
+            for a_numbers, rest2 in operand(a, rest):
+                numbers = tuple(sorted(a_numbers + b_numbers))
+                if c is not None:  # an undefined value is no operand (its expression's other steps still come)
+                    found.add((numbers, c))
+                follow(i + 1, rest2 + ((numbers, c),))
+
+    follow(0, ())
+    return found
 
 
 def task_exclusion(task: CountdownConfig, leave_out: str = "target") -> dict:
@@ -135,11 +223,20 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
     eos = tokenizer.eos_token
     corpus = []
     unseen = task_exclusion(task, cfg.leave_out)
+    if cfg.min_target > cfg.max_target or all(t == unseen.get("exclude_target")
+                                              for t in range(cfg.min_target, cfg.max_target + 1)):
+        raise ValueError(f"warmup.min_target/max_target: no usable warm-up target in {cfg.min_target}.."
+                         f"{cfg.max_target}" + (f" (the task's target {task.target} is left out, warmup.leave_out "
+                                                f"target)" if "exclude_target" in unseen else "") + "; widen the range")
     for i in range(count):
-        puzzle, expert = forward_puzzle(
-            rng, num_numbers=task.num_numbers, min_number=task.min_number, max_number=task.max_number,
-            min_target=cfg.min_target, max_target=cfg.max_target, **unseen,
-        )
+        try:
+            puzzle, expert = forward_puzzle(
+                rng, num_numbers=task.num_numbers, min_number=task.min_number, max_number=task.max_number,
+                min_target=cfg.min_target, max_target=cfg.max_target, **unseen,
+            )
+        except ValueError as e:
+            raise ValueError(f"warmup.min_target/max_target: no usable warm-up puzzle with a target in "
+                             f"{cfg.min_target}..{cfg.max_target} ({e}); widen the range") from e
         numbers, target = puzzle.numbers, puzzle.target
         question = question_text(numbers, target)
         # Whole batches share a role: critic sequences are twice as long, and mixing them pads policy ones.
@@ -148,7 +245,7 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
             messages = [{"role": "user", "content": ARITHMETIC_PROMPT}]
             completion = arithmetic_drill(task, cfg, rng, unseen)
         elif role == "critic":
-            other = _candidate_answer(numbers, expert, rng)
+            other = _shown_candidate(numbers, expert, rng, random.Random(f"{cfg.seed}/candidate/{i}"), task, unseen)
             first, second = (expert, other) if rng.random() < 0.5 else (other, expert)
             ok1, ok2 = verify(numbers, target, first), verify(numbers, target, second)
             verdict = "tie" if ok1 == ok2 else ("1" if ok1 else "2")

@@ -146,6 +146,7 @@ def test_raro_values_are_validated():
     ("--rollout.top_p", "0", r"rollout.top_p must be in \(0, 1\], got 0"),
     ("--optim.lr", "-0.1", "optim.lr must be >= 0, got -0.1"),
     ("--warmup.critic_fraction", "1.5", r"warmup.critic_fraction must lie in \[0, 1\]"),
+    ("--warmup.min_target", "31", r"warmup.min_target/max_target: need min_target <= max_target, got 31, 30"),  # a hang
     ("--rollout.temperature", "0", "rollout.temperature 0 .greedy. with train.mode raro"),  # 100% truncation, loss 0
 ])
 def test_values_that_would_fail_deep_inside_are_refused_at_start(flag, value, message):

@@ -274,3 +274,19 @@ def test_expert_form_varied_draws_one_valid_expression_per_puzzle_seeded():
 def test_an_answer_is_an_expression_and_nothing_beside_it(completion, expected):
     task = get_task("countdown", CountdownConfig(num_train=4, num_heldout=2))
     assert task.extract_answer(completion) == expected
+
+
+@pytest.mark.timeout(60)
+def test_forward_puzzle_refuses_a_range_it_cannot_fill_instead_of_spinning():
+    from raro_fast.tasks.countdown import forward_puzzle
+
+    shape = dict(num_numbers=3, min_number=1, max_number=13)
+    with pytest.raises(ValueError, match=r"no target in 10\.\.10 other than the excluded 10"):
+        forward_puzzle(random.Random(0), **shape, min_target=10, max_target=10, exclude_target=10)
+    with pytest.raises(ValueError, match=r"no target in 30\.\.1"):
+        forward_puzzle(random.Random(0), **shape, min_target=30, max_target=1)
+    with pytest.raises(ValueError, match=r"target in 3000\.\.4000 in 500 random draws"):  # 13*13*13 is 2197
+        forward_puzzle(random.Random(0), **shape, min_target=3000, max_target=4000, max_tries=500)
+    # the bound changes nothing that is found: the same draws as before
+    assert forward_puzzle(random.Random(0), **shape, min_target=1, max_target=30, exclude_target=10) == \
+        forward_puzzle(random.Random(0), **shape, min_target=1, max_target=30, exclude_target=10, max_tries=10**9)

@@ -1,8 +1,13 @@
+import re
+from fractions import Fraction
+
+import pytest
+
 from raro_fast import prompts
 from raro_fast.config import WarmupConfig
 from raro_fast.tasks.countdown import CountdownConfig
 from raro_fast.model.hf import load_project_tokenizer
-from raro_fast.tasks.countdown import split_puzzles, verify
+from raro_fast.tasks.countdown import evaluate, split_puzzles, verify
 from raro_fast.warmup import warmup_corpus
 
 
@@ -131,3 +136,158 @@ def test_with_varied_targets_the_warmup_leaves_out_the_tasks_puzzles_not_its_tar
         m = re.search(r"Using ([\d, ]+) each exactly once .* make (\d+)\.", tok.decode(e.input_ids[: e.prompt_len]))
         seen.append((tuple(sorted(int(x) for x in m[1].split(", "))), int(m[2])))
     assert not set(seen) & fewer_keys and sum(target == 10 for _, target in seen) > 10
+
+
+# A step as the traces write it: "a op b=c", an operand in brackets when negative or a fraction (never a number given).
+_STEP = re.compile(r"(\d+|\(-?\d+(?:/\d+)?\))([-+*/])(\d+|\(-?\d+(?:/\d+)?\))=(undefined|-?\d+(?:/\d+)?)")
+
+
+def _step_chains(text: str) -> list[list[tuple[str, str, str, str]]]:
+    """Runs of consecutive steps in a completion (tags dropped): a critic's check of one answer, a policy's chain,
+    one drill expression."""
+    chains, chain = [], []
+    for token in re.sub(r"<[^>]*>", " ", text).split() + [""]:
+        m = _STEP.fullmatch(token.removesuffix(";"))
+        if m:
+            chain.append(m.groups())
+        elif chain:
+            chains.append(chain)
+            chain = []
+    return chains
+
+
+def _chain_readings(chain) -> set:
+    """Every (sorted numbers, value) a run of steps can be read as computing, its expression not shown: steps come
+    in evaluation order, so an operand is the latest unused step's value (when it is that value) or a number given
+    (written without brackets)."""
+    found = set()
+
+    def options(text, stack):
+        value = Fraction(text.strip("()"))
+        if stack and stack[-1][1] == value:
+            yield stack[-1][0], stack[:-1]
+        if not text.startswith("("):
+            yield (int(text),), stack
+
+    def follow(i, stack):
+        if i == len(chain):
+            return
+        a, _op, b, c = chain[i]
+        value = None if c == "undefined" else Fraction(c)
+        for b_numbers, rest in options(b, stack):
+            for a_numbers, rest2 in options(a, rest):
+                numbers = tuple(sorted(a_numbers + b_numbers))
+                if value is not None:
+                    found.add((numbers, value))
+                follow(i + 1, rest2 + ((numbers, value),))
+
+    follow(0, ())
+    return found
+
+
+def _expression_shows(text: str) -> set:
+    """(sorted numbers, value) of an expression and each of its sub-expressions."""
+    from raro_fast.tasks.countdown import evaluate, parse, to_string
+
+    def walk(node):
+        if isinstance(node, int):
+            return [node]
+        leaves = walk(node[1]) + walk(node[2])
+        shown.add((tuple(sorted(leaves)), evaluate(to_string(node))))
+        return leaves
+
+    shown: set = set()
+    walk(parse(text))
+    return shown
+
+
+def _corpus_shows(tok, corpus) -> list[tuple[str, set]]:
+    """For each sequence, its text and every (numbers, value) it shows: its puzzle, the expressions in its prompt
+    and answer with their sub-expressions, and every reading of the steps in its completion."""
+    out = []
+    for e in corpus:
+        prompt = tok.decode(e.input_ids[: e.prompt_len])
+        completion = tok.decode(e.input_ids[e.prompt_len :], skip_special_tokens=True)
+        shown = set()
+        q = re.search(r"Using ([\d, ]+) each exactly once .* make (\d+)\.", prompt)
+        if q:
+            shown.add((tuple(sorted(int(x) for x in q[1].split(", "))), Fraction(int(q[2]))))
+        critic = re.findall(r"Answer [12]: ([^\n<]+)", prompt)  # a critic's answer is its verdict, a policy's an expression
+        for expression in critic or re.findall(r"<answer>(.*?)</answer>", completion):
+            shown |= _expression_shows(expression.strip())
+        for chain in _step_chains(completion):
+            shown |= _chain_readings(chain)
+        out.append((prompt + completion, shown))
+    return out
+
+
+def test_the_leak_check_reads_steps_as_a_reader_would():
+    # a drill's 9/(1+11-2) shows 1, 2 and 11 making 10; a critic's 5+3+2 shows 2, 3 and 5 making 10
+    assert ((1, 2, 11), 10) in _chain_readings(_step_chains("make 7: 1+11=12 12-2=10 9/10=9/10; 9/10 vs 7: no.")[0])
+    chains = _step_chains("<think>1: 2*5=10 10*3=30; 30 vs 30: ok. 2: 5+3=8 8+2=10; 10 vs 30: no.</think>")
+    assert ((2, 3, 5), 10) in _chain_readings(chains[1]) and ((2, 3, 5), 30) in _chain_readings(chains[0])
+    assert ((2, 3, 5), 10) in _expression_shows("5+3+2") and ((1, 2, 11), 10) in _expression_shows("9/(1+11-2)")
+    # after a division by zero the expression's other steps still come
+    assert ((1, 2, 4), 7) in _chain_readings(_step_chains("3-3=0 5/0=undefined 1+2=3 3+4=7 divides by zero.")[0])
+
+
+@pytest.mark.parametrize("task,cfg", [
+    (CountdownConfig(), WarmupConfig()),  # the defaults: critic traces and policy traces
+    (CountdownConfig(), WarmupConfig(arithmetic_fraction=0.3)),
+    (CountdownConfig(num_train=60), WarmupConfig(leave_out="puzzles", arithmetic_fraction=0.3)),
+    (CountdownConfig(max_target=30), WarmupConfig(arithmetic_fraction=0.3)),  # a target per puzzle: its puzzles
+], ids=["defaults", "target-drills", "puzzles-drills", "target-per-puzzle-drills"])
+def test_no_sequence_shows_a_left_out_puzzle_or_its_solution(task, cfg):
+    """What the warm-up leaves out (a one-target task's target by default: any puzzle-sized multiset of the task's
+    numbers making it; else the task's puzzles, numbers and target) is never shown: no puzzle, no expression or
+    sub-expression over as many numbers as a puzzle has (a critic's other answer worked through 5+3=8 8+2=10 for a
+    puzzle of 2, 3, 5; a drill's 9/(1+11-2) held 1+11-2=10), however a run of steps is read."""
+    tok = load_project_tokenizer()
+    keys = {(numbers, Fraction(target)) for ps in split_puzzles(task) for numbers, target in (p.key for p in ps)}
+
+    def left_out(numbers, value):
+        if len(numbers) != task.num_numbers or not all(task.min_number <= n <= task.max_number for n in numbers):
+            return False
+        if not task.max_target and cfg.leave_out == "target":
+            return value == task.target
+        return (numbers, value) in keys
+
+    corpus = warmup_corpus(task, cfg, tok, 40 * 32, batch_size=32)
+    checked = 0
+    for text, shown in _corpus_shows(tok, corpus):
+        checked += sum(len(numbers) == task.num_numbers for numbers, _ in shown)
+        leaks = [(numbers, value) for numbers, value in shown if value is not None and left_out(numbers, value)]
+        assert not leaks, (leaks, text)
+    assert checked > len(corpus)
+
+
+def test_a_critics_redrawn_answer_leaves_the_rest_of_the_corpus_as_it_was():
+    """Only the sequences whose other answer was a left-out solution change: the redraw has a generator of its own."""
+    from raro_fast.warmup import _candidate_answer, _shown_candidate, task_exclusion
+
+    import random
+
+    task = CountdownConfig()
+    unseen = task_exclusion(task)
+    rng, same = random.Random(3), random.Random(3)
+    redrawn = 0
+    for i in range(300):
+        numbers, expert = (2, 3, 5), "2*5+3"  # 13: joined numbers 5+3+2 make the task's 10
+        kept = _shown_candidate(numbers, expert, rng, random.Random(i), task, unseen)
+        first = _candidate_answer(numbers, expert, same)
+        assert rng.getstate() == same.getstate()
+        assert evaluate(kept) != task.target
+        assert (kept == first) == (evaluate(first) != task.target)
+        redrawn += kept != first
+    assert redrawn > 5
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("task,cfg", [
+    (CountdownConfig(), WarmupConfig(min_target=10, max_target=10)),  # only the task's target, which is left out
+    (CountdownConfig(), WarmupConfig(min_target=3000, max_target=4000)),  # no 3 numbers up to 13 make these
+    (CountdownConfig(), WarmupConfig(min_target=10, max_target=10, leave_out="puzzles")),  # all 164 are the task's
+], ids=["only-the-target", "out-of-reach", "all-puzzles-left-out"])
+def test_a_target_range_with_no_usable_puzzle_is_refused_not_a_hang(task, cfg):
+    with pytest.raises(ValueError, match=r"warmup\.min_target/max_target"):
+        warmup_corpus(task, cfg, load_project_tokenizer(), 4)

@@ -549,13 +549,21 @@ def random_expression(numbers, rng: random.Random, ops: str = "+-*"):
     return items[0]
 
 
+FORWARD_TRIES = 100_000  # draws before forward_puzzle gives up: at the defaults about 1 in 3 is kept
+
+
 def forward_puzzle(rng: random.Random, *, num_numbers: int, min_number: int, max_number: int,
                    min_target: int, max_target: int, exclude_target: int | None = None,
-                   exclude: frozenset = frozenset()) -> tuple[Puzzle, str]:
+                   exclude: frozenset = frozenset(), max_tries: int = FORWARD_TRIES) -> tuple[Puzzle, str]:
     """A puzzle made backwards: random numbers, a random expression over them, and its value as the target
     (kept when a whole number in [min_target, max_target] other than `exclude_target`, and not a puzzle whose
-    `key` is in `exclude`). Solvable by construction, with its solution, and no search needed."""
-    while True:
+    `key` is in `exclude`). Solvable by construction, with its solution, and no search needed. Raises ValueError
+    when the range holds no target but `exclude_target`, or when `max_tries` draws keep none (no number of the
+    range can make a target in it, or all that can are excluded)."""
+    if not any(t != exclude_target for t in range(min_target, max_target + 1)):
+        raise ValueError(f"no target in {min_target}..{max_target}" + (
+            f" other than the excluded {exclude_target}" if exclude_target is not None else ""))
+    for _ in range(max_tries):
         numbers = tuple(rng.randint(min_number, max_number) for _ in range(num_numbers))
         node = random_expression(numbers, rng, ops="+-*/")
         value = _value(node)
@@ -563,6 +571,9 @@ def forward_puzzle(rng: random.Random, *, num_numbers: int, min_number: int, max
             puzzle = Puzzle(numbers, int(value))
             if puzzle.key not in exclude:
                 return puzzle, to_string(node)
+    raise ValueError(f"no puzzle of {num_numbers} numbers in {min_number}..{max_number} with a target in "
+                     f"{min_target}..{max_target}" + (f" other than {exclude_target}" if exclude_target is not None else "")
+                     + (" and not one of the excluded puzzles" if exclude else "") + f" in {max_tries} random draws")
 
 
 def evaluation_trace(numbers, target, expression: str) -> str:
