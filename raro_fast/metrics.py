@@ -164,17 +164,20 @@ def summary_table(records: list[dict[str, Any]], window: int = 5) -> str:
 
 
 def critic_signal(records: list[dict[str, Any]]) -> str | None:
-    """One sentence on whether the critic's reward carried signal over the run (means over all steps), or None
-    when the run logged no critic diagnostics (not RARO, or a task without a verifier)."""
+    """One sentence on whether the critic's reward carried signal over the run (means over steps), or None when
+    the run logged no critic diagnostics (not RARO, or a task without a verifier). The rewards of right and wrong
+    answers are averaged over the same steps, those that had both, so the gap printed is their difference (a step
+    with wrong answers only counted in the one and not in the other)."""
 
-    def mean(key: str) -> float | None:
-        vals = [r[key] for r in records if r.get(key) is not None]
+    def mean(key: str, rows=records) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    decisive, gap = mean("critic/decisive_accuracy"), mean("reward/policy_gap")
+    both = [r for r in records if r.get("reward/policy_gap") is not None]
+    decisive, gap = mean("critic/decisive_accuracy"), mean("reward/policy_gap", both)
     if decisive is None or gap is None:
         return None
-    right, wrong = mean("reward/policy_mean_correct"), mean("reward/policy_mean_incorrect")
+    right, wrong = mean("reward/policy_mean_correct", both), mean("reward/policy_mean_incorrect", both)
     return (f"critic: picked the expert in {decisive:.2f} of its decisive verdicts (chance 0.50), tie rate "
             f"{mean('critic/tie_rate'):.2f}; the policy's reward was {right:.3f} for right answers and {wrong:.3f} for "
             f"wrong ones (gap {gap:+.3f}; the verifier is only logged)")

@@ -31,10 +31,16 @@ class ReplayBuffer:
         if self.capacity:
             self._items.extend(pairs)
 
-    def sample(self, k: int, rng: random.Random) -> list[CriticPair]:
-        """k pairs without replacement (fewer if the buffer holds fewer)."""
-        k = min(k, len(self._items))
-        return [self._items[i] for i in sorted(rng.sample(range(len(self._items)), k))]
+    def sample(self, k: int, rng: random.Random, *, part: int = 0, parts: int = 1) -> list[CriticPair]:
+        """k pairs without replacement (fewer if the buffer holds fewer). With `parts` > 1 (ranks, each calling with
+        its own `part` and an `rng` seeded the same on every rank), the parts' pairs are disjoint: one shuffle of the
+        buffer, dealt out. Each rank drawing on its own put the same pair in a step's critic batch twice."""
+        if parts == 1:
+            k = min(k, len(self._items))
+            return [self._items[i] for i in sorted(rng.sample(range(len(self._items)), k))]
+        order = list(range(len(self._items)))
+        rng.shuffle(order)
+        return [self._items[i] for i in sorted(order[part::parts][:k])]
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "items": [asdict(p) for p in self._items]}

@@ -219,7 +219,14 @@ def gather_samples(r: Run, rollout, step: int):
     on every rank."""
     parts = all_gather_objects(r.d, rollout)
     samples, scoring, stats = [], [], {}
+    offset = 0
     for part in parts:
+        # A mode numbers its groups on its own rank (GRPO's advantages are computed there): shifted past the
+        # earlier ranks' numbers, a group number names one group of the step (rollouts.jsonl, DPO's pairs).
+        own = [*part.samples, *part.scoring]
+        for s in own:
+            s.group += offset
+        offset = max([offset - 1, *(s.group for s in own)]) + 1
         samples.extend(part.samples)
         scoring.extend(part.scoring)
         r.replay.extend(part.new_pairs)
@@ -293,11 +300,13 @@ def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
     a = acc.tolist()
     tokens = sum(len(s.input_ids) for s in samples)
     sampled = sum(s.num_targets for s in samples if s.weight_version is not None)
+    # None where nothing was measured (no sampled token: SFT; no policy tokens: critic_lead_steps; no critic): a 0.0
+    # entropy became the run's starting entropy, and check_health then warned that the policy had turned uniform.
     return {
-        "logprob/gap_mean_abs": a[0] / max(a[1], 1),
-        "logprob/gap_max_abs": float(gap_max),
-        "policy/entropy": a[2] / max(a[3], 1),
-        "critic/entropy": a[4] / max(a[5], 1),
+        "logprob/gap_mean_abs": a[0] / a[1] if a[1] else None,
+        "logprob/gap_max_abs": float(gap_max) if a[1] else None,
+        "policy/entropy": a[2] / a[3] if a[3] else None,
+        "critic/entropy": a[4] / a[5] if a[5] else None,
         "batch/tokens": tokens,
         "batch/micro_batches_per_rank": len(mbs),
         # verl's perf/throughput: (prompt + response tokens) / (step time x ranks)

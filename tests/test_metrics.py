@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from raro_fast.metrics import MetricsLog, plot_curves, strict_json, summary_table
+from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, strict_json, summary_table
 
 
 def _records(n, rng):
@@ -96,3 +96,15 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
     assert "NaN" not in line and "Infinity" not in line
     assert json.loads(line) == {"step": 1, "loss": None, "grad_norm": None, "nested": [1.5, None]}
     assert strict_json({"a": float("nan")}) == '{"a": null}'  # report.json of evaluate and analyze
+
+
+def test_the_critic_sentence_takes_right_wrong_and_gap_over_the_same_steps():
+    # Found by review: a step with wrong answers only (no gap) counted in "wrong" and not in the gap, so the
+    # sentence printed right 0.600, wrong 0.300 and gap +0.500.
+    records = [{"step": 1, "critic/decisive_accuracy": 0.5, "critic/tie_rate": 0.2, "reward/policy_mean_correct": None,
+                "reward/policy_mean_incorrect": 0.5, "reward/policy_gap": None},
+               {"step": 2, "critic/decisive_accuracy": 0.7, "critic/tie_rate": 0.4, "reward/policy_mean_correct": 0.6,
+                "reward/policy_mean_incorrect": 0.1, "reward/policy_gap": 0.5}]
+    line = critic_signal(records)
+    assert "0.600 for right answers and 0.100 for wrong ones (gap +0.500;" in line
+    assert "decisive verdicts" in line and "in 0.60 of" in line and "tie rate 0.30" in line

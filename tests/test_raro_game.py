@@ -176,6 +176,28 @@ def test_the_rollout_log_holds_each_trained_sequence_as_text_with_its_reward(set
         assert all("Answer 1: " in r["prompt"] and "Answer 2: " in r["prompt"] for r in members)
 
 
+def test_group_numbers_name_one_group_of_the_step_across_ranks(setting, monkeypatch):
+    # Found by review: each rank numbers its groups from 0, so in rollouts.jsonl group 0 was two ranks' questions.
+    from types import SimpleNamespace
+
+    from raro_fast import train
+    from raro_fast.replay import ReplayBuffer
+
+    cfg, tok, task, examples = setting
+    parts = [play(cfg, tok, task, half, critic="ramble_half")[0] for half in (examples[:2], examples[2:])]
+    before = [[s.group for s in p.samples] for p in parts]
+    monkeypatch.setattr(train, "all_gather_objects", lambda d, obj: parts)
+    samples, _, _ = train.gather_samples(SimpleNamespace(d=None, replay=ReplayBuffer(10)), parts[0], step=0)
+    owner = {}
+    for rank, p in enumerate(parts):
+        for s in p.samples:
+            assert owner.setdefault(s.group, rank) == rank  # no group number on two ranks
+    first = max(before[0]) + 1
+    assert [s.group for s in parts[0].samples] == before[0]  # rank 0's numbers are kept
+    assert [s.group for s in parts[1].samples] == [g + first for g in before[1]]
+    assert len(samples) == sum(len(b) for b in before)
+
+
 def test_critic_trains_on_every_fresh_pair_plus_replay_at_the_ratio(setting):
     """Fix 3: all 6 fresh judged pairs are critic training pairs (not 4 of a fixed 8), and replay is asked for
     at replay_ratio of them: 0.5 → as many as fresh, 0.75 → three times as many; a cap bounds the fresh ones."""

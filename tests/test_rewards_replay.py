@@ -73,6 +73,20 @@ def test_replay_fifo_sample_and_state_roundtrip():
     assert len(buf.sample(10, random.Random(1))) == 5
 
 
+def test_ranks_replay_disjoint_pairs_and_one_rank_draws_as_before():
+    # Found by review: each rank drew from the same buffer with its own generator, so two ranks could replay the
+    # same pair in one step (2 of 8 draws in the reviewer's run). The ranks now deal one shuffle out.
+    buf = ReplayBuffer(100)
+    buf.extend([CriticPair(f"id{i}", f"q{i}", f"a{i}", f"e{i}") for i in range(8)])
+    drawn = [buf.sample(4, random.Random("step 3"), part=rank, parts=2) for rank in (0, 1)]
+    assert [len(d) for d in drawn] == [4, 4] and not set(drawn[0]) & set(drawn[1])
+    thirds = [buf.sample(5, random.Random("step 3"), part=rank, parts=3) for rank in range(3)]
+    assert [len(t) for t in thirds] == [3, 3, 2] and len(set().union(*thirds)) == 8  # fewer where the buffer runs out
+    # one rank: the same draws as before the change (the published runs' replay)
+    items = [CriticPair(f"id{i}", f"q{i}", f"a{i}", f"e{i}") for i in range(8)]
+    assert buf.sample(3, random.Random(7)) == [items[i] for i in sorted(random.Random(7).sample(range(8), 3))]
+
+
 def test_replay_zero_capacity_and_bad_capacity():
     buf = ReplayBuffer(0)
     buf.extend([CriticPair("a", "b", "c", "d")])

@@ -193,10 +193,17 @@ def test_oracle_critic_with_ppo_mini_batches(base_model, tmp_path):
     recs = metrics(run)
     # with the critic at its own temperature every sequence carries one, and trainer and engine still agree (the
     # tiny base seldom answers, so the critic's side is tested in test_update.py's recompute test)
-    assert all(r["logprob/gap_max_abs"] < 1e-4 for r in recs[1:])
+    trained = [r for r in recs[1:] if r["batch/policy_sequences"] + r["batch/critic_sequences"]]
+    assert trained and all(r["logprob/gap_max_abs"] < 1e-4 for r in trained)
+    # a step that trained nothing measured no gap and no entropy: None, not 0.0
+    assert all(r["logprob/gap_max_abs"] is None for r in recs[1:] if r not in trained)
     assert [r["step"] for r in recs] == [0, 1, 2]
     # the critic's head start: step 1 trains the critic only
     assert recs[1]["batch/policy_sequences"] == 0 and recs[2]["batch/policy_sequences"] > 0
+    # nothing of the policy's was trained at step 1: its entropy is not measured (it was logged 0.0, taken as the
+    # run's starting entropy, and the uniform-policy warning then fired on a healthy run)
+    assert recs[1]["policy/entropy"] is None and recs[2]["policy/entropy"] > 0
+    assert "near the uniform maximum" not in out.stderr + out.stdout
     for key in ("critic/oracle_agreement", "reward/policy_gap", "critic/decisive_accuracy"):
         assert key in recs[1]
     assert "actor/clip_frac" in recs[2]  # step 1 may have nothing to train: the tiny base rarely answers

@@ -186,12 +186,15 @@ class RaroMode(Mode):
     def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
         cfg, d = r.cfg, r.d
         cap = cfg.raro.critic_pairs_per_step
-        replay_rng = random.Random(f"{cfg.train.seed}/replay/{step}/{d.rank}")  # the buffer is the same on every rank
+        # The buffer is the same on every rank, and so is this generator (the seed of rank 0's draws when ranks drew
+        # on their own): the ranks deal one shuffle of it out, so no replayed pair is trained twice in a step.
+        replay_rng = random.Random(f"{cfg.train.seed}/replay/{step}/0")
         return raro_rollouts(
             examples, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
             rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed,
             fresh_cap=cap // d.world_size + (d.rank < cap % d.world_size) if cap else None,
-            draw_replay=lambda n: r.replay.sample(n, replay_rng), train_policy=step >= cfg.raro.critic_lead_steps,
+            draw_replay=lambda n: r.replay.sample(n, replay_rng, part=d.rank, parts=d.world_size),
+            train_policy=step >= cfg.raro.critic_lead_steps,
         )
 
     def policy_sequences(self, cfg: JobConfig) -> int:
