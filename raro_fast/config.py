@@ -156,7 +156,9 @@ class RolloutConfig:
     mem_fraction: float = _help("sglang: fraction of GPU memory the colocated engine may take (weights + KV cache).", 0.5)
     tp_size: int = _help("sglang: tensor-parallel size of the colocated engine.", 1)
     sglang_url: str = _help("sglang_http: the server's URL.", "http://127.0.0.1:30000")
-    server_ranks: int = _help("sglang_http: GPUs the server runs on (TP x DP); they join the weight-sync group.", 1)
+    server_ranks: int = _help("sglang_http: GPUs the server runs on, its tensor-parallel size (checked against the "
+                              "server; SGLang's weight sync takes dp_size 1 and pp_size 1); they join the weight-sync "
+                              "group.", 1)
     weight_group_address: str = _help("sglang_http: address of trainer rank 0 that the server connects to for "
                                       "weight broadcasts.", "127.0.0.1")
     weight_group_port: int = _help("sglang_http: port of the weight-sync group's store on trainer rank 0.", 29650)

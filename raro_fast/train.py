@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from raro_fast import checkpoint, output_dir
-from raro_fast.config import ConfigError, JobConfig, OptimConfig, help_text, load_config, to_dict
+from raro_fast.config import ConfigError, JobConfig, OptimConfig, RolloutConfig, help_text, load_config, to_dict
 from raro_fast.distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
 from raro_fast.evaluate import heldout_accuracy, heldout_scores
 from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, summary_table
@@ -440,6 +440,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         start, mode_state = state["step"], dict(state.get("mode_state", {}))
         engine.weight_version = start
         warn(f"train.resume: continuing after step {start} from {resume_from}")
+    first_sync(cfg.rollout, engine, model, version=start, dtype=compute_dtype)
     log = MetricsLog(out / "metrics.jsonl", enabled=d.is_main, resume_step=start if resume_from else None)
     # main=: cut back on every resume even with the log off now, or records of steps this run never trained stay
     rollout_log = MetricsLog(out / "rollouts.jsonl", enabled=d.is_main and cfg.train.log_rollouts_every > 0,
@@ -453,6 +454,15 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                mode_state=mode_state,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
+
+
+def first_sync(rollout: RolloutConfig, engine, model, *, version: int, dtype) -> None:
+    """An SGLang server holds whatever it was started with or last given, a finished run's weights, say; found by
+    review: the first step's rollouts came from them with no error (the version check starts after the first sync),
+    and a resumed run was refused by a fresh server. The trainer's weights go in before the first rollout, at the
+    step the run starts from. The other engines are built from the trainer's own weights."""
+    if rollout.backend == "sglang_http":
+        push_weights(engine, model, version=version, dtype=dtype, released=rollout.released_tags)
 
 
 def first_logged_entropy(records: list[dict]) -> float | None:

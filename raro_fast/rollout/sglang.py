@@ -249,6 +249,19 @@ class SGLangServerEngine:
         except RuntimeError as e:  # an HTTP error: something answers, but not SGLang >= 0.5.6
             raise ValueError(f"{where} has no usable /server_info ({e}); raro-fast needs SGLang >= {MIN_VERSION}") from None
         self.version = check_version(info.get("version") if isinstance(info, dict) else None, where)
+        # SGLang's weight sync from a trainer asserts dp_size 1, and gives pipeline stages the same ranks; a group
+        # of the wrong size hung until the timeout. Its deterministic mode seeds every request alike, so the n
+        # samples of a prompt came back identical and every GRPO advantage was 0 (found by review, 0.5.23).
+        for name in ("dp_size", "pp_size"):
+            if info.get(name, 1) != 1:
+                raise ValueError(f"{where} runs with {name} {info[name]}: weight sync from a trainer needs "
+                                 f"{name} 1 (tensor parallelism only)")
+        if "tp_size" in info and info["tp_size"] != self.server_ranks:
+            raise ValueError(f"{where} runs on {info['tp_size']} tensor-parallel GPUs, but rollout.server_ranks is "
+                             f"{self.server_ranks}: set it to {info['tp_size']}")
+        if info.get("enable_deterministic_inference"):
+            raise ValueError(f"{where} was started with --enable-deterministic-inference, which gives every request "
+                             "the same sampling seed: the n samples of a prompt would be identical; start it without")
 
     # -- HTTP ----------------------------------------------------------------------------------------------------
     def _request(self, path: str, body: dict | None):

@@ -178,8 +178,11 @@ class FakeServer:
                  "/update_weights_from_distributed", "/release_memory_occupation", "/resume_memory_occupation"}
     SESSION_ENDPOINTS = {"/begin_weight_update", "/end_weight_update"}  # SGLang >= 0.5.21
 
-    def __init__(self, inner, version=VERSION, api_key=None):
+    def __init__(self, inner, version=VERSION, api_key=None, server_args=None):
         self.inner, self.calls, self.group, self.received, self.api_key = inner, [], None, [], api_key
+        # /server_info also lists the server's arguments (tp_size, dp_size, ...); a real one sends them all
+        self.server_args = {"tp_size": 1, "dp_size": 1, "pp_size": 1, "enable_deterministic_inference": False,
+                            **(server_args or {})}
         self.version, self.weight_version = version, "default"  # SGLang's weight version before any update
         self.sessions = version is not None and _version_tuple(version) >= (0, 5, 21)
         self.session_open, self.memory, self.group_names = False, MemoryTags(), set()
@@ -214,7 +217,7 @@ class FakeServer:
                 if self._refused_without_key():
                     return
                 if self.path == "/server_info" and server.version is not None:
-                    return self._reply({"model_path": "fake", "version": server.version})
+                    return self._reply({"model_path": "fake", "version": server.version, **server.server_args})
                 self._reply({"detail": "Not Found"}, 404)
 
             def do_POST(self):

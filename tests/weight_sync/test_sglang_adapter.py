@@ -311,3 +311,42 @@ def test_real_sglang_engine_matches_the_trainer_after_a_sync(tmp_path):
         assert stale_gap.mean() > 0.2, "the engine's log-probs match the weights before the sync"
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_a_run_gives_the_server_its_weights_before_the_first_rollout(monkeypatch, start):
+    """Found by review: a server keeps what it last held (here a finished run's weights at version 7). A new run's
+    first rollouts came from those with no error, and a resumed one (start 5) was refused by a fresh server."""
+    from raro_fast.train import first_sync
+
+    fake_sglang.plain_weight_group(monkeypatch)
+    inner = inner_engine()
+    server = fake_sglang.FakeServer(inner)
+    try:
+        server_engine(server.url).update_weights(hf_named_tensors(PolicyModel(perturbed(31))), version=7)
+        engine, model = server_engine(server.url), perturbed(32)
+        engine.weight_version = start  # what setup does on resume
+        first_sync(RolloutConfig(backend="sglang_http"), engine, PolicyModel(model), version=start,
+                   dtype=torch.float32)
+        check_synced(engine, inner, model, start)
+        before = len(server.calls)
+        first_sync(RolloutConfig(backend="embedded"), engine, PolicyModel(model), version=start, dtype=torch.float32)
+        assert len(server.calls) == before  # in-process engines start from the trainer's own weights
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("server_args, message", [
+    ({"dp_size": 2}, "runs with dp_size 2: weight sync from a trainer needs dp_size 1"),
+    ({"pp_size": 2}, "runs with pp_size 2"),
+    ({"tp_size": 2}, "runs on 2 tensor-parallel GPUs, but rollout.server_ranks is 1: set it to 2"),
+    ({"enable_deterministic_inference": True}, "was started with --enable-deterministic-inference, .* would be identical"),
+])
+def test_a_server_the_weight_sync_or_sampling_cannot_work_with_is_refused_at_start(server_args, message):
+    # Found by review: a wrong group size hung until the timeout; a deterministic server gave n identical samples.
+    server = fake_sglang.FakeServer(inner_engine(), server_args=server_args)
+    try:
+        with pytest.raises(ValueError, match=r"the SGLang server at .* \(rollout.sglang_url\) " + message):
+            server_engine(server.url)
+    finally:
+        server.close()
