@@ -89,10 +89,18 @@ def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], 
     `announce(request)` tells the receivers what comes next and returns a `wait()` that blocks until they have
     finished loading that bucket (an HTTP call in flight, for a server). The cache is flushed with the last
     bucket only; the version goes with it. Returns the number of bytes sent.
+
+    One bucket is announced at a time: the next is gathered while the receivers load this one, but announced only
+    once they have answered. Announced as soon as this one's broadcast was issued (found by review), two requests
+    could be in flight over separate connections; an NCCL broadcast returns before the data has moved, so the
+    server could take bucket k+1's request first and read bucket k's bytes under its names, with no error where
+    the two buckets have the same size.
     """
     sent = 0
     pending = None
     for bucket, last in with_last(iter_buckets(named_tensors, bucket_bytes)):
+        if pending is not None:
+            pending()
         wait = announce(update_request(bucket, group_name=group_name, flush_cache=last,
                                        weight_version=weight_version if last else None))
         try:
@@ -100,9 +108,7 @@ def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], 
         except Exception:
             wait()  # a receiver that refused the request never joins the broadcast: its answer names the cause
             raise
-        if pending is not None:
-            pending()
-        pending = wait  # the next bucket is gathered while the receiver loads this one
+        pending = wait
         sent += bucket.nbytes
     if pending is not None:
         pending()

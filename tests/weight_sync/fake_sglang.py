@@ -186,11 +186,10 @@ class FakeServer:
         self.version, self.weight_version = version, "default"  # SGLang's weight version before any update
         self.sessions = version is not None and _version_tuple(version) >= (0, 5, 21)
         self.session_open, self.memory, self.group_names = False, MemoryTags(), set()
-        # SGLang's scheduler loads weight updates one at a time, in the order they came. This server answers each
-        # request on its own thread, and the trainer posts bucket k+1 as soon as bucket k's broadcast is done, so
-        # without the lock the last bucket's thread could load the weights before bucket k's thread had added its
-        # tensors (CI, once: "no new value for ['model.layers.1.mlp.down_proj.weight']"). Bucket k's thread holds the
-        # lock from before its broadcast, so bucket k+1's waits for it.
+        # SGLang's scheduler loads weight updates one at a time, in the order they came. The trainer now announces
+        # one bucket at a time (broadcast_weights), but this server answers each request on its own thread, and the
+        # lock keeps a load from overlapping another even if a sender ever posts ahead (it once did: CI saw "no new
+        # value for ['model.layers.1.mlp.down_proj.weight']").
         self.update_lock = threading.Lock()
         server = self
 

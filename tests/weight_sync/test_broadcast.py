@@ -66,3 +66,32 @@ def test_hf_named_tensors_strips_the_wrapper_skips_tied_and_casts():
     assert torch.equal(named["model.norm.weight"], model.model.norm.weight.to(torch.bfloat16))
     full = dict(hf_named_tensors(policy, skip_tied=False))
     assert "lm_head.weight" in full and full["model.norm.weight"].dtype == torch.float32
+
+
+def test_one_bucket_request_in_flight_at_a_time_and_the_next_gathered_meanwhile(monkeypatch):
+    """Found by review: bucket k+1 was announced as soon as bucket k's broadcast was issued, so two requests were in
+    flight over separate connections. An NCCL broadcast returns before the data moved, so a server that took k+1's
+    request first read k's bytes under k+1's names (silently, for buckets of one size). Now each request is
+    announced after the previous one was answered, and the next bucket is gathered while the receiver loads."""
+    from raro_fast.weight_sync import broadcast
+
+    events = []
+    monkeypatch.setattr(broadcast, "_broadcast", lambda group, flat: events.append(f"broadcast {flat.numel()}"))
+
+    def tensors():
+        for i in range(4):
+            events.append(f"gather {i}")
+            yield f"w{i}", torch.full((4,), float(i))  # 16 bytes: one bucket each
+
+    def announce(body):
+        name = body["names"][0]
+        events.append(f"announce {name}")
+        return lambda: events.append(f"loaded {name}")
+
+    sent = broadcast.broadcast_weights(None, tensors(), group_name="g", bucket_bytes=16, announce=announce,
+                                       weight_version=3)
+    assert sent == 64
+    announced = [e for e in events if e.startswith(("announce", "loaded"))]
+    assert announced == [x for i in range(4) for x in (f"announce w{i}", f"loaded w{i}")]  # never two in flight
+    # the next bucket's tensors are gathered before the receiver's answer for the current one is waited for
+    assert events.index("gather 2") < events.index("loaded w1")
