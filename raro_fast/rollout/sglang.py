@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import threading
 import urllib.error
@@ -30,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from packaging.version import InvalidVersion, Version
 
-from raro_fast.rollout.engine import Completion, SamplingParams, check_memory_tags
+from raro_fast.rollout.engine import Completion, NonFiniteLogitsError, SamplingParams, check_memory_tags
 from raro_fast.weight_sync.broadcast import broadcast_weights, open_weight_group
 from raro_fast.weight_sync.buckets import Bucket, iter_buckets, with_last
 
@@ -125,6 +126,14 @@ def completion_from_output(output: dict, prompt: list[int], *, decode: Callable[
         reason = meta["finish_reason"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: response lacks {e} (was return_logprob=True sent?): {str(output)[:200]}") from None
+    # SGLang ends a request whose logits hold NaN as a "stop" matched "NaN happened", with token -1 and a NaN
+    # log-prob (null over HTTP); read as a finished answer, diverged weights went on training (found by review,
+    # 0.5.23). The embedded engines raise this where they meet such logits.
+    matched = reason.get("matched") if isinstance(reason, dict) else None
+    if (matched == "NaN happened" or any(p[1] is not None and int(p[1]) < 0 for p in pairs)
+            or any(p[0] is not None and not math.isfinite(float(p[0])) for p in pairs)):
+        raise NonFiniteLogitsError(f"{where}: the engine's logits were not finite (finish_reason {reason!r}): its "
+                                   "weights have diverged, nothing can be sampled")
     missing = [i for i, p in enumerate(pairs) if p[0] is None]
     if missing:
         raise ValueError(f"{where}: no log-prob for output tokens at positions {missing[:8]} (their log-probs are "

@@ -97,6 +97,15 @@ def test_sampling_params_and_response_parsing_follow_sglangs_formats():
     out["meta_info"]["output_token_logprobs"][1][0] = None  # SGLang's LogprobEntry allows a missing log-prob
     with pytest.raises(ValueError, match=r"no log-prob for output tokens at positions \[1\]"):
         completion_from_output(out, [9], decode=str, weight_version=0)
+    # NaN logits: SGLang stops the request, "matched": "NaN happened", token -1, a NaN log-prob (null over HTTP).
+    # Read as a finished answer, found by review; the embedded engines raise NonFiniteLogitsError there.
+    from raro_fast.rollout.engine import NonFiniteLogitsError
+
+    for logprob in (float("nan"), None):
+        nan = {"meta_info": {"finish_reason": {"type": "stop", "matched": "NaN happened"},
+                             "output_token_logprobs": [[-0.5, 3, None], [logprob, -1, None]]}}
+        with pytest.raises(NonFiniteLogitsError, match="not finite .* weights have diverged"):
+            completion_from_output(nan, [9], decode=str, weight_version=0)
 
 
 def test_an_answer_from_other_weights_than_the_last_sync_is_an_error():
