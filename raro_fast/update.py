@@ -17,13 +17,16 @@ from raro_kernels import policy_loss
 
 def split_mini_batches(samples: Sequence[SequenceSample], k: int, seed: str) -> list[list[SequenceSample]]:
     """k near-equal mini-batches of a seeded shuffle of the sequences (verl and TRL shuffle too: a GRPO group
-    may straddle mini-batches, its advantages are already fixed). k = 1 keeps the batch as it is."""
+    may straddle mini-batches, its advantages are already fixed). k = 1 keeps the batch as it is. With fewer
+    sequences than k, only the non-empty ones: an empty one took an optimizer step of nothing, and its loss and
+    grad norm of 0 pulled the step's means down."""
     if k == 1:
         return [list(samples)]
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     n = len(order)
-    return [[samples[i] for i in order[p * n // k : (p + 1) * n // k]] for p in range(k)]
+    parts = [[samples[i] for i in order[p * n // k : (p + 1) * n // k]] for p in range(k)]
+    return [part for part in parts if part] or [[]]
 
 
 def weigh_roles(samples: Sequence[SequenceSample], *, loss_agg: str, role_constants: dict[str, float],

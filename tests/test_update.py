@@ -152,6 +152,9 @@ def test_split_mini_batches_is_a_seeded_partition_and_one_keeps_the_batch():
     assert sorted(s.uid for p in parts for s in p) == list(range(16))
     assert [s.uid for p in parts for s in p] != list(range(16))
     assert split_mini_batches(samples, 3, "s") == parts and split_mini_batches(samples, 3, "t") != parts
+    # fewer sequences than mini-batches: no empty optimizer step (its 0 loss and grad norm diluted the means)
+    assert [len(p) for p in split_mini_batches(samples[:2], 4, "s")] == [1, 1]
+    assert split_mini_batches([], 4, "s") == [[]]
 
 
 def test_one_mini_batch_is_the_single_update_bit_for_bit(tok):
