@@ -327,8 +327,15 @@ def test_smollm2_trains_one_raro_step_and_resumes(smollm2, tmp_path):
     assert "continuing after step 1" in out.stdout + out.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
-    trained = [r for r in records if "logprob/gap_max_abs" in r]
-    assert trained and all(r["logprob/gap_max_abs"] < 1e-3 for r in trained)  # trainer vs engine, fp32, tied Llama
+    # Untrained SmolLM2 writes no answer tag in 12 tokens: every policy sample is truncated, nothing is judged, and
+    # the steps train no sequence. This test asserted a trainer-engine gap below 1e-3 here, which held only because
+    # an unmeasured gap was logged as 0.0; it is None now. The gap on this model is measured where it exists:
+    # test_weight_sync_into_smollm2_and_the_engine_samples_what_the_trainer_computes (and the format warm-up test).
+    for r in records[1:]:
+        trained = r["batch/policy_sequences"] + r["batch/critic_sequences"]
+        assert (r["logprob/gap_max_abs"] is None) == (trained == 0), r
+        if trained:
+            assert r["logprob/gap_max_abs"] < 1e-3  # trainer vs engine, fp32, tied Llama
 
 
 def test_a_checkpoint_gets_the_format_warm_up_when_asked_and_reports_format_rates(saved_embedded_model, tmp_path):
