@@ -100,9 +100,12 @@ def test_end_tokens_come_from_the_generation_config_too():
 
     assert end_token_ids(model, Tok()) == [5, 3]  # the tokenizer's first, no duplicates
     model.generation_config.eos_token_id = 7
-    assert end_token_ids(model, Tok()) == [5, 7]
+    # config.json's EOS too: SGLang stops there whatever it is asked, and every backend must end rollouts alike
+    assert end_token_ids(model, Tok()) == [5, 7, 3]
     model.generation_config.eos_token_id = None
-    assert end_token_ids(model, Tok()) == [5]
+    assert end_token_ids(model, Tok()) == [5, 3]
+    model.config.eos_token_id = [9, 5]
+    assert end_token_ids(model, Tok()) == [5, 9]
 
 
 def test_the_embedded_engine_stops_at_every_end_token():

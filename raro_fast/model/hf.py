@@ -91,11 +91,13 @@ def build_embedded_model(
 
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every token that ends a turn: the tokenizer's EOS first, then the generation config's `eos_token_id` (an int
-    or a list: Qwen2.5-Instruct ends on <|im_end|> or <|endoftext|>)."""
+    or a list: Qwen2.5-Instruct ends on <|im_end|> or <|endoftext|>), then config.json's. SGLang stops at
+    config.json's EOS whatever it is asked (found by review, 0.5.23), so the in-process engines stop there too:
+    otherwise one model's rollouts would end at other tokens on another backend."""
     ids = [tokenizer.eos_token_id]
-    generation = getattr(model, "generation_config", None)
-    extra = getattr(generation, "eos_token_id", None)
-    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        extra = getattr(source, "eos_token_id", None)
+        ids += extra if isinstance(extra, (list, tuple)) else [extra]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
