@@ -34,9 +34,9 @@ from raro_fast import prompts
 from raro_fast.config import WarmupConfig
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
-from raro_fast.tasks.countdown import (CountdownConfig, Puzzle, _apply, _leaves, _value, compared, evaluate,
-                                       evaluation_trace, expression_steps, forward_puzzle, parse, question_text,
-                                       random_expression, search_trace, split_puzzles, to_string, verify)
+from raro_fast.tasks.countdown import (CountdownConfig, Puzzle, Step, _leaves, _value, compared, evaluate,
+                                       evaluation_trace, expression_step_values, forward_puzzle, parse, question_text,
+                                       random_expression, search_trace, split_puzzles, step_text, to_string, verify)
 
 
 @dataclass
@@ -120,9 +120,10 @@ def arithmetic_drill(task: CountdownConfig, cfg: WarmupConfig, rng: random.Rando
         numbers = [rng.randint(task.min_number, task.max_number) for _ in range(rng.randint(2, task.num_numbers + 1))]
         node = random_expression(numbers, rng, ops="+-*/")
         value = evaluate(to_string(node))
-        if _any_left_out(_readings(_step_values(node)), task, unseen):
+        step_values = expression_step_values(node)
+        if _any_left_out(_readings(step_values), task, unseen):
             continue
-        steps = " ".join(expression_steps(node))
+        steps = " ".join(map(step_text, step_values))
         if rng.random() < 0.5 and value is not None and value.denominator == 1:
             against = int(value)
         else:
@@ -164,22 +165,7 @@ def _subexpressions(node):
     yield from _subexpressions(node[2])
 
 
-def _step_values(node, out: list | None = None) -> list[tuple[Fraction, Fraction, Fraction | None]]:
-    """(a, b, c) of each step "a op b=c" that `expression_steps` writes for `node`, in its order (c None:
-    undefined)."""
-    out = [] if out is None else out
-    if isinstance(node, int):
-        return out
-    op, left, right = node
-    _step_values(left, out)
-    _step_values(right, out)
-    a, b = _value(left), _value(right)
-    if a is not None and b is not None:
-        out.append((a, b, _apply(op, a, b)))
-    return out
-
-
-def _readings(steps: list[tuple[Fraction, Fraction, Fraction | None]]) -> set[tuple[tuple[int, ...], Fraction]]:
+def _readings(steps: list[Step]) -> set[tuple[tuple[int, ...], Fraction]]:
     """Every (numbers, value) that steps written without their expression can be read as computing. Steps are the
     evaluation in order (an expression's operands before it), so each operand is either the value of the latest
     step not yet used, when it is that value, or a number given (a whole number >= 0, as a step writes a number
@@ -195,7 +181,7 @@ def _readings(steps: list[tuple[Fraction, Fraction, Fraction | None]]) -> set[tu
     def follow(i: int, stack: tuple) -> None:
         if i == len(steps):
             return
-        a, b, c = steps[i]
+        _op, a, b, c = steps[i]
         for b_numbers, rest in operand(b, stack):
             for a_numbers, rest2 in operand(a, rest):
                 numbers = tuple(sorted(a_numbers + b_numbers))

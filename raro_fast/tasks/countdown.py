@@ -179,8 +179,11 @@ def _leaves(node) -> list[int]:
     return [node] if isinstance(node, int) else _leaves(node[1]) + _leaves(node[2])
 
 
-def _value(node, steps: list[str] | None = None) -> Fraction | None:
-    """Exact value (None on division by zero); `steps` collects "a op b=c" in evaluation order."""
+Step = tuple[str, Fraction, Fraction, "Fraction | None"]  # (op, a, b, c) of "a op b=c"; c None: division by zero
+
+
+def _value(node, steps: list[Step] | None = None) -> Fraction | None:
+    """Exact value (None on division by zero); `steps` collects each operation in evaluation order."""
     if isinstance(node, int):
         return Fraction(node)
     op, left, right = node
@@ -189,15 +192,25 @@ def _value(node, steps: list[str] | None = None) -> Fraction | None:
         return None
     c = _apply(op, a, b)
     if steps is not None:
-        steps.append(f"{_operand(a)}{op}{_operand(b)}=" + ("undefined" if c is None else _fmt(c)))
+        steps.append((op, a, b, c))
     return c
+
+
+def expression_step_values(node) -> list[Step]:
+    """The evaluation of an expression tree, operation by operation in order: what `expression_steps` writes."""
+    steps: list[Step] = []
+    _value(node, steps)
+    return steps
+
+
+def step_text(step: Step) -> str:
+    op, a, b, c = step
+    return f"{_operand(a)}{op}{_operand(b)}=" + ("undefined" if c is None else _fmt(c))
 
 
 def expression_steps(node) -> list[str]:
     """The evaluation of an expression tree as the traces write it: "a op b=c" per operation, in order."""
-    steps: list[str] = []
-    _value(node, steps)
-    return steps
+    return [step_text(step) for step in expression_step_values(node)]
 
 
 def _fmt(x: Fraction) -> str:
@@ -526,15 +539,13 @@ def search_trace(numbers, target, *, rng: random.Random, max_attempts: int = 2, 
     last chain with "yes"."""
     parts = []
     for _ in range(rng.randint(0, max_attempts)):
-        steps: list[str] = []
-        if _value(random_expression(numbers, rng), steps) != target and steps and "undefined" not in steps[-1]:
-            parts.append(" ".join(steps) + " no.")
+        steps: list[Step] = []
+        if _value(random_expression(numbers, rng), steps) != target and steps and steps[-1][3] is not None:
+            parts.append(" ".join(map(step_text, steps)) + " no.")
     node = parse(solution) if solution is not None else solve_ast(numbers, target)
     if node is None:
         return " ".join(parts + ["no solution."])
-    steps = []
-    _value(node, steps)
-    parts.append(" ".join(steps) + " yes.")
+    parts.append(" ".join(expression_steps(node)) + " yes.")
     return " ".join(parts)
 
 
@@ -584,10 +595,7 @@ def evaluation_trace(numbers, target, expression: str) -> str:
     10, not 12." taught the critic that a value of 10 is never right, and it rejected the task's right answers
     ("18-8=10 makes 10, not 10.")."""
     node, problem = _check(tuple(numbers), target, expression)
-    steps: list[str] = []
-    if node is not None:
-        _value(node, steps)
-    head = " ".join(steps)
+    head = " ".join(expression_steps(node)) if node is not None else ""
     if problem in ("no expression", "expression too long", "not a valid expression") or problem and problem.startswith(
             ("uses", "does not")):
         return f"{problem}."
