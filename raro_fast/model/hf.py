@@ -191,7 +191,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
             raise ValueError(f"{setting}: {generation} is not a generation configuration ({e}); it names the "
                              "tokens that end a turn, so it is not skipped") from None
     try:  # before the tokenizer, which reads config.json too (transformers 5 checks each field's type there)
-        AutoConfig.from_pretrained(path)
+        model_config = AutoConfig.from_pretrained(path)
     except _CONFIG_ERRORS as e:
         raise ValueError(f"{setting}: {config} does not describe a model transformers can build "
                          f"({type(e).__name__}: {_first_lines(e)})") from None
@@ -218,9 +218,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
     try:
         # ignore_mismatched_sizes: transformers then lists the tensors of another shape (raised below, by name)
         # instead of raising a RuntimeError that only refers to the log.
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                           use_safetensors=True, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=dtype,
+                                                           attn_implementation="sdpa", use_safetensors=True,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{setting}: {path!r}: the model does not load ({type(e).__name__}: {e})") from None
     except (TypeError, RuntimeError, *_CONFIG_ERRORS) as e:
