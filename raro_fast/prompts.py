@@ -99,7 +99,9 @@ def parse_answer(text: str) -> str | None:
     from the first opening tag used to return the whole `13-9=10 yes.</think><answer>8`, and a RARO policy learned
     to write such answers: text in the critic's own verification style, pasted into the critic's prompt, that
     talked wrong answers into ties (docs/experiments.md, section 12). An answer that still contains a think tag is
-    reasoning, not an answer (None), and so is a last tag that is never closed (the output was cut off there).
+    reasoning, not an answer (None), and so is a last tag that is never closed (the output was cut off there). An
+    empty tag is no answer either (None): it used to be the answer "", which the critic judged (a tie paid it
+    tau_pol where writing no answer earns 0) and a majority vote could pick.
     """
     if not isinstance(text, str):
         return None
@@ -110,9 +112,10 @@ def parse_answer(text: str) -> str | None:
     if close is None:
         return None
     answer = text[opens[-1].end() : close.start()]
-    if _THINK_TAG_RE.search(answer):
+    answer = answer.strip()
+    if not answer or _THINK_TAG_RE.search(answer):
         return None
-    return answer.strip()
+    return answer
 
 
 def parse_verdict(text: str) -> str | None:

@@ -28,6 +28,9 @@ def test_parse_verdict(text, expected):
 def test_parse_answer():
     assert prompts.parse_answer("<think>a</think><answer> (2+2)*6 </answer>") == "(2+2)*6"
     assert prompts.parse_answer("<answer>a</answer><answer>b</answer>") == "b"
+    # An empty tag is no answer: the critic would judge "" and a majority vote could pick it.
+    for blank in ("<answer></answer>", "<think>t</think><answer> \n\t </answer>", "<answer>a</answer><answer> </answer>"):
+        assert prompts.parse_answer(blank) is None
 
 
 @pytest.mark.parametrize(

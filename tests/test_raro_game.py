@@ -23,8 +23,8 @@ class ScriptedEngine:
 
     weight_version = 3
 
-    def __init__(self, tokenizer, task, critic="verifier"):
-        self.tok, self.task, self.critic = tokenizer, task, critic
+    def __init__(self, tokenizer, task, critic="verifier", no_tag_text="<think>no answer</think>"):
+        self.tok, self.task, self.critic, self.no_tag_text = tokenizer, task, critic, no_tag_text
         self.by_question = {ex.question: ex for split in ("train", "heldout") for ex in task.examples(split)}
         self.calls = []
 
@@ -66,7 +66,7 @@ class ScriptedEngine:
                     elif kind == 1:
                         comps.append(self._complete(p, prompts.format_completion("t", "+".join(map(str, ex.meta["numbers"])))))
                     elif kind == 2:
-                        comps.append(self._complete(p, "<think>no answer</think>"))
+                        comps.append(self._complete(p, self.no_tag_text))
                     else:
                         comps.append(self._complete(p, prompts.format_completion("t", ex.answer), truncated=True))
                 out.append(comps)
@@ -83,7 +83,8 @@ def setting():
     return cfg, tok, task, examples
 
 
-def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None, args=(), train_policy=True):
+def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None, args=(), train_policy=True,
+         no_tag_text="<think>no answer</think>"):
     """One rank's step of the game against the scripted engine; returns (rollout, replay sizes asked for)."""
     if args:
         cfg = load_config(["--raro.group_size", "4", "--task.countdown.num_train", "30", "--task.countdown.num_heldout",
@@ -94,7 +95,7 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
         asked.append(n)
         return list(replay)[:n]
 
-    engine = ScriptedEngine(tok, task, critic=critic)
+    engine = ScriptedEngine(tok, task, critic=critic, no_tag_text=no_tag_text)
     out = raro_rollouts(examples, engine=engine, tokenizer=tok, task=task, cfg=cfg,
                         rng=random.Random(0), seed=1, fresh_cap=fresh_cap, draw_replay=draw,
                         train_policy=train_policy)
@@ -292,6 +293,29 @@ def test_no_verifier_no_accuracy(setting):
     for key in ("policy/answer_accuracy", "reward/policy_mean_correct", "critic/oracle_agreement"):
         assert key not in out.stats
     assert len(out.stats["reward/policy_mean"]) == 12
+
+
+@pytest.mark.parametrize("blank", ["<think>t</think><answer></answer>", "<think>t</think><answer> \n </answer>"])
+def test_an_empty_answer_tag_is_no_answer_and_is_not_judged(setting, blank):
+    """On a task whose answers are free text (the base class's parse, as Poetry's and DeepMath's), an empty tag
+    used to be the answer "": the critic judged it against the expert, and a tie paid it tau_pol."""
+    cfg, tok, task, examples = setting
+
+    class FreeText(type(task)):
+        has_verifier = False
+
+        def extract_answer(self, completion):
+            return prompts.parse_answer(completion)
+
+        def verify(self, example, answer):
+            return None
+
+    out, _ = play(cfg, tok, FreeText(task.cfg), examples, critic="tie", no_tag_text=blank)
+    assert len(out.new_pairs) == 2 * 3  # the expert's answer and the sum, per question; never ""
+    assert all(p.policy_answer for p in out.new_pairs)
+    assert out.stats["policy/answer_rate"] == [True, True, False, False] * 3
+    # Every judged answer is called a tie (tau_pol); the blank one, like no tag, earns 0.
+    assert out.stats["reward/policy_mean"] == pytest.approx([cfg.raro.tau_pol, cfg.raro.tau_pol, 0.0, 0.0] * 3)
 
 
 def test_critic_lead_steps_judge_the_policy_but_train_only_the_critic(setting):
