@@ -566,7 +566,7 @@ def help_text(prog: str, root: type = JobConfig) -> str:
     return "\n".join(lines)
 
 
-_ALIASES = {"--model": "--model.path", "--resume": "--train.resume", "--output-dir": "--train.output_dir"}
+ALIASES = {"--model": "--model.path", "--resume": "--train.resume", "--output-dir": "--train.output_dir"}
 
 
 def load_config(argv: list[str] | None = None, root: type = JobConfig):
@@ -581,7 +581,7 @@ def load_config(argv: list[str] | None = None, root: type = JobConfig):
         if not arg.startswith("--"):
             raise ConfigError(f"command line: unexpected argument {arg!r} (settings look like --section.field VALUE)")
         key, eq, inline = arg.partition("=")
-        key = _ALIASES.get(key, key) if root is JobConfig else key
+        key = ALIASES.get(key, key) if root is JobConfig else key
         if key == "--train.resume" and not eq and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             overrides.append(("train.resume", "true"))
             i += 1

@@ -3,7 +3,7 @@
     raro-fast train --nproc_per_node=2 --config configs/countdown-easy.yaml --train.steps 40
 
 Options without a dot (`--nproc_per_node`, `--nnodes`, `--master_port`, `--standalone`, ...) go to torchrun; the
-training's own (`--config`, `--model`, `--resume`, `--section.field`) go to `raro_fast.train`. With no torchrun
+training's own (`--config`, `--section.field` and its aliases `--model`, `--resume`, `--output-dir`) go to `raro_fast.train`. With no torchrun
 option the training runs in this process, as `python -m raro_fast.train` does.
 
 Why not torchrun itself: when a rank stops with a clear error (a bad setting, a damaged checkpoint), torchrun
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import sys
 
-TRAINING_FLAGS = {"--config", "--model", "--resume", "-h", "--help"}
+from raro_fast.config import ALIASES
+
+# The training's options without a dot: its aliases among them (`--output-dir` went to torchrun, which refused it).
+TRAINING_FLAGS = {"--config", "-h", "--help", *ALIASES}
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -13,6 +13,9 @@ def test_options_without_a_dot_go_to_torchrun_with_their_values():
     assert launcher == ["--nproc_per_node=2", "--master_port", "29511", "--standalone"]
     assert training == ["--config", "a.yaml", "--train.steps", "3", "--model", "m", "--resume", "--rollout.temperature=0.5"]
     assert split_args(["--help"]) == ([], ["--help"])
+    # every alias of a training setting is the training's (`--output-dir` went to torchrun)
+    assert split_args(["--standalone", "--output-dir", "r", "--resume"]) == (["--standalone"], ["--output-dir", "r", "--resume"])
+    assert split_args(["--output-dir=r"]) == ([], ["--output-dir=r"])
     # a negative value stays with its option
     assert split_args(["--nnodes", "1", "--loss.kl_coef", "-1"]) == (["--nnodes", "1"], ["--loss.kl_coef", "-1"])
 
