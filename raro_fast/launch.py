@@ -3,8 +3,8 @@
     raro-fast train --nproc_per_node=2 --config configs/countdown-easy.yaml --train.steps 40
 
 Options without a dot (`--nproc_per_node`, `--nnodes`, `--master_port`, `--standalone`, ...) go to torchrun; the
-training's own (`--config`, `--section.field` and its aliases `--model`, `--resume`, `--output-dir`) go to `raro_fast.train`. With no torchrun
-option the training runs in this process, as `python -m raro_fast.train` does.
+training's own (`--config`, `--section.field` and its aliases `--model`, `--resume`, `--output-dir`) go to
+`raro_fast.train`. With no torchrun option the training runs in this process, as `python -m raro_fast.train` does.
 
 Why not torchrun itself: when a rank stops with a clear error (a bad setting, a damaged checkpoint), torchrun
 follows it with ~30 lines of ChildFailedError that repeat nothing useful. Here that becomes one line naming the
