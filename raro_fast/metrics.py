@@ -178,9 +178,9 @@ def critic_signal(records: list[dict[str, Any]]) -> str | None:
     if decisive is None or gap is None:
         return None
     right, wrong = mean("reward/policy_mean_correct", both), mean("reward/policy_mean_incorrect", both)
-    return (f"critic: picked the expert in {decisive:.2f} of its decisive verdicts (chance 0.50), tie rate "
-            f"{mean('critic/tie_rate'):.2f}; the policy's reward was {right:.3f} for right answers and {wrong:.3f} for "
-            f"wrong ones (gap {gap:+.3f}; the verifier is only logged)")
+    return (f"critic, means over steps: picked the expert in {decisive:.2f} of its decisive verdicts (chance 0.50), "
+            f"tie rate {mean('critic/tie_rate'):.2f}; the policy's reward was {right:.3f} for right answers and "
+            f"{wrong:.3f} for wrong ones (gap {gap:+.3f}; the verifier is only logged)")
 
 
 def _fmt(v: Any) -> str:

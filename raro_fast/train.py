@@ -347,28 +347,33 @@ def finish(r: Run) -> None:
         save_pretrained_atomic(r.hf_model, r.tokenizer, out / "final_model", state_dict={k: v.cpu() for k, v in weights.items()})
         records = r.log.read()
         plot_curves(records, out / "curves.png", title=f"{r.cfg.train.mode} on {r.cfg.task.name}")
-        accs = [x["eval/heldout_accuracy"] for x in records if "eval/heldout_accuracy" in x]
         print("\n" + summary_table(records) + "\n")
-        signal = critic_signal(records)
-        if signal:
-            print(signal)
-        if accs[-1] is None:
-            print(f"held-out accuracy: none (the {r.cfg.task.name} task has no verifier)")
-        else:
-            n = len(r.eval_examples)
-            print(f"held-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {n} problems: "
-                  f"{round(accs[-1] * n) - round(accs[0] * n):+d} solved")
-        sampled = [x["eval/heldout_avg_at_n"] for x in records if x.get("eval/heldout_avg_at_n") is not None]
-        k = r.cfg.train.eval_samples
-        if sampled:
-            print(f"held-out avg@{k} (mean accuracy of {k} samples per problem at temperature "
-                  f"{r.cfg.rollout.temperature:g}): {sampled[-1]:.3f} (start {sampled[0]:.3f})")
-        picked = [x["eval/heldout_tournament_at_n"] for x in records if x.get("eval/heldout_tournament_at_n") is not None]
-        if len(picked) > 1:
-            print(f"held-out tournament@{k} (the critic picks one of the {k} samples, no verifier): {picked[-1]:.3f} "
-                  f"(start {picked[0]:.3f})")
+        print("\n".join(heldout_summary(records, r.cfg, problems=len(r.eval_examples))))
         print(f"metrics: {out / 'metrics.jsonl'}  curves: {out / 'curves.png'}  model: {out / 'final_model'}")
     barrier(r.d)
+
+
+def heldout_summary(records: list[dict], cfg: JobConfig, *, problems: int) -> list[str]:
+    """The run's last lines: the critic's signal and held-out accuracy, each against its start (step 0's)."""
+    lines = [signal] if (signal := critic_signal(records)) else []
+    accs = [x["eval/heldout_accuracy"] for x in records if "eval/heldout_accuracy" in x]
+    if not problems:  # said so: this used to read "the task has no verifier", under a line the verifier had made
+        lines.append("held-out accuracy: none (no held-out problems)")
+    elif accs[-1] is None:
+        lines.append(f"held-out accuracy: none (the {cfg.task.name} task has no verifier)")
+    else:
+        lines.append(f"held-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {problems} problems: "
+                     f"{round(accs[-1] * problems) - round(accs[0] * problems):+d} solved")
+    sampled = [x["eval/heldout_avg_at_n"] for x in records if x.get("eval/heldout_avg_at_n") is not None]
+    k = cfg.train.eval_samples
+    if sampled:
+        lines.append(f"held-out avg@{k} (mean accuracy of {k} samples per problem at temperature "
+                     f"{cfg.rollout.temperature:g}): {sampled[-1]:.3f} (start {sampled[0]:.3f})")
+    picked = [x["eval/heldout_tournament_at_n"] for x in records if x.get("eval/heldout_tournament_at_n") is not None]
+    if len(picked) > 1:
+        lines.append(f"held-out tournament@{k} (the critic picks one of the {k} samples, no verifier): "
+                     f"{picked[-1]:.3f} (start {picked[0]:.3f})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------

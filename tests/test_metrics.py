@@ -108,3 +108,25 @@ def test_the_critic_sentence_takes_right_wrong_and_gap_over_the_same_steps():
     line = critic_signal(records)
     assert "0.600 for right answers and 0.100 for wrong ones (gap +0.500;" in line
     assert "decisive verdicts" in line and "in 0.60 of" in line and "tie rate 0.30" in line
+
+
+def test_the_runs_last_lines_say_why_there_is_no_heldout_accuracy():
+    """With no held-out problems the run used to say the task had no verifier, under the critic's sentence that the
+    verifier's own verdicts had made."""
+    from raro_fast.config import load_config
+    from raro_fast.train import heldout_summary
+
+    cfg = load_config(["--train.eval_samples", "4"])
+    critic = {"critic/decisive_accuracy": 0.8, "critic/tie_rate": 0.1, "reward/policy_gap": 0.5,
+              "reward/policy_mean_correct": 0.7, "reward/policy_mean_incorrect": 0.2}
+    unmeasured = [{"step": 0, "eval/heldout_accuracy": None}, {"step": 1, **critic, "eval/heldout_accuracy": None}]
+    lines = heldout_summary(unmeasured, cfg, problems=0)
+    assert lines[0].startswith("critic, means over steps: picked the expert in 0.80") and lines[1:] == ["held-out accuracy: none (no held-out problems)"]
+    assert heldout_summary(unmeasured, cfg, problems=5)[1:] == ["held-out accuracy: none (the countdown task has no verifier)"]
+    measured = [{"step": 0, "eval/heldout_accuracy": 0.25, "eval/heldout_avg_at_n": 0.2, "eval/heldout_tournament_at_n": 0.3},
+                {"step": 1, "eval/heldout_accuracy": 0.5, "eval/heldout_avg_at_n": None},
+                {"step": 2, "eval/heldout_accuracy": 0.75, "eval/heldout_avg_at_n": 0.6, "eval/heldout_tournament_at_n": 0.5}]
+    assert heldout_summary(measured, cfg, problems=8) == [
+        "held-out accuracy: 0.750 (start 0.250) on 8 problems: +4 solved",
+        "held-out avg@4 (mean accuracy of 4 samples per problem at temperature 1): 0.600 (start 0.200)",
+        "held-out tournament@4 (the critic picks one of the 4 samples, no verifier): 0.500 (start 0.300)"]

@@ -181,3 +181,9 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
     assert refused == ["task.poetry.seed: 0 -> 3", "rollout.temperature: 1.0 -> 0.7"]
     assert allowed == ["rollout.batch_size: 128 -> 8", "optim.lr: 0.0002 -> 1e-05"]
     assert resume_changes(saved, to_dict(load_config(["--task.name", "poetry"]))) == ([], [])
+    # How often it evaluates may change; what an evaluation measures may not (the summary compares it with step 0's).
+    refused, allowed = resume_changes(saved, to_dict(load_config(
+        ["--task.name", "poetry", "--train.eval_every", "5", "--train.eval_tournament", "false",
+         "--train.eval_size", "8", "--train.eval_samples", "4", "--train.eval_temperature", "0.5"])))
+    assert allowed == ["train.eval_every: 10 -> 5", "train.eval_tournament: True -> False"]
+    assert refused == ["train.eval_size: 128 -> 8", "train.eval_temperature: 0.0 -> 0.5", "train.eval_samples: 8 -> 4"]
