@@ -136,8 +136,11 @@ def sampled_sequence(c: Completion, *, advantage: float, role: str, group: int, 
 
 
 def expert_completion_ids(tokenizer, answer: str, think: str = "") -> list[int]:
-    """The expert's final answer in the policy format (after `think` as reasoning), ending with the end token."""
-    return tokenizer(prompts.format_completion(think, answer) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    """The expert's final answer in the policy format (after `think` as reasoning), ending with the end token. A
+    special token's text inside (a model's reasoning that spells `<|im_end|>` out) is plain text, as in prompts: read
+    as the token, it taught the model to end its turn inside <think>."""
+    text = prompts.format_completion(think, answer)
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def sequence_sums(mbs, n: int, fields: list[str | None], *, d: Dist) -> list[torch.Tensor]:

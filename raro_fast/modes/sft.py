@@ -1,6 +1,7 @@
 """SFT: next-token training on the expert's final answers (`<think></think><answer>a*</answer>`). It runs through the
 same clipped-surrogate update with advantage 1: with the recomputed (on-policy) log-probs as old log-probs the ratio
-is 1, no clip is active, and the gradient of -A·ratio is exactly -∇ log p of the expert tokens."""
+is 1, no clip is active, and the gradient of -A·ratio is exactly -∇ log p of the expert tokens, at temperature 1
+whatever `rollout.temperature` is (each sequence carries its own)."""
 from __future__ import annotations
 
 from raro_fast import prompts
@@ -16,8 +17,10 @@ def sft_samples(examples: list[Example], *, tokenizer, reasonings: list[str] | N
         prompt = prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question))
         think = reasonings[i] if reasonings else ""
         answer = expert_completion_ids(tokenizer, ex.answer, think)
+        # Temperature 1: the expert's tokens were not sampled, and NLL is the model's own likelihood (at the run's
+        # rollout.temperature, 0.5 gave a gradient twice as long, and 0 stopped the first update).
         out.samples.append(SequenceSample(input_ids=prompt + answer, prompt_len=len(prompt), advantage=1.0, role="policy",
-                                          group=i, uid=-1, loss_weight=1.0))
+                                          group=i, uid=-1, loss_weight=1.0, temperature=1.0))
         out.add("policy/response_length", len(answer))
     return out
 
