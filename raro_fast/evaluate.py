@@ -16,7 +16,8 @@ It samples n answers per problem of the split (one engine call for all), then re
     pass@n        any of the n correct: the oracle ceiling of any reranker.
 A truncated completion, or one without a final answer, counts as no answer (wrong, and out of the votes and the
 tournament). It prints a markdown table and writes report.json (these numbers, counts, every problem's answers
-and picks, and the config) to --eval.output_dir.
+and picks, and the config) to --eval.output_dir. A task without a verifier (poetry) has no accuracies: its
+correctness counts and each problem's "correct" are null (not measured), and --eval.judge_model can judge it.
 
 Short flags: --model (= --eval.model), --rerank (= --eval.rerank), --n (= --eval.n), --task (= --task.name; the
 task's settings are --task.<name>.FIELD), --output-dir (= --eval.output_dir). `--help` lists
@@ -155,7 +156,8 @@ def rerank_report(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
     answers, verdicts = sample_and_verify(examples, params, engine=engine, tokenizer=tokenizer, task=task)
     verifiable = not any(v is None for vs in verdicts for v in vs)  # poetry has no verifier: no accuracies
-    correct = [[bool(v) for v in vs] for vs in verdicts]
+    # Without a verifier, bool(None) would report every answer wrong; None says that correctness was not measured.
+    correct = [[bool(v) for v in vs] for vs in verdicts] if verifiable else None
     majority = [majority_index(task.answer_classes(ans)) for ans in answers]
     sampling_s = time.perf_counter() - t0
 
@@ -166,10 +168,11 @@ def rerank_report(
             examples, answers, engine=engine, tokenizer=tokenizer, max_new_tokens=critic_max_new_tokens,
             temperature=temperature if critic_temperature is None else critic_temperature, top_p=top_p, seed=seed)
     critic_s = time.perf_counter() - t0
-    counts, accuracy = _scores(answers, correct, majority, picks, n=n, verifiable=verifiable)
+    counts, accuracy = _scores(answers, correct, majority, picks, n=n)
     per_question = [
-        {"id": ex.id, "answers": ans, "correct": c, "majority": m, "tournament": None if picks is None else picks[i]}
-        for i, (ex, ans, c, m) in enumerate(zip(examples, answers, correct, majority))
+        {"id": ex.id, "answers": ans, "correct": None if correct is None else correct[i], "majority": m,
+         "tournament": None if picks is None else picks[i]}
+        for i, (ex, ans, m) in enumerate(zip(examples, answers, majority))
     ]
     return {"n": n, "rerank": rerank, "accuracy": accuracy, "counts": counts, "critic": critic_stats,
             "timing_s": {"sampling": sampling_s, "critic": critic_s}, "per_question": per_question}
@@ -195,21 +198,29 @@ def _tournament_picks(examples: list[Example], answers: list[list[str | None]], 
     return picks, {"judge_calls": calls, "matches": len(seen), "tie_or_invalid": sum(v not in ("1", "2") for v in seen)}
 
 
-def _scores(answers: list[list[str | None]], correct: list[list[bool]], majority: list[int | None],
-            picks: list[int] | None, *, n: int, verifiable: bool) -> tuple[dict, dict]:
-    """Counts of each way of choosing, and the accuracies (none for a task without a verifier)."""
+def _scores(answers: list[list[str | None]], correct: list[list[bool]] | None, majority: list[int | None],
+            picks: list[int] | None, *, n: int) -> tuple[dict, dict]:
+    """Counts of each way of choosing, and the accuracies. `correct` None: the task has no verifier, so the
+    correctness counts are None (not measured, where 0 would read as no right answer) and there are no accuracies."""
     q = len(answers)
     counts = {
         "questions": q,
         "samples": q * n,
         "no_answer": sum(a is None for ans in answers for a in ans),
+    }
+    if correct is None:
+        # The same keys as a verified report's, so a reader of report.json finds them, null rather than missing.
+        counts.update(dict.fromkeys(
+            ("correct_samples", "first_correct", "majority_correct", "tournament_correct", "any_correct")))
+        return counts, {}
+    counts |= {
         "correct_samples": sum(map(sum, correct)),
         "first_correct": sum(c[0] for c in correct),
         "majority_correct": sum(m is not None and c[m] for m, c in zip(majority, correct)),
         "tournament_correct": None if picks is None else sum(c[p] for p, c in zip(picks, correct)),
         "any_correct": sum(any(c) for c in correct),
     }
-    accuracy = {} if not verifiable else {
+    accuracy = {
         "pass@1": counts["first_correct"] / q,
         "avg@n": sum(sum(c) / n for c in correct) / q,
         "majority@n": counts["majority_correct"] / q,
