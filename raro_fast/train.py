@@ -146,7 +146,8 @@ def train_step(r: Run, step: int) -> dict:
         push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
     r.timings["timing_s/step"] = time.perf_counter() - t0
     return {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, "update/skipped": upd.skipped,
-            **upd.metrics, **stats, **batch_metrics(r, samples, mbs, entropies), **r.timings}
+            **upd.metrics, **stats, **batch_metrics(r, samples, mbs, entropies, generated=stats["rollout/generated_tokens"]),
+            **r.timings}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def plan_update(samples: list, cfg: JobConfig, d: Dist, step: int,
     return plan
 
 
-def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
+def batch_metrics(r: Run, samples, mbs, entropies, *, generated: int) -> dict[str, float | None]:
     """Trainer–engine log-prob gap, entropy per role, throughput (verl's names)."""
     is_policy = torch.tensor([s.role == "policy" for s in samples], dtype=torch.bool, device=r.d.device)
     acc = torch.zeros(6, device=r.d.device, dtype=torch.float64)  # gap_sum, n, ent_pol, n_pol, ent_crit, n_crit
@@ -299,7 +300,6 @@ def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
         torch.distributed.all_reduce(gap_max, op=torch.distributed.ReduceOp.MAX)
     a = acc.tolist()
     tokens = sum(len(s.input_ids) for s in samples)
-    sampled = sum(s.num_targets for s in samples if s.weight_version is not None)
     # None where nothing was measured (no sampled token: SFT; no policy tokens: critic_lead_steps; no critic): a 0.0
     # entropy became the run's starting entropy, and check_health then warned that the policy had turned uniform.
     return {
@@ -311,8 +311,10 @@ def batch_metrics(r: Run, samples, mbs, entropies) -> dict[str, float]:
         "batch/micro_batches_per_rank": len(mbs),
         # verl's perf/throughput: (prompt + response tokens) / (step time x ranks)
         "perf/throughput": tokens / max(r.timings["timing_s/step"], 1e-9) / r.d.world_size,
-        # slime's rollout throughput: sampled (completion) tokens per second of generation, per rank
-        "perf/rollout_tokens_per_s": sampled / max(r.timings["timing_s/gen"], 1e-9) / r.d.world_size,
+        # slime's rollout throughput: generated tokens (trained or not, all ranks') per second of generation, per
+        # rank; None where nothing was generated (SFT)
+        "perf/rollout_tokens_per_s": generated / max(r.timings["timing_s/gen"], 1e-9) / r.d.world_size
+        if generated else None,
     }
 
 

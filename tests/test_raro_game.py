@@ -27,9 +27,11 @@ class ScriptedEngine:
         self.tok, self.task, self.critic, self.no_tag_text = tokenizer, task, critic, no_tag_text
         self.by_question = {ex.question: ex for split in ("train", "heldout") for ex in task.examples(split)}
         self.calls = []
+        self.generated_tokens = 0
 
     def _complete(self, prompt_ids, text, truncated=False):
         ids = self.tok(text, add_special_tokens=False)["input_ids"] + ([] if truncated else [self.tok.eos_token_id])
+        self.generated_tokens += len(ids)
         return Completion(token_ids=ids, logprobs=[-0.5] * len(ids), finish_reason="length" if truncated else "stop",
                           text=text, weight_version=self.weight_version, prompt_ids=list(prompt_ids))
 
@@ -100,6 +102,7 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
                         rng=random.Random(0), seed=1, fresh_cap=fresh_cap, draw_replay=draw,
                         train_policy=train_policy)
     out.engine_temperatures = engine.temperatures
+    out.engine_generated_tokens = engine.generated_tokens
     return out, asked
 
 
@@ -316,6 +319,19 @@ def test_an_empty_answer_tag_is_no_answer_and_is_not_judged(setting, blank):
     assert out.stats["policy/answer_rate"] == [True, True, False, False] * 3
     # Every judged answer is called a tie (tau_pol); the blank one, like no tag, earns 0.
     assert out.stats["reward/policy_mean"] == pytest.approx([cfg.raro.tau_pol, cfg.raro.tau_pol, 0.0, 0.0] * 3)
+
+
+@pytest.mark.parametrize("train_policy", [True, False])
+def test_every_generated_token_is_counted_trained_or_not(setting, train_policy):
+    """perf/rollout_tokens_per_s counted the trained sequences' tokens: not the truncated policy samples, nor any
+    policy sample while the critic leads, nor the fresh pairs over the cap."""
+    cfg, tok, task, examples = setting
+    replay = [CriticPair("r", examples[0].question, "1+2", examples[0].answer)]
+    out, _ = play(cfg, tok, task, examples, replay=replay, fresh_cap=2, train_policy=train_policy)
+    trained = sum(s.num_targets for s in out.samples)
+    policy, fresh_verdicts, replay_verdicts = out.stats["rollout/generated_tokens"]
+    assert policy == sum(out.stats["policy/response_length"]) and replay_verdicts > 0
+    assert policy + fresh_verdicts + replay_verdicts == out.engine_generated_tokens > trained
 
 
 def test_critic_lead_steps_judge_the_policy_but_train_only_the_critic(setting):

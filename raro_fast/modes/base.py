@@ -54,6 +54,13 @@ class RankRollout:
         if value is not None:
             self.stats.setdefault(key, []).append(float(value))
 
+    def generated(self, completions: list[list[Completion]]) -> list[list[Completion]]:
+        """`completions`, their tokens counted (`rollout/generated_tokens`): every token the engine generated,
+        trained or not. perf/rollout_tokens_per_s used to count trained sequences only, and so left out truncated
+        and unpaired samples, critic-lead steps and all of rationalization's."""
+        self.add("rollout/generated_tokens", sum(len(c.token_ids) for comps in completions for c in comps))
+        return completions
+
 
 # Statistics every step reports (null in metrics.jsonl when a step has no data for one, e.g. no critic verdicts).
 STAT_KEYS = (
@@ -63,7 +70,7 @@ STAT_KEYS = (
     "reward/policy_mean", "reward/policy_mean_correct", "reward/policy_mean_incorrect", "reward/critic_mean",
 )
 # Counts summed over ranks rather than averaged.
-COUNT_KEYS = ("critic/fresh_pairs", "critic/replay_pairs")
+COUNT_KEYS = ("critic/fresh_pairs", "critic/replay_pairs", "rollout/generated_tokens")
 
 
 class Mode:

@@ -68,11 +68,11 @@ def raro_rollouts(
                                    top_p=ro.top_p, n=rc.critic_samples_per_pair, seed=seed + 1)
 
     # 1. Policy rollouts: G per question.
-    policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples],
-                             policy_params)
+    policy = out.generated(engine.generate(
+        [prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], policy_params))
     # 2. Every finished answer is judged against the expert's, in random order.
     judged = answers_to_judge(examples, policy, task, rng, out)
-    verdicts = judge_pairs(judged, engine, tokenizer, critic_params)
+    verdicts = out.generated(judge_pairs(judged, engine, tokenizer, critic_params))
     out.new_pairs.extend(j.pair for j in judged)
     # 3. Policy rewards and advantages.
     rewards = _policy_rewards(examples, judged, verdicts, cfg, out)
@@ -88,8 +88,8 @@ def raro_rollouts(
         fresh = rng.sample(fresh, fresh_cap)
     replayed = [(p, rng.choice((1, 2))) for p in draw_replay(rc.replay_pairs_for(len(fresh), rng))]
     replay_params = replace(critic_params, seed=seed + 2)
-    replay_verdicts = judge_pairs([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine, tokenizer,
-                                  replay_params)
+    replay_verdicts = out.generated(judge_pairs([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine,
+                                                tokenizer, replay_params))
     out.add("critic/fresh_pairs", len(fresh))
     out.add("critic/replay_pairs", len(replayed))
     for g, (_pair, pos, comps) in enumerate(fresh + [(p, pos, v) for (p, pos), v in zip(replayed, replay_verdicts)]):

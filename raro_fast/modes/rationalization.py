@@ -23,6 +23,7 @@ def rationalization_samples(examples: list[Example], *, engine: RolloutEngine, t
     out = sft_samples(examples, tokenizer=tokenizer, reasonings=[r or "" for r in reasonings])
     for r in reasonings:
         out.add("rationalization/fallback_rate", r is None)
+    out.generated(outs)
     return out
 
 

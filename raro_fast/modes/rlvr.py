@@ -14,7 +14,7 @@ def rlvr_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, 
     out = RankRollout()
     if not examples:
         return out
-    policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
+    policy = out.generated(policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed))
     for i, (ex, comps) in enumerate(zip(examples, policy)):
         answers = [task.final_answer(c.text, c.truncated) for c in comps]
         rewards = [float(bool(task.verify(ex, a))) for a in answers]
