@@ -18,7 +18,7 @@ PLOT_PANELS = [
     ("train answer accuracy (verifier, not trained on)", ["policy/answer_accuracy"]),
     ("lengths (tokens)", ["policy/response_length", "critic/response_length"]),
     ("trainer-engine log-prob gap", ["logprob/gap_mean_abs", "logprob/gap_max_abs"]),
-    ("entropy", ["policy/entropy", "critic/entropy"]),
+    ("entropy and NLL (nats per token)", ["policy/entropy", "critic/entropy", "policy/nll"]),
     ("time per stage (s)", ["timing_s/gen", "timing_s/old_log_prob", "timing_s/update_actor", "timing_s/update_weights"]),
 ]
 

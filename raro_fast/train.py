@@ -123,7 +123,6 @@ def train_step(r: Run, step: int) -> dict:
     samples, scoring, stats = gather_samples(r, rollout, step)
     with r.timed("reward"):  # rewards that need the trainer's model (rl_logit's); nothing to do for the others
         stats.update(r.mode.score(r, samples, scoring))
-    log_rollouts(r, samples, step + 1)
     with r.timed("pack"):
         plan = plan_update(samples, cfg, d, step, r.mode.role_constants(cfg))
         mbs = [mb for part, _ in plan for mb in part]
@@ -137,6 +136,7 @@ def train_step(r: Run, step: int) -> dict:
         with r.timed("ref"):
             recompute_logprobs(r.ref_model, mbs, temperature=cfg.rollout.temperature, field="ref_logprobs")
     loss_cfg, plan = r.mode.loss_plan(r, samples, plan, stats)
+    log_rollouts(r, samples, step + 1)  # after the plan: DPO's advantages are set there (they were logged as 0.0)
     with r.timed("update_actor"):
         upd = update_mini_batches(r.model, r.optimizer, plan, loss_cfg=loss_cfg, old_from_forward=old_from_forward,
                                   temperature=cfg.rollout.temperature, grad_clip=cfg.optim.grad_clip)
@@ -278,7 +278,8 @@ def plan_update(samples: list, cfg: JobConfig, d: Dist, step: int,
 def batch_metrics(r: Run, samples, mbs, entropies, *, generated: int) -> dict[str, float | None]:
     """Trainer–engine log-prob gap, entropy per role, throughput (verl's names)."""
     is_policy = torch.tensor([s.role == "policy" for s in samples], dtype=torch.bool, device=r.d.device)
-    acc = torch.zeros(6, device=r.d.device, dtype=torch.float64)  # gap_sum, n, ent_pol, n_pol, ent_crit, n_crit
+    # gap_sum, n, ent_pol, n_pol, ent_crit, n_crit, nll_pol
+    acc = torch.zeros(7, device=r.d.device, dtype=torch.float64)
     gap_max = torch.zeros((), device=r.d.device)
     for mb, ent in zip(mbs, entropies):
         if mb.is_padding:
@@ -291,7 +292,8 @@ def batch_metrics(r: Run, samples, mbs, entropies, *, generated: int) -> dict[st
         role_is_policy = is_policy[mb.uids][mb.seq_ids]
         pol = role_is_policy & m
         crit = ~role_is_policy & m
-        counts = [gap.sum(), gap.new_tensor(gap.numel()), ent[pol].sum(), pol.sum(), ent[crit].sum(), crit.sum()]
+        counts = [gap.sum(), gap.new_tensor(gap.numel()), ent[pol].sum(), pol.sum(), ent[crit].sum(), crit.sum(),
+                  -mb.old_logprobs[pol].sum()]
         acc += torch.stack([c.double() for c in counts])
         if gap.numel():
             gap_max = torch.maximum(gap_max, gap.max())
@@ -306,6 +308,8 @@ def batch_metrics(r: Run, samples, mbs, entropies, *, generated: int) -> dict[st
         "logprob/gap_mean_abs": a[0] / a[1] if a[1] else None,
         "logprob/gap_max_abs": float(gap_max) if a[1] else None,
         "policy/entropy": a[2] / a[3] if a[3] else None,
+        # SFT's loss as TRL reports it (`loss` is the surrogate's value: for SFT, minus the tokens over a constant)
+        "policy/nll": a[6] / a[3] if a[3] else None,
         "critic/entropy": a[4] / a[5] if a[5] else None,
         "batch/tokens": tokens,
         "batch/micro_batches_per_rank": len(mbs),

@@ -255,11 +255,20 @@ def test_sglang_backend_without_sglang_says_how_to_install_before_any_work(tmp_p
 @pytest.mark.parametrize("mode", ["rlvr", "sft", "rationalization", "rl_logit", "dpo"])
 def test_baseline_modes_train_end_to_end(base_model, tmp_path, mode):
     run = _with_base(base_model, tmp_path / mode)
-    out = train([*TINY, "--train.mode", mode, "--train.steps", "2", "--train.output_dir", str(run)])
+    out = train([*TINY, "--train.mode", mode, "--train.steps", "2", "--train.log_rollouts_every", "1",
+                 "--train.output_dir", str(run)])
     assert "held-out accuracy:" in out.stdout
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2]
     assert recs[1]["batch/critic_sequences"] == 0
+    # Every generated token counts, trained or not (rationalization's were not); SFT generates none.
+    if mode == "sft":
+        assert recs[1]["perf/rollout_tokens_per_s"] is None and recs[1]["rollout/generated_tokens"] == 0
+    else:
+        assert recs[1]["rollout/generated_tokens"] > 0 and recs[1]["perf/rollout_tokens_per_s"] > 0
+    if mode == "dpo":  # its advantages are set when its loss is planned, and were logged as 0.0 before it
+        rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+        assert rows and any(r["advantage"] != 0 for r in rows)
     if mode == "rl_logit":
         # The 20-step warm-up model rarely closes </think> within 40 tokens, so a step may train nothing; the
         # scoring itself is checked exactly in test_baselines.py.
@@ -268,6 +277,7 @@ def test_baseline_modes_train_end_to_end(base_model, tmp_path, mode):
     assert recs[1]["batch/policy_sequences"] > 0
     if mode in ("sft", "rationalization"):
         assert recs[1]["batch/policy_sequences"] == 2  # one expert answer per question
+        assert recs[1]["policy/nll"] > 0  # the expert tokens' NLL, SFT's loss (`loss` is the surrogate's value)
     if mode == "rationalization":
         assert 0 <= recs[1]["rationalization/fallback_rate"] <= 1
 
