@@ -287,9 +287,10 @@ class DpoConfig:
     """Iterative DPO (--train.mode dpo): pairs (expert answer ≻ policy sample) from the current policy every step;
     the reference is the policy at the start of each round (round 1: the initial model)."""
 
-    rounds: int = _help("Rounds: train.steps are split into this many equal rounds, each with a fresh reference. The "
-                        "round length, ceil(train.steps / rounds), is fixed when the run starts: a resume that changes "
-                        "train.steps keeps it, so extending a run adds rounds of the same length.", 3)
+    rounds: int = _help("Rounds: train.steps are split into this many rounds, as equal as whole steps allow (round k "
+                        "starts at step ceil(k * train.steps / rounds); at most train.steps rounds), each with a fresh "
+                        "reference. The split is fixed when the run starts: a resume that changes train.steps keeps "
+                        "it, so extending a run adds rounds of the same lengths.", 3)
     beta: float = _help("DPO's beta: how strongly the policy may move away from the reference.", 0.1)
 
     def __post_init__(self) -> None:

@@ -1,15 +1,20 @@
 """Baselines on the shared trainer: SFT through the clipped-surrogate update is exactly NLL on the expert
 answers; RLVR's rewards are the verifier's, with GRPO groups."""
 
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from raro_fast.modes.dpo import dpo_advantages, dpo_pairs
+from raro_fast.modes.dpo import DpoMode, dpo_advantages, dpo_pairs
 from raro_fast.modes.rationalization import rationalization_samples
-from raro_fast.modes.rl_logit import reasoning_prefix_length, rl_logit_rollouts, score_expert_answers
+from raro_fast.modes.rl_logit import (expert_continuation, reasoning_prefix_length, rl_logit_rollouts,
+                                      score_expert_answers)
 from raro_fast.modes.rlvr import rlvr_rollouts
 from raro_fast.modes.sft import sft_samples
 from raro_fast.config import LossConfig, load_config
+from raro_fast.distributed import Dist
 from raro_fast.model.hf import build_embedded_model, load_project_tokenizer
 from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
@@ -126,13 +131,15 @@ def test_rl_logit_rewards_are_the_models_likelihood_of_the_expert_answer(setting
         assert len(s.rollout_logprobs) == s.num_targets and s.weight_version == 2
         assert sc.input_ids[: len(s.input_ids)] == s.input_ids and sc.prompt_len == len(s.input_ids)
         assert tok.decode(sc.input_ids[sc.prompt_len :], skip_special_tokens=True) == f"<answer>{ex.answer}</answer>"
+        # </think> and <answer> are single tokens here: nothing spills past </think>, the expert ids are the whole answer's
+        assert sc.input_ids[sc.prompt_len :] == tok(f"<answer>{ex.answer}</answer>{tok.eos_token}",
+                                                    add_special_tokens=False)["input_ids"]
         assert s.group == sc.group in (100, 101)
+    assert out.stats["rl_logit/misaligned_rate"] == [0.0] * 4
     model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
                                  max_position=256, seed=1)
     use_varlen_attention(model)
     policy = PolicyModel(model)
-    from raro_fast.distributed import Dist
-
     stats = score_expert_answers(policy, out.samples, out.scoring, d=Dist(rank=0, world_size=1, local_rank=0,
                                  device=torch.device("cpu")), max_tokens_per_micro_batch=256,
                                  std_normalize=False)
@@ -149,7 +156,63 @@ def test_rl_logit_rewards_are_the_models_likelihood_of_the_expert_answer(setting
     want = [rewards[0] - (rewards[0] + rewards[1]) / 2, rewards[1] - (rewards[0] + rewards[1]) / 2,
             rewards[2] - (rewards[2] + rewards[3]) / 2, rewards[3] - (rewards[2] + rewards[3]) / 2]
     assert [s.advantage for s in out.samples] == pytest.approx(want, abs=1e-5)
+    assert [s.reward for s in out.samples] == pytest.approx(rewards, abs=1e-5)  # what rollouts.jsonl logs
     assert rewards[0] != rewards[1]  # the reasoning changes the reward: the advantages are not trivially zero
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A byte-level BPE in which </think> is several tokens and the one that closes it merges what follows, as in
+    Qwen2.5- or SmolLM2-style vocabularies: `</think><answer>` -> `</`, `think`, `><`, `answer`, `>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["<think>8+2=10</think><answer>8+2</answer>", "<div><span>a</span></div>", "<think>hm</think>!!"] * 50
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>", "<|im_start|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def test_rl_logit_scores_the_expert_answer_after_a_think_token_that_spills_into_it(setting, bpe_tokenizer):
+    """The token closing </think> can hold the `<` of `<answer>`: the kept reasoning ends in `><`, and the whole
+    expert answer after it used to be scored as `</think><<answer>...`, text the model never writes. Now only the
+    rest of the answer is scored; a reasoning whose spill no answer can follow (`>!!`) is left out and counted."""
+    cfg, _, _ = setting
+    tok = bpe_tokenizer
+    pieces = lambda ids: [tok.decode([i]) for i in ids]  # noqa: E731
+    assert "><" in pieces(tok("</think><answer>", add_special_tokens=False)["input_ids"])
+    texts = ["<think>8+2=10</think><answer>8+2</answer>", "<think>hm</think>!!<answer>8+2</answer>"]
+    assert ">!!" in pieces(tok(texts[1], add_special_tokens=False)["input_ids"])
+    from raro_fast.tasks.base import Example
+
+    ex = Example(id="q0", question="Make 10 from 8 2 5", answer="8+2", meta={})
+    out = rl_logit_rollouts([ex], engine=_Engine(tok, texts), tokenizer=tok, cfg=cfg, seed=0, group_offset=0)
+    assert out.stats["rl_logit/reasoning_rate"] == [1.0] * 4
+    assert out.stats["rl_logit/misaligned_rate"] == [0.0, 1.0, 0.0, 1.0]
+    assert len(out.samples) == len(out.scoring) == 2
+    for s, sc in zip(out.samples, out.scoring):
+        assert tok.decode(s.input_ids[s.prompt_len :]) == "<think>8+2=10</think><"  # the sampled tokens, as sampled
+        assert sc.input_ids[: len(s.input_ids)] == s.input_ids and sc.prompt_len == len(s.input_ids)
+        assert tok.decode(sc.input_ids[s.prompt_len :]) == "<think>8+2=10</think><answer>8+2</answer><|im_end|>"
+        rest = tok("answer>8+2</answer><|im_end|>", add_special_tokens=False)["input_ids"]
+        assert sc.input_ids[sc.prompt_len :] == rest
+
+
+def test_expert_continuation_drops_the_spill_and_keeps_a_whitespace_separator():
+    expert = "<answer>7</answer><eos>"
+    assert expert_continuation("<think>r</think>", expert) == expert
+    assert expert_continuation("<think>r</think><", expert) == "answer>7</answer><eos>"
+    assert expert_continuation("<think>r</think>\n\n<ans", expert) == "wer>7</answer><eos>"
+    assert expert_continuation("<think>r</think>\n", expert) == expert  # scored as `</think>\n<answer>...`
+    assert expert_continuation("<think>r</think>!", expert) is None
+    assert expert_continuation("<think>r</think><b", expert) is None
 
 
 def test_dpo_pairs_pair_the_expert_with_each_other_sample(setting):
@@ -184,8 +247,6 @@ def test_dpo_update_gradient_is_the_dpo_loss_gradient(setting):
     recompute_logprobs(policy, mbs, temperature=1.0)
     recompute_logprobs(ref, mbs, temperature=1.0, field="ref_logprobs")
     beta = 0.3
-    from raro_fast.distributed import Dist
-
     pairs, stats = dpo_advantages(samples, mbs, d=Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), beta=beta)
     assert pairs == len(samples) // 2 == 8
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
@@ -217,15 +278,38 @@ def test_dpo_update_gradient_is_the_dpo_loss_gradient(setting):
     assert any(g.abs().max() > 0 for g in g_update.values())
 
 
-def test_dpo_round_length_is_the_one_the_run_started_with(tmp_path):
-    """train.steps may change on resume; DPO's round length (ceil(steps / rounds)) is fixed at the run's first step
-    and saved with its checkpoints. Recomputed from the new steps, a run of 10 steps in 2 rounds extended to 20
-    resumed at step 7 with the initial model as its reference instead of the round-2 one saved at step 5."""
-    import json
-    from types import SimpleNamespace
+def test_dpo_loss_plan_writes_the_advantages_onto_the_samples(setting):
+    """The samples carry the advantages DPO trains with (rollouts.jsonl logs them); they stayed 0.0 while only the
+    micro-batches had the real ±beta·sigmoid(-beta·margin)."""
+    cfg, tok, task = setting
+    engine = _Engine(tok, ["<think>b</think><answer>1+2</answer>", "<think>cc</think><answer>7*3</answer>"])
+    samples = dpo_pairs(task.examples("train")[:1], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0,
+                        group_offset=0).samples
+    for uid, s in enumerate(samples):
+        s.uid = uid
+    make = lambda seed: PolicyModel(build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2,  # noqa: E731
+                                                         num_kv_heads=1, intermediate_size=64, max_position=256,
+                                                         seed=seed))
+    mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=160, world_size=1, rank=0)
+    recompute_logprobs(make(0), mbs, temperature=1.0)
+    recompute_logprobs(make(5), mbs, temperature=1.0, field="ref_logprobs")  # another reference: margins not 0
+    r = SimpleNamespace(cfg=cfg, d=Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    DpoMode().loss_plan(r, samples, [(mbs, 1.0)], {})
+    trained = {}  # uid -> the advantage its tokens carry in the micro-batches
+    for mb in mbs:
+        m = mb.targets != -100
+        for uid, a in zip(mb.uids[mb.seq_ids][m].tolist(), mb.advantages[m].tolist()):
+            trained.setdefault(uid, set()).add(a)
+    assert all(len(v) == 1 for v in trained.values()) and len(trained) == len(samples) == 8
+    assert [s.advantage for s in samples] == pytest.approx([trained[s.uid].pop() for s in samples], rel=1e-6)
+    for c, rej in zip(samples[::2], samples[1::2]):
+        assert c.preference == 1 and c.advantage > 0 and rej.advantage == -c.advantage
 
-    from raro_fast.modes.dpo import DpoMode
 
+def test_dpo_rounds_are_the_ones_the_run_started_with(tmp_path):
+    """train.steps may change on resume; DPO's rounds are fixed at the run's first step and saved with its
+    checkpoints. Recomputed from the new steps, a run of 10 steps in 2 rounds extended to 20 resumed at step 7 with
+    the initial model as its reference instead of the round-2 one saved at step 5."""
     def cfg(steps, *extra):
         return load_config(["--train.mode", "dpo", "--dpo.rounds", "2", "--train.steps", str(steps),
                             "--train.output_dir", str(tmp_path), *extra])
@@ -240,4 +324,79 @@ def test_dpo_round_length_is_the_one_the_run_started_with(tmp_path):
     (ref / "config.json").write_text("{}")
     assert mode.reference_dir(cfg(10, "--resume"), ck) == ref
     assert mode.reference_dir(cfg(20, "--resume"), ck) == ref  # extended: still round 2's reference
-    assert mode.reference_dir(cfg(8, "--resume"), ck) == ref  # shortened likewise (ceil(8 / 2) = 4)
+    assert mode.reference_dir(cfg(8, "--resume"), ck) == ref  # shortened likewise (recomputed: round 2 at 4)
+
+
+class _RoundsTrainer:
+    """What DpoMode.start_step reads."""
+
+    def __init__(self, cfg, mode_state):
+        self.cfg, self.mode_state = cfg, mode_state
+        self.d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        self.model, self.hf_model, self.tokenizer = torch.nn.Linear(1, 1), None, None
+        self.ref_model = SimpleNamespace(load_state_dict=lambda state: None)
+
+
+@pytest.fixture
+def dpo_rounds(tmp_path, monkeypatch):
+    """(config of a DPO run in tmp_path, runner of DpoMode.start_step over steps, checkpoint writer)."""
+    from raro_fast.modes import dpo
+
+    saved = []
+
+    def save(hf_model, tokenizer, path, state_dict):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text("{}")
+        saved.append(int(path.name.removeprefix("step_")))
+
+    monkeypatch.setattr(dpo, "save_pretrained_atomic", save)
+    monkeypatch.setattr(dpo, "full_state_dict", lambda model: {})
+
+    def cfg(steps, rounds, *extra):
+        return load_config(["--train.mode", "dpo", "--dpo.rounds", str(rounds), "--train.steps", str(steps),
+                            "--train.output_dir", str(tmp_path), *extra])
+
+    def run(r, steps):
+        """The steps among `steps` at which the reference is refreshed (and saved)."""
+        saved.clear()
+        for step in steps:
+            dpo.DpoMode().start_step(r, step)
+        return list(saved)
+
+    def checkpoint(step, mode_state):
+        path = tmp_path / "checkpoints" / f"step_{step:06d}"
+        path.mkdir(parents=True)
+        (path / "trainer_state.json").write_text(json.dumps({"step": step, "mode_state": mode_state}))
+        return path
+
+    return cfg, run, checkpoint
+
+
+def test_dpo_makes_exactly_the_rounds_asked_for(dpo_rounds):
+    """Round k starts at ceil(k·steps / rounds). A fixed length ceil(steps / rounds) made 10 steps in 6 rounds
+    5 rounds of 2 (refreshes at 2, 4, 6, 8)."""
+    cfg, run, checkpoint = dpo_rounds
+    r = _RoundsTrainer(cfg(10, 6), {})
+    assert run(r, range(10)) == [2, 4, 5, 7, 9]  # rounds [0,2) [2,4) [4,5) [5,7) [7,9) [9,10)
+    ck = checkpoint(6, r.mode_state)
+    ref = lambda step: ck.parent.parent / "dpo_reference" / f"step_{step:06d}"  # noqa: E731
+    assert DpoMode().reference_dir(cfg(10, 6, "--resume"), ck) == ref(5)
+    # extended on resume: the split of the run's start goes on (round 7 starts at 10, round 8 at ceil(70 / 6) = 12)
+    assert DpoMode().reference_dir(cfg(20, 6, "--resume"), ck) == ref(5)
+    resumed = _RoundsTrainer(cfg(20, 6, "--resume"), json.loads(json.dumps(r.mode_state)))  # as saved
+    assert run(resumed, range(6, 13)) == [7, 9, 10, 12]
+
+
+@pytest.mark.parametrize("saved", [{"dpo_round_length": 2}, {}], ids=["kept_length", "before_any_kept"])
+def test_a_dpo_run_saved_with_a_round_length_resumes_with_it(dpo_rounds, saved):
+    """Checkpoints from before the rounds were exact kept a fixed length (or, older still, nothing: the length came
+    from the config, ceil(10 / 6) = 2): they resume with the boundaries they ran with, 4 and 6 and 8, not 5 and 7."""
+    cfg, run, checkpoint = dpo_rounds
+    ck = checkpoint(5, saved)
+    ref = ck.parent.parent / "dpo_reference" / "step_000004"  # saved by the run that wrote the checkpoint
+    ref.mkdir(parents=True)
+    (ref / "config.json").write_text("{}")
+    assert DpoMode().reference_dir(cfg(10, 6, "--resume"), ck) == ref
+    r = _RoundsTrainer(cfg(10, 6, "--resume"), dict(saved))
+    assert run(r, range(5, 10)) == [6, 8]
+    assert r.mode_state == {"dpo_round_length": 2}

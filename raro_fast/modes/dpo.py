@@ -29,7 +29,7 @@ def dpo_pairs(examples: list[Example], *, engine: RolloutEngine, tokenizer, task
     out = RankRollout()
     if not examples:
         return out
-    policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
+    policy = out.generated(policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed))
     pair = group_offset
     for ex, comps in zip(examples, policy):
         expert = expert_completion_ids(tokenizer, ex.answer)
@@ -57,7 +57,8 @@ def dpo_pairs(examples: list[Example], *, engine: RolloutEngine, tokenizer, task
 
 def dpo_advantages(samples: list[SequenceSample], mbs, *, d: Dist, beta: float) -> tuple[int, dict[str, float | None]]:
     """Write DPO's per-sequence advantages into the packed micro-batches (after old and reference log-probs are
-    recomputed) and return (number of pairs, metrics). Sequence log-prob sums are added over ranks first."""
+    recomputed) and into `samples` (what rollouts.jsonl shows), and return (number of pairs, metrics). Sequence
+    log-prob sums are added over ranks first, so every rank writes the same values."""
     device = d.device
     n = len(samples)
     policy_sum, ref_sum = sequence_sums(mbs, n, ["old_logprobs", "ref_logprobs"], d=d)
@@ -76,6 +77,9 @@ def dpo_advantages(samples: list[SequenceSample], mbs, *, d: Dist, beta: float) 
     for mb in mbs:
         if not mb.is_padding:
             mb.advantages = torch.where(mb.targets != -100, adv[mb.uids[mb.seq_ids]].float(), 0.0)
+    per_uid = adv.tolist()
+    for s in samples:
+        s.advantage = per_uid[s.uid]
     pairs = len(members)
     metrics = {
         "dpo/loss": float(-torch.nn.functional.logsigmoid(beta * margin).mean()) if pairs else None,
@@ -86,21 +90,39 @@ def dpo_advantages(samples: list[SequenceSample], mbs, *, d: Dist, beta: float) 
     return pairs, metrics
 
 
-# The round length is fixed when the run starts and kept in the trainer state (`Run.mode_state`, saved with every
+# The rounds are fixed when the run starts and kept in the trainer state (`Run.mode_state`, saved with every
 # checkpoint). A resume may change train.steps (checkpoint.RESUMABLE: extending a run is the usual reason to resume),
-# and a length recomputed from the new value moves every round boundary: the resumed run would load the reference of
+# and rounds recomputed from the new value move every round boundary: the resumed run would load the reference of
 # another round, or none, and refresh it at steps the saved run never did. Refusing the change for DPO would also be
-# exact, but would make a DPO run the one kind that cannot be extended; with the length kept, extending just adds
-# rounds of the same length (more than dpo.rounds of them), and the steps already trained keep their references.
+# exact, but would make a DPO run the one kind that cannot be extended; with the split kept, extending just goes on
+# with rounds of the same lengths (more than dpo.rounds of them), and the steps already trained keep their references.
+ROUND_SPLIT = "dpo_round_split"  # {"steps": train.steps, "rounds": dpo.rounds} of the run's start
+# Runs saved before the split was exact kept a fixed length, ceil(train.steps / dpo.rounds), which could make fewer
+# rounds than asked (10 steps, 6 rounds: 5); they resume with the length they ran with.
 ROUND_LENGTH = "dpo_round_length"
 
 
-def round_length(cfg: JobConfig, mode_state: dict | None = None) -> int:
-    """Steps per round: the one the run started with (in `mode_state`), else ceil(train.steps / dpo.rounds) for a
-    run that starts now (or a checkpoint from before the length was kept)."""
-    if mode_state and ROUND_LENGTH in mode_state:
-        return int(mode_state[ROUND_LENGTH])
-    return max(1, math.ceil(cfg.train.steps / cfg.dpo.rounds))
+def kept_rounds(cfg: JobConfig, mode_state: dict, step: int) -> dict:
+    """The `mode_state` entry that fixes the rounds of a run at `step`: the saved one, else the split of a run that
+    starts now (step 0), else (a checkpoint from before the rounds were kept) the length that run used."""
+    for key in (ROUND_SPLIT, ROUND_LENGTH):
+        if key in mode_state:
+            return {key: mode_state[key]}
+    if step == 0:
+        return {ROUND_SPLIT: {"steps": cfg.train.steps, "rounds": cfg.dpo.rounds}}
+    return {ROUND_LENGTH: max(1, math.ceil(cfg.train.steps / cfg.dpo.rounds))}
+
+
+def round_start(kept: dict, step: int) -> int:
+    """The first step of the round that `step` is in, under the rounds `kept` (from `kept_rounds`). Round k of a
+    split starts at ceil(k·steps / rounds): exactly `rounds` rounds whose lengths differ by at most one step (no
+    more rounds than steps), and the same pattern past the end for a run extended on resume."""
+    if ROUND_SPLIT in kept:
+        steps, rounds = kept[ROUND_SPLIT]["steps"], kept[ROUND_SPLIT]["rounds"]
+        k = step * rounds // steps  # the last round whose start, ceil(k·steps / rounds), is at or before `step`
+        return -(-k * steps // rounds)
+    length = int(kept[ROUND_LENGTH])
+    return step // length * length
 
 
 class DpoMode(Mode):
@@ -116,8 +138,8 @@ class DpoMode(Mode):
         if resume_from is None:
             return None
         state = checkpoint.load_trainer_state(resume_from)
-        step, length = state["step"], round_length(cfg, state.get("mode_state"))
-        start = step // length * length
+        step = state["step"]
+        start = round_start(kept_rounds(cfg, state.get("mode_state") or {}, step), step)
         if start == 0 or start == step:
             return None
         path = Path(cfg.train.output_dir) / "dpo_reference" / f"step_{start:06d}"
@@ -126,10 +148,10 @@ class DpoMode(Mode):
         return path
 
     def start_step(self, r: Trainer, step: int) -> None:
-        """A new round: the reference becomes the current policy, and is saved so a resumed run finds it. The round
-        length is fixed at the run's first step (a resumed run has it from its checkpoint)."""
-        length = r.mode_state.setdefault(ROUND_LENGTH, round_length(r.cfg))
-        if step == 0 or step % length:
+        """A new round: the reference becomes the current policy, and is saved so a resumed run finds it. The rounds
+        are fixed at the run's first step (a resumed run has them from its checkpoint)."""
+        r.mode_state.update(kept_rounds(r.cfg, r.mode_state, step))
+        if step == 0 or round_start(r.mode_state, step) != step:
             return
         r.ref_model.load_state_dict(r.model.state_dict())
         weights = full_state_dict(r.model)

@@ -1,7 +1,11 @@
 """RL-Logit: GRPO where the reward of a sampled reasoning r is the model's own mean per-token log-likelihood of the
 expert answer after it, log p(<answer>a*</answer><eos> | question, r) / its length. Only the reasoning (up to and
 including </think>) is trained; samples that never close </think> are filtered like truncated ones. The
-likelihoods are computed by the trainer's model on packed micro-batches (`score_expert_answers`)."""
+likelihoods are computed by the trainer's model on packed micro-batches (`score_expert_answers`).
+
+Where </think> is several tokens (a byte-level BPE), the token that completes it can hold the start of what follows
+(`><` in `</think><answer>`); that spill is part of the sampled reasoning, so only the rest of the expert answer is
+scored after it (`expert_continuation`)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -32,6 +36,17 @@ def reasoning_prefix_length(token_ids: list[int], decode) -> int | None:
     return lo
 
 
+def expert_continuation(reasoning_text: str, expert_text: str) -> str | None:
+    """What of `expert_text` is scored after the reasoning `reasoning_text` (which ends in the token that completes
+    </think>): the expert text less what that token already spilled past </think>, so the scored sequence reads as
+    the expert answer right after the reasoning, never `</think><<answer>`. Whitespace first in the spill is the
+    model's own separator and is kept before the whole answer. None when the rest of the spill is not how the expert
+    text starts: no continuation of this reasoning writes the expert answer, and scoring one would score text the
+    model never writes."""
+    spill = reasoning_text.split(prompts.THINK_END, 1)[1].lstrip()
+    return expert_text[len(spill):] if expert_text.startswith(spill) else None
+
+
 def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig, seed: int,
                       group_offset: int) -> RankRollout:
     """Sampled reasonings to train (advantages filled in later by `score_expert_answers`) and, in `scoring`, the
@@ -39,11 +54,10 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
     out = RankRollout()
     if not examples:
         return out
-    policy = policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed)
+    policy = out.generated(policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed))
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     for i, (ex, comps) in enumerate(zip(examples, policy)):
-        expert = tokenizer(prompts.format_completion("", ex.answer).removeprefix("<think></think>") + tokenizer.eos_token,
-                           add_special_tokens=False)["input_ids"]
+        expert_text = prompts.format_completion("", ex.answer).removeprefix("<think></think>") + tokenizer.eos_token
         for c in comps:
             n = None if c.truncated else reasoning_prefix_length(c.token_ids, decode)
             out.add("policy/truncated_rate", c.truncated)
@@ -51,6 +65,11 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
             out.add("rl_logit/reasoning_rate", n is not None)
             if n is None:
                 continue
+            rest = expert_continuation(decode(c.token_ids[:n]), expert_text)
+            out.add("rl_logit/misaligned_rate", rest is None)  # of the samples that closed </think>
+            if rest is None:
+                continue
+            expert = tokenizer(rest, add_special_tokens=False)["input_ids"]
             reasoning = replace(c, token_ids=c.token_ids[:n], logprobs=c.logprobs[:n])
             out.samples.append(sampled_sequence(reasoning, advantage=0.0, role="policy", group=group_offset + i, weight=1.0))
             out.scoring.append(SequenceSample(input_ids=list(c.prompt_ids) + c.token_ids[:n] + expert,
@@ -63,7 +82,7 @@ def score_expert_answers(model, samples: list[SequenceSample], scoring: list[Seq
                          max_tokens_per_micro_batch: int, std_normalize: bool) -> dict[str, float | None]:
     """RL-Logit rewards: every rank holds the same global lists; each scores its share of `scoring` with the
     trainer's model, the per-sequence mean log-probs are summed over ranks, and GRPO advantages per question are
-    written into `samples` (scoring[j] belongs to samples[j])."""
+    written into `samples` (scoring[j] belongs to samples[j]), with the rewards they come from."""
     for uid, s in enumerate(scoring):
         s.uid = uid
     device = d.device
@@ -72,8 +91,9 @@ def score_expert_answers(model, samples: list[SequenceSample], scoring: list[Seq
     recompute_logprobs(model, mbs, temperature=1.0)
     sums, counts = sequence_sums(mbs, len(scoring), ["old_logprobs", None], d=d)
     rewards = (sums / counts.clamp_min(1)).tolist()
-    for sample, a in zip(samples, group_advantages(rewards, [s.group for s in scoring], std_normalize=std_normalize), strict=True):
-        sample.advantage = a
+    advantages = group_advantages(rewards, [s.group for s in scoring], std_normalize=std_normalize)
+    for sample, reward, a in zip(samples, rewards, advantages, strict=True):
+        sample.reward, sample.advantage = reward, a
     return {"reward/policy_mean": sum(rewards) / len(rewards) if rewards else None}
 
 
