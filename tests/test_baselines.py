@@ -30,7 +30,10 @@ def setting():
     return cfg, load_project_tokenizer(), make_task(cfg.task)
 
 
-def test_sft_update_gradient_is_nll_gradient(setting):
+@pytest.mark.parametrize("run_temperature", [1.0, 0.5, 0.0])
+def test_sft_update_gradient_is_nll_gradient(setting, run_temperature):
+    """At temperature 1 whatever rollout.temperature is: at 0.5 the update's gradient was the tempered NLL's (twice
+    as long), at 0 the first update stopped with 'temperature must be > 0' (found by review)."""
     cfg, tok, task = setting
     examples = task.examples("train")[:5]
     samples = sft_samples(examples, tokenizer=tok).samples
@@ -41,13 +44,15 @@ def test_sft_update_gradient_is_nll_gradient(setting):
     use_varlen_attention(model)
     policy = PolicyModel(model)
     mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=256, world_size=1, rank=0)
-    recompute_logprobs(policy, mbs, temperature=1.0)
+    recompute_logprobs(policy, mbs, temperature=run_temperature)
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)  # lr 0: read the gradient, leave the weights
-    update_step(policy, opt, mbs, loss_cfg=LossConfig(loss_agg="token_mean"), temperature=1.0, norm_constant=1.0,
-                grad_clip=0.0)
+    update_step(policy, opt, mbs, loss_cfg=LossConfig(loss_agg="token_mean"), temperature=run_temperature,
+                norm_constant=1.0, grad_clip=0.0)
     g_update = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
-    nll = sum(-(policy(mb)[0] * (mb.targets != -100)).sum() for mb in mbs) / mbs[0].num_tokens
+    for mb in mbs:
+        mb.temperatures = None  # the plain model's own likelihood, at temperature 1
+    nll = sum(-(policy(mb, temperature=1.0)[0] * (mb.targets != -100)).sum() for mb in mbs) / mbs[0].num_tokens
     nll.backward()
     for n, p in policy.named_parameters():
         torch.testing.assert_close(g_update[n], p.grad, rtol=1e-5, atol=1e-7)
