@@ -526,7 +526,9 @@ def _yaml_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             return out
         if isinstance(n, yaml.SequenceNode):
             return [walk(v, prefix) for v in n.value]
-        return yaml.safe_load(yaml.serialize(n))
+        # The node's own value, as safe_load reads it. Serialising it and parsing that again failed on an empty
+        # value (`steps:` serialises to `...`, which does not parse): a traceback, not the file and line.
+        return yaml.constructor.SafeConstructor().construct_object(n, deep=True)
 
     if node is None:
         return {}, where
@@ -607,9 +609,12 @@ def load_config(argv: list[str] | None = None, root: type = JobConfig):
     for dotted, value in overrides:
         node = values
         parts = dotted.split(".")
-        for part in parts[:-1]:
+        for k, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
+                section = ".".join(parts[: k + 1])
+                if section in where:  # a config file set the section itself to a value: that is the fault
+                    raise ConfigError(f"{where[section]}: '{section}' is a section; expected a mapping")
                 raise ConfigError(f"command line: '{dotted}' is not a setting")
         node[parts[-1]] = value
         where[dotted] = "command line"

@@ -225,3 +225,18 @@ def test_one_cpu_process_under_torchrun_gets_a_group_only_for_mixed_precision(ha
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(group), "0", "1"]
+
+
+def test_an_empty_value_or_a_scalar_section_in_yaml_names_file_and_line(tmp_path):
+    """`steps:` with nothing after it stopped the run with a YAML parser traceback; `train: 5` with a --train.steps
+    override blamed the command line."""
+    f = tmp_path / "empty.yaml"
+    f.write_text("rollout:\n  critic_temperature:\ntrain:\n  steps:\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml:4: 'train.steps': expected an integer, got None"):
+        load_config(["--config", str(f)])
+    cfg = load_config(["--config", str(f), "--train.steps", "3"])  # an empty value is YAML's null, as `~` is
+    assert cfg.rollout.critic_temperature is None and cfg.train.steps == 3
+    g = tmp_path / "scalar.yaml"
+    g.write_text("raro:\n  group_size: 3\ntrain: 5\n")
+    with pytest.raises(ConfigError, match=r"scalar.yaml:3: 'train' is a section; expected a mapping"):
+        load_config(["--config", str(g), "--train.steps", "2"])
