@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raro_fast.distributed import Dist, barrier
-from raro_fast.model.hf import save_pretrained_atomic
+from raro_fast.model.hf import save_pretrained_atomic, with_umask_modes
 from raro_fast.weight_sync.source import full_state_dict
 
 
@@ -148,6 +148,7 @@ def save_checkpoint(
     save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / f"rng_rank{d.rank}.safetensors"))
     barrier(d)
     if d.is_main:
+        with_umask_modes(tmp)
         write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

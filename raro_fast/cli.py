@@ -16,8 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: raro-fast <command> [options]   (raro-fast <command> --help for its options)", ""]
         lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+        if argv and argv[0] not in ("-h", "--help"):  # a mistyped command: say so, not only the usage
+            print(f"raro-fast: unknown command {argv[0]!r}\n" + "\n".join(lines), file=sys.stderr)
+            return 2
         print("\n".join(lines))
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
     import importlib
 
     return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])

@@ -560,7 +560,7 @@ def iter_fields(cls: type = JobConfig, prefix: str = ""):
 def help_text(prog: str, root: type = JobConfig) -> str:
     lines = [
         f"usage: {prog} [--config FILE.yaml ...] [--section.field VALUE ...]"
-        + (" [--model PATH] [--resume]" if root is JobConfig else ""),
+        + (" [--model PATH] [--output-dir DIR] [--resume]" if root is JobConfig else ""),
         "",
         "Every setting (default in brackets). YAML files are applied in order, then command-line overrides.",
         "",

@@ -408,9 +408,18 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     warn = print if d.is_main else (lambda _message: None)  # every rank looks; rank 0 speaks
     resume_from = checkpoint.resume_point(out, warn=warn) if cfg.train.resume else None
     if cfg.train.resume and resume_from is None:
-        warn(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting from scratch")
+        warn(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting the run again from step 0")
+        if (out / "config.json").is_file() and not cfg.train.overwrite:
+            # The run being started again is the one in this folder: a command with other settings used to replace
+            # it silently (another task and seed over its metrics and config.json).
+            try:
+                saved = json.loads((out / "config.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"train.resume: {out / 'config.json'} cannot be read ({e}); start a new run with "
+                                 f"--train.overwrite true, or in another train.output_dir") from None
+            check_resume_settings(cfg, saved, out / "config.json", out, warn)
     if resume_from is not None:
-        check_resume_settings(cfg, resume_from, out, warn)
+        check_resume_settings(cfg, checkpoint.load_trainer_state(resume_from).get("config"), resume_from, out, warn)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
@@ -486,10 +495,10 @@ def first_logged_entropy(records: list[dict]) -> float | None:
     return None
 
 
-def check_resume_settings(cfg: JobConfig, resume_from: Path, out: Path, warn) -> None:
-    """A resume continues the saved run: refuse settings that would make it another run, and say which of the
-    changes a resume may make (`checkpoint.RESUMABLE`) it makes."""
-    saved = checkpoint.load_trainer_state(resume_from).get("config")
+def check_resume_settings(cfg: JobConfig, saved: dict | None, resume_from: Path, out: Path, warn) -> None:
+    """A resume continues the run saved with the settings `saved` (from `resume_from`: a checkpoint, or the run's
+    config.json when it has none yet): refuse settings that would make it another run, and say which of the changes
+    a resume may make (`checkpoint.RESUMABLE`) it makes."""
     if saved is None:
         warn(f"train.resume: {resume_from} does not record the run's settings; assuming they are this command's")
         return

@@ -310,7 +310,7 @@ def test_empty_missing_and_unknown_files(tmp_path):
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match=r"empty\.jsonl: the file holds no rows"):
         DeepMathTask(DeepMathConfig(path=str(empty)))
-    with pytest.raises(ValueError, match=r"nope\.jsonl: no such file"):
+    with pytest.raises(ValueError, match=r"^task\.deepmath\.path: .*nope\.jsonl: no such file"):  # the setting to fix
         DeepMathTask(DeepMathConfig(path=str(tmp_path / "nope.jsonl")))
     csv = tmp_path / "x.csv"
     csv.write_text("question,final_answer\n")

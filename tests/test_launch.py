@@ -20,6 +20,15 @@ def test_options_without_a_dot_go_to_torchrun_with_their_values():
     assert split_args(["--nnodes", "1", "--loss.kl_coef", "-1"]) == (["--nnodes", "1"], ["--loss.kl_coef", "-1"])
 
 
+def test_an_unknown_command_is_named(capsys):
+    from raro_fast.cli import main
+
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raro-fast: unknown command 'trian'\nusage: raro-fast <command>") and "convert-gguf" in err
+    assert main(["--help"]) == 0 and "usage: raro-fast" in capsys.readouterr().out
+
+
 def test_a_ranks_clear_error_ends_in_one_line_not_torchruns_block(tmp_path):
     cmd = [sys.executable, "-m", "raro_fast.cli", "train", "--nproc_per_node=1", "--standalone",
            "--model.path", str(tmp_path / "missing"),

@@ -145,6 +145,16 @@ def test_a_resume_takes_the_new_lr_and_refuses_settings_that_make_another_run(ba
     groups = json.loads((run / "checkpoints" / "step_000003" / "optimizer.json").read_text())
     assert groups and all(g["lr"] == 1e-5 for g in groups)
     assert [r["step"] for r in metrics(run)] == [0, 1, 2, 3]
+    # Killed before its first checkpoint, a run starts again from step 0 on --resume: with its own settings only
+    # (other ones, another task and seed say, used to replace it silently, over its metrics and config.json).
+    early = _with_base(base_model, tmp_path / "early")
+    train([*args, "--train.save_every", "0", "--train.output_dir", str(early), "--train.stop_after", "1"], check=False)
+    before = (early / "metrics.jsonl").read_text(), (early / "config.json").read_text()
+    out = train([*args, "--train.save_every", "0", "--train.output_dir", str(early), "--resume", "--raro.tau_pol",
+                 "0.5"], check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"train.resume: {early / 'config.json'} was saved with other settings (raro.tau_pol: 0.6 -> 0.5)" in out.stderr
+    assert ((early / "metrics.jsonl").read_text(), (early / "config.json").read_text()) == before
 
 
 @pytest.mark.slow

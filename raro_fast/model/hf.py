@@ -312,18 +312,27 @@ def save_pretrained_atomic(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the model private once renamed into place
     try:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        with_umask_modes(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def with_umask_modes(folder: Path) -> None:
+    """The modes a plain write would give `folder` and everything in it (0644/0755 under the usual umask 022).
+    mkdtemp makes a folder 0700, and safetensors (0.8) writes its files 0600: renamed into place, a model or a
+    checkpoint was private to its writer (a teammate on a shared cluster could not read it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

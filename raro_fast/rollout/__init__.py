@@ -18,7 +18,7 @@ def auto_backend(device) -> tuple[str, str]:
         return "embedded", "no GPU measurement of the continuous backend yet (benchmarks/bench_rollout.py)"
     # benchmarks/rollout_cpu_real_model.py, 2 CPU cores, SmolLM2-135M, 8 prompts x 4 samples x 64 tokens, fp32
     # (2026-12-06): embedded 199-201 tokens/s (median of 4 calls, two runs), continuous 104-115.
-    return "embedded", "on CPU it measured faster than continuous batching (about 200 vs 105-115 tokens/s)"
+    return "embedded", "on CPU it measured faster than continuous batching (about 200 vs 104-115 tokens/s)"
 
 
 def settle_backend(requested: str, device, continuous_missing) -> tuple[str, str | None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from raro_fast import prompts
@@ -63,6 +64,8 @@ class FileTask(Task):
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        if not Path(cfg.path).is_file():  # the setting to fix, not only a path (it may come from a config file)
+            raise ValueError(f"task.{self.name}.path: {cfg.path}: no such file")
         self._splits = self.load(cfg)
 
     def examples(self, split: str) -> list[Example]:
