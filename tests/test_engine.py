@@ -193,6 +193,25 @@ def test_embedded_drops_finished_rows_and_still_samples_each_rows_own_continuati
     assert token_ids(kept.generate(prompts, params)) == token_ids(outs)
 
 
+def test_embedded_top_p_samples_only_the_nucleus_renormalised():
+    """The embedded engine's sampler on a fixed distribution: top-p keeps the most likely tokens whose mass before
+    them is under top_p and draws them in proportion. The vocabulary is shuffled so the sort and the scatter back
+    to token ids both matter; a nucleus sampler that kept every token passed every end-to-end test."""
+    from raro_fast.rollout.embedded import _sample
+
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # most likely first: tokens 1, 3, 0, 2
+    draws = 10_000
+    logp = probs.log().expand(draws, -1)  # one batch row per draw
+    # top_p 0.75, not 0.8: 0.5 + 0.3 = 0.8 would sit exactly on the boundary, decided by float rounding
+    counts = torch.bincount(_sample(logp, 0.75, torch.Generator().manual_seed(0)), minlength=4)
+    assert counts[0] == 0 and counts[2] == 0  # outside the nucleus: never drawn
+    # kept tokens renormalised: 0.5 / 0.8 and 0.3 / 0.8 (about 4 standard deviations of margin)
+    assert abs(counts[1] / draws - 0.625) < 0.02 and abs(counts[3] / draws - 0.375) < 0.02
+    counts = torch.bincount(_sample(logp, 1.0, torch.Generator().manual_seed(0)), minlength=4)
+    torch.testing.assert_close(counts / draws, probs, atol=0.02, rtol=0)  # every token, at its own probability
+    assert bool((counts > 0).all())
+
+
 def test_reserved_kv_layer_holds_what_concatenation_would_through_drops_repeats_and_crops():
     """ReservedKVLayer against transformers' DynamicLayer on the same updates: prefill, a row repeat, decode steps
     written in place (one buffer, no copy per step), a batch_select of rows, more steps, a crop: equal keys and

@@ -65,15 +65,46 @@ def test_plan_covers_every_sequence_once_within_budget_equal_counts(world):
     assert max(loads) - min(loads) <= 40  # near-equal work (one sequence at most)
 
 
+def _samples_of_lengths(lengths):
+    return [SequenceSample(input_ids=[(7 * uid + j) % 97 for j in range(n)], prompt_len=n // 2, advantage=1.0,
+                           role="policy", group=uid, uid=uid, old_logprobs=[-1.0] * (n - n // 2),
+                           ref_logprobs=[-1.0] * (n - n // 2))
+            for uid, n in enumerate(lengths)]
+
+
+def _layout(samples, budget, world):
+    """Each rank's micro-batches, as the lengths of the sequences in each ("filler" for a filler)."""
+    plans = [plan_micro_batches(samples, max_tokens_per_micro_batch=budget, world_size=world, rank=r)
+             for r in range(world)]
+    lengths = [[("filler" if mb.is_padding else sorted(mb.cu_seqlens.diff().tolist())) for mb in mbs]
+               for mbs in plans]
+    return plans, lengths
+
+
 def test_equal_counts_uses_filler_only_when_it_cannot_split():
-    rng = random.Random(5)
-    samples = random_samples(3, rng, max_len=30, with_logprobs=False)
-    samples[0].input_ids = samples[0].input_ids + [1] * (60 - len(samples[0].input_ids))
-    mbs = [plan_micro_batches(samples, max_tokens_per_micro_batch=60, world_size=2, rank=r) for r in range(2)]
-    assert len(mbs[0]) == len(mbs[1])
-    fillers = [mb for m in mbs for mb in m if mb.is_padding]
-    for f in fillers:
-        assert (f.targets != -100).sum() == 1 and f.loss_weights.abs().sum() == 0
+    # Three sequences that each need a micro-batch of their own: the rank with one sequence cannot split it, so
+    # it must run a filler to match the other rank's two micro-batches.
+    plans, layout = _layout(_samples_of_lengths([40, 40, 40]), budget=60, world=2)
+    assert layout in ([[[40], [40]], [[40], "filler"]], [[[40], "filler"], [[40], [40]]])
+    fillers = [mb for mbs in plans for mb in mbs if mb.is_padding]
+    assert len(fillers) == 1
+    (f,) = fillers
+    assert int((f.targets != -100).sum()) == 1 and f.num_real_tokens == 0
+    assert f.loss_weights.tolist() == [0.0] * f.input_ids.numel()
+    # The filler's advantage is 0, so its surrogate vanishes whatever its weight; the KL term does not (logprobs
+    # away from its ref_logprobs of 0), so only the zero loss weight makes this loss, and its gradient, exactly 0.
+    logprobs = torch.full(f.targets.shape, -1.5, requires_grad=True)
+    loss, _ = policy_loss(logprobs, f.old_logprobs, f.advantages, f.targets != -100, ref_logprobs=f.ref_logprobs,
+                          kl_coef=0.1, seq_ids=f.seq_ids, num_sequences=f.num_sequences, num_tokens=f.num_tokens,
+                          weights=f.loss_weights)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert float(loss.detach()) == 0.0 and float(grad.abs().max()) == 0.0
+
+    # One rank gets 31 + 31 = 62 tokens (two micro-batches), the other 40 + 20 = 60, which fit one: that rank
+    # must split its bin in two rather than run a filler.
+    plans, layout = _layout(_samples_of_lengths([40, 31, 31, 20]), budget=60, world=2)
+    assert layout in ([[[31], [31]], [[40], [20]]], [[[40], [20]], [[31], [31]]])
+    assert not any(mb.is_padding for mbs in plans for mb in mbs)
 
 
 def test_too_long_sequence_is_an_error_naming_it():

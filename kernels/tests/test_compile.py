@@ -20,8 +20,10 @@ def _inputs(device, *, lead=(3, 7), hidden_size=16, vocab=50, seed=0):
     return hidden, weight, targets.to(device)
 
 
-def _loss(hidden, weight, targets, temperature=0.7):
-    out = linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True)
+def _loss(hidden, weight, targets, temperature=0.7, backend=None):
+    # backend=None is the device's default (torch on CPU): a test that takes the `backend` fixture must pass it on,
+    # or every variant compiles the same path
+    out = linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True, backend=backend)
     # different weights per position and per output, so a swapped or dropped gradient shows
     w = torch.linspace(-1.0, 2.0, targets.numel(), device=targets.device).reshape(targets.shape)
     return (out.logprobs * w).sum() + (out.entropy * w.flip(-1)).sum(), out
@@ -30,10 +32,10 @@ def _loss(hidden, weight, targets, temperature=0.7):
 def test_linear_logprobs_compiles_fullgraph_with_eager_values_and_gradients(device, backend):
     torch._dynamo.reset()
     hidden, weight, targets = _inputs(device)
-    compiled = torch.compile(lambda h, w, t: _loss(h, w, t, 0.7), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda h, w, t: _loss(h, w, t, 0.7, backend), fullgraph=True, backend="aot_eager")
     loss_c, out_c = compiled(hidden, weight, targets)
     grads_c = torch.autograd.grad(loss_c, (hidden, weight))
-    loss_e, out_e = _loss(hidden, weight, targets, 0.7)
+    loss_e, out_e = _loss(hidden, weight, targets, 0.7, backend)
     grads_e = torch.autograd.grad(loss_e, (hidden, weight))
     torch.testing.assert_close(out_c.logprobs, out_e.logprobs, rtol=0, atol=0)
     torch.testing.assert_close(out_c.entropy, out_e.entropy, rtol=0, atol=0)
@@ -49,10 +51,10 @@ def test_per_token_temperatures_compile_fullgraph(device, backend):
     torch._dynamo.reset()
     hidden, weight, targets = _inputs(device)
     temps = torch.linspace(0.3, 2.0, targets.numel(), device=device).reshape(targets.shape)
-    compiled = torch.compile(_loss, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda h, w, t, temp: _loss(h, w, t, temp, backend), fullgraph=True, backend="aot_eager")
     loss_c, out_c = compiled(hidden, weight, targets, temps)
     grads_c = torch.autograd.grad(loss_c, (hidden, weight))
-    loss_e, out_e = _loss(hidden, weight, targets, temps)
+    loss_e, out_e = _loss(hidden, weight, targets, temps, backend)
     grads_e = torch.autograd.grad(loss_e, (hidden, weight))
     torch.testing.assert_close(out_c.logprobs, out_e.logprobs, rtol=0, atol=0)
     for gc, ge in zip(grads_c, grads_e):

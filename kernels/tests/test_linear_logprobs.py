@@ -179,14 +179,18 @@ def test_tied_embedding_gradients_accumulate(backend: str, device) -> None:
     assert _rel_err(weight.grad, w64.grad) < 2e-5
 
 
-def test_backends_agree_and_no_grad_builds_no_graph(device) -> None:
+def test_backends_agree_and_no_grad_builds_no_graph(backend: str, device) -> None:
+    # Each backend named explicitly: the default is "torch" on CPU, so comparing the default with "torch" there
+    # compared the PyTorch path with itself.
     hidden, weight, targets = _make(33, 40, 500, torch.float32, device, seed=12)
     hidden.requires_grad_(True)
     with torch.no_grad():
-        out = linear_logprobs(hidden, weight, targets, return_entropy=True)
+        out = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
     assert out.logprobs.grad_fn is None and out.entropy.grad_fn is None
     ref = linear_logprobs(hidden, weight, targets, return_entropy=True, backend="torch")
     torch.testing.assert_close(out.logprobs, ref.logprobs.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy, ref.entropy.detach(), rtol=1e-5, atol=1e-5)
+    _check(out, hidden, weight, targets, 1.0, grads=False)  # and both agree with float64, not merely each other
 
 
 def test_empty_input(backend: str, device) -> None:
