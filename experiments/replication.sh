@@ -5,6 +5,9 @@
 # starting from its seed's base. From the repository root:
 #   experiments/replication.sh ROOT [TIMEOUT_S per stage]
 # then `python experiments/summarize.py ROOT` for the table and curves, and experiments/support.sh for pass@k.
+# Every evaluation also samples 8 answers per held-out puzzle (train.eval_samples' default), and the summary's
+# tables and targets are on that avg@8, the page's measure since section 8 (section 1's CPU grid was greedy;
+# `summarize.py --measure greedy` gives its measure, with or without the samples).
 # A run stopped by the timeout keeps its metrics and its checkpoints (every 20 steps); the summary compares
 # modes at the last step that every run reached. Not run yet at this model size (no GPU was lent since it was
 # written); the earlier 0.8M-parameter grid of 2026-11-22 ran the code before the fixes of issue 15.

@@ -5,9 +5,10 @@ would give.
 
     python experiments/reward_signal.py MODEL_DIR [--questions Q] [--verdicts K] [training settings ...] [--out F.json]
 
-For each k it reports the correlation over all judged answers between the GRPO advantage (the answer's mean reward
-minus its group's mean, as in training) and the verifier's verdict on the answer (the verifier is used only here, to
-measure), averaged over 20 random subsamples; the oracle critic's correlation is the ceiling. It also splits the
+For each k it reports the correlation over all answers between the GRPO advantage (the answer's mean reward minus
+its group's mean, as in training) and the verifier's verdict on the answer (the verifier is used only here, to
+measure), averaged over 20 random subsamples; a sample with no answer is not judged and counts with reward 0, as in
+training. The oracle critic's correlation (tau_pol for a right answer, 0 otherwise) is the ceiling. It also splits the
 variance of wrong answers' rewards into the part that more verdicts remove (sampling: within-answer variance / k) and
 the part they do not (the critic's systematic preferences among wrong answers), and compares the reward of right
 answers written exactly as the expert wrote them with that of right answers in another form. With --out F.json it also
@@ -88,8 +89,9 @@ def judge_all(model_dir: str, cfg, questions: int, verdicts: int) -> list[dict]:
 
 
 def _countdown_failure(ex, answer: str | None) -> str | None:
-    """Why a Countdown answer fails, in one word: "parse", "numbers" (a number missing, repeated or not given),
-    "value" (the right numbers, the wrong value: "value_hits_target" cannot happen), None if it solves."""
+    """Why a Countdown answer fails, in a word or two: "parse" (no answer, or not an expression), "numbers, hits
+    target" / "numbers, misses target" (a number missing, repeated or not given), "value" (the right numbers, the
+    wrong value), "divides by zero" (the right numbers, no value), None if it solves."""
     if answer is None:
         return "parse"
     _node, reason = countdown._check(tuple(ex.meta["numbers"]), ex.meta["target"], answer)
@@ -98,6 +100,8 @@ def _countdown_failure(ex, answer: str | None) -> str | None:
     if reason.startswith(("uses", "does not use")):
         hits = countdown.evaluate(answer) == ex.meta["target"]
         return "numbers, hits target" if hits else "numbers, misses target"
+    if reason == "divides by zero":  # an expression that parses: "parse" hid it among answers that do not
+        return "divides by zero"
     return "value" if reason.startswith("makes") else "parse"
 
 

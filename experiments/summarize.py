@@ -27,6 +27,10 @@ MEASURES = {"avg@n": "eval/heldout_avg_at_n", "greedy": "eval/heldout_accuracy"}
 DIAGNOSTICS = (("critic decisive acc.", "critic/decisive_accuracy"), ("agrees with verifier", "critic/oracle_agreement"),
                ("reward right", "reward/policy_mean_correct"), ("reward wrong", "reward/policy_mean_incorrect"),
                ("gap", "reward/policy_gap"), ("tie rate", "critic/tie_rate"))
+# The rewards of right and wrong answers and their gap are averaged over the same steps, those with a gap (both
+# kinds of answer judged), as raro_fast.metrics.critic_signal does: each over the steps of its own key counted a
+# step with wrong answers only in "reward wrong" and not in "gap", so the printed gap was not right minus wrong.
+PAIRED = {"reward/policy_mean_correct", "reward/policy_mean_incorrect", "reward/policy_gap"}
 
 
 def read_runs(root: Path) -> dict[str, dict[int, list[dict]]]:
@@ -123,13 +127,15 @@ def summarize(runs: dict[str, dict[int, list[dict]]], measure: str = "greedy") -
                                                 for recs in runs[m].values() for r in recs)]
     if diag_modes:
         lines += ["", f"The critic up to step {last} (mean over steps, then mean ± sd over seeds); rewards are the "
-                  "policy's RARO reward of answers the verifier accepts (right) or rejects (wrong):", "",
+                  "policy's RARO reward of answers the verifier accepts (right) or rejects (wrong), these and their "
+                  "gap over the steps that judged both:", "",
                   "| mode | " + " | ".join(name for name, _ in DIAGNOSTICS) + " |",
                   "|---|" + "---|" * len(DIAGNOSTICS)]
         for mode in diag_modes:
             # up to `last`, like the held-out table: runs of other lengths are compared over the same steps
             upto = [[r for r in recs if r["step"] <= last] for recs in runs[mode].values()]
-            cells = [_mean_sd([m for recs in upto if (m := _run_mean(recs, key)) is not None]) for _, key in DIAGNOSTICS]
+            cells = [_mean_sd([m for recs in upto if (m := _run_mean(_steps_of(recs, key), key)) is not None])
+                     for _, key in DIAGNOSTICS]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += targets(tails, gains)
     return "\n".join(lines) + "\n", last
@@ -145,6 +151,13 @@ def paired(tails: dict[str, dict[int, float]], a: str, b: str) -> tuple[float, f
     return (statistics.mean(tails[a][s] for s in shared), statistics.mean(tails[b][s] for s in shared), note)
 
 
+def _steps_of(records: list[dict], key: str) -> list[dict]:
+    """The steps a diagnostic is averaged over: for the paired rewards, those with a gap (see PAIRED)."""
+    if key not in PAIRED:
+        return records
+    return [r for r in records if r.get("reward/policy_gap") is not None]
+
+
 def _run_mean(records: list[dict], key: str) -> float | None:
     vals = [r[key] for r in records if r.get(key) is not None]
     return statistics.mean(vals) if vals else None
@@ -152,8 +165,9 @@ def _run_mean(records: list[dict], key: str) -> float | None:
 
 def targets(tails: dict[str, dict[int, float]], gains: dict[str, dict[int, float]]) -> list[str]:
     """The three targets of docs/experiments.md, each met or not, on the last-evals means, for every RARO mode of the
-    grid (raro and its variants, raro_*; not the oracle-critic diagnostic). Each comparison with RLVR or SFT is over
-    the seeds both modes have."""
+    grid (raro and its variants, raro_*; not the oracle-critic diagnostic). A variant raro_X is held against
+    sft_X where the grid has it (the same demonstrations: raro_varied against sft_varied), else against sft. Each
+    comparison with RLVR or SFT is over the seeds both modes have."""
     variants = [m for m in sorted(tails) if (m == "raro" or m.startswith("raro_")) and m != "raro_oracle"]
     if not variants or not {"rlvr", "sft"} <= set(tails):
         return []
@@ -162,10 +176,12 @@ def targets(tails: dict[str, dict[int, float]], gains: dict[str, dict[int, float
         g = list(gains[mode].values())
         spread = statistics.stdev(g) if len(g) > 1 else 0.0
         ours, rlvr, vs_rlvr = paired(tails, mode, "rlvr")
-        ours_s, sft, vs_sft = paired(tails, mode, "sft")
+        own_sft = "sft" + mode[len("raro"):]
+        ref = own_sft if own_sft in tails else "sft"
+        ours_s, sft, vs_sft = paired(tails, mode, ref)
         checks = [
             (f"{mode} >= 0.9 x RLVR: {ours:.3f} vs {0.9 * rlvr:.3f}{vs_rlvr}", ours >= 0.9 * rlvr),
-            (f"{mode} > SFT: {ours_s:.3f} vs {sft:.3f}{vs_sft}", ours_s > sft),
+            (f"{mode} > {'SFT' if ref == 'sft' else ref}: {ours_s:.3f} vs {sft:.3f}{vs_sft}", ours_s > sft),
             (f"{mode} above its own base by more than the seed spread: gain {statistics.mean(g):+.3f} vs sd "
              f"{spread:.3f}", statistics.mean(g) > spread),
         ]
@@ -183,7 +199,7 @@ def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int,
     for path in sorted(evals.glob("*/report.json")):
         try:
             report = json.loads(path.read_text())
-            acc = {**report["accuracy"], "n": report["n"]}
+            acc = {**report["accuracy"], "n": report["n"], "temperature": _eval_temperature(report)}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a report of raro_fast.evaluate ({e!r})") from None
         m = RUN_NAME.match(path.parent.name)
@@ -198,11 +214,25 @@ def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int,
     return bases, modes
 
 
+def _eval_temperature(report: dict) -> float | None:
+    """The sampling temperature a raro_fast.evaluate report was made at (its config's eval.temperature); None for a
+    report that does not record it."""
+    config = report.get("config")
+    t = config.get("eval", {}).get("temperature") if isinstance(config, dict) else None
+    return t if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+
+
 def eval_table(bases: dict[int | None, dict], modes: dict[str, dict[int, dict]]) -> str:
     """Mean ± sd over seeds of each evaluation, and avg@n's gain over each seed's own base."""
-    ns = {acc["n"] for seeds in [*modes.values(), bases] for acc in seeds.values()}
+    accs = [acc for seeds in [*modes.values(), bases] for acc in seeds.values()]
+    ns = {acc["n"] for acc in accs}
     n = ns.pop() if len(ns) == 1 else "n"
-    lines = [f"Final models, {n} samples per held-out puzzle at temperature 1 (raro_fast.evaluate), mean ± sd over "
+    # The header said "at temperature 1" whatever the reports were sampled at; it names a temperature only where
+    # every report records one.
+    temps = {acc.get("temperature") for acc in accs}
+    at = "" if not temps or None in temps else " at temperature" + ("s " if len(temps) > 1 else " ") + ", ".join(
+        f"{t:g}" for t in sorted(temps))
+    lines = [f"Final models, {n} samples per held-out puzzle{at} (raro_fast.evaluate), mean ± sd over "
              "seeds; avg@n is the expected accuracy of one sample, far less noisy than one greedy answer per puzzle.", "",
              "| model | seeds | " + " | ".join(k.replace("@n", f"@{n}") for k in EVAL_KEYS) + " | avg gain over base | "
              "avg per seed |", "|---|---|" + "---|" * (len(EVAL_KEYS) + 2)]

@@ -7,7 +7,9 @@
 #   ROOT/bases/base-sSEED/base_model, e.g. builtin:countdown-easy; MODES: the trained runs ROOT/MODE-sSEED to compare
 #   with the base, default "sft raro rlvr", e.g. "sft raro rlvr raro_oracle")
 # Two processes sample half the models each (the GPU has room); their caches are merged and the report is made
-# from the cache. Samples stay cached under OUT/samples, so a larger K later only draws what is missing.
+# from the cache. With fewer than four models one process samples them all: raro_fast.analyze takes at least two
+# models, and a half of two or three would hold one. Samples stay cached under OUT/samples, so a larger K later
+# only draws what is missing.
 set -euo pipefail
 root=$1 step=$2 k=${3:-1024} out=${4:-$1/support}
 shift $(( $# < 4 ? $# : 4 ))
@@ -26,11 +28,18 @@ models=("base=$base")
 for mode in "${modes[@]}"; do models+=("$mode=$(model "$mode")"); done
 half=$(( (${#models[@]} + 1) / 2 ))
 join() { local IFS=,; echo "$*"; }
-analyze "$out.a" "$(join "${models[@]:0:half}")" >"$out.a.log" 2>&1 &
-a=$!
-analyze "$out.b" "$(join "${models[@]:half}")" >"$out.b.log" 2>&1 &
-b=$!
-wait $a && wait $b
-mkdir -p "$out/samples"
-cp -r "$out.a/samples/." "$out.b/samples/." "$out/samples/"
+if (( ${#models[@]} - half >= 2 )); then
+  analyze "$out.a" "$(join "${models[@]:0:half}")" >"$out.a.log" 2>&1 &
+  a=$!
+  analyze "$out.b" "$(join "${models[@]:half}")" >"$out.b.log" 2>&1 &
+  b=$!
+  # `wait $a && wait $b` is a list, which set -e does not stop on: a failed first half went on to the report.
+  # Both are waited for, so that a failure leaves no sampler running behind it.
+  failed=()
+  wait $a || failed+=("$out.a.log")
+  wait $b || failed+=("$out.b.log")
+  if (( ${#failed[@]} )); then echo "sampling failed: ${failed[*]}" >&2; exit 1; fi
+  mkdir -p "$out/samples"
+  cp -r "$out.a/samples/." "$out.b/samples/." "$out/samples/"
+fi
 analyze "$out" "$(join "${models[@]}")"

@@ -89,6 +89,37 @@ def test_critic_diagnostics_and_targets(tmp_path):
     assert "raro_oracle >=" not in table
 
 
+def test_critic_rewards_and_gap_are_averaged_over_the_same_steps(tmp_path):
+    # Found by review: each column averaged the steps where its own key was logged, so a step with wrong answers
+    # only (no gap) counted in "reward wrong" and not in "gap", and the row's gap was not right minus wrong.
+    _write(tmp_path, "raro-s0", {0: 0.1, 3: 0.2})
+    recs = [{"step": 0, "eval/heldout_accuracy": 0.1},
+            {"step": 1, "critic/decisive_accuracy": 0.8, "reward/policy_mean_correct": 0.6,
+             "reward/policy_mean_incorrect": 0.2, "reward/policy_gap": 0.4},
+            {"step": 2, "critic/decisive_accuracy": 0.6, "reward/policy_mean_correct": None,
+             "reward/policy_mean_incorrect": 0.5, "reward/policy_gap": None},
+            {"step": 3, "critic/decisive_accuracy": 0.7, "reward/policy_mean_correct": 0.9,
+             "reward/policy_mean_incorrect": None, "reward/policy_gap": None, "eval/heldout_accuracy": 0.2}]
+    (tmp_path / "raro-s0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table, _ = summarize.summarize(summarize.read_runs(tmp_path))
+    # decisive accuracy over its own three steps; right, wrong and gap over step 1, the one step with both
+    assert "| raro | 0.700 ± 0.000 | - | 0.600 ± 0.000 | 0.200 ± 0.000 | 0.400 ± 0.000 | - |" in table
+
+
+def test_a_raro_variant_is_held_against_the_sft_of_its_own_setting(tmp_path):
+    # Found by review: raro_varied (varied demonstrations) was held against sft (canonical ones), not sft_varied.
+    _write(tmp_path, "rlvr-s0", {0: 0.1, 10: 0.3})
+    _write(tmp_path, "sft-s0", {0: 0.1, 10: 0.3})
+    _write(tmp_path, "sft_varied-s0", {0: 0.1, 10: 0.1})
+    _write(tmp_path, "raro-s0", {0: 0.1, 10: 0.2})
+    _write(tmp_path, "raro_varied-s0", {0: 0.1, 10: 0.2})
+    _write(tmp_path, "raro_lp3-s0", {0: 0.1, 10: 0.2})
+    table, _ = summarize.summarize(summarize.read_runs(tmp_path))
+    assert "- NOT met: raro > SFT: 0.150 vs 0.200" in table
+    assert "- met: raro_varied > sft_varied: 0.150 vs 0.100" in table
+    assert "- NOT met: raro_lp3 > SFT: 0.150 vs 0.200" in table  # no sft_lp3: the plain SFT
+
+
 def test_seeds_in_numeric_order_and_diagnostics_up_to_the_compared_step(tmp_path):
     # Found by review: seeds came in the paths' text order (s0, s1, s10, s2) in the gain column and numeric order in
     # the step column, so a reader matching them by position gave s2 the gain of s10; and the critic table averaged
@@ -197,6 +228,22 @@ def test_sampled_evaluations_table(tmp_path):
         summarize.read_evals(tmp_path)
 
 
+def test_sampled_evaluations_table_names_the_temperature_the_reports_were_made_at(tmp_path):
+    # Found by review: the header said "at temperature 1" whatever temperature the evaluations sampled at.
+    def report(name, temperature):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        config = {} if temperature is None else {"config": {"eval": {"temperature": temperature}}}
+        (tmp_path / name / "report.json").write_text(json.dumps({"n": 8, "accuracy": {"avg@n": 0.2}, **config}))
+
+    report("base", 0.6)
+    report("raro-s0", 0.6)
+    assert "8 samples per held-out puzzle at temperature 0.6 (raro_fast" in summarize.eval_table(
+        *summarize.read_evals(tmp_path))
+    report("raro-s1", None)  # a report that does not record it: the table says nothing of temperature
+    table = summarize.eval_table(*summarize.read_evals(tmp_path))
+    assert "8 samples per held-out puzzle (raro_fast" in table and "temperature" not in table
+
+
 def test_reward_signal_report_exact_values():
     import reward_signal
 
@@ -249,6 +296,9 @@ def test_reward_signal_names_why_a_countdown_answer_fails():
     ex = SimpleNamespace(meta={"numbers": [1, 2, 3], "target": 6})
     assert [reward_signal._countdown_failure(ex, a) for a in ("1+2+3", "1*2-3", "2*3", "1+2+3+3", "1+", None)] == [
         None, "value", "numbers, hits target", "numbers, misses target", "parse", "parse"]
+    # the right numbers and no value: not an answer that fails to parse (it was labelled "parse")
+    assert reward_signal._countdown_failure(SimpleNamespace(meta={"numbers": [2, 2, 5], "target": 6}),
+                                            "5/(2-2)") == "divides by zero"
 
 
 def test_table_uses_avg_at_n_where_every_run_logged_it(tmp_path):
@@ -329,6 +379,19 @@ def test_evaluate_grid_evaluates_again_only_a_model_that_changed(tmp_path):
     os.utime(model / "model.safetensors", (2e9, 2e9))  # the weights are rewritten after the report
     run()
     assert calls.read_text().count("raro-s0") == 2
+    # Found by review: a pass with another N or other evaluate flags kept the report of the first pass.
+    os.utime(model / "model.safetensors", (1e9, 1e9))
+    run()
+    assert calls.read_text().count("raro-s0") == 2  # nothing changed: done
+    subprocess.run(["bash", str(ROOT / "experiments" / "evaluate_grid.sh"), str(tmp_path / "grid"), "--",
+                    "--eval.max_new_tokens", "48"], env=env, check=True, capture_output=True)
+    assert calls.read_text().count("raro-s0") == 3
+    subprocess.run(["bash", str(ROOT / "experiments" / "evaluate_grid.sh"), str(tmp_path / "grid"), "--",
+                    "--eval.max_new_tokens", "48"], env={**env, "N": "8"}, check=True, capture_output=True)
+    assert calls.read_text().count("raro-s0") == 4
+    subprocess.run(["bash", str(ROOT / "experiments" / "evaluate_grid.sh"), str(tmp_path / "grid"), "--",
+                    "--eval.max_new_tokens", "48"], env={**env, "N": "8"}, check=True, capture_output=True)
+    assert calls.read_text().count("raro-s0") == 4
 
 
 def test_support_script_splits_the_models_between_two_samplers_and_reports_on_all(tmp_path):
@@ -357,6 +420,89 @@ def test_support_script_splits_the_models_between_two_samplers_and_reports_on_al
     step = "/R/{}-s1/checkpoints/step_000060/model".format
     assert calls.read_text().splitlines()[-1] == (f"{tmp_path / 's2'} base=/R/bases/base-s1/base_model,"
                                                   f"sft={step('sft')},raro={step('raro')},rlvr={step('rlvr')}")
+
+
+def _support_stub(tmp_path: Path, fail_on: str = "") -> Path:
+    """A python3 that stands in for raro_fast.analyze: logs `OUTPUT_DIR MODELS`, refuses fewer than two models as
+    analyze does, and fails for an output directory ending in `fail_on` (after writing its samples)."""
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/bash\nwhile (( $# )); do case $1 in --analysis.models) m=$2;; --analysis.output_dir) o=$2;; '
+                    f'esac; shift; done\necho "$o $m" >> {tmp_path / "calls"}; mkdir -p "$o/samples/$(basename "$o")"\n'
+                    '[[ $m == *,* ]] || { echo "give at least two models" >&2; exit 2; }\n'
+                    + (f'[[ $o == *{fail_on} ]] && exit 1\n' if fail_on else "") + "exit 0\n")
+    stub.chmod(0o755)
+    return stub
+
+
+@pytest.mark.parametrize("modes", ["raro", "sft raro"])
+def test_support_script_with_one_or_two_modes_samples_in_one_process(tmp_path, modes):
+    # Found by review: two or three models were split two and one (one and one), and analyze refuses one model.
+    stub = _support_stub(tmp_path)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "BASE": "builtin:b", "MODES": modes}
+    out = tmp_path / "sup"
+    subprocess.run(["bash", str(ROOT / "experiments" / "support.sh"), "/R", "final", "8", str(out)], env=env,
+                   check=True, capture_output=True)
+    models = ",".join(["base=builtin:b", *(f"{m}=/R/{m}-s0/final_model" for m in modes.split())])
+    assert (tmp_path / "calls").read_text().splitlines() == [f"{out} {models}"]
+
+
+def test_support_script_stops_when_a_sampler_fails(tmp_path):
+    # Found by review: `wait $a && wait $b` under set -e went on to the report when the first sampler failed.
+    stub = _support_stub(tmp_path, fail_on=".a")
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "BASE": "builtin:b"}
+    out = tmp_path / "sup"
+    res = subprocess.run(["bash", str(ROOT / "experiments" / "support.sh"), "/R", "final", "8", str(out)], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and f"{out}.a.log" in res.stderr
+    calls = [line.split(" ", 1)[0] for line in (tmp_path / "calls").read_text().splitlines()]
+    assert sorted(calls) == [f"{out}.a", f"{out}.b"]  # both samplers ran to their end, no report after them
+
+
+def _grid_script_calls(tmp_path: Path, script: str) -> tuple[list[list[str]], list[list[str]]]:
+    """The run_grid.sh and summarize.py command lines of experiments/SCRIPT, run with stand-ins for both (and for
+    evaluate_grid.sh)."""
+    here = tmp_path / "experiments"
+    (here / "grids").mkdir(parents=True)
+    (here / script).write_text((ROOT / "experiments" / script).read_text())
+    for grid in (ROOT / "experiments" / "grids").glob("*.txt"):
+        (here / "grids" / grid.name).write_text(grid.read_text())
+    log = tmp_path / "log"
+    for stand_in in ("run_grid.sh", "evaluate_grid.sh"):
+        (here / stand_in).write_text(f'#!/bin/bash\n{{ printf "{stand_in}"; printf "\\t%s" "$@"; echo; }} >> {log}\n')
+        (here / stand_in).chmod(0o755)
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/bash\n{{ printf "python3"; printf "\\t%s" "$@"; echo; }} >> {log}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(here / script), str(tmp_path / "R")], env=env, check=True, capture_output=True)
+    calls = [line.split("\t") for line in log.read_text().splitlines()]
+    return [c[1:] for c in calls if c[0] == "run_grid.sh"], [c[1:] for c in calls if c[0] == "python3"]
+
+
+def _grid_configs(call: list[str], tmp_path: Path) -> list:
+    from raro_fast.config import load_config
+
+    root, _limit, grid, *common = call
+    lines = [ln.split() for ln in Path(grid).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return [load_config(common + [f.replace("{root}", root) for f in flags[1:]]) for flags in lines]
+
+
+def test_cpu_script_evaluates_greedy_only_as_section_1_did(tmp_path):
+    # Found by review: train.eval_samples defaults to 8 now, so a rerun logged avg@8 and summarize.py tabled it,
+    # where section 1 shows greedy accuracy (and its wall time has no sampled evaluations).
+    grids, summaries = _grid_script_calls(tmp_path, "cpu.sh")
+    assert len(grids) == 2 and len(summaries) == 1
+    cfgs = [cfg for call in grids for cfg in _grid_configs(call, tmp_path)]
+    assert len(cfgs) == 15 and {cfg.train.eval_samples for cfg in cfgs} == {0}
+
+
+def test_shipped_base_script_makes_section_8s_greedy_table_at_40_steps(tmp_path):
+    (grid,), (summary,) = _grid_script_calls(tmp_path, "shipped_base.sh")
+    cfgs = _grid_configs(grid, tmp_path)
+    assert len(cfgs) == 15 and {(c.train.steps, c.train.eval_samples) for c in cfgs} == {(40, 8)}
+    assert summary[summary.index("--measure") + 1] == "greedy"
 
 
 def test_support_seeds_table_and_plot_exact_values(tmp_path):
