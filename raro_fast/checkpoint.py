@@ -180,9 +180,9 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 # one's name (a changed questions_per_step, say, skips demonstrations: the data position is step x that count).
 # What an evaluation measures (its puzzles, samples, temperature) is the run's too: the summary compares the last
 # evaluation with step 0's, and a resume that changed them compared 8 puzzles with 16, or avg@4 with avg@2.
-# What a run derives from train.steps at its start stays as it was (DPO's round length: `train.Run.mode_state`).
-RESUMABLE = ("train.steps", "train.eval_every", "train.eval_tournament", "train.progress", "train.save_every", "train.stop_after", "train.resume",
-             "train.log_rollouts_every", "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch",
+# What a run derives from train.steps at its start stays as it was (DPO's rounds: `train.Run.mode_state`).
+RESUMABLE = ("train.steps", "train.eval_every", "train.eval_tournament", "train.progress", "train.save_every",
+             "train.stop_after", "train.resume", "train.log_rollouts_every", "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch",
              "optim.", "rollout.backend", "rollout.batch_size", "rollout.release_memory", "rollout.weight_bucket_mb",
              "rollout.mem_fraction", "rollout.tp_size", "rollout.sglang_url", "rollout.server_ranks",
              "rollout.weight_group_", "model.gradient_checkpointing", "model.liger_kernels",

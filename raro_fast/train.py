@@ -145,9 +145,9 @@ def train_step(r: Run, step: int) -> dict:
     with r.timed("update_weights"):
         push_weights(r.engine, r.model, version=step + 1, dtype=r.engine_dtype, released=cfg.rollout.released_tags)
     r.timings["timing_s/step"] = time.perf_counter() - t0
+    measured = batch_metrics(r, samples, mbs, entropies, generated=stats["rollout/generated_tokens"])
     return {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, "update/skipped": upd.skipped,
-            **upd.metrics, **stats, **batch_metrics(r, samples, mbs, entropies, generated=stats["rollout/generated_tokens"]),
-            **r.timings}
+            **upd.metrics, **stats, **measured, **r.timings}
 
 
 # ---------------------------------------------------------------------------------------------------------------
