@@ -159,6 +159,12 @@ def test_greedy_rollouts_are_fine_where_nothing_is_sampled():
     assert load_config(["--train.steps", "0", "--train.eval_size", "0"]).train.steps == 0
 
 
+def test_planned_replay_pairs_are_rounded_to_nearest():
+    # 32 fresh pairs at ratio 0.3: 32 x 0.3 / 0.7 = 13.71 replayed, planned (role constants) as 14, not 13
+    assert load_config(["--raro.replay_ratio", "0.3"]).raro.replay_pairs_for(32) == 14
+    assert load_config(["--raro.replay_ratio", "0.3"]).raro.replay_pairs_for(3) == 1  # 1.29
+
+
 def test_help_lists_every_field():
     text = help_text("prog")
     names = [name for name, *_ in iter_fields()]

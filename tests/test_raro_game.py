@@ -19,7 +19,8 @@ class ScriptedEngine:
     """Policy: sample j of each question answers [expert, wrong, no tag, truncated][j % 4]. Critic, per `critic`:
     "verifier" (picks the correct answer, tie if both or neither are), "contrarian" (picks the policy's answer
     whenever it differs from the expert's, else tie), "ramble" (runs past its limit: truncated, no verdict), "ramble_half" (critic samples 0, 2, ... ramble,
-    1, 3, ... answer as the verifier), or a fixed verdict text."""
+    1, 3, ... answer as the verifier), "tie_cut" (says tie, then runs on past its limit: truncated with a tag that
+    parses), or a fixed verdict text. Records each call's temperature, top_p and seed."""
 
     weight_version = 3
 
@@ -39,6 +40,7 @@ class ScriptedEngine:
         self.calls.append((len(prompt_list), params.n))
         self.temperatures = getattr(self, "temperatures", []) + [params.temperature]
         self.top_ps = getattr(self, "top_ps", []) + [params.top_p]
+        self.seeds = getattr(self, "seeds", []) + [params.seed]
         out = []
         for p in prompt_list:
             text = self.tok.decode(p, skip_special_tokens=False)
@@ -53,6 +55,9 @@ class ScriptedEngine:
                 for k in range(params.n):
                     if self.critic == "ramble" or (self.critic == "ramble_half" and k % 2 == 0):
                         comps.append(self._complete(p, "<think>" + "and " * 20, truncated=True))
+                        continue
+                    if self.critic == "tie_cut":
+                        comps.append(self._complete(p, "<think>x</think><answer>tie</answer> and " * 3, truncated=True))
                         continue
                     v = {"verifier": right, "ramble_half": right, "contrarian": "tie" if a1 == a2 else "2" if expert == "1" else "1"}.get(
                         self.critic, self.critic)
@@ -103,6 +108,7 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
                         train_policy=train_policy)
     out.engine_temperatures = engine.temperatures
     out.engine_generated_tokens = engine.generated_tokens
+    out.engine_seeds = engine.seeds
     return out, asked
 
 
@@ -139,8 +145,49 @@ def test_rewards_groups_and_filtering_with_a_verifier_critic(setting):
     assert len(critic) == 6 * 4 and all(s.loss_weight == rc.lambda_crit for s in critic)
     # A verifier critic is consistent within a pair: every sample gets the same reward → zero advantage.
     assert all(s.advantage == 0 for s in critic)
+    # Each GRPO group is one question's policy samples or one pair's verdicts, never both: the rollout log and the
+    # cross-rank renumbering key on the number, so a shared one would merge a question with a pair.
+    assert not {s.group for s in policy} & {s.group for s in critic}
     for s in out.samples:
         assert s.input_ids[: s.prompt_len] and len(s.rollout_logprobs) == s.num_targets
+
+
+def test_fresh_pairs_put_the_expert_at_either_position(setting):
+    # A critic that always says "1" picks whatever sits first, so the policy earns 1 exactly where its answer was
+    # put first. With the expert always first, "always 1" would be a perfect critic that never reads the answers.
+    cfg, tok, task, examples = setting
+    out, _ = play(cfg, tok, task, examples, critic="1")
+    rewards = out.stats["reward/policy_mean"]
+    judged = [r for k, r in enumerate(rewards) if k % 4 in (0, 1)]  # samples 2 and 3 have no answer: not judged
+    assert set(judged) == {0.0, 1.0} and len(judged) == 6
+    # 4 verdicts per pair, pairs in the order judged: "1" is right exactly where the policy was not paid
+    accuracy = out.stats["critic/accuracy"]
+    assert [accuracy[4 * p: 4 * p + 4] for p in range(6)] == [[1.0 - r] * 4 for r in judged]
+
+
+def test_replayed_pairs_put_the_expert_at_either_position(setting):
+    # As for fresh pairs: a replayed pair is shown in a new random order, else "always 1" is right on every replay.
+    cfg, tok, task, examples = setting
+    ex = examples[0]
+    replay = [CriticPair(ex.id, ex.question, "1+1", ex.answer)] * 30
+    out, asked = play(cfg, tok, task, examples, critic="1", replay=replay, args=["--raro.replay_ratio", "0.75"])
+    assert asked == [18]
+    first_replayed = len(examples) + 6  # after the questions' groups and the 6 fresh pairs'
+    groups = {}
+    for s in by_role(out, "critic"):
+        if s.group >= first_replayed:
+            groups.setdefault(s.group, []).append(s.reward)
+    assert len(groups) == 18
+    # "1" earns the critic 1 where the expert sits first, 0 where it sits second; the same within a pair
+    assert {tuple(r) for r in groups.values()} == {(1.0,) * 4, (0.0,) * 4}
+
+
+def test_each_engine_call_of_a_step_gets_its_own_seed(setting):
+    # A seed shared by two calls gives them one random stream: a replayed pair that is also a fresh one would get
+    # verdicts copied from the fresh ones rather than new samples.
+    cfg, tok, task, examples = setting
+    out, _ = play(cfg, tok, task, examples, replay=[CriticPair("r", examples[0].question, "1+2", examples[0].answer)])
+    assert out.engine_seeds == [1, 2, 3]  # play's seed 1: policy, fresh verdicts, replayed verdicts
 
 
 def test_the_rollout_log_holds_each_trained_sequence_as_text_with_its_reward(setting, tmp_path):
@@ -255,10 +302,42 @@ def test_a_wrong_answer_that_breaks_the_critic_earns_nothing(setting):
     assert len(by_role(old, "critic")) == 6 * 2
 
 
+def test_std_normalize_reaches_both_roles_groups(setting):
+    cfg, tok, task, examples = setting
+    t, tc = cfg.raro.tau_pol, cfg.raro.tau_crit
+    out, _ = play(cfg, tok, task, examples, critic="ramble_half", args=["--loss.std_normalize", "true"])
+    # Policy rewards per question [t, 0, 0, 0]: mean t/4, sample std (n - 1) sqrt(3t^2/4 / 3) = t/2.
+    sd = t / 2 + 1e-6
+    for i in range(3):
+        assert [s.advantage for s in by_role(out, "policy") if s.group == i] == pytest.approx(
+            [(3 * t / 4) / sd, -(t / 4) / sd, -(t / 4) / sd])  # the truncated 4th is not in the loss
+    # Critic rewards per pair [0, 1, 0, 1] or [0, tc, 0, tc]: deviations +-x/2, sample std x/sqrt(3).
+    expected = []
+    for x in (1.0, tc):
+        a = (x / 2) / (x / 3 ** 0.5 + 1e-6)
+        expected += [-a] * 6 + [a] * 6
+    assert sorted(s.advantage for s in by_role(out, "critic")) == pytest.approx(sorted(expected))
+
+
+def test_a_truncated_verdict_is_invalid_even_if_its_tag_parses(setting):
+    # README: a truncated verdict does not count, whatever its text; a tag before the cut is still a reply that
+    # ran past its limit, and paying for it would reward rambling on after the verdict.
+    cfg, tok, task, examples = setting
+    out, _ = play(cfg, tok, task, examples, critic="tie_cut")
+    assert out.stats["critic/invalid_rate"] == [1.0] * 24
+    assert out.stats["critic/tie_rate"] == [0.0] * 24
+    assert out.stats["reward/policy_mean"] == [0.0, 0.0] * 3  # the judged answers have no valid verdict: no reward
+    critic = by_role(out, "critic")
+    assert len(critic) == 24 and {s.reward for s in critic} == {0.0}  # a tie would have paid tau_crit
+    assert out.stats["reward/critic_mean"] == [0.0] * 24
+
+
 def test_an_answer_whose_verdicts_are_all_invalid_gets_zero_advantage(setting):
     cfg, tok, task, examples = setting
     out, _ = play(cfg, tok, task, examples, critic="ramble")
     assert out.stats["reward/policy_mean"] == [0.0, 0.0] * 3  # only the unanswered samples have a reward
+    # ... yet they stay in the loss (advantage 0), counted in its token normalisation like any trained sample
+    assert len(by_role(out, "policy")) == 3 * 3
     assert all(s.advantage == 0 for s in by_role(out, "policy"))
     assert "reward/policy_mean_correct" not in out.stats and "critic/decisive_accuracy" not in out.stats
     old, _ = play(cfg, tok, task, examples, critic="ramble", args=["--raro.invalid_verdicts", "tie"])
@@ -340,6 +419,47 @@ def test_critic_lead_steps_judge_the_policy_but_train_only_the_critic(setting):
     full, _ = play(cfg, tok, task, examples)
     assert by_role(out, "policy") == [] and len(by_role(out, "critic")) == len(by_role(full, "critic")) == 24
     assert out.stats == full.stats  # the same game, logged the same way
+
+
+def mode_calls(monkeypatch, cfg, world_size, *, step=0, replay=None):
+    """The arguments RaroMode.rollouts hands the game on each rank of `world_size` (the game itself not played)."""
+    from types import SimpleNamespace
+
+    from raro_fast.modes import raro as raro_mode
+    from raro_fast.modes.base import RankRollout
+
+    calls = []
+    monkeypatch.setattr(raro_mode, "raro_rollouts", lambda examples, **kw: calls.append(kw) or RankRollout())
+    for rank in range(world_size):
+        run = SimpleNamespace(cfg=cfg, d=SimpleNamespace(rank=rank, world_size=world_size), engine=None,
+                              tokenizer=None, task=None, replay=replay)
+        raro_mode.RaroMode().rollouts(run, [], step=step, seed=0)
+    return calls
+
+
+@pytest.mark.parametrize("cap,world_size,caps",
+                         [(5, 3, [2, 2, 1]), (1, 2, [1, 0]), (4, 2, [2, 2]), (0, 2, [None, None])])
+def test_the_fresh_pair_cap_is_dealt_out_over_the_ranks_in_full(monkeypatch, cap, world_size, caps):
+    # critic_pairs_per_step is over all ranks: the remainder goes one each to the first ranks, not lost (0: no cap)
+    cfg = load_config(["--raro.critic_pairs_per_step", str(cap)])
+    assert [c["fresh_cap"] for c in mode_calls(monkeypatch, cfg, world_size)] == caps
+
+
+def test_ranks_replay_disjoint_pairs_of_the_shared_buffer(monkeypatch):
+    # The buffer is the same on every rank; only a generator seeded alike on every rank deals one shuffle out.
+    from raro_fast.replay import ReplayBuffer
+
+    buf = ReplayBuffer(8)
+    buf.extend([CriticPair(f"id{i}", f"q{i}", f"a{i}", f"e{i}") for i in range(8)])
+    for step in range(3):
+        drawn = [c["draw_replay"](4) for c in mode_calls(monkeypatch, load_config([]), 2, step=step, replay=buf)]
+        assert [len(d) for d in drawn] == [4, 4] and not set(drawn[0]) & set(drawn[1]), step
+
+
+def test_the_critic_leads_for_exactly_critic_lead_steps(monkeypatch):
+    cfg = load_config(["--raro.critic_lead_steps", "1"])
+    assert [mode_calls(monkeypatch, cfg, 1, step=s)[0]["train_policy"] for s in (0, 1, 2)] == [False, True, True]
+    assert mode_calls(monkeypatch, load_config([]), 1, step=0)[0]["train_policy"]  # 0: the policy trains at once
 
 
 def test_the_critic_samples_at_its_own_temperature_and_its_sequences_say_so(setting):

@@ -87,6 +87,31 @@ def test_ranks_replay_disjoint_pairs_and_one_rank_draws_as_before():
     assert buf.sample(3, random.Random(7)) == [items[i] for i in sorted(random.Random(7).sample(range(8), 3))]
 
 
+def test_each_rank_draws_k_pairs_from_the_whole_buffer():
+    # Each rank gets every k-th pair of a shuffle: unshuffled, a rank would replay the same few oldest pairs
+    # every step, the rest never. Over 200 steps each of the 20 pairs is expected 20 times on rank 0.
+    buf = ReplayBuffer(100)
+    buf.extend([CriticPair(f"id{i}", "q", "a", "e") for i in range(20)])
+    counts = {}
+    for step in range(200):
+        drawn = buf.sample(2, random.Random(step), part=0, parts=2)
+        assert len(drawn) == 2  # k, where the rank's share (10) holds more
+        for p in drawn:
+            counts[p.example_id] = counts.get(p.example_id, 0) + 1
+    assert len(counts) == 20 and max(counts.values()) < 40
+    assert [len(buf.sample(3, random.Random(0), part=p, parts=3)) for p in range(3)] == [3, 3, 3]
+
+
+def test_a_loaded_buffer_keeps_its_capacity():
+    # Resuming must not turn the FIFO unbounded: the next pair still evicts the oldest.
+    buf = ReplayBuffer(5)
+    buf.extend([CriticPair(f"id{i}", "q", "a", "e") for i in range(5)])
+    clone = ReplayBuffer(5)
+    clone.load_state_dict(buf.state_dict())
+    clone.extend([CriticPair("new", "q", "a", "e")])
+    assert [p["example_id"] for p in clone.state_dict()["items"]] == ["id1", "id2", "id3", "id4", "new"]
+
+
 def test_replay_zero_capacity_and_bad_capacity():
     buf = ReplayBuffer(0)
     buf.extend([CriticPair("a", "b", "c", "d")])
