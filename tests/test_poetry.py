@@ -229,3 +229,8 @@ def test_evaluate_judge_report_scores_first_sample_and_tournament_pick(tok):
     assert first == {"win": pytest.approx(1 / 3), "tie": 0.0, "loss": pytest.approx(2 / 3), "no_answer": 1}
     tournament = judged("tournament", ["good A", "good B"], [wins_both_orders, wins_both_orders], per_question)
     assert tournament == {"win": pytest.approx(2 / 3), "tie": 0.0, "loss": pytest.approx(1 / 3), "no_answer": 1}
+    # A tie is neither a win nor a loss: of three problems, one won, one tied, and the unanswered one lost.
+    ties_both_orders = {"candidate": verdict("tie"), "expert": verdict("tie")}
+    with_tie = judged("first", ["good A", "bad B"], [wins_both_orders, ties_both_orders], no_tournament)
+    assert with_tie == {"win": pytest.approx(1 / 3), "tie": pytest.approx(1 / 3), "loss": pytest.approx(1 / 3),
+                        "no_answer": 1}

@@ -275,6 +275,9 @@ def test_rerank_report_exact_numbers(tok, task):
     assert report["critic"] == {"judge_calls": 4, "matches": 9, "tie_or_invalid": 4}
     assert [size for size, _ in engine.calls] == [4, 4, 1, 3, 1]
     assert engine.calls[0][1].n == 4 and engine.calls[1][1].n == 1 and engine.calls[1][1].max_new_tokens == 16
+    # the policy samples at the seed, the critic's judge calls at seed + 1, seed + 2, ... (a critic at the policy's
+    # own seed would draw the same random stream as the samples it judges)
+    assert [p.seed for _, p in engine.calls] == [3, 4, 5, 6, 7]
 
     plain = ScriptedEngine(tok, scripts, verifier_critic)
     report_none = rerank_report(exs, engine=plain, tokenizer=tok, task=task, n=4, max_new_tokens=32, temperature=1.0,
@@ -289,6 +292,36 @@ def test_rerank_report_exact_numbers(tok, task):
     with pytest.raises(ValueError, match="rerank must be one of"):
         rerank_report(exs, engine=plain, tokenizer=tok, task=task, n=4, max_new_tokens=32, temperature=1.0, top_p=1.0,
                       critic_max_new_tokens=16, seed=3, rerank="best")
+
+
+def test_heldout_scores_count_problems_not_first_samples(tok, task):
+    """pass@n is the share of problems with any right sample (not the first sample's accuracy), tournament@n the
+    share of all problems whose pick is right (not of the solved ones): on two problems whose right sample is the
+    second of [wrong, right, no answer, truncated right] and two with nothing right, both are 2/4."""
+    from raro_fast.distributed import Dist
+    from raro_fast.evaluate import heldout_scores
+
+    exs = task.examples("heldout")[:4]
+    by_question = {ex.question: ex for ex in exs}
+
+    def s(answer, truncated=False):
+        return (prompts.format_completion("t", answer), truncated)
+
+    no_tag = ("<think>no answer</think>", False)
+    scripts = {exs[0].question: [s("1+1"), s(exs[0].answer), no_tag, s(exs[0].answer, truncated=True)],
+               exs[1].question: [s("1+2"), s(exs[1].answer), no_tag, s(exs[1].answer, truncated=True)],
+               exs[2].question: [s("1+3"), s("1+4"), s("1+5"), s("1+6")],
+               exs[3].question: [s("2+3"), s("2+4"), s("2+5"), s("2+6")]}
+
+    def verifier_critic(q, a1, a2):
+        ok1, ok2 = (task.verify(by_question[q], a) for a in (a1, a2))
+        return "tie" if ok1 == ok2 else "1" if ok1 else "2"
+
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    scores = heldout_scores(exs, engine=ScriptedEngine(tok, scripts, verifier_critic), tokenizer=tok, task=task, n=4,
+                            max_new_tokens=32, temperature=1.0, seed=0, d=d, critic_max_new_tokens=16)
+    # 2 right samples of 16; a truncated sample is not right, even with the right answer in it
+    assert scores == {"avg@n": 2 / 16, "pass@n": 0.5, "tournament@n": 0.5}
 
 
 # ----------------------------------------------------------------------------------------------------------------

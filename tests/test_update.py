@@ -2,6 +2,7 @@
 penalty outside the role weights, and PPO mini-batches (k optimizer steps; k = 1 is the single update)."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -144,6 +145,72 @@ def test_kl_penalty_sits_outside_the_role_weights(tok):
     assert stats.loss == pytest.approx(expected, rel=1e-5)
 
 
+def _kernel_reference():
+    """kernels/tests' float64 policy loss, loaded by path: that folder is on sys.path only when pytest collects it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "kernels" / "tests" / "kernel_helpers.py"
+    spec = importlib.util.spec_from_file_location("_kernel_helpers_for_update_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_policy_loss
+
+
+def _off_policy_batch(tok, samples=None):
+    """Micro-batches of mixed_samples with a reference model's log-probs, and old / rollout log-probs moved off the
+    current ones per position, so ratios and importance weights spread well away from 1 (both clip sides, the
+    dual clip and the TIS cap all act). Returns the policy, the micro-batches and the current log-probs."""
+    policy, ref = tiny_policy(tok, seed=0), tiny_policy(tok, seed=1)
+    mbs = plan_micro_batches(mixed_samples() if samples is None else samples, max_tokens_per_micro_batch=64,
+                             world_size=1, rank=0)
+    recompute_logprobs(policy, mbs, temperature=1.0)
+    recompute_logprobs(ref, mbs, temperature=1.0, field="ref_logprobs")
+    current = [mb.old_logprobs.clone() for mb in mbs]
+    for mb in mbs:
+        i = torch.arange(mb.targets.numel(), dtype=torch.float32)
+        mb.old_logprobs = mb.old_logprobs + 0.8 * torch.sin(3.0 * i)
+        mb.rollout_logprobs = mb.old_logprobs + 0.6 * torch.cos(5.0 * i)
+    return policy, mbs, current
+
+
+@pytest.mark.parametrize("settings", [
+    dict(clip_low=0.1, clip_high=0.3),
+    dict(dual_clip=1.5),
+    dict(kl_coef=0.2, kl_estimator="k1"),
+    dict(kl_coef=0.2, kl_estimator="k2"),
+    dict(kl_coef=0.2, kl_estimator="k3"),
+    dict(tis_cap=1.2),
+], ids=["clip", "dual_clip", "kl_k1", "kl_k2", "kl_k3", "tis"])
+def test_every_loss_setting_reaches_the_loss_of_a_real_update(tok, settings):
+    """The kernel's own tests check each setting inside policy_loss; this checks the update hands every one of them
+    over (each clip bound as itself, the dual clip, the KL estimator of the KL term, the rollout's log-probs to
+    TIS), against the float64 reference: role-weighted surrogate plus beta * KL with unit weights."""
+    reference_policy_loss = _kernel_reference()
+    policy, mbs, current = _off_policy_batch(tok)
+    cfg, norm = LossConfig(**settings), 300.0
+    expected = 0.0
+    for mb, cur in zip(mbs, current):
+        m = mb.targets != -100
+        common = dict(loss_agg="token_sum_norm", norm_constant=norm)
+        expected += float(reference_policy_loss(
+            cur.double(), mb.old_logprobs.double(), mb.advantages.double(), m, clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, rollout=mb.rollout_logprobs.double(),
+            tis_cap=cfg.tis_cap, weights=mb.loss_weights.double(), **common))
+        if cfg.kl_coef > 0:
+            expected += float(reference_policy_loss(
+                cur.double(), mb.old_logprobs.double(), torch.zeros_like(mb.advantages, dtype=torch.float64), m,
+                ref=mb.ref_logprobs.double(), kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, **common))
+    stats = update_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), mbs, loss_cfg=cfg, temperature=1.0,
+                        norm_constant=norm, grad_clip=0.0)
+    assert stats.loss == pytest.approx(expected, rel=1e-5)
+    assert stats.metrics["actor/clip_frac_low"] > 0 and stats.metrics["actor/clip_frac_high"] > 0
+    if cfg.dual_clip is not None:
+        assert stats.metrics["actor/dual_clip_frac"] > 0
+    if cfg.tis_cap is not None:
+        assert stats.metrics["actor/tis_frac_capped"] > 0
+
+
 def test_split_mini_batches_is_a_seeded_partition_and_one_keeps_the_batch():
     samples = mixed_samples()
     assert split_mini_batches(samples, 1, "s") == [samples]
@@ -267,6 +334,113 @@ def test_an_update_that_overflows_the_weights_raises_diverged(tok):
         _adam_step(policy, mixed_samples(seed=1), Overshoot(policy.parameters(), lr=0.1))
 
 
+def _flat(tensors):
+    return torch.cat([t.detach().double().reshape(-1) for t in tensors])
+
+
+def test_grad_clip_scales_the_step_to_the_clip_norm_and_logs_the_raw_norm(tok):
+    """With SGD at lr 1 the weight change is minus the (clipped) gradient, so its norm shows the clip that was
+    applied: G / 10 under a clip of G / 10, all of G under a clip above it; the logged grad norm stays the raw one."""
+    policy, mbs, _ = _off_policy_batch(tok)
+    raw = copy.deepcopy(policy)
+    unclipped = update_step(raw, torch.optim.SGD(raw.parameters(), lr=0.0), mbs, loss_cfg=LossConfig(),
+                            temperature=1.0, norm_constant=100.0, grad_clip=0.0)
+    grad = _flat(p.grad for p in raw.parameters())
+    G = float(grad.norm())
+    assert G > 0 and unclipped.grad_norm == pytest.approx(G, rel=1e-5)
+    start = _flat(policy.parameters())
+    for clip, step_norm in ((G / 10, G / 10), (2 * G, G)):
+        model = copy.deepcopy(policy)
+        stats = update_step(model, torch.optim.SGD(model.parameters(), lr=1.0), mbs, loss_cfg=LossConfig(),
+                            temperature=1.0, norm_constant=100.0, grad_clip=clip)
+        change = start - _flat(model.parameters())
+        assert stats.skipped == 0 and stats.grad_norm == pytest.approx(G, rel=1e-5)
+        assert float(change.norm()) == pytest.approx(step_norm, rel=1e-5), clip
+        cosine = float(change @ grad / (change.norm() * grad.norm()))
+        assert cosine == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("total, grad_norm, skipped", [
+    (float("inf"), 1.0, True), (1.0, float("nan"), True), (float("nan"), float("inf"), True), (1.0, 1.0, False),
+])
+def test_either_non_finite_number_skips_the_step(total, grad_norm, skipped):
+    """Loss and grad norm are each enough to skip: a finite loss can still have an overflowed gradient, and a
+    non-finite loss with a finite norm must not reach Adam either. A skip also drops the gradients."""
+    from raro_fast.update import _step_unless_non_finite
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(4, 3)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    assert _step_unless_non_finite(model, opt, total, grad_norm, 1) is skipped
+    unchanged = all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    if skipped:
+        assert unchanged and len(opt.state) == 0
+        assert all(p.grad is None for p in model.parameters())
+    else:
+        assert not unchanged and len(opt.state) == 2
+
+
+def test_an_infinite_gradient_under_a_finite_loss_skips_the_step(tok):
+    policy = tiny_policy(tok)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    weight = dict(policy.named_parameters())["lm.model.layers.0.mlp.down_proj.weight"]
+    weight.register_hook(lambda g: g * float("inf"))  # the loss itself never sees this
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    stats = _adam_step(policy, mixed_samples(seed=1), opt)
+    assert stats.skipped == 1 and torch.isfinite(torch.tensor(stats.loss)) and not math.isfinite(stats.grad_norm)
+    assert all(torch.equal(before[n], p) for n, p in policy.named_parameters()) and len(opt.state) == 0
+
+
+def test_several_mini_batches_report_the_mean_loss_and_token_weighted_metrics(tok):
+    """Two optimizer steps of unequal size at lr 0 (so each sees the same weights as it would alone): the round's
+    loss and grad norm are the mean of the two steps', its actor metrics their means weighted by trained tokens,
+    its tokens their sum."""
+    samples = mixed_samples()
+    policy, mbs, _ = _off_policy_batch(tok, samples)
+    # the same packed, perturbed micro-batches, as two steps of 1 and len - 1 micro-batches
+    plan = [(mbs[:1], 100.0), (mbs[1:], 100.0)]
+    kw = dict(loss_cfg=LossConfig(dual_clip=1.5), temperature=1.0, grad_clip=0.0)
+    alone = [update_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), part, norm_constant=norm, **kw)
+             for part, norm in plan]
+    both = update_mini_batches(policy, torch.optim.SGD(policy.parameters(), lr=0.0), plan, **kw)
+    t = [float(sum(int((mb.targets != -100).sum()) for mb in part)) for part, _ in plan]
+    assert t[0] != t[1] and [a.tokens for a in alone] == t
+    assert both.tokens == t[0] + t[1] == sum(len(s.input_ids) - s.prompt_len for s in samples)
+    assert both.loss == pytest.approx((alone[0].loss + alone[1].loss) / 2, rel=1e-12)
+    assert both.grad_norm == pytest.approx((alone[0].grad_norm + alone[1].grad_norm) / 2, rel=1e-12)
+    assert set(both.metrics) == set(alone[0].metrics)
+    spread = 0
+    for k, v in both.metrics.items():
+        a, b = alone[0].metrics[k], alone[1].metrics[k]
+        assert v == pytest.approx((a * t[0] + b * t[1]) / (t[0] + t[1]), rel=1e-9, abs=1e-12), k
+        spread += abs(a - b) > 1e-3
+    assert spread >= 3  # the metrics do differ between the steps, so the weighting shows
+
+
+def test_a_filler_micro_batch_adds_nothing_even_to_the_kl_term(tok):
+    """The filler's loss weight already zeroes its surrogate, but the KL term sits outside the weights: only the
+    filler's x0 keeps its (here large) KL out of the loss and the gradient."""
+    from raro_fast.packing import _filler
+
+    policy, mbs, _ = _off_policy_batch(tok)
+    filler = _filler(mixed_samples(), mbs[0].num_sequences, mbs[0].num_tokens)
+    recompute_logprobs(policy, [filler], temperature=1.0)
+    filler.ref_logprobs = filler.old_logprobs - 3.0
+    filler.rollout_logprobs = filler.old_logprobs.clone()
+    assert filler.is_padding and bool((filler.targets != -100).any())
+    results = []
+    for batch in (mbs, mbs + [filler]):
+        model = copy.deepcopy(policy)
+        stats = update_step(model, torch.optim.SGD(model.parameters(), lr=0.0), batch,
+                            loss_cfg=LossConfig(kl_coef=0.1), temperature=1.0, norm_constant=100.0, grad_clip=0.0)
+        results.append((stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, g_plain), (padded, g_padded) = results
+    assert padded.loss == plain.loss and padded.tokens == plain.tokens and padded.metrics == plain.metrics
+    for n in g_plain:
+        torch.testing.assert_close(g_padded[n], g_plain[n], rtol=1e-6, atol=1e-9, msg=n)
+
+
 def test_three_skipped_steps_in_a_row_stop_the_run_naming_the_last_good_weights(tmp_path, capsys):
     from types import SimpleNamespace
 
@@ -337,11 +511,24 @@ def test_a_resumed_run_warns_about_uniform_entropy_against_its_start(tmp_path, c
     assert "at the run's start: 1.50" in capsys.readouterr().out
 
 
+class _KeepGrads(torch.optim.SGD):
+    """SGD at lr 0 that keeps a copy of the gradient of every step."""
+
+    def __init__(self, named_parameters):
+        self.named = list(named_parameters)
+        self.grads = []
+        super().__init__([p for _, p in self.named], lr=0.0)
+
+    def step(self, closure=None):
+        self.grads.append({n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for n, p in self.named})
+        return super().step(closure)
+
+
 def _sharded_update(world: int, rank: int):
     """Rank `rank`'s share of one PPO round (2 mini-batches, KL term on) over mixed_samples, at SGD lr 0 so the
     weights stay; the old log-probs are perturbed per (sequence, position), the same on whichever rank holds the
     sequence, so ratios move off 1 and clipping acts. The second mini-batch is one sequence: on two ranks, one of
-    them trains only a filler there."""
+    them trains only a filler there. Also returns the gradient each optimizer step was given."""
     tok = load_project_tokenizer()
     policy, ref = tiny_policy(tok, seed=0), tiny_policy(tok, seed=1)
     samples = mixed_samples()
@@ -354,9 +541,9 @@ def _sharded_update(world: int, rank: int):
     recompute_logprobs(ref, mbs, temperature=1.0, field="ref_logprobs")
     for mb in mbs:
         mb.old_logprobs = mb.old_logprobs + torch.sin(mb.uids[mb.seq_ids].float() * 7.0 + mb.position_ids.float() * 3.0) * 0.5
-    upd = update_mini_batches(policy, torch.optim.SGD(policy.parameters(), lr=0.0), plan,
-                              loss_cfg=LossConfig(kl_coef=0.1), temperature=1.0, grad_clip=0.0)
-    return upd, sum(mb.is_padding for mb in mbs)
+    opt = _KeepGrads(policy.named_parameters())
+    upd = update_mini_batches(policy, opt, plan, loss_cfg=LossConfig(kl_coef=0.1), temperature=1.0, grad_clip=0.0)
+    return upd, sum(mb.is_padding for mb in mbs), opt.grads
 
 
 def test_two_ranks_log_the_global_batchs_actor_metrics(tmp_path):
@@ -368,7 +555,7 @@ def test_two_ranks_log_the_global_batchs_actor_metrics(tmp_path):
                           __file__, str(result)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-6000:]
     got = json.loads(result.read_text())
-    single, _ = _sharded_update(1, 0)
+    single, _, single_grads = _sharded_update(1, 0)
     assert got["tokens"] == single.tokens == sum(len(s.input_ids) - s.prompt_len for s in mixed_samples())
     assert set(got["metrics"]) == set(single.metrics) >= {"actor/clip_frac", "actor/ratio_mean", "actor/ref_kl"}
     assert single.metrics["actor/clip_frac"] > 0.05
@@ -376,16 +563,30 @@ def test_two_ranks_log_the_global_batchs_actor_metrics(tmp_path):
         assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert got["loss"] == pytest.approx(single.loss, rel=1e-5)
     assert got["padding"] > 0  # a rank with a filler micro-batch still lines its sums up with the other's
+    # FSDP averages the ranks' gradients; each rank's loss is pre-multiplied by the world size so that the average
+    # is the whole batch's gradient (here the average is taken by hand, the model not being sharded)
+    averaged = torch.load(str(result) + ".grads.pt")
+    assert len(averaged) == len(single_grads) == 2
+    for got_step, single_step in zip(averaged, single_grads):
+        assert set(got_step) == set(single_step)
+        for n, g in single_step.items():
+            assert float(g.norm()) > 0, n
+            torch.testing.assert_close(got_step[n], g, rtol=1e-5, atol=1e-8, msg=n)
 
 
 if __name__ == "__main__":  # one rank of test_two_ranks_log_the_global_batchs_actor_metrics, under torchrun
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    upd, padding = _sharded_update(dist.get_world_size(), dist.get_rank())
+    upd, padding, grads = _sharded_update(dist.get_world_size(), dist.get_rank())
     padding_t = torch.tensor(padding)
     dist.all_reduce(padding_t)
+    for step_grads in grads:
+        for n in sorted(step_grads):
+            dist.all_reduce(step_grads[n])
+            step_grads[n] /= dist.get_world_size()
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump({"loss": upd.loss, "tokens": upd.tokens, "metrics": upd.metrics, "padding": int(padding_t)}, f)
+        torch.save(grads, sys.argv[1] + ".grads.pt")
     dist.destroy_process_group()

@@ -51,6 +51,22 @@ def test_curve_and_avg():
         pass_at_k_curve(counts, ks=[16])
 
 
+def test_curve_over_unequal_sample_counts_and_avg_weighs_problems_equally():
+    """Each problem keeps its own n in its estimate; the default ks stop at the fewest samples; avg@n is the mean of
+    the per-problem fractions, not the pooled fraction (which would weigh the problem with more samples more)."""
+    from fractions import Fraction
+
+    curve = pass_at_k_curve([(4, 1), (8, 2)])
+    assert list(curve) == [1, 2, 4]
+    # exact binomials with Python integers: 1 - C(n - c, k) / C(n, k)
+    exact = {k: (1 - Fraction(comb(3, k), comb(4, k)) + 1 - Fraction(comb(6, k), comb(8, k))) / 2 for k in (1, 2, 4)}
+    assert exact[1] == Fraction(1, 4) and exact[4] == (1 + (1 - Fraction(comb(6, 4), comb(8, 4)))) / 2
+    for k, value in exact.items():
+        assert curve[k] == pytest.approx(float(value), rel=1e-12), k
+    assert default_ks(8) == [1, 2, 4, 8]  # n itself once, also when it is a power of two
+    assert avg_at_n([(2, 1), (4, 0)]) == pytest.approx(0.25)  # (1/2 + 0) / 2; pooled would be 1/6
+
+
 def test_support_metrics_worked_example():
     m = support_metrics(P=1355, E=5, S=56, O=131)
     assert round(m["SRR"], 3) == 0.960
@@ -110,6 +126,8 @@ def test_token_entropy_against_float64_reference():
 
 def test_perplexity():
     assert perplexity([math.log(0.5)] * 4) == pytest.approx(2.0)
+    # exp of the mean NLL is the geometric mean of 1/p: sqrt(2 * 4), not the arithmetic mean (2 + 4) / 2
+    assert perplexity([math.log(0.5), math.log(0.25)]) == pytest.approx(math.sqrt(8.0), rel=1e-12)
     with pytest.raises(ValueError):
         perplexity([])
 
