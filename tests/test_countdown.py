@@ -11,10 +11,12 @@ from raro_fast.tasks.countdown import (
     evaluate,
     evaluation_trace,
     expert_answer,
+    expression_steps,
     generate_puzzles,
     search_trace,
     solutions,
     solve,
+    solve_ast,
     split_puzzles,
     verify,
 )
@@ -26,6 +28,7 @@ def test_solve_known_cases():
     assert evaluate(solve((1, 5, 5, 5), 24)) == 24  # needs a fraction: 5*(5-1/5)
     assert solve((2, 3), 6) in ("2*3", "3*2")
     assert solve((4, 7), 24) is None
+    assert solve((2, 6, 7), 21) == "7*6/2"  # the house style tries whole quotients first, not 7/(2/6)
 
 
 def test_every_default_puzzle_is_solved_and_verified():
@@ -55,6 +58,17 @@ def test_splits_disjoint_deterministic_and_configurable():
     assert len({tuple(sorted(p.numbers)) for p in big}) == 50
 
 
+def test_sampled_puzzles_never_repeat_a_multiset(monkeypatch):
+    """Past _ENUMERATE_LIMIT multisets the generator draws them at random; a repeated draw would put one puzzle in
+    both splits. Forced to sample from the 164 solvable easy multisets, 120 puzzles repeat many draws."""
+    import raro_fast.tasks.countdown as countdown
+
+    monkeypatch.setattr(countdown, "_ENUMERATE_LIMIT", 0)
+    sampled = generate_puzzles(num=120, num_numbers=3, min_number=1, max_number=13, target=10, seed=0)
+    assert len({p.key for p in sampled}) == 120
+    assert all(verify(p.numbers, 10, solve(p.numbers, 10)) for p in sampled)
+
+
 def test_asking_for_more_puzzles_than_exist_names_the_count():
     with pytest.raises(ValueError, match=r"only \d+ solvable puzzles"):
         split_puzzles(CountdownConfig(num_train=5000, num_heldout=10))
@@ -69,6 +83,13 @@ def test_bad_config_names_field(field, value):
         CountdownConfig(**{field: value})
 
 
+def test_the_edge_values_of_the_config_are_valid():
+    """No held-out puzzles, and a target range of one target, are settings, not errors; a range of one target is
+    the single-target task, puzzle for puzzle."""
+    assert split_puzzles(CountdownConfig(num_train=5, num_heldout=0))[1] == []
+    assert split_puzzles(CountdownConfig(target=10, max_target=10)) == split_puzzles(CountdownConfig(target=10))
+
+
 @pytest.mark.parametrize(
     "expr,ok",
     [
@@ -79,6 +100,7 @@ def test_bad_config_names_field(field, value):
         ("(2+2)*(11-5)-2", False),  # 2 used three times
         ("(2+2)*11", False),  # 5 left out
         ("2*2*11-5", False),  # wrong value
+        ("5+2+2+11+2*2", False),  # makes 24, but uses 2 four times: every number given, each once, is not enough
         ("(2+2)*(11-5", False),
         ("(2+2)*(11-5))", False),
         ("(2+2)*(11-5) ok", False),
@@ -95,6 +117,20 @@ def test_bad_config_names_field(field, value):
 )
 def test_verify(expr, ok):
     assert verify((5, 2, 2, 11), 24, expr) is ok
+
+
+def test_an_expression_of_the_length_limit_is_read_and_one_character_more_is_not():
+    """MAX_EXPRESSION_CHARS bounds what is parsed; an answer of exactly that length is still an answer, read alike by
+    the verifier, the evaluator and the answer extraction (spaces count)."""
+    from raro_fast.tasks.countdown import MAX_EXPRESSION_CHARS
+
+    task = get_task("countdown", CountdownConfig(num_train=4, num_heldout=2))
+    at_limit, over = ("(2+2)*" + " " * (MAX_EXPRESSION_CHARS - 12 + extra) + "(11-5)" for extra in (0, 1))
+    assert len(at_limit) == MAX_EXPRESSION_CHARS
+    assert verify((5, 2, 2, 11), 24, at_limit) and evaluate(at_limit) == 24
+    assert task.extract_answer(f"<answer>{at_limit}</answer>") == at_limit
+    assert not verify((5, 2, 2, 11), 24, over) and evaluate(over) is None
+    assert task.extract_answer(f"<answer>{over}</answer>") is None
 
 
 def test_verify_rejects_division_by_zero_and_accepts_fractions():
@@ -161,6 +197,8 @@ def test_countdown_task_interface():
     assert len(train) == 40 and len(heldout) == 10
     ex = train[0]
     assert ex.id.startswith("countdown:") and "make 10." in ex.question and len(ex.meta["numbers"]) == 3
+    # The id names the multiset and the target: the same numbers with another target are another puzzle.
+    assert ex.id == f"countdown:{'-'.join(map(str, sorted(ex.meta['numbers'])))}:10"
     assert task.verify(ex, ex.answer) is True
     assert task.verify(ex, None) is False
     assert task.extract_answer(f"<think>x</think><answer>{ex.answer}</answer>") == ex.answer
@@ -214,6 +252,7 @@ def test_solutions_are_every_expression_that_makes_the_target():
     assert solutions((3, 3, 8, 8), 24) == ("8/(3-8/3)",)  # the 24-game's famous one: through fractions only
     assert solutions((3, 3, 8, 8), 24, natural=True) == ()
     assert solutions((4, 7), 24) == ()
+    assert solutions((4, 5), -1) == ("4-5",) and solutions((4, 5), -1, natural=True) == ()  # the last step is < 0
     # Against brute force over random puzzles: every listed text verifies, and every verifying expression that
     # the solver (a different search) finds is listed.
     rng = random.Random(0)
@@ -258,6 +297,20 @@ def test_expert_form_varied_draws_one_valid_expression_per_puzzle_seeded():
     assert [e.answer for e in canonical[:3]] == ["3*6-8", "3*7-11", "4+2+4"]  # the default is unchanged
 
 
+def test_an_answer_of_nested_brackets_read_deep_in_a_call_stack_is_no_answer_not_a_crash():
+    """Within the length bound, 255 "(" still make the parser recurse about 770 frames of Python's 1000: read a few
+    hundred frames deep, the policy's text raised RecursionError out of extract_answer and answer_classes."""
+    task = get_task("countdown", CountdownConfig(num_train=4, num_heldout=2))
+    nested = "(" * 255 + "1"
+
+    def deep(frames, read):
+        return read() if frames == 0 else deep(frames - 1, read)
+
+    assert deep(300, lambda: task.extract_answer(f"<answer>{nested}</answer>")) is None
+    assert deep(300, lambda: task.answer_classes([nested, nested, "1"])) == [0, 0, 1]
+    assert deep(300, lambda: task.verify(task.examples("train")[0], nested)) is False
+
+
 @pytest.mark.parametrize("completion,expected", [
     ("<think>7+7=14, 14-4=10</think><answer>7+7-4</answer>", "7+7-4"),
     ("<answer> (8 + 2) </answer>", "(8 + 2)"),
@@ -290,3 +343,30 @@ def test_forward_puzzle_refuses_a_range_it_cannot_fill_instead_of_spinning():
     # the bound changes nothing that is found: the same draws as before
     assert forward_puzzle(random.Random(0), **shape, min_target=1, max_target=30, exclude_target=10) == \
         forward_puzzle(random.Random(0), **shape, min_target=1, max_target=30, exclude_target=10, max_tries=10**9)
+
+
+def test_forward_puzzles_are_solved_by_their_expression_and_keep_out_what_is_excluded():
+    """A forward puzzle's target is its expression's value, a whole number in range and never the excluded target,
+    and its key is never one of the excluded puzzles (the warm-up keeps the task's own puzzles out this way)."""
+    from raro_fast.tasks.countdown import forward_puzzle
+
+    shape = dict(num_numbers=3, min_number=1, max_number=13, min_target=1, max_target=12, exclude_target=10)
+    rng = random.Random(1)
+    exclude = frozenset(forward_puzzle(rng, **shape)[0].key for _ in range(300))
+    rng = random.Random(2)  # about a quarter of its draws make an excluded puzzle
+    for _ in range(300):
+        puzzle, expression = forward_puzzle(rng, **shape, exclude=exclude)
+        assert verify(puzzle.numbers, puzzle.target, expression), (puzzle, expression)
+        assert 1 <= puzzle.target <= 12 and puzzle.target != 10 and puzzle.key not in exclude
+
+
+def test_a_search_traces_dead_ends_miss_the_target_and_its_last_chain_is_the_solution():
+    """A chain marked "no." that reached the target would teach the model to reject a right answer."""
+    rng, dead_ends = random.Random(0), 0
+    for p in generate_puzzles(num=60, num_numbers=3, target=10, seed=0):
+        *dead, last = search_trace(p.numbers, p.target, rng=rng)[:-1].split(". ")
+        for chain in dead:
+            assert chain.endswith(" no") and Fraction(chain.split("=")[-1].removesuffix(" no")) != p.target, chain
+        assert last == " ".join(expression_steps(solve_ast(p.numbers, p.target))) + " yes"
+        dead_ends += len(dead)
+    assert dead_ends > 20

@@ -36,6 +36,9 @@ def test_boxed_nested_braces():
     assert extract_answer(r"\boxed{\frac{\sqrt{2}}{2}}") == r"\frac{\sqrt{2}}{2}"
     assert extract_answer(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"  # escaped braces are content, not grouping
     assert extract_answer(r"\boxed{a \boxed{b} c}") == r"a \boxed{b} c"  # the box inside is part of the content
+    # An escaped brace with no escaped partner (a set or a piecewise function opened by \left\{, closed by \right.)
+    # must not count: the box would never close.
+    assert extract_answer(r"\boxed{\left\{x \mid x > 0\right.}") == r"\left\{x \mid x > 0\right."
 
 
 def test_last_boxed_wins():
@@ -52,6 +55,7 @@ def test_boxed_beats_answer_tag_and_tag_is_fallback():
     assert extract_answer(r"<think>Guess \boxed{3}, no.</think><answer>4</answer>") == "4"
     assert extract_answer(r"<think>\boxed{3}</think><answer>so \boxed{4}</answer>") == "4"
     assert extract_answer(r"<think>\boxed{3}</think><answer>4") is None  # cut off in the answer
+    assert extract_answer(r"<answer>\boxed{3}</answer><answer>4</answer>") == "4"  # the last tag, not the first box
 
 
 def test_unclosed_or_empty_box_is_no_answer():
@@ -80,6 +84,8 @@ def test_task_uses_boxed_extraction():
     (r"\frac{1}{2}", "", False),
     (r"\frac{1}{2}", None, False),
     ("2", "2" * 2000, False),  # over MAX_ANSWER_CHARS: not parsed at all
+    (r"\frac{1}{2}", "1/" + " " * 997 + "2", True),  # MAX_ANSWER_CHARS long: still read
+    ("x<3", r"(-\infty,3)", True),  # math-verify's verify is not symmetric (gold first): swapped, this is False
 ])
 def test_math_equal(gold, predicted, expected):
     assert math_equal(gold, predicted) is expected
@@ -132,6 +138,20 @@ def test_numbers_that_round_alike_are_not_one_answer():
     assert math_answer_classes(["10^{-9}", "0", "0", r"\frac{0}{5}"]) == [0, 1, 1, 1]
     assert math_answer_classes(["18446744073709551616", "18446744073709551615", "18446744073709551615"]) == [0, 1, 1]
     assert math_answer_classes(["0.5000001", "0.5", r"\frac{1}{2}"]) == [0, 0, 0]  # math-verify's own rounding
+
+
+def test_an_over_long_answer_is_never_parsed(monkeypatch):
+    """Past MAX_ANSWER_CHARS an answer is wrong unparsed: sympy can take unbounded time, with no timer off the main
+    thread. Neither the verifier nor the answer classes may hand it to math-verify; the classes did, as the gold
+    side of the next answer's comparison."""
+    import raro_fast.tasks.deepmath as deepmath
+
+    real, parsed = deepmath._parse_latex, []
+    monkeypatch.setattr(deepmath, "_parse_latex", lambda text, timeout: parsed.append(text) or real(text, timeout))
+    long = "2" * 2000
+    assert math_answer_classes([long, "2", long]) == [0, 1, 0]
+    assert not math_equal("2", long)
+    assert "2" in parsed and long not in parsed
 
 
 def test_a_parse_timeout_is_not_remembered(monkeypatch):
@@ -223,6 +243,13 @@ def test_difficulty_filter_and_max_examples(tmp_path):
     assert [e.question for e in capped.examples("train")] == [f"What is {i} + {i}?" for i in (8, 17, 26)]
 
 
+def test_difficulty_bounds_are_inclusive(tmp_path):
+    """min_difficulty == max_difficulty keeps the rows of exactly that difficulty (a bound is not a strict one)."""
+    path = write_jsonl(tmp_path / "a.jsonl", problems(90))  # difficulties 1..9, ten of each
+    task = DeepMathTask(DeepMathConfig(path=path, min_difficulty=4, max_difficulty=4, heldout_fraction=0.0))
+    assert [e.question for e in task.examples("train")] == [f"What is {i} + {i}?" for i in range(3, 90, 9)]
+
+
 def test_filter_that_keeps_nothing(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", problems(9))
     with pytest.raises(ValueError, match=r"a\.jsonl: no row has a difficulty in \[10, None\]"):
@@ -230,11 +257,13 @@ def test_filter_that_keeps_nothing(tmp_path):
 
 
 def test_answer_alias_and_numbers(tmp_path):
+    # q4: the same answer as a number and as its alias's text (the check wrote the number 0.00001 as "1e-05").
     path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q1", "answer": "7"}, {"question": "q2", "final_answer": 8},
-                                              {"question": "q3", "final_answer": "9", "answer": "9"}])
+                                              {"question": "q3", "final_answer": "9", "answer": "9"},
+                                              {"question": "q4", "final_answer": 0.00001, "answer": "0.00001"}])
     task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
     assert [(e.question, e.answer, e.meta["difficulty"]) for e in task.examples("train")] == [
-        ("q1", "7", None), ("q2", "8", None), ("q3", "9", None)]
+        ("q1", "7", None), ("q2", "8", None), ("q3", "9", None), ("q4", "0.00001", None)]
 
 
 def test_a_numeric_answer_is_written_without_an_exponent(tmp_path):
@@ -278,6 +307,9 @@ def test_missing_field_names_file_line_and_field(tmp_path):
     ('{"question": "  ", "final_answer": "1"}', r"x\.jsonl:2: field 'question' is empty"),
     ('{"question": "b", "final_answer": ["1"]}', r"x\.jsonl:2: field 'final_answer' must be a string, got list"),
     ('{"question": "b", "final_answer": "1", "difficulty": "hard"}', r"x\.jsonl:2: field 'difficulty' must be a number, got str"),
+    # JSON's true is a Python bool, an int: taken as a number it would be difficulty 1.0 and the answer "True".
+    ('{"question": "b", "final_answer": "1", "difficulty": true}', r"x\.jsonl:2: field 'difficulty' must be a number, got bool"),
+    ('{"question": "b", "final_answer": true}', r"x\.jsonl:2: field 'final_answer' must be a string, got bool"),
     ('{"question": "b", "final_answer": "1", "answer": "2"}', r"x\.jsonl:2: fields 'final_answer' and 'answer'"),
     ('{"question": "a", "final_answer": "1"}', r"x\.jsonl:2: field 'question' repeats the question of .*x\.jsonl:1"),
     # Python's json reads these; a NaN difficulty passed every filter, an Infinity answer became "inf".
@@ -316,6 +348,12 @@ def test_empty_missing_and_unknown_files(tmp_path):
     csv.write_text("question,final_answer\n")
     with pytest.raises(ValueError, match=r"x\.csv: unsupported file type '\.csv'; use \.jsonl or \.parquet"):
         DeepMathTask(DeepMathConfig(path=str(csv)))
+
+
+def test_the_file_type_is_read_from_its_suffix_in_any_case(tmp_path):
+    path = write_jsonl(tmp_path / "A.JSONL", problems(3))
+    task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
+    assert [e.answer for e in task.examples("train")] == ["0", "2", "4"]
 
 
 def test_all_heldout_is_an_error(tmp_path):

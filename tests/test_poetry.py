@@ -47,6 +47,15 @@ def test_same_instruction_shares_a_split_and_file_growth_keeps_splits(tmp_path):
     assert len(big.examples("heldout")) % 3 == 0  # every instruction has 3 poems, all in one split
 
 
+def test_instruction_and_poem_are_stripped(tmp_path):
+    """The expert's poem is the answer the critic compares with the policy's, which parse_answer strips: a poem
+    kept with its file's surrounding blank lines would differ from any policy's by layout alone."""
+    rows = [{"instruction": " Write about rain.\n", "poem": "\n  Rain falls,\nthen stops.  \n\n"}]
+    task = PoetryTask(PoetryConfig(path=write_jsonl(tmp_path / "a.jsonl", rows), heldout_fraction=0.0))
+    [example] = task.examples("train")
+    assert (example.question, example.answer) == ("Write about rain.", "Rain falls,\nthen stops.")
+
+
 def test_max_examples(tmp_path):
     rows = [{"instruction": f"i{i}", "poem": f"p{i}"} for i in range(10)]
     task = PoetryTask(PoetryConfig(path=write_jsonl(tmp_path / "a.jsonl", rows), max_examples=4, heldout_fraction=0.0))
@@ -90,6 +99,22 @@ def test_empty_file_and_config_checks(tmp_path):
 def test_registered():
     assert TASKS["poetry"] == (PoetryTask, PoetryConfig)
     assert get_task("poetry", PoetryConfig()).name == "poetry"
+    from raro_fast.tasks import TaskConfig, make_task
+
+    task = make_task(TaskConfig(name="poetry", poetry=PoetryConfig(max_examples=3, heldout_fraction=0.0)))
+    assert isinstance(task, PoetryTask) and len(task.examples("train")) == 3  # the named task's own settings
+
+
+def test_the_base_tasks_answers_classes_and_examples():
+    """What a task inherits: a cut-off completion gives no answer whatever tags it holds; answers that differ only
+    in surrounding whitespace are one class; `examples` hands out a copy, so a caller cannot change the split."""
+    task = PoetryTask(PoetryConfig())
+    done = "<think>plan</think><answer>roses\nare red</answer>"
+    assert task.final_answer(done, truncated=False) == "roses\nare red"
+    assert task.final_answer(done, truncated=True) is None
+    assert task.answer_classes(["roses", " roses\n", None, "Roses", "roses"]) == [0, 0, None, 1, 0]
+    task.examples("train").clear()
+    assert len(task.examples("train")) == 18
 
 
 # --- judge --------------------------------------------------------------------------------------------------------

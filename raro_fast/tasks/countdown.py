@@ -515,7 +515,7 @@ def _is_expression(text: str) -> bool:
         return False
     try:
         parse(text)
-    except _ParseError:
+    except (_ParseError, RecursionError):  # 255 nested "(" recurse about 770 frames: deep in a stack, too many
         return False
     return True
 
@@ -524,7 +524,7 @@ def _expression_key(answer: str) -> str:
     if len(answer) <= MAX_EXPRESSION_CHARS:  # the parser recurses per parenthesis: bound it as `verify` does
         try:
             return to_string(parse(answer))
-        except _ParseError:
+        except (_ParseError, RecursionError):
             pass
     return "".join(answer.split())
 

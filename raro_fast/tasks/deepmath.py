@@ -66,11 +66,13 @@ class DeepMathConfig:
 
 def _final_answer(record: dict[str, Any], where: str) -> str:
     has_final, has_alias = record.get("final_answer") is not None, record.get("answer") is not None
-    if has_final and has_alias and str(record["final_answer"]).strip() != str(record["answer"]).strip():
-        raise ValueError(f"{where}: fields 'final_answer' and 'answer' (its alias) both given, and they differ")
     if not has_final and has_alias:
         return text_field(record, where, "answer", allow_numbers=True).strip()
-    return text_field(record, where, "final_answer", allow_numbers=True).strip()
+    answer = text_field(record, where, "final_answer", allow_numbers=True).strip()
+    # Compared as the loader writes them: str() wrote the number 0.00001 as "1e-05", unlike its alias "0.00001".
+    if has_alias and text_field(record, where, "answer", allow_numbers=True).strip() != answer:
+        raise ValueError(f"{where}: fields 'final_answer' and 'answer' (its alias) both given, and they differ")
+    return answer
 
 
 def _difficulty(record: dict[str, Any], where: str, needed_by: str | None) -> float | None:
@@ -229,13 +231,14 @@ def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int =
     class it could equal: a real number only with the classes of numbers of the same rounded value (a thousand
     numeric samples cost a thousand parses and about as many comparisons, not half a million) and with those that
     are not numbers (x=3 and 3 are one answer); anything else with every class. A spelling seen before is not
-    compared again. An answer that does not parse is its own text. The rounded value alone used to decide, and put
-    10^{-9} with 0, so a majority vote picked the wrong one."""
+    compared again. An answer that does not parse, or is longer than MAX_ANSWER_CHARS, is its own text. The rounded
+    value alone used to decide, and put 10^{-9} with 0, so a majority vote picked the wrong one."""
     on_main_thread = threading.current_thread() is threading.main_thread()
     timeout = timeout_seconds if timeout_seconds > 0 and on_main_thread else None
     by_text: dict[str, int] = {}
     by_value: dict[float, list[int]] = {}
     firsts: list[tuple[str, bool]] = []  # each class's first member, and whether it is a number
+    comparable: list[int] = []  # the classes whose first member is short enough to parse
     out: list[int | None] = []
     for answer in answers:
         if answer is None:
@@ -243,16 +246,22 @@ def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int =
             continue
         text = answer.strip()
         if text not in by_text:
-            value = _real_value(text, timeout) if text and len(text) <= MAX_ANSWER_CHARS else None
-            if value is None:
-                candidates = list(range(len(firsts)))
+            # An over-long answer is never parsed, here nor as the gold side of a later comparison: its own class.
+            short = len(text) <= MAX_ANSWER_CHARS
+            value = _real_value(text, timeout) if text and short else None
+            if not short:
+                candidates = []
+            elif value is None:
+                candidates = comparable
             else:  # numbers of different rounded values are different answers
-                candidates = by_value.get(value, []) + [c for c, (_, is_number) in enumerate(firsts) if not is_number]
+                candidates = by_value.get(value, []) + [c for c in comparable if not firsts[c][1]]
             cls = next((c for c in candidates if math_equal(firsts[c][0], text, timeout_seconds=timeout_seconds)),
                        None)
             if cls is None:
                 cls = len(firsts)
                 firsts.append((text, value is not None))
+                if short:
+                    comparable.append(cls)
                 if value is not None:
                     by_value.setdefault(value, []).append(cls)
             by_text[text] = cls
