@@ -7,9 +7,9 @@ Layout of one checkpoint, `<output_dir>/checkpoints/step_000010/`:
   rng_rank<r>.safetensors     each rank's torch RNG state
   trainer_state.json          step, data position, replay buffer, anything else the loop needs
   manifest.json               every other file's size and SHA-256, written last
-A checkpoint is written in a hidden temporary folder and renamed into place; `latest` (a one-line file, itself
-replaced atomically) names the newest complete one. No pickles anywhere. A resume verifies the checkpoint against
-its manifest first; a damaged one is named and the newest intact one used instead, never a silent restart.
+A checkpoint is written in a hidden temporary folder, synced to disk and renamed into place; `latest` (a one-line
+file, itself replaced atomically) names the newest complete one. No pickles anywhere. A resume verifies the checkpoint
+against its manifest first; a damaged one is named and the newest intact one used instead, never a silent restart.
 """
 from __future__ import annotations
 
@@ -109,10 +109,20 @@ def resume_point(output_dir: str | os.PathLike, warn: Callable[[str], None] = pr
     return None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def save_checkpoint(
@@ -150,6 +160,10 @@ def save_checkpoint(
     if d.is_main:
         with_umask_modes(tmp)
         write_manifest(tmp)
+        # On disk before `latest` names it and older ones are pruned: after a power cut the rename alone could
+        # leave this one's files empty and the intact older ones deleted.
+        for p in [*tmp.rglob("*"), tmp]:
+            _fsync(p)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(root / "latest", name + "\n")

@@ -341,7 +341,9 @@ def evaluate(r: Run, step: int) -> dict[str, float | None]:
 
 def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
-             "world_size": r.d.world_size, "config": to_dict(r.cfg), "mode_state": dict(r.mode_state)}
+             "world_size": r.d.world_size, "config": to_dict(r.cfg), "mode_state": dict(r.mode_state),
+             # the stop after MAX_SKIPPED_IN_A_ROW counts skips before the checkpoint too, as an uninterrupted run does
+             "skipped_in_a_row": r.skipped_in_a_row, "warned_uniform": r.warned_uniform}
     checkpoint.save_checkpoint(r.cfg.train.output_dir, step, model=r.model, hf_model=r.hf_model, tokenizer=r.tokenizer,
                                optimizer=r.optimizer, trainer_state=state, d=r.d)
 
@@ -447,7 +449,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if mode.needs_reference(cfg):
         ref_model = reference_model(cfg, d, compute_dtype, mode.reference_dir(cfg, resume_from))
     replay = ReplayBuffer(cfg.raro.replay_size)
-    start, mode_state = 0, {}
+    start, mode_state, skipped, warned = 0, {}, 0, False
     if resume_from is not None:
         state = checkpoint.load_trainer_state(resume_from)
         if state["world_size"] != d.world_size:
@@ -458,6 +460,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                          weight_decay=cfg.optim.weight_decay)
         replay.load_state_dict(state["replay"])
         start, mode_state = state["step"], dict(state.get("mode_state", {}))
+        skipped, warned = state.get("skipped_in_a_row", 0), state.get("warned_uniform", False)
         engine.weight_version = start
         warn(f"train.resume: continuing after step {start} from {resume_from}")
     first_sync(cfg.rollout, engine, model, version=start, dtype=compute_dtype)
@@ -471,7 +474,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
-               mode_state=mode_state,
+               mode_state=mode_state, skipped_in_a_row=skipped, warned_uniform=warned,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
 

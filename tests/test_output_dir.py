@@ -42,9 +42,10 @@ def test_overwrite_clears_the_old_run_and_keeps_a_matching_base(tmp_path):
     out = tmp_path / "run"
     cfg = _cfg(out, "--train.overwrite", "true")
     base = _base(out, cfg)
-    for name in ("metrics.jsonl", "config.json", "curves.png"):
+    for name in ("metrics.jsonl", "config.json", "curves.png", "rollouts.jsonl"):
         (out / name).write_text("old")
-    (out / "checkpoints" / "step_000002").mkdir(parents=True)
+    for folder in ("checkpoints/step_000002", "dpo_reference/step_000003", "final_model"):
+        (out / folder).mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
     output_dir.prepare(cfg, delete=False)  # ranks other than 0 only check
     assert (out / "metrics.jsonl").exists()
@@ -109,6 +110,30 @@ def test_recipe_covers_what_the_base_depends_on(tmp_path):
     json.dumps(a)
 
 
+def test_a_base_is_checked_in_every_section_and_for_a_real_model_warmed_up_too(tmp_path):
+    """Each section of the recipe is compared (a base warmed up with another seed, width or train.seed was reused);
+    a real model given warmup.checkpoint_steps is warmed up into base_model/ like the embedded one, and the puzzles
+    left out of a warm-up that leaves out the task's puzzles are the split's, so its counts are the base's too."""
+    out = tmp_path / "run"
+    real = ["--model.path", str(tmp_path), "--warmup.checkpoint_steps", "5"]
+    assert output_dir.uses_base(_cfg(out)) and output_dir.uses_base(_cfg(out, *real))
+    assert not output_dir.uses_base(_cfg(out, "--model.path", str(tmp_path)))
+    _base(out, _cfg(out, *real))
+    with pytest.raises(ValueError, match="checkpoint_steps: 5 there, 6 now"):
+        output_dir.prepare(_cfg(out, "--model.path", str(tmp_path), "--warmup.checkpoint_steps", "6"), delete=True)
+    output_dir.prepare(_cfg(out, *real), delete=True)
+    output_dir.prepare(_cfg(out, *real[:2]), delete=True)  # no warm-up: the model is used as it is, base ignored
+    other = tmp_path / "other"
+    _base(other, _cfg(other, "--warmup.seed", "7", "--model.embedded.hidden_size", "64", "--train.seed", "3"))
+    with pytest.raises(ValueError) as e:
+        output_dir.prepare(_cfg(other), delete=True)
+    assert ("(model.embedded.hidden_size: 64 there, 128 now; warmup.seed: 7 there, 1234 now; train.seed: 3 there, "
+            "0 now)" in str(e.value))
+    puzzles = output_dir.base_recipe(_cfg(out, "--warmup.leave_out", "puzzles"))
+    assert puzzles["task.countdown"]["num_train"] != output_dir.base_recipe(
+        _cfg(out, "--warmup.leave_out", "puzzles", "--task.countdown.num_train", "50"))["task.countdown"]["num_train"]
+
+
 def test_pruning_never_deletes_the_newest_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6, 8):
@@ -120,6 +145,9 @@ def test_pruning_never_deletes_the_newest_checkpoint(tmp_path):
     assert names == ["step_000002", "step_000004"]
     assert checkpoint.prunable(root, root / "step_000008", keep=1) == [root / f"step_{s:06d}" for s in (2, 4, 6)]
     assert checkpoint.prunable(root, root / "step_000002", keep=0) == []
+    # keep more than there are: nothing goes (the count to delete is negative, not a slice end counted from the back)
+    assert checkpoint.prunable(root, root / "step_000008", keep=5) == []
+    assert checkpoint.prunable(root, root / "step_000008", keep=3) == [root / "step_000002"]
 
 
 def _checkpoint(root, step, *, manifest=True):
@@ -154,6 +182,25 @@ def test_resume_point_skips_damaged_checkpoints_naming_the_file(tmp_path):
     assert checkpoint.resume_point(tmp_path / "fresh", warn=said.append) is None  # nothing to resume: from scratch
 
 
+def test_resume_point_takes_the_one_latest_names_and_checks_every_file_it_lists(tmp_path):
+    """Killed after step 4's folder was renamed into place, before `latest` was replaced: `latest` still names step 2,
+    which is used (not the higher step number). The manifest covers the model folder too, and a truncated file is
+    named with its sizes."""
+    root = checkpoint.checkpoint_root(tmp_path)
+    _checkpoint(root, 2), _checkpoint(root, 4)
+    (root / "latest").write_text("step_000002\n")
+    said = []
+    assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000002" and said == []
+    (root / "step_000002" / "model" / "config.json").write_text("[]")  # same size, other bytes
+    assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000004"
+    assert said == [f"train.resume: step_000002 is damaged, skipped: {root / 'step_000002' / 'model' / 'config.json'} "
+                    "does not match its SHA-256 in the manifest (changed after it was written)",
+                    "train.resume: resuming from step_000004, the newest intact checkpoint"]
+    (root / "step_000004" / "optimizer.safetensors").write_text("x" * 10)
+    assert checkpoint.damage(root / "step_000004") == (
+        f"{root / 'step_000004' / 'optimizer.safetensors'} has 10 bytes, the manifest says 50 (truncated or replaced)")
+
+
 def test_resume_point_without_latest_and_from_before_manifests(tmp_path):
     root = checkpoint.checkpoint_root(tmp_path)
     _checkpoint(root, 2, manifest=False), _checkpoint(root, 4, manifest=False)
@@ -181,6 +228,14 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
     assert refused == ["task.poetry.seed: 0 -> 3", "rollout.temperature: 1.0 -> 0.7"]
     assert allowed == ["rollout.batch_size: 128 -> 8", "optim.lr: 0.0002 -> 1e-05"]
     assert resume_changes(saved, to_dict(load_config(["--task.name", "poetry"]))) == ([], [])
+    # another task is another run, though its own section is not compared (its data path may move)
+    assert resume_changes(saved, to_dict(load_config(["--task.name", "countdown"]))) == (
+        ["task.name: 'poetry' -> 'countdown'"], [])
+    refused, allowed = resume_changes(saved, to_dict(load_config(
+        ["--task.name", "poetry", "--train.max_tokens_per_micro_batch", "1024", "--model.gradient_checkpointing",
+         "true", "--train.stop_after", "2", "--train.steps", "7"])))
+    assert refused == [] and allowed == ["model.gradient_checkpointing: False -> True", "train.steps: 80 -> 7",
+                                         "train.max_tokens_per_micro_batch: 4096 -> 1024", "train.stop_after: 0 -> 2"]
     # How often it evaluates may change; what an evaluation measures may not (the summary compares it with step 0's).
     refused, allowed = resume_changes(saved, to_dict(load_config(
         ["--task.name", "poetry", "--train.eval_every", "5", "--train.eval_tournament", "false",

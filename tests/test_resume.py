@@ -1,0 +1,168 @@
+"""A checkpoint round trip without a training run: what `save_checkpoint` writes (weights, optimizer state, RNG) is
+what a resume gets back, bit for bit; the folder keeps the newest two; and it is on disk before anything relies on it.
+The end-to-end resume tests never look at what was pruned, and their runs draw nothing from the global RNG."""
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raro_fast import checkpoint
+from raro_fast.distributed import Dist
+from raro_fast.model.hf import build_embedded_model, load_project_tokenizer
+from raro_fast.model.policy import PolicyModel
+
+D = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _model_and_optimizer(seed):
+    tok = load_project_tokenizer()
+    hf = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                              max_position=64, seed=seed)
+    model = PolicyModel(hf)
+    return tok, hf, model, torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)
+
+
+def _adam_step(model, optimizer, scale):
+    optimizer.zero_grad()
+    loss = sum((p * (scale + i)).square().sum() for i, p in enumerate(model.parameters()))
+    loss.backward()
+    optimizer.step()
+
+
+def test_a_checkpoint_restores_the_optimizer_and_rng_exactly_and_keeps_the_newest_two(tmp_path):
+    tok, hf, model, optimizer = _model_and_optimizer(seed=0)
+    root = checkpoint.checkpoint_root(tmp_path)
+    (root / "step_000009").mkdir(parents=True)  # left by a run this one resumed before: not newer, pruned too
+    for step in (1, 2, 3):
+        _adam_step(model, optimizer, scale=0.5 * step)
+        torch.manual_seed(100 + step)
+        final = checkpoint.save_checkpoint(tmp_path, step, model=model, hf_model=hf, tokenizer=tok,
+                                           optimizer=optimizer, trainer_state={"step": step}, d=D)
+    assert final == root / "step_000003" and (root / "latest").read_text() == "step_000003\n"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
+    assert checkpoint.damage(final) is None and checkpoint.load_trainer_state(final) == {"step": 3}
+    # Saving a step again (a resume from an older checkpoint redoes it) replaces the folder, not fails on it.
+    checkpoint.save_checkpoint(tmp_path, 3, model=model, hf_model=hf, tokenizer=tok, optimizer=optimizer,
+                               trainer_state={"step": 3, "again": True}, d=D)
+    assert checkpoint.load_trainer_state(final) == {"step": 3, "again": True} and checkpoint.damage(final) is None
+    draws = torch.rand(5)  # what the uninterrupted run draws next
+    saved_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    weights = {k: v.clone() for k, v in hf.state_dict().items()}
+
+    _, _, fresh, fresh_optimizer = _model_and_optimizer(seed=1)
+    torch.manual_seed(7)
+    checkpoint.restore_optimizer_and_rng(final, model=fresh, optimizer=fresh_optimizer, d=D)
+    assert torch.equal(torch.rand(5), draws)
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        got, want = fresh_optimizer.state[q], saved_state[id(p)]
+        assert got.keys() == want.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    on_disk = load_file(str(final / "model" / "model.safetensors"))
+    assert all(torch.equal(on_disk[k], weights[k]) for k in on_disk) and len(on_disk) >= 3
+
+
+def test_a_checkpoint_is_on_disk_before_latest_names_it_and_an_older_one_is_pruned(tmp_path, monkeypatch):
+    """Renames alone survive a process kill, not a power cut: the new folder and `latest` naming it could reach the
+    disk before the files' contents, with the intact older checkpoint already pruned: nothing left to resume from."""
+    tok, hf, model, optimizer = _model_and_optimizer(seed=0)
+    save = lambda step: checkpoint.save_checkpoint(tmp_path, step, model=model, hf_model=hf, tokenizer=tok,
+                                                   optimizer=optimizer, trainer_state={"step": step}, d=D)
+    save(1), save(2)
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    def rmtree(path, **kwargs):
+        events.append(("rmtree", os.path.realpath(path)))
+        real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    final = save(3)
+    root = Path(os.path.realpath(final.parent))
+    tmp, latest = root / ".step_000003.tmp", root / "latest"
+    renamed = events.index(("replace", str(tmp), str(root / "step_000003")))
+    named = events.index(("replace", str(root / ".latest.tmp"), str(latest)))
+    pruned = events.index(("rmtree", str(root / "step_000001")))
+    synced = {e[1]: i for i, e in enumerate(events) if e[0] == "fsync"}  # the last sync of each path
+    when = lambda path: synced.get(str(path), math.inf)
+    written = [tmp / p.relative_to(final) for p in final.rglob("*")]
+    assert len(written) >= 8 and [p for p in [*written, tmp] if not when(p) < renamed] == []
+    assert when(root / ".latest.tmp") < named < when(root) < pruned
+
+
+def test_setup_resumes_the_saved_replay_buffer_step_mode_state_and_logs(tmp_path, saved_embedded_model,
+                                                                         monkeypatch):
+    """What the loop restores from trainer_state.json, checked in the process: the end-to-end resume test's tiny
+    model never answers, so its replay buffer stays empty and a resume that dropped the buffer passed it."""
+    from raro_fast import train
+    from raro_fast.config import load_config, to_dict
+    from raro_fast.model.hf import load_pretrained
+
+    out = tmp_path / "run"
+    args = ["--model.path", str(saved_embedded_model), "--train.output_dir", str(out), "--task.countdown.num_train",
+            "8", "--task.countdown.num_heldout", "2", "--train.progress", "false", "--optim.lr", "3e-4"]
+    cfg = load_config(args)
+    hf, tok = load_pretrained(saved_embedded_model, dtype=torch.float32)
+    model = PolicyModel(hf)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _adam_step(model, optimizer, scale=0.5)
+    pairs = [{"example_id": f"e{i}", "question": f"q{i}", "policy_answer": f"{i} + 1", "expert_answer": f"{i} * 2"}
+             for i in range(3)]
+    state = {"step": 2, "replay": {"capacity": cfg.raro.replay_size, "items": pairs}, "world_size": 1,
+             "config": to_dict(cfg), "mode_state": {"round_steps": 5}, "skipped_in_a_row": 2, "warned_uniform": True}
+    checkpoint.save_checkpoint(out, 2, model=model, hf_model=hf, tokenizer=tok, optimizer=optimizer,
+                               trainer_state=state, d=D)
+    entropies = {1: 2.5, 2: 2.0, 3: 1.0}  # killed after step 3
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "policy/entropy": entropies.get(s)}) + "\n"
+                                               for s in range(4)))
+    (out / "rollouts.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in (1, 2, 3)))
+    r = train.setup(load_config([*args, "--resume", "--train.stop_after", "1"]), D)
+    assert r.start_step == 2 and r.mode_state == {"round_steps": 5} and r.engine.weight_version == 2
+    assert r.replay.state_dict() == state["replay"]
+    assert [g["lr"] for g in r.optimizer.param_groups] == [3e-4]  # the command's, not the checkpoint's 1e-3
+    assert [rec["step"] for rec in r.log.read()] == [0, 1, 2]
+    assert [rec["step"] for rec in r.rollout_log.read()] == [1, 2]
+    assert r.first_entropy == 2.5  # the run's start, not the resumed step's: the uniform-policy warning compares it
+    # two non-finite steps before the checkpoint count toward the stop, and the warning is not given twice
+    assert r.skipped_in_a_row == 2 and r.warned_uniform
+    # train.stop_after counts this process's steps: one step after the resumed step 2, not "stop once at step 1"
+    trained = []
+
+    def train_step(run, step):
+        trained.append(step)
+        return {"step": step + 1, "update/skipped": False}
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    monkeypatch.setattr(train, "finish", lambda run: trained.append("finished"))
+    with pytest.raises(SystemExit, match="stopping after 1 steps"):
+        train.run(r)
+    assert trained == [2]
+    r.skipped_in_a_row, r.warned_uniform = 1, False
+    train.save(r, 3)
+    saved = checkpoint.load_trainer_state(out / "checkpoints" / "step_000003")
+    assert (saved["skipped_in_a_row"], saved["warned_uniform"]) == (1, False)
+
+
+def test_the_steps_demonstrations_deal_out_each_epoch_once():
+    """The data position is step x questions_per_step, a pure function of the step (what a resume relies on): the
+    steps' demonstrations, in order, are one permutation of the training set per epoch, none skipped."""
+    from raro_fast.train import examples_for_step
+
+    data = [f"ex{i}" for i in range(5)]
+    drawn = [x for step in range(5) for x in examples_for_step(data, step, 2, seed=3)]  # two epochs
+    assert sorted(drawn[:5]) == sorted(drawn[5:]) == data and drawn[:5] != drawn[5:]
+    assert examples_for_step(data, 3, 2, seed=3) == drawn[6:8]
