@@ -20,7 +20,7 @@ from raro_fast.analysis import (
     support_metrics, token_entropy,
 )
 from raro_fast.analysis.cache import SampleCache, draw_seed, model_files_digest, weights_digest
-from raro_fast.config import ConfigError, _help, help_text, load_config
+from raro_fast.config import ConfigError, _at_least, _help, help_text, load_config
 from raro_fast.metrics import strict_json
 from raro_fast.model.hf import load_pretrained, resolve_device, resolve_model_path
 from raro_fast.model.policy import fused_lm_head_refusal
@@ -49,6 +49,11 @@ class AnalysisSettings:
         "Optional JSONL of external reasoning traces ({\"problem_id\", \"trace\"} per line): their perplexity under "
         "every model, grouped by the support category of the last model against the base.", "")
     output_dir: str = _help("Where the cache, report and plots go.", "runs/analysis")
+
+    def __post_init__(self) -> None:
+        # num_problems -1 analysed all problems but the last (a slice), entropy_samples -1 gave token entropy nan.
+        _at_least("analysis", self, 0, "num_problems", "entropy_samples")
+        _at_least("analysis", self, 1, "k", "chunk", "max_new_tokens", "batch_size")
 
 
 @dataclass(kw_only=True)

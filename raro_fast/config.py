@@ -113,7 +113,8 @@ class WarmupConfig:
         _at_least("warmup", self, 1, "batch_size")
         if not 0.0 <= self.critic_fraction <= 1.0:
             raise ValueError(f"warmup.critic_fraction must lie in [0, 1], got {self.critic_fraction}")
-        if not 0.0 <= self.arithmetic_fraction <= 1.0 - self.critic_fraction:
+        # As the corpus draws the kind (r < critic + arithmetic), not against 1 - critic: 1.0 - 0.8 < 0.2 in floats.
+        if not (0.0 <= self.arithmetic_fraction and self.critic_fraction + self.arithmetic_fraction <= 1.0):
             raise ValueError(f"warmup.arithmetic_fraction must lie in [0, 1 - critic_fraction], got "
                              f"{self.arithmetic_fraction} with critic_fraction {self.critic_fraction}")
         if self.min_target > self.max_target:  # no warm-up puzzle could be made: the corpus builder would spin

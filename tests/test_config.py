@@ -19,6 +19,10 @@ def test_defaults_and_cli_overrides():
     assert cfg.model.path == "some/dir"
     assert cfg.train.resume is True
     assert load_config(["--loss.dual_clip", "none"]).loss.dual_clip is None
+    # a bare --resume is true; given a value, the value counts
+    assert load_config(["--resume=false"]).train.resume is False
+    assert load_config(["--resume", "false", "--model", "m"]).train.resume is False
+    assert load_config(["--resume", "--model", "m"]).train.resume is True
 
 
 def test_yaml_then_cli(tmp_path):
@@ -148,10 +152,87 @@ def test_raro_values_are_validated():
     ("--warmup.critic_fraction", "1.5", r"warmup.critic_fraction must lie in \[0, 1\]"),
     ("--warmup.min_target", "31", r"warmup.min_target/max_target: need min_target <= max_target, got 31, 30"),  # a hang
     ("--rollout.temperature", "0", "rollout.temperature 0 .greedy. with train.mode raro"),  # 100% truncation, loss 0
+    # the upper bound is what the critic traces leave (default 0.4): 0.7 more would leave policy traces -10%
+    ("--warmup.arithmetic_fraction", "0.7", r"warmup.arithmetic_fraction must lie in \[0, 1 - critic_fraction\]"),
+    ("--rollout.critic_temperature", "0", "rollout.critic_temperature must be > 0"),
+    ("--rollout.mem_fraction", "1", r"rollout.mem_fraction must be in \(0, 1\), got 1"),
+    ("--raro.replay_ratio", "1", r"raro.replay_ratio must lie in \[0, 1\)"),  # r/(1-r): a division by zero
+    ("--raro.critic_samples_per_pair", "0", "raro.critic_samples_per_pair must be >= 1, got 0"),
+    ("--dpo.beta", "0", "dpo.rounds must be >= 1 and dpo.beta > 0, got 3, 0"),
+    ("--optim.grad_clip", "-1", "optim.grad_clip must be >= 0, got -1"),
+    ("--rollout.critic_max_new_tokens", "0", "rollout.critic_max_new_tokens must be >= 1, got 0"),
+    ("--raro.lambda_crit", "-0.5", "raro.lambda_pol and raro.lambda_crit must be >= 0"),
+    ("--train.max_tokens_per_micro_batch", "0", "train.max_tokens_per_micro_batch must be >= 1, got 0"),
 ])
 def test_values_that_would_fail_deep_inside_are_refused_at_start(flag, value, message):
     with pytest.raises(ConfigError, match=f"command line: .*{message}"):
         load_config([flag, value])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--warmup.critic_fraction", "1", "--warmup.arithmetic_fraction", "0"],  # critic traces only
+    ["--warmup.critic_fraction", "0.8", "--warmup.arithmetic_fraction", "0.2"],  # 1.0 - 0.8 is 0.19999999999999996
+    ["--warmup.critic_fraction", "0.33", "--warmup.arithmetic_fraction", "0.67"],
+    ["--warmup.min_target", "30"],  # one warm-up target, max_target's default
+    ["--raro.tau_pol", "1", "--raro.tau_crit", "0"],
+    ["--rollout.critic_temperature", "0.01", "--rollout.mem_fraction", "0.99", "--raro.replay_ratio", "0"],
+])
+def test_the_edges_of_the_documented_ranges_are_accepted(argv):
+    """Each range check takes its closed ends: a refused edge (or a float rounding 1 - 0.8 below 0.2) would stop a
+    valid run at start."""
+    load_config(argv)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train.mode", "sft", "--train.ppo_mini_batches", "2"], "train.ppo_mini_batches > 1 with train.mode sft"),
+    (["--train.mode", "rationalization", "--train.ppo_mini_batches", "3"],
+     "train.ppo_mini_batches > 1 with train.mode rationalization"),
+    (["--train.mode", "rationalization", "--loss.tis_cap", "2"], "loss.tis_cap needs .* train.mode rationalization"),
+    (["--train.mode", "sft", "--loss.tis_cap", "2"], "loss.tis_cap needs .* train.mode sft"),
+])
+def test_modes_that_train_on_sequences_the_engine_did_not_sample_refuse_ppo_settings(argv, message):
+    with pytest.raises(ConfigError, match=f"command line: section 'root': {message}"):
+        load_config(argv)
+    assert load_config([argv[0], "rlvr", *argv[2:]]).train.mode == "rlvr"  # the same setting is fine for RL
+
+
+def test_the_critic_pair_cap_caps_the_planned_fresh_pairs():
+    """4 questions x 8 samples = 32 judged pairs per step; the cap keeps the smaller count, 0 is no cap."""
+    assert load_config([]).raro.planned_fresh_pairs == 32
+    assert load_config(["--raro.critic_pairs_per_step", "5"]).raro.planned_fresh_pairs == 5
+    assert load_config(["--raro.critic_pairs_per_step", "100"]).raro.planned_fresh_pairs == 32
+
+
+def test_command_line_spellings_of_booleans_and_none():
+    for word, want in (("yes", True), ("ON", True), ("1", True), ("no", False), ("off", False), ("0", False)):
+        assert load_config(["--train.progress", word]).train.progress is want
+    with pytest.raises(ConfigError, match=r"command line: 'train.progress': expected true/false, got 'maybe'"):
+        load_config(["--train.progress", "maybe"])
+    assert load_config(["--loss.tis_cap", "2", "--loss.tis_cap", "null"]).loss.tis_cap is None
+    assert load_config(["--rollout.critic_temperature", "None"]).rollout.critic_temperature is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("train:\n  steps: true\n", r"cfg.yaml:2: 'train.steps': expected an integer, got True"),  # int(True) is 1
+    ("optim:\n  lr: false\n", r"cfg.yaml:2: 'optim.lr': expected a number, got False"),  # float(False) is 0.0
+    ("train:\n  output_dir: 5\n", r"cfg.yaml:2: 'train.output_dir': expected a string, got 5"),
+    ("model:\n  path: [a, b]\n", r"cfg.yaml:2: 'model.path': expected a string, got \['a', 'b'\]"),
+    ("raro:\n  group_size: 3\ntrain: 5\n", r"cfg.yaml:3: 'train' is a section; expected a mapping"),
+])
+def test_yaml_values_of_the_wrong_type_are_refused_not_converted(tmp_path, text, message):
+    f = tmp_path / "cfg.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(f)])
+
+
+def test_later_config_files_merge_into_a_section_not_replace_it(tmp_path):
+    """The second file's rollout section adds to the first's; replaced, tp_size would silently fall back to 1."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("rollout:\n  tp_size: 2\n  mem_fraction: 0.3\n")
+    b.write_text("rollout:\n  mem_fraction: 0.4\n")
+    cfg = load_config(["--config", str(a), "--config", str(b)])
+    assert (cfg.rollout.tp_size, cfg.rollout.mem_fraction) == (2, 0.4)
 
 
 def test_greedy_rollouts_are_fine_where_nothing_is_sampled():

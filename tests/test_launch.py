@@ -18,6 +18,24 @@ def test_options_without_a_dot_go_to_torchrun_with_their_values():
     assert split_args(["--output-dir=r"]) == ([], ["--output-dir=r"])
     # a negative value stays with its option
     assert split_args(["--nnodes", "1", "--loss.kl_coef", "-1"]) == (["--nnodes", "1"], ["--loss.kl_coef", "-1"])
+    # -h is the training's wherever it stands; a stray word before any option goes to the training, which names it
+    assert split_args(["--standalone", "-h"]) == (["--standalone"], ["-h"])
+    assert split_args(["stray", "--nnodes", "1"]) == (["--nnodes", "1"], ["stray"])
+
+
+def test_a_rank_killed_by_a_signal_exits_nonzero_in_one_line(monkeypatch, capsys):
+    """torchrun reports a signal as a negative exit code; returned as it is, -9 would be exit status 247."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from raro_fast import launch
+
+    def killed(config, **_):
+        raise ChildFailedError("raro_fast.train", {1: ProcessFailure(local_rank=1, pid=1, exitcode=-9, error_file="")})
+
+    monkeypatch.setattr(torch.distributed.run, "run", killed)
+    assert launch.main(["--nproc_per_node=2", "--train.steps", "1"]) == 1
+    assert "raro-fast train: rank 1 stopped with exit code -9 (its message is above)" in capsys.readouterr().err
 
 
 def test_an_unknown_command_is_named(capsys):

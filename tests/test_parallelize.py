@@ -18,6 +18,7 @@ def test_fsdp_bf16_keeps_the_per_token_temperatures(tmp_path, free_port):
     assert result["temperature_dtype"] == "torch.float64"
     assert result["max_error"] < 1e-4, result
     assert result["max_abs_logprob"] > 1.0  # logits large enough that a 0.3% temperature error shows
+    assert result["layer_units"] == result["layers"] == 2  # one FSDP unit per decoder layer, not one for the model
 
 
 def _worker(out: str) -> None:
@@ -26,6 +27,8 @@ def _worker(out: str) -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     import raro_fast.model.policy as policy
+    from torch.distributed.fsdp import FSDPModule
+
     from raro_fast.distributed import Dist
     from raro_fast.parallelize import parallelize
     from test_packing import logprobs_at_token_temperatures, policy_and_critic_batch
@@ -51,6 +54,8 @@ def _worker(out: str) -> None:
         "temperature_dtype": str(getattr(seen["temperature"], "dtype", None)),
         "max_error": float((logprobs.double() - want)[keep].abs().max()),
         "max_abs_logprob": float(want[keep].abs().max()),
+        "layers": len(model.model.layers),
+        "layer_units": sum(isinstance(layer, FSDPModule) for layer in model.model.layers),
     }))
     dist.destroy_process_group()
 

@@ -130,6 +130,8 @@ def test_position_bias_is_spread_by_a_seeded_fair_coin():
     assert batched == [tournament_pick(q, answers, judge=always_1, seed=7) for q in questions]
     assert batched == batched_tournaments(questions, [answers] * 30, always_1, seed=7)
     assert batched != batched_tournaments(questions, [answers] * 30, always_1, seed=8)
+    # Each question draws its own coins: one stream shared by all questions gave every question the same pick.
+    assert len(set(batched)) > 1
 
 
 def test_one_judge_call_per_round_across_all_questions():
@@ -210,6 +212,13 @@ def test_critic_judge_makes_one_engine_call_per_round(tok):
         (1, 17, 0.5, 0.9, 40 + i) for i in range(4)]
     # A truncated or unparseable critic output is an invalid verdict.
     engine = ScriptedEngine(tok, critic=lambda q, a1, a2: "3")
+    assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)([("q", "a", "b")]) == [None]
+
+    class CutOff(ScriptedEngine):  # the verdict tag is complete, but the critic hit max_new_tokens after it
+        def _completion(self, prompt_ids, text, truncated=False):
+            return super()._completion(prompt_ids, text, truncated=True)
+
+    engine = CutOff(tok, critic=lambda q, a1, a2: "1")
     assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)([("q", "a", "b")]) == [None]
 
 

@@ -1,6 +1,7 @@
 """`python -m raro_fast.analyze` end to end on two embedded-default checkpoints (random weights, CPU, small k):
 report, table and plots written; a larger k samples only what is missing, and the first samples stay the same."""
 import json
+import math
 
 import pytest
 import torch
@@ -131,6 +132,15 @@ def test_analyze_bad_models_argument(tmp_path, capsys):
     assert "at least two models" in capsys.readouterr().err
     assert analyze.main(["--analysis.models", f"a={tmp_path},b"]) == 2
     assert "'b' is not name=path" in capsys.readouterr().err
+    assert analyze.main(["--analysis.models", f"a={tmp_path},a={tmp_path}"]) == 2
+    assert "model names must differ" in capsys.readouterr().err  # one cache folder and one report entry for two
+    # refused at start: -1 analysed every problem but the last (a slice), and the report said nothing of it
+    assert analyze.main(["--analysis.models", "a=x,b=y", "--analysis.num_problems", "-1"]) == 2
+    assert "command line: section 'analysis': analysis.num_problems must be >= 0, got -1" in capsys.readouterr().err
+    assert analyze.main(["--analysis.models", "a=x,b=y", "--analysis.entropy_samples", "-2"]) == 2
+    assert "analysis.entropy_samples must be >= 0, got -2" in capsys.readouterr().err
+    assert analyze.main(["--analysis.models", "a=x,b=y", "--analysis.max_new_tokens", "0"]) == 2
+    assert "analysis.max_new_tokens must be >= 1, got 0" in capsys.readouterr().err
     assert analyze.main(["--analysis.models", f"a={tmp_path / 'x'},b={tmp_path / 'y'}"]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
@@ -157,6 +167,11 @@ def test_cached_samples_are_never_served_for_other_weights_or_settings(two_model
            "(weights_sha256: cached '" in err and "give another analysis.output_dir" in err
     assert analyze.main(_args(two_models, out, 2) + ["--analysis.temperature", "1.0"]) == 2
     assert "(temperature: cached 0.6, now 1.0)" in capsys.readouterr().err
+    # longer completions finish where the cached ones were cut off; another nucleus draws other answers
+    assert analyze.main(_args(two_models, out, 2) + ["--analysis.max_new_tokens", "13"]) == 2
+    assert "(max_new_tokens: cached 12, now 13)" in capsys.readouterr().err
+    assert analyze.main(_args(two_models, out, 2) + ["--analysis.top_p", "0.9"]) == 2
+    assert "(top_p: cached 0.95, now 0.9)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (out / "samples").rglob("seed0/*.json")} == files  # nothing overwritten
     # A cache from before identities were recorded is adopted, with a warning, and then bound.
     for record in (out / "samples").rglob("identity.json"):
@@ -178,6 +193,160 @@ def test_weights_digest_follows_the_bytes(tmp_path):
     assert weights_digest(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(b"\x01\x03")
     assert weights_digest(tmp_path) != first
+    # the same bytes split otherwise over the shards are other weights: the digest names each file
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.bin").write_bytes(b"\x01")
+    (shards / "b.bin").write_bytes(b"\x02\x03")
+    first = weights_digest(shards)
+    (shards / "a.bin").write_bytes(b"\x01\x02")
+    (shards / "b.bin").write_bytes(b"\x03")
+    assert weights_digest(shards) != first
+
+
+def test_model_files_digest_follows_each_files_name_and_the_extra_chat_templates(tmp_path):
+    from raro_fast.analysis.cache import model_files_digest
+
+    (tmp_path / "merges.txt").write_text("a b\n")
+    first = model_files_digest(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x01")  # weights count in weights_digest, not here
+    assert model_files_digest(tmp_path) == first
+    (tmp_path / "merges.txt").rename(tmp_path / "vocab.txt")  # the same bytes as another tokenizer file
+    renamed = model_files_digest(tmp_path)
+    assert renamed != first
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    assert model_files_digest(tmp_path) != renamed
+
+
+def test_draw_seeds_are_pinned_and_distinct_for_every_first_sample():
+    """Caches written before keep their seeds (the formula is fixed), and no two draws of a problem share one."""
+    import hashlib
+
+    from raro_fast.analysis.cache import draw_seed
+
+    assert draw_seed(3, "countdown:1-2-3:6", 16) == int.from_bytes(
+        hashlib.sha256(b"3/countdown:1-2-3:6/16").digest()[:6], "little")
+    assert len({draw_seed(0, "countdown:1-2-3:6", first) for first in range(0, 512, 2)}) == 256
+
+
+def test_a_cache_write_cut_short_leaves_the_samples_before_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cache = SampleCache(tmp_path)
+    cache.put("m", "p:1", 0, [{"text": "a"}])
+    write_text = Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):  # a full disk, or the process killed mid-write
+        write_text(self, text[: len(text) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError):
+        cache.put("m", "p:1", 0, [{"text": "a"}, {"text": "b"}])
+    monkeypatch.undo()
+    assert cache.get("m", "p:1", 0) == [{"text": "a"}]
+
+
+def test_another_seed_draws_its_own_samples_and_num_problems_0_is_the_whole_split(two_models, tmp_path, monkeypatch):
+    """The cache is keyed by seed: seed 1 was served seed 0's samples if it were not. Token entropy is measured at
+    the sampling temperature, of the distribution the samples were drawn from."""
+    temperatures = []
+    model_token_entropy = analyze.model_token_entropy
+    monkeypatch.setattr(analyze, "model_token_entropy",
+                        lambda model, samples, t: temperatures.append(t) or model_token_entropy(model, samples, t))
+    out = tmp_path / "s"
+    assert analyze.main(_args(two_models, out, 2)) == 0
+    assert analyze.main([*_args(two_models, out, 2), "--analysis.seed", "1", "--analysis.num_problems", "0"]) == 0
+    assert temperatures == [0.6] * 4
+    seed0 = sorted((out / "samples" / "base" / "seed0").glob("*.json"))
+    assert len(seed0) == 3 and len(list((out / "samples" / "base" / "seed1").glob("*.json"))) == 5
+    for path in seed0:
+        drawn = [x["token_ids"] for x in json.loads(path.read_text())["samples"]]
+        again = [x["token_ids"] for x in json.loads((path.parents[1] / "seed1" / path.name).read_text())["samples"]]
+        assert drawn != again
+    report = json.loads((out / "report.json").read_text())
+    assert sum(report["models"]["other"]["categories"].values()) == 5  # the five held-out problems
+
+
+def test_token_entropy_and_trace_perplexity_are_the_models_own_in_float64(two_models):
+    """Token entropy averages each sequence's positions, then the sequences (pooled, the longer one would weigh
+    more), at the temperature given; a trace's perplexity counts the trace's tokens only (the prompt's positions
+    averaged in as zeros gave a lower one)."""
+    from raro_fast import prompts
+    from raro_fast.model.hf import load_pretrained
+    from raro_fast.tasks import get_task
+    from raro_fast.tasks.countdown import CountdownConfig
+
+    model, tok = load_pretrained(two_models[0], dtype=torch.float32, setting="test")
+    p = get_task("countdown", CountdownConfig(num_train=10, num_heldout=5)).examples("heldout")[0]
+    prompt = prompts.render_prompt(tok, prompts.policy_messages(p.question))
+
+    def reference(completion, temperature):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].double() / temperature
+        logp = logits.log_softmax(-1)[len(prompt) - 1 : -1]
+        return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+    short = tok("(1+2)", add_special_tokens=False)["input_ids"]
+    long = tok("<think>3*4=12, 12-5=7</think><answer>3*4-5</answer>", add_special_tokens=False)["input_ids"]
+    samples = {"a": [{"prompt_ids": prompt, "token_ids": short}],
+                "b": [{"prompt_ids": prompt, "token_ids": long}, {"text": "no ids kept"}]}
+    ent_short, ent_long = reference(short, 0.05)[1], reference(long, 0.05)[1]  # sharp: entropies that differ
+    want = (ent_short.mean() + ent_long.mean()) / 2
+    assert abs(float(torch.cat([ent_short, ent_long]).mean() - want)) > 1e-3  # the two orders differ here
+    assert analyze.model_token_entropy(model, samples, 0.05) == pytest.approx(float(want), abs=1e-5)
+
+    trace = "<think>3*4=12</think><answer>3*4-5</answer>"
+    ppl = analyze.trace_perplexities(model, tok, [p], [{"problem_id": p.id, "trace": trace},
+                                                       {"problem_id": "countdown:elsewhere", "trace": "x"}])
+    logprobs = reference(tok(trace, add_special_tokens=False)["input_ids"], 1.0)[0]
+    assert ppl == {p.id: pytest.approx(float((-logprobs.mean()).exp()), rel=1e-5)}
+
+
+def test_entropy_samples_are_at_most_k():
+    """entropy_samples 8 at k = 4 teacher-forces the 4 samples there are; it drew 2 chunks more for token ids."""
+    cfg = analyze.AnalysisSettings(k=4, chunk=2, entropy_samples=8)
+    assert analyze.entropy_count(cfg) == 4
+    assert analyze._draws_due([], cfg) == 2
+    four = [{"text": "x", "token_ids": [1]} for _ in range(4)]
+    assert analyze._draws_due(four, cfg) == 0
+    assert analyze._draws_due(four[:1] + [{"text": "x"}] * 2, analyze.AnalysisSettings(k=4, chunk=2, entropy_samples=3)) == 1
+
+
+def test_summarize_exact_numbers_on_three_models():
+    """Support categories are the model's against the base (swapped, expansion and shrinkage trade places); answer
+    entropy is the mean over problems of each problem's, with the task's classes; the traces are grouped by the
+    categories of the last model against the base."""
+    from raro_fast.analysis import support_metrics
+
+    def s(*pairs):  # (answer, correct) per sample
+        return [{"answer": a, "correct": c, "length": 10 + i} for i, (a, c) in enumerate(pairs)]
+
+    w, r = ("a", False), ("b", True)
+    samples = {
+        "base": {"p1": s(("0.5", True), ("1/2", True)), "p2": s(w, w), "p3": s(r, w), "p4": s(w, w),
+                 "p5": s(w, w)},
+        "mid": {"p1": s(w, w), "p2": s(r, w), "p3": s(r, r), "p4": s(w, w), "p5": s(w, r)},
+        "last": {"p1": s(r, w), "p2": s(w, w), "p3": s(w, w), "p4": s(r, r), "p5": s(w, (None, False))},
+    }
+    classes = {"0.5": 0, "1/2": 0, "a": 1, "b": 2}
+    trace_ppl = {name: {"p1": 2.0, "p2": 4.0, "p3": 5.0, "p4": 3.0, "p5": 8.0} for name in samples}
+    report = analyze.summarize(samples, 2, {"base": 1.5, "mid": 1.25, "last": 1.0}, trace_ppl, 6,
+                               answer_classes=lambda answers: [None if a is None else classes[a] for a in answers])
+    base, mid, last = (report["models"][n] for n in ("base", "mid", "last"))
+    assert base["pass_at_k"] == {"1": pytest.approx(0.3), "2": pytest.approx(0.4)}  # (1 + 0 + 1/2 + 0 + 0) / 5
+    assert base["avg_at_n"] == pytest.approx(0.3) and base["mean_length"] == 10.5 and base["token_entropy"] == 1.5
+    # base: p1's 0.5 and 1/2 are one answer (0), p3 two answers (ln 2), the rest one each
+    assert base["answer_entropy"] == pytest.approx(math.log(2) / 5, rel=1e-12)
+    assert last["answer_entropy"] == pytest.approx(2 * math.log(2) / 5, rel=1e-12)  # p1, and p5 (None is NA)
+    assert "categories" not in base
+    assert mid["categories"] == {"P": 1, "S": 1, "E": 2, "O": 1}  # p3 P, p1 S, p2 and p5 E, p4 O
+    assert last["categories"] == {"P": 1, "S": 1, "E": 1, "O": 2}  # p1 P, p3 S, p4 E, p2 and p5 O
+    assert mid["support_metrics"] == pytest.approx(support_metrics(P=1, E=2, S=1, O=1))
+    # last against base: p1 P (2), p3 S (5), p4 E (3), p2 and p5 O (4 and 8)
+    assert last["trace_perplexity"] == {"E": 3.0, "O": 6.0, "P": 2.0, "S": 5.0}
+    assert report["traces"] == {"categories_of": "last", "used": 5, "skipped_not_analysed": 1}
 
 
 def test_token_entropy_teacher_forces_entropy_samples_sequences_whatever_the_cache_kept(two_models, tmp_path,

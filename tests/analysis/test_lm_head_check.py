@@ -81,10 +81,14 @@ def test_teacher_forced_refuses_an_lm_head_with_a_bias():
         analyze.teacher_forced(model, PROMPT, COMPLETION)
 
 
-def test_teacher_forced_refuses_logits_transformed_where_no_config_says():
-    """A transform no config field names (here a hook that scales the logits) is found by the probe."""
+@pytest.mark.parametrize("factor", [3.0, 1.02])
+def test_teacher_forced_refuses_logits_transformed_where_no_config_says(factor):
+    """A transform no config field names (here a hook that scales the logits) is found by the probe, also a small
+    one: x1.02 is temperature 0.98, and the entropy that comes out is not the model's."""
     model = _llama()
-    model.lm_head.register_forward_hook(lambda module, args, out: out * 3.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits of a few units, as a trained model's
+    model.lm_head.register_forward_hook(lambda module, args, out: out * factor)
     with pytest.raises(ValueError, match="logits are not its last hidden state times the LM-head weight"):
         analyze.teacher_forced(model, PROMPT, COMPLETION)
 
