@@ -74,6 +74,28 @@ def test_logprobs_match_teacher_forcing(backend, temperature, top_p):
                     assert len(c.token_ids) == 12 and EOS not in c.token_ids
 
 
+def test_embedded_positions_are_each_sequences_own_with_absolute_position_embeddings():
+    """Rotary models see only relative positions, so a prompt's positions shifted by one (or by its left padding)
+    change nothing there; a model with absolute position embeddings (GPT-2) samples from the wrong distribution.
+    Its log-probs must equal the teacher-forced ones of each sequence alone, positions from 0."""
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=EOS,
+                     eos_token_id=EOS)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    prompts = random_prompts(4, random.Random(1))  # lengths 3-8: left padding differs per prompt
+    outs = engine_for(model, batch_size=8).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.7, n=2,
+                                                                             seed=5))
+    with torch.no_grad():
+        for p, comps in zip(prompts, outs):
+            for c in comps:
+                ids = torch.tensor([p + c.token_ids])
+                ref = torch.log_softmax(model(input_ids=ids).logits[0].double() / 0.7, -1)[len(p) - 1 : -1]
+                ref = ref.gather(-1, ids[0, len(p):, None]).squeeze(-1)
+                torch.testing.assert_close(torch.tensor(c.logprobs, dtype=torch.float64), ref, atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stop_tokens_n_and_truncation(backend):
     eng = engine_for(tiny_model(), backend)
@@ -249,6 +271,46 @@ def test_reserved_kv_layer_holds_what_concatenation_would_through_drops_repeats_
     assert ours.get_seq_length() == theirs.get_seq_length() == 5 + 5 + 2 - 2 + 1
 
 
+def test_reserved_kv_layer_copes_with_rows_reordered_at_the_same_batch_size():
+    """A reorder that keeps the batch size (beam search's reorder_cache, a batch_select of a permutation) gives the
+    layer new tensors of the buffers' very shape: the next step must not decode into the old buffers, whose rows
+    are in the old order (the shape check alone misses it)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from raro_fast.rollout.embedded import ReservedKVLayer
+
+    g = torch.Generator().manual_seed(13)
+    states = lambda b, n: (torch.randn(b, 2, n, 4, generator=g), torch.randn(b, 2, n, 4, generator=g))  # noqa: E731
+    ours, theirs = ReservedKVLayer(reserve=4), DynamicLayer()
+    for step in [lambda layer, s=states(3, 5): layer.update(*s), lambda layer, s=states(3, 1): layer.update(*s),
+                 lambda layer: layer.reorder_cache(torch.tensor([2, 0, 1])),
+                 lambda layer, s=states(3, 1): layer.update(*s),
+                 lambda layer: layer.batch_select_indices(torch.tensor([1, 2, 0])),
+                 lambda layer, s=states(3, 1): layer.update(*s)]:
+        step(ours)
+        step(theirs)
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    assert ours.get_seq_length() == 8
+
+
+def test_reserved_cache_leaves_sliding_window_layers_as_transformers_builds_them():
+    """Only full-attention layers get spare room: a sliding-window layer made a ReservedKVLayer would keep every
+    position instead of its window (memory that grows with the answer, and a cache that is no longer the model's)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    from raro_fast.rollout.embedded import ReservedKVLayer, reserved_cache
+
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      use_sliding_window=True, sliding_window=3,
+                      layer_types=["full_attention", "sliding_attention", "full_attention"])
+    own = DynamicCache(config=cfg).layers
+    assert [type(layer) for layer in own] == [DynamicLayer, DynamicSlidingWindowLayer, DynamicLayer]
+    cache = reserved_cache(cfg, max_new_tokens=6)
+    assert [type(layer) for layer in cache.layers] == [ReservedKVLayer, DynamicSlidingWindowLayer, ReservedKVLayer]
+    assert [layer.reserve for layer in cache.layers if isinstance(layer, ReservedKVLayer)] == [6, 6]
+
+
 def test_embedded_decodes_into_a_reserved_cache_and_samples_exactly_as_with_transformers_own(monkeypatch):
     """The engine's decode steps run on ReservedKVLayers, and generation (tokens, log-probs, finish reasons) is
     the same to the last bit as with the cache transformers builds, through n > 1 and rows that leave early."""
@@ -291,6 +353,46 @@ def test_update_weights_sets_version_and_weights(backend):
         eng.update_weights([("bogus", torch.zeros(1))], version=8)
     with pytest.raises(KeyError, match="no new value"):
         eng.update_weights(list(src.state_dict().items())[:3], version=8)
+
+
+def test_update_weights_takes_a_tied_embedding_under_either_of_its_names():
+    """With tied embeddings lm_head.weight IS model.embed_tokens.weight: a sync that sends the head's name only
+    updates the embedding too and is complete; only a parameter with no value under any of its names is missing."""
+    src, dst = tiny_model(0), tiny_model(1)
+    eng = engine_for(dst)
+    sent = [(n, t) for n, t in src.state_dict().items() if n != "model.embed_tokens.weight"]
+    assert "lm_head.weight" in dict(sent)
+    eng.update_weights(sent, version=3)
+    assert torch.equal(dst.model.embed_tokens.weight, src.model.embed_tokens.weight)
+    with pytest.raises(KeyError, match=r"no new value for \['model.norm.weight'\]"):
+        eng.update_weights([(n, t) for n, t in sent if n != "model.norm.weight"], version=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_diverged_weights_raise_non_finite_logits_error_and_new_weights_recover(backend):
+    """NaN weights are a NonFiniteLogitsError naming the weight version (the trainer reports a diverged run), not
+    a raw traceback from sampling NaN probabilities; the continuous engine refuses before its loop runs the model
+    (on CUDA the sampling is a device-side assert that takes the process down). Finite weights then sample again."""
+    from raro_fast.rollout.engine import NonFiniteLogitsError
+
+    src, model = tiny_model(0), tiny_model(1)
+    eng = engine_for(model, backend)
+    params = SamplingParams(max_new_tokens=4, n=2, seed=0)
+    eng.generate([[2, 3, 4]], params)  # a kept manager (continuous) that the bad weights then meet
+    diverged = {k: v.clone() for k, v in src.state_dict().items()}
+    diverged["model.norm.weight"][5] = float("nan")  # one channel of the last norm: every logit NaN
+    eng.update_weights(diverged.items(), version=4)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    with pytest.raises(NonFiniteLogitsError, match=r"weight version 4\)"):
+        eng.generate([[2, 3, 4], [5, 6]], params)
+    hook.remove()
+    if backend == "continuous":
+        assert forwards == []
+    eng.update_weights(src.state_dict().items(), version=5)
+    out = eng.generate([[2, 3, 4]], params)
+    assert [c.weight_version for c in out[0]] == [5, 5]
+    assert token_ids(out) == token_ids(engine_for(tiny_model(0), backend).generate([[2, 3, 4]], params))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -352,7 +454,8 @@ def test_continuous_kept_and_per_call_managers_sample_the_same():
     # call, its requests queued before its loop starts. Both queue a whole call before the first batch.
     prompts = random_prompts(6, random.Random(6))
     calls = [SamplingParams(max_new_tokens=10, temperature=0.9, n=3, seed=4),
-             SamplingParams(max_new_tokens=20, temperature=0.6, n=2, seed=5),  # a bigger cache: rebuilt
+             # more requests (a cache block each, 256 tokens a block) than the kept cache holds: rebuilt
+             SamplingParams(max_new_tokens=20, temperature=0.6, n=4, seed=5),
              SamplingParams(max_new_tokens=10, temperature=0.0)]  # other sampling settings: rebuilt
     kept, per_call = engine_for(tiny_model(), "continuous"), engine_for(tiny_model(), "continuous", keep_cache=False)
     for params in calls:
@@ -397,6 +500,38 @@ def test_continuous_on_a_transformers_without_it_falls_back_to_embedded_in_one_l
     assert settle_backend("continuous", torch.device("cpu"), lambda: None) == ("continuous", None)
     assert settle_backend("embedded", torch.device("cpu"), old) == ("embedded", None)
     assert settle_backend("sglang", torch.device("cuda"), old) == ("sglang", None)
+
+
+def test_check_backend_runs_the_embedded_engine_where_continuous_batching_cannot_run(monkeypatch, capsys):
+    """`check_backend` settles rollout.backend=continuous too, not only auto: on a transformers without continuous
+    batching the run falls back with one line, instead of failing when the engine is built."""
+    import raro_fast.rollout as rollout
+
+    monkeypatch.setattr(rollout, "_continuous_missing", lambda: "transformers 5.0.0 has no continuous batching")
+    cfg = RolloutConfig(backend="continuous")
+    check_backend(cfg, torch.device("cpu"), "float32")
+    assert cfg.backend == "embedded"
+    assert capsys.readouterr().out == ("rollout.backend=continuous: transformers 5.0.0 has no continuous batching; "
+                                       "using the embedded engine instead\n")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_make_engine_passes_the_configured_batch_size_and_end_tokens(backend):
+    """The embedded engine decodes at most rollout.batch_size rows at a time (the memory bound the setting is for),
+    and the continuous one stops at the `end_ids` it is given, not the tokenizer's defaults."""
+    from raro_fast.model.hf import load_project_tokenizer
+
+    if backend == "continuous" and CONTINUOUS_MISSING:
+        pytest.skip(CONTINUOUS_MISSING)
+    tok = load_project_tokenizer()
+    model = tiny_model()
+    cfg = RolloutConfig(backend=backend, batch_size=3)
+    eng = make_engine(cfg, model, tok, model_path="unused", dtype="float32", device=torch.device("cpu"), rank=0,
+                      seed=0, end_ids=[7, 11])
+    if backend == "embedded":
+        assert isinstance(eng, EmbeddedEngine) and eng.batch_size == 3
+    else:
+        assert isinstance(eng, ContinuousEngine) and eng.eos_token_ids == [7, 11]
 
 
 @needs_continuous

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -95,3 +96,81 @@ def test_one_bucket_request_in_flight_at_a_time_and_the_next_gathered_meanwhile(
     assert announced == [x for i in range(4) for x in (f"announce w{i}", f"loaded w{i}")]  # never two in flight
     # the next bucket's tensors are gathered before the receiver's answer for the current one is waited for
     assert events.index("gather 2") < events.index("loaded w1")
+
+
+def test_only_the_last_bucket_flushes_the_cache_and_carries_the_weight_version(monkeypatch):
+    """The receiver loads a sync when the flushing bucket arrives and takes its version from it: a flush or a
+    version on an earlier bucket would have an engine sample from, and report, a half-updated model."""
+    from raro_fast.weight_sync import broadcast
+
+    monkeypatch.setattr(broadcast, "_broadcast", lambda group, flat: None)
+    bodies = []
+
+    def announce(body):
+        bodies.append(body)
+        return lambda: None
+
+    named = [(f"w{i}", torch.full((4,), float(i) + 0.5)) for i in range(3)]  # 16 bytes: one bucket each
+    broadcast.broadcast_weights(None, named, group_name="g", bucket_bytes=16, announce=announce, weight_version=9)
+    assert [b["names"] for b in bodies] == [["w0"], ["w1"], ["w2"]]
+    assert [b["flush_cache"] for b in bodies] == [False, False, True]
+    assert [b.get("weight_version") for b in bodies] == [None, None, "9"]
+
+
+def test_hf_named_tensors_sends_an_untied_lm_head_and_leaves_integer_tensors_uncast():
+    """Only a tied lm_head is left out (an untied one left out would leave an SGLang engine on its old head, with
+    no error); the cast to the engine's dtype is for floating tensors only (an integer buffer keeps its values)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(4)
+    cfg = Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=128)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.model.register_buffer("counts", torch.tensor([3, 70001, -5]))  # 70001 is not a bfloat16 value
+    policy = PolicyModel(model)
+    assert tied_names(policy) == set()
+    named = dict(hf_named_tensors(policy, dtype=torch.bfloat16))
+    assert torch.equal(named["lm_head.weight"], model.lm_head.weight.to(torch.bfloat16))
+    assert not torch.equal(named["lm_head.weight"], named["model.embed_tokens.weight"])
+    assert named["model.counts"].dtype == torch.int64 and named["model.counts"].tolist() == [3, 70001, -5]
+
+
+def test_a_failed_broadcast_raises_the_receivers_answer_which_names_the_cause(monkeypatch):
+    """A receiver that refused a request never joins its broadcast; the broadcast's own error (a timeout, a closed
+    connection) says nothing of why, so the receiver's answer is waited for and raised instead."""
+    from raro_fast.weight_sync import broadcast
+
+    def broken(group, flat):
+        raise RuntimeError("gloo: connection closed by peer")
+
+    def announce(body):
+        def wait():
+            raise RuntimeError(f"receiver: no parameter named {body['names'][0]!r}")
+        return wait
+
+    monkeypatch.setattr(broadcast, "_broadcast", broken)
+    with pytest.raises(RuntimeError, match=r"receiver: no parameter named 'w0'"):
+        broadcast.broadcast_weights(None, [("w0", torch.tensor([1.5, -2.0]))], group_name="g", bucket_bytes=16,
+                                    announce=announce, weight_version=1)
+
+
+def test_the_receiver_loads_each_sync_with_that_syncs_tensors_only(monkeypatch):
+    """Each flush hands the engine the buckets since the last one: a list kept across syncs would hold every
+    earlier sync's tensors too (a model's worth of memory more per sync) and load stale values before new ones."""
+    from raro_fast.weight_sync import broadcast
+
+    bodies = iter([{"names": ["a"], "flush_cache": False}, {"names": ["b"], "flush_cache": True, "weight_version": "1"},
+                   {"names": ["c"], "flush_cache": True, "weight_version": "2"}, {"stop": True}])
+    monkeypatch.setattr(broadcast, "recv_json", lambda group: next(bodies))
+    monkeypatch.setattr(broadcast, "receive_bucket",
+                        lambda group, body, device: [(n, torch.tensor([ord(n) + 0.5])) for n in body["names"]])
+
+    class Engine:
+        loads = []
+
+        def update_weights(self, named, version):
+            self.loads.append(([(n, t.item()) for n, t in named], version))
+
+    engine = Engine()
+    assert broadcast.serve_weight_updates(None, engine) == 2
+    assert engine.loads == [([("a", 97.5), ("b", 98.5)], 1), ([("c", 99.5)], 2)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raro_fast.weight_sync.broadcast import metas_from_request, update_request
-from raro_fast.weight_sync.buckets import flatten, iter_buckets, unflatten, with_last
+from raro_fast.weight_sync.buckets import TensorMeta, flatten, iter_buckets, unflatten, with_last
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool, torch.complex64]
@@ -67,6 +67,10 @@ def test_unflatten_rejects_metadata_that_does_not_fit():
     bucket = flatten([("a", torch.ones(4))])
     with pytest.raises(ValueError, match="does not fit"):
         unflatten(bucket.flat[:8], bucket.metas)
+    # a byte range that disagrees with the byte count the metadata states (a receiver's layout out of step)
+    (m,) = bucket.metas
+    with pytest.raises(ValueError, match="does not fit"):
+        unflatten(bucket.flat, [TensorMeta(m.name, m.shape, m.dtype, 4, 16, 16)])
 
 
 def test_iter_buckets_bounds_size_keeps_order_and_one_dtype_each():
@@ -95,6 +99,16 @@ def test_iter_buckets_bounds_size_keeps_order_and_one_dtype_each():
         by_dtype.setdefault(b.dtype, []).append(b.nbytes)
     for sizes in by_dtype.values():
         assert all(a + b > limit for a, b in zip(sizes, sizes[1:]))
+
+
+def test_iter_buckets_fills_a_bucket_to_exactly_bucket_bytes():
+    """A bucket takes tensors up to and including `bucket_bytes`: tensors that fill it exactly must not be split
+    over two buckets (twice the requests and broadcasts per sync)."""
+    named = [("a", torch.tensor([1.5, -2.0])), ("b", torch.tensor([3.25, 4.0])), ("c", torch.tensor([-5.5, 6.0]))]
+    buckets = list(iter_buckets(named, 16))  # 8 bytes each: a and b fill the first bucket exactly
+    assert [[m.name for m in b.metas] for b in buckets] == [["a", "b"], ["c"]]
+    assert [b.nbytes for b in buckets] == [16, 8]
+    assert torch.equal(unflatten(buckets[0].flat, buckets[0].metas)[1][1], torch.tensor([3.25, 4.0]))
 
 
 def test_iter_buckets_rejects_nonpositive_size():
