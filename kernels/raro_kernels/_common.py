@@ -10,6 +10,7 @@ Two backends compute the same function:
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import NamedTuple
@@ -108,8 +109,8 @@ def check_lm_head_inputs(
         raise ValueError(f"weight must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
     if isinstance(temperature, torch.Tensor):
         _check_temperature_tensor(temperature, targets)
-    elif not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    elif not 0 < temperature < math.inf:  # inf would give every token -log V, silently (compared: a traced SymFloat)
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
 def _check_temperature_tensor(temperature: torch.Tensor, targets: torch.Tensor) -> None:

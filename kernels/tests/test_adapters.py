@@ -126,6 +126,25 @@ def test_head_module_shares_the_lm_heads_weight_and_refuses_a_bias():
         LinearLogprobsHead(nn.Linear(HIDDEN, VOCAB))
 
 
+def test_head_module_and_cross_entropy_pass_on_ignore_index_and_temperature():
+    """A head built with ignore_index=-1 (not the default -100) called at a temperature of 0.5, and
+    linear_cross_entropy with ignore_index=-1: dropping either argument on its way to linear_logprobs would
+    score position 1 (target -1) as a vocabulary entry, or the others at temperature 1."""
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g)
+    hidden = torch.randn(5, HIDDEN, generator=g)
+    targets = torch.tensor([3, -1, 0, VOCAB - 1, 7])
+    keep = targets != -1
+    logits = (hidden.double() @ weight.double().t()) / 0.5
+    ref = logits.log_softmax(-1)[keep.nonzero().squeeze(1), targets[keep]]
+    out = LinearLogprobsHead(weight, ignore_index=-1)(hidden, targets, temperature=0.5, return_entropy=True)
+    torch.testing.assert_close(out.logprobs[keep].double(), ref, rtol=0, atol=2e-5)
+    assert out.logprobs[1] == 0 and out.entropy[1] == 0
+    ce = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1)
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, ignore_index=-1, temperature=0.5).double(),
+                               ce, rtol=1e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_cross_entropy_equals_torchs_on_the_full_logits(reduction):
     g = torch.Generator().manual_seed(3)

@@ -103,7 +103,9 @@ def test_per_token_temperatures_match_float64(backend: str, dtype: torch.dtype, 
 def test_one_temperature_as_a_tensor_is_the_number_bit_for_bit(backend: str, device) -> None:
     n, h, v = SHAPES[0]
     results = []
-    for temperature in (0.7, torch.full((n,), 0.7, dtype=torch.float64, device=device)):
+    # 0.85: 1 / T rounded once to fp32 differs from 1 / fp32(T) (at 0.7 the two agree, so a tensor reciprocal
+    # taken in fp32 went unnoticed)
+    for temperature in (0.85, torch.full((n,), 0.85, dtype=torch.float64, device=device)):
         hidden, weight, targets = _make(n, h, v, torch.bfloat16, device, seed=5)
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
@@ -150,13 +152,121 @@ def test_strided_and_int32_targets(backend: str, layout: str, device) -> None:
     _check(out, hidden, weight, targets.long(), 0.9)
 
 
+def test_forward_over_several_logits_slices(backend: str, device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton path's forward reduces the logits SLICE_COLS columns at a time and merges the slices' statistics
+    on the host; every other test here has V below one slice. A slice's statistics written over another's, or a
+    target compared with the slice's own column index instead of the vocabulary's, gives wrong log-probs."""
+    if backend == "triton":
+        import raro_kernels._triton_lm_head as triton_lm_head
+
+        monkeypatch.setattr(triton_lm_head, "SLICE_COLS", 128)  # V = 300: slices of 128, 128 and 44 columns
+    hidden, weight, targets = _make(23, 16, 300, torch.float32, device, seed=21)
+    targets[:6] = torch.tensor([0, 127, 128, 255, 256, 299], device=device)  # each slice's first and last column
+    temps = _token_temperatures((23,), device, seed=22)
+    out = linear_logprobs(hidden, weight, targets, temperature=temps, return_entropy=True, backend=backend,
+                          chunk_cols=128)  # the torch path's tiles, too
+    _check(out, hidden, weight, targets, temps, grads=False)
+
+
+def test_out_of_range_targets_give_nan_where_unchecked(backend: str, device) -> None:
+    """Traced (torch.compile) or on CUDA no range check runs: the op itself must turn a target outside [0, V) into
+    NaN. Without that, no vocabulary column matches it, z[target] reads as 0, and -logsumexp passes for a
+    plausible log-prob. The other rows, ignored ones included, keep their values."""
+    hidden, weight, targets = _make(9, 16, 50, torch.float32, device, seed=23, n_ignored=0)
+    targets[2], targets[5], targets[7] = 50, -5, -100
+    inv_temp = torch.full((9,), 1 / 0.8, device=device)
+    logprobs, entropy, _, _ = torch.ops.raro_kernels.linear_logprobs.default(
+        hidden, weight, targets, inv_temp, True, -100, backend, 32)
+    bad = torch.zeros(9, dtype=torch.bool)
+    bad[[2, 5]] = True
+    assert bool(logprobs.cpu()[bad].isnan().all())
+    valid = torch.where(bad.to(device), 0, targets)
+    ref_lp, ref_ent = reference_logprobs(hidden.cpu().double(), weight.cpu().double(), valid.cpu(), temperature=0.8)
+    torch.testing.assert_close(logprobs.cpu()[~bad].double(), ref_lp[~bad], rtol=1e-5, atol=1e-4)
+    assert float(logprobs[7]) == 0.0 and float(entropy[7]) == 0.0
+    torch.testing.assert_close(entropy.cpu()[[0, 1, 3, 4, 6, 8]].double(), ref_ent[[0, 1, 3, 4, 6, 8]],
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_ignore_index_inside_the_vocabulary(backend: str, device) -> None:
+    """ignore_index may be a vocabulary id (a pad token, here 7) rather than the usual -100: exactly the tokens
+    equal to it give 0 and no gradient, and a negative target is still out of range, not ignored."""
+    hidden, weight, targets = _make(21, 16, 90, torch.float32, device, seed=27, n_ignored=0)
+    targets[[1, 4, 9]] = 7
+    targets[targets == 8] = 6  # keep ids next to the ignored one, so an off-by-one shows
+    targets[[2, 3]] = torch.tensor([8, 6], device=device)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = linear_logprobs(hidden, weight, targets, temperature=0.9, return_entropy=True, ignore_index=7,
+                          backend=backend, chunk_cols=32)
+    h64 = hidden.detach().cpu().double().requires_grad_(True)
+    w64 = weight.detach().cpu().double().requires_grad_(True)
+    ref_lp, ref_ent = reference_logprobs(h64, w64, targets.cpu(), temperature=0.9, ignore_index=7)
+    torch.testing.assert_close(out.logprobs.detach().cpu().double(), ref_lp.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.entropy.detach().cpu().double(), ref_ent.detach(), rtol=1e-5, atol=1e-4)
+    w = torch.linspace(-1.0, 1.0, 21)
+    dh, dw = torch.autograd.grad((out.logprobs * w.to(device)).sum() + out.entropy.sum(), (hidden, weight))
+    ref_dh, ref_dw = torch.autograd.grad((ref_lp * w.double()).sum() + ref_ent.sum(), (h64, w64))
+    assert _rel_err(dh, ref_dh) < 2e-5 and _rel_err(dw, ref_dw) < 2e-5
+    assert float(dh[[1, 4, 9]].abs().max()) == 0.0
+    with pytest.raises(ValueError, match=r"targets\[0\] = -100 is outside"):
+        linear_logprobs(hidden, weight, torch.where(torch.arange(21, device=device) == 0, -100, targets),
+                        ignore_index=7, backend=backend)
+
+
+def test_torch_path_over_several_row_chunks(device) -> None:
+    """The PyTorch path walks the rows `rows_per_chunk` at a time (1024 by default, more than any other test's N):
+    statistics and both gradients of every chunk, the last one partial, each row at its own temperature."""
+    from raro_kernels._chunked_torch import lm_head_grads_torch, lm_head_stats_torch
+
+    n, h, v = 45, 16, 300
+    hidden, weight, targets = _make(n, h, v, torch.float32, device, seed=24, n_ignored=0)
+    targets[:6] = torch.tensor([0, 127, 128, 255, 256, 299], device=device)  # each tile's first and last column
+    temps = _token_temperatures((n,), device, seed=25)
+    inv_temp = (1.0 / temps.double()).float()
+    chunks = dict(rows_per_chunk=16, cols_per_chunk=128)
+    stats = lm_head_stats_torch(hidden, weight, targets, inv_temp_N=inv_temp, with_entropy=True, **chunks)
+    h64 = hidden.cpu().double().requires_grad_(True)
+    w64 = weight.cpu().double().requires_grad_(True)
+    z64 = h64 @ w64.T * inv_temp.cpu().double()[:, None]
+    lse64 = torch.logsumexp(z64, dim=-1)
+    zt64 = z64.gather(1, targets.cpu()[:, None]).squeeze(1)
+    ent64 = lse64 - (torch.softmax(z64, dim=-1) * z64).sum(-1)
+    for got, ref in ((stats.lse, lse64), (stats.target_logit, zt64), (stats.entropy, ent64)):
+        torch.testing.assert_close(got.cpu().double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    g = torch.Generator().manual_seed(26)
+    g_lp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    dh, dw = lm_head_grads_torch(hidden, weight, targets, stats.lse, stats.entropy, g_lp.to(device),
+                                 g_ent.to(device), inv_temp_N=inv_temp, need_hidden=True, need_weight=True, **chunks)
+    ref_dh, ref_dw = torch.autograd.grad(((zt64 - lse64) * g_lp.double() + ent64 * g_ent.double()).sum(), (h64, w64))
+    assert _rel_err(dh, ref_dh) < 2e-5, _rel_err(dh, ref_dh)
+    assert _rel_err(dw, ref_dw) < 2e-5, _rel_err(dw, ref_dw)
+
+
 def test_large_logits_stay_finite(backend: str, device) -> None:
-    """Logits of several hundred: the online softmax must not overflow or lose the target."""
+    """Logits of several hundred: the online softmax must not overflow or lose the target. Tiles of 160 columns
+    (the torch path; the backward's slices on Triton): the last one, of 13, has a maximum some 100 below the
+    row's, so rescaling by a tile's own maximum instead of the running one overflows exp."""
     hidden, weight, targets = _make(19, 32, 333, torch.float32, device, seed=5)
     hidden = (hidden * 60).requires_grad_(True)
     weight.requires_grad_(True)
-    out = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    out = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend, chunk_cols=160)
     assert bool(torch.isfinite(out.logprobs).all()) and bool(torch.isfinite(out.entropy).all())
+    _check(out, hidden, weight, targets, 1.0)
+
+
+# The interpreter computes the dz kernels' masked padding lanes too (never stored): exp overflows there, harmlessly,
+# and the inf that makes gives nan in what follows.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+def test_logits_far_below_zero(backend: str, device) -> None:
+    """Every logit near -120 (one hidden unit times a weight column of -1): exp of a logit underflows fp32, so the
+    softmax must be taken relative to the row's maximum, with padding columns never counted in that maximum."""
+    hidden, weight, targets = _make(19, 32, 333, torch.float32, device, seed=28)
+    hidden[:, 0] = 120.0
+    weight[:, 0] = -1.0
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend, chunk_cols=160)
     _check(out, hidden, weight, targets, 1.0)
 
 
@@ -212,13 +322,17 @@ def test_bad_inputs_raise_value_error() -> None:
         (dict(hidden=h, weight=w, targets=t[:4]), "targets shape"),
         (dict(hidden=h, weight=w, targets=t.float()), "targets must be"),
         (dict(hidden=h, weight=w, targets=t, temperature=0.0), "temperature"),
+        (dict(hidden=h, weight=w, targets=t, temperature=float("inf")), "temperature must be finite and > 0, got inf"),
         (dict(hidden=h, weight=w, targets=t, temperature=torch.ones(4)), r"shaped like targets \(5,\)"),
         (dict(hidden=h, weight=w, targets=t, temperature=torch.ones(5, dtype=torch.long)), "floating point"),
         (dict(hidden=h, weight=w, targets=t, temperature=torch.tensor([1.0, 0.5, 0.0, 1.0, 1.0])),
          "finite and > 0 at every token, got 0.0 at flat index 2"),
         (dict(hidden=h, weight=w, targets=t, temperature=torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])),
          "at flat index 1"),
+        (dict(hidden=h, weight=w, targets=t, temperature=torch.tensor([1.0, 1.0, 1.0, float("inf"), 1.0])),
+         "got inf at flat index 3"),
         (dict(hidden=h, weight=w, targets=t, backend="cuda"), "backend"),
+        (dict(hidden=h, weight=w, targets=t, chunk_cols=0), "chunk_cols must be >= 1, got 0"),
         (dict(hidden=h, weight=w, targets=torch.tensor([0, 1, 30, 2, -100])), r"targets\[2\] = 30"),
         (dict(hidden=h[0], weight=w, targets=t[0]), "hidden must be"),
     ]

@@ -5,6 +5,7 @@ rounding ~1e-6, so value and gradient are compared at rtol 1e-5 (atol 1e-6).
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import pytest
@@ -35,7 +36,7 @@ def _inputs(device: torch.device, seed: int) -> dict[str, torch.Tensor]:
         "seq_ids": seq_ids,
         "weights": torch.rand(n, generator=g) * 2,
     }
-    out["mask"][13:14] = False  # the 1-token sequence has no trained token
+    out["mask"][20:21] = False  # the 1-token sequence (after 7 + 13 tokens) has no trained token
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -153,12 +154,41 @@ def test_microbatches_with_global_counts_sum_to_full_batch(loss_agg: str, device
     torch.testing.assert_close(torch.cat(grads), full_grad, rtol=1e-5, atol=1e-7)
 
 
+def test_log_ratios_beyond_the_limit_are_clamped_at_20(device: torch.device) -> None:
+    """Log-ratios of +30 (policy) and -40 (reference) are clamped to +-20 in the ratio and in the KL estimate:
+    the value, the gradient (0 through a clamp) and ratio_max, computed by hand in float64. Every other input
+    here keeps log-ratios within +-2, where a missing or different limit changes nothing."""
+    logp = torch.tensor([-0.5, -2.0], device=device, requires_grad=True)
+    old = torch.tensor([-30.5, -1.5], device=device)
+    adv = torch.tensor([1.0, 0.5], device=device)
+    ref = torch.tensor([-40.5, -2.3], device=device)
+    mask = torch.ones(2, dtype=torch.bool, device=device)
+    loss, m = policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+    (grad,) = torch.autograd.grad(loss, logp)
+    r1, lr1 = math.exp(-0.5), -0.3
+    # token 0: ratio e^20, advantage > 0: the clipped branch -1.2; KL at log-ratio -20: e^-20 - 1 + 20
+    expected = (-1.2 + 0.1 * (math.exp(-20) + 19) + -0.5 * r1 + 0.1 * (math.exp(lr1) - 1 - lr1)) / 2
+    torch.testing.assert_close(loss.cpu().double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    expected_grad = torch.tensor([0.0, (-0.5 * r1 + 0.1 * (1 - math.exp(lr1))) / 2], dtype=torch.float64)
+    torch.testing.assert_close(grad.cpu().double(), expected_grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(m["ratio_max"].cpu().double(), torch.tensor(math.exp(20), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(m["ref_kl"].cpu().double(),
+                               torch.tensor((math.exp(-20) + 19 + math.exp(lr1) - 1 - lr1) / 2, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
 def test_no_trained_token_gives_zero_loss(device: torch.device) -> None:
+    """A micro-batch without a trained token (all masked, or every target ignored) adds 0 to the loss and exactly
+    0 to the gradient: a 0 / 0 token weight would be NaN, and where() passes NaN * 0 = NaN to the gradient."""
     x = _inputs(device, seed=4)
     mask = torch.zeros_like(x["mask"])
-    for agg in ("token_mean", "seq_mean_token_mean"):
-        loss, m = policy_loss(x["logp"], x["old"], x["adv"], mask, loss_agg=agg, seq_ids=x["seq_ids"])
+    for agg in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"):
+        logp = x["logp"].clone().requires_grad_(True)
+        loss, m = policy_loss(logp, x["old"], x["adv"], mask, loss_agg=agg, seq_ids=x["seq_ids"])
+        (grad,) = torch.autograd.grad(loss, logp)
         assert float(loss) == 0.0
+        assert float(grad.abs().max()) == 0.0, agg
         assert all(bool(torch.isfinite(v)) for v in m.values())
 
 
