@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raro_fast.distributed import Dist, barrier
-from raro_fast.model.hf import save_pretrained_atomic, with_umask_modes
+from raro_fast.model.hf import fsync_path, fsync_tree, save_pretrained_atomic, with_umask_modes
 from raro_fast.weight_sync.source import full_state_dict
 
 
@@ -109,20 +109,12 @@ def resume_point(output_dir: str | os.PathLike, warn: Callable[[str], None] = pr
     return None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def save_checkpoint(
@@ -162,8 +154,7 @@ def save_checkpoint(
         write_manifest(tmp)
         # On disk before `latest` names it and older ones are pruned: after a power cut the rename alone could
         # leave this one's files empty and the intact older ones deleted.
-        for p in [*tmp.rglob("*"), tmp]:
-            _fsync(p)
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(root / "latest", name + "\n")

@@ -71,6 +71,14 @@ def test_building_a_tokenizer_never_overwrites_the_shipped_one(tmp_path):
         build_tokenizer.main([str(build_tokenizer.OUT_DIR / ".." / "tokenizer")])
     assert (build_tokenizer.OUT_DIR / "tokenizer.json").read_bytes() == shipped
     build_tokenizer.main([str(tmp_path / "tok")])
-    assert json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == "<|im_end|>" and config["pad_token"] == "<|endoftext|>"  # a pad that ends nothing
+    # What the module says a build gives: one token per digit (a merged "24" is an opaque symbol to the model's
+    # arithmetic) and the reasoning and answer tags as single tokens.
+    from tokenizers import Tokenizer
+
+    built = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    assert built.encode("<think>1024-24</think><answer>13*2</answer>").tokens == [
+        "<think>", "1", "0", "2", "4", "-", "2", "4", "</think>", "<answer>", "1", "3", "*", "2", "</answer>"]
     with pytest.raises(SystemExit, match="usage"):
         build_tokenizer.main([])

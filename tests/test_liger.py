@@ -80,6 +80,31 @@ def test_all_liger_modules_equal_the_model_on_cuda(family):
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-3, atol=1e-4)
 
 
+def test_the_swapped_norms_keep_the_models_epsilon():
+    """Llama 2 and SmolLM2 normalise with eps 1e-5; Liger's default, and the configs above, have 1e-6."""
+    from transformers import LlamaConfig
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**CONFIGS["llama"]().to_dict(), "rms_norm_eps": 1e-5}))
+    use_liger_kernels(model, swiglu=False, rope=False)
+    norms = [m for m in model.modules() if type(m).__name__ == "LigerRMSNorm"]
+    assert len(norms) == 2 * 2 + 1 and all(n.variance_epsilon == 1e-5 for n in norms)
+
+
+def test_a_kv_cache_and_a_non_silu_mlp_are_refused():
+    """The RoPE attention never writes a KV cache: a generation through it would read an empty cache at every
+    step with no error. Liger's SwiGLU MLP computes silu(gate) * up whatever the config's activation is."""
+    from transformers import LlamaConfig
+
+    _, fused = pair("llama", "cpu")
+    use_liger_kernels(fused, rms_norm=False, swiglu=False, rope=True)
+    with pytest.raises(ValueError, match="no KV cache"):
+        fused(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    gelu = AutoModelForCausalLM.from_config(LlamaConfig(**{**CONFIGS["llama"]().to_dict(), "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="SwiGLU MLP needs hidden_act 'silu', not 'gelu'"):
+        use_liger_kernels(gelu)
+    assert use_liger_kernels(gelu, swiglu=False) == ["rms_norm", "rope"]  # the MLP stays the model's own
+
+
 def test_unsupported_family_and_missing_liger_say_so(monkeypatch):
     from transformers import GPT2Config
 

@@ -1,6 +1,7 @@
 """A damaged model folder is refused with the setting, the path and the file at fault, never a traceback from
 inside transformers or safetensors."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,95 @@ def test_a_broken_generation_config_is_named_not_skipped(saved, tmp_path, text, 
     with pytest.raises(ValueError, match=r"model.path: .*generation_config\.json is not a generation configuration "
                                          r"\(.*" + error):
         load_pretrained(str(p), dtype=torch.float32)
+
+
+def test_saving_over_a_model_replaces_it_whole_readable_by_all_and_a_failed_save_keeps_the_old_one(saved, tmp_path,
+                                                                                                   monkeypatch):
+    """A save replaces the folder whole (no file of the old one stays beside the new ones), leaves no temporary or
+    old folder behind, gives the modes a plain write would (mkdtemp's 0700 and safetensors' 0600 once made a model
+    private to its writer), and a save that fails leaves the model that was there."""
+    import os
+    import stat
+
+    from raro_fast.model.hf import save_pretrained_atomic
+
+    model, tok = load_pretrained(str(saved), dtype=torch.float32)
+    out = tmp_path / "runs" / "model"
+    umask = os.umask(0o022)
+    try:
+        save_pretrained_atomic(model, tok, out, extra_files={"note.txt": "first"})
+        assert (out / "note.txt").read_text() == "first"
+        with torch.no_grad():
+            model.model.norm.weight.add_(0.5)
+        save_pretrained_atomic(model, tok, out)
+    finally:
+        os.umask(umask)
+    assert [p.name for p in out.parent.iterdir()] == ["model"] and not (out / "note.txt").exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: 0o644 for p in out.iterdir()}
+    saved_norm = model.model.norm.weight.detach().clone()
+    assert torch.equal(load_pretrained(str(out), dtype=torch.float32)[0].model.norm.weight, saved_norm)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tok, "save_pretrained", fail)
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.5)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained_atomic(model, tok, out)
+    assert [p.name for p in out.parent.iterdir()] == ["model"]
+    assert torch.equal(load_pretrained(str(out), dtype=torch.float32)[0].model.norm.weight, saved_norm)
+
+
+def test_a_saved_model_is_on_disk_before_its_folder_is_renamed_into_place(saved, tmp_path, monkeypatch):
+    """A rename alone survives a process kill, not a power cut: final_model/ could be named before its files'
+    contents reached the disk, and an empty model.safetensors be all that a finished run leaves."""
+    import os
+
+    from raro_fast.model.hf import save_pretrained_atomic
+
+    model, tok = load_pretrained(str(saved), dtype=torch.float32)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "final_model"
+    save_pretrained_atomic(model, tok, out)
+    (renamed,) = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.path.realpath(out)]
+    tmp = Path(events[renamed][1])
+    synced = {e[1]: i for i, e in enumerate(events) if e[0] == "fsync"}
+    written = [tmp / p.relative_to(out) for p in out.rglob("*")]
+    assert len(written) >= 4 and [p for p in [*written, tmp] if not synced.get(str(p), renamed) < renamed] == []
+    assert synced.get(os.path.realpath(tmp_path), -1) > renamed  # the rename itself, on disk
+
+
+def test_a_folder_whose_tokenizer_pads_with_its_end_token_loads_with_a_pad_that_ends_nothing(saved, tmp_path):
+    """SmolLM2's and Qwen2.5's tokenizers pad with an end token: generation pads finished rows, and a pad read as a
+    stop would be mistaken for the model's own output."""
+    from raro_fast.model.hf import end_token_ids, save_pretrained_atomic
+
+    model, tok = load_pretrained(str(saved), dtype=torch.float32)
+    tok.pad_token = tok.eos_token
+    save_pretrained_atomic(model, tok, tmp_path / "eos_pad")
+    model, tok = load_pretrained(str(tmp_path / "eos_pad"), dtype=torch.float32)
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id not in end_token_ids(model, tok)
+
+
+def test_auto_precision_is_bfloat16_on_a_gpu_only():
+    """A CPU computes bfloat16 slowly, or emulated, and the default job's numbers are float32 ones."""
+    from raro_fast.model.hf import resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32

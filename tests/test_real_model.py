@@ -69,6 +69,35 @@ def test_llama_lm_head_through_the_fused_kernel_matches_float64(tied):
         assert not torch.equal(head.grad, model.model.embed_tokens.weight.grad)
 
 
+def test_every_logit_transform_is_refused_in_the_config_or_in_its_text_config():
+    """The fused kernels compute plain softmax(hidden @ W.T / T): a model that scales or caps its logits, in its
+    config or, for a multimodal model such as Gemma 3, in its text config, would be trained on another distribution
+    than the one it samples from."""
+    from transformers import Gemma3Config
+
+    from raro_fast.model.policy import LOGIT_TRANSFORMS, fused_lm_head_refusal
+
+    model = tiny_llama(tied=True)
+    assert fused_lm_head_refusal(model) is None
+    for name in LOGIT_TRANSFORMS:
+        setattr(model.config, name, 0.5)
+        assert f"config {name} = 0.5" in fused_lm_head_refusal(model)
+        setattr(model.config, name, None)
+    assert fused_lm_head_refusal(model) is None
+
+    class Multimodal(torch.nn.Module):  # what the check reads of such a model: its config and its LM head
+        def __init__(self, config):
+            super().__init__()
+            self.config, self.lm_head = config, torch.nn.Linear(8, VOCAB, bias=False)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    capped = Multimodal(Gemma3Config(text_config={"final_logit_softcapping": 30.0}))
+    assert "config final_logit_softcapping = 30.0" in fused_lm_head_refusal(capped)
+    assert fused_lm_head_refusal(Multimodal(Gemma3Config())) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tied", [False, True])
 def test_weight_sync_sends_an_untied_head_and_the_engine_samples_with_it(tied, dtype):
@@ -132,6 +161,22 @@ def test_a_pad_token_distinct_from_the_end_tokens_is_chosen_where_the_vocabulary
     assert tok.pad_token_id == tok.eos_token_id
 
 
+def test_the_embedded_model_pads_with_its_pad_token_and_ties_its_head():
+    """config.json's pad_token_id is the embedding's padding_idx, whose row transformers zeroes at init and never
+    trains from the inputs: set to the end token, the model would start unable to end a turn (a logit of 0 for it
+    from every hidden state) and never learn the end token as an input."""
+    from raro_fast.model.hf import build_embedded_model
+
+    tok = load_project_tokenizer()
+    model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                 max_position=64, seed=0)
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == tok.eos_token_id
+    embedding = model.get_input_embeddings().weight
+    assert not embedding[tok.pad_token_id].any() and embedding[tok.eos_token_id].abs().min() > 0
+    assert model.get_output_embeddings().weight is embedding  # tied, as the shipped base (0.8M parameters)
+
+
 def _hub_cache_with(model_dir: Path, cache: Path, repo: str, revision: str = "0123456789abcdef") -> Path:
     """huggingface_hub's cache layout, as `hf download` leaves it: models--org--name/{refs/main, snapshots/REV/}."""
     root = cache / f"models--{repo.replace('/', '--')}"
@@ -161,6 +206,39 @@ def test_a_hub_id_resolves_offline_through_the_cache(saved_embedded_model, tmp_p
     (tmp_path / "acme").mkdir()
     (tmp_path / "acme" / "local").symlink_to(saved_embedded_model)
     assert resolve_model_path("acme/local", "model.path") == "acme/local"
+
+
+def test_a_hub_download_fetches_every_file_a_model_folder_holds_and_no_other_weights(saved_embedded_model, tmp_path,
+                                                                                       monkeypatch):
+    """A hub id downloads only the files its patterns name: each file of a saved model folder must be among them
+    (without the safetensors, the jinja chat template or the tokenizer the folder would not load, or load without
+    its template), and a repository's pickled or GGUF copies of the weights are not."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    repo = tmp_path / "repo"
+    shutil.copytree(saved_embedded_model, repo)
+    for extra in ("pytorch_model.bin", "model.gguf", "onnx/model.onnx"):
+        (repo / extra).parent.mkdir(exist_ok=True)
+        (repo / extra).write_bytes(b"weights in another format")
+
+    def snapshot_download(repo_id, *, allow_patterns=None, **kwargs):  # huggingface_hub's filter: fnmatch on paths
+        assert repo_id == "acme/tiny-countdown"
+        snapshot = tmp_path / "snapshot"
+        for f in repo.rglob("*"):
+            name = f.relative_to(repo).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    model, tok = load_pretrained("acme/tiny-countdown", dtype=torch.float32)
+    assert sorted(p.name for p in (tmp_path / "snapshot").iterdir()) == sorted(p.name for p in saved_embedded_model.iterdir())
+    assert tok.chat_template and model.config.hidden_size == 32
 
 
 def test_convert_gguf_refuses_bad_input_clearly(tmp_path, monkeypatch, capsys):

@@ -67,6 +67,31 @@ def test_packed_logprobs_and_grads_equal_per_sequence(family, device):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{family} {n1}: {m}")
 
 
+def test_position_ids_restart_at_each_sequence():
+    """Plain RoPE only sees relative positions, so the test above passes whatever positions a packed row is given.
+    Dynamic NTK RoPE rescales its frequencies once a position passes max_position_embeddings (16 here): each
+    sequence is shorter than that, the packed row (35 tokens) is not, so positions counted along the row instead of
+    from each sequence's start give other hidden states (1e-3 away)."""
+    def config():
+        return LlamaConfig(vocab_size=89, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                           rope_scaling={"rope_type": "dynamic", "factor": 4.0})  # rope_parameters in 5.x
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config(), attn_implementation="eager").double().eval()
+    packed = AutoModelForCausalLM.from_config(config()).double().eval()
+    packed.load_state_dict(ref.state_dict())
+    use_varlen_attention(packed)
+    seqs = random_sequences(4, min_len=5, max_len=14)
+    mb = pack(seqs, num_sequences=4, num_tokens=sum(s.num_targets for s in seqs))
+    assert mb.input_ids.numel() > 16 > max(len(s.input_ids) for s in seqs)
+    with torch.no_grad():
+        got = packed_hidden_states(packed.model, mb)
+        want = torch.cat([ref.model(input_ids=torch.tensor([s.input_ids])).last_hidden_state[0] for s in seqs])
+    # float64 models; RoPE's cos/sin are float32 in transformers, hence not 1e-12
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
@@ -132,6 +157,90 @@ def test_flash_attn_gets_its_documented_arguments_and_half_precision_only(monkey
     # The per-sequence loop that fp32 (and CPU) runs agrees with the same reference.
     torch.testing.assert_close(varlen.varlen_causal_attention(q.double(), k.double(), v.double(), cu, max(lengths), scale),
                                want, rtol=1e-12, atol=1e-12)
+
+
+def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """Stand-in with torch 2.13's `torch.nn.attention.varlen.varlen_attn` signature and documented contract, computed
+    in float64: window_size (left, right) bounds how far back and ahead a query sees (-1: no bound), so (-1, 0) is
+    causal and the default (-1, -1) is not; grouped KV heads only with enable_gqa."""
+    assert return_aux is None and seqused_k is None and block_table is None and num_splits is None
+    assert enable_gqa or query.shape[1] == key.shape[1], "query and key heads differ without enable_gqa"
+    varlen_attn.calls += 1
+    groups = query.shape[1] // key.shape[1]
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    b = cu_seq_q.tolist()
+    assert cu_seq_k.tolist() == b and max_q == max_k == max(e - s for s, e in zip(b, b[1:]))
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for s, e in zip(b, b[1:]):
+        i = torch.arange(e - s)
+        seen = torch.ones(e - s, e - s, dtype=torch.bool)
+        if window_size[0] >= 0:
+            seen &= i[None, :] >= i[:, None] - window_size[0]
+        if window_size[1] >= 0:
+            seen &= i[None, :] <= i[:, None] + window_size[1]
+        qs = query[s:e].double().transpose(0, 1)
+        ks, vs = (x[s:e].double().repeat_interleave(groups, 1).transpose(0, 1) for x in (key, value))
+        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(~seen, float("-inf"))
+        out[s:e] = (scores.softmax(-1) @ vs).transpose(0, 1)
+    return out.to(query.dtype)
+
+
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's signature: causality as is_causal, no grouped KV heads, and no scale (always head_dim ** -0.5)."""
+    assert query.shape[1] == key.shape[1], "query and key heads differ: this form has no enable_gqa"
+    return varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux,
+                       window_size=(-1, 0) if is_causal else (-1, -1))
+
+
+def test_torch_varlen_gets_a_causal_window_and_its_grouped_heads_as_documented(monkeypatch):
+    """The CUDA path through torch's own varlen kernel, run on CPU against stand-ins with its signatures: a window
+    of (-1, -1), its default, would let every token attend to the whole sequence after it, and grouped KV heads go
+    in as enable_gqa, or repeated head by head (query head i reads KV head i // groups) where it has none. torch
+    2.10's takes no scale (passing one was a TypeError at the first update): a model whose scale is not
+    head_dim ** -0.5 takes the exact path there instead."""
+    import inspect
+
+    from raro_fast.model import varlen
+
+    installed, params = varlen._torch_varlen()
+    if installed is not None and "window_size" in params:  # the stand-in keeps the installed torch's signature
+        assert params == frozenset(inspect.signature(varlen_attn).parameters)
+    monkeypatch.setattr(varlen, "_flash_attn_varlen", lambda: None)
+    g = torch.Generator().manual_seed(6)
+    lengths = [5, 1, 9, 3]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    for form, scale, calls in [(varlen_attn, 0.3, 1), (varlen_attn, 8 ** -0.5, 1), (varlen_attn_2_10, 8 ** -0.5, 1),
+                               (varlen_attn_2_10, 0.3, 0)]:
+        monkeypatch.setattr(varlen, "_torch_varlen", lambda: (form, frozenset(inspect.signature(form).parameters)))
+        varlen_attn.calls = 0
+        got = varlen._fused_varlen(q, k, v, cu, max(lengths), scale, groups=2)
+        assert varlen_attn.calls == calls, (form.__name__, scale)
+        if calls:
+            torch.testing.assert_close(got, _reference_attention(q, k, v, cu, scale), rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{form.__name__}: {m}")
+        else:
+            assert got is None
+
+
+def test_the_models_attention_scale_is_applied_and_a_sliding_window_refused():
+    """transformers passes each model's own `scaling` (Gemma's query_pre_attn_scalar ** -0.5, not head_dim ** -0.5),
+    and a sliding window shorter than the longest sequence, which packed attention does not apply."""
+    from raro_fast.model import varlen
+
+    g = torch.Generator().manual_seed(7)
+    lengths = [6, 9, 2]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    query, key, value = (torch.randn(1, h, sum(lengths), 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    out, _ = varlen._attention(None, query, key, value, None, scaling=0.7, **kwargs)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    torch.testing.assert_close(out[0], _reference_attention(q, k, v, cu, 0.7), rtol=1e-12, atol=1e-12)
+    out, _ = varlen._attention(None, query, key, value, None, sliding_window=64, **kwargs)  # wider: full causal
+    torch.testing.assert_close(out[0], _reference_attention(q, k, v, cu, 8 ** -0.5), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="sliding-window attention is not supported"):
+        varlen._attention(None, query, key, value, None, sliding_window=4, **kwargs)
 
 
 def test_bucketed_attention_values_and_gradients_equal_the_reference_float64():

@@ -308,7 +308,7 @@ def save_pretrained_atomic(
     extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write model + tokenizer in HF format (safetensors), and `extra_files` (name: text), to a temporary folder,
-    then rename it into place."""
+    sync it to disk, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -318,7 +318,9 @@ def save_pretrained_atomic(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         with_umask_modes(tmp)
+        fsync_tree(tmp)
         _replace_dir(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -333,6 +335,21 @@ def with_umask_modes(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for p in folder.rglob("*"):
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder`, and `folder` itself, on disk: after a power cut a rename alone could
+    name files whose contents never reached the disk."""
+    for p in [*folder.rglob("*"), folder]:
+        fsync_path(p)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -114,7 +114,11 @@ def _fused_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale, groups) ->
     varlen, params = _torch_varlen()
     if varlen is None:
         return None
-    kwargs = {"scale": scale}
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale != q_THD.shape[-1] ** -0.5:
+        return None  # torch 2.10's varlen_attn takes no scale, only head_dim ** -0.5: the exact path applies this one
     if "is_causal" in params:
         kwargs["is_causal"] = True
     else:
