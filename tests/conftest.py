@@ -44,3 +44,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def disk_events(monkeypatch) -> list[tuple[str, ...]]:
+    """What reaches the disk, in order, from the moment the fixture is used: ("fsync", path), ("replace", src, dst)
+    and ("rmtree", path), real paths; each call still does its work. For tests of what a power cut could leave."""
+    import os
+    import shutil
+
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    def rmtree(path, **kwargs):
+        events.append(("rmtree", os.path.realpath(path)))
+        real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    return events

@@ -172,7 +172,7 @@ def test_saving_over_a_model_replaces_it_whole_readable_by_all_and_a_failed_save
     assert torch.equal(load_pretrained(str(out), dtype=torch.float32)[0].model.norm.weight, saved_norm)
 
 
-def test_a_saved_model_is_on_disk_before_its_folder_is_renamed_into_place(saved, tmp_path, monkeypatch):
+def test_a_saved_model_is_on_disk_before_its_folder_is_renamed_into_place(saved, tmp_path, request):
     """A rename alone survives a process kill, not a power cut: final_model/ could be named before its files'
     contents reached the disk, and an empty model.safetensors be all that a finished run leaves."""
     import os
@@ -180,19 +180,7 @@ def test_a_saved_model_is_on_disk_before_its_folder_is_renamed_into_place(saved,
     from raro_fast.model.hf import save_pretrained_atomic
 
     model, tok = load_pretrained(str(saved), dtype=torch.float32)
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = request.getfixturevalue("disk_events")
     out = tmp_path / "final_model"
     save_pretrained_atomic(model, tok, out)
     (renamed,) = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.path.realpath(out)]

@@ -4,7 +4,6 @@ The end-to-end resume tests never look at what was pruned, and their runs draw n
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -66,31 +65,14 @@ def test_a_checkpoint_restores_the_optimizer_and_rng_exactly_and_keeps_the_newes
     assert all(torch.equal(on_disk[k], weights[k]) for k in on_disk) and len(on_disk) >= 3
 
 
-def test_a_checkpoint_is_on_disk_before_latest_names_it_and_an_older_one_is_pruned(tmp_path, monkeypatch):
+def test_a_checkpoint_is_on_disk_before_latest_names_it_and_an_older_one_is_pruned(tmp_path, request):
     """Renames alone survive a process kill, not a power cut: the new folder and `latest` naming it could reach the
     disk before the files' contents, with the intact older checkpoint already pruned: nothing left to resume from."""
     tok, hf, model, optimizer = _model_and_optimizer(seed=0)
     save = lambda step: checkpoint.save_checkpoint(tmp_path, step, model=model, hf_model=hf, tokenizer=tok,
                                                    optimizer=optimizer, trainer_state={"step": step}, d=D)
     save(1), save(2)
-    events = []
-    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
-        real_replace(src, dst)
-
-    def rmtree(path, **kwargs):
-        events.append(("rmtree", os.path.realpath(path)))
-        real_rmtree(path, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    events = request.getfixturevalue("disk_events")  # from here on
     final = save(3)
     root = Path(os.path.realpath(final.parent))
     tmp, latest = root / ".step_000003.tmp", root / "latest"
