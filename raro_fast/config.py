@@ -360,6 +360,7 @@ class TrainConfig:
         _at_least("train", self, 0, "steps", "eval_every", "eval_size", "eval_samples", "save_every", "stop_after",
                    "log_rollouts_every")
         _at_least("train", self, 1, "max_tokens_per_micro_batch")
+        _at_least("train", self, 0, "eval_temperature")
 
 
 @dataclass(kw_only=True)

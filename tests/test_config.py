@@ -163,6 +163,7 @@ def test_raro_values_are_validated():
     ("--rollout.critic_max_new_tokens", "0", "rollout.critic_max_new_tokens must be >= 1, got 0"),
     ("--raro.lambda_crit", "-0.5", "raro.lambda_pol and raro.lambda_crit must be >= 0"),
     ("--train.max_tokens_per_micro_batch", "0", "train.max_tokens_per_micro_batch must be >= 1, got 0"),
+    ("--train.eval_temperature", "-1", "train.eval_temperature must be >= 0, got -1"),  # was greedy, silently
 ])
 def test_values_that_would_fail_deep_inside_are_refused_at_start(flag, value, message):
     with pytest.raises(ConfigError, match=f"command line: .*{message}"):

@@ -257,13 +257,17 @@ def test_filter_that_keeps_nothing(tmp_path):
 
 
 def test_answer_alias_and_numbers(tmp_path):
-    # q4: the same answer as a number and as its alias's text (the check wrote the number 0.00001 as "1e-05").
+    # q4-q6: the same answer as a number and as its alias's text, read either way (the check wrote the number
+    # 0.00001 as "1e-05", and the loader writes 1e20 without its exponent)
     path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q1", "answer": "7"}, {"question": "q2", "final_answer": 8},
                                               {"question": "q3", "final_answer": "9", "answer": "9"},
-                                              {"question": "q4", "final_answer": 0.00001, "answer": "0.00001"}])
+                                              {"question": "q4", "final_answer": 0.00001, "answer": "0.00001"},
+                                              {"question": "q5", "final_answer": "1e-05", "answer": 0.00001},
+                                              {"question": "q6", "final_answer": 1e20, "answer": "1e+20"}])
     task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
     assert [(e.question, e.answer, e.meta["difficulty"]) for e in task.examples("train")] == [
-        ("q1", "7", None), ("q2", "8", None), ("q3", "9", None), ("q4", "0.00001", None)]
+        ("q1", "7", None), ("q2", "8", None), ("q3", "9", None), ("q4", "0.00001", None), ("q5", "1e-05", None),
+        ("q6", "1" + "0" * 20, None)]
 
 
 def test_a_numeric_answer_is_written_without_an_exponent(tmp_path):

@@ -191,6 +191,34 @@ def test_a_saved_model_is_on_disk_before_its_folder_is_renamed_into_place(saved,
     assert synced.get(os.path.realpath(tmp_path), -1) > renamed  # the rename itself, on disk
 
 
+def test_a_filesystem_that_cannot_sync_a_folder_still_saves_and_one_that_cannot_sync_a_file_fails(saved, tmp_path,
+                                                                                                   monkeypatch):
+    """CIFS before Linux 4.17 and some FUSE filesystems answer EINVAL to a folder's fsync: a run there must still
+    save its model (it lost final_model/ whole), while a file that cannot reach the disk is an error."""
+    import errno
+    import os
+    import stat
+
+    from raro_fast.model.hf import save_pretrained_atomic
+
+    model, tok = load_pretrained(str(saved), dtype=torch.float32)
+    real_fsync, refuse = os.fsync, {"folder": True, "file": False}
+
+    def fsync(fd):
+        kind = "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        if refuse[kind]:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_pretrained_atomic(model, tok, tmp_path / "model")
+    assert load_pretrained(str(tmp_path / "model"), dtype=torch.float32)[0].config.vocab_size == model.config.vocab_size
+    refuse["file"] = True
+    with pytest.raises(OSError, match="Invalid argument"):
+        save_pretrained_atomic(model, tok, tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_a_folder_whose_tokenizer_pads_with_its_end_token_loads_with_a_pad_that_ends_nothing(saved, tmp_path):
     """SmolLM2's and Qwen2.5's tokenizers pad with an end token: generation pads finished rows, and a pad read as a
     stop would be mistaken for the model's own output."""

@@ -5,6 +5,7 @@ checkpoint directory and the embedded default the same way.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -341,6 +342,11 @@ def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        # Some filesystems (CIFS before Linux 4.17, some FUSE ones) cannot sync a folder: their renames are then
+        # as durable as they make them, and a save must not fail over it. A file that cannot be synced still fails.
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)):
+            raise
     finally:
         os.close(fd)
 

@@ -11,6 +11,7 @@ sequence boundary.
 from __future__ import annotations
 
 import inspect
+import math
 from functools import lru_cache
 
 import torch
@@ -117,7 +118,7 @@ def _fused_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale, groups) ->
     kwargs = {}
     if "scale" in params:
         kwargs["scale"] = scale
-    elif scale != q_THD.shape[-1] ** -0.5:
+    elif not math.isclose(scale, q_THD.shape[-1] ** -0.5, rel_tol=1e-6):  # 1/sqrt(128) and 128**-0.5: 1 ulp apart
         return None  # torch 2.10's varlen_attn takes no scale, only head_dim ** -0.5: the exact path applies this one
     if "is_causal" in params:
         kwargs["is_causal"] = True

@@ -69,8 +69,10 @@ def _final_answer(record: dict[str, Any], where: str) -> str:
     if not has_final and has_alias:
         return text_field(record, where, "answer", allow_numbers=True).strip()
     answer = text_field(record, where, "final_answer", allow_numbers=True).strip()
-    # Compared as the loader writes them: str() wrote the number 0.00001 as "1e-05", unlike its alias "0.00001".
-    if has_alias and text_field(record, where, "answer", allow_numbers=True).strip() != answer:
+    # The same answer if it reads the same either as the loader writes numbers (0.00001, where str() gives "1e-05")
+    # or as str() writes them ("1e-05" beside the number 1e-05).
+    if has_alias and str(record["final_answer"]).strip() != str(record["answer"]).strip() and \
+            text_field(record, where, "answer", allow_numbers=True).strip() != answer:
         raise ValueError(f"{where}: fields 'final_answer' and 'answer' (its alias) both given, and they differ")
     return answer
 
