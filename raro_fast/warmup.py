@@ -107,7 +107,7 @@ def arithmetic_drill(task: CountdownConfig, cfg: WarmupConfig, rng: random.Rando
     7+2=9; 9 vs 25: no."): the facts a critic must get right, many to a sequence instead of four.
 
     The number to make is the value itself half the time, else any number of the targets' range, the task's
-    target among them: the critic learns to copy the stated target and compare it with the value for every value,
+    targets among them: the critic learns to copy the stated target and compare it with the value for every value,
     where a warm-up whose critic traces never compared with the task's target taught it that 10 is never 10
     ("18-8=10; 10 vs 10: no", docs/experiments.md, section 2). No drill shows a solution of one of the task's
     puzzles (`unseen`, as for the warm-up's puzzles): no expression or sub-expression over as many numbers as a
@@ -127,7 +127,7 @@ def arithmetic_drill(task: CountdownConfig, cfg: WarmupConfig, rng: random.Rando
         if rng.random() < 0.5 and value is not None and value.denominator == 1:
             against = int(value)
         else:
-            against = rng.randint(cfg.min_target, max(cfg.max_target, task.target))
+            against = rng.randint(cfg.min_target, max(cfg.max_target, task.target, task.max_target))
         if value is None:  # as a critic trace ends one (`evaluation_trace`)
             lines.append(f"make {against}: {steps} divides by zero.")
         else:

@@ -359,6 +359,11 @@ def test_drills_reach_past_a_puzzles_size_and_state_a_task_target_beyond_the_war
     steps = [len(x.partition(": ")[2].partition(";")[0].removesuffix(" divides by zero.").split()) for x in expressions]
     assert set(steps) == {1, 2, 3}
     assert any(re.search(r" vs 40: no\.$", x) for x in expressions)
+    # with a target per puzzle, up to the task's highest (it stopped at task.target, 10 here)
+    task = CountdownConfig(target=10, max_target=45)
+    corpus = warmup_corpus(task, WarmupConfig(critic_fraction=0.0, arithmetic_fraction=1.0, max_target=30), tok, 100)
+    drills = " ".join(tok.decode(e.input_ids[e.prompt_len :], skip_special_tokens=True) for e in corpus)
+    assert max(int(n) for n in re.findall(r" vs (\d+): no\.", drills)) > 40  # a stated number, not the value
 
 
 def test_what_the_warm_up_leaves_out_is_a_puzzle_sized_multiset_in_the_tasks_range():
