@@ -1,6 +1,7 @@
 """Baselines on the shared trainer: SFT through the clipped-surrogate update is exactly NLL on the expert
 answers; RLVR's rewards are the verifier's, with GRPO groups."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -70,18 +71,22 @@ def test_rlvr_rewards_are_the_verifiers(setting):
     advs = [s.advantage for s in out.samples]
     assert advs == pytest.approx([0.75, -0.25, -0.25] * 2)  # truncated sample filtered from the loss
     assert all(s.role == "policy" and s.loss_weight == 1.0 for s in out.samples)
+    assert [s.reward for s in out.samples] == [1.0, 0.0, 0.0] * 2 and [s.group for s in out.samples] == [0] * 3 + [1] * 3
+    assert out.stats["policy/truncated_rate"] == [0.0, 0.0, 0.0, 1.0] * 2
+    assert out.stats["policy/answer_rate"] == [1.0, 1.0, 0.0, 0.0] * 2
 
 
 class _Engine:
     """Answers every prompt with scripted texts (one per sample, cycling); records the prompts."""
 
     def __init__(self, tok, texts, truncated=()):
-        self.tok, self.texts, self.truncated, self.prompts = tok, texts, set(truncated), []
+        self.tok, self.texts, self.truncated, self.prompts, self.params = tok, texts, set(truncated), [], []
         self.weight_version = 2
 
     def generate(self, prompt_list, params):
         from raro_fast.rollout.engine import Completion
 
+        self.params.append(params)
         out, k = [], 0
         for p in prompt_list:
             self.prompts.append(self.tok.decode(p))
@@ -233,6 +238,7 @@ def test_dpo_pairs_pair_the_expert_with_each_other_sample(setting):
     assert chosen == [f"<think></think><answer>{ex.answer}</answer>"] * 2
     assert [tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True) for s in out.samples[1::2]] == texts[1:3]
     assert all(s.rollout_logprobs is None for s in out.samples)
+    assert [s.weight_version for s in out.samples[1::2]] == [2, 2]  # the rejected are sampled: their policy's version
 
 
 def test_dpo_update_gradient_is_the_dpo_loss_gradient(setting):
@@ -277,6 +283,9 @@ def test_dpo_update_gradient_is_the_dpo_loss_gradient(setting):
         losses.append(-torch.nn.functional.logsigmoid(beta * margin))
     loss = torch.stack(losses).mean()
     assert stats["dpo/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    margins = [(seq[c.uid] - ref_seq[c.uid] - seq[r.uid] + ref_seq[r.uid]).item() for c, r in zip(samples[::2], samples[1::2])]
+    assert stats["dpo/margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4, abs=1e-6)
+    assert stats["dpo/accuracy"] == sum(m > 0 for m in margins) / len(margins)
     loss.backward()
     for n, p in policy.named_parameters():  # fp32, summed in another order: ~1e-7 absolute noise on O(1e-2) grads
         torch.testing.assert_close(g_update[n], p.grad, rtol=1e-4, atol=1e-6)
@@ -298,14 +307,18 @@ def test_dpo_loss_plan_writes_the_advantages_onto_the_samples(setting):
     mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=160, world_size=1, rank=0)
     recompute_logprobs(make(0), mbs, temperature=1.0)
     recompute_logprobs(make(5), mbs, temperature=1.0, field="ref_logprobs")  # another reference: margins not 0
-    r = SimpleNamespace(cfg=cfg, d=Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    DpoMode().loss_plan(r, samples, [(mbs, 1.0)], {})
+    # another aggregation configured: DPO's loss is still the token sum over the number of pairs
+    r = SimpleNamespace(cfg=load_config(["--loss.loss_agg", "token_mean"]),
+                        d=Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    loss_cfg, plan = DpoMode().loss_plan(r, samples, [(mbs, 1.0)], {})
+    assert loss_cfg.loss_agg == "token_sum_norm" and plan == [(mbs, 4.0)]
     trained = {}  # uid -> the advantage its tokens carry in the micro-batches
     for mb in mbs:
         m = mb.targets != -100
         for uid, a in zip(mb.uids[mb.seq_ids][m].tolist(), mb.advantages[m].tolist()):
             trained.setdefault(uid, set()).add(a)
     assert all(len(v) == 1 for v in trained.values()) and len(trained) == len(samples) == 8
+    assert all((mb.advantages[mb.targets == -100] == 0).all() for mb in mbs)  # prompt positions carry nothing
     assert [s.advantage for s in samples] == pytest.approx([trained[s.uid].pop() for s in samples], rel=1e-6)
     for c, rej in zip(samples[::2], samples[1::2]):
         assert c.preference == 1 and c.advantage > 0 and rej.advantage == -c.advantage
@@ -324,6 +337,8 @@ def test_dpo_rounds_are_the_ones_the_run_started_with(tmp_path):
     ck = tmp_path / "checkpoints" / "step_000007"
     ck.mkdir(parents=True)
     (ck / "trainer_state.json").write_text(json.dumps({"step": 7, "mode_state": r.mode_state}))
+    with pytest.raises(ValueError, match="missing"):  # a resume from the initial model would not be exact
+        mode.reference_dir(cfg(10, "--resume"), ck)
     ref = tmp_path / "dpo_reference" / "step_000005"
     ref.mkdir(parents=True)
     (ref / "config.json").write_text("{}")
@@ -339,7 +354,8 @@ class _RoundsTrainer:
         self.cfg, self.mode_state = cfg, mode_state
         self.d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
         self.model, self.hf_model, self.tokenizer = torch.nn.Linear(1, 1), None, None
-        self.ref_model = SimpleNamespace(load_state_dict=lambda state: None)
+        self.loads = 0  # reference refreshes from the policy's weights
+        self.ref_model = SimpleNamespace(load_state_dict=lambda state: setattr(self, "loads", self.loads + 1))
 
 
 @pytest.fixture
@@ -383,9 +399,12 @@ def test_dpo_makes_exactly_the_rounds_asked_for(dpo_rounds):
     cfg, run, checkpoint = dpo_rounds
     r = _RoundsTrainer(cfg(10, 6), {})
     assert run(r, range(10)) == [2, 4, 5, 7, 9]  # rounds [0,2) [2,4) [4,5) [5,7) [7,9) [9,10)
+    assert r.loads == 5  # each saved reference is also the one the run trains against
     ck = checkpoint(6, r.mode_state)
     ref = lambda step: ck.parent.parent / "dpo_reference" / f"step_{step:06d}"  # noqa: E731
     assert DpoMode().reference_dir(cfg(10, 6, "--resume"), ck) == ref(5)
+    # resumed at a round start: start_step refreshes the reference there, none was saved for it
+    assert DpoMode().reference_dir(cfg(10, 6, "--resume"), checkpoint(7, r.mode_state)) is None
     # extended on resume: the split of the run's start goes on (round 7 starts at 10, round 8 at ceil(70 / 6) = 12)
     assert DpoMode().reference_dir(cfg(20, 6, "--resume"), ck) == ref(5)
     resumed = _RoundsTrainer(cfg(20, 6, "--resume"), json.loads(json.dumps(r.mode_state)))  # as saved
@@ -405,3 +424,161 @@ def test_a_dpo_run_saved_with_a_round_length_resumes_with_it(dpo_rounds, saved):
     r = _RoundsTrainer(cfg(10, 6, "--resume"), dict(saved))
     assert run(r, range(5, 10)) == [6, 8]
     assert r.mode_state == {"dpo_round_length": 2}
+
+
+def test_modes_sample_at_the_rollout_settings_and_rlvr_keeps_std_normalize(setting):
+    """The run's temperature, top_p, length and seed reach the engine (a fixed seed would repeat every step's
+    samples), and RLVR's advantages follow loss.std_normalize rather than the default."""
+    _, tok, task = setting
+    from raro_fast.rollout.engine import SamplingParams
+
+    cfg = load_config(["--raro.group_size", "4", "--task.countdown.num_train", "30", "--task.countdown.num_heldout", "5",
+                       "--rollout.temperature", "0.7", "--rollout.top_p", "0.9", "--rollout.max_new_tokens", "77",
+                       "--loss.std_normalize", "true"])
+    examples = task.examples("train")[:2]
+    texts = [f"<think>a</think><answer>{examples[0].answer}</answer>", "<think>b</think><answer>1+2</answer>"] + \
+            ["<think>c</think><answer>9</answer>"] * 2
+    engine = _Engine(tok, texts)
+    out = rlvr_rollouts(examples[:1], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=11)
+    rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=cfg, seed=12)
+    assert engine.params == [SamplingParams(max_new_tokens=77, temperature=0.7, top_p=0.9, n=4, seed=11),
+                             SamplingParams(max_new_tokens=77, temperature=0.7, top_p=0.9, n=1, seed=12)]
+    # rewards 1, 0, 0, 0: mean 1/4, sample std 1/2 (hand-computed)
+    assert [s.reward for s in out.samples] == [1.0, 0.0, 0.0, 0.0]
+    assert [s.advantage for s in out.samples] == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+
+
+def test_sampled_sequence_keeps_the_completions_tokens_logprobs_and_version():
+    """The engine's log-probs must stay aligned with the completion tokens they were sampled with (the importance
+    ratio and TIS read them), and the sampling temperature and reward must reach the sequence."""
+    from raro_fast.modes.base import sampled_sequence
+    from raro_fast.rollout.engine import Completion
+
+    c = Completion(token_ids=[7, 8, 9], logprobs=[-0.5, -1.25, -2.0], finish_reason="stop", text="x",
+                   weight_version=3, prompt_ids=[1, 2])
+    s = sampled_sequence(c, advantage=-0.75, role="critic", group=5, weight=0.5, temperature=0.6, reward=0.25)
+    assert (s.input_ids, s.prompt_len, s.rollout_logprobs) == ([1, 2, 7, 8, 9], 2, [-0.5, -1.25, -2.0])
+    assert (s.advantage, s.role, s.group, s.loss_weight) == (-0.75, "critic", 5, 0.5)
+    assert (s.weight_version, s.temperature, s.reward, s.uid) == (3, 0.6, 0.25, -1)
+
+
+def test_rank_rollout_counts_generated_tokens_and_skips_missing_values():
+    """Prompt tokens are not generated ones (rollout/generated_tokens feeds perf/rollout_tokens_per_s), and a None
+    statistic (no data) must not count as a value in the step's mean."""
+    from raro_fast.modes.base import RankRollout
+    from raro_fast.rollout.engine import Completion
+
+    c = lambda n: Completion(token_ids=[5] * n, logprobs=[0.0] * n, finish_reason="stop", text="", prompt_ids=[1] * 9)  # noqa: E731
+    out = RankRollout()
+    groups = [[c(3), c(4)], [c(6)]]
+    assert out.generated(groups) is groups
+    out.add("policy/answer_accuracy", None)
+    out.add("policy/answer_accuracy", True)
+    assert out.stats == {"rollout/generated_tokens": [13.0], "policy/answer_accuracy": [1.0]}
+
+
+def test_each_modes_norm_constant_and_reference():
+    """Dr.GRPO's constant is the planned sequences of a step times max_new_tokens: one per question for the
+    supervised modes, group_size per question for the sampled ones, two (chosen, rejected) per sample for DPO. Only
+    a KL anchor (or DPO) keeps a reference model."""
+    from raro_fast.modes.rationalization import RationalizationMode
+    from raro_fast.modes.rl_logit import RlLogitMode
+    from raro_fast.modes.rlvr import RlvrMode
+    from raro_fast.modes.sft import SftMode
+
+    cfg = load_config(["--raro.questions_per_step", "3", "--raro.group_size", "4", "--rollout.max_new_tokens", "50"])
+    constants = {m.name: m.role_constants(cfg)["policy"] for m in
+                 (SftMode(), RationalizationMode(), RlvrMode(), RlLogitMode(), DpoMode())}
+    assert constants == {"sft": 150.0, "rationalization": 150.0, "rlvr": 600.0, "rl_logit": 600.0, "dpo": 1200.0}
+    assert not RlvrMode().needs_reference(cfg)
+    assert RlvrMode().needs_reference(load_config(["--loss.kl_coef", "0.01"]))
+    assert DpoMode().needs_reference(cfg)
+
+
+def test_sft_samples_one_group_per_question_and_count_the_answer_tokens(setting):
+    _, tok, task = setting
+    examples = task.examples("train")[:3]
+    out = sft_samples(examples, tokenizer=tok)
+    assert [s.group for s in out.samples] == [0, 1, 2]
+    assert out.stats["policy/response_length"] == [float(len(s.input_ids) - s.prompt_len) for s in out.samples]
+    assert all(s.prompt_len < len(s.input_ids) for s in out.samples)
+
+
+def test_sequence_sums_skip_a_padding_micro_batch(setting):
+    """A rank with fewer micro-batches runs filler ones (uid -1): counted, their token would land on the last
+    sequence or fail the index."""
+    from raro_fast.modes.base import sequence_sums
+    from raro_fast.packing import SequenceSample, _filler
+
+    samples = [SequenceSample(input_ids=[3, 4, 5, 6], prompt_len=2, advantage=0.0, role="policy", group=0, uid=0,
+                              old_logprobs=[-0.5, -1.5]),
+               SequenceSample(input_ids=[3, 7, 8], prompt_len=1, advantage=0.0, role="policy", group=1, uid=1,
+                              old_logprobs=[-2.0, -0.25])]
+    mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    mbs.append(_filler(samples, num_sequences=mbs[0].num_sequences, num_tokens=mbs[0].num_tokens))
+    sums, counts = sequence_sums(mbs, 2, ["old_logprobs", None], d=Dist(rank=0, world_size=1, local_rank=0,
+                                                                        device=torch.device("cpu")))
+    assert sums.tolist() == [-2.0, -2.25] and counts.tolist() == [2.0, 2.0]
+
+
+def test_rationalization_keeps_an_empty_or_unopened_reasoning(setting):
+    """A reasoning that closes </think> is the model's own even when empty or when the text starts inside <think>
+    (the opening tag in the prompt): only one that never closes is a fallback. The generated tokens are counted."""
+    cfg, tok, task = setting
+    examples = task.examples("train")[:4]
+    texts = ["<think></think><answer>1</answer>", "</think><answer>2</answer>", "so 4*6</think><answer>x</answer>",
+             "<think>  spaced\n</think><answer>3</answer>"]
+    engine = _Engine(tok, texts)
+    out = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=cfg, seed=0)
+    trained = [tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True) for s in out.samples]
+    assert trained == [f"<think>{r}</think><answer>{ex.answer}</answer>" for r, ex in zip(["", "", "so 4*6", "spaced"], examples)]
+    assert out.stats["rationalization/fallback_rate"] == [0.0] * 4
+    # each scripted completion is its text's tokens and the end token
+    assert out.stats["rollout/generated_tokens"] == [float(sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1
+                                                               for t in texts))]
+
+
+def test_no_examples_on_a_rank_asks_the_engine_for_nothing(setting):
+    cfg, tok, task = setting
+    engine = _Engine(tok, ["<think>a</think><answer>1</answer>"])
+    outs = [rlvr_rollouts([], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0),
+            rationalization_samples([], engine=engine, tokenizer=tok, cfg=cfg, seed=0),
+            rl_logit_rollouts([], engine=engine, tokenizer=tok, cfg=cfg, seed=0, group_offset=0),
+            dpo_pairs([], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0, group_offset=0)]
+    assert engine.params == [] and all(not o.samples and not o.scoring and not o.stats for o in outs)
+
+
+def test_dpo_at_the_reference_has_zero_margins_and_needs_whole_pairs(setting):
+    """Policy = reference (a round's first step): every margin is 0, so the loss is log 2, each advantage is
+    ±beta/2, and no pair counts as won. A pair missing its rejected member is refused, not trained half."""
+    cfg, tok, task = setting
+    engine = _Engine(tok, ["<think>b</think><answer>1+2</answer>", "<think>cc</think><answer>7*3</answer>"])
+    samples = dpo_pairs(task.examples("train")[:1], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0,
+                        group_offset=0).samples
+    for uid, s in enumerate(samples):
+        s.uid = uid
+    model = PolicyModel(build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                             intermediate_size=64, max_position=256, seed=0))
+    mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=160, world_size=1, rank=0)
+    recompute_logprobs(model, mbs, temperature=1.0)
+    recompute_logprobs(model, mbs, temperature=1.0, field="ref_logprobs")
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    pairs, stats = dpo_advantages(samples, mbs, d=d, beta=0.3)
+    assert pairs == 4 and stats["dpo/margin"] == 0.0 and stats["dpo/accuracy"] == 0.0
+    assert stats["dpo/loss"] == pytest.approx(0.6931471805599453, rel=1e-9)
+    assert [s.advantage for s in samples] == pytest.approx([0.15, -0.15] * 4, rel=1e-12)
+    with pytest.raises(ValueError, match="exactly one chosen and one rejected"):
+        dpo_advantages(samples[:-1] + [dataclasses.replace(samples[-1], preference=1)], mbs, d=d, beta=0.3)
+
+
+def test_dpo_does_not_pair_the_expert_answer_against_its_own_spelling_with_spaces(setting):
+    """An expert answer stored with surrounding whitespace (a dataset's) is still the answer the policy wrote:
+    pairing them would push the policy away from the expert's own answer."""
+    cfg, tok, task = setting
+    from raro_fast.tasks.base import Example
+
+    ex = task.examples("train")[0]
+    padded = Example(id=ex.id, question=ex.question, answer=f" {ex.answer}\n", meta=ex.meta)
+    engine = _Engine(tok, [f"<think>a</think><answer>{ex.answer}</answer>", "<think>b</think><answer>1+2</answer>"])
+    out = dpo_pairs([padded], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0, group_offset=0)
+    assert out.stats["dpo/pair_rate"] == [0.0, 1.0, 0.0, 1.0]
