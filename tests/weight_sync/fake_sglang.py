@@ -89,6 +89,7 @@ class FakeEngineBeforeSessions:
         self.inner = inner
         self.server_args = server_args
         self.calls = []
+        self.sampling_params = []  # each generate call's, as sent
         self._received = []
         self.memory = MemoryTags()
 
@@ -98,6 +99,7 @@ class FakeEngineBeforeSessions:
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False, **kw):
         assert return_logprob is True and all(isinstance(t, int) for p in input_ids for t in p)
         self.calls.append(("generate", len(input_ids)))
+        self.sampling_params.append(sampling_params)
         return run_generate(self.inner, input_ids, sampling_params)
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
@@ -178,8 +180,9 @@ class FakeServer:
                  "/update_weights_from_distributed", "/release_memory_occupation", "/resume_memory_occupation"}
     SESSION_ENDPOINTS = {"/begin_weight_update", "/end_weight_update"}  # SGLang >= 0.5.21
 
-    def __init__(self, inner, version=VERSION, api_key=None, server_args=None):
+    def __init__(self, inner, version=VERSION, api_key=None, server_args=None, key_refusal=401):
         self.inner, self.calls, self.group, self.received, self.api_key = inner, [], None, [], api_key
+        self.key_refusal = key_refusal  # 401 for a missing key; 403 for a key without admin rights
         # /server_info also lists the server's arguments (tp_size, dp_size, ...); a real one sends them all
         self.server_args = {"tp_size": 1, "dp_size": 1, "pp_size": 1, "enable_deterministic_inference": False,
                             **(server_args or {})}
@@ -208,7 +211,7 @@ class FakeServer:
             def _refused_without_key(self):
                 if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
                     return False
-                self._reply({"error": "Unauthorized"}, 401)  # SGLang's api-key middleware
+                self._reply({"error": "Unauthorized"}, server.key_refusal)  # SGLang's api-key middleware
                 return True
 
             def do_GET(self):

@@ -14,8 +14,8 @@ from raro_fast.model.policy import PolicyModel
 from raro_fast.rollout import check_backend
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
-from raro_fast.rollout.sglang import (SGLangEngine, SGLangServerEngine, completion_from_output, require_sglang,
-                                     sampling_params_json)
+from raro_fast.rollout.sglang import (SGLangEngine, SGLangServerEngine, _check_result, completion_from_output,
+                                     engine_kwargs, require_sglang, sampling_params_json)
 from raro_fast.weight_sync.source import hf_named_tensors
 from raro_kernels import linear_logprobs
 
@@ -108,6 +108,76 @@ def test_sampling_params_and_response_parsing_follow_sglangs_formats():
             completion_from_output(nan, [9], decode=str, weight_version=0)
 
 
+def test_a_refusal_in_either_of_sglangs_answer_forms_is_an_error_naming_it():
+    """In-process SGLang answers (success, message); over HTTP a refusal may come as {"success": false} with
+    HTTP 200. Either, ignored, is a sync or release that silently did not happen."""
+    for refused in ((False, "busy"), [False, "busy"], {"success": False, "message": "busy"}):
+        with pytest.raises(RuntimeError, match="^SGLang /release_memory_occupation failed: busy$"):
+            _check_result(refused, "/release_memory_occupation")
+    for fine in ((True, "Success"), {"success": True}, {"message": "no success field"}, None, "ok"):
+        _check_result(fine, "/release_memory_occupation")
+
+
+def test_token_id_0_is_an_ordinary_token_not_the_nan_marker():
+    """SGLang marks NaN logits with token -1; token 0 (often a vocabulary's first real token) read as that marker
+    would fail a healthy run with NonFiniteLogitsError."""
+    out = {"meta_info": {"finish_reason": {"type": "length", "length": 2},
+                         "output_token_logprobs": [[-0.25, 0, None], [-2.5, 7, None]]}}
+    c = completion_from_output(out, [9], decode=str, weight_version=0)
+    assert (c.token_ids, c.logprobs, c.finish_reason) == ([0, 7], [-0.25, -2.5], "length")
+
+
+@pytest.mark.parametrize("logprob", [float("nan"), float("-inf")])
+def test_a_non_finite_log_prob_of_an_ordinary_token_is_a_non_finite_logits_error(logprob):
+    """Not only SGLang's "NaN happened" marker: a NaN or -inf log-prob under a real token id, taken as data, puts
+    NaN into the importance ratio and the loss."""
+    from raro_fast.rollout.engine import NonFiniteLogitsError
+
+    out = {"meta_info": {"finish_reason": {"type": "length", "length": 2},
+                         "output_token_logprobs": [[-0.25, 5, None], [logprob, 7, None]]}}
+    with pytest.raises(NonFiniteLogitsError, match="not finite"):
+        completion_from_output(out, [9], decode=str, weight_version=0)
+
+
+def test_a_missing_sglang_is_refused_naming_the_backend_the_cause_and_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sglang", None)  # `import sglang` raises ImportError
+    with pytest.raises(ValueError, match=r"^rollout.backend='sglang_http' needs SGLang, which is not installed "
+                                         r"\(.*sglang.*\): pip install 'raro-fast\[sglang\]'"):
+        require_sglang("sglang_http")
+
+
+def test_a_colocated_engine_is_started_with_the_trainers_settings(monkeypatch):
+    """Each setting reaches `sglang.Engine`: a seed dropped gives every run the same samples, a lost GPU id puts
+    the engine on another rank's GPU, no memory saver leaves release_memory unable to free anything."""
+    kwargs = dict(model_path="/ckpt/m", dtype="bfloat16", mem_fraction=0.35, tp_size=2, seed=17, gpu_id=3)
+    expected = dict(model_path="/ckpt/m", skip_tokenizer_init=True, dtype="bfloat16", mem_fraction_static=0.35,
+                    tp_size=2, random_seed=17, base_gpu_id=3, enable_memory_saver=True)
+    assert engine_kwargs(**kwargs) == expected
+    fake_sglang.install(monkeypatch)
+    engine = SGLangEngine(tokenizer=Tok(), bucket_bytes=1, **kwargs)
+    assert engine.engine.server_args == expected
+
+
+def test_both_engines_stop_at_the_end_ids_they_are_given_and_the_calls_own(monkeypatch):
+    """end_ids (the model's end tokens, end_token_ids(model, tokenizer)) replace the tokenizer's eos: dropped, a
+    chat model would run past its end-of-turn token to max_new_tokens."""
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, stop_token_ids=(4,))
+    fake_sglang.install(monkeypatch)
+    fake = fake_sglang.FakeEngine(inner_engine())
+    engine = SGLangEngine(model_path="unused", tokenizer=Tok(), dtype="float32", mem_fraction=0.5, tp_size=1,
+                          bucket_bytes=8192, seed=0, gpu_id=0, end_ids=[8, 2], engine=fake)
+    engine.generate(PROMPTS, params)
+    assert fake.sampling_params[-1]["stop_token_ids"] == [2, 4, 8]
+    server = fake_sglang.FakeServer(inner_engine())
+    try:
+        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=1, sync_rank=False, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=1, end_ids=[8, 2])
+        engine.generate(PROMPTS, params)
+        assert [b["sampling_params"]["stop_token_ids"] for p, b in server.calls if p == "/generate"] == [[2, 4, 8]]
+    finally:
+        server.close()
+
+
 def test_an_answer_from_other_weights_than_the_last_sync_is_an_error():
     out = {"meta_info": {"finish_reason": {"type": "length"}, "output_token_logprobs": [[-0.5, 3, None]],
                          "weight_version": "4"}}
@@ -130,6 +200,13 @@ def test_a_too_old_sglang_is_refused_at_start_naming_where(monkeypatch, version)
     monkeypatch.setattr(sys.modules["sglang"], "__version__", version or "")
     with pytest.raises(ValueError, match=r"rollout.backend='sglang': the installed sglang package runs SGLang .*>= 0.5.6"):
         require_sglang("sglang")
+
+
+@pytest.mark.parametrize("version", ["0.5.6", "0.5.6.post1", "0.6.0"])
+def test_the_oldest_supported_sglang_and_newer_are_accepted(monkeypatch, version):
+    fake_sglang.install(monkeypatch)
+    monkeypatch.setattr(sys.modules["sglang"], "__version__", version)
+    assert require_sglang("sglang") is sys.modules["sglang"]
 
 
 def test_a_colocated_engine_in_float32_is_refused_at_start(monkeypatch):
@@ -207,7 +284,7 @@ def test_a_failed_sync_closes_its_session_and_says_what_failed(monkeypatch):
     assert engine.weight_version == 0
 
 
-@pytest.mark.parametrize("version", ["0.5.23", "0.5.20"])
+@pytest.mark.parametrize("version", ["0.5.23", "0.5.21", "0.5.20"])
 def test_server_engine_pauses_broadcasts_buckets_and_continues(monkeypatch, version):
     fake_sglang.plain_weight_group(monkeypatch)
     inner = inner_engine()
@@ -222,7 +299,7 @@ def test_server_engine_pauses_broadcasts_buckets_and_continues(monkeypatch, vers
         assert paths[0] == "/server_info" and paths.count("/init_weights_update_group") == 1
         first = paths[: paths.index("/generate")]
         assert first[1:3] == ["/init_weights_update_group", "/pause_generation"] and first[-1] == "/continue_generation"
-        session = ["/begin_weight_update", "/end_weight_update"] if version == "0.5.23" else []
+        session = ["/begin_weight_update", "/end_weight_update"] if version != "0.5.20" else []
         assert [p for p in first if p in ("/begin_weight_update", "/end_weight_update")] == session
         if session:
             updates = [i for i, p in enumerate(first) if p == "/update_weights_from_distributed"]
@@ -269,10 +346,45 @@ def test_server_engine_on_other_ranks_only_takes_part_in_the_gathers():
         server.close()
 
 
-def test_a_server_that_wants_an_api_key_is_refused_at_start_saying_so():
-    server = fake_sglang.FakeServer(inner=None, api_key="secret")
+def test_server_answers_from_other_weights_than_the_trainers_last_version_are_refused():
+    """After a sync every answer must carry the trainer's version: samples from stale weights, taken as the
+    current policy's, bias the importance ratio with no error anywhere."""
+    server = fake_sglang.FakeServer(inner_engine())
     try:
-        with pytest.raises(ValueError, match=rf"SGLang server at {server.url} .*refused /server_info with HTTP 401: .*--api-key"):
+        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=1, sync_rank=False, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=1)
+        engine.update_weights(iter(()), version=3)  # another rank synced version 3; this server never got it
+        with pytest.raises(RuntimeError, match=r"/generate: answered with weight version 'default', but the trainer "
+                                               r"last synced version 3"):
+            engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    finally:
+        server.close()
+
+
+def test_server_engine_takes_a_single_requests_answer_given_as_one_object():
+    server = fake_sglang.FakeServer(inner_engine())
+    handle = server.handle
+
+    def one_object(path, body):
+        out = handle(path, body)
+        return out[0] if path == "/generate" and len(out) == 1 else out
+
+    server.handle = one_object
+    try:
+        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=1, sync_rank=False, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=1)
+        out = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3, temperature=0.0))
+        assert [len(g) for g in out] == [1] and out[0][0].prompt_ids == PROMPTS[0]
+        assert 1 <= len(out[0][0].token_ids) <= 3
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_server_that_wants_an_api_key_is_refused_at_start_saying_so(code):
+    server = fake_sglang.FakeServer(inner=None, api_key="secret", key_refusal=code)
+    try:
+        with pytest.raises(ValueError, match=rf"SGLang server at {server.url} .*refused /server_info with HTTP {code}: .*--api-key"):
             server_engine(server.url)
     finally:
         server.close()

@@ -1,0 +1,112 @@
+"""How the continuous engine sizes and keeps its paged KV cache: one block per started page of each request's
+prompt + max_new_tokens, a kept manager reused while it fits, and a manager whose call failed never reused."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from raro_fast.rollout.continuous import ContinuousEngine, _page_size, continuous_batching_unavailable
+from raro_fast.rollout.engine import NonFiniteLogitsError, SamplingParams
+
+PAD, EOS, VOCAB = 0, 1, 61
+MISSING = continuous_batching_unavailable()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
+
+
+def kept_engine():
+    torch.manual_seed(0)
+    # Positions up to two pages: a prompt crossing a page boundary must fit the model.
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=2 * _page_size())
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    eng = ContinuousEngine(model, pad_token_id=PAD, eos_token_ids=[EOS], decode=lambda ids: str(ids))
+    if not eng.keep_cache:
+        pytest.skip("this transformers has no ContinuousBatchingManager.pause: no manager is kept between calls")
+    return eng
+
+
+def cache_blocks(eng):
+    return eng._manager.batch_processor.cache.num_blocks
+
+
+def test_cache_holds_a_block_per_started_page_of_each_request():
+    """Rounded down (or summed over the call before rounding) the cache is too small for the call, and the engine
+    falls back to a cache sized from free memory, its scheduler running the call in waves."""
+    page = _page_size()
+    long, short = [2 + i % 50 for i in range(page - 4)], [5, 6, 7]
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, n=2, seed=3)
+    eng = kept_engine()
+    eng.generate([long, short], params)
+    # long: page + 6 tokens, 2 blocks; short: 13 tokens, 1 block; each twice (n=2).
+    assert eng._manager_blocks == 6 and cache_blocks(eng) == 6
+
+
+def test_a_kept_manager_is_reused_while_it_fits_and_rebuilt_for_a_bigger_call():
+    """A rebuild per call would throw away the cache (and any CUDA graph) each step; no rebuild for a bigger call
+    would leave it to a cache too small to hold the call at once."""
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, n=2, seed=3)
+    eng = kept_engine()
+    eng.generate([[2, 3, 4], [5, 6]], params)  # 4 blocks
+    first = eng._manager
+    eng.generate([[7, 8], [9, 10, 11]], params)  # 4 blocks again: fits
+    assert eng._manager is first
+    eng.generate([[2, 3]], SamplingParams(max_new_tokens=6, temperature=0.6, n=3, seed=4))  # 3 blocks: fits
+    assert eng._manager is first
+    eng.generate([[2, 3], [4], [5]], params)  # 6 blocks
+    assert eng._manager is not first and eng._manager_blocks == 6 and cache_blocks(eng) == 6
+
+
+def test_a_manager_whose_call_failed_is_not_reused():
+    """After a failed call its manager (with whatever state the failure left in its cache and scheduler) must be
+    gone, and the next call must run on a new one."""
+    params = SamplingParams(max_new_tokens=4, temperature=0.8, n=2, seed=1)
+    eng = kept_engine()
+    eng.generate([[2, 3, 4]], params)
+    first = eng._manager
+    norm = eng.model.model.norm.weight
+    good = norm.clone()
+    with torch.no_grad():
+        # Finite weights whose logits overflow to inf - inf = NaN: the engine's weight check lets the call into the
+        # loop, which fails there, and only the loop's error text says the logits were not finite.
+        norm.fill_(3e38)
+    with pytest.raises(NonFiniteLogitsError, match="non-finite next-token logits"):
+        eng.generate([[2, 3, 4]], params)
+    assert not eng.holds_kv_cache
+    with torch.no_grad():
+        norm.copy_(good)
+    out = eng.generate([[2, 3, 4]], params)
+    assert eng._manager is not None and eng._manager is not first
+    fresh = kept_engine().generate([[2, 3, 4]], params)
+    assert [c.token_ids for c in out[0]] == [c.token_ids for c in fresh[0]]
+
+
+def test_a_kept_manager_is_rebuilt_for_another_top_p_and_samples_only_from_its_nucleus():
+    """The reported log-probs are recomputed without top-p, so they cannot show it: a manager kept from a top_p=1.0
+    call (or built without its top-p processor) samples from the whole distribution, silently."""
+    eng = kept_engine()
+    prompts = [[2 + i, 9, 30 + 3 * i] for i in range(6)]
+    eng.generate(prompts, SamplingParams(max_new_tokens=4, temperature=1.0, seed=1))
+    top_p = 0.3
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=top_p, seed=2))
+    outside = 0
+    for prompt, (c,) in zip(prompts, outs):
+        with torch.no_grad():
+            logits = eng.model(input_ids=torch.tensor([prompt + c.token_ids])).logits[0].double()
+        probs = torch.softmax(logits[len(prompt) - 1 : -1], dim=-1)
+        for row, token in zip(probs, c.token_ids):
+            above = row[row > row[token]].sum().item()  # the mass of tokens ranked above the sampled one
+            outside += above > top_p + 1e-4
+    assert outside == 0
+
+
+def test_releasing_the_kv_cache_alone_drops_the_manager_and_releasing_weights_keeps_it():
+    """The trainer releases ("kv_cache",) before its update step: a cache still held there is memory the update
+    does not get. Weights stay (the engine shares the process), so releasing them alone keeps the cache."""
+    eng = kept_engine()
+    params = SamplingParams(max_new_tokens=4, temperature=0.8, n=2, seed=1)
+    eng.generate([[2, 3, 4]], params)
+    first = eng._manager
+    eng.release_memory(("weights",))
+    assert eng._manager is first
+    eng.release_memory(("kv_cache",))
+    assert not eng.holds_kv_cache
