@@ -292,15 +292,22 @@ def test_dpo_update_gradient_is_the_dpo_loss_gradient(setting):
     assert any(g.abs().max() > 0 for g in g_update.values())
 
 
-def test_dpo_loss_plan_writes_the_advantages_onto_the_samples(setting):
-    """The samples carry the advantages DPO trains with (rollouts.jsonl logs them); they stayed 0.0 while only the
-    micro-batches had the real ±beta·sigmoid(-beta·margin)."""
+def _dpo_samples(setting) -> list:
+    """Four (expert, policy sample) pairs of one training question, with uids."""
     cfg, tok, task = setting
     engine = _Engine(tok, ["<think>b</think><answer>1+2</answer>", "<think>cc</think><answer>7*3</answer>"])
     samples = dpo_pairs(task.examples("train")[:1], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0,
                         group_offset=0).samples
     for uid, s in enumerate(samples):
         s.uid = uid
+    return samples
+
+
+def test_dpo_loss_plan_writes_the_advantages_onto_the_samples(setting):
+    """The samples carry the advantages DPO trains with (rollouts.jsonl logs them); they stayed 0.0 while only the
+    micro-batches had the real ±beta·sigmoid(-beta·margin)."""
+    cfg, tok, task = setting
+    samples = _dpo_samples(setting)
     make = lambda seed: PolicyModel(build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2,  # noqa: E731
                                                          num_kv_heads=1, intermediate_size=64, max_position=256,
                                                          seed=seed))
@@ -552,11 +559,7 @@ def test_dpo_at_the_reference_has_zero_margins_and_needs_whole_pairs(setting):
     """Policy = reference (a round's first step): every margin is 0, so the loss is log 2, each advantage is
     ±beta/2, and no pair counts as won. A pair missing its rejected member is refused, not trained half."""
     cfg, tok, task = setting
-    engine = _Engine(tok, ["<think>b</think><answer>1+2</answer>", "<think>cc</think><answer>7*3</answer>"])
-    samples = dpo_pairs(task.examples("train")[:1], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0,
-                        group_offset=0).samples
-    for uid, s in enumerate(samples):
-        s.uid = uid
+    samples = _dpo_samples(setting)
     model = PolicyModel(build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                              intermediate_size=64, max_position=256, seed=0))
     mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=160, world_size=1, rank=0)
