@@ -169,7 +169,10 @@ def parse(text: str):
             return int(take())
         raise _ParseError(f"unexpected {tok!r}")
 
-    node = expr()
+    try:
+        node = expr()
+    except RecursionError:  # three frames per "(": 255 of them, read deep in a caller's stack, are too many
+        raise _ParseError("brackets nested too deeply") from None
     if pos != len(toks):
         raise _ParseError(f"unexpected {toks[pos]!r}")
     return node
@@ -515,7 +518,7 @@ def _is_expression(text: str) -> bool:
         return False
     try:
         parse(text)
-    except (_ParseError, RecursionError):  # 255 nested "(" recurse about 770 frames: deep in a stack, too many
+    except _ParseError:
         return False
     return True
 
@@ -524,7 +527,7 @@ def _expression_key(answer: str) -> str:
     if len(answer) <= MAX_EXPRESSION_CHARS:  # the parser recurses per parenthesis: bound it as `verify` does
         try:
             return to_string(parse(answer))
-        except (_ParseError, RecursionError):
+        except _ParseError:
             pass
     return "".join(answer.split())
 
