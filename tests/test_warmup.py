@@ -382,3 +382,37 @@ def test_what_the_warm_up_leaves_out_is_a_puzzle_sized_multiset_in_the_tasks_ran
     train, heldout = split_puzzles(task)
     for p in (train[0], heldout[-1]):  # held-out puzzles as much as training ones
         assert _is_left_out(p.numbers, Fraction(p.target), puzzles, task)
+
+
+def test_each_warm_up_step_is_taken_on_a_gradient_clipped_to_norm_1(monkeypatch):
+    """The gradient Adam steps on has norm at most 1, and exactly 1 where the raw gradient was longer, as a
+    randomly initialised model's is: a warm-up without clipping, or clipping at another norm, fails."""
+    import torch
+
+    from raro_fast.model.hf import build_embedded_model
+    from raro_fast.warmup import format_warmup
+
+    stepped, raw = [], []
+    adam_step, clip = torch.optim.AdamW.step, torch.nn.utils.clip_grad_norm_
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        stepped.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return adam_step(self, *args, **kwargs)
+
+    def recording_clip(*args, **kwargs):
+        raw.append(float(clip(*args, **kwargs)))
+        return raw[-1]
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    tok = load_project_tokenizer()
+    model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                 max_position=512, seed=0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # a gradient far longer than 1 at every step
+    format_warmup(model, tok, CountdownConfig(), WarmupConfig(steps=3, batch_size=2, lr=0.01, precision="float32"),
+                  device=torch.device("cpu"), progress=False)
+    assert len(stepped) == 3
+    assert min(raw) > 2.0, raw
+    assert stepped == pytest.approx([1.0] * 3, rel=1e-5), (stepped, raw)
