@@ -110,3 +110,23 @@ def test_releasing_the_kv_cache_alone_drops_the_manager_and_releasing_weights_ke
     assert eng._manager is first
     eng.release_memory(("kv_cache",))
     assert not eng.holds_kv_cache
+
+
+def test_a_prompt_longer_than_a_page_samples_the_same_on_a_kept_manager_as_on_a_new_one():
+    """A prompt whose first page is full, sampled twice on one kept manager, draws what a new engine draws. With
+    block sharing (prefix caching) on, the second call found that page cached, cut its prefill otherwise, and drew
+    other tokens from the same seed."""
+    import random
+
+    rng = random.Random(0)
+    prompts = [[2 + rng.randrange(50) for _ in range(_page_size() + 20)], [2 + rng.randrange(50) for _ in range(30)]]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=3, seed=7)
+    eng = kept_engine()
+    first, second = eng.generate(prompts, params), eng.generate(prompts, params)
+    new = kept_engine().generate(prompts, params)
+
+    def drawn(outputs):
+        return [[(c.token_ids, c.logprobs) for c in per_prompt] for per_prompt in outputs]
+
+    assert drawn(first) == drawn(new) and drawn(second) == drawn(new)
+    assert len({tuple(c.token_ids) for c in new[0]}) > 1  # sampled, not one greedy answer thrice
