@@ -331,6 +331,11 @@ class TrainConfig:
     seed: int = _help("Seed of everything (data order, sampling, model init).", 0)
     output_dir: str = _help("Where metrics, plots, checkpoints and the final model go.", "runs/raro-countdown")
     max_tokens_per_micro_batch: int = _help("Token budget of one packed micro-batch.", 4096)
+    share_prompts: bool = _help(
+        "Compute a prompt once per micro-batch for all the sequences that start with it (a GRPO group: RARO's "
+        "critic samples of one pair, the policy's samples of one question), and the LM head only on trained tokens. "
+        "The same gradient up to float rounding; on the default job the decoder computes 45% of the tokens it did "
+        "without. false: every sequence computed whole, as before 2026-12-06 (docs/experiments.md, section 22).", True)
     eval_every: int = _help("Held-out evaluation every this many steps (0: only at the start and the end).", 10)
     eval_size: int = _help("Held-out puzzles evaluated (0: all).", 128)
     eval_temperature: float = _help("Sampling temperature at evaluation (0: greedy).", 0.0)

@@ -64,6 +64,14 @@ class PackedMicroBatch:
     is_padding: bool = False
     # per token, where the samples carry their own (RARO's critic's); float64, so 1/T rounds once, as for a number
     temperatures: torch.Tensor | None = None
+    # Computing only what is read (`pack(share_prompts=True)`); every per-token tensor above stays one value per row
+    # of the whole packed row. Sequences of this row with the same prompt have the decoder compute it once:
+    # `kept_rows` [Tc], the rows the decoder computes (each prompt's first copy, every completion token); `expand`
+    # [T], for every row, the index in `kept_rows` of the row that holds its hidden state; both None where no
+    # prompt repeats. `trained_rows`: the rows with a target, the only ones the LM head computes.
+    kept_rows: torch.Tensor | None = None
+    expand: torch.Tensor | None = None
+    trained_rows: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "PackedMicroBatch":
         moved = {}
@@ -85,8 +93,9 @@ def _per_token(values: list[float] | None, s: SequenceSample, name: str) -> list
     return values
 
 
-def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: int) -> PackedMicroBatch:
-    """Concatenate `samples` into one row."""
+def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: int,
+         share_prompts: bool = False) -> PackedMicroBatch:
+    """Concatenate `samples` into one row; with `share_prompts`, also the rows the decoder computes once."""
     ids, pos, targets, adv, weights, seq_ids, cu = [], [], [], [], [], [], [0]
     uids = [s.uid for s in samples]
     extra: dict[str, list[float] | None] = {"old_logprobs": [], "rollout_logprobs": [], "ref_logprobs": []}
@@ -110,6 +119,7 @@ def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: i
                 extra[name].extend([0.0] * (p - 1) + list(vals) + [0.0])
     f32 = torch.float32
     temperatures = _temperatures(samples)
+    kept_rows, expand = _shared_prompt_rows(samples) if share_prompts else (None, None)
     return PackedMicroBatch(
         input_ids=torch.tensor(ids, dtype=torch.long),
         position_ids=torch.tensor(pos, dtype=torch.long),
@@ -126,7 +136,36 @@ def pack(samples: Sequence[SequenceSample], *, num_sequences: int, num_tokens: i
         num_sequences=num_sequences,
         num_tokens=num_tokens,
         temperatures=None if temperatures is None else torch.tensor(temperatures, dtype=torch.float64),
+        kept_rows=kept_rows,
+        expand=expand,
+        trained_rows=torch.tensor([i for i, t in enumerate(targets) if t != IGNORE_INDEX], dtype=torch.long)
+        if share_prompts else None,
     )
+
+
+def _shared_prompt_rows(samples: Sequence[SequenceSample]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`kept_rows` and `expand` of a packed row of `samples` whose repeated prompts are computed once: a prompt's
+    hidden states depend on its tokens alone (causal attention, positions from 0), so every sequence that starts
+    with the same prompt can read them from its first copy. (None, None) where no prompt repeats."""
+    first: dict[tuple[int, ...], int] = {}  # prompt -> index in kept of its first row
+    kept: list[int] = []
+    expand: list[int] = []
+    row = 0
+    for s in samples:
+        n, p = len(s.input_ids), s.prompt_len
+        prompt = tuple(s.input_ids[:p])
+        if prompt in first:
+            expand.extend(range(first[prompt], first[prompt] + p))
+        else:
+            first[prompt] = len(kept)
+            expand.extend(range(len(kept), len(kept) + p))
+            kept.extend(range(row, row + p))
+        expand.extend(range(len(kept), len(kept) + n - p))
+        kept.extend(range(row + p, row + n))
+        row += n
+    if len(kept) == row:
+        return None, None
+    return torch.tensor(kept, dtype=torch.long), torch.tensor(expand, dtype=torch.long)
 
 
 def _temperatures(samples: Sequence[SequenceSample]) -> list[float] | None:
@@ -202,6 +241,7 @@ def plan_micro_batches(
     world_size: int,
     rank: int,
     cost_a: float = 2048.0,
+    share_prompts: bool = False,
 ) -> list[PackedMicroBatch]:
     """This rank's packed micro-batches for the global batch `samples` (every rank passes the same list and gets
     its own share; every rank gets the same number of micro-batches). Normalisers carried by each micro-batch are
@@ -214,15 +254,32 @@ def plan_micro_batches(
             )
     num_sequences = sum(1 for s in samples if s.num_targets > 0)
     num_tokens = sum(s.num_targets for s in samples)
-    lengths = {i: len(s.input_ids) for i, s in enumerate(samples)}
-    parts = balanced_partition([cost_a * n + n * n for n in lengths.values()], world_size)
-    per_rank = [_first_fit_decreasing({i: lengths[i] for i in part}, max_tokens_per_micro_batch) for part in parts]
+    # What is placed whole: a sequence, or with `share_prompts` the sequences of one prompt (cut where they exceed
+    # the budget), so that a micro-batch computes each prompt once.
+    units = _prompt_units(samples, max_tokens_per_micro_batch) if share_prompts else [[i] for i in range(len(samples))]
+    lengths = {u: sum(len(samples[i].input_ids) for i in unit) for u, unit in enumerate(units)}
+    costs = [sum(cost_a * len(samples[i].input_ids) + len(samples[i].input_ids) ** 2 for i in unit) for unit in units]
+    parts = balanced_partition(costs, world_size)
+    per_rank = [_first_fit_decreasing({u: lengths[u] for u in part}, max_tokens_per_micro_batch) for part in parts]
     count = max(len(b) for b in per_rank)
     mine = _split_to_count(per_rank[rank], count, lengths)
-    mbs = [pack([samples[i] for i in b], num_sequences=num_sequences, num_tokens=num_tokens) for b in mine]
+    mbs = [pack([samples[i] for u in b for i in units[u]], num_sequences=num_sequences, num_tokens=num_tokens,
+                share_prompts=share_prompts) for b in mine]
     while len(mbs) < count:
         mbs.append(_filler(samples, num_sequences, num_tokens))
     return mbs
+
+
+def _prompt_units(samples: Sequence[SequenceSample], budget: int) -> list[list[int]]:
+    """Indices of the sequences that share a prompt, in order of first appearance, each cut into runs that fit
+    `budget` tokens."""
+    by_prompt: dict[tuple[int, ...], list[list[int]]] = {}
+    for i, s in enumerate(samples):
+        runs = by_prompt.setdefault(tuple(s.input_ids[: s.prompt_len]), [[]])
+        if runs[-1] and sum(len(samples[j].input_ids) for j in runs[-1]) + len(s.input_ids) > budget:
+            runs.append([])
+        runs[-1].append(i)
+    return [run for runs in by_prompt.values() for run in runs]
 
 
 def _filler(samples: Sequence[SequenceSample], num_sequences: int, num_tokens: int) -> PackedMicroBatch:

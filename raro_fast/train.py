@@ -270,7 +270,7 @@ def plan_update(samples: list, cfg: JobConfig, d: Dist, step: int,
     for part in split_mini_batches(samples, k, seed=f"{cfg.train.seed}/mini_batches/{step}"):
         norm = weigh_roles(part, loss_agg=cfg.loss.loss_agg, role_constants=role_constants, parts=k)
         mbs = plan_micro_batches(part, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
-                                 world_size=d.world_size, rank=d.rank)
+                                 world_size=d.world_size, rank=d.rank, share_prompts=cfg.train.share_prompts)
         plan.append(([mb.to(d.device) for mb in mbs], norm))
     return plan
 
@@ -278,8 +278,8 @@ def plan_update(samples: list, cfg: JobConfig, d: Dist, step: int,
 def batch_metrics(r: Run, samples, mbs, entropies, *, generated: int) -> dict[str, float | None]:
     """Trainer–engine log-prob gap, entropy per role, throughput (verl's names)."""
     is_policy = torch.tensor([s.role == "policy" for s in samples], dtype=torch.bool, device=r.d.device)
-    # gap_sum, n, ent_pol, n_pol, ent_crit, n_crit, nll_pol
-    acc = torch.zeros(7, device=r.d.device, dtype=torch.float64)
+    # gap_sum, n, ent_pol, n_pol, ent_crit, n_crit, nll_pol, decoder tokens
+    acc = torch.zeros(8, device=r.d.device, dtype=torch.float64)
     gap_max = torch.zeros((), device=r.d.device)
     for mb, ent in zip(mbs, entropies):
         if mb.is_padding:
@@ -292,8 +292,9 @@ def batch_metrics(r: Run, samples, mbs, entropies, *, generated: int) -> dict[st
         role_is_policy = is_policy[mb.uids][mb.seq_ids]
         pol = role_is_policy & m
         crit = ~role_is_policy & m
+        computed = mb.input_ids.numel() if mb.kept_rows is None else mb.kept_rows.numel()
         counts = [gap.sum(), gap.new_tensor(gap.numel()), ent[pol].sum(), pol.sum(), ent[crit].sum(), crit.sum(),
-                  -mb.old_logprobs[pol].sum()]
+                  -mb.old_logprobs[pol].sum(), gap.new_tensor(computed)]
         acc += torch.stack([c.double() for c in counts])
         if gap.numel():
             gap_max = torch.maximum(gap_max, gap.max())
@@ -312,6 +313,7 @@ def batch_metrics(r: Run, samples, mbs, entropies, *, generated: int) -> dict[st
         "policy/nll": a[6] / a[3] if a[3] else None,
         "critic/entropy": a[4] / a[5] if a[5] else None,
         "batch/tokens": tokens,
+        "batch/decoder_tokens": a[7],  # what the decoder computed: fewer than batch/tokens where prompts are shared
         "batch/micro_batches_per_rank": len(mbs),
         # verl's perf/throughput: (prompt + response tokens) / (step time x ranks)
         "perf/throughput": tokens / max(r.timings["timing_s/step"], 1e-9) / r.d.world_size,

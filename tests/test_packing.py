@@ -1,5 +1,6 @@
 """Packing: balance, budgets, equal micro-batch counts, alignment, and exactness of the packed loss and gradients
 against the same batch run one sequence at a time."""
+import copy
 import itertools
 import random
 
@@ -194,8 +195,10 @@ def test_policy_model_log_probs_and_entropy_at_each_sequences_temperature_match_
     from raro_fast.model.policy import PolicyModel
 
     model = tiny_qwen(seed=5)
-    reference = AutoModelForCausalLM.from_config(model.config, attn_implementation="sdpa").double()
+    # a copy of the config: from_config would switch the model's own attention to sdpa too
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="sdpa").double()
     reference.load_state_dict(model.state_dict())
+    assert model.config._attn_implementation == "raro_varlen"
     rng = random.Random(4)
     samples = random_samples(4, rng, with_logprobs=False)
     for s, temp in zip(samples, (1.0, 0.3, 0.3, 1.7)):

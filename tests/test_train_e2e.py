@@ -180,6 +180,25 @@ def test_sampled_evaluation_is_logged_and_leaves_training_unchanged(base_model, 
     assert all("eval/heldout_avg_at_n" not in r for r in a)
 
 
+def test_shared_prompts_train_as_whole_sequences_do_with_fewer_decoder_tokens(base_model, tmp_path):
+    """The same run with the prompts of a GRPO group computed once (the default) and with every sequence whole:
+    the same rollouts, rewards and held-out answers, the update's numbers equal to float rounding, and the decoder
+    computing fewer tokens."""
+    runs = {}
+    for share in ("true", "false"):
+        run = _with_base(base_model, tmp_path / share)
+        train([*TINY, "--train.steps", "2", "--train.share_prompts", share, "--train.output_dir", str(run)])
+        runs[share] = metrics(run)
+    on, off = runs["true"], runs["false"]
+    for a, b in zip(on[1:], off[1:]):
+        assert 0 < a["batch/decoder_tokens"] < 0.8 * a["batch/tokens"]
+        assert b["batch/decoder_tokens"] == b["batch/tokens"] == a["batch/tokens"]
+        for key in ("loss", "grad_norm", "policy/entropy", "policy/nll"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    exact = lambda r: {k: v for k, v in r.items() if k.startswith(("reward/", "eval/", "rollout/", "critic/accuracy"))}
+    assert [exact(r) for r in on] == [exact(r) for r in off]
+
+
 @pytest.mark.slow
 def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
     run = _with_base(base_model, tmp_path / "ddp")
@@ -190,6 +209,7 @@ def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2]
     assert recs[1]["batch/micro_batches_per_rank"] >= 1
+    assert 0 < recs[1]["batch/decoder_tokens"] < recs[1]["batch/tokens"]  # prompts shared on either rank
     assert "timing_s/ref" in recs[1] and recs[1]["actor/ref_kl"] >= 0
     assert all(r["logprob/gap_max_abs"] < 1e-3 for r in recs[1:])
     assert (run / "checkpoints" / "step_000002" / "rng_rank1.safetensors").is_file()

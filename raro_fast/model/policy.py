@@ -73,14 +73,20 @@ class PolicyModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp32 log-probs [T] of mb.targets (0 where the target is -100) and optionally the entropy [T], at
         `temperature`, or at each token's own where the micro-batch carries them (`mb.temperatures`)."""
-        hidden_TH = packed_hidden_states(self.lm.model, mb)
+        rows = mb.trained_rows  # where set, the LM head computes these rows only; the others read 0, as ignored
+        hidden_TH = packed_hidden_states(self.lm.model, mb, rows)
         weight_VH = self.lm.get_output_embeddings().weight
         # Per-token temperatures go to the kernel, which divides the fp32 logits: scaling the (bf16) hidden
         # states by T/T_t instead rounded both the factor and every scaled element.
         temperatures = temperature if mb.temperatures is None else mb.temperatures
-        out = linear_logprobs(
-            hidden_TH, weight_VH, mb.targets, temperature=temperatures, return_entropy=return_entropy
-        )
+        targets = mb.targets
+        if rows is not None:
+            targets = targets.index_select(0, rows)
+            if mb.temperatures is not None:
+                temperatures = temperatures.index_select(0, rows)
+        out = linear_logprobs(hidden_TH, weight_VH, targets, temperature=temperatures, return_entropy=return_entropy)
+        if rows is not None:
+            return _at_rows(out.logprobs, rows, mb.targets), None if out.entropy is None else _at_rows(out.entropy, rows, mb.targets)
         # Fresh tensors, not views of the kernel's buffers: FSDP2 hooks its pre-backward on the root's outputs,
         # and warns that a view could lose that hook.
         return out.logprobs.clone(), None if out.entropy is None else out.entropy.clone()
@@ -88,3 +94,8 @@ class PolicyModel(nn.Module):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The inner model's state dict under Hugging Face names (for weight sync and saving)."""
         return {k.removeprefix("lm."): v for k, v in self.state_dict().items()}
+
+
+def _at_rows(values: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`values` of `rows` placed in a fresh [T] tensor (T = like's length), 0 elsewhere."""
+    return values.new_zeros(like.shape).index_copy(0, rows, values)

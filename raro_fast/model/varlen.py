@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 VARLEN_ATTENTION = "raro_varlen"
+# The attention keyword that carries a micro-batch's shared prompts (`PackedMicroBatch.expand`, `.kept_rows`).
+SHARED_ROWS = "raro_shared_rows"
 
 
 @lru_cache(maxsize=1)
@@ -147,7 +149,16 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
     _refuse_what_changes_the_scores(dropout, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    shared = kwargs.get(SHARED_ROWS)
+    if shared is not None:
+        # Attention runs on the whole packed row, each sequence with its own copy of its prompt's queries, keys and
+        # values (so any varlen kernel applies); the index_select's backward adds every copy's key and value
+        # gradients into the one computed prompt. Only the first copy's outputs are kept: the same numbers.
+        expand, kept = shared
+        q, k, v = (x.index_select(0, expand) for x in (q, k, v))
     out = varlen_causal_attention(q, k, v, cu, int(kwargs["max_length_q"]), scale)
+    if shared is not None:
+        out = out.index_select(0, kept)
     return out.unsqueeze(0), None
 
 
@@ -203,15 +214,29 @@ def use_varlen_attention(model) -> None:
         model.config._attn_implementation = VARLEN_ATTENTION
 
 
-def packed_hidden_states(body, mb) -> torch.Tensor:
-    """Final (normed) hidden states [T, H] of the decoder `body` (e.g. `model.model`) on packed micro-batch `mb`."""
+def packed_hidden_states(body, mb, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Final (normed) hidden states [T, H] of the decoder `body` (e.g. `model.model`) on packed micro-batch `mb`, or
+    only those of `rows`. Where the micro-batch shares prompts, the decoder computes the rows `mb.kept_rows` only
+    (its linear layers, norms and MLPs run once per shared prompt) and every row reads its hidden state there."""
+    ids, positions, shared = mb.input_ids, mb.position_ids, {}
+    if mb.kept_rows is not None:
+        attention = getattr(body.config, "_attn_implementation", None)
+        if attention != VARLEN_ATTENTION:  # another attention ignores the shared rows: every completion misplaced
+            raise ValueError(f"a micro-batch with shared prompts needs the {VARLEN_ATTENTION} attention (the model "
+                             f"uses {attention!r}; use_varlen_attention switches it)")
+        ids, positions = ids.index_select(0, mb.kept_rows), positions.index_select(0, mb.kept_rows)
+        shared = {SHARED_ROWS: (mb.expand, mb.kept_rows)}
     out = body(
-        input_ids=mb.input_ids[None],
-        position_ids=mb.position_ids[None],
+        input_ids=ids[None],
+        position_ids=positions[None],
         cu_seq_lens_q=mb.cu_seqlens,
         cu_seq_lens_k=mb.cu_seqlens,
         max_length_q=mb.max_seqlen,
         max_length_k=mb.max_seqlen,
         use_cache=False,
+        **shared,
     )
-    return out.last_hidden_state[0]
+    hidden = out.last_hidden_state[0]
+    if mb.kept_rows is not None:
+        rows = mb.expand if rows is None else mb.expand.index_select(0, rows)
+    return hidden if rows is None else hidden.index_select(0, rows)
