@@ -188,6 +188,7 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 # What a run derives from train.steps at its start stays as it was (DPO's rounds: `train.Run.mode_state`).
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_tournament", "train.progress", "train.save_every",
              "train.stop_after", "train.resume", "train.log_rollouts_every", "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch",
+             "train.share_prompts",
              "optim.", "rollout.backend", "rollout.batch_size", "rollout.release_memory", "rollout.weight_bucket_mb",
              "rollout.mem_fraction", "rollout.tp_size", "rollout.sglang_url", "rollout.server_ranks",
              "rollout.weight_group_", "model.gradient_checkpointing", "model.liger_kernels",

@@ -254,9 +254,14 @@ def plan_micro_batches(
             )
     num_sequences = sum(1 for s in samples if s.num_targets > 0)
     num_tokens = sum(s.num_targets for s in samples)
-    # What is placed whole: a sequence, or with `share_prompts` the sequences of one prompt (cut where they exceed
-    # the budget), so that a micro-batch computes each prompt once.
-    units = _prompt_units(samples, max_tokens_per_micro_batch) if share_prompts else [[i] for i in range(len(samples))]
+    # What is placed whole: a sequence, or with `share_prompts` the sequences of one prompt, so that a micro-batch
+    # computes each prompt once. A prompt's run is cut to fit the budget, and to a rank's share of the tokens, so
+    # that a few large groups still spread over every rank.
+    if share_prompts:
+        share = -(-sum(len(s.input_ids) for s in samples) // world_size)
+        units = _prompt_units(samples, min(max_tokens_per_micro_batch, share))
+    else:
+        units = [[i] for i in range(len(samples))]
     lengths = {u: sum(len(samples[i].input_ids) for i in unit) for u, unit in enumerate(units)}
     costs = [sum(cost_a * len(samples[i].input_ids) + len(samples[i].input_ids) ** 2 for i in unit) for unit in units]
     parts = balanced_partition(costs, world_size)
@@ -271,8 +276,8 @@ def plan_micro_batches(
 
 
 def _prompt_units(samples: Sequence[SequenceSample], budget: int) -> list[list[int]]:
-    """Indices of the sequences that share a prompt, in order of first appearance, each cut into runs that fit
-    `budget` tokens."""
+    """Indices of the sequences that share a prompt, in order of first appearance, each cut into runs of at most
+    `budget` tokens (a longer sequence is a run of its own)."""
     by_prompt: dict[tuple[int, ...], list[list[int]]] = {}
     for i, s in enumerate(samples):
         runs = by_prompt.setdefault(tuple(s.input_ids[: s.prompt_len]), [[]])

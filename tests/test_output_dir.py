@@ -233,9 +233,10 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
         ["task.name: 'poetry' -> 'countdown'"], [])
     refused, allowed = resume_changes(saved, to_dict(load_config(
         ["--task.name", "poetry", "--train.max_tokens_per_micro_batch", "1024", "--model.gradient_checkpointing",
-         "true", "--train.stop_after", "2", "--train.steps", "7"])))
+         "true", "--train.stop_after", "2", "--train.steps", "7", "--train.share_prompts", "false"])))
     assert refused == [] and allowed == ["model.gradient_checkpointing: False -> True", "train.steps: 80 -> 7",
-                                         "train.max_tokens_per_micro_batch: 4096 -> 1024", "train.stop_after: 0 -> 2"]
+                                         "train.max_tokens_per_micro_batch: 4096 -> 1024",
+                                         "train.share_prompts: True -> False", "train.stop_after: 0 -> 2"]
     # How often it evaluates may change; what an evaluation measures may not (the summary compares it with step 0's).
     refused, allowed = resume_changes(saved, to_dict(load_config(
         ["--task.name", "poetry", "--train.eval_every", "5", "--train.eval_tournament", "false",

@@ -154,3 +154,30 @@ def test_shared_prompts_under_another_attention_are_refused_not_misread():
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="shared prompts needs the raro_varlen attention .* uses 'sdpa'"):
         PolicyModel(model)(pack(samples, **count(samples), share_prompts=True))
+
+
+def test_few_large_groups_still_spread_over_every_rank():
+    """Two prompts of 8 sequences each on 4 ranks: each group is cut to a rank's share of the tokens, so no rank
+    runs only a filler while another trains two groups' worth."""
+    rng = random.Random(8)
+    samples = grouped_samples(rng, groups=2, members=8, prompt_len=(100, 100), completion_len=(50, 50))
+    per_rank = [plan_micro_batches(samples, max_tokens_per_micro_batch=1200, world_size=4, rank=r, share_prompts=True)
+                for r in range(4)]
+    assert not any(mb.is_padding for mbs in per_rank for mb in mbs)
+    assert [sum(mb.input_ids.numel() for mb in mbs) for mbs in per_rank] == [4 * 150] * 4
+    assert all(mb.kept_rows is not None for mbs in per_rank for mb in mbs)  # still shared within each rank
+
+
+def test_an_untied_head_gets_a_zero_gradient_from_a_micro_batch_with_nothing_to_train():
+    """With no trained row the head still sees every row, as without sharing: FSDP2 reduces only the gradients
+    that exist, so a head without one on one rank would leave the ranks' reductions unmatched."""
+    samples = [SequenceSample(input_ids=[5, 6, 7, 8], prompt_len=4, advantage=0.0, role="policy", group=0, uid=i)
+               for i in range(2)]
+    model = tiny_llama(seed=1)
+    mb = pack(samples, num_sequences=2, num_tokens=0, share_prompts=True)
+    assert mb.trained_rows.numel() == 0 and mb.kept_rows is not None
+    logprobs, _ = PolicyModel(model)(mb)
+    logprobs.sum().backward()
+    grad = model.get_output_embeddings().weight.grad
+    assert grad is not None and float(grad.abs().max()) == 0.0
+    assert torch.equal(logprobs, torch.zeros(8))

@@ -73,7 +73,9 @@ class PolicyModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp32 log-probs [T] of mb.targets (0 where the target is -100) and optionally the entropy [T], at
         `temperature`, or at each token's own where the micro-batch carries them (`mb.temperatures`)."""
-        rows = mb.trained_rows  # where set, the LM head computes these rows only; the others read 0, as ignored
+        # Where set, the LM head computes these rows only; the others read 0, as ignored. With none, every row goes to
+        # the head as before: an untied head then still gets its (zero) gradient, which FSDP2 reduces on every rank.
+        rows = mb.trained_rows if mb.trained_rows is not None and mb.trained_rows.numel() else None
         hidden_TH = packed_hidden_states(self.lm.model, mb, rows)
         weight_VH = self.lm.get_output_embeddings().weight
         # Per-token temperatures go to the kernel, which divides the fp32 logits: scaling the (bf16) hidden
