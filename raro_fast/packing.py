@@ -258,8 +258,8 @@ def plan_micro_batches(
     # computes each prompt once. A prompt's run is cut to fit the budget, and to a rank's share of the tokens, so
     # that a few large groups still spread over every rank.
     if share_prompts:
-        share = -(-sum(len(s.input_ids) for s in samples) // world_size)
-        units = _prompt_units(samples, min(max_tokens_per_micro_batch, share))
+        rank_share = -(-sum(len(s.input_ids) for s in samples) // world_size)
+        units = _prompt_units(samples, min(max_tokens_per_micro_batch, rank_share))
     else:
         units = [[i] for i in range(len(samples))]
     lengths = {u: sum(len(samples[i].input_ids) for i in unit) for u, unit in enumerate(units)}

@@ -88,7 +88,8 @@ class PolicyModel(nn.Module):
                 temperatures = temperatures.index_select(0, rows)
         out = linear_logprobs(hidden_TH, weight_VH, targets, temperature=temperatures, return_entropy=return_entropy)
         if rows is not None:
-            return _at_rows(out.logprobs, rows, mb.targets), None if out.entropy is None else _at_rows(out.entropy, rows, mb.targets)
+            entropy = None if out.entropy is None else _at_rows(out.entropy, rows, mb.targets)
+            return _at_rows(out.logprobs, rows, mb.targets), entropy
         # Fresh tensors, not views of the kernel's buffers: FSDP2 hooks its pre-backward on the root's outputs,
         # and warns that a view could lose that hook.
         return out.logprobs.clone(), None if out.entropy is None else out.entropy.clone()
