@@ -208,3 +208,72 @@ def test_update_step_packed_vs_padded(bench_table):
         rows,
     )
     assert t_packed > 0
+
+
+def grouped_batch(rng: random.Random, *, questions: int, per_question: int, pairs: int, per_pair: int, scale: float,
+                  vocab: int) -> list[SequenceSample]:
+    """A RARO step's shape of sharing: `per_question` policy samples of each question, `per_pair` critic samples of
+    each (question, two answers) prompt; lengths drawn as in `mixed_batch`, prompts per group, completions per
+    sample."""
+    def lognormal(median, sigma, lo, hi):
+        return int(min(hi, max(lo, math.exp(rng.gauss(math.log(median), sigma)))))
+
+    out = []
+    for role, count, size, prompt_range, completion in (
+            ("policy", questions, per_question, (64, 256), (512, 0.6, 32, 2048)),
+            ("critic", pairs, per_pair, (384, 1024), (384, 0.5, 32, 1536))):
+        for _ in range(count):
+            prompt = [rng.randrange(vocab) for _ in range(max(1, int(rng.randint(*prompt_range) * scale)))]
+            group = len(out) // size
+            for _ in range(size):
+                c = max(1, int(lognormal(*completion) * scale))
+                out.append(SequenceSample(input_ids=prompt + [rng.randrange(vocab) for _ in range(c)],
+                                          prompt_len=len(prompt), advantage=rng.uniform(-1, 1), role=role,
+                                          group=group, uid=len(out), old_logprobs=[-rng.random() * 3 for _ in range(c)]))
+    return out
+
+
+def step_policy_model(policy, opt, mbs):
+    """What the trainer runs: `PolicyModel`, which reads a micro-batch's shared prompts and trained rows."""
+    for mb in mbs:
+        lp, _ = policy(mb)
+        _loss(lp, mb.old_logprobs, mb.advantages, mb.targets, mb.num_tokens).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.skipif(os.environ.get("RARO_SKIP_UPDATE_BENCH") == "1", reason="RARO_SKIP_UPDATE_BENCH=1")
+def test_update_step_whole_vs_shared_prompts(bench_table):
+    """`train.share_prompts`: the same grouped batch planned with every sequence whole and with a group's prompt
+    computed once (and the LM head on trained rows only)."""
+    from raro_fast.model.policy import PolicyModel
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    budget = int(os.environ.get("RARO_UPDATE_BUDGET", "16384" if CUDA else "512"))
+    shape = QWEN25_1_5B if CUDA else SMOKE
+    samples = grouped_batch(random.Random(1), questions=8 if CUDA else 2, per_question=8 if CUDA else 3,
+                            pairs=16 if CUDA else 2, per_pair=4, scale=1.0 if CUDA else 0.1, vocab=shape["vocab_size"])
+    tokens = sum(len(s.input_ids) for s in samples)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**shape), attn_implementation="sdpa", dtype=dtype)
+    use_varlen_attention(model)
+    policy = PolicyModel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+    rows, whole = [], None
+    for share in (False, True):
+        mbs = [mb.to(device) for mb in plan_micro_batches(samples, max_tokens_per_micro_batch=budget, world_size=1,
+                                                         rank=0, share_prompts=share)]
+        t, mem = timed(lambda: step_policy_model(policy, opt, mbs), 2 if CUDA else 1)
+        whole = whole or t
+        decoder = sum(mb.input_ids.numel() if mb.kept_rows is None else mb.kept_rows.numel() for mb in mbs)
+        rows.append(["shared prompts" if share else "whole sequences", len(mbs), tokens, decoder,
+                     f"{t * 1e3:.0f}", f"{tokens / t:.0f}", f"{whole / t:.2f}x", f"{mem:.1f}"])
+    bench_table(
+        f"update step, {'Qwen2.5-1.5B shape' if CUDA else 'smoke (tiny model)'}, a RARO step's groups "
+        f"({len(samples)} sequences: policy samples of a question, 4 critic samples of a pair), budget {budget}",
+        ["prompts", "micro-batches", "tokens", "decoder tokens", "step ms", "tokens/s", "speed-up", "peak GiB"],
+        rows,
+    )
+    assert rows[1][3] < rows[0][3]  # the shared plan computes fewer decoder tokens
