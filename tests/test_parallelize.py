@@ -87,7 +87,7 @@ def _two_rank_worker(out: str) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from raro_fast.distributed import Dist
+    from raro_fast.distributed import Dist, shutdown
     from raro_fast.model.policy import PolicyModel
     from raro_fast.parallelize import parallelize
     from test_packing import pack, random_samples, tiny_qwen
@@ -105,10 +105,9 @@ def _two_rank_worker(out: str) -> None:
         (-(logprobs * (mb.targets != -100)).sum()).backward()
         return {n: p.grad for n, p in pm.named_parameters()}
 
+    d = Dist(rank=rank, world_size=world, local_rank=0, device=torch.device("cpu"))
     own = {n: g.float() for n, g in gradients(PolicyModel(copy.deepcopy(model).bfloat16())).items()}
-    sharded = gradients(parallelize(PolicyModel(model), list(model.model.layers),
-                                    Dist(rank=rank, world_size=world, local_rank=0, device=torch.device("cpu")),
-                                    compute_dtype=torch.bfloat16))
+    sharded = gradients(parallelize(PolicyModel(model), list(model.model.layers), d, compute_dtype=torch.bfloat16))
     result = {}
     for name, g in sharded.items():
         dtype, g = str(g.dtype), g.full_tensor()
@@ -120,7 +119,10 @@ def _two_rank_worker(out: str) -> None:
                         "beyond_bf16": float((g != g.bfloat16().float()).float().mean())}
     if rank == 0:
         Path(out).write_text(json.dumps(result))
-    dist.destroy_process_group()
+    # the trainer's own teardown: FSDP2's reference cycles collected first, or gloo may abort the process at exit
+    # (1 run in 8 here did: "terminate called without an active exception")
+    del sharded, model
+    shutdown(d)
 
 
 if __name__ == "__main__":

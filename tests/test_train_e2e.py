@@ -209,7 +209,10 @@ def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2]
     assert recs[1]["batch/micro_batches_per_rank"] >= 1
-    assert 0 < recs[1]["batch/decoder_tokens"] < recs[1]["batch/tokens"]  # prompts shared on either rank
+    # Summed over both ranks (rank 0 holds 2 of the 3 trained sequences at step 1). In this run no trained sequence
+    # repeats a prompt (the untrained tiny model truncates most answers), so nothing is shared: one rank's own count
+    # would be less. Sharing on two ranks is tested in tests/test_shared_prompts.py.
+    assert [r["batch/decoder_tokens"] for r in recs[1:]] == [r["batch/tokens"] for r in recs[1:]]
     assert "timing_s/ref" in recs[1] and recs[1]["actor/ref_kl"] >= 0
     assert all(r["logprob/gap_max_abs"] < 1e-3 for r in recs[1:])
     assert (run / "checkpoints" / "step_000002" / "rng_rank1.safetensors").is_file()
