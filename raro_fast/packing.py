@@ -68,7 +68,8 @@ class PackedMicroBatch:
     # of the whole packed row. Sequences of this row with the same prompt have the decoder compute it once:
     # `kept_rows` [Tc], the rows the decoder computes (each prompt's first copy, every completion token); `expand`
     # [T], for every row, the index in `kept_rows` of the row that holds its hidden state; both None where no
-    # prompt repeats. `trained_rows`: the rows with a target, the only ones the LM head computes.
+    # prompt repeats. `trained_rows`: the rows with a target, the only ones the LM head computes (listed here, on
+    # the host: finding them on a GPU would make it wait for the answer every forward).
     kept_rows: torch.Tensor | None = None
     expand: torch.Tensor | None = None
     trained_rows: torch.Tensor | None = None
