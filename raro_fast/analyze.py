@@ -54,6 +54,12 @@ class AnalysisSettings:
         # num_problems -1 analysed all problems but the last (a slice), entropy_samples -1 gave token entropy nan.
         _at_least("analysis", self, 0, "num_problems", "entropy_samples")
         _at_least("analysis", self, 1, "k", "chunk", "max_new_tokens", "batch_size")
+        # Token entropy divides the logits by the temperature, and the engines sample greedily at 0 or below: the
+        # k samples were one answer, reported as pass@k at that temperature.
+        if not self.temperature > 0:
+            raise ValueError(f"analysis.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"analysis.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(kw_only=True)
@@ -101,7 +107,8 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
     carry ids; they are samples like any other, used by a later, larger k. Before, token entropy was silently
     averaged over the fewer sequences the old run kept."""
     engine = EmbeddedEngine.from_tokenizer(model, tokenizer, batch_size=cfg.batch_size)
-    have = {p.id: cache.get(name, p.id, cfg.seed) for p in problems}
+    prompt = policy_prompts(tokenizer, problems)
+    have = {p.id: cache.get(name, p.id, cfg.seed, prompt[p.id]) for p in problems}
     bar = tqdm(total=sum(_draws_due(have[p.id], cfg) for p in problems), desc=f"sampling {name}", dynamic_ncols=True)
     while due := [p for p in problems if _draws_due(have[p.id], cfg)]:
         for p in due:  # one engine call per problem and draw: its seed must not depend on which others are due
@@ -111,14 +118,14 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
             start = len(have[p.id])
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                     n=cfg.chunk, seed=draw_seed(cfg.seed, p.id, start))
-            comps = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(p.question))], params)[0]
+            comps = engine.generate([prompt[p.id]], params)[0]
             kept = _with_ids(have[p.id])
             for c in comps:
                 keep_ids = kept < cfg.entropy_samples
                 kept += keep_ids
                 have[p.id].append({"text": c.text, "truncated": c.truncated, "length": len(c.token_ids),
                                    **({"prompt_ids": c.prompt_ids, "token_ids": c.token_ids} if keep_ids else {})})
-            cache.put(name, p.id, cfg.seed, have[p.id])
+            cache.put(name, p.id, cfg.seed, prompt[p.id], have[p.id])
             bar.update(1)
     bar.close()
     unread = sum("text" not in x for p in problems for x in have[p.id][: cfg.k])
@@ -129,13 +136,19 @@ def sample_model(name, model, tokenizer, task, problems, cfg: AnalysisSettings, 
     return {p.id: [read_answer(task, p, x) for x in have[p.id][: cfg.k]] for p in problems}
 
 
-def entropy_sequences(name: str, problems, cfg: AnalysisSettings, cache: SampleCache) -> dict[str, list[dict]]:
+def policy_prompts(tokenizer, problems) -> dict[str, list[int]]:
+    """Each problem's rendered policy prompt (token ids), by problem id: what its samples are drawn for."""
+    return {p.id: prompts.render_prompt(tokenizer, prompts.policy_messages(p.question)) for p in problems}
+
+
+def entropy_sequences(name: str, tokenizer, problems, cfg: AnalysisSettings, cache: SampleCache) -> dict[str, list[dict]]:
     """The samples teacher-forced for token entropy, per problem id: its first `entropy_count` cached samples that
     kept their token ids (a cache that kept more gives its first ones). Call after `sample_model`, which drew them."""
     n = entropy_count(cfg)
+    prompt = policy_prompts(tokenizer, problems)
     out = {}
     for p in problems:
-        seqs = [x for x in cache.get(name, p.id, cfg.seed) if "token_ids" in x][:n]
+        seqs = [x for x in cache.get(name, p.id, cfg.seed, prompt[p.id]) if "token_ids" in x][:n]
         if len(seqs) < n:
             raise ValueError(f"{name}: problem {p.id!r} has {len(seqs)} cached samples with token ids, not "
                              f"analysis.entropy_samples = {n}")
@@ -360,7 +373,7 @@ def run(cfg: AnalyzeConfig) -> dict:
         cache.claim(name, {"weights_sha256": weights_digest(path), "model_files_sha256": model_files_digest(path),
                            "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens})
         samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
-        token_h[name] = model_token_entropy(model, entropy_sequences(name, problems, a, cache), a.temperature)
+        token_h[name] = model_token_entropy(model, entropy_sequences(name, tokenizer, problems, a, cache), a.temperature)
         if traces is not None:
             trace_ppl[name] = trace_perplexities(model, tokenizer, problems, traces)
     report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []),

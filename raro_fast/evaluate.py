@@ -268,6 +268,10 @@ class EvalSettings:
             raise ValueError(f"eval.num_problems must be >= 0, got {self.num_problems}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"eval.top_p must lie in (0, 1], got {self.top_p}")
+        if not self.temperature >= 0:  # the engines sample greedily at any temperature <= 0: n equal answers
+            raise ValueError(f"eval.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.critic_temperature is not None and not self.critic_temperature >= 0:
+            raise ValueError(f"eval.critic_temperature must be >= 0 (0: greedy), got {self.critic_temperature}")
 
 
 @dataclass(kw_only=True)

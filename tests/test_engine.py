@@ -126,6 +126,17 @@ def test_an_empty_prompt_is_refused_naming_it(backend):
         eng.generate([[2, 3], [], [4]], SamplingParams(max_new_tokens=2, seed=0))
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -0.5}, "temperature must be >= 0"), ({"temperature": float("nan")}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, "top_p must be in"), ({"top_p": 1.5}, "top_p must be in"),
+    ({"n": 0}, "n and max_new_tokens must be >= 1"), ({"max_new_tokens": 0}, "n and max_new_tokens must be >= 1"),
+])
+def test_sampling_params_refuse_what_every_backend_would_read_otherwise(kwargs, message):
+    # A negative temperature sampled greedily in every backend, with no error.
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generation_passes_no_deprecated_transformers_argument(backend):
     # transformers 5.24 renamed past_key_values -> cache and removes the old name in 5.40: fail now, not then

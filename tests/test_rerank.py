@@ -437,6 +437,11 @@ def test_evaluate_command_bad_arguments(tmp_path, capsys):
     assert "'eval.rerank': 'best' is not one of ['tournament', 'none']" in capsys.readouterr().err
     assert evaluate.main(["--model", str(tmp_path), "--n", "0"]) == 2
     assert "eval.n must be >= 1, got 0" in capsys.readouterr().err
+    # The engines sample greedily at a temperature <= 0: n copies of the greedy answer, reported as sampling at -1
+    assert evaluate.main(["--model", str(tmp_path), "--eval.temperature", "-1"]) == 2
+    assert "eval.temperature must be >= 0 (0: greedy), got -1.0" in capsys.readouterr().err
+    assert evaluate.main(["--model", str(tmp_path), "--eval.critic_temperature", "-2"]) == 2
+    assert "eval.critic_temperature must be >= 0 (0: greedy), got -2.0" in capsys.readouterr().err
     assert evaluate.main(["--n", "4"]) == 2
     assert "eval.model: give the model directory" in capsys.readouterr().err
     assert evaluate.main(["--model", str(tmp_path), "--task", "chess"]) == 2

@@ -2,8 +2,9 @@
 interrupted run resumes without resampling. It keeps each completion's text, not a reading of it: answers are
 extracted and verified again on every run, so a fixed parser applies to samples drawn before the fix. Each model's
 folder records what drew its samples (the weights' digest, the digest of the files that configure the model and
-render its prompts, and the sampling settings): a later run that names other weights, another config, tokenizer or
-chat template, or other settings under the same model name is refused, never served the old samples.
+render its prompts, and the sampling settings), and each problem's file the prompt its samples were drawn for: a later
+run that names other weights, another config, tokenizer or chat template, other settings under the same model name, or
+words a problem otherwise is refused, never served the old samples.
 
 Samples are drawn in chunks; the chunk whose first sample is sample i of a problem is drawn with seed
 `draw_seed(seed, problem_id, i)`, so the first k samples of a problem are the same whatever k a later run asks for,
@@ -81,6 +82,7 @@ def model_files_digest(model_dir: str | os.PathLike) -> str:
 class SampleCache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._unrecorded_prompts: set[str] = set()  # models already warned about
 
     def _folder(self, model: str) -> Path:
         return self.root / re.sub(r"[^A-Za-z0-9_.-]", "_", model)
@@ -118,18 +120,38 @@ class SampleCache:
                   "assuming they match this run's", file=sys.stderr)
         _write_atomic(record, json.dumps(identity, indent=1, sort_keys=True))
 
-    def get(self, model: str, problem_id: str, seed: int) -> list[dict]:
+    def get(self, model: str, problem_id: str, seed: int, prompt: list[int]) -> list[dict]:
+        """The samples cached for the problem, drawn for `prompt` (the rendered prompt's token ids): samples drawn for another
+        prompt under the same problem id raise ValueError (a Countdown id names the numbers as a set, and another
+        task seed lists them in another order). A file from before prompts were recorded is read with a warning."""
         path = self._path(model, problem_id, seed)
         if not path.is_file():
             return []
         try:
-            return json.loads(path.read_text())["samples"]
-        except (json.JSONDecodeError, KeyError) as e:
+            record = json.loads(path.read_text())
+            samples = record["samples"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: corrupt sample cache ({e}); delete the file to resample") from None
+        stored = record.get("prompt_sha256")
+        if stored is None:
+            if model not in self._unrecorded_prompts:
+                self._unrecorded_prompts.add(model)
+                print(f"warning: {self._folder(model)}: cached samples without a record of the prompt they were drawn "
+                      "for (cached before prompts were); assuming this run's", file=sys.stderr)
+        elif stored != prompt_digest(prompt):
+            raise ValueError(f"{path}: the cached samples of problem {problem_id!r} were drawn for another prompt "
+                             f"(the same problem worded otherwise: another task seed or template); give another "
+                             f"analysis.output_dir, or delete {self._folder(model)}")
+        return samples
 
-    def put(self, model: str, problem_id: str, seed: int, samples: list[dict]) -> None:
-        """Replace the stored samples, atomically."""
-        _write_atomic(self._path(model, problem_id, seed), json.dumps({"problem_id": problem_id, "samples": samples}))
+    def put(self, model: str, problem_id: str, seed: int, prompt: list[int], samples: list[dict]) -> None:
+        """Replace the stored samples, drawn for `prompt`, atomically."""
+        _write_atomic(self._path(model, problem_id, seed), json.dumps(
+            {"problem_id": problem_id, "prompt_sha256": prompt_digest(prompt), "samples": samples}))
+
+
+def prompt_digest(prompt: list[int]) -> str:
+    return hashlib.sha256(json.dumps([int(t) for t in prompt]).encode()).hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -26,6 +26,16 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Every backend reads a temperature <= 0 as greedy: a negative one sampled n copies of the greedy answer and
+        # was reported as sampling at that temperature.
+        if not self.temperature >= 0:
+            raise ValueError(f"sampling temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"sampling n and max_new_tokens must be >= 1, got {self.n} and {self.max_new_tokens}")
+
 
 @dataclass
 class Completion:

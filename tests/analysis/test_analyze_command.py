@@ -50,7 +50,7 @@ def test_analyze_end_to_end_and_growing_k(two_models, tmp_path, capsys):
     grown = json.loads((out / "samples" / "base" / "seed0" / pid).read_text())["samples"]
     assert len(grown) == 4 and grown[:2] == first  # only the missing samples were drawn
     assert json.loads((out / "report.json").read_text())["k"] == 4
-    assert cache.get("base", "nope", 0) == []
+    assert cache.get("base", "nope", 0, [5, 6]) == []
 
 
 def test_a_changed_chunk_size_draws_what_is_missing_from_seeds_never_used(two_models, tmp_path, monkeypatch):
@@ -88,14 +88,14 @@ def test_cached_samples_are_read_by_the_current_parser_and_verifier(two_models, 
     task = make_task(cfg.task)
     p = task.examples("heldout")[0]
     cache = SampleCache(tmp_path / "c" / "samples")
+    model, tok = load_pretrained(two_models[0], dtype=torch.float32, setting="test")
     text = f"<think>x</think><answer>{p.answer} makes {p.meta['target']}</answer>"  # text beside the expression
-    cache.put("m", p.id, 0, [
+    cache.put("m", p.id, 0, analyze.policy_prompts(tok, [p])[p.id], [
         # read by the old parser as the expression: right; the current one reads no answer
         {"text": text, "truncated": False, "length": 9, "answer": p.answer, "correct": True},
         {"text": f"<think>x</think><answer>{p.answer}</answer>", "truncated": True, "length": 9},  # cut off: none
         {"answer": p.answer, "correct": False, "length": 5},  # cached before texts: its verdict is computed again
     ])
-    model, tok = load_pretrained(two_models[0], dtype=torch.float32, setting="test")
     got = analyze.sample_model("m", model, tok, task, [p], cfg.analysis, cache)[p.id]
     assert [(x["answer"], x["correct"]) for x in got] == [(None, False), (None, False), (p.answer, True)]
     assert "1 cached samples hold their answer but not their text" in capsys.readouterr().err
@@ -234,7 +234,7 @@ def test_a_cache_write_cut_short_leaves_the_samples_before_it(tmp_path, monkeypa
     from pathlib import Path
 
     cache = SampleCache(tmp_path)
-    cache.put("m", "p:1", 0, [{"text": "a"}])
+    cache.put("m", "p:1", 0, [5, 6], [{"text": "a"}])
     write_text = Path.write_text
 
     def cut_short(self, text, *args, **kwargs):  # a full disk, or the process killed mid-write
@@ -243,9 +243,9 @@ def test_a_cache_write_cut_short_leaves_the_samples_before_it(tmp_path, monkeypa
 
     monkeypatch.setattr(Path, "write_text", cut_short)
     with pytest.raises(OSError):
-        cache.put("m", "p:1", 0, [{"text": "a"}, {"text": "b"}])
+        cache.put("m", "p:1", 0, [5, 6], [{"text": "a"}, {"text": "b"}])
     monkeypatch.undo()
-    assert cache.get("m", "p:1", 0) == [{"text": "a"}]
+    assert cache.get("m", "p:1", 0, [5, 6]) == [{"text": "a"}]
 
 
 def test_another_seed_draws_its_own_samples_and_num_problems_0_is_the_whole_split(two_models, tmp_path, monkeypatch):
@@ -384,9 +384,12 @@ def test_token_entropy_teacher_forces_entropy_samples_sequences_whatever_the_cac
     from raro_fast.tasks.countdown import CountdownConfig
 
     problems = get_task("countdown", CountdownConfig(num_train=10, num_heldout=5)).examples("heldout")[:3]
-    seqs = analyze.entropy_sequences("base", problems, cfg, cache)
+    tok = load_project_tokenizer()
+    seqs = analyze.entropy_sequences("base", tok, problems, cfg, cache)
+    prompt = analyze.policy_prompts(tok, problems)
     assert {pid: [x["token_ids"] for x in s] for pid, s in seqs.items()} == {
-        p.id: [x["token_ids"] for x in cache.get("base", p.id, 0) if "token_ids" in x][:2] for p in problems}
+        p.id: [x["token_ids"] for x in cache.get("base", p.id, 0, prompt[p.id]) if "token_ids" in x][:2]
+        for p in problems}
     assert all(len(s) == 2 for s in seqs.values())
 
 
@@ -425,3 +428,54 @@ def test_samples_are_never_served_for_another_config_tokenizer_or_chat_template(
     assert analyze.main(_args(models, out, 2)) == 0
     assert "does not record model_files_sha256" in capsys.readouterr().err
     assert json.loads(record.read_text()) == stored
+
+
+def test_samples_are_never_served_for_a_problem_worded_otherwise(two_models, tmp_path, capsys):
+    """A Countdown id names the numbers as a set; another task seed lists them in another order. The cache was
+    keyed by the id alone and served samples drawn for the other wording (found by review)."""
+    from raro_fast.tasks import get_task
+    from raro_fast.tasks.countdown import CountdownConfig
+
+    tok = load_project_tokenizer()
+    by_seed = [{p.id: p for p in get_task("countdown", CountdownConfig(seed=s)).examples("heldout")} for s in (0, 1)]
+    pid = next(i for i in by_seed[0] if i in by_seed[1] and by_seed[0][i].question != by_seed[1][i].question)
+    prompt = [analyze.policy_prompts(tok, [by_seed[s][pid]])[pid] for s in (0, 1)]
+    cache = SampleCache(tmp_path / "samples")
+    cache.put("m", pid, 0, prompt[0], [{"text": "<answer>1</answer>", "truncated": False, "length": 3}])
+    assert cache.get("m", pid, 0, prompt[0])[0]["text"] == "<answer>1</answer>"
+    with pytest.raises(ValueError, match=f"the cached samples of problem '{pid}' were drawn for another prompt"):
+        cache.get("m", pid, 0, prompt[1])
+
+    # End to end: a file whose prompt is not this run's stops the run, naming the file; nothing is overwritten.
+    out = tmp_path / "a"
+    assert analyze.main(_args(two_models, out, 2)) == 0
+    path = next((out / "samples" / "base" / "seed0").glob("*.json"))
+    record = json.loads(path.read_text())
+    record["prompt_sha256"] = "0" * 64
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert analyze.main(_args(two_models, out, 2)) == 2
+    assert f"{path}: the cached samples of problem" in capsys.readouterr().err
+    assert json.loads(path.read_text())["prompt_sha256"] == "0" * 64
+    # A file from before prompts were recorded is read, with one warning per model, and written with its prompt.
+    for f in (out / "samples").rglob("seed0/*.json"):
+        record = json.loads(f.read_text())
+        record.pop("prompt_sha256")
+        f.write_text(json.dumps(record))
+    assert analyze.main(_args(two_models, out, 3)) == 0
+    err = capsys.readouterr().err
+    assert err.count("without a record of the prompt") == 2  # base and other
+    assert all("prompt_sha256" in json.loads(f.read_text()) for f in (out / "samples").rglob("seed0/*.json"))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--analysis.temperature", "-0.6", "analysis.temperature must be > 0"),
+    ("--analysis.temperature", "0", "analysis.temperature must be > 0"),
+    ("--analysis.top_p", "0", "analysis.top_p must be in (0, 1]"),
+])
+def test_analyze_refuses_a_temperature_that_samples_greedily(two_models, tmp_path, capsys, flag, value, message):
+    """Every engine samples greedily at a temperature <= 0: the k samples were one answer, reported and cached as
+    pass@k at -0.6 (found by review)."""
+    assert analyze.main([*_args(two_models, tmp_path / "a", 2), flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "a" / "samples").exists()
