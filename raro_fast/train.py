@@ -17,8 +17,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     print(help_text("torchrun --nproc_per_node=N -m raro_fast.train"))
     sys.exit(0)
 
-import copy  # noqa: E402  (below: the --help answer above must not wait for these)
-import dataclasses
+import dataclasses  # noqa: E402  (below: the --help answer above must not wait for these)
 import functools
 import json
 import math
@@ -36,8 +35,8 @@ from raro_fast.config import ConfigError, JobConfig, OptimConfig, RolloutConfig,
 from raro_fast.distributed import Dist, all_gather_objects, barrier, init_distributed, shutdown
 from raro_fast.evaluate import heldout_accuracy, heldout_scores
 from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, summary_table
-from raro_fast.model.hf import (build_embedded_model, end_token_ids, load_pretrained, load_project_tokenizer, resolve_dtype,
-                                resolve_model_path, save_pretrained_atomic)
+from raro_fast.model.hf import (build_embedded_model, end_token_ids, engine_copy, load_pretrained, load_project_tokenizer,
+                                resolve_dtype, resolve_model_path, save_pretrained_atomic)
 from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
@@ -429,9 +428,9 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
               "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "
               "(the rollout engine's copy uses the requested dtype either way)")
-    engine_copy = (copy.deepcopy(hf_model).to(d.device, compute_dtype)
-                   if cfg.rollout.backend in ("embedded", "continuous") else None)  # in-process engines: their own copy
-    engine = make_engine(cfg.rollout, engine_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
+    own_copy = (engine_copy(hf_model, d.device, compute_dtype)
+                if cfg.rollout.backend in ("embedded", "continuous") else None)  # in-process engines: their own copy
+    engine = make_engine(cfg.rollout, own_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
                          dtype=dtype_name, device=d.device, rank=d.rank, seed=cfg.train.seed,
                          end_ids=end_token_ids(hf_model, tokenizer))
     use_varlen_attention(hf_model)  # the trainer's copy only: the engine keeps sdpa for cached generation

@@ -239,3 +239,32 @@ def test_auto_precision_is_bfloat16_on_a_gpu_only():
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
+
+
+def test_the_engines_bf16_copy_keeps_the_rotary_frequencies_of_the_trainer(saved_embedded_model, tmp_path):
+    """`.to(bfloat16)` also rounded the rotary embedding's inv_freq, a buffer no weight sync sends: on a GPU the
+    engine sampled with other rotations than the trainer's (found by review). Its parameters are bf16, its buffers
+    what from_pretrained(dtype=bf16) loads, its embeddings still tied; it samples with the bf16 model's own
+    log-probs."""
+    from raro_fast import train
+    from raro_fast.config import load_config
+    from raro_fast.distributed import Dist
+    from raro_fast.model.hf import engine_copy
+
+    args = ["--model.path", str(saved_embedded_model), "--model.dtype", "bfloat16", "--train.output_dir",
+            str(tmp_path / "run"), "--task.countdown.num_train", "8", "--task.countdown.num_heldout", "2",
+            "--train.progress", "false"]
+    r = train.setup(load_config(args), Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    engine_model = r.engine.model
+    loaded, _ = load_pretrained(str(saved_embedded_model), dtype=torch.bfloat16)
+    buffers = dict(loaded.named_buffers())
+    assert [n for n, _ in engine_model.named_buffers()] == list(buffers) and buffers
+    for name, b in engine_model.named_buffers():
+        assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+    assert dict(r.hf_model.named_buffers())["model.rotary_emb.inv_freq"].dtype == torch.float32
+    assert engine_model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in engine_model.parameters())
+    assert engine_model.lm_head.weight is engine_model.model.embed_tokens.weight
+    copied = engine_copy(r.hf_model, torch.device("cpu"), torch.bfloat16)
+    for (name, p), (_, q) in zip(copied.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), name  # the same bf16 numbers as a bf16 load

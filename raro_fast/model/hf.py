@@ -90,6 +90,20 @@ def build_embedded_model(
     return model
 
 
+def engine_copy(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """A copy of `model` for an in-process rollout engine: its parameters in `dtype`, its buffers as they are, as
+    `from_pretrained(dtype=...)` loads them. `.to(dtype)` also rounded the rotary embedding's `inv_freq` to bf16,
+    which no weight sync restores (it is not in the state dict): on GPU the engine sampled with other rotations than
+    the trainer's, tripling the log-prob gap on the shipped base at 477 tokens, more for longer contexts."""
+    import copy
+
+    out = copy.deepcopy(model).to(device)
+    for p in out.parameters():  # a tied parameter is listed once, and stays one tensor
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return out
+
+
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every token that ends a turn: the tokenizer's EOS first, then the generation config's `eos_token_id` (an int
     or a list: Qwen2.5-Instruct ends on <|im_end|> or <|endoftext|>), then config.json's. SGLang stops at

@@ -115,9 +115,12 @@ def generate_request(prompts: list[list[int]], params: SamplingParams, stop_toke
 
 
 def completion_from_output(output: dict, prompt: list[int], *, decode: Callable[[list[int]], str], weight_version: int,
-                           where: str = "SGLang", verify_version: bool = False) -> Completion:
+                           stop_ids: Iterable[int] = (), where: str = "SGLang", verify_version: bool = False) -> Completion:
     """One SGLang response item → a Completion. Tokens and log-probs come from the same (logprob, id) pairs so
-    they cannot fall out of step; an aborted request counts as unfinished ("length"). With `verify_version`, a
+    they cannot fall out of step; an aborted request counts as unfinished ("length"). A "length" whose last token is
+    one of `stop_ids` (the request's stop tokens) finished: SGLang checks the length limit before the stop tokens, so
+    an answer whose end token came as the last allowed one was reported cut off, where the embedded engines call it
+    finished (found by review: its answer was dropped, reward 0). With `verify_version`, a
     response whose `meta_info.weight_version` (set by our last sync) differs from `weight_version` is an error:
     the engine answered with weights other than the trainer's."""
     try:
@@ -147,7 +150,8 @@ def completion_from_output(output: dict, prompt: list[int], *, decode: Callable[
     if verify_version and reported is not None and str(reported) != str(weight_version):
         raise RuntimeError(f"{where}: answered with weight version {reported!r}, but the trainer last synced version "
                            f"{weight_version}: the engine holds stale weights")
-    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason="stop" if kind == "stop" else "length",
+    stopped = kind == "stop" or (kind == "length" and bool(token_ids) and token_ids[-1] in set(stop_ids))
+    return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason="stop" if stopped else "length",
                       text=decode(token_ids), weight_version=weight_version, prompt_ids=list(prompt))
 
 
@@ -178,8 +182,10 @@ class SGLangEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         flat = [p for p in prompts for _ in range(params.n)]
+        stop_ids = self.stop_ids + list(params.stop_token_ids)
         outs = self.engine.generate(**generate_request(flat, params, self.stop_ids))
-        return _group([completion_from_output(o, p, decode=self.decode, weight_version=self.weight_version)
+        return _group([completion_from_output(o, p, decode=self.decode, weight_version=self.weight_version,
+                                              stop_ids=stop_ids)
                        for o, p in zip(outs, flat, strict=True)], params.n)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
@@ -311,6 +317,7 @@ class SGLangServerEngine:
             outs = [outs]
         # our syncs set the server's weight version, so every answer after the first sync must carry ours
         return _group([completion_from_output(o, p, decode=self.decode, weight_version=self.weight_version,
+                                              stop_ids=self.stop_ids + list(params.stop_token_ids),
                                               where=f"SGLang server {self.url}/generate",
                                               verify_version=self.weight_version > 0)
                        for o, p in zip(outs, flat, strict=True)], params.n)

@@ -46,8 +46,10 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def sglang_output(c, max_new_tokens, weight_version):
-    """What SGLang answers per request with return_logprob=True."""
-    finish = ({"type": "stop", "matched": c.token_ids[-1]} if c.finish_reason == "stop"
+    """What SGLang answers per request with return_logprob=True. Its `Req.check_finished` tests the length limit
+    before the stop tokens: an end token that comes as the last allowed token is reported as "length"."""
+    finish = ({"type": "length", "length": max_new_tokens} if len(c.token_ids) >= max_new_tokens
+              else {"type": "stop", "matched": c.token_ids[-1]} if c.finish_reason == "stop"
               else {"type": "length", "length": max_new_tokens})
     return {"text": c.text, "output_ids": list(c.token_ids),
             "meta_info": {"id": "r", "prompt_tokens": len(c.prompt_ids), "completion_tokens": len(c.token_ids),

@@ -4,6 +4,7 @@ last bucket only), memory release/resume, weight versions, and engine log-probs 
 sync. A real-SGLang integration test at the end runs wherever sglang and a GPU exist."""
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,11 @@ def test_sampling_params_and_response_parsing_follow_sglangs_formats():
     assert completion_from_output(out, [9], decode=str, weight_version=0).truncated  # aborted = unfinished
     out["meta_info"]["finish_reason"] = {"type": "length", "length": 2}
     assert completion_from_output(out, [9], decode=str, weight_version=0).truncated
+    # SGLang checks the length limit first: an end token as the last allowed token finished the answer
+    assert not completion_from_output(out, [9], decode=str, weight_version=0, stop_ids=[7, 1]).truncated
+    assert completion_from_output(out, [9], decode=str, weight_version=0, stop_ids=[7]).truncated
+    out["meta_info"]["finish_reason"] = {"type": "abort", "message": "paused"}
+    assert completion_from_output(out, [9], decode=str, weight_version=0, stop_ids=[1]).truncated
     with pytest.raises(ValueError, match="return_logprob"):
         completion_from_output({"text": "x"}, [9], decode=str, weight_version=0)
     with pytest.raises(ValueError, match="finish_reason"):
@@ -174,6 +180,27 @@ def test_both_engines_stop_at_the_end_ids_they_are_given_and_the_calls_own(monke
                                     group_address="127.0.0.1", group_port=1, end_ids=[8, 2])
         engine.generate(PROMPTS, params)
         assert [b["sampling_params"]["stop_token_ids"] for p, b in server.calls if p == "/generate"] == [[2, 4, 8]]
+    finally:
+        server.close()
+
+
+def test_an_end_token_as_the_last_allowed_token_finishes_the_answer_on_every_backend(monkeypatch):
+    """SGLang reports such an answer as "length" (it tests the limit first); the embedded engines call it finished.
+    Read as cut off, its answer was dropped with reward 0, only on SGLang (found by review)."""
+    greedy = SamplingParams(max_new_tokens=1, temperature=0.0)
+    first = [row[0].token_ids[0] for row in inner_engine().generate(PROMPTS, greedy)]
+    params = replace(greedy, stop_token_ids=tuple(first))  # each prompt's one allowed token is an end token
+    expected = [[(c.token_ids, c.finish_reason) for c in row] for row in inner_engine().generate(PROMPTS, params)]
+    assert expected == [[([t], "stop")] for t in first]
+    fake_sglang.install(monkeypatch)
+    engine = SGLangEngine(model_path="unused", tokenizer=Tok(), dtype="float32", mem_fraction=0.5, tp_size=1,
+                          bucket_bytes=8192, seed=0, gpu_id=0, end_ids=[1], engine=fake_sglang.FakeEngine(inner_engine()))
+    assert [[(c.token_ids, c.finish_reason) for c in row] for row in engine.generate(PROMPTS, params)] == expected
+    server = fake_sglang.FakeServer(inner_engine())
+    try:
+        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=1, sync_rank=False, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=1, end_ids=[1])
+        assert [[(c.token_ids, c.finish_reason) for c in row] for row in engine.generate(PROMPTS, params)] == expected
     finally:
         server.close()
 
