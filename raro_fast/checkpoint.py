@@ -30,7 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raro_fast.distributed import Dist, barrier
-from raro_fast.model.hf import fsync_path, fsync_tree, save_pretrained_atomic, with_umask_modes
+from raro_fast.durable import write_text_atomic
+from raro_fast.model.hf import fsync_tree, save_pretrained_atomic, with_umask_modes
 from raro_fast.weight_sync.source import full_state_dict
 
 
@@ -39,6 +40,8 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
 
 
 MANIFEST = "manifest.json"
+# A key of trainer_state.json in every checkpoint written with a manifest: one without its manifest is damaged.
+FORMAT_KEY = "checkpoint_format"
 
 
 def _sha256(path: Path) -> str:
@@ -57,12 +60,19 @@ def write_manifest(folder: Path) -> None:
 
 def damage(folder: Path) -> str | None:
     """What is wrong with checkpoint `folder` (naming the file), or None if it is intact. A checkpoint from before
-    manifests is checked for its files only."""
+    manifests (its trainer state has no FORMAT_KEY) is checked for its files only; a later one without its manifest
+    is damaged: one half deleted when the run was killed passed as intact, and loaded a changed optimizer state."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         needed = ["trainer_state.json", "optimizer.safetensors", "optimizer.json", "model/config.json"]
         missing = [n for n in needed if not (folder / n).is_file()]
-        return f"{folder / missing[0]} is missing" if missing else None
+        if missing:
+            return f"{folder / missing[0]} is missing"
+        try:
+            has_manifest = FORMAT_KEY in json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+            return f"{folder / 'trainer_state.json'} cannot be read ({type(e).__name__}: {e})"
+        return f"{manifest} is missing" if has_manifest else None
     try:
         entries = json.loads(manifest.read_text())
         wants = [(name, int(want["bytes"]), str(want["sha256"])) for name, want in entries.items()]
@@ -109,14 +119,6 @@ def resume_point(output_dir: str | os.PathLike, warn: Callable[[str], None] = pr
     return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -145,7 +147,7 @@ def save_checkpoint(
         tensors, groups = _flatten_optimizer(optim_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(groups))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, FORMAT_KEY: 2}))
     barrier(d)
     save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / f"rng_rank{d.rank}.safetensors"))
     barrier(d)
@@ -155,13 +157,25 @@ def save_checkpoint(
         # On disk before `latest` names it and older ones are pruned: after a power cut the rename alone could
         # leave this one's files empty and the intact older ones deleted.
         fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            _remove(final)
         os.replace(tmp, final)
-        _atomic_write_text(root / "latest", name + "\n")
+        write_text_atomic(root / "latest", name + "\n")
         for p in prunable(root, final, keep):
+            _remove(p)
+        for p in root.glob(".step_*.old"):  # left by a run killed inside a deletion
             shutil.rmtree(p, ignore_errors=True)
     barrier(d)
     return final
+
+
+def _remove(folder: Path) -> None:
+    """Rename a step folder out of `step_*` first, then delete it: a run killed inside the deletion left a half-deleted
+    folder under its step's name, which a resume could take for a checkpoint."""
+    hidden = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def prunable(root: Path, newest: Path, keep: int) -> list[Path]:
@@ -186,10 +200,12 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 # What an evaluation measures (its puzzles, samples, temperature) is the run's too: the summary compares the last
 # evaluation with step 0's, and a resume that changed them compared 8 puzzles with 16, or avg@4 with avg@2.
 # What a run derives from train.steps at its start stays as it was (DPO's rounds: `train.Run.mode_state`).
+# rollout.batch_size is the run's too: the embedded engine draws every batch from one generator, so another
+# batching samples other completions from the resumed step on (it was resumable, as a memory bound).
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_tournament", "train.progress", "train.save_every",
              "train.stop_after", "train.resume", "train.log_rollouts_every", "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch",
              "train.share_prompts",
-             "optim.", "rollout.backend", "rollout.batch_size", "rollout.release_memory", "rollout.weight_bucket_mb",
+             "optim.", "rollout.backend", "rollout.release_memory", "rollout.weight_bucket_mb",
              "rollout.mem_fraction", "rollout.tp_size", "rollout.sglang_url", "rollout.server_ranks",
              "rollout.weight_group_", "model.gradient_checkpointing", "model.liger_kernels",
              "task.deepmath.verify_timeout_seconds")
@@ -205,11 +221,15 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[str], list[str]]:
+def resume_changes(saved: dict[str, Any], now: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """(refused, allowed): the settings of `now` (a `to_dict(config)`) that differ from the run's `saved` ones, as
     'name: saved -> now'. Only the run's own task section is compared (another task's data path may move with the
-    checkout), and a setting the saved config does not have (added to the project later) has its default."""
+    checkout), and a setting the saved config does not have (added to the project later) has its value in
+    `defaults` (a `to_dict` of the default config); without `defaults`, such a setting is not compared."""
     then, current = _flat(saved), _flat(json.loads(json.dumps(now)))  # as saved: tuples are lists there
+    if defaults is not None:
+        then = {**_flat(json.loads(json.dumps(defaults))), **then}
     task = f"task.{current.get('task.name')}."
     refused, allowed = [], []
     for name, value in current.items():

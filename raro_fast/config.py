@@ -147,7 +147,8 @@ class RolloutConfig:
                             "memory (the continuous engine sizes its KV cache for each call instead). 128 holds the "
                             "default job's critic calls (32 pairs x 4 samples) in one batch; a decode step of the embedded "
                             "model on CPU costs about the same at 128 rows as at 64, so generation took about 25% "
-                            "less time than at 64.", 128)
+                            "less time than at 64. It changes the draws too (batches share one generator), so a resume "
+                            "keeps the run's.", 128)
     release_memory: Literal["none", "kv_cache", "kv_cache+weights"] = _help(
         "What a colocated engine frees while the trainer updates; it is taken back in stages around the weight "
         "sync (weights first, KV cache after). Weights need SGLang's memory saver. An SGLang server (sglang_http) "

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from raro_fast.durable import fsync_path, write_text_atomic
+
 # Curves drawn at the end, one panel each: (title, metric keys).
 PLOT_PANELS = [
     ("rewards", ["reward/policy_mean", "reward/critic_mean"]),
@@ -52,6 +54,7 @@ class MetricsLog:
                  main: bool | None = None) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.kept_steps: list[int | None] = []  # on resume, the steps of the records kept
         if not (enabled or (main and self.path.exists())):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,16 @@ class MetricsLog:
                                      "metrics") from None
                 if rec.get("step", math.inf) <= resume_step:
                     kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+                    self.kept_steps.append(rec.get("step"))
+        # Written beside and renamed: rewritten in place, a resume killed mid-write left the first lines only, and
+        # the next resume took the cut line for the one being written when killed: the run's history lost, silently.
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+
+    def sync(self) -> None:
+        """Put the records written so far on disk: a checkpoint's step must not be ahead of its metrics after a
+        power cut (appends are not synced; a checkpoint is)."""
+        if self.path.exists():
+            fsync_path(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         self.write_all([record])

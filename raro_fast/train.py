@@ -19,6 +19,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 
 import dataclasses  # noqa: E402  (below: the --help answer above must not wait for these)
 import functools
+import hashlib
 import json
 import math
 import random
@@ -340,11 +341,23 @@ def evaluate(r: Run, step: int) -> dict[str, float | None]:
     return record
 
 
+def data_digest(train: list, heldout: list) -> str:
+    """SHA-256 of what a run trains and is evaluated on (each example's id, question and expert answer, in order):
+    the checkpoint records a data file's path only, and a file grown or replaced between a kill and the resume
+    gave every later step other demonstrations (the order is a permutation of len(train)) with no error."""
+    rows = [[[e.id, e.question, e.answer] for e in split] for split in (train, heldout)]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
 def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
+             "data_sha256": data_digest(r.train_examples, r.eval_examples),
              "world_size": r.d.world_size, "config": to_dict(r.cfg), "mode_state": dict(r.mode_state),
              # the stop after MAX_SKIPPED_IN_A_ROW counts skips before the checkpoint too, as an uninterrupted run does
              "skipped_in_a_row": r.skipped_in_a_row, "warned_uniform": r.warned_uniform}
+    if r.d.is_main:  # the logs on disk up to this step before the checkpoint is
+        r.log.sync()
+        r.rollout_log.sync()
     checkpoint.save_checkpoint(r.cfg.train.output_dir, step, model=r.model, hf_model=r.hf_model, tokenizer=r.tokenizer,
                                optimizer=r.optimizer, trainer_state=state, d=r.d)
 
@@ -455,6 +468,11 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         state = checkpoint.load_trainer_state(resume_from)
         if state["world_size"] != d.world_size:
             raise ValueError(f"{resume_from}: saved with {state['world_size']} ranks; resume with the same number")
+        digest = data_digest(train_examples, eval_examples)
+        if state.get("data_sha256", digest) != digest:  # a checkpoint from before digests has none
+            raise ValueError(f"train.resume: {resume_from} was trained on other data than task.{cfg.task.name} gives "
+                             f"now (its demonstrations or held-out problems changed: a data file grown or replaced?); "
+                             f"resume with the run's data, or start a new run in another train.output_dir")
         checkpoint.restore_optimizer_and_rng(resume_from, model=model, optimizer=optimizer, d=d)
         for group in optimizer.param_groups:  # the command's hyperparameters, not the ones saved with the state
             group.update(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -469,6 +487,11 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     # main=: cut back on every resume even with the log off now, or records of steps this run never trained stay
     rollout_log = MetricsLog(out / "rollouts.jsonl", enabled=d.is_main and cfg.train.log_rollouts_every > 0,
                              resume_step=start if resume_from else None, main=d.is_main)
+    if resume_from is not None and d.is_main:
+        lost = sorted(set(range(1, start + 1)) - set(log.kept_steps))
+        if lost:  # the checkpoint reached the disk and these records did not (a power cut); the run goes on exactly
+            warn(f"train.resume: {out / 'metrics.jsonl'} has no record of {len(lost)} step(s) up to the checkpoint's "
+                 f"step {start} ({_spans(lost)}): their metrics are lost, and the curves and summary go without them")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -478,6 +501,16 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                mode_state=mode_state, skipped_in_a_row=skipped, warned_uniform=warned,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
+
+
+def _spans(steps: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    spans, start = [], steps[0]
+    for prev, cur in zip(steps, steps[1:] + [None]):
+        if cur != prev + 1:
+            spans.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = cur
+    return ", ".join(spans)
 
 
 def first_sync(rollout: RolloutConfig, engine, model, *, version: int, dtype) -> None:
@@ -506,7 +539,7 @@ def check_resume_settings(cfg: JobConfig, saved: dict | None, resume_from: Path,
     if saved is None:
         warn(f"train.resume: {resume_from} does not record the run's settings; assuming they are this command's")
         return
-    refused, allowed = checkpoint.resume_changes(saved, to_dict(cfg))
+    refused, allowed = checkpoint.resume_changes(saved, to_dict(cfg), defaults=to_dict(JobConfig()))
     if refused:
         raise ValueError(f"train.resume: {resume_from} was saved with other settings ({'; '.join(refused)}); a "
                          f"resume continues the same run, so give it that run's settings (they are in "

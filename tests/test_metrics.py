@@ -89,6 +89,30 @@ def test_a_line_cut_by_a_kill_is_dropped_on_resume_and_other_damage_named(tmp_pa
         MetricsLog(path, enabled=True, resume_step=1)
 
 
+def test_a_resume_killed_while_cutting_the_log_back_leaves_it_whole(tmp_path, monkeypatch):
+    """The cut rewrote the file in place: a resume killed mid-write left its first lines, and the next resume took
+    the cut line for the one being written when killed, the run's history lost with no error (found by review)."""
+    from pathlib import Path
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, enabled=True, resume_step=None)
+    log.write_all({"step": s, "loss": 0.5 + s} for s in range(41))
+    before = path.read_bytes()
+    write_text = Path.write_text
+
+    def killed(self, text, *args, **kwargs):
+        write_text(self, text[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(path, enabled=True, resume_step=30)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    log = MetricsLog(path, enabled=True, resume_step=30)
+    assert [r["step"] for r in log.read()] == list(range(31)) == log.kept_steps
+
+
 def test_non_finite_numbers_are_written_as_null(tmp_path):
     log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True, resume_step=None)
     log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "nested": [1.5, float("-inf")]})

@@ -44,11 +44,13 @@ def test_a_checkpoint_restores_the_optimizer_and_rng_exactly_and_keeps_the_newes
                                            optimizer=optimizer, trainer_state={"step": step}, d=D)
     assert final == root / "step_000003" and (root / "latest").read_text() == "step_000003\n"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
-    assert checkpoint.damage(final) is None and checkpoint.load_trainer_state(final) == {"step": 3}
+    assert checkpoint.damage(final) is None
+    assert checkpoint.load_trainer_state(final) == {"step": 3, checkpoint.FORMAT_KEY: 2}
     # Saving a step again (a resume from an older checkpoint redoes it) replaces the folder, not fails on it.
     checkpoint.save_checkpoint(tmp_path, 3, model=model, hf_model=hf, tokenizer=tok, optimizer=optimizer,
                                trainer_state={"step": 3, "again": True}, d=D)
-    assert checkpoint.load_trainer_state(final) == {"step": 3, "again": True} and checkpoint.damage(final) is None
+    assert checkpoint.load_trainer_state(final) == {"step": 3, "again": True, checkpoint.FORMAT_KEY: 2}
+    assert checkpoint.damage(final) is None
     draws = torch.rand(5)  # what the uninterrupted run draws next
     saved_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
     weights = {k: v.clone() for k, v in hf.state_dict().items()}
@@ -78,7 +80,8 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it_and_an_older_one_is_prun
     tmp, latest = root / ".step_000003.tmp", root / "latest"
     renamed = events.index(("replace", str(tmp), str(root / "step_000003")))
     named = events.index(("replace", str(root / ".latest.tmp"), str(latest)))
-    pruned = events.index(("rmtree", str(root / "step_000001")))
+    pruned = events.index(("replace", str(root / "step_000001"), str(root / ".step_000001.old")))
+    assert ("rmtree", str(root / ".step_000001.old")) in events[pruned:]  # out of step_* before it is deleted
     synced = {e[1]: i for i, e in enumerate(events) if e[0] == "fsync"}  # the last sync of each path
     when = lambda path: synced.get(str(path), math.inf)
     written = [tmp / p.relative_to(final) for p in final.rglob("*")]
@@ -148,3 +151,95 @@ def test_the_steps_demonstrations_deal_out_each_epoch_once():
     drawn = [x for step in range(5) for x in examples_for_step(data, step, 2, seed=3)]  # two epochs
     assert sorted(drawn[:5]) == sorted(drawn[5:]) == data and drawn[:5] != drawn[5:]
     assert examples_for_step(data, 3, 2, seed=3) == drawn[6:8]
+
+
+def test_a_checkpoint_without_its_manifest_is_damaged_and_a_deletion_cut_short_leaves_no_step_folder(tmp_path,
+                                                                                                   monkeypatch):
+    """Found by review: a checkpoint with no manifest passed as one from before manifests, and loaded a changed
+    optimizer state; a run killed while deleting a step folder (pruned, or replaced when a step is saved again)
+    left it half deleted under its step's name."""
+    import shutil
+
+    tok, hf, model, optimizer = _model_and_optimizer(seed=0)
+    save = lambda step: checkpoint.save_checkpoint(tmp_path, step, model=model, hf_model=hf, tokenizer=tok,
+                                                   optimizer=optimizer, trainer_state={"step": step}, d=D)
+    root = checkpoint.checkpoint_root(tmp_path)
+    save(1), save(2)
+    optimizer_file = root / "step_000002" / "optimizer.safetensors"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:-1] + b"\x01")
+    (root / "step_000002" / checkpoint.MANIFEST).unlink()
+    assert checkpoint.damage(root / "step_000002") == f"{root / 'step_000002' / checkpoint.MANIFEST} is missing"
+    said = []
+    assert checkpoint.resume_point(tmp_path, warn=said.append) == root / "step_000001"
+    assert any("step_000002 is damaged" in s for s in said)
+    # A checkpoint from before manifests (no format key) is checked for its files only, as before.
+    state = root / "step_000001" / "trainer_state.json"
+    state.write_text(json.dumps({"step": 1}))
+    (root / "step_000001" / checkpoint.MANIFEST).unlink()
+    assert checkpoint.damage(root / "step_000001") is None
+
+    real_rmtree = shutil.rmtree
+
+    def killed(path, **kwargs):  # the process dies inside the deletion, after its first file
+        if not Path(path).exists():
+            return
+        next(p for p in Path(path).rglob("*") if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint._remove(root / "step_000002")
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert not (root / "step_000002").exists() and (root / ".step_000002.old").is_dir()
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000001"]
+    save(3)  # the next save deletes what was left
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000001", "step_000003"]
+    assert not (root / ".step_000002.old").exists()
+
+
+def test_a_resume_refuses_other_data_and_names_the_steps_its_metrics_lost(tmp_path, saved_embedded_model,
+                                                                          monkeypatch, capsys):
+    """Found by review: a data file grown or replaced between a kill and the resume gave every later step other
+    demonstrations, with no error (the checkpoint kept the path only); metrics that never reached the disk before
+    a power cut (the checkpoint did) left a gap in the run's records, silently. The logs are synced before each
+    checkpoint now."""
+    from raro_fast import metrics, train
+    from raro_fast.config import load_config
+
+    out = tmp_path / "run"
+    args = ["--model.path", str(saved_embedded_model), "--train.output_dir", str(out), "--task.countdown.num_train",
+            "8", "--task.countdown.num_heldout", "2", "--train.progress", "false"]
+    cfg = load_config(args)
+    r = train.setup(cfg, D)
+    assert r.start_step == 0
+    events = []
+    monkeypatch.setattr(metrics, "fsync_path", lambda path: events.append(("fsync", path.name)))
+    real_save = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: events.append(("checkpoint",)) or real_save(*a, **k))
+    r.log.write({"step": 0})
+    r.log.write({"step": 1})
+    r.rollout_log.write({"step": 1})
+    train.save(r, 2)
+    monkeypatch.undo()
+    assert events == [("fsync", "metrics.jsonl"), ("fsync", "rollouts.jsonl"), ("checkpoint",)]
+    saved = checkpoint.load_trainer_state(out / "checkpoints" / "step_000002")
+    assert saved["data_sha256"] == train.data_digest(r.train_examples, r.eval_examples)
+    # step 2's record never reached the disk
+    capsys.readouterr()
+    r = train.setup(load_config([*args, "--resume"]), D)
+    assert r.start_step == 2
+    said = capsys.readouterr().out
+    assert f"{out / 'metrics.jsonl'} has no record of 1 step(s) up to the checkpoint's step 2 (2)" in said
+    assert [rec["step"] for rec in r.log.read()] == [0, 1]
+
+    state_file = out / "checkpoints" / "step_000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["data_sha256"] = "0" * 64  # what another data file gives
+    state_file.write_text(json.dumps(state))
+    checkpoint.write_manifest(state_file.parent)
+    with pytest.raises(ValueError, match=r"train.resume: .*step_000002 was trained on other data than task.countdown"):
+        train.setup(load_config([*args, "--resume"]), D)
+    del state["data_sha256"]  # a checkpoint from before digests: not compared
+    state_file.write_text(json.dumps(state))
+    checkpoint.write_manifest(state_file.parent)
+    assert train.setup(load_config([*args, "--resume"]), D).start_step == 2

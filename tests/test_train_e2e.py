@@ -456,7 +456,7 @@ def _final_weights(run_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("die_at", [
     "write_manifest:2",  # inside step 4's checkpoint write: files written, folder not yet renamed into place
-    "_atomic_write_text:2",  # step 4's folder in place, `latest` still naming step 2
+    "write_text_atomic:2",  # step 4's folder in place, `latest` still naming step 2
 ])
 def test_killed_in_a_checkpoint_write_then_damaged_resumes_exactly(base_model, tmp_path, die_at):
     args = [*TINY, "--train.steps", "6", "--train.save_every", "2", "--train.eval_every", "1"]

@@ -5,7 +5,6 @@ checkpoint directory and the embedded default the same way.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -17,6 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
                           Qwen2Config)
+
+from raro_fast.durable import fsync_path
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
 # Warmed-up bases shipped with the package, named `builtin:NAME` in model.path (see each folder's README.md).
@@ -350,19 +351,6 @@ def with_umask_modes(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for p in folder.rglob("*"):
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some filesystems (CIFS before Linux 4.17, some FUSE ones) cannot sync a folder: their renames are then
-        # as durable as they make them, and a save must not fail over it. A file that cannot be synced still fails.
-        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)):
-            raise
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(folder: Path) -> None:
