@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from functools import lru_cache
+from functools import cached_property, lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,16 +59,27 @@ def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_s
     # index_put) took as long as the attention itself on the default job's micro-batches.
     # Grouped KV heads go to SDPA as they are (enable_gqa): no repeated copies of k and v, and their gradients are
     # summed inside the kernel.
-    T, H, D = q_THD.shape
-    gathers, where = _bucket_gathers(tuple(cu_seqlens.tolist()), T, q_THD.device)
-    padded = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_THD, v_THD)]  # row T: all zeros
+    gathers, where = _bucket_gathers(tuple(cu_seqlens.tolist()), q_THD.shape[0], q_THD.device)
+    padded = _with_zero_row(q_THD, k_THD, v_THD)
+    outs = _causal_buckets(padded, gathers, scale)
+    outs.append(q_THD.new_zeros(1, *q_THD.shape[1:]))  # what a row outside every sequence reads
+    return torch.cat(outs).index_select(0, where)
+
+
+def _with_zero_row(*xs: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in xs]  # what padding reads
+
+
+def _causal_buckets(padded: list[torch.Tensor], gathers, scale: float) -> list[torch.Tensor]:
+    """One causal SDPA call per bucket of whole sequences (`_gather_runs`), each output [B * L, H, D]."""
+    q_all, k_all = padded[0], padded[1]
     outs = []
     for index, batch, length in gathers:
         q, k, v = (x.index_select(0, index).view(batch, length, *x.shape[1:]).transpose(1, 2) for x in padded)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1)
-        outs.append(attended.transpose(1, 2).reshape(batch * length, H, D))
-    outs.append(q_THD.new_zeros(1, H, D))  # what a row outside every sequence reads
-    return torch.cat(outs).index_select(0, where)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                  enable_gqa=q_all.shape[1] != k_all.shape[1])
+        outs.append(attended.transpose(1, 2).reshape(batch * length, *q_all.shape[1:]))
+    return outs
 
 
 @lru_cache(maxsize=8)
@@ -76,19 +88,27 @@ def _bucket_gathers(bounds: tuple[int, ...], total: int, device: torch.device):
     row `total`, the zero row appended after the row's tokens), B and L; and `where`, for each packed row, its
     position in the buckets' outputs laid end to end (rows outside every sequence point past them, at a zero row).
     Cached: every layer of a forward asks for the same boundaries."""
-    starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    gathers, offset = [], 0
     where = torch.full((total,), -1, dtype=torch.long)
-    for bucket in _length_buckets(lengths):
-        longest = max(lengths[i] for i in bucket)
-        index = torch.full((len(bucket), longest), total, dtype=torch.long)
-        for row, i in enumerate(bucket):
-            index[row, : lengths[i]] = torch.arange(starts[i], starts[i] + lengths[i])
-            where[starts[i] : starts[i] + lengths[i]] = offset + row * longest + torch.arange(lengths[i])
-        gathers.append((index.flatten().to(device), len(bucket), longest))
-        offset += len(bucket) * longest
+    gathers, offset = _gather_runs([(s, e - s) for s, e in zip(bounds[:-1], bounds[1:])], total, where, 0, device)
     where[where < 0] = offset
     return gathers, where.to(device)
+
+
+def _gather_runs(runs: list[tuple[int, int]], total: int, where: torch.Tensor, offset: int, device):
+    """Buckets of the sequences `runs` (first row, length; `_length_buckets`), each as (the flat [B * L] index of its
+    rows, padding at row `total`; B; L). Each row's position in the buckets' outputs, laid end to end from `offset`,
+    goes into `where`; returns the buckets and the offset after them."""
+    gathers = []
+    for bucket in _length_buckets([n for _, n in runs]):
+        longest = max(runs[i][1] for i in bucket)
+        index = torch.full((len(bucket), longest), total, dtype=torch.long)
+        for row, i in enumerate(bucket):
+            first, n = runs[i]
+            index[row, :n] = torch.arange(first, first + n)
+            where[first : first + n] = offset + row * longest + torch.arange(n)
+        gathers.append((index.flatten().to(device), len(bucket), longest))
+        offset += len(bucket) * longest
+    return gathers, offset
 
 
 # A bucket's padded area may exceed its tokens by this factor: few calls, little attention spent on padding.
@@ -137,6 +157,102 @@ def _fused_varlen(q_THD, k_THD, v_THD, cu_seqlens, max_seqlen, scale, groups) ->
         return None  # e.g. an fp32 input the flash kernel does not take: the caller runs the exact loop
 
 
+class SharedRows:
+    """A micro-batch's shared prompts as the attention reads them: `expand` [T] and `kept` [Tc] of the packed
+    micro-batch (`PackedMicroBatch`), and its sequence boundaries `cu_seqlens` over all T rows."""
+
+    def __init__(self, expand: torch.Tensor, kept: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        self.expand, self.kept, self.cu_seqlens = expand, kept, cu_seqlens
+
+    @cached_property
+    def plan(self) -> "_SharedPlan":
+        return _shared_plan(self.expand.tolist(), self.kept.tolist(), self.cu_seqlens.tolist(), self.kept.device)
+
+
+class _SharedPlan(NamedTuple):
+    # (index [B * L] into the computed rows, padding at row Tc: a zero row; B; L) per bucket of whole sequences
+    wholes: list[tuple[torch.Tensor, int, int]]
+    # (query index [B * Lq], key index [B * Lk], mask [B, 1, Lq, Lk], B, Lq, Lk) per bucket of tails
+    tails: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]]
+    where: torch.Tensor  # for each computed row, its position in the buckets' outputs laid end to end
+
+
+def _shared_plan(expand: list[int], kept: list[int], bounds: list[int], device) -> _SharedPlan:
+    """The attention of a micro-batch with shared prompts, on the computed rows only. A sequence whose rows are all
+    computed (a prompt's first copy, or a prompt of its own) is a whole sequence: causal attention, as without
+    sharing. Every other sequence is a tail: only its completion's queries, which attend to its prompt's computed
+    rows and to its own completion up to themselves. The queries of a prompt's later copies were computed and
+    thrown away (their outputs are the first copy's): 37% of the default job's attention."""
+    total = len(kept)
+    wholes, tails = [], []  # (first computed row, length); (prompt's first computed row, P, completion's, C)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        if kept[expand[start]] == start:
+            wholes.append((expand[start], end - start))
+            continue
+        p = start
+        while p < end and kept[expand[p]] != p:
+            p += 1
+        if p < end:  # a copy with no completion token asks nothing
+            tails.append((expand[start], p - start, expand[p], end - p))
+    where = torch.full((total,), -1, dtype=torch.long)
+    whole_gathers, offset = _gather_runs(wholes, total, where, 0, device)
+    tail_gathers = []
+    for bucket in _tail_buckets([(p + c, c) for _, p, _, c in tails]):
+        lq = max(tails[i][3] for i in bucket)
+        lk = max(tails[i][1] + tails[i][3] for i in bucket)
+        q_index = torch.full((len(bucket), lq), total, dtype=torch.long)
+        k_index = torch.full((len(bucket), lk), total, dtype=torch.long)
+        reach = torch.zeros(len(bucket), dtype=torch.long)
+        for row, i in enumerate(bucket):
+            prompt, p, completion, c = tails[i]
+            q_index[row, :c] = torch.arange(completion, completion + c)
+            k_index[row, :p] = torch.arange(prompt, prompt + p)
+            k_index[row, p : p + c] = torch.arange(completion, completion + c)
+            reach[row] = p
+            where[completion : completion + c] = offset + row * lq + torch.arange(c)
+        # completion query j reads keys 0 .. P + j: its prompt and its completion up to itself (padding lies after)
+        mask = torch.arange(lk)[None, None, :] <= reach[:, None, None] + torch.arange(lq)[None, :, None]
+        tail_gathers.append((q_index.flatten().to(device), k_index.flatten().to(device), mask[:, None].to(device),
+                             len(bucket), lq, lk))
+        offset += len(bucket) * lq
+    if bool((where < 0).any()):
+        raise AssertionError("shared-prompt attention: a computed row belongs to no sequence")
+    return _SharedPlan(whole_gathers, tail_gathers, where.to(device))
+
+
+def _tail_buckets(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices of tails (keys Lk, queries Lq each) by increasing Lk, cut into buckets whose padded area
+    (max Lq x max Lk x count) stays within BUCKET_SLACK of their real areas."""
+    buckets, current, area = [], [], 0
+    for i in sorted(range(len(shapes)), key=lambda i: shapes[i]):
+        lk, lq = shapes[i]
+        if current:
+            wide = max(lq, max(shapes[j][1] for j in current)) * lk * (len(current) + 1)
+            if wide > BUCKET_SLACK * (area + lk * lq):
+                buckets.append(current)
+                current, area = [], 0
+        current.append(i)
+        area += lk * lq
+    return buckets + [current] if current else buckets
+
+
+def shared_prompt_attention(q_THD, k_THD, v_THD, plan: _SharedPlan, scale: float) -> torch.Tensor:
+    """Causal attention of the computed rows [Tc, H, D] of a micro-batch with shared prompts (`_shared_plan`), by
+    padded SDPA calls as `varlen_causal_attention` makes them: whole sequences causal, tails masked."""
+    H, D = q_THD.shape[1:]
+    padded = _with_zero_row(q_THD, k_THD, v_THD)
+    outs = _causal_buckets(padded, plan.wholes, scale)
+    for q_index, k_index, mask, batch, lq, lk in plan.tails:
+        q = padded[0].index_select(0, q_index).view(batch, lq, H, D).transpose(1, 2)
+        k, v = (x.index_select(0, k_index).view(batch, lk, *x.shape[1:]).transpose(1, 2) for x in padded[1:])
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                  enable_gqa=q_THD.shape[1] != k_THD.shape[1])
+        outs.append(attended.transpose(1, 2).reshape(batch * lq, H, D))
+    return torch.cat(outs).index_select(0, plan.where)
+
+
 def _attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
     """transformers attention-interface signature: query [1, Hq, T, D], key/value [1, Hkv, T, D] → ([1, T, Hq, D], None)."""
     cu = kwargs.get("cu_seq_lens_q")
@@ -150,15 +266,16 @@ def _attention(module, query, key, value, attention_mask, *, scaling=None, dropo
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     shared = kwargs.get(SHARED_ROWS)
+    if shared is not None and not q.is_cuda:
+        return shared_prompt_attention(q, k, v, shared.plan, scale).unsqueeze(0), None
     if shared is not None:
-        # Attention runs on the whole packed row, each sequence with its own copy of its prompt's queries, keys and
-        # values (so any varlen kernel applies); the index_select's backward adds every copy's key and value
-        # gradients into the one computed prompt. Only the first copy's outputs are kept: the same numbers.
-        expand, kept = shared
-        q, k, v = (x.index_select(0, expand) for x in (q, k, v))
+        # On a GPU the attention runs on the whole packed row, each sequence with its own copy of its prompt's
+        # queries, keys and values, so any varlen kernel applies; the index_select's backward adds every copy's
+        # key and value gradients into the one computed prompt. Only the first copy's outputs are kept.
+        q, k, v = (x.index_select(0, shared.expand) for x in (q, k, v))
     out = varlen_causal_attention(q, k, v, cu, int(kwargs["max_length_q"]), scale)
     if shared is not None:
-        out = out.index_select(0, kept)
+        out = out.index_select(0, shared.kept)
     return out.unsqueeze(0), None
 
 
@@ -225,7 +342,7 @@ def packed_hidden_states(body, mb, rows: torch.Tensor | None = None) -> torch.Te
             raise ValueError(f"a micro-batch with shared prompts needs the {VARLEN_ATTENTION} attention (the model "
                              f"uses {attention!r}; use_varlen_attention switches it)")
         ids, positions = ids.index_select(0, mb.kept_rows), positions.index_select(0, mb.kept_rows)
-        shared = {SHARED_ROWS: (mb.expand, mb.kept_rows)}
+        shared = {SHARED_ROWS: SharedRows(mb.expand, mb.kept_rows, mb.cu_seqlens)}
     out = body(
         input_ids=ids[None],
         position_ids=positions[None],
