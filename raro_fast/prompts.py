@@ -118,6 +118,10 @@ def parse_answer(text: str) -> str | None:
     return answer
 
 
+def has_think_tag(text: str) -> bool:
+    return bool(_THINK_TAG_RE.search(text))
+
+
 def parse_verdict(text: str) -> str | None:
     """"1", "2" or "tie" from the last answer tag (case and whitespace tolerated); anything else is None."""
     answer = parse_answer(text)

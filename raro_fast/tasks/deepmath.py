@@ -96,14 +96,17 @@ def load_examples(cfg: DeepMathConfig) -> dict[str, list[Example]]:
                  else "task.deepmath.max_difficulty" if cfg.max_difficulty is not None else None)
     first_seen: dict[str, str] = {}
     kept: list[Example] = []
-    for where, record in read_records(cfg.path, columns=("question", "final_answer", "answer", "difficulty")):
+    for where, record in read_records(cfg.path, columns=("question", "final_answer", "answer", "difficulty"),
+                                      text_columns=("question", "final_answer", "answer")):
         question = text_field(record, where, "question").strip()
         answer = _final_answer(record, where)
         difficulty = _difficulty(record, where, needed_by)
-        # A repeated question would get the id of its first copy (and could carry another answer): refuse it.
-        if question in first_seen:
-            raise ValueError(f"{where}: field 'question' repeats the question of {first_seen[question]}")
-        first_seen[question] = where
+        # A repeated question would get the id of its first copy (and could carry another answer): refuse it, and a
+        # copy that differs in spacing alone, which the split could hold out while training on the other.
+        spaced = " ".join(question.split())
+        if spaced in first_seen:
+            raise ValueError(f"{where}: field 'question' repeats the question of {first_seen[spaced]}")
+        first_seen[spaced] = where
         if cfg.min_difficulty is not None and difficulty < cfg.min_difficulty:
             continue
         if cfg.max_difficulty is not None and difficulty > cfg.max_difficulty:
@@ -159,19 +162,27 @@ def last_boxed(text: str) -> str | None:
 
 
 _ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
+# Two real numbers math-verify calls equal must also agree this closely, relative to their size: 1/3 and 0.333333
+# do (1e-6), 0.000001 and 0.0000014 do not.
+RELATIVE_TOLERANCE = 2e-6
 
 
 def extract_answer(completion: str) -> str | None:
-    """The final answer: the last \\boxed{...} from the last <answer> tag on (the whole text if it has no tag),
-    else the last <answer>...</answer>. A box in the reasoning before the answer tag is a step, not the answer
-    (it used to win over the tag: `<think>... \\boxed{3}</think><answer>4</answer>` gave 3)."""
+    """The final answer: the answer tag's content by the rules of `prompts.parse_answer` (its last \\boxed{...}
+    if it holds one), or, in a text with no answer tag, its last \\boxed{...}. A box in the reasoning before the
+    answer tag is a step, not the answer (it used to win over the tag: `<think>... \\boxed{3}</think><answer>4
+    </answer>` gave 3). A box read past the tag skipped the tag's rules (found by review): a box after a closed
+    tag overrode it, an unclosed tag still gave its box, and a box holding `</think>` put that text, tag and all,
+    in the critic's prompt. A box that holds a think tag is no answer, as a tag that holds one is."""
     if not isinstance(completion, str):
         return None
-    opens = list(_ANSWER_OPEN_RE.finditer(completion))
-    final = completion[opens[-1].start() :] if opens else completion
-    if _BOXED_RE.search(final):
-        return last_boxed(final)
-    return prompts.parse_answer(completion)
+    if _ANSWER_OPEN_RE.search(completion):
+        answer = prompts.parse_answer(completion)
+        if answer is None or not _BOXED_RE.search(answer):
+            return answer
+        completion = answer
+    boxed = last_boxed(completion)
+    return None if boxed is None or prompts.has_think_tag(boxed) else boxed
 
 
 @lru_cache(maxsize=16384)
@@ -181,6 +192,8 @@ def _parse_latex(text: str, timeout_seconds: int | None) -> tuple:
     # Wrapped in \boxed{} so math-verify reads the whole text as one LaTeX answer: bare, it misses forms such as
     # \sqrt{2}/2, intervals and \infty. A timeout raises, so that it is not cached: math-verify's own [] on a
     # timeout, cached, judged that text wrong for the rest of the process after one slow moment.
+    if _matching_brace(text + "}", 0) != len(text):  # an unmatched } closed the box early: "3}+1" read as 3
+        return ()
     try:
         return tuple(math_verify.parse(f"\\boxed{{{text}}}", parsing_timeout=timeout_seconds, raise_on_error=True))
     except Exception:  # a text that does not parse will not parse next time either (TimeoutException is no Exception)
@@ -203,15 +216,21 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
         predicted_parsed = _parse_latex(predicted.strip(), timeout)
         if not gold_parsed or not predicted_parsed:
             return False
-        return bool(verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=timeout))
+        if not verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=timeout):
+            return False
     except (Exception, TimeoutException):
         return False
+    # math-verify rounds numbers to six decimals, so 0.0000001 equalled 0.0000005: two numbers must also agree to
+    # the sixth significant digit (found by review)
+    a, b = _real_value(gold.strip(), timeout, digits=None), _real_value(predicted.strip(), timeout, digits=None)
+    return a is None or b is None or abs(a - b) <= RELATIVE_TOLERANCE * max(abs(a), abs(b))
 
 
-def _real_value(text: str, timeout_seconds: int | None) -> float | None:
-    """The value of an answer that parses to a real number (1/2, 0.5, 50\\%, \\sqrt{2}/2), rounded to math-verify's
-    six decimals; None for anything else (sets, intervals, equations, expressions with a variable). Only a key to
-    find candidates by: 10^{-9} and 0 round alike, and so do integers past 2^53."""
+def _real_value(text: str, timeout_seconds: int | None, digits: int | None = 6) -> float | None:
+    """The value of an answer that parses to a real number (1/2, 0.5, 50\\%, \\sqrt{2}/2), rounded to `digits`
+    decimals (math-verify's six; None: not rounded); None for anything else (sets, intervals, equations,
+    expressions with a variable). Rounded, only a key to find candidates by: 10^{-9} and 0 round alike, and so do
+    integers past 2^53."""
     from math_verify.errors import TimeoutException
 
     try:
@@ -224,7 +243,7 @@ def _real_value(text: str, timeout_seconds: int | None) -> float | None:
         return None
     if value.imag or value.real != value.real:  # complex, or nan
         return None
-    return round(value.real, 6)
+    return value.real if digits is None else round(value.real, digits)
 
 
 def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int = 5) -> list[int | None]:

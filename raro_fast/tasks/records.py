@@ -9,13 +9,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+# pyarrow's names of the float types narrower than Python's float.
+NARROW_FLOATS = ("halffloat", "float")
 
-def read_records(path: str | Path, columns: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+
+def read_records(path: str | Path, columns: tuple[str, ...] = (),
+                 text_columns: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
     """(where, record) for every row of a local .jsonl or .parquet file, in file order. `where` locates the row
     for error messages: "file:LINE" for JSONL (1-based line number), "file: row N" for Parquet (0-based, as
     pyarrow and pandas number rows). `columns`, if given, are the only Parquet columns read (the others, such as
     long solutions, can be large); JSONL rows are returned whole. Blank JSONL lines are skipped; anything else
-    that is not a JSON object is a ValueError."""
+    that is not a JSON object is a ValueError, and so is a key given twice on one line (json keeps the last,
+    silently). A Parquet column in `text_columns` (read as text, such as an answer) stored as 16- or 32-bit floats
+    is refused: its numbers come back with other digits (1234.5678 as 1234.5677490234375)."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{path}: no such file")
@@ -23,7 +29,7 @@ def read_records(path: str | Path, columns: tuple[str, ...] = ()) -> list[tuple[
     if suffix == ".jsonl":
         records = _read_jsonl(path)
     elif suffix == ".parquet":
-        records = _read_parquet(path, columns)
+        records = _read_parquet(path, columns, text_columns)
     else:
         raise ValueError(f"{path}: unsupported file type {p.suffix!r}; use .jsonl or .parquet")
     if not records:
@@ -46,20 +52,38 @@ def _read_jsonl(path) -> list[tuple[str, dict[str, Any]]]:
             try:
                 # Python's json reads NaN and Infinity, which JSON does not have: a NaN difficulty passed every
                 # difficulty filter, and an Infinity answer became the gold "inf".
-                record = json.loads(line.rstrip("\r\n"), parse_constant=lambda name: _not_json(where, name))
+                record = json.loads(line.rstrip("\r\n"), parse_constant=lambda name: _not_json(where, name),
+                                    object_pairs_hook=lambda pairs: _object(where, pairs))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecordError:
+                raise
+            except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's stack
+                raise ValueError(f"{where}: not a JSON record this reader takes ({type(e).__name__}: "
+                                 f"{str(e)[:120]})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
             records.append((where, record))
     return records
 
 
+class RecordError(ValueError):
+    """A row that is JSON but not a record this reader takes; the message names the file and line."""
+
+
 def _not_json(where: str, name: str):
-    raise ValueError(f"{where}: {name} is not a JSON number (JSON has no NaN or Infinity)")
+    raise RecordError(f"{where}: {name} is not a JSON number (JSON has no NaN or Infinity)")
 
 
-def _read_parquet(path, columns: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+def _object(where: str, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        twice = next(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
+        raise RecordError(f"{where}: key {twice!r} is given twice (JSON readers keep one of them)")
+    return record
+
+
+def _read_parquet(path, columns: tuple[str, ...], text_columns: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
     try:
         import pyarrow.parquet as pq  # optional: only Parquet input needs it
     except ImportError:  # a ValueError: the trainer reports it as one line, like any other bad input
@@ -69,11 +93,19 @@ def _read_parquet(path, columns: tuple[str, ...]) -> list[tuple[str, dict[str, A
         ) from None
     try:
         parquet_file = pq.ParquetFile(path)
-        present = set(parquet_file.schema_arrow.names)
-        wanted = [c for c in columns if c in present] if columns else None
-        rows = parquet_file.read(columns=wanted).to_pylist()
+        schema = parquet_file.schema_arrow
+        present = set(schema.names)
+        types = {c: str(schema.field(c).type) for c in text_columns if c in present}
+        narrow = [(c, t) for c, t in types.items() if t in NARROW_FLOATS]
+        if not narrow:
+            wanted = [c for c in columns if c in present] if columns else None
+            rows = parquet_file.read(columns=wanted).to_pylist()
     except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for one cause: a bad file
         raise ValueError(f"{path}: cannot read as Parquet ({e})") from None
+    if narrow:
+        name, arrow_type = narrow[0]
+        raise ValueError(f"{path}: column {name!r} holds {arrow_type} (16/32-bit) numbers, whose text has other "
+                         f"digits (1234.5678 reads back as 1234.5677490234375); store it as text or as double")
     return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
 
 
@@ -92,6 +124,10 @@ def text_field(record: dict[str, Any], where: str, name: str, *, allow_numbers: 
         raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{where}: field {name!r} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON's "\ud800"): it failed later, in a hash, unnamed
+        raise ValueError(f"{where}: field {name!r} holds {value[e.start:e.end]!r}, not a character") from None
     return value
 
 
