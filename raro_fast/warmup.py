@@ -166,15 +166,17 @@ def _subexpressions(node):
 
 
 def _readings(steps: list[Step]) -> set[tuple[tuple[int, ...], Fraction]]:
-    """Every (numbers, value) that steps written without their expression can be read as computing. Steps are the
-    evaluation in order (an expression's operands before it), so each operand is either the value of the latest
-    step not yet used, when it is that value, or a number given (a whole number >= 0, as a step writes a number
-    without brackets); every reading is followed, the expression's own among them."""
+    """Every (numbers, value) that steps written without their expression can be read as computing. Each operand is
+    either the value of an earlier step not yet used, when it is that value, or a number given (a whole number >= 0,
+    as a step writes a number without brackets); every reading is followed, the expression's own among them. Only
+    the latest unused step used to count, and `2+13=15 4+1=5 15-5=10`, which a reader takes for 2+13-5 = 10, was
+    kept though (2, 5, 13) making 10 is a task puzzle (found by review)."""
     found: set[tuple[tuple[int, ...], Fraction]] = set()
 
     def operand(x: Fraction, stack: tuple):
-        if stack and stack[-1][1] == x:
-            yield stack[-1][0], stack[:-1]
+        for j in range(len(stack) - 1, -1, -1):
+            if stack[j][1] == x:
+                yield stack[j][0], stack[:j] + stack[j + 1 :]
         if x >= 0 and x.denominator == 1:
             yield (int(x),), stack
 

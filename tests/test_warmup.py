@@ -163,15 +163,15 @@ def _step_chains(text: str) -> list[list[tuple[str, str, str, str]]]:
 
 
 def _chain_readings(chain) -> set:
-    """Every (sorted numbers, value) a run of steps can be read as computing, its expression not shown: steps come
-    in evaluation order, so an operand is the latest unused step's value (when it is that value) or a number given
-    (written without brackets)."""
+    """Every (sorted numbers, value) a run of steps can be read as computing, its expression not shown: an operand is
+    the value of any earlier unused step (when it is that value) or a number given (written without brackets)."""
     found = set()
 
     def options(text, stack):
         value = Fraction(text.strip("()"))
-        if stack and stack[-1][1] == value:
-            yield stack[-1][0], stack[:-1]
+        for j, (numbers, v) in enumerate(stack):
+            if v == value:
+                yield numbers, stack[:j] + stack[j + 1 :]
         if not text.startswith("("):
             yield (int(text),), stack
 
@@ -233,6 +233,13 @@ def test_the_leak_check_reads_steps_as_a_reader_would():
     chains = _step_chains("<think>1: 2*5=10 10*3=30; 30 vs 30: ok. 2: 5+3=8 8+2=10; 10 vs 30: no.</think>")
     assert ((2, 3, 5), 10) in _chain_readings(chains[1]) and ((2, 3, 5), 30) in _chain_readings(chains[0])
     assert ((2, 3, 5), 10) in _expression_shows("5+3+2") and ((1, 2, 11), 10) in _expression_shows("9/(1+11-2)")
+    # an operand may be any earlier step's value, not only the latest's: 2+13-5 makes 10 from 2, 5 and 13 (review)
+    assert ((2, 5, 13), 10) in _chain_readings(_step_chains("make 10: 2+13=15 4+1=5 15-5=10; 10 vs 10: ok.")[0])
+    from raro_fast.warmup import _readings
+
+    steps = [("+", Fraction(2), Fraction(13), Fraction(15)), ("+", Fraction(4), Fraction(1), Fraction(5)),
+             ("-", Fraction(15), Fraction(5), Fraction(10))]
+    assert ((2, 5, 13), 10) in _readings(steps)  # the warm-up's own check (it read the latest step only)
     # after a division by zero the expression's other steps still come
     assert ((1, 2, 4), 7) in _chain_readings(_step_chains("3-3=0 5/0=undefined 1+2=3 3+4=7 divides by zero.")[0])
 
