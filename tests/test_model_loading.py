@@ -268,3 +268,36 @@ def test_the_engines_bf16_copy_keeps_the_rotary_frequencies_of_the_trainer(saved
     copied = engine_copy(r.hf_model, torch.device("cpu"), torch.bfloat16)
     for (name, p), (_, q) in zip(copied.named_parameters(), loaded.named_parameters()):
         assert torch.equal(p, q), name  # the same bf16 numbers as a bf16 load
+
+
+def test_weights_transformers_keeps_in_fp32_stay_fp32_in_the_engine_copy_and_the_sync():
+    """DeepSeek-V3's MoE router (`_keep_in_fp32_modules_strict`) is fp32 at any dtype in transformers; the engine
+    copy and the weight sync rounded it to bf16 (found by review). The rest is bf16, as before."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from raro_fast.model.hf import engine_copy
+    from raro_fast.rollout.embedded import copy_weights_in_place
+    from raro_fast.weight_sync.source import hf_named_tensors
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                           num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                           n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=None,
+                           kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    trainer = AutoModelForCausalLM.from_config(cfg)
+    if not getattr(type(trainer), "_keep_in_fp32_modules_strict", None):
+        pytest.skip("this transformers keeps no DeepSeek-V3 weight in fp32 (4.56 casts its router too)")
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.normal_(0, 0.3)
+    router = "model.layers.1.mlp.gate.weight"
+    copy = engine_copy(trainer, torch.device("cpu"), torch.bfloat16)
+    params = dict(copy.named_parameters())
+    assert params[router].dtype == torch.float32 and torch.equal(params[router], dict(trainer.named_parameters())[router])
+    assert params["model.layers.0.mlp.gate_proj.weight"].dtype == torch.bfloat16
+    sent = dict(hf_named_tensors(trainer, dtype=torch.bfloat16))
+    assert sent[router].dtype == torch.float32 and sent["model.embed_tokens.weight"].dtype == torch.bfloat16
+    with torch.no_grad():
+        trainer.get_parameter(router).add_(1e-3)  # a change bf16 would round away
+    copy_weights_in_place(copy, hf_named_tensors(trainer, dtype=torch.bfloat16))
+    assert torch.equal(dict(copy.named_parameters())[router], trainer.get_parameter(router))

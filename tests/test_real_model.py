@@ -206,6 +206,14 @@ def test_a_hub_id_resolves_offline_through_the_cache(saved_embedded_model, tmp_p
     (tmp_path / "acme").mkdir()
     (tmp_path / "acme" / "local").symlink_to(saved_embedded_model)
     assert resolve_model_path("acme/local", "model.path") == "acme/local"
+    # a missing path under a local folder is a typo, not a hub id: online, a hub model of that name was downloaded and
+    # trained on (found by review); the cached acme/tiny-countdown is not looked up from here
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("looked up on the hub"))
+    with pytest.raises(ValueError, match=r"model.path: 'acme/tiny-countdown': no such directory \(the folder 'acme' is "
+                                         r"here, so it is not read as a hub id"):
+        resolve_model_path("acme/tiny-countdown", "model.path")
 
 
 def test_a_hub_download_fetches_every_file_a_model_folder_holds_and_no_other_weights(saved_embedded_model, tmp_path,
@@ -239,6 +247,32 @@ def test_a_hub_download_fetches_every_file_a_model_folder_holds_and_no_other_wei
     model, tok = load_pretrained("acme/tiny-countdown", dtype=torch.float32)
     assert sorted(p.name for p in (tmp_path / "snapshot").iterdir()) == sorted(p.name for p in saved_embedded_model.iterdir())
     assert tok.chat_template and model.config.hidden_size == 32
+
+
+def test_convert_gguf_keeps_every_end_token_the_file_declares(saved_embedded_model, tmp_path, monkeypatch):
+    """transformers maps a GGUF's eos token alone; its end-of-turn and end-of-message tokens (llama.cpp stops at them)
+    were dropped, and the converted model ran past its turn and could take that token for its pad (found by
+    review). A file with eos 2 and eot 5: the conversion stops at both, and 5 is not the pad."""
+    pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    from gguf import GGUFWriter
+
+    path = tmp_path / "ends.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_eos_token_id(2)
+    writer.add_eot_token_id(5)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf.gguf_end_token_ids(path) == [2, 5]
+
+    model, tok = load_pretrained(saved_embedded_model, dtype=torch.float32)  # what transformers' GGUF loader gives
+    model.generation_config.eos_token_id = 2
+    monkeypatch.setattr(gguf, "load_gguf", lambda p, dtype: (model, tok))
+    out = gguf.convert_gguf(path, tmp_path / "out")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
+    converted, converted_tok = load_pretrained(out, dtype=torch.float32)
+    assert {2, 5} <= set(end_token_ids(converted, converted_tok)) and converted_tok.pad_token_id not in (2, 5)
 
 
 def test_convert_gguf_refuses_bad_input_clearly(tmp_path, monkeypatch, capsys):

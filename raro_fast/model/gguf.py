@@ -88,6 +88,17 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+END_TOKEN_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def gguf_end_token_ids(path: str | Path) -> list[int]:
+    """The end tokens a GGUF file declares (end of sequence, of turn, of message), in that order."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    return list(dict.fromkeys(int(f.parts[f.data[0]][0]) for key in END_TOKEN_KEYS if (f := fields.get(key)) is not None))
+
+
 def gguf_architecture(path: Path) -> str:
     """The file's `general.architecture`, read with the gguf package's reader (the one transformers uses), which
     also maps every tensor: a truncated or damaged file fails here, before transformers blames the architecture."""
@@ -142,6 +153,11 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     if any(p.is_meta for p in model.parameters()):
         raise ValueError(f"{path}: some weights were not in the GGUF file (an untied LM head without its tensor?)")
     model.generation_config = quantized.generation_config
+    # transformers maps the file's eos token alone; llama.cpp also stops at its end-of-turn and end-of-message tokens,
+    # and without them the converted model ran past its turn and took that token for its pad (found by review)
+    declared = model.generation_config.eos_token_id
+    ends = [declared] if isinstance(declared, int) else list(declared or [])
+    model.generation_config.eos_token_id = list(dict.fromkeys(ends + gguf_end_token_ids(path))) or declared
     model.config.name_or_path = ""  # the GGUF's own title, not a path or hub id anyone can load
     check_out_dir(out)  # again: it may have been filled meanwhile
     save_pretrained_atomic(model, tokenizer, out, extra_files={

@@ -92,15 +92,18 @@ def build_embedded_model(
 
 
 def engine_copy(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    """A copy of `model` for an in-process rollout engine: its parameters in `dtype`, its buffers as they are, as
-    `from_pretrained(dtype=...)` loads them. `.to(dtype)` also rounded the rotary embedding's `inv_freq` to bf16,
+    """A copy of `model` for an in-process rollout engine: its parameters in `dtype` (but those transformers keeps
+    in fp32: `kept_in_fp32`), its buffers as they are, as `from_pretrained(dtype=...)` loads them. `.to(dtype)` also rounded the rotary embedding's `inv_freq` to bf16,
     which no weight sync restores (it is not in the state dict): on GPU the engine sampled with other rotations than
     the trainer's, tripling the log-prob gap on the shipped base at 477 tokens, more for longer contexts."""
     import copy
 
+    from raro_fast.weight_sync.source import kept_in_fp32
+
     out = copy.deepcopy(model).to(device)
-    for p in out.parameters():  # a tied parameter is listed once, and stays one tensor
-        if p.is_floating_point():
+    fp32 = kept_in_fp32(model, dtype)
+    for name, p in out.named_parameters():  # a tied parameter is listed once, and stays one tensor
+        if p.is_floating_point() and not fp32(name):
             p.data = p.data.to(dtype)
     return out
 
@@ -153,6 +156,10 @@ def resolve_model_path(path: str | os.PathLike, setting: str) -> str:
         return str(BUILTIN_DIR / name)
     if Path(path).exists() or not HUB_ID.match(path):
         return path
+    folder = path.split("/", 1)[0]
+    if Path(folder).is_dir():  # `runs/bsae`, a typo: downloading a stranger's model of that name would train on it
+        raise ValueError(f"{setting}: {path!r}: no such directory (the folder {folder!r} is here, so it is not read as "
+                         "a hub id; run from another folder to load that hub model)")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError

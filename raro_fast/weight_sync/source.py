@@ -6,7 +6,8 @@ size, never the model size.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import re
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -22,11 +23,27 @@ def tied_names(model: nn.Module) -> set[str]:
     return {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
 
 
+def kept_in_fp32(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str], bool]:
+    """Whether a parameter name is one transformers keeps in fp32 when loading the model in `dtype`
+    (`_keep_in_fp32_modules_strict`, and `_keep_in_fp32_modules` under fp16: MoE routers such as DeepSeek-V3's
+    `gate.weight`), matched as transformers matches them. Cast to bf16, their values were rounded on the way to an
+    engine that holds them in fp32 (found by review); no Qwen2 or Llama lists any."""
+    hf = getattr(model, "lm", model)
+    keep = list(getattr(hf, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        keep += list(getattr(hf, "_keep_in_fp32_modules", None) or [])
+    if not keep:
+        return lambda name: False
+    pattern = re.compile("|".join(map(re.escape, keep)))
+    return lambda name: pattern.search(name) is not None
+
+
 def hf_named_tensors(model: nn.Module, *, dtype: torch.dtype | None = None, skip_tied: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for every parameter and persistent buffer, cast to `dtype` (the engine's), tied
-    aliases left out unless `skip_tied=False`. A generator: each rank must consume it to the end (every step is a
-    collective)."""
+    """(HF name, full tensor) for every parameter and persistent buffer, cast to `dtype` (the engine's) unless
+    transformers keeps it in fp32 (`kept_in_fp32`), tied aliases left out unless `skip_tied=False`. A generator:
+    each rank must consume it to the end (every step is a collective)."""
     skip = tied_names(model) if skip_tied else set()
+    fp32 = kept_in_fp32(model, dtype)
     for name, t in model.state_dict().items():
         name = name.removeprefix(_WRAPPER_PREFIX)
         if hasattr(t, "full_tensor"):
@@ -34,7 +51,7 @@ def hf_named_tensors(model: nn.Module, *, dtype: torch.dtype | None = None, skip
         if name in skip:
             continue
         t = t.detach()
-        yield name, (t if dtype is None or not t.is_floating_point() else t.to(dtype))
+        yield name, (t if dtype is None or not t.is_floating_point() or fp32(name) else t.to(dtype))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
