@@ -56,9 +56,9 @@ class FixedLengthGame(RaroMode):
     def rollouts(self, r, examples, *, step: int, seed: int) -> RankRollout:
         rc, ro, rng, out = r.cfg.raro, r.cfg.rollout, random.Random(seed), RankRollout()
 
-        def sample(prompt_ids, n, seed):
-            return r.engine.generate(prompt_ids, SamplingParams(max_new_tokens=self.new_tokens,
-                                                                temperature=ro.temperature, n=n, seed=seed))
+        def sample(prompt_ids, n, seed):  # counted (`generated`): the table's rollout tokens/s reads the count
+            return out.generated(r.engine.generate(prompt_ids, SamplingParams(
+                max_new_tokens=self.new_tokens, temperature=ro.temperature, n=n, seed=seed)))
 
         policy = sample([prompts.render_prompt(r.tokenizer, prompts.policy_messages(ex.question)) for ex in examples],
                         rc.group_size, seed)
