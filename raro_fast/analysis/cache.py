@@ -121,9 +121,10 @@ class SampleCache:
         _write_atomic(record, json.dumps(identity, indent=1, sort_keys=True))
 
     def get(self, model: str, problem_id: str, seed: int, prompt: list[int]) -> list[dict]:
-        """The samples cached for the problem, drawn for `prompt` (the rendered prompt's token ids): samples drawn for another
-        prompt under the same problem id raise ValueError (a Countdown id names the numbers as a set, and another
-        task seed lists them in another order). A file from before prompts were recorded is read with a warning."""
+        """The samples cached for the problem, drawn for `prompt` (the rendered prompt's token ids): samples drawn
+        for another prompt under the same problem id raise ValueError (a Countdown id names the numbers as a set, and
+        another task seed lists them in another order). A file from before prompts were recorded is read with a
+        warning."""
         path = self._path(model, problem_id, seed)
         if not path.is_file():
             return []

@@ -96,7 +96,8 @@ def gguf_end_token_ids(path: str | Path) -> list[int]:
     from gguf import GGUFReader
 
     fields = GGUFReader(path).fields
-    return list(dict.fromkeys(int(f.parts[f.data[0]][0]) for key in END_TOKEN_KEYS if (f := fields.get(key)) is not None))
+    declared = [fields[key] for key in END_TOKEN_KEYS if key in fields]
+    return list(dict.fromkeys(int(f.parts[f.data[0]][0]) for f in declared))
 
 
 def gguf_architecture(path: Path) -> str:

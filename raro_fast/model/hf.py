@@ -93,9 +93,10 @@ def build_embedded_model(
 
 def engine_copy(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """A copy of `model` for an in-process rollout engine: its parameters in `dtype` (but those transformers keeps
-    in fp32: `kept_in_fp32`), its buffers as they are, as `from_pretrained(dtype=...)` loads them. `.to(dtype)` also rounded the rotary embedding's `inv_freq` to bf16,
-    which no weight sync restores (it is not in the state dict): on GPU the engine sampled with other rotations than
-    the trainer's, tripling the log-prob gap on the shipped base at 477 tokens, more for longer contexts."""
+    in fp32: `kept_in_fp32`), its buffers as they are, as `from_pretrained(dtype=...)` loads them. `.to(dtype)` also
+    rounded the rotary embedding's `inv_freq` to bf16, which no weight sync restores (it is not in the state dict):
+    on GPU the engine sampled with other rotations than the trainer's, tripling the log-prob gap on the shipped base
+    at 477 tokens, more for longer contexts."""
     import copy
 
     from raro_fast.weight_sync.source import kept_in_fp32
