@@ -76,6 +76,7 @@ class Run:
     skipped_in_a_row: int = 0
     warned_uniform: bool = False
     first_entropy: float | None = None
+    data_sha256: str = ""  # `data_digest` of the run's examples, computed once: each checkpoint records it
     # What a mode fixes when the run starts and a resume must keep (DPO's round length): saved with each checkpoint
     mode_state: dict = field(default_factory=dict)
 
@@ -351,7 +352,7 @@ def data_digest(train: list, heldout: list) -> str:
 
 def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
-             "data_sha256": data_digest(r.train_examples, r.eval_examples),
+             "data_sha256": r.data_sha256,
              "world_size": r.d.world_size, "config": to_dict(r.cfg), "mode_state": dict(r.mode_state),
              # the stop after MAX_SKIPPED_IN_A_ROW counts skips before the checkpoint too, as an uninterrupted run does
              "skipped_in_a_row": r.skipped_in_a_row, "warned_uniform": r.warned_uniform}
@@ -419,6 +420,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     train_examples, eval_examples = task.examples("train"), task.examples("heldout")
     if cfg.train.eval_size:
         eval_examples = eval_examples[: cfg.train.eval_size]
+    digest = data_digest(train_examples, eval_examples)
     output_dir.prepare(cfg, delete=d.is_main)
     barrier(d)
     warn = print if d.is_main else (lambda _message: None)  # every rank looks; rank 0 speaks
@@ -468,7 +470,6 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         state = checkpoint.load_trainer_state(resume_from)
         if state["world_size"] != d.world_size:
             raise ValueError(f"{resume_from}: saved with {state['world_size']} ranks; resume with the same number")
-        digest = data_digest(train_examples, eval_examples)
         if state.get("data_sha256", digest) != digest:  # a checkpoint from before digests has none
             raise ValueError(f"train.resume: {resume_from} was trained on other data than task.{cfg.task.name} gives "
                              f"now (its demonstrations or held-out problems changed: a data file grown or replaced?); "
@@ -498,7 +499,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
-               mode_state=mode_state, skipped_in_a_row=skipped, warned_uniform=warned,
+               mode_state=mode_state, skipped_in_a_row=skipped, warned_uniform=warned, data_sha256=digest,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
 

@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from raro_fast.durable import write_text_atomic
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Beside the weights, the files Hugging Face reads that change what a model samples: its architecture and numerics
 # (config.json), end tokens and defaults (generation_config.json), and its tokenizer and chat template, which render
@@ -156,8 +158,5 @@ def prompt_digest(prompt: list[int]) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from raro_fast import prompts
 from raro_fast.tasks.base import Example, FileTask
-from raro_fast.tasks.records import hash_split, read_records, stable_id, text_field
+from raro_fast.tasks.records import hash_split, read_records, repeat_key, stable_id, text_field
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "deepmath_sample.jsonl"
 
@@ -101,9 +101,8 @@ def load_examples(cfg: DeepMathConfig) -> dict[str, list[Example]]:
         question = text_field(record, where, "question").strip()
         answer = _final_answer(record, where)
         difficulty = _difficulty(record, where, needed_by)
-        # A repeated question would get the id of its first copy (and could carry another answer): refuse it, and a
-        # copy that differs in spacing alone, which the split could hold out while training on the other.
-        spaced = " ".join(question.split())
+        # A repeated question would get the id of its first copy (and could carry another answer): refuse it.
+        spaced = repeat_key(question)
         if spaced in first_seen:
             raise ValueError(f"{where}: field 'question' repeats the question of {first_seen[spaced]}")
         first_seen[spaced] = where

@@ -14,7 +14,7 @@ from typing import Sequence
 from raro_fast import prompts
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams
 from raro_fast.tasks.base import Example, FileTask
-from raro_fast.tasks.records import hash_split, read_records, stable_id, text_field
+from raro_fast.tasks.records import hash_split, read_records, repeat_key, stable_id, text_field
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "poetry_sample.jsonl"
 
@@ -43,9 +43,8 @@ def load_examples(cfg: PoetryConfig) -> dict[str, list[Example]]:
     for where, record in read_records(cfg.path, columns=("instruction", "poem"), text_columns=("instruction", "poem")):
         instruction = text_field(record, where, "instruction").strip()
         poem = text_field(record, where, "poem").strip()
-        # Several poems for one instruction are fine (several demonstrations); the same pair twice is a mistake, and
-        # so is one that differs in spacing alone (the split could hold out one copy and train on the other).
-        pair = (" ".join(instruction.split()), " ".join(poem.split()))
+        # Several poems for one instruction are fine (several demonstrations); the same pair twice is a mistake.
+        pair = (repeat_key(instruction), repeat_key(poem))
         if pair in first_seen:
             raise ValueError(f"{where}: repeats the instruction and poem of {first_seen[pair]}")
         first_seen[pair] = where

@@ -131,6 +131,12 @@ def text_field(record: dict[str, Any], where: str, name: str, *, allow_numbers: 
     return value
 
 
+def repeat_key(text: str) -> str:
+    """What two rows are compared by for repeats: their words, whatever the spacing. A copy that differs in spacing
+    alone could be held out by the split while the other is trained on."""
+    return " ".join(text.split())
+
+
 def in_heldout(key: str, fraction: float, seed: int) -> bool:
     """Whether the row keyed `key` is held out: a uniform draw from the key's hash (not Python's salted hash()),
     so the same in every run and independent of every other row."""
