@@ -66,10 +66,11 @@ def heldout_accuracy(
     temperature: float,
     seed: int,
     d: Dist,
+    top_p: float = 1.0,
 ) -> float:
-    """Fraction of `examples` whose sampled (greedy at temperature 0) answer the verifier accepts, over all ranks;
-    None for a task without a verifier (poetry: judge it pairwise instead)."""
-    scores = heldout_scores(examples, engine=engine, tokenizer=tokenizer, task=task, n=1,
+    """Fraction of `examples` whose sampled (greedy at temperature 0; else at `top_p`) answer the verifier accepts,
+    over all ranks; None for a task without a verifier (poetry: judge it pairwise instead)."""
+    scores = heldout_scores(examples, engine=engine, tokenizer=tokenizer, task=task, n=1, top_p=top_p,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, d=d)
     return None if scores is None else scores["avg@n"]
 

@@ -327,7 +327,10 @@ def batch_metrics(r: Run, samples, mbs, entropies, *, generated: int) -> dict[st
 
 def evaluate(r: Run, step: int) -> dict[str, float | None]:
     cfg = r.cfg
-    common = dict(engine=r.engine, tokenizer=r.tokenizer, task=r.task, max_new_tokens=cfg.rollout.max_new_tokens, d=r.d)
+    # Every held-out number samples at the rollouts' nucleus (a sampled heldout_accuracy took top_p 1 beside an
+    # avg@n at rollout.top_p: two distributions logged side by side).
+    common = dict(engine=r.engine, tokenizer=r.tokenizer, task=r.task, max_new_tokens=cfg.rollout.max_new_tokens,
+                  top_p=cfg.rollout.top_p, d=r.d)
     record = {"eval/heldout_accuracy": heldout_accuracy(r.eval_examples, temperature=cfg.train.eval_temperature,
                                                         seed=cfg.train.seed + 7 * step, **common)}
     if cfg.train.eval_samples:
@@ -336,7 +339,7 @@ def evaluate(r: Run, step: int) -> dict[str, float | None]:
         scores = heldout_scores(r.eval_examples, n=cfg.train.eval_samples, temperature=cfg.rollout.temperature,
                                 seed=cfg.train.seed + 7 * step + 3,
                                 critic_max_new_tokens=cfg.rollout.critic_max_new_tokens if tournament else None,
-                                critic_temperature=cfg.rollout.critic_temperature, top_p=cfg.rollout.top_p, **common)
+                                critic_temperature=cfg.rollout.critic_temperature, **common)
         scores = scores or {"avg@n": None, "pass@n": None, **({"tournament@n": None} if tournament else {})}
         record.update({f"eval/heldout_{k.replace('@', '_at_')}": v for k, v in scores.items()})
     return record

@@ -507,3 +507,26 @@ def test_heldout_scores_average_samples_and_count_problems_with_any_right(settin
     assert engine.top_ps[-2:] == [0.9, 0.9]
     # Nothing held out: no accuracy at all (it was 0.0, logged and averaged as a real zero).
     assert heldout_scores([], n=4, **common) is None and heldout_accuracy([], **common) is None
+
+
+def test_every_heldout_number_samples_at_the_rollouts_nucleus(setting):
+    """A sampled evaluation (train.eval_temperature > 0) drew heldout_accuracy at top_p 1 and avg@n at
+    rollout.top_p: two distributions logged side by side. Found by review on 2026-12-07."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from raro_fast.config import load_config
+    from raro_fast.distributed import Dist
+    from raro_fast.train import evaluate
+
+    _, tok, task, examples = setting
+    cfg = load_config(["--train.eval_temperature", "0.6", "--rollout.top_p", "0.9", "--train.eval_samples", "2",
+                       "--train.eval_tournament", "false"])
+    engine = ScriptedEngine(tok, task)
+    run = SimpleNamespace(cfg=cfg, engine=engine, tokenizer=tok, task=task, eval_examples=examples,
+                          d=Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    record = evaluate(run, step=5)
+    assert engine.calls == [(len(examples), 1), (len(examples), 2)]
+    assert engine.top_ps == [0.9, 0.9] and engine.temperatures == [0.6, cfg.rollout.temperature]
+    assert record["eval/heldout_accuracy"] == 1.0 and record["eval/heldout_avg_at_n"] == 0.5
