@@ -42,6 +42,10 @@ class AnalysisSettings:
     entropy_samples: int = _help(
         "Samples per problem teacher-forced for token-level entropy (at most k; a cache that kept the token ids of "
         "fewer draws a chunk more for them).", 4)
+    answer_entropy_samples: int = _help(
+        "Samples per problem (the first ones) over which answer entropy is taken; 0: all k. The plug-in estimate "
+        "rises with the samples (more rare answers are seen), so reports compare only at one count: the paper "
+        "takes 32, this project's published reports k (1024).", 0)
     seed: int = _help("Seed of the sample chunks (cached per model, problem and seed).", 0)
     batch_size: int = _help("Sequences per engine forward (a chunk of samples of one problem is split into these).", 64)
     device: str = _help("Where models run: auto = the GPU if there is one, else the CPU; or cpu, cuda, cuda:N.", "auto")
@@ -52,7 +56,7 @@ class AnalysisSettings:
 
     def __post_init__(self) -> None:
         # num_problems -1 analysed all problems but the last (a slice), entropy_samples -1 gave token entropy nan.
-        _at_least("analysis", self, 0, "num_problems", "entropy_samples")
+        _at_least("analysis", self, 0, "num_problems", "entropy_samples", "answer_entropy_samples")
         _at_least("analysis", self, 1, "k", "chunk", "max_new_tokens", "batch_size")
         # Token entropy divides the logits by the temperature, and the engines sample greedily at 0 or below: the
         # k samples were one answer, reported as pass@k at that temperature.
@@ -241,12 +245,15 @@ def trace_perplexities(model, tokenizer, problems, traces: list[dict[str, str]])
 
 def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict[str, float],
               trace_ppl: dict[str, dict[str, float]] | None = None, traces_total: int = 0, *,
-              answer_classes: Callable[[list[str | None]], list[int | None]] | None = None) -> dict:
-    """The report: pass@k, support against the first model, answer entropy (answers grouped by `answer_classes`,
-    the task's, where given), token entropy, lengths."""
+              answer_classes: Callable[[list[str | None]], list[int | None]] | None = None,
+              answer_entropy_samples: int = 0) -> dict:
+    """The report: pass@k, support against the first model, answer entropy over each problem's first
+    `answer_entropy_samples` samples (0: all k; answers grouped by `answer_classes`, the task's, where given), token
+    entropy, lengths."""
     names = list(samples)
     base = names[0]
-    report = {"k": k, "models": {}, "support_vs": base}
+    n_answers = min(answer_entropy_samples, k) if answer_entropy_samples > 0 else k
+    report = {"k": k, "answer_entropy_samples": n_answers, "models": {}, "support_vs": base}
     for name in names:
         short = {pid: len(s) for pid, s in samples[name].items() if len(s) != k}
         if short:
@@ -254,7 +261,7 @@ def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict
                              f"{next(iter(short.items()))}): pass@k would be reported for another n")
         counts = [(len(s), sum(x["correct"] for x in s)) for s in samples[name].values()]
         curve = pass_at_k_curve(counts)
-        answers = [[x["answer"] for x in s] for s in samples[name].values()]
+        answers = [[x["answer"] for x in s[:n_answers]] for s in samples[name].values()]
         ent = [answer_entropy(a, None if answer_classes is None else answer_classes(a)) for a in answers]
         lengths = [x["length"] for s in samples[name].values() for x in s]
         entry = {"pass_at_k": {str(kk): v for kk, v in curve.items()}, "avg_at_n": avg_at_n(counts),
@@ -285,7 +292,10 @@ def summarize(samples: dict[str, dict[str, list]], k: int, token_entropies: dict
 
 def markdown(report: dict) -> str:
     k = report["k"]
-    head = f"| model | pass@1 | pass@{k} | avg@{k} | P | S | E | O | SRR | NDR | SDS | NSCR | answer H | token H | length |"
+    # Reports from before the count was recorded took every sample.
+    n_answers = report.get("answer_entropy_samples", k)
+    head = (f"| model | pass@1 | pass@{k} | avg@{k} | P | S | E | O | SRR | NDR | SDS | NSCR | answer H@{n_answers} "
+            "| token H | length |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.3f}"  # noqa: E731
     for name, m in report["models"].items():
@@ -377,7 +387,7 @@ def run(cfg: AnalyzeConfig) -> dict:
         if traces is not None:
             trace_ppl[name] = trace_perplexities(model, tokenizer, problems, traces)
     report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []),
-                       answer_classes=task.answer_classes)
+                       answer_classes=task.answer_classes, answer_entropy_samples=a.answer_entropy_samples)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(strict_json(report, indent=1))
     (out / "report.md").write_text(markdown(report))

@@ -347,6 +347,14 @@ def test_summarize_exact_numbers_on_three_models():
     # last against base: p1 P (2), p3 S (5), p4 E (3), p2 and p5 O (4 and 8)
     assert last["trace_perplexity"] == {"E": 3.0, "O": 6.0, "P": 2.0, "S": 5.0}
     assert report["traces"] == {"categories_of": "last", "used": 5, "skipped_not_analysed": 1}
+    assert report["answer_entropy_samples"] == 2 and "answer H@2 |" in analyze.markdown(report)
+    # Over each problem's first sample only: one answer each, entropy 0 (it was always over all k, and the
+    # plug-in estimate rises with the samples: a report at k = 1024 could not be set beside the paper's 32).
+    first = analyze.summarize(samples, 2, {"base": 1.5, "mid": 1.25, "last": 1.0}, answer_entropy_samples=1,
+                              answer_classes=lambda answers: [None if a is None else classes[a] for a in answers])
+    assert [m["answer_entropy"] for m in first["models"].values()] == [0.0, 0.0, 0.0]
+    assert first["answer_entropy_samples"] == 1 and "answer H@1 |" in analyze.markdown(first)
+    assert first["models"]["last"]["pass_at_k"] == last["pass_at_k"]  # pass@k still over all k
 
 
 def test_token_entropy_teacher_forces_entropy_samples_sequences_whatever_the_cache_kept(two_models, tmp_path,
