@@ -132,7 +132,8 @@ def _check_temperature_tensor(temperature: torch.Tensor, targets: torch.Tensor) 
 
 def inverse_temperatures(temperature: float | torch.Tensor, n_rows: int, device: torch.device) -> torch.Tensor:
     """1 / temperature per row, fp32 [N] and contiguous, as every kernel reads it. The reciprocal is taken in
-    float64 and rounded once, so a tensor of T gives bit for bit what the number T gives."""
+    float64 and rounded once, so a float64 tensor of T gives bit for bit what the number T gives (a float32 one
+    holds T rounded to float32)."""
     if isinstance(temperature, torch.Tensor):
         return temperature.reshape(-1).to(torch.float64).reciprocal().to(torch.float32).contiguous()
     return torch.full((n_rows,), 1.0 / temperature, dtype=torch.float32, device=device)

@@ -223,11 +223,13 @@ def _row_stats_kernel(
 def _dz_from_logits_kernel(
     z_ptr, dz_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
     vocab, col_offset, stride_zn, stride_dzn, inv_temp_ptr,
-    BLOCK: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, WITH_ENTROPY_GRAD: tl.constexpr, NARROWER: tl.constexpr,
 ):
     # One program per row, sweeping the row left to right. dz may alias z (16-bit dz over the front half of
-    # the fp32 row): the dz written at columns [c, c+B) covers fp32 columns [c/2, (c+B)/2), all already read
-    # by this program, and no other program touches this row.
+    # the fp32 row, NARROWER): the dz written at columns [c, c+B) covers fp32 columns [c/2, (c+B)/2), all read
+    # by this program by then, and no other program touches this row. "By this program" is all its warps: a
+    # thread's 16-bit store lands on fp32 columns another warp loads, and warps keep no step with each other, so
+    # a barrier between each block's loads and its stores (which also keeps every warp in the same block).
     row = tl.program_id(0).to(tl.int64)
     inv_temp = tl.load(inv_temp_ptr + row)
     lse = tl.load(lse_ptr + row)
@@ -245,6 +247,8 @@ def _dz_from_logits_kernel(
         if WITH_ENTROPY_GRAD:
             dz -= g_ent * p * (logp + ent)
         dz = dz * inv_temp
+        if NARROWER:
+            tl.debug_barrier()
         tl.store(dz_ptr + row * stride_dzn + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
@@ -563,7 +567,7 @@ def dz_from_logits_(
             entropy_R if with_ent_grad else lse_R, grad_logprob_R,
             grad_entropy_R if with_ent_grad else lse_R,
             vocab, col_offset, logits_RV.stride(0), dz_RV.stride(0), inv_temp_N,
-            BLOCK=256 if TRITON_INTERPRET else 2048, WITH_ENTROPY_GRAD=with_ent_grad,
+            BLOCK=256 if TRITON_INTERPRET else 2048, WITH_ENTROPY_GRAD=with_ent_grad, NARROWER=dtype != torch.float32,
             num_warps=8,
         )
     return dz_RV

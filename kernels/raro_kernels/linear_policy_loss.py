@@ -57,12 +57,6 @@ class _LossTerms:
             loss = loss - self.opts.entropy_coef * ent
         return loss
 
-    def grad_prescale(self) -> torch.Tensor:
-        """A power of two s near 1 / max |token weight| (fp32, 0-dim, on the tokens' device, no host sync): the
-        per-token gradients times s are O(d per-token loss / d logprob), whatever the aggregation's 1 / count."""
-        _mantissa, exponent = torch.frexp(self.scale_N.abs().amax())  # max = mantissa * 2^exponent; 0 -> 1
-        return torch.ldexp(torch.ones((), dtype=torch.float32, device=self.scale_N.device), -exponent)
-
     def token_grads(
         self, r0: int, r1: int, logprobs_R: torch.Tensor, entropy_R: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,6 +70,19 @@ class _LossTerms:
         if self.opts.entropy_coef != 0:
             g_ent_R = torch.where(batch.mask, -self.opts.entropy_coef * scale_R, torch.zeros_like(scale_R))
         return g_lp_R, g_ent_R
+
+
+def _grad_prescale(g_lp_N: torch.Tensor, g_ent_N: torch.Tensor | None) -> torch.Tensor:
+    """A power of two s (fp32, 0-dim, on the tokens' device, no host sync) with s * bound < 1, where bound =
+    max |d loss / d logprob| + 16 max |d loss / d entropy| bounds |d loss / d logit| / inv_temp at any token and
+    column (p |log p| <= 1/e, entropy <= ln V < 15). From the token gradients themselves: a power of two near
+    1 / max |token weight| left a token with |A| * ratio above 65504 (a log-ratio of 11 with A = -1) inf in fp16
+    whatever the loss scale, and GradScaler skipped every step."""
+    bound = g_lp_N.abs().amax()
+    if g_ent_N is not None:
+        bound = bound + 16.0 * g_ent_N.abs().amax()
+    _mantissa, exponent = torch.frexp(bound.float())  # bound = mantissa * 2^exponent, mantissa in [0.5, 1); 0 -> 1
+    return torch.ldexp(torch.ones((), dtype=torch.float32, device=g_lp_N.device), -exponent)
 
 
 def _one_pass_triton(
@@ -204,27 +211,31 @@ class _LinearPolicyLossFn(torch.autograd.Function):
         #     does not grow where an fp32 grad-weight accumulator existed already (torch backend, one pass over
         #     several token chunks: its 16-bit copy now appears in backward instead of forward); it grows by that
         #     much on the triton single-chunk and two-pass paths, which wrote 16-bit grad weight directly.
-        # (b) the per-token gradients are multiplied by a power of two ~ 1 / max token weight, as a loss scale
-        #     would be, since the triton backend rounds d(logits) to fp16 before its GEMMs and a token's
-        #     d(logits) is ~ its weight (1 / token count for token_mean) times p: mostly subnormal or 0 at
-        #     d(loss)=1. Backward divides it out exactly. No host sync: the scale stays on the device.
+        # (b) the per-token gradients are multiplied by a power of two s with s * max |d(logits)| < 1
+        #     (`_grad_prescale`), as a loss scale would be, since the triton backend rounds d(logits) to fp16
+        #     before its GEMMs and a token's d(logits) is ~ its weight (1 / token count for token_mean) times p:
+        #     mostly subnormal or 0 at d(loss)=1, and above fp16's 65504 where |A| * ratio is. Backward divides
+        #     it out exactly. No host sync: the scale stays on the device. It needs every token's gradient
+        #     before the first d(logits), so fp16 takes the one-pass strategy only where the tokens are one chunk.
         # bf16 has fp32's exponent range, neither under- nor overflows here, and keeps the 2-byte gradients.
         ctx.out_dtype = hidden_NH.dtype
+        fp16_grads = grads_needed and hidden_NH.dtype == torch.float16
         grad_dtype = torch.float32 if hidden_NH.dtype == torch.float16 else hidden_NH.dtype
         token_grads = terms.token_grads
-        ctx.prescale = None
-        if grads_needed and hidden_NH.dtype == torch.float16:
-            ctx.prescale = prescale = terms.grad_prescale()
-
+        prescales: list[torch.Tensor] = []
+        if fp16_grads:
             def token_grads(r0: int, r1: int, lp_R: torch.Tensor, ent_R: torch.Tensor | None):
+                assert not prescales and (r0, r1) == (0, hidden_NH.shape[0]), "fp16: one call over all tokens"
                 g_lp_R, g_ent_R = terms.token_grads(r0, r1, lp_R, ent_R)
+                prescales.append(prescale := _grad_prescale(g_lp_R, g_ent_R))
                 return g_lp_R * prescale, None if g_ent_R is None else g_ent_R * prescale
 
         common = dict(
             inv_temp_N=inv_temp_N, ignore_index=cfg.ignore_index, with_entropy=cfg.with_entropy,
             need_hidden=need_hidden, need_weight=need_weight, grad_dtype=grad_dtype,
         )
-        if cfg.backend == "triton" and cfg.one_pass and grads_needed:
+        one_pass = cfg.backend == "triton" and cfg.one_pass and grads_needed
+        if one_pass and not (fp16_grads and hidden_NH.shape[0] > cfg.chunk_tokens):
             logprobs_N, entropy_N, grad_hidden, grad_weight = _one_pass_triton(
                 hidden_NH, weight_VH, targets_N, token_grads=token_grads, chunk_tokens=cfg.chunk_tokens,
                 **common,
@@ -234,6 +245,7 @@ class _LinearPolicyLossFn(torch.autograd.Function):
                 cfg.backend, hidden_NH, weight_VH, targets_N,
                 token_grads=token_grads if grads_needed else None, chunk_cols=cfg.chunk_cols, **common,
             )
+        ctx.prescale = prescales[0] if prescales else None
         loss = terms.value(logprobs_N, entropy_N)
         # Kept as attributes, not saved tensors: backward scales them in place and hands them over, so the
         # gradients exist once in memory; a second backward through the same graph is refused below.
@@ -315,7 +327,9 @@ def linear_policy_loss(
     The gradients are computed during the forward and kept until backward, which scales them in place by the
     incoming gradient: backward can run once per graph (a second one raises). fp16 inputs keep them in fp32
     until then (2 more bytes per element of grad hidden and grad weight), so that a loss scale (GradScaler)
-    neither overflows nor arrives after their small entries were flushed to 0.
+    neither overflows nor arrives after their small entries were flushed to 0. fp16 with N > chunk_tokens runs
+    the two-pass strategy: its per-token gradients are scaled by their common maximum before any is rounded to
+    fp16, which needs all of them first.
     backend: as in `linear_logprobs` (None: triton on CUDA, torch on CPU; "triton" on CPU needs
     TRITON_INTERPRET=1 before the first Triton call).
     """

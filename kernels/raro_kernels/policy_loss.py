@@ -205,7 +205,11 @@ def token_objective(logprobs_N: torch.Tensor, batch: TokenBatch, opts: PolicyLos
 def scaled_objective(
     logprobs_N: torch.Tensor, batch: TokenBatch, opts: PolicyLossOptions, scale_N: torch.Tensor
 ) -> torch.Tensor:
-    """sum_n scale_n * loss_n over masked tokens; `where` keeps NaN/inf of unmasked tokens out of the sum."""
+    """sum_n scale_n * loss_n over masked tokens; `where` keeps NaN/inf of unmasked tokens out of the sum, and the
+    log-probs of unmasked tokens enter as constants: their gradient is 0 exactly. (Behind the output's `where`
+    alone, a NaN advantage at an unmasked token still gave d loss / d logprob = 0 * NaN = NaN there, and through
+    the LM head a NaN in every entry of the weight's gradient, with a finite loss.)"""
+    logprobs_N = torch.where(batch.mask, logprobs_N, logprobs_N.detach())
     loss_N = token_objective(logprobs_N, batch, opts)
     return torch.where(batch.mask, loss_N * scale_N, torch.zeros_like(loss_N)).sum()
 
@@ -234,8 +238,9 @@ def policy_metrics(logprobs_N: torch.Tensor, batch: TokenBatch, opts: PolicyLoss
         # k3 estimate of KL(pi_old || pi) from samples of pi_old: (r - 1) - log r >= 0.
         "approx_kl": mean(ratio_N - 1.0 - log_ratio_N),
         "ratio_mean": mean(ratio_N),
-        "ratio_min": torch.where(any_masked, torch.where(mask_N, ratio_N, inf).min(), zero),
-        "ratio_max": torch.where(any_masked, torch.where(mask_N, ratio_N, -inf).max(), zero),
+        # No tokens at all: min/max of an empty tensor raise (a shape, so no host sync to test it).
+        "ratio_min": torch.where(any_masked, torch.where(mask_N, ratio_N, inf).min(), zero) if mask_N.numel() else zero,
+        "ratio_max": torch.where(any_masked, torch.where(mask_N, ratio_N, -inf).max(), zero) if mask_N.numel() else zero,
     }
     if opts.dual_clip is not None:
         out["dual_clip_frac"] = mean((adv_N < 0) & (pg_N > -adv_N * opts.dual_clip))

@@ -35,8 +35,9 @@ class _Decoder(nn.Module):
 class _CausalLM(nn.Module):
     """The shape of a Hugging Face causal LM: `model` (the decoder), `lm_head`, logits from forward."""
 
-    def __init__(self, tied: bool) -> None:
+    def __init__(self, tied: bool, after_head=None) -> None:
         super().__init__()
+        self.after_head = after_head  # what some models do to the logits after the head (Granite: / logits_scaling)
         torch.manual_seed(0)
         self.model = _Decoder()
         self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
@@ -48,6 +49,8 @@ class _CausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask, logits_to_keep=0):
         logits = self.lm_head(self.model(input_ids, attention_mask).last_hidden_state)
+        if self.after_head is not None:
+            logits = self.after_head(logits)
         return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
 
@@ -165,6 +168,51 @@ def test_linear_cross_entropy_equals_torchs_on_the_full_logits(reduction):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5)
     with pytest.raises(ValueError, match="reduction must be one of"):
         linear_cross_entropy(hidden, weight, targets, reduction="batchmean")
+
+
+@pytest.mark.parametrize("factor", [1 / 8, 0.0625 * 4, 3.0], ids=["granite", "cohere", "times-3"])
+def test_trl_adapter_folds_a_factor_applied_after_the_head(factor: float):
+    """Granite divides its logits by config.logits_scaling after the head, Cohere multiplies them by
+    config.logit_scale: the adapter computed softmax(h W^T / T) without the factor, and returned other numbers
+    than TRL's with no error. Now the factor is measured once per model and folded into the temperature. Found by
+    review on 2026-12-07."""
+    model = _CausalLM(tied=False, after_head=lambda z: z * factor)
+    g = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, VOCAB, (3, 15), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for _ in range(2):  # measured at the first call only
+        logps, ent = trl_per_token_logps_and_entropies(model, input_ids, attention_mask, 6, temperature=0.9,
+                                                       compute_entropy=True)
+    assert len(calls) == 1
+    model64 = copy.deepcopy(model).double()
+    ref_logps, ref_ent = _trl_reference(model64, input_ids, attention_mask, 6, 0.9)
+    torch.testing.assert_close(logps.double(), ref_logps, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=0, atol=2e-5)
+
+
+def test_trl_adapter_refuses_logits_that_are_not_a_multiple_of_the_heads():
+    """A transform after the head that no config attribute names (here tanh): refused, not computed otherwise."""
+    model = _CausalLM(tied=False, after_head=lambda z: 3 * torch.tanh(z))
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="not a multiple"):
+        trl_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 4)
+
+
+def test_linear_logprobs_head_on_a_slice_of_a_weight_trains_that_weight():
+    """A weight given as a tensor that is not a Parameter (a vocabulary padded to 64 rows, sliced to the real
+    61): it was wrapped in a new Parameter, a detached leaf, and the model's weight got no gradient."""
+    emb = nn.Embedding(64, HIDDEN)
+    head = LinearLogprobsHead(emb.weight[:VOCAB])
+    g = torch.Generator().manual_seed(5)
+    hidden, targets = torch.randn(7, HIDDEN, generator=g), torch.randint(0, VOCAB, (7,), generator=g)
+    head(hidden, targets).logprobs.sum().backward()
+    expected = torch.autograd.grad(torch.log_softmax(hidden @ emb.weight[:VOCAB].t(), -1)
+                                   .gather(1, targets[:, None]).sum(), emb.weight)[0]
+    assert emb.weight.grad is not None and list(head.parameters()) == []
+    torch.testing.assert_close(emb.weight.grad, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_trl_adapter_refuses_a_model_that_soft_caps_its_logits():

@@ -120,6 +120,56 @@ def test_fp16_gradients_under_a_loss_scale(backend: str, strategy: str, loss_sca
     assert max(errors) < GRAD_RTOL[torch.float16], errors
 
 
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "two_pass_one_slice"])
+def test_fp16_a_token_with_a_large_ratio_keeps_the_gradients_finite(backend: str, strategy: str, device) -> None:
+    """One token whose policy moved far from its old log-prob (log-ratio 12, inside the clamp at 20) with a
+    negative advantage: its d(loss)/d(logit) is |A| * ratio ~ 1.6e5 times its weight. The fp16 prescale was
+    1 / max weight, so the triton backend rounded ~1.6e5 to fp16 (max 65504): inf in every gradient whatever the
+    loss scale, where float64 and the torch backend are finite. Found by review on 2026-12-07."""
+    if backend == "torch" and not strategy.startswith("two_pass"):
+        pytest.skip("the torch backend always runs two passes")
+    extra = dict(one_pass=False) if strategy == "two_pass_one_slice" else STRATEGIES[strategy]
+    x = _make(64, 32, 300, torch.float16, device, seed=1212, temperature=1.0)
+    i = int(((x["targets"] != -100) & x["mask"]).nonzero()[0, 0])
+    x["old"][i] = x["old"][i] - 12.0
+    x["rollout"][i] = x["old"][i]  # the engine agreed with the old policy: TIS leaves the ratio as it is
+    x["adv"][i] = -1.0
+    options = dict(OPTIONS, dual_clip=None, loss_agg="token_mean")  # a dual clip would cap this token's loss
+    for loss_scale in (1.0, 2.0**-10):  # a smaller scale did not help: the overflow was before it arrived
+        _, _, (dh, dw) = _run(x, backend, 1.0, 0.0, loss_scale=loss_scale, options=options)
+        _, _, _, _, (ref_dh, ref_dw) = _reference(x, 1.0, 0.0, options=options)
+        assert bool(dh.isfinite().all()) and bool(dw.isfinite().all()), (strategy, loss_scale)
+        errors = _rel_err(dh.double() / loss_scale, ref_dh), _rel_err(dw.double() / loss_scale, ref_dw)
+        assert max(errors) < GRAD_RTOL[torch.float16], errors
+
+
+def test_nan_inputs_at_untrained_tokens_leave_the_gradients_finite(backend: str, device) -> None:
+    """A NaN advantage (or reference log-prob) at a masked-out token: the loss was finite, but its gradient there
+    was 0 * NaN, and through the LM head every entry of grad weight was NaN. Found by review on 2026-12-07."""
+    x = _make(40, 24, 200, torch.float32, device, seed=77, temperature=1.0)
+    x["mask"][5] = False
+    x["adv"][5], x["ref"][5] = float("nan"), float("nan")
+    loss, metrics, (dh, dw) = _run(x, backend, 1.0, 0.0)
+    clean = dict(x, adv=x["adv"].clone(), ref=x["ref"].clone())
+    clean["adv"][5], clean["ref"][5] = 0.0, 0.0
+    loss_clean, _, (dh_clean, dw_clean) = _run(clean, backend, 1.0, 0.0)
+    assert bool(loss.isfinite()) and bool(dh.isfinite().all()) and bool(dw.isfinite().all())
+    assert float(dh[5].abs().max()) == 0.0
+    torch.testing.assert_close((loss, dh, dw), (loss_clean, dh_clean, dw_clean), rtol=0, atol=0)
+
+
+def test_no_tokens_gives_a_zero_loss(backend: str, device) -> None:
+    """N = 0 (an empty micro-batch): the metrics took min/max of an empty tensor and raised."""
+    hidden = torch.randn(0, 8, device=device, requires_grad=True)
+    weight = torch.randn(20, 8, device=device, requires_grad=True)
+    empty = torch.zeros(0, device=device)
+    loss, metrics = linear_policy_loss(hidden, weight, torch.zeros(0, dtype=torch.long, device=device), empty,
+                                       empty, empty.bool(), backend=backend)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and (weight.grad is None or float(weight.grad.abs().max()) == 0.0)
+    assert float(metrics["ratio_min"]) == float(metrics["ratio_max"]) == 0.0
+
+
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_per_token_temperatures(backend: str, strategy: str, device) -> None:
     """A temperature per token (each one-pass chunk reads its own rows of them): the float64 reference's loss,

@@ -203,6 +203,27 @@ def test_unmasked_nan_does_not_leak(device: torch.device) -> None:
     assert all(bool(torch.isfinite(v)) for v in m.values())
 
 
+def test_unmasked_nan_advantage_or_reference_does_not_leak(device: torch.device) -> None:
+    """A NaN advantage or reference log-prob at an unmasked token gave d loss / d logprob = 0 * NaN = NaN there
+    (the output's `where` kept it out of the loss only). Found by review on 2026-12-07."""
+    x = _inputs(device, seed=6)
+    for field in ("adv", "ref"):
+        adv, ref = x["adv"].clone(), x["logp"].detach().clone() + 0.1
+        (adv if field == "adv" else ref)[~x["mask"]] = float("nan")
+        logp = x["logp"].clone().requires_grad_(True)
+        loss, m = policy_loss(logp, x["old"], adv, x["mask"], ref_logprobs=ref, kl_coef=0.1)
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert torch.isfinite(loss) and bool(torch.isfinite(grad).all()), field
+        assert float(grad[~x["mask"]].abs().max()) == 0.0, field
+
+
+def test_no_tokens_at_all(device: torch.device) -> None:
+    """N = 0: min/max of an empty tensor raised in the metrics."""
+    empty = torch.zeros(0, device=device)
+    loss, m = policy_loss(empty.clone().requires_grad_(True), empty, empty, empty.bool())
+    assert float(loss.detach()) == 0.0 and float(m["ratio_min"]) == float(m["ratio_max"]) == 0.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
