@@ -290,11 +290,12 @@ def _prompt_units(samples: Sequence[SequenceSample], budget: int) -> list[list[i
 
 def _filler(samples: Sequence[SequenceSample], num_sequences: int, num_tokens: int) -> PackedMicroBatch:
     """A two-token micro-batch with a trained position: it runs forward and backward like a real one (so every
-    collective happens), and the update multiplies its loss by zero."""
+    collective happens), and the update multiplies its loss by zero. Its temperature is its own (1): without one
+    it ran at rollout.temperature, which SFT may set to 0, and the rank that got a filler stopped."""
     s = samples[0] if samples else None
     token = s.input_ids[0] if s else 0
     dummy = SequenceSample(input_ids=[token, token], prompt_len=1, advantage=0.0, role="padding", group=-1, uid=-1,
-                           loss_weight=0.0,
+                           loss_weight=0.0, temperature=1.0,
                            old_logprobs=[0.0] if s and s.old_logprobs is not None else None,
                            rollout_logprobs=[0.0] if s and s.rollout_logprobs is not None else None,
                            ref_logprobs=[0.0] if s and s.ref_logprobs is not None else None)

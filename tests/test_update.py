@@ -590,3 +590,27 @@ if __name__ == "__main__":  # one rank of test_two_ranks_log_the_global_batchs_a
             json.dump({"loss": upd.loss, "tokens": upd.tokens, "metrics": upd.metrics, "padding": int(padding_t)}, f)
         torch.save(grads, sys.argv[1] + ".grads.pt")
     dist.destroy_process_group()
+
+
+def test_a_rank_with_only_a_filler_updates_under_sft_at_temperature_0(tok):
+    """SFT may set rollout.temperature 0 (greedy evaluation; its own sequences carry temperature 1). A rank with
+    no sequence of its own (one question on two ranks) gets a filler micro-batch, which had no temperature and
+    ran at rollout.temperature: the LM-head kernel refused 0 on that rank only, and the run stopped. Found by
+    review on 2026-12-07."""
+    from raro_fast.modes.sft import sft_samples
+    from raro_fast.tasks import make_task
+
+    cfg = load_config(["--train.mode", "sft", "--rollout.temperature", "0", "--raro.questions_per_step", "1"])
+    samples = sft_samples(make_task(cfg.task).examples("train")[:1], tokenizer=tok).samples
+    for uid, s in enumerate(samples):
+        s.uid = uid
+    norm = weigh_roles(samples, loss_agg=cfg.loss.loss_agg, role_constants={"policy": 1.0})
+    policy = tiny_policy(tok)
+    for rank in (0, 1):
+        mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=cfg.train.max_tokens_per_micro_batch,
+                                 world_size=2, rank=rank)
+        assert [mb.is_padding for mb in mbs] == [rank == 1]
+        stats = update_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), mbs, loss_cfg=cfg.loss,
+                            temperature=cfg.rollout.temperature, norm_constant=norm, grad_clip=0.0,
+                            old_from_forward=True)
+        assert math.isfinite(stats.loss) and (stats.loss == 0.0) == (rank == 1)
