@@ -209,8 +209,9 @@ class RaroConfig:
         4,
     )
     critic_pairs_per_step: int = _help(
-        "At most this many fresh judged pairs (over all ranks) are also the critic's training pairs; 0: all of "
-        "them. Every pair the policy's answers were judged on is an on-policy critic rollout already.",
+        "At most this many fresh judged pairs (over all ranks: a rank's unused share goes to the others) are also "
+        "the critic's training pairs; 0: all of them. Every pair the policy's answers were judged on is an "
+        "on-policy critic rollout already.",
         0,
     )
     replay_size: int = _help("Replay buffer capacity (FIFO) of past (q, policy answer, a*) pairs.", 10000)

@@ -104,7 +104,8 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
 
     engine = ScriptedEngine(tok, task, critic=critic, no_tag_text=no_tag_text)
     out = raro_rollouts(examples, engine=engine, tokenizer=tok, task=task, cfg=cfg,
-                        rng=random.Random(0), seed=1, fresh_cap=fresh_cap, draw_replay=draw,
+                        rng=random.Random(0), seed=1, draw_replay=draw,
+                        fresh_cap=None if fresh_cap is None else lambda judged: min(judged, fresh_cap),
                         train_policy=train_policy)
     out.engine_temperatures = engine.temperatures
     out.engine_generated_tokens = engine.generated_tokens
@@ -437,12 +438,24 @@ def mode_calls(monkeypatch, cfg, world_size, *, step=0, replay=None):
     return calls
 
 
-@pytest.mark.parametrize("cap,world_size,caps",
-                         [(5, 3, [2, 2, 1]), (1, 2, [1, 0]), (4, 2, [2, 2]), (0, 2, [None, None])])
-def test_the_fresh_pair_cap_is_dealt_out_over_the_ranks_in_full(monkeypatch, cap, world_size, caps):
-    # critic_pairs_per_step is over all ranks: the remainder goes one each to the first ranks, not lost (0: no cap)
+@pytest.mark.parametrize("cap,judged,kept", [
+    (5, [9, 9, 9], [2, 2, 1]), (1, [3, 3], [1, 0]), (4, [5, 5], [2, 2]),  # the remainder to the first ranks
+    (4, [4, 0], [4, 0]), (4, [1, 6], [1, 3]), (7, [0, 2, 9], [0, 2, 5]),  # an unused share goes to the others
+    (10, [3, 2], [3, 2]), (3, [0, 0], [0, 0]),
+])
+def test_the_fresh_pair_cap_is_dealt_out_over_the_ranks_in_full(monkeypatch, cap, judged, kept):
+    """critic_pairs_per_step is over all ranks, dealt out once every rank's judged count is known (all-gathered).
+    Split evenly before, a rank with more judged pairs than its share dropped them while another's went unused:
+    (4, [4, 0]) kept 2 pairs on two ranks where one rank keeps 4. Found by review on 2026-12-07. 0: no cap."""
+    from raro_fast.modes import raro as raro_mode
+
+    monkeypatch.setattr(raro_mode, "all_gather_objects", lambda d, n: judged)
     cfg = load_config(["--raro.critic_pairs_per_step", str(cap)])
-    assert [c["fresh_cap"] for c in mode_calls(monkeypatch, cfg, world_size)] == caps
+    calls = mode_calls(monkeypatch, cfg, len(judged))
+    assert [c["fresh_cap"](n) for c, n in zip(calls, judged)] == kept
+    assert sum(kept) == min(cap, sum(judged)) and all(k <= n for k, n in zip(kept, judged))
+    cfg = load_config(["--raro.critic_pairs_per_step", "0"])
+    assert [c["fresh_cap"] for c in mode_calls(monkeypatch, cfg, 2)] == [None, None]
 
 
 def test_ranks_replay_disjoint_pairs_of_the_shared_buffer(monkeypatch):
@@ -530,3 +543,13 @@ def test_every_heldout_number_samples_at_the_rollouts_nucleus(setting):
     assert engine.calls == [(len(examples), 1), (len(examples), 2)]
     assert engine.top_ps == [0.9, 0.9] and engine.temperatures == [0.6, cfg.rollout.temperature]
     assert record["eval/heldout_accuracy"] == 1.0 and record["eval/heldout_avg_at_n"] == 0.5
+
+
+def test_a_rank_without_questions_still_takes_part_in_dealing_the_cap(setting):
+    """Dealing the fresh-pair cap is a collective: a rank with no question this step calls it too (with 0), or
+    the ranks that have questions would wait for it forever."""
+    cfg, tok, task, _ = setting
+    asked = []
+    out = raro_rollouts([], engine=None, tokenizer=tok, task=task, cfg=cfg, rng=random.Random(0), seed=1,
+                        fresh_cap=lambda judged: asked.append(judged) or 0, draw_replay=lambda n: [])
+    assert asked == [0] and out.samples == []

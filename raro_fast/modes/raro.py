@@ -13,6 +13,7 @@ from typing import Callable
 
 from raro_fast import prompts
 from raro_fast.config import JobConfig
+from raro_fast.distributed import all_gather_objects
 from raro_fast.modes.base import Mode, RankRollout, Trainer, sampled_sequence
 from raro_fast.replay import CriticPair
 from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
@@ -50,16 +51,19 @@ def raro_rollouts(
     cfg: JobConfig,
     rng: random.Random,
     seed: int,
-    fresh_cap: int | None,
+    fresh_cap: Callable[[int], int] | None,
     draw_replay: Callable[[int], list[CriticPair]],
     train_policy: bool = True,
 ) -> RankRollout:
-    """This rank's step of the game. The critic trains on every fresh judged pair (at most `fresh_cap`) and on
-    `raro.replay_ratio` of replayed ones, drawn by `draw_replay(n)`; the policy's sequences join the batch only
-    if `train_policy` (see `raro.critic_lead_steps`)."""
+    """This rank's step of the game. The critic trains on every fresh judged pair (at most `fresh_cap(n)` of the
+    n this rank judged, a collective that every rank calls once a step; None: no cap) and on `raro.replay_ratio`
+    of replayed ones, drawn by `draw_replay(n)`; the policy's sequences join the batch only if `train_policy`
+    (see `raro.critic_lead_steps`)."""
     rc, ro = cfg.raro, cfg.rollout
     out = RankRollout()
     if not examples:
+        if fresh_cap is not None:
+            fresh_cap(0)
         return out
     policy_params = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                    n=rc.group_size, seed=seed)
@@ -84,8 +88,9 @@ def raro_rollouts(
                                                     temperature=role_temperatures(cfg)["policy"], reward=rewards[i][j]))
     # 4. Critic training: the fresh verdicts above (on-policy rollouts already), plus rollouts on replayed pairs.
     fresh = list(zip((j.pair for j in judged), (j.expert_position for j in judged), verdicts))
-    if fresh_cap is not None and len(fresh) > fresh_cap:
-        fresh = rng.sample(fresh, fresh_cap)
+    keep = len(fresh) if fresh_cap is None else fresh_cap(len(fresh))
+    if len(fresh) > keep:
+        fresh = rng.sample(fresh, keep)
     replayed = [(p, rng.choice((1, 2))) for p in draw_replay(rc.replay_pairs_for(len(fresh), rng))]
     replay_params = replace(critic_params, seed=seed + 2)
     replay_verdicts = out.generated(judge_pairs([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine,
@@ -178,6 +183,23 @@ def judge_pairs(judged: list[Judged], engine: RolloutEngine, tokenizer,
     return engine.generate(critic_prompts, params)
 
 
+def deal_cap(cap: int, counts: list[int]) -> list[int]:
+    """How many of its `counts[r]` items each rank keeps so that all ranks keep min(cap, sum) together: equal
+    shares (the remainder to the first ranks), and what a rank cannot use goes on to the others. (Split evenly
+    before the counts were known, a rank with more judged pairs than its share dropped them while another's share
+    went unused: on two ranks the critic trained on fewer pairs than on one, under the same normaliser.)"""
+    shares, left = [0] * len(counts), cap
+    open_ranks = [r for r, c in enumerate(counts) if c > 0]
+    while left > 0 and open_ranks:
+        each, extra = divmod(left, len(open_ranks))
+        for i, r in enumerate(open_ranks):
+            give = min(counts[r] - shares[r], each + (i < extra))
+            shares[r] += give
+            left -= give
+        open_ranks = [r for r in open_ranks if shares[r] < counts[r]]
+    return shares
+
+
 class RaroMode(Mode):
     """The policy and the critic of one shared model, trained together on the game's mixed batch."""
 
@@ -192,7 +214,7 @@ class RaroMode(Mode):
         return raro_rollouts(
             examples, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
             rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed,
-            fresh_cap=cap // d.world_size + (d.rank < cap % d.world_size) if cap else None,
+            fresh_cap=(lambda judged: deal_cap(cap, all_gather_objects(d, judged))[d.rank]) if cap else None,
             draw_replay=lambda n: r.replay.sample(n, replay_rng, part=d.rank, parts=d.world_size),
             train_policy=step >= cfg.raro.critic_lead_steps,
         )
