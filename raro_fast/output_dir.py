@@ -16,6 +16,7 @@ from typing import Any
 
 from raro_fast.checkpoint import checkpoint_root
 from raro_fast.config import JobConfig
+from raro_fast.model.hf import resolve_model_path, weights_digest
 
 # What a run writes into its folder (besides base_model/, handled on its own).
 RUN_ENTRIES = ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "final_model", "config.json", "curves.png",
@@ -39,7 +40,11 @@ def base_recipe(cfg: JobConfig) -> dict[str, Any]:
                  "target": c.target, "max_target": c.max_target}
     if c.max_target or cfg.warmup.leave_out == "puzzles":  # the warm-up leaves out the task's puzzles: the split counts
         countdown.update(num_train=c.num_train, num_heldout=c.num_heldout, seed=c.seed)
-    start = {"model.path": cfg.model.path} if cfg.model.path else {"model.embedded": dataclasses.asdict(cfg.model.embedded)}
+    if cfg.model.path:  # the path and what is there now: a model saved there again is another starting point
+        path = resolve_model_path(cfg.model.path, "model.path")
+        start = {"model.path": cfg.model.path, "model.path weights sha256": weights_digest(path)}
+    else:
+        start = {"model.embedded": dataclasses.asdict(cfg.model.embedded)}
     return {
         **start,
         "warmup": dataclasses.asdict(cfg.warmup),

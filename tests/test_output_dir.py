@@ -115,14 +115,20 @@ def test_a_base_is_checked_in_every_section_and_for_a_real_model_warmed_up_too(t
     a real model given warmup.checkpoint_steps is warmed up into base_model/ like the embedded one, and the puzzles
     left out of a warm-up that leaves out the task's puzzles are the split's, so its counts are the base's too."""
     out = tmp_path / "run"
-    real = ["--model.path", str(tmp_path), "--warmup.checkpoint_steps", "5"]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")  # the recipe holds their digest
+    real = ["--model.path", str(model), "--warmup.checkpoint_steps", "5"]
     assert output_dir.uses_base(_cfg(out)) and output_dir.uses_base(_cfg(out, *real))
-    assert not output_dir.uses_base(_cfg(out, "--model.path", str(tmp_path)))
+    assert not output_dir.uses_base(_cfg(out, "--model.path", str(model)))
     _base(out, _cfg(out, *real))
     with pytest.raises(ValueError, match="checkpoint_steps: 5 there, 6 now"):
-        output_dir.prepare(_cfg(out, "--model.path", str(tmp_path), "--warmup.checkpoint_steps", "6"), delete=True)
+        output_dir.prepare(_cfg(out, "--model.path", str(model), "--warmup.checkpoint_steps", "6"), delete=True)
     output_dir.prepare(_cfg(out, *real), delete=True)
     output_dir.prepare(_cfg(out, *real[:2]), delete=True)  # no warm-up: the model is used as it is, base ignored
+    (model / "model.safetensors").write_bytes(b"other weights")  # saved there again: the base is another's
+    with pytest.raises(ValueError, match="model.path weights sha256: '[0-9a-f]+' there, '[0-9a-f]+' now"):
+        output_dir.prepare(_cfg(out, *real), delete=True)
     other = tmp_path / "other"
     _base(other, _cfg(other, "--warmup.seed", "7", "--model.embedded.hidden_size", "64", "--train.seed", "3"))
     with pytest.raises(ValueError) as e:

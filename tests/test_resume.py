@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from raro_fast import checkpoint
 from raro_fast.distributed import Dist
@@ -243,3 +243,61 @@ def test_a_resume_refuses_other_data_and_names_the_steps_its_metrics_lost(tmp_pa
     state_file.write_text(json.dumps(state))
     checkpoint.write_manifest(state_file.parent)
     assert train.setup(load_config([*args, "--resume"]), D).start_step == 2
+
+
+def test_a_resume_refuses_an_initial_model_saved_again_where_its_reference_is_rebuilt(tmp_path, saved_embedded_model):
+    """The KL anchor (and DPO's first reference) is rebuilt on resume from the initial model's path. A model saved
+    there again between the kill and the resume (an SFT stage writing to the same folder) anchored the run to
+    another model with no error: step 3's ref_kl was 0.0 uninterrupted and 0.265 resumed. Each checkpoint now
+    records the initial weights' digest. Found by review on 2026-12-07."""
+    import shutil
+
+    from raro_fast import train
+    from raro_fast.config import load_config
+    from raro_fast.model.hf import weights_digest
+
+    base = tmp_path / "base"
+    shutil.copytree(saved_embedded_model, base)
+    out = tmp_path / "run"
+    args = ["--model.path", str(base), "--train.output_dir", str(out), "--task.countdown.num_train", "8",
+            "--task.countdown.num_heldout", "2", "--train.progress", "false", "--train.mode", "rlvr",
+            "--loss.kl_coef", "0.1"]
+    r = train.setup(load_config(args), D)
+    assert r.initial_sha256 == weights_digest(base)
+    train.save(r, 2)
+    assert checkpoint.load_trainer_state(out / "checkpoints" / "step_000002")["initial_weights_sha256"] == \
+        r.initial_sha256
+    assert train.setup(load_config([*args, "--resume"]), D).start_step == 2  # the same model: resumes
+    weights = base / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"is not the one the run started from .* rebuilds its reference model"):
+        train.setup(load_config([*args, "--resume"]), D)
+    # without a reference model nothing is rebuilt from that path, and nothing is hashed
+    plain = [*args[:-2], "--train.output_dir", str(tmp_path / "plain")]
+    assert train.setup(load_config(plain), D).initial_sha256 is None
+
+
+def test_a_cached_base_is_warmed_up_again_when_the_model_at_its_path_changes(tmp_path, saved_embedded_model):
+    """base_model/'s recipe held model.path's string only: a model saved there again kept the stale base, even
+    under train.overwrite. Found by review on 2026-12-07."""
+    import shutil
+
+    from raro_fast import output_dir
+    from raro_fast.config import load_config
+
+    base = tmp_path / "base"
+    shutil.copytree(saved_embedded_model, base)
+    cfg = load_config(["--model.path", str(base), "--warmup.checkpoint_steps", "2",
+                       "--train.output_dir", str(tmp_path / "run")])
+    before = output_dir.base_recipe(cfg)
+    weights = base / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    after = output_dir.base_recipe(cfg)
+    assert before["model.path"] == after["model.path"]
+    assert before["model.path weights sha256"] != after["model.path weights sha256"]

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from raro_fast.durable import write_text_atomic
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Beside the weights, the files Hugging Face reads that change what a model samples: its architecture and numerics
 # (config.json), end tokens and defaults (generation_config.json), and its tokenizer and chat template, which render
 # the prompts (and decode the completions).
@@ -39,20 +38,6 @@ def draw_seed(seed: int, problem_id: str, first: int) -> int:
     seed of the caches written before, for their first chunk)."""
     digest = hashlib.sha256(f"{seed}/{problem_id}/{first}".encode()).digest()
     return int.from_bytes(digest[:6], "little")
-
-
-def weights_digest(model_dir: str | os.PathLike) -> str:
-    """SHA-256 over the model directory's weight files (names and bytes, in name order): what the samples came from."""
-    files = sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-    if not files:
-        raise ValueError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to identify the model by")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(model_dir).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 24):
-                h.update(block)
-    return h.hexdigest()
 
 
 def model_files_digest(model_dir: str | os.PathLike) -> str:
