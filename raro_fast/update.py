@@ -126,7 +126,9 @@ def update_step(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    device = mbs[0].input_ids.device if mbs else torch.device("cpu")
+    # A step with nothing to train still takes part in the all-reduce below, on the model's device: NCCL reduces
+    # CUDA tensors only (a CPU fallback stopped multi-GPU runs on an empty step: every RLVR sample truncated).
+    device = mbs[0].input_ids.device if mbs else next(model.parameters()).device
     total_loss = torch.zeros((), device=device)
     # Token-weighted sums of the scalar metrics and the trained-token count, over this rank's micro-batches; they
     # are added over ranks below, so the averages are the global batch's (rank 0 alone writes metrics.jsonl).

@@ -239,6 +239,9 @@ def test_dpo_pairs_pair_the_expert_with_each_other_sample(setting):
     assert [tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True) for s in out.samples[1::2]] == texts[1:3]
     assert all(s.rollout_logprobs is None for s in out.samples)
     assert [s.weight_version for s in out.samples[1::2]] == [2, 2]  # the rejected are sampled: their policy's version
+    # Both scored at temperature 1 whatever the rollouts sampled at: DPO compares the models' own likelihoods (at
+    # rollout.temperature 0.5 the margins and gradient were twice as large). Found by review on 2026-12-07.
+    assert [s.temperature for s in out.samples] == [1.0] * 4
 
 
 def test_dpo_update_gradient_is_the_dpo_loss_gradient(setting):

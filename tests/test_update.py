@@ -614,3 +614,20 @@ def test_a_rank_with_only_a_filler_updates_under_sft_at_temperature_0(tok):
                             temperature=cfg.rollout.temperature, norm_constant=norm, grad_clip=0.0,
                             old_from_forward=True)
         assert math.isfinite(stats.loss) and (stats.loss == 0.0) == (rank == 1)
+
+
+def test_a_step_with_nothing_to_train_reduces_on_the_models_device(tok, monkeypatch):
+    """Every rank with no micro-batch (every RLVR sample truncated): the totals were a CPU tensor, which NCCL does
+    not reduce, and a multi-GPU run stopped. They are on the model's device now. Found by review on 2026-12-07."""
+    policy = tiny_policy(tok)
+    devices = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: devices.append(t.device))
+    sentinel = torch.device("meta")
+    monkeypatch.setattr(type(policy), "parameters",
+                        lambda self, recurse=True: iter([torch.empty(0, device=sentinel)]))
+    with pytest.raises(Exception):  # the step itself needs real parameters; the reduce came first
+        update_step(policy, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0), [],
+                    loss_cfg=LossConfig(), temperature=1.0, norm_constant=1.0, grad_clip=0.0)
+    assert devices and devices[0] == sentinel

@@ -46,10 +46,13 @@ def dpo_pairs(examples: list[Example], *, engine: RolloutEngine, tokenizer, task
             if not paired:
                 continue
             prompt = list(c.prompt_ids)
+            # Temperature 1 for both, policy and reference: DPO compares the models' own likelihoods, and the
+            # expert's answer was never sampled (at rollout.temperature 0.5 the margins and gradient were twice as
+            # large, as SFT's were).
             out.samples.append(SequenceSample(input_ids=prompt + expert, prompt_len=len(prompt), advantage=0.0,
-                                              role="policy", group=pair, uid=-1, preference=1))
+                                              role="policy", group=pair, uid=-1, preference=1, temperature=1.0))
             out.samples.append(SequenceSample(input_ids=prompt + list(c.token_ids), prompt_len=len(prompt), advantage=0.0,
-                                              role="policy", group=pair, uid=-1, preference=-1,
+                                              role="policy", group=pair, uid=-1, preference=-1, temperature=1.0,
                                               weight_version=c.weight_version))
             pair += 1
     return out
