@@ -98,11 +98,18 @@ def engine_kwargs(*, model_path: str, dtype: str, mem_fraction: float, tp_size: 
 
 def sampling_params_json(params: SamplingParams, stop_token_ids: Iterable[int]) -> dict:
     """SGLang's `sampling_params` for one request. No per-request seed: n copies of a prompt with one seed
-    would sample the same tokens; the engine's `random_seed` drives sampling instead."""
+    would sample the same tokens; the engine's `random_seed` drives sampling instead. Every other filter is set
+    off explicitly (top-k, min-p, penalties): the trainer scores softmax(z / T) with top-p only, and an SGLang that
+    fills unset fields from the model's generation_config.json (its `sampling_defaults`) would sample otherwise."""
     return {
         "max_new_tokens": params.max_new_tokens,
         "temperature": max(params.temperature, 0.0),
         "top_p": params.top_p,
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
         "stop_token_ids": sorted(set(stop_token_ids) | set(params.stop_token_ids)),
         "skip_special_tokens": False,
         "no_stop_trim": True,

@@ -81,7 +81,10 @@ def check_synced(engine, inner, model, version):
 def test_sampling_params_and_response_parsing_follow_sglangs_formats():
     sp = sampling_params_json(SamplingParams(max_new_tokens=7, temperature=0.6, top_p=0.9, stop_token_ids=(4,)), [1])
     assert sp == {"max_new_tokens": 7, "temperature": 0.6, "top_p": 0.9, "stop_token_ids": [1, 4],
-                  "skip_special_tokens": False, "no_stop_trim": True}
+                  "skip_special_tokens": False, "no_stop_trim": True,
+                  # off, whatever the model's generation_config.json says: the trainer scores no such filter
+                  "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0,
+                  "presence_penalty": 0.0}
     out = {"text": "x", "output_ids": [3, 1], "meta_info": {"finish_reason": {"type": "stop", "matched": 1},
                                                               "output_token_logprobs": [[-0.5, 3, None], [-1.25, 1, None]]}}
     c = completion_from_output(out, [9], decode=lambda ids: "d", weight_version=4)
