@@ -136,7 +136,7 @@ class RolloutConfig:
     temperature: float = _help("Sampling temperature for policy rollouts (and critic rollouts unless "
                                "critic_temperature is set).", 1.0)
     critic_temperature: float | None = _help(
-        "Sampling temperature for RARO's critic rollouts (empty: `temperature`). Their log-probs are recomputed at "
+        "Sampling temperature for RARO's critic rollouts (unset or `none`: `temperature`). Their log-probs are recomputed at "
         "the same temperature, so the update stays on-policy for both roles. Measured on the embedded model (docs/"
         "experiments.md, section 5): at 0.3 the critic checks more reliably, but RARO gained less.", None)
     top_p: float = _help("Nucleus sampling for rollouts (1.0 keeps the engine's log-probs exact).", 1.0)
@@ -482,6 +482,10 @@ def _build(cls: type, values: dict[str, Any], where: dict[str, str], prefix: str
         path = f"{prefix}{key}"
         if key not in types_:
             known = ", ".join(sorted(types_))
+            # An unknown section ("--nope.x 1") has no origin of its own: its keys' say where it came from.
+            inner = next((k for k in where if k.startswith(f"{path}.")), None)
+            if path not in where and inner is not None:
+                raise ConfigError(f"{where[inner]}: unknown key '{inner}': no section '{path}' (known here: {known})")
             raise ConfigError(f"{where.get(path, 'config')}: unknown key '{path}' (known here: {known})")
         tp = types_[key]
         if dataclasses.is_dataclass(tp):

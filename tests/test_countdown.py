@@ -370,3 +370,26 @@ def test_a_search_traces_dead_ends_miss_the_target_and_its_last_chain_is_the_sol
         assert last == " ".join(expression_steps(solve_ast(p.numbers, p.target))) + " yes"
         dead_ends += len(dead)
     assert dead_ends > 20
+
+
+def test_a_task_that_overrides_verify_has_a_verifier_without_a_flag():
+    """docs/tasks.md's recipe overrides `verify` only; has_verifier was a separate flag (default False), so such a
+    task's checker went unused (RLVR and the analysis refused it, the critic's reward gap was never logged). It is
+    whether `verify` is overridden now. Found by review on 2026-12-07."""
+    from raro_fast.tasks import TaskConfig, make_task
+    from raro_fast.tasks.base import Example, Task
+
+    class Checked(Task):
+        def examples(self, split):
+            return []
+
+        def verify(self, example, answer):
+            return answer == example.answer
+
+    class Unchecked(Task):
+        def examples(self, split):
+            return []
+
+    assert Checked().has_verifier and not Unchecked().has_verifier
+    assert Checked().verify(Example("a", "q", "1"), "1") is True
+    assert make_task(TaskConfig()).has_verifier  # countdown

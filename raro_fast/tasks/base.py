@@ -26,7 +26,13 @@ class Example:
 
 class Task(ABC):
     name: str = "task"
-    has_verifier: bool = False  # True where `verify` answers True/False (evaluation and diagnostics only)
+
+    @property
+    def has_verifier(self) -> bool:
+        """Whether `verify` answers True/False (evaluation and diagnostics only): a task that overrides it. (A flag
+        to set beside it was missed by a task written from docs/tasks.md, and its verifier went unused: RLVR and the
+        analysis refused it, and the critic's correct-vs-incorrect reward gap was never logged.)"""
+        return type(self).verify is not Task.verify
 
     @abstractmethod
     def examples(self, split: str) -> list[Example]:

@@ -473,7 +473,6 @@ def _split(num_train, num_heldout, num_numbers, min_number, max_number, target, 
 
 class CountdownTask(Task):
     name = "countdown"
-    has_verifier = True
 
     def __init__(self, cfg: CountdownConfig) -> None:
         self.cfg = cfg

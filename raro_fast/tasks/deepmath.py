@@ -291,7 +291,6 @@ def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int =
 
 class DeepMathTask(FileTask):
     name = "deepmath"
-    has_verifier = True
 
     load = staticmethod(load_examples)
 
