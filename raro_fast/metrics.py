@@ -179,20 +179,32 @@ def critic_signal(records: list[dict[str, Any]]) -> str | None:
     """One sentence on whether the critic's reward carried signal over the run (means over steps), or None when
     the run logged no critic diagnostics (not RARO, or a task without a verifier). The rewards of right and wrong
     answers are averaged over the same steps, those that had both, so the gap printed is their difference (a step
-    with wrong answers only counted in the one and not in the other)."""
+    with wrong answers only counted in the one and not in the other). A run with no such step (no right answer
+    judged at all, the case where a fooled critic matters most) still gets its sentence, with the wrong answers'
+    reward alone: it returned None there, and the run ended without a word on its critic."""
 
     def mean(key: str, rows=records) -> float | None:
         vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    both = [r for r in records if r.get("reward/policy_gap") is not None]
-    decisive, gap = mean("critic/decisive_accuracy"), mean("reward/policy_gap", both)
-    if decisive is None or gap is None:
+    decisive = mean("critic/decisive_accuracy")
+    if decisive is None:
         return None
+    head = (f"critic, means over steps: picked the expert in {decisive:.2f} of its decisive verdicts (chance 0.50), "
+            f"tie rate {mean('critic/tie_rate'):.2f}; ")
+    both = [r for r in records if r.get("reward/policy_gap") is not None]
+    if not both:
+        wrong, right = mean("reward/policy_mean_incorrect"), mean("reward/policy_mean_correct")
+        if wrong is None and right is None:
+            return None
+        paid = " and ".join(f"{v:.3f} for {what} answers" for what, v in (("right", right), ("wrong", wrong))
+                            if v is not None)
+        return head + (f"the policy's reward was {paid}, and no step judged both kinds (no gap; the verifier is "
+                       "only logged)")
+    gap = mean("reward/policy_gap", both)
     right, wrong = mean("reward/policy_mean_correct", both), mean("reward/policy_mean_incorrect", both)
-    return (f"critic, means over steps: picked the expert in {decisive:.2f} of its decisive verdicts (chance 0.50), "
-            f"tie rate {mean('critic/tie_rate'):.2f}; the policy's reward was {right:.3f} for right answers and "
-            f"{wrong:.3f} for wrong ones (gap {gap:+.3f}; the verifier is only logged)")
+    return head + (f"the policy's reward was {right:.3f} for right answers and {wrong:.3f} for wrong ones (gap "
+                   f"{gap:+.3f}; the verifier is only logged)")
 
 
 def _fmt(v: Any) -> str:

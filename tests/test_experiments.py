@@ -85,7 +85,8 @@ def test_critic_diagnostics_and_targets(tmp_path):
     assert "- met: raro > SFT: 0.200 vs 0.100, seeds 0 only" in table
     assert "- met: raro above its own base by more than the seed spread: gain +0.075 vs sd 0.035" in table
     assert "- met: raro_lp3 >= 0.9 x RLVR: 0.250 vs 0.180" in table
-    assert "- met: raro_lp3 above its own base by more than the seed spread: gain +0.150 vs sd 0.000" in table
+    # one seed has no spread to beat: not judged (its sd of 0 made any gain pass). Found by review on 2026-12-07.
+    assert "- n/a: raro_lp3 above its own base by more than the seed spread: 1 seed with a base, no spread" in table
     assert "raro_oracle >=" not in table
 
 
@@ -104,6 +105,23 @@ def test_critic_rewards_and_gap_are_averaged_over_the_same_steps(tmp_path):
     table, _ = summarize.summarize(summarize.read_runs(tmp_path))
     # decisive accuracy over its own three steps; right, wrong and gap over step 1, the one step with both
     assert "| raro | 0.700 ± 0.000 | - | 0.600 ± 0.000 | 0.200 ± 0.000 | 0.400 ± 0.000 | - |" in table
+    # No step judged both kinds (a policy that never solves a puzzle, a critic that may be fooled): the rewards
+    # over every step, no gap (all three were blank). Found by review on 2026-12-07.
+    del recs[1]
+    (tmp_path / "raro-s0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table, _ = summarize.summarize(summarize.read_runs(tmp_path))
+    assert "| raro | 0.650 ± 0.000 | - | 0.900 ± 0.000 | 0.500 ± 0.000 | - | - |" in table
+
+
+def test_a_run_without_a_step_0_evaluation_is_named_not_dropped_from_the_gains(tmp_path):
+    """Found by review on 2026-12-07: the seeds column counted it, the gains and targets left it out silently."""
+    for seed, accs in ((0, {0: 0.1, 10: 0.13}), (1, {5: 0.1, 10: 0.01}), (2, {0: 0.1, 10: 0.12})):
+        _write(tmp_path, f"raro-s{seed}", accs)
+    lines = (tmp_path / "raro-s1" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "raro-s1" / "metrics.jsonl").write_text("\n".join(lines[1:]) + "\n")  # its step-0 record lost
+    table, _ = summarize.summarize(summarize.read_runs(tmp_path))
+    assert "| raro | 3 |" in table and "2 of 2 |" in table
+    assert "Not in the gains or targets (no step-0 evaluation): raro seed 1." in table
 
 
 def test_a_raro_variant_is_held_against_the_sft_of_its_own_setting(tmp_path):
@@ -563,4 +581,8 @@ def test_panels_plot_runs_side_by_side_and_name_a_missing_run(tmp_path):
     assert panels.running_mean([1, 2, 3], [0.0, 1.0, 2.0], 2) == ([1, 2, 3], [0.0, 0.5, 1.5])
     with pytest.raises(SystemExit, match="nope/metrics.jsonl: no such metrics file"):
         panels.main([str(tmp_path), str(out), "x=nope"])
+    # a run with no avg@n drew an empty line with a legend entry (found by review on 2026-12-07)
+    _write(tmp_path, "greedy-s0", {0: 0.2, 20: 0.25})
+    with pytest.raises(ValueError, match="greedy-s0/metrics.jsonl: no held-out avg@n"):
+        panels.main([str(tmp_path), str(out), "x=old-s0,greedy-s0"])
     assert panels.main([str(tmp_path), str(out), "no title"]) == 2

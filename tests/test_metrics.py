@@ -134,6 +134,17 @@ def test_the_critic_sentence_takes_right_wrong_and_gap_over_the_same_steps():
     assert "decisive verdicts" in line and "in 0.60 of" in line and "tie rate 0.30" in line
 
 
+def test_the_critic_sentence_is_said_when_no_step_judged_a_right_answer():
+    """A run whose policy never solved a puzzle (a fooled critic matters most there): no step has a gap, and the
+    run ended without a word on its critic. Found by review on 2026-12-07."""
+    records = [{"step": s, "critic/decisive_accuracy": 0.3, "critic/tie_rate": 0.5, "reward/policy_mean_correct": None,
+                "reward/policy_mean_incorrect": 0.6, "reward/policy_gap": None} for s in (1, 2, 3, 4)]
+    line = critic_signal(records)
+    assert "in 0.30 of its decisive verdicts" in line and "tie rate 0.50" in line
+    assert "0.600 for wrong answers, and no step judged both kinds (no gap;" in line
+    assert critic_signal([{"step": 1, "critic/decisive_accuracy": None}]) is None  # no critic diagnostics at all
+
+
 def test_the_runs_last_lines_say_why_there_is_no_heldout_accuracy():
     """With no held-out problems the run used to say the task had no verifier, under the critic's sentence that the
     verifier's own verdicts had made."""
