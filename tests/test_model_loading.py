@@ -301,3 +301,18 @@ def test_weights_transformers_keeps_in_fp32_stay_fp32_in_the_engine_copy_and_the
         trainer.get_parameter(router).add_(1e-3)  # a change bf16 would round away
     copy_weights_in_place(copy, hf_named_tensors(trainer, dtype=torch.bfloat16))
     assert torch.equal(dict(copy.named_parameters())[router], trainer.get_parameter(router))
+
+
+def test_a_tied_config_with_a_head_of_its_own_in_the_file_is_refused(saved, tmp_path):
+    """config.json ties the head to the embeddings, the file holds a different lm_head.weight: transformers loaded
+    it untied, silently (the trainer trained a head the config says is not there; an engine following the config
+    samples from another). Found by review on 2026-12-07."""
+    import json
+
+    p = _copy(saved, tmp_path)
+    assert json.loads((p / "config.json").read_text()).get("tie_word_embeddings", True)
+    _edit_weights(p, lambda sd: {**sd, "lm_head.weight": sd["model.embed_tokens.weight"] * 0.5})
+    with pytest.raises(ValueError, match=r"holds an lm_head.weight of its own, but config.json ties the LM head"):
+        load_pretrained(str(p), dtype=torch.float32)
+    _edit_weights(p, lambda sd: {**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()})
+    load_pretrained(str(p), dtype=torch.float32)  # the same values under both names: one tied head, as saved

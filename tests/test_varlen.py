@@ -360,3 +360,56 @@ def test_gemma2_without_soft_capping_packs_exactly():
         got = packed_hidden_states(packed.model, mb)
         want = torch.cat([ref.model(input_ids=torch.tensor([s.input_ids])).last_hidden_state[0] for s in seqs])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _tiny(name: str, **fields):
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"this transformers has no {name}")
+    base = dict(vocab_size=89, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cls(**{**base, **fields}))
+
+
+@pytest.mark.parametrize("name,fields,what", [
+    ("Lfm2Config", dict(layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False), "conv"),
+    ("GraniteMoeHybridConfig", dict(layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=8,
+                                    mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8), "(linear_attention|mamba)"),
+    ("Llama4TextConfig", dict(head_dim=8, intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=8),
+     "chunked"),
+])
+def test_models_that_mix_tokens_outside_the_attention_are_refused(name, fields, what):
+    """LFM2's convolutions, Granite-4.0-H's Mamba layers and Llama 4's chunked attention run across the sequences of
+    a packed row (only the attention reads the boundaries): accepted, every sequence after a row's first got other
+    log-probs (up to 0.4). Found by review on 2026-12-07."""
+    with pytest.raises(ValueError, match=f"raro_varlen: the model has .*{what}.*cannot be trained here"):
+        use_varlen_attention(_tiny(name, **fields))
+
+
+def test_a_rotary_embedding_that_depends_on_the_longest_position_refuses_sequences_past_its_limit():
+    """Phi-3's longrope (and dynamic NTK) picks its frequencies by the longest position in the packed row: a short
+    sequence beside one past original_max_position_embeddings got the long-context frequencies (1e-2 in
+    log-probs). Within the limit the packed row is exact; past it the update stops, naming the limit. Found by
+    review on 2026-12-07."""
+    from raro_fast.model.varlen import length_dependent_rope_limit
+
+    assert length_dependent_rope_limit(CONFIGS["qwen2"]()) is None
+    rope = dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[4.0] * 4,
+                original_max_position_embeddings=16)
+    try:
+        model = _tiny("Phi3Config", max_position_embeddings=64, original_max_position_embeddings=16,
+                      rope_parameters=rope, pad_token_id=0)
+    except (TypeError, ValueError):  # transformers 4.x: rope_scaling, with "type"
+        model = _tiny("Phi3Config", max_position_embeddings=64, original_max_position_embeddings=16,
+                      rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4},
+                      pad_token_id=0)
+    assert length_dependent_rope_limit(model.config) == 16
+    use_varlen_attention(model)
+    short = random_sequences(3, min_len=4, max_len=16)
+    packed_hidden_states(model.model, pack(short, num_sequences=3, num_tokens=60))
+    long = random_sequences(1, min_len=20, max_len=20, seed=2)
+    with pytest.raises(ValueError, match="a packed sequence of 20 tokens, over 16: .*longrope"):
+        packed_hidden_states(model.model, pack(short + long, num_sequences=4, num_tokens=60))

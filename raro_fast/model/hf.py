@@ -281,8 +281,29 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
         raise ValueError(f"{setting}: {config} and {_weights_label(weights)}: the model does not build from that "
                          f"config, or its weights do not fit it ({type(e).__name__}: {_first_lines(e)})") from None
     _check_all_weights_loaded(model, info, weights, setting)
+    _check_tied_head(model, weights, setting)
     choose_pad_token(tokenizer, end_token_ids(model, tokenizer))
     return model, tokenizer
+
+
+def _check_tied_head(model: PreTrainedModel, weights: list[Path], setting: str) -> None:
+    """A config that ties the LM head to the embeddings, with a different lm_head.weight in the file: transformers
+    5 loaded it untied and 4.x dropped it, both silently (the trainer trained a head the config says is not there,
+    or not the file's). Read from the file, so both are caught. Found by review."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if not getattr(model.config, "tie_word_embeddings", False) or head is None or embed is None:
+        return
+    # By module: tied, both weights are one parameter, and its names cannot tell which is the head.
+    modules = dict((id(m), n) for n, m in model.named_modules(remove_duplicate=False))
+    head_name, embed_name = (f"{modules[id(m)]}.weight" if id(m) in modules else None for m in (head, embed))
+    stored = {}
+    for f in weights:
+        with safe_open(str(f), framework="pt") as fh:
+            stored.update({name: fh.get_tensor(name) for name in (head_name, embed_name) if name in fh.keys()})
+    if head_name in stored and embed_name in stored and not torch.equal(stored[head_name], stored[embed_name]):
+        raise ValueError(f"{setting}: {_weights_label(weights)} holds an lm_head.weight of its own, but config.json "
+                         "ties the LM head to the input embeddings (tie_word_embeddings true); set it to false to train "
+                         "that head, or remove lm_head.weight from the file to train the tied one")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from functools import cached_property, lru_cache
 from typing import NamedTuple
 
@@ -295,16 +296,45 @@ def _refuse_what_changes_the_scores(dropout: float, kwargs: dict) -> None:
                          f"attention_dropout to 0 in the model's config.json")
 
 
+# Layer kinds packed attention computes within each sequence; any other kind in `config.layer_types` is refused.
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+# Modules that mix tokens outside the attention (a short convolution, a state-space scan, linear attention): in a
+# packed row they run across sequence boundaries, since only the attention reads cu_seq_lens.
+_TOKEN_MIXERS = re.compile(r"Mamba|ShortConv|GatedDeltaNet|LinearAttention|Rwkv|RWKV|SSM")
+
+
 def check_varlen_supported(model) -> None:
-    """Refuse at load what `_attention` would refuse at the first update, minutes of generation later."""
+    """Refuse at load what packed attention would compute otherwise than one sequence alone: what `_attention`
+    refuses at the first update, minutes of generation later, and what it never sees. Found by review (LFM2's
+    convolutions, Granite-4.0-H's and Bamba's Mamba layers, Llama 4's chunked attention and position-dependent
+    attention temperature were accepted, and every sequence after a row's first got other log-probs)."""
     configs = [model.config, getattr(model.config, "text_config", None)]
     for cfg in filter(None, configs):
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
             _refuse_what_changes_the_scores(0.0, {"softcap": cfg.attn_logit_softcapping})
         if getattr(cfg, "attention_dropout", 0.0):
             _refuse_what_changes_the_scores(cfg.attention_dropout, {})
+        other = sorted(set(getattr(cfg, "layer_types", None) or ()) - _ATTENTION_LAYER_TYPES)
+        if other:
+            _refuse(f"layers of kind {', '.join(other)} (config.layer_types)")
+        if getattr(cfg, "attention_chunk_size", None):
+            _refuse(f"chunked attention (attention_chunk_size {cfg.attention_chunk_size}), which lives in the mask "
+                    "packed attention does not build")
+        if getattr(cfg, "attn_temperature_tuning", False):
+            _refuse("attention temperature tuning by position (attn_temperature_tuning), which counts positions "
+                    "along the packed row")
+    mixers = sorted({type(m).__name__ for m in model.modules()
+                     if isinstance(m, torch.nn.Conv1d) or _TOKEN_MIXERS.search(type(m).__name__)})
+    if mixers:
+        _refuse(f"token mixing outside the attention ({', '.join(mixers)}), which would run across the sequences "
+                "of a packed row")
     if any(name.rsplit(".", 1)[-1] == "sinks" for name, _ in model.named_parameters()):
         _refuse_what_changes_the_scores(0.0, {"s_aux": True})
+
+
+def _refuse(what: str) -> None:
+    raise ValueError(f"{VARLEN_ATTENTION}: the model has {what}; packed sequences would not be computed as each "
+                     "alone, so this model cannot be trained here")
 
 
 def _no_mask(*args, **kwargs):
@@ -331,10 +361,33 @@ def use_varlen_attention(model) -> None:
         model.config._attn_implementation = VARLEN_ATTENTION
 
 
+def _rope_type(config) -> str | None:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+
+
+def length_dependent_rope_limit(config) -> int | None:
+    """The sequence length past which this model's rotary frequencies change with the longest position seen
+    (Phi-3's longrope, dynamic NTK), or None for a rotary embedding that does not. Within one packed row the
+    longest sequence sets them for all: a short sequence beside a long one got the long-context frequencies (found
+    by review: 1e-2 in log-probs on Phi-3 longrope)."""
+    if _rope_type(config) not in ("longrope", "dynamic"):
+        return None
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return int(params.get("original_max_position_embeddings")
+               or getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+
+
 def packed_hidden_states(body, mb, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Final (normed) hidden states [T, H] of the decoder `body` (e.g. `model.model`) on packed micro-batch `mb`, or
     only those of `rows`. Where the micro-batch shares prompts, the decoder computes the rows `mb.kept_rows` only
     (its linear layers, norms and MLPs run once per shared prompt) and every row reads its hidden state there."""
+    limit = length_dependent_rope_limit(body.config)
+    if limit is not None and mb.max_seqlen > limit:
+        raise ValueError(f"a packed sequence of {mb.max_seqlen} tokens, over {limit}: this model's rotary embedding "
+                         f"({_rope_type(body.config)}) takes its frequencies from the longest position in the packed row, "
+                         f"so every sequence packed beside this one would get another model's log-probs; keep prompts "
+                         f"and rollout.max_new_tokens / critic_max_new_tokens within {limit} tokens")
     ids, positions, shared = mb.input_ids, mb.position_ids, {}
     if mb.kept_rows is not None:
         attention = getattr(body.config, "_attn_implementation", None)
