@@ -76,8 +76,9 @@ class WarmupConfig:
     `checkpoint_steps` asks for it.
 
     A model built from scratch cannot read the prompts at all, so it first learns the two output formats from
-    synthetic traces on puzzles that never appear in training or evaluation (any target but the task's): a policy trace
-    (a short solver search, then the expression) and a critic trace (evaluate both answers, then a verdict). A real
+    synthetic traces on puzzles that never appear in training or evaluation (by default any target but the task's;
+    see `leave_out`): a policy trace (the steps of the puzzle's expression, then the expression) and a critic trace
+    (evaluate both answers, then a verdict). A real
     instruct model reads the prompts but may not answer in the `<answer>` format; the same corpus, a few hundred steps
     at a fine-tuning learning rate, teaches it the formats.
     """
@@ -90,7 +91,8 @@ class WarmupConfig:
         "Fraction of warm-up sequences that are arithmetic drills: the steps of random expressions over the task's "
         "numbers (\"a op b=c\", the lines both traces are made of), many per sequence, so a small model learns "
         "the facts a critic checks; the rest are policy traces.", 0.0)
-    min_target: int = _help("Smallest target of a warm-up puzzle (the task's own target is never used).", 1)
+    min_target: int = _help("Smallest target of a warm-up puzzle (the task's own target is left out as `leave_out` "
+                            "says).", 1)
     max_target: int = _help("Largest target of a warm-up puzzle.", 30)
     seed: int = _help("Seed of the warm-up corpus and order.", 1234)
     leave_out: Literal["target", "puzzles"] = _help(

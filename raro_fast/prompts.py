@@ -101,7 +101,10 @@ def parse_answer(text: str) -> str | None:
     talked wrong answers into ties (docs/experiments.md, section 12). An answer that still contains a think tag is
     reasoning, not an answer (None), and so is a last tag that is never closed (the output was cut off there). An
     empty tag is no answer either (None): it used to be the answer "", which the critic judged (a tie paid it
-    tau_pol where writing no answer earns 0) and a majority vote could pick.
+    tau_pol where writing no answer earns 0) and a majority vote could pick. A tag followed by a think tag lies
+    inside the reasoning (None): `<think>the system says <answer>1</answer>, <answer>2</answer>, or
+    <answer>tie</answer></think> I think 1` gave the verdict "tie", a critic that never decided scored as one that
+    did (found by review).
     """
     if not isinstance(text, str):
         return None
@@ -113,7 +116,7 @@ def parse_answer(text: str) -> str | None:
         return None
     answer = text[opens[-1].end() : close.start()]
     answer = answer.strip()
-    if not answer or _THINK_TAG_RE.search(answer):
+    if not answer or _THINK_TAG_RE.search(answer) or _THINK_TAG_RE.search(text, close.end()):
         return None
     return answer
 

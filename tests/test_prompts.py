@@ -45,6 +45,13 @@ def test_parse_answer():
         ("<think>x</think><answer>7</answer></answer>", "7"),
         ("<answer>7</answer> <answer>8", None),  # cut off in a later answer
         ("<think>x</think><Answer> 3+7 </ANSWER>", "3+7"),
+        # a tag inside the reasoning is no answer (found by review on 2026-12-07): the critic that quotes its
+        # system prompt's verdicts and never decides gave "tie"; a policy that answers in its reasoning only, 8+2
+        ("<think>the system says <answer>1</answer>, <answer>2</answer>, or <answer>tie</answer></think> I think 1",
+         None),
+        ("<think>maybe <answer>2</answer>? no: so 1 is right</think>", None),
+        ("<think>try <answer>8+2</answer> 8+2=10 yes.</think>", None),
+        ("<think>try <answer>8+3</answer> no</think><answer>8+2</answer>", "8+2"),
     ],
 )
 def test_the_answer_is_the_last_opened_tag_and_never_holds_reasoning(completion, expected):

@@ -371,6 +371,12 @@ def test_drills_reach_past_a_puzzles_size_and_state_a_task_target_beyond_the_war
     corpus = warmup_corpus(task, WarmupConfig(critic_fraction=0.0, arithmetic_fraction=1.0, max_target=30), tok, 100)
     drills = " ".join(tok.decode(e.input_ids[e.prompt_len :], skip_special_tokens=True) for e in corpus)
     assert max(int(n) for n in re.findall(r" vs (\d+): no\.", drills)) > 40  # a stated number, not the value
+    # ... and down to it when it lies below warmup.min_target: it was stated only when a value made it, always
+    # "ok", the reverse of the bias drills exist to fix. Found by review on 2026-12-07.
+    corpus = warmup_corpus(CountdownConfig(target=10),
+                           WarmupConfig(critic_fraction=0.0, arithmetic_fraction=1.0, min_target=11), tok, 200)
+    drills = " ".join(tok.decode(e.input_ids[e.prompt_len :], skip_special_tokens=True) for e in corpus)
+    assert re.search(r" vs 10: no\.", drills)
 
 
 def test_what_the_warm_up_leaves_out_is_a_puzzle_sized_multiset_in_the_tasks_range():
