@@ -5,7 +5,6 @@ checkpoint directory and the embedded default the same way.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -98,22 +97,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 def weights_digest(path: str | os.PathLike) -> str:
     """SHA-256 over a model's weight files (a directory's, names and bytes in name order; or one file, a GGUF):
-    which model this is, whatever its path. Hashed once per process while the files' sizes and times stay."""
+    which model this is, whatever its path."""
     root = Path(path)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*")
                                                  if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         raise ValueError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to identify the model by")
-    stamps = tuple((f.as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _digest(root.as_posix(), stamps)
-
-
-@functools.lru_cache(maxsize=8)
-def _digest(root: str, stamps: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for name, _size, _mtime in stamps:
-        f = Path(name)
-        h.update((f.name if f.as_posix() == root else f.relative_to(root).as_posix()).encode() + b"\0")
+    for f in files:
+        h.update((f.name if f == root else f.relative_to(root).as_posix()).encode() + b"\0")
         with open(f, "rb") as fh:
             while block := fh.read(1 << 24):
                 h.update(block)

@@ -182,7 +182,7 @@ def test_cached_samples_are_never_served_for_other_weights_or_settings(two_model
 
 
 def test_weights_digest_follows_the_bytes(tmp_path):
-    from raro_fast.analysis.cache import weights_digest
+    from raro_fast.model.hf import weights_digest
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="no weight files"):
