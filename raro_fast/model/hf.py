@@ -288,11 +288,17 @@ def _check_tied_head(model: PreTrainedModel, weights: list[Path], setting: str) 
     # By module: tied, both weights are one parameter, and its names cannot tell which is the head.
     modules = dict((id(m), n) for n, m in model.named_modules(remove_duplicate=False))
     head_name, embed_name = (f"{modules[id(m)]}.weight" if id(m) in modules else None for m in (head, embed))
-    stored = {}
+    where = {}
     for f in weights:
         with safe_open(str(f), framework="pt") as fh:
-            stored.update({name: fh.get_tensor(name) for name in (head_name, embed_name) if name in fh.keys()})
-    if head_name in stored and embed_name in stored and not torch.equal(stored[head_name], stored[embed_name]):
+            where.update({name: f for name in (head_name, embed_name) if name in fh.keys()})
+    if head_name not in where or embed_name not in where:  # the usual tied file: no head of its own, nothing read
+        return
+    stored = {}
+    for name in (head_name, embed_name):
+        with safe_open(str(where[name]), framework="pt") as fh:
+            stored[name] = fh.get_tensor(name)
+    if not torch.equal(stored[head_name], stored[embed_name]):
         raise ValueError(f"{setting}: {_weights_label(weights)} holds an lm_head.weight of its own, but config.json "
                          "ties the LM head to the input embeddings (tie_word_embeddings true); set it to false to train "
                          "that head, or remove lm_head.weight from the file to train the tied one")
