@@ -138,9 +138,9 @@ class RolloutConfig:
     temperature: float = _help("Sampling temperature for policy rollouts (and critic rollouts unless "
                                "critic_temperature is set).", 1.0)
     critic_temperature: float | None = _help(
-        "Sampling temperature for RARO's critic rollouts (unset or `none`: `temperature`). Their log-probs are recomputed at "
-        "the same temperature, so the update stays on-policy for both roles. Measured on the embedded model (docs/"
-        "experiments.md, section 5): at 0.3 the critic checks more reliably, but RARO gained less.", None)
+        "Sampling temperature for RARO's critic rollouts (unset or `none`: `temperature`). Their log-probs are "
+        "recomputed at the same temperature, so the update stays on-policy for both roles. Measured on the embedded "
+        "model (docs/experiments.md, section 5): at 0.3 the critic checks more reliably, but RARO gained less.", None)
     top_p: float = _help("Nucleus sampling for rollouts (1.0 keeps the engine's log-probs exact).", 1.0)
     max_new_tokens: int = _help("Longest policy completion; longer ones are truncated and filtered out (48: the "
                                 "embedded model's easy-Countdown answers, search and expression, take 30-40).", 48)

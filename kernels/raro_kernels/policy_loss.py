@@ -229,7 +229,6 @@ def policy_metrics(logprobs_N: torch.Tensor, batch: TokenBatch, opts: PolicyLoss
     high_N = (adv_N > 0) & (ratio_N > 1.0 + opts.clip_high)
     low_N = (adv_N < 0) & (ratio_N < 1.0 - opts.clip_low)
     any_masked = mask_N.any()
-    zero = torch.zeros((), dtype=torch.float32, device=mask_N.device)
     inf = torch.full((), float("inf"), device=mask_N.device)
     out = {
         "clip_frac_low": mean(low_N),
@@ -239,8 +238,8 @@ def policy_metrics(logprobs_N: torch.Tensor, batch: TokenBatch, opts: PolicyLoss
         "approx_kl": mean(ratio_N - 1.0 - log_ratio_N),
         "ratio_mean": mean(ratio_N),
         # No tokens at all: min/max of an empty tensor raise (a shape, so no host sync to test it).
-        "ratio_min": torch.where(any_masked, torch.where(mask_N, ratio_N, inf).min(), zero) if mask_N.numel() else zero,
-        "ratio_max": torch.where(any_masked, torch.where(mask_N, ratio_N, -inf).max(), zero) if mask_N.numel() else zero,
+        "ratio_min": _masked_extreme(ratio_N, mask_N, any_masked, torch.amin, inf),
+        "ratio_max": _masked_extreme(ratio_N, mask_N, any_masked, torch.amax, -inf),
     }
     if opts.dual_clip is not None:
         out["dual_clip_frac"] = mean((adv_N < 0) & (pg_N > -adv_N * opts.dual_clip))
@@ -250,6 +249,15 @@ def policy_metrics(logprobs_N: torch.Tensor, batch: TokenBatch, opts: PolicyLoss
         log_w_N = batch.old_logprobs.float() - batch.rollout_logprobs.float()
         out["tis_frac_capped"] = mean(torch.exp(log_w_N.clamp(max=LOG_RATIO_LIMIT)) > opts.tis_cap)
     return out
+
+
+def _masked_extreme(x_N: torch.Tensor, mask_N: torch.Tensor, any_masked: torch.Tensor, reduce, fill: torch.Tensor
+                    ) -> torch.Tensor:
+    """`reduce` (amin/amax) of x over the masked tokens; 0 where none is masked, or there are no tokens at all."""
+    zero = torch.zeros((), dtype=torch.float32, device=mask_N.device)
+    if mask_N.numel() == 0:  # a shape: no host sync
+        return zero
+    return torch.where(any_masked, reduce(torch.where(mask_N, x_N, fill)), zero)
 
 
 def policy_loss(
