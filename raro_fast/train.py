@@ -79,7 +79,7 @@ class Run:
     data_sha256: str = ""  # `data_digest` of the run's examples, computed once: each checkpoint records it
     # `weights_digest` of the initial model, where a reference model is rebuilt from it on resume (the KL anchor,
     # DPO's first reference); each checkpoint records it
-    initial_sha256: str | None = None
+    initial_weights_sha256: str | None = None
     # What a mode fixes when the run starts and a resume must keep (DPO's round length): saved with each checkpoint
     mode_state: dict = field(default_factory=dict)
 
@@ -358,7 +358,7 @@ def data_digest(train: list, heldout: list) -> str:
 
 def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
-             "data_sha256": r.data_sha256, "initial_weights_sha256": r.initial_sha256,
+             "data_sha256": r.data_sha256, "initial_weights_sha256": r.initial_weights_sha256,
              "world_size": r.d.world_size, "config": to_dict(r.cfg), "mode_state": dict(r.mode_state),
              # the stop after MAX_SKIPPED_IN_A_ROW counts skips before the checkpoint too, as an uninterrupted run does
              "skipped_in_a_row": r.skipped_in_a_row, "warned_uniform": r.warned_uniform}
@@ -515,7 +515,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
                mode_state=mode_state, skipped_in_a_row=skipped, warned_uniform=warned, data_sha256=digest,
-               initial_sha256=initial_sha,
+               initial_weights_sha256=initial_sha,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
 

@@ -263,10 +263,10 @@ def test_a_resume_refuses_an_initial_model_saved_again_where_its_reference_is_re
             "--task.countdown.num_heldout", "2", "--train.progress", "false", "--train.mode", "rlvr",
             "--loss.kl_coef", "0.1"]
     r = train.setup(load_config(args), D)
-    assert r.initial_sha256 == weights_digest(base)
+    assert r.initial_weights_sha256 == weights_digest(base)
     train.save(r, 2)
     assert checkpoint.load_trainer_state(out / "checkpoints" / "step_000002")["initial_weights_sha256"] == \
-        r.initial_sha256
+        r.initial_weights_sha256
     assert train.setup(load_config([*args, "--resume"]), D).start_step == 2  # the same model: resumes
     weights = base / "model.safetensors"
     tensors = load_file(weights)
@@ -277,7 +277,7 @@ def test_a_resume_refuses_an_initial_model_saved_again_where_its_reference_is_re
         train.setup(load_config([*args, "--resume"]), D)
     # without a reference model nothing is rebuilt from that path, and nothing is hashed
     plain = [*args[:-2], "--train.output_dir", str(tmp_path / "plain")]
-    assert train.setup(load_config(plain), D).initial_sha256 is None
+    assert train.setup(load_config(plain), D).initial_weights_sha256 is None
 
 
 def test_a_cached_base_is_warmed_up_again_when_the_model_at_its_path_changes(tmp_path, saved_embedded_model):

@@ -361,9 +361,15 @@ def use_varlen_attention(model) -> None:
         model.config._attn_implementation = VARLEN_ATTENTION
 
 
+def _rope_params(config) -> dict:
+    """The rotary embedding's settings: `rope_parameters` (transformers 5) or `rope_scaling` (4.x)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return params if isinstance(params, dict) else {}
+
+
 def _rope_type(config) -> str | None:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+    params = _rope_params(config)
+    return params.get("rope_type", params.get("type"))
 
 
 def length_dependent_rope_limit(config) -> int | None:
@@ -373,8 +379,7 @@ def length_dependent_rope_limit(config) -> int | None:
     by review: 1e-2 in log-probs on Phi-3 longrope)."""
     if _rope_type(config) not in ("longrope", "dynamic"):
         return None
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return int(params.get("original_max_position_embeddings")
+    return int(_rope_params(config).get("original_max_position_embeddings")
                or getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
 
 
