@@ -104,7 +104,7 @@ def parse_answer(text: str) -> str | None:
     tau_pol where writing no answer earns 0) and a majority vote could pick. A tag followed by a think tag lies
     inside the reasoning (None): `<think>the system says <answer>1</answer>, <answer>2</answer>, or
     <answer>tie</answer></think> I think 1` gave the verdict "tie", a critic that never decided scored as one that
-    did (found by review).
+    did (found by review). So does a tag after a `<think>` that is never closed: the turn ended in its reasoning.
     """
     if not isinstance(text, str):
         return None
@@ -117,6 +117,9 @@ def parse_answer(text: str) -> str | None:
     answer = text[opens[-1].end() : close.start()]
     answer = answer.strip()
     if not answer or _THINK_TAG_RE.search(answer) or _THINK_TAG_RE.search(text, close.end()):
+        return None
+    think_tags = _THINK_TAG_RE.findall(text, 0, opens[-1].start())
+    if think_tags and not think_tags[-1].startswith("</"):  # inside a <think> never closed
         return None
     return answer
 

@@ -52,6 +52,13 @@ def test_parse_answer():
         ("<think>maybe <answer>2</answer>? no: so 1 is right</think>", None),
         ("<think>try <answer>8+2</answer> 8+2=10 yes.</think>", None),
         ("<think>try <answer>8+3</answer> no</think><answer>8+2</answer>", "8+2"),
+        # ... and so is a tag after a <think> never closed: the turn ended inside its reasoning (review, 2026-12-07)
+        ("<think>the system says <answer>1</answer>, <answer>2</answer>, or <answer>tie</answer> I think 1", None),
+        ("<think>maybe <answer>2</answer>? no: so 1 is right", None),
+        ("<think>try <answer>8+2</answer> 8+2=10 yes.", None),
+        ("<think>a</think><think>b <answer>8+2</answer>", None),
+        ("<think>a</think> <answer>8+2</answer>", "8+2"),
+        ("</think><answer>8+2</answer>", "8+2"),  # a template that opened the reasoning in the prompt
     ],
 )
 def test_the_answer_is_the_last_opened_tag_and_never_holds_reasoning(completion, expected):
