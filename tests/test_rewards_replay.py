@@ -3,7 +3,7 @@ import random
 import pytest
 
 from raro_fast.replay import CriticPair, ReplayBuffer
-from raro_fast.rewards import group_advantages, verdict_rewards
+from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,24 @@ def test_group_advantages_none_takes_the_group_mean():
     assert adv == pytest.approx([0.4, 0.0, -0.2, -0.2, 0.0, 0.0])
     adv_std = group_advantages([1.0, None, 0.0], [0, 0, 0], std_normalize=True)
     assert adv_std[1] == 0.0 and adv_std[0] == pytest.approx(0.5 / (0.5**0.5 + 1e-6))
+
+
+@pytest.mark.parametrize("verdict", ["3", "0", "-1", " 2", "Tie", ""])
+def test_verdict_rewards_refuses_other_verdicts(verdict):
+    """Any integer but the expert's position used to pay the policy (1.0, 0.0); "Tie" raised from int()."""
+    with pytest.raises(ValueError, match="verdict must be"):
+        verdict_rewards(verdict, 1, tau_pol=0.6, tau_crit=0.55)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_reward_that_is_not_finite_is_refused_naming_it(bad):
+    """A NaN or infinite reward made its whole group's advantages NaN; the step was skipped and the run stopped on
+    'loss or gradient was not finite'."""
+    with pytest.raises(ValueError, match=r"reward 1 \(group 0\) is (nan|inf|-inf)"):
+        group_advantages([1.0, bad, 0.0, 1.0], [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="reward 1 is"):
+        mean_or_none([1.0, bad])
+    assert mean_or_none([1.0, None, 0.0]) == 0.5 and mean_or_none([None]) is None
 
 
 def test_verdict_rewards_rejects_bad_position():
