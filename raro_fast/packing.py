@@ -253,8 +253,16 @@ def plan_micro_batches(
                 f"sequence uid={s.uid} (role {s.role}) has {len(s.input_ids)} tokens, more than "
                 f"train.max_tokens_per_micro_batch={max_tokens_per_micro_batch}; raise the budget or shorten rollouts"
             )
-    num_sequences = sum(1 for s in samples if s.num_targets > 0)
-    num_tokens = sum(s.num_targets for s in samples)
+    for name in ("old_logprobs", "rollout_logprobs", "ref_logprobs"):
+        # A mix made a micro-batch's field None wherever one sequence lacked it, so which sequences had it (the
+        # engine gap's metric, truncated importance sampling) followed the packing, and a filler copied samples[0].
+        lacking = [s.uid for s in samples if getattr(s, name) is None]
+        if lacking and len(lacking) < len(samples):
+            raise ValueError(f"sequence uid={lacking[0]} has no {name}, in a batch whose other sequences carry them")
+    # At least 1: a (mini-)batch whose sequences have no completion token trains nothing (loss 0); a count of 0
+    # stopped it in the loss kernel, naming no sequence.
+    num_sequences = max(1, sum(1 for s in samples if s.num_targets > 0))
+    num_tokens = max(1, sum(s.num_targets for s in samples))
     # What is placed whole: a sequence, or with `share_prompts` the sequences of one prompt, so that a micro-batch
     # computes each prompt once. A prompt's run is cut to fit the budget, and to a rank's share of the tokens, so
     # that a few large groups still spread over every rank.

@@ -255,3 +255,35 @@ def test_policy_model_in_bf16_divides_the_fp32_logits_by_each_tokens_temperature
     want, keep = logprobs_at_token_temperatures(hidden, model.get_output_embeddings().weight, mb)
     assert float((logprobs.double() - want)[keep].abs().max()) < 1e-4
     assert float(want[keep].abs().max()) > 1.0  # not a near-uniform distribution that any scale would match
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "token_sum_norm"])
+def test_a_batch_with_no_completion_token_trains_nothing_instead_of_stopping(agg):
+    """Such a (mini-)batch carried the counts 0 to the loss kernel, which stopped the run naming no sequence (a PPO
+    mini-batch that drew only these did too). Its loss is 0 now; a mixed batch keeps its normalisers."""
+    from raro_fast.config import LossConfig
+    from raro_fast.update import _micro_batch_loss
+
+    def sample(uid, n):
+        return SequenceSample(input_ids=list(range(1, 5 + n)), prompt_len=4, advantage=0.5, role="policy", group=0,
+                              uid=uid, old_logprobs=[-1.0] * n)
+
+    for mb in plan_micro_batches([sample(0, 0), sample(1, 0)], max_tokens_per_micro_batch=64, world_size=2, rank=0):
+        logprobs = (mb.old_logprobs - 0.3).requires_grad_()
+        loss, _ = _micro_batch_loss(logprobs, mb, mb.targets != -100, LossConfig(loss_agg=agg), 1.0)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.all(logprobs.grad == 0)
+    mixed = plan_micro_batches([sample(0, 0), sample(1, 3)], max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    assert [(mb.num_sequences, mb.num_tokens) for mb in mixed] == [(1, 3)]
+
+
+@pytest.mark.parametrize("field", ["old_logprobs", "rollout_logprobs", "ref_logprobs"])
+def test_sequences_with_and_without_a_log_prob_field_are_refused_naming_one(field):
+    """A mix made the field None for every micro-batch holding one that lacked it: which sequences the engine-gap
+    metric and truncated importance sampling saw followed the packing."""
+    have = SequenceSample(input_ids=[1, 2, 3, 4], prompt_len=2, advantage=1.0, role="policy", group=0, uid=0,
+                          **{field: [-1.0, -2.0]})
+    lack = SequenceSample(input_ids=[1, 2, 5], prompt_len=2, advantage=-1.0, role="policy", group=0, uid=7)
+    with pytest.raises(ValueError, match=f"uid=7 has no {field}"):
+        plan_micro_batches([have, lack], max_tokens_per_micro_batch=64, world_size=1, rank=0)
+    assert len(plan_micro_batches([lack], max_tokens_per_micro_batch=64, world_size=1, rank=0)) == 1
