@@ -66,6 +66,8 @@ def _recipe_differences(base: Path, cfg: JobConfig) -> list[str]:
         return [f"{path.name} is missing, so what it was warmed up with is unknown"]
     except json.JSONDecodeError as e:
         return [f"{path} is not valid JSON ({e})"]
+    if not isinstance(saved, dict):
+        return [f"{path} holds {type(saved).__name__}, not an object of settings"]
     diffs = []
     for section, now in base_recipe(cfg).items():
         then = saved.get(section)

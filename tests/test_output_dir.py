@@ -98,6 +98,10 @@ def test_a_base_without_its_recipe_is_refused(tmp_path):
     (base / output_dir.RECIPE_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         output_dir.prepare(_cfg(out), delete=True)
+    for text, kind in [("null", "NoneType"), ("[]", "list"), ('"x"', "str")]:  # an AttributeError from .get before
+        (base / output_dir.RECIPE_FILE).write_text(text)
+        with pytest.raises(ValueError, match=f"warmup_recipe.json holds {kind}, not an object"):
+            output_dir.prepare(_cfg(out), delete=True)
 
 
 def test_recipe_covers_what_the_base_depends_on(tmp_path):
