@@ -39,19 +39,24 @@ def kept_in_fp32(model: nn.Module, dtype: torch.dtype | None) -> Callable[[str],
 
 
 def hf_named_tensors(model: nn.Module, *, dtype: torch.dtype | None = None, skip_tied: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for every parameter and persistent buffer, cast to `dtype` (the engine's) unless
-    transformers keeps it in fp32 (`kept_in_fp32`), tied aliases left out unless `skip_tied=False`. A generator:
-    each rank must consume it to the end (every step is a collective)."""
+    """(HF name, full tensor) for every parameter and persistent buffer, tied aliases left out unless
+    `skip_tied=False`. Parameters are cast to `dtype` (the engine's) unless transformers keeps them in fp32
+    (`kept_in_fp32`); buffers keep their own dtype, as `from_pretrained(dtype=...)` and `engine_copy` keep them (an
+    fp32 router bias such as LFM2-MoE's `expert_bias`, sent in bf16, was rounded in the engine at every sync: found
+    by review). A generator: each rank must consume it to the end (every step is a collective)."""
     skip = tied_names(model) if skip_tied else set()
     fp32 = kept_in_fp32(model, dtype)
+    buffers = {name for name, _ in model.named_buffers()}
     for name, t in model.state_dict().items():
+        is_buffer = name in buffers
         name = name.removeprefix(_WRAPPER_PREFIX)
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
         if name in skip:
             continue
         t = t.detach()
-        yield name, (t if dtype is None or not t.is_floating_point() or fp32(name) else t.to(dtype))
+        keep = dtype is None or not t.is_floating_point() or is_buffer or fp32(name)
+        yield name, (t if keep else t.to(dtype))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

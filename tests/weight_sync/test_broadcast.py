@@ -135,6 +135,37 @@ def test_hf_named_tensors_sends_an_untied_lm_head_and_leaves_integer_tensors_unc
     assert named["model.counts"].dtype == torch.int64 and named["model.counts"].tolist() == [3, 70001, -5]
 
 
+def test_a_float32_buffer_keeps_its_dtype_through_a_sync_into_the_engine():
+    """An fp32 persistent buffer (LFM2-MoE's router `expert_bias`; MiniMax's decays) was sent cast to the engine's
+    bf16 and copied back into the engine's fp32 buffer, which `engine_copy` and `from_pretrained(dtype=bf16)` keep in
+    fp32: from the first sync on the engine routed with rounded biases (found by review)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from raro_fast.model.hf import engine_copy
+    from raro_fast.rollout.embedded import copy_weights_in_place
+
+    if not hasattr(transformers, "Lfm2MoeConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no LFM2-MoE")
+    torch.manual_seed(0)
+    cfg = transformers.Lfm2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                        num_experts_per_tok=2, num_dense_layers=0, use_expert_bias=True,
+                        layer_types=["full_attention"] * 2)
+    trainer = AutoModelForCausalLM.from_config(cfg).float()
+    names = [n for n, _ in trainer.named_buffers() if n.endswith("expert_bias")]
+    assert names
+    with torch.no_grad():
+        for n in names:
+            trainer.get_buffer(n).copy_(torch.tensor([0.1234567, -0.3333333, 1.0009765, 0.0]))
+    engine = engine_copy(trainer, torch.device("cpu"), torch.bfloat16)
+    sent = dict(hf_named_tensors(PolicyModel(trainer), dtype=torch.bfloat16))
+    assert sent["model.embed_tokens.weight"].dtype == torch.bfloat16
+    copy_weights_in_place(engine, sent.items())
+    for n in names:
+        assert sent[n].dtype == torch.float32 and torch.equal(engine.get_buffer(n), trainer.get_buffer(n)), n
+
+
 def test_a_failed_broadcast_raises_the_receivers_answer_which_names_the_cause(monkeypatch):
     """A receiver that refused a request never joins its broadcast; the broadcast's own error (a timeout, a closed
     connection) says nothing of why, so the receiver's answer is waited for and raised instead."""
