@@ -127,7 +127,9 @@ def test_an_empty_prompt_is_refused_naming_it(backend):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -0.5}, "temperature must be >= 0"), ({"temperature": float("nan")}, "temperature must be >= 0"),
+    ({"temperature": -0.5}, "temperature must be finite and >= 0"),
+    ({"temperature": float("nan")}, "temperature must be finite and >= 0"),
+    ({"temperature": float("inf")}, "temperature must be finite and >= 0"),  # sampled uniformly, accepted before
     ({"top_p": 0.0}, "top_p must be in"), ({"top_p": 1.5}, "top_p must be in"),
     ({"n": 0}, "n and max_new_tokens must be >= 1"), ({"max_new_tokens": 0}, "n and max_new_tokens must be >= 1"),
 ])
@@ -364,6 +366,11 @@ def test_update_weights_sets_version_and_weights(backend):
         eng.update_weights([("bogus", torch.zeros(1))], version=8)
     with pytest.raises(KeyError, match="no new value"):
         eng.update_weights(list(src.state_dict().items())[:3], version=8)
+    # copy_ broadcasts: a [H] vector was written into every row of the embedding and the version moved on
+    row = src.state_dict()["model.embed_tokens.weight"][0]
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight has shape \(32,\), the engine's \(61, 32\)"):
+        eng.update_weights([("model.embed_tokens.weight", row)], version=8)
+    assert eng.weight_version == 7
 
 
 def test_update_weights_takes_a_tied_embedding_under_either_of_its_names():

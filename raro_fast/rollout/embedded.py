@@ -236,6 +236,9 @@ def copy_weights_in_place(model: torch.nn.Module, named_tensors: Iterable[tuple[
     for name, tensor in named_tensors:
         if name not in params:
             raise KeyError(f"update_weights: the engine's model has no parameter named {name!r}")
+        if tensor.shape != params[name].shape:  # copy_ broadcasts: a [H] vector filled every row of an embedding
+            raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, the engine's "
+                             f"{tuple(params[name].shape)}")
         params[name].copy_(tensor.to(params[name].device, params[name].dtype))
         seen.add(name)
     missing = {n for n, _ in model.named_parameters()} - seen - _tied_aliases(model, seen)

@@ -4,6 +4,7 @@ The trainer and the evaluators speak only to this; a backend knows nothing of th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Protocol, runtime_checkable
 
@@ -29,8 +30,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         # Every backend reads a temperature <= 0 as greedy: a negative one sampled n copies of the greedy answer and
         # was reported as sampling at that temperature.
-        if not self.temperature >= 0:
-            raise ValueError(f"sampling temperature must be >= 0 (0: greedy), got {self.temperature}")
+        # An infinite one sampled every token uniformly.
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"sampling temperature must be finite and >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
         if self.n < 1 or self.max_new_tokens < 1:
