@@ -80,12 +80,50 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     where, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=dtype,
+                                                           output_loading_info=True)
     except (ValueError, KeyError, NotImplementedError, OSError, struct.error) as e:
-        raise ValueError(f"{path}: transformers cannot read this GGUF file ({type(e).__name__}: {e}); its "
-                         f"architecture ({architecture}) must be one transformers supports in GGUF (llama, qwen2, "
-                         "mistral, ...)") from None
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        hint = "" if architecture in GGUF_SUPPORTED_ARCHITECTURES else (
+            f"; its architecture ({architecture}) is not one transformers reads from GGUF "
+            f"({', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES)[:8])}, ...)")
+        raise ValueError(f"{path}: transformers cannot read this GGUF file ({type(e).__name__}: {e}){hint}") from None
+    # transformers fills a weight the file lacks with random values and says so only in this info: a file without
+    # one layer's MLP converted "successfully" into a model with a random one (found by review)
+    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise ValueError(f"{path}: its tensors do not fill the {architecture} model its metadata describes (not in the "
+                         f"file: {sorted(info['missing_keys'])[:5]}; without a place in the model: "
+                         f"{sorted(info['unexpected_keys'])[:5]}; of another shape: "
+                         f"{sorted(map(str, info['mismatched_keys']))[:5]})")
+    unread = unread_rope_scaling(path, model.config)
+    if unread:
+        raise ValueError(f"{path}: {unread}, which transformers' GGUF reader does not read: the model would run with "
+                         "other rotary positions than the file's. Convert the original Hugging Face model instead")
     return model, tokenizer
+
+
+def unread_rope_scaling(path: Path, config) -> str | None:
+    """What the file says about scaled rotary positions that the loaded `config` lacks, or None. transformers reads
+    `rope.scaling.*` for few architectures (not llama) and drops the `rope_freqs.weight` tensor that llama.cpp
+    writes for Llama 3.1's scaling; the converted model had plain rotary positions, with no error (found by
+    review)."""
+    from gguf import GGUFReader
+
+    from raro_fast.model.varlen import _rope_type
+
+    reader = GGUFReader(path)
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        return "it holds rope_freqs.weight (per-frequency rotary factors: Llama 3.1's scaling)"
+    declared = {}
+    for key, field in reader.fields.items():
+        if key.endswith((".rope.scaling.type", ".rope.scaling.factor")):
+            part = field.parts[field.data[0]]
+            declared[key.rsplit(".", 1)[1]] = bytes(part).decode() if key.endswith(".type") else float(part[0])
+    scaled = declared.get("type", "none") != "none" or declared.get("factor", 1.0) not in (0.0, 1.0)
+    if scaled and _rope_type(config) in (None, "default"):
+        return f"it declares scaled rotary positions ({declared})"
+    return None
 
 
 END_TOKEN_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
@@ -145,12 +183,10 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
         del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # assign=True takes the dequantised tensors as they are; tied heads are tied again below.
+    # assign=True takes the dequantised tensors as they are (load_gguf checked that the file filled every one);
+    # tied heads are tied again below.
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False, assign=True)
     model.tie_weights()
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise ValueError(f"{path}: the dequantised weights do not fit the model its config describes "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     if any(p.is_meta for p in model.parameters()):
         raise ValueError(f"{path}: some weights were not in the GGUF file (an untied LM head without its tensor?)")
     model.generation_config = quantized.generation_config
