@@ -3,6 +3,7 @@ embedded model's shape with the project's own tokenizer, and the default of `mod
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,13 @@ def test_building_a_tokenizer_never_overwrites_the_shipped_one(tmp_path):
     with pytest.raises(SystemExit, match="holds the shipped tokenizer"):
         build_tokenizer.main([str(build_tokenizer.OUT_DIR / ".." / "tokenizer")])
     assert (build_tokenizer.OUT_DIR / "tokenizer.json").read_bytes() == shipped
+    # nor a model's own: a shipped base (its copy here) read 122 of its 384 token ids as others after a build
+    base = tmp_path / "base"
+    shutil.copytree(build_tokenizer.OUT_DIR.parent / "bases" / "countdown-easy", base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    with pytest.raises(SystemExit, match=r"base already holds tokenizer.json, tokenizer_config.json, config.json"):
+        build_tokenizer.main([str(base)])
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
     build_tokenizer.main([str(tmp_path / "tok")])
     config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
     assert config["eos_token"] == "<|im_end|>" and config["pad_token"] == "<|endoftext|>"  # a pad that ends nothing
