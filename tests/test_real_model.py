@@ -84,6 +84,11 @@ def test_every_logit_transform_is_refused_in_the_config_or_in_its_text_config():
         assert f"config {name} = 0.5" in fused_lm_head_refusal(model)
         setattr(model.config, name, None)
     assert fused_lm_head_refusal(model) is None
+    # Inkling cuts its logits to the first unpadded_vocab_size rows: the padded rows took probability mass
+    model.config.unpadded_vocab_size = VOCAB - 4
+    assert f"cuts its logits to its first {VOCAB - 4} of {VOCAB} rows" in fused_lm_head_refusal(model)
+    model.config.unpadded_vocab_size = VOCAB
+    assert fused_lm_head_refusal(model) is None
 
     class Multimodal(torch.nn.Module):  # what the check reads of such a model: its config and its LM head
         def __init__(self, config):

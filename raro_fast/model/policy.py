@@ -25,6 +25,7 @@ LOGIT_TRANSFORMS: dict[str, tuple] = {
     "logits_scaling": (None, 1, 1.0),  # Granite: logits / scaling (HyperCLOVA X: * scaling)
     "output_multiplier": (None, 1, 1.0),  # MuseGlimmer/MuseSpark: logits * multiplier
     "lm_head_multiplier": (None, 1, 1.0),  # Falcon-H1: logits * multiplier
+    "logits_mup_width_multiplier": (None, 1, 1.0),  # Inkling: (hidden / multiplier) @ W.T
 }
 
 
@@ -46,6 +47,12 @@ def fused_lm_head_refusal(lm: nn.Module) -> str | None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return (f"the model has no LM head with a [vocab, hidden] weight (get_output_embeddings() gave "
                 f"{type(head).__name__}), which the fused LM-head kernels need")
+    for config in configs:  # Inkling: logits[..., :unpadded_vocab_size]; the padded rows took probability mass
+        kept = getattr(config, "unpadded_vocab_size", None)
+        if kept is not None and kept != weight.shape[0]:
+            return (f"the model cuts its logits to its first {kept} of {weight.shape[0]} rows (config "
+                    "unpadded_vocab_size), and the fused LM-head kernels take a softmax over every row: log-probs and "
+                    "entropies would be another distribution's")
     if getattr(head, "bias", None) is not None:
         return ("the model's LM head has a bias, and the fused LM-head kernels take a weight only: log-probs and "
                 "entropies would leave it out")
