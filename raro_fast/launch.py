@@ -24,7 +24,9 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """(torchrun's options, the training's options). A value follows its option into the same list."""
     launcher, training, target = [], [], None
     for arg in argv:
-        if arg.startswith("--") or arg == "-h":  # "-1" is a value (a negative number), not an option
+        # An option: "--name" or a dash and a letter ("-h"; torchrun's "-r" and "-t", which followed the option
+        # before them into the training's list); "-1" or "-.5" is a value (a negative number)
+        if arg.startswith("--") or (len(arg) > 1 and arg[0] == "-" and arg[1].isalpha()):
             name = arg.split("=", 1)[0]
             target = training if "." in name or name in TRAINING_FLAGS else launcher
         (target if target is not None else training).append(arg)

@@ -21,6 +21,10 @@ def test_options_without_a_dot_go_to_torchrun_with_their_values():
     # -h is the training's wherever it stands; a stray word before any option goes to the training, which names it
     assert split_args(["--standalone", "-h"]) == (["--standalone"], ["-h"])
     assert split_args(["stray", "--nnodes", "1"]) == (["--nnodes", "1"], ["stray"])
+    # torchrun's short options are torchrun's wherever they stand (after a training option they went with it, and
+    # the training refused "-t" as its own); a negative number is still a value
+    argv = ["--nproc_per_node=2", "--config", "a.yaml", "-t", "3", "-r", "1", "--loss.clip_low", "-.5"]
+    assert split_args(argv) == (["--nproc_per_node=2", "-t", "3", "-r", "1"], ["--config", "a.yaml", "--loss.clip_low", "-.5"])
 
 
 def test_a_rank_killed_by_a_signal_exits_nonzero_in_one_line(monkeypatch, capsys):
