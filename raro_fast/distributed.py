@@ -49,7 +49,13 @@ def init_distributed(*, half_precision: bool = False) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and "RANK" not in os.environ:  # each process would train alone as rank 0 of world_size
+        raise ValueError(f"WORLD_SIZE={world_size} is set but RANK is not: start the ranks with torchrun (or "
+                         "`raro-fast train --nproc_per_node=N`), which sets both, or unset WORLD_SIZE")
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): start at "
+                             "most one rank per GPU (--nproc_per_node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"

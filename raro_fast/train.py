@@ -635,7 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    d = init_distributed(half_precision=resolve_dtype(cfg.model.dtype, torch.device("cpu")) != torch.float32)
+    try:
+        d = init_distributed(half_precision=resolve_dtype(cfg.model.dtype, torch.device("cpu")) != torch.float32)
+    except ValueError as e:  # a launch without torchrun's variables, more ranks than GPUs
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(cfg.train.seed)
     import transformers
 

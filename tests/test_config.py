@@ -316,6 +316,19 @@ def test_one_cpu_process_under_torchrun_gets_a_group_only_for_mixed_precision(ha
     assert out.stdout.split() == [str(group), "0", "1"]
 
 
+def test_a_world_size_without_a_rank_is_refused_in_one_line(tmp_path):
+    """Started by a launcher that sets WORLD_SIZE only, every process ran as rank 0 of N with no group: N copies
+    training apart on the first 1/N of the questions, with no error."""
+    env = {**os.environ, "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("RANK", None)
+    out = subprocess.run([sys.executable, "-m", "raro_fast.train", "--train.output_dir", str(tmp_path / "run")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "error: WORLD_SIZE=2 is set but RANK is not: start the ranks with torchrun (or `raro-fast train "
+        "--nproc_per_node=N`), which sets both, or unset WORLD_SIZE"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_empty_value_or_a_scalar_section_in_yaml_names_file_and_line(tmp_path):
     """`steps:` with nothing after it stopped the run with a YAML parser traceback; `train: 5` with a --train.steps
     override blamed the command line."""
