@@ -70,7 +70,8 @@ class RolloutEngine(Protocol):
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Load new weights (Hugging Face parameter names) and set `weight_version = version`."""
+        """Load new weights (Hugging Face names: the model's state dict's, or its checkpoint's where the engine has
+        `takes_checkpoint_names`) and set `weight_version = version`."""
         ...
 
     def release_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:

@@ -174,6 +174,8 @@ class SGLangEngine:
     released it, so dropping our reference early is safe.
     """
 
+    takes_checkpoint_names = True  # SGLang's loaders match checkpoint names (weight_sync.source.checkpoint_renamer)
+
     def __init__(self, *, model_path: str, tokenizer, dtype: str, mem_fraction: float, tp_size: int,
                  bucket_bytes: int, seed: int, gpu_id: int, end_ids: list[int] | None = None, engine=None) -> None:
         if engine is None:
@@ -244,6 +246,8 @@ def _check_result(result, what: str) -> None:
 class SGLangServerEngine:
     """An SGLang server reached over HTTP (its own GPUs or nodes). Trainer rank 0 owns the weight-sync group;
     other ranks only generate (and take part in the FSDP gathers that feed rank 0)."""
+
+    takes_checkpoint_names = True  # SGLang's loaders match checkpoint names (weight_sync.source.checkpoint_renamer)
 
     def __init__(self, *, url: str, tokenizer, bucket_bytes: int, sync_rank: bool, server_ranks: int,
                  group_address: str, group_port: int, group_backend: str = "nccl", timeout_s: float = 600.0,

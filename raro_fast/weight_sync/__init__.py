@@ -15,6 +15,7 @@ def push_weights(engine, model, *, version: int, dtype, released: tuple[str, ...
     the KV cache back (if it was released)."""
     if "weights" in released:
         engine.resume_memory(("weights",))
-    engine.update_weights(hf_named_tensors(model, dtype=dtype), version=version)
+    names = getattr(engine, "takes_checkpoint_names", False)  # SGLang's loaders: see source.checkpoint_renamer
+    engine.update_weights(hf_named_tensors(model, dtype=dtype, checkpoint_names=names), version=version)
     if "kv_cache" in released:
         engine.resume_memory(("kv_cache",))

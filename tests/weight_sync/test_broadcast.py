@@ -205,3 +205,49 @@ def test_the_receiver_loads_each_sync_with_that_syncs_tensors_only(monkeypatch):
     engine = Engine()
     assert broadcast.serve_weight_updates(None, engine) == 2
     assert engine.loads == [([("a", 97.5), ("b", 98.5)], 1), ([("c", 99.5)], 2)]
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                   "shared_expert_intermediate_size": 16}),
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    ("qwen2", {}),
+])
+def test_an_engine_that_loads_checkpoints_is_sent_the_checkpoints_names_and_values(model_type, extra, tmp_path):
+    """transformers 5 holds an MoE's experts fused (`mlp.experts.gate_up_proj`); SGLang's loaders match the
+    checkpoint's names (`mlp.experts.0.gate_proj.weight`) and skip others silently, so the experts were never synced
+    (found by review). An engine with `takes_checkpoint_names` gets exactly what `save_pretrained` writes."""
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raro_fast.weight_sync import push_weights
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 holds the checkpoint's names")
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    checkpoint = load_file(tmp_path / "model.safetensors")
+
+    class Loader:  # what an SGLang engine is handed
+        takes_checkpoint_names = True
+
+        def update_weights(self, named, version):
+            self.got = dict(named)
+
+    engine = Loader()
+    push_weights(engine, PolicyModel(model), version=1, dtype=torch.bfloat16)
+    assert set(engine.got) == set(checkpoint)
+    for name, value in checkpoint.items():
+        assert torch.equal(engine.got[name], value.to(torch.bfloat16)), name
+    if model_type != "qwen2":  # the embedded engine is a transformers model: its own names
+        assert set(dict(hf_named_tensors(PolicyModel(model)))) != set(checkpoint)
+
+
+def test_the_sglang_engines_take_checkpoint_names():
+    from raro_fast.rollout.sglang import SGLangEngine, SGLangServerEngine
+
+    assert SGLangEngine.takes_checkpoint_names and SGLangServerEngine.takes_checkpoint_names
