@@ -19,10 +19,10 @@ from raro_fast.analysis import (
     answer_entropy, avg_at_n, load_traces_jsonl, mean_token_entropy, pass_at_k_curve, perplexity, support_categories,
     support_metrics, token_entropy,
 )
-from raro_fast.analysis.cache import SampleCache, draw_seed, model_files_digest
+from raro_fast.analysis.cache import SampleCache, draw_seed
 from raro_fast.config import ConfigError, _at_least, _help, help_text, load_config
 from raro_fast.metrics import strict_json
-from raro_fast.model.hf import load_pretrained, resolve_device, resolve_model_path, weights_digest
+from raro_fast.model.hf import load_pretrained, model_files_digest, resolve_device, resolve_model_path, weights_digest
 from raro_fast.model.policy import fused_lm_head_refusal
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams

@@ -16,7 +16,7 @@ from typing import Any
 
 from raro_fast.checkpoint import checkpoint_root
 from raro_fast.config import JobConfig
-from raro_fast.model.hf import resolve_model_path, weights_digest
+from raro_fast.model.hf import model_files_digest, resolve_model_path, weights_digest
 
 # What a run writes into its folder (besides base_model/, handled on its own).
 RUN_ENTRIES = ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "final_model", "config.json", "curves.png",
@@ -42,7 +42,9 @@ def base_recipe(cfg: JobConfig) -> dict[str, Any]:
         countdown.update(num_train=c.num_train, num_heldout=c.num_heldout, seed=c.seed)
     if cfg.model.path:  # the path and what is there now: a model saved there again is another starting point
         path = resolve_model_path(cfg.model.path, "model.path")
-        start = {"model.path": cfg.model.path, "model.path weights sha256": weights_digest(path)}
+        # its config and tokenizer too: a cached base was reused after config.json changed (found by review)
+        start = {"model.path": cfg.model.path, "model.path weights sha256": weights_digest(path),
+                 "model.path files sha256": model_files_digest(path) if Path(path).is_dir() else None}
     else:
         start = {"model.embedded": dataclasses.asdict(cfg.model.embedded)}
     return {

@@ -37,7 +37,8 @@ from raro_fast.distributed import Dist, all_gather_objects, barrier, broadcast_o
 from raro_fast.evaluate import heldout_accuracy, heldout_scores
 from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, summary_table
 from raro_fast.model.hf import (build_embedded_model, end_token_ids, engine_copy, load_pretrained, load_project_tokenizer,
-                                resolve_dtype, resolve_model_path, save_pretrained_atomic, weights_digest)
+                                model_files_digest, resolve_dtype, resolve_model_path, save_pretrained_atomic,
+                                weights_digest)
 from raro_fast.model.policy import PolicyModel
 from raro_fast.model.varlen import use_varlen_attention
 from raro_fast.packing import plan_micro_batches
@@ -77,9 +78,10 @@ class Run:
     warned_uniform: bool = False
     first_entropy: float | None = None
     data_sha256: str = ""  # `data_digest` of the run's examples, computed once: each checkpoint records it
-    # `weights_digest` of the initial model, where a reference model is rebuilt from it on resume (the KL anchor,
-    # DPO's first reference); each checkpoint records it
+    # `weights_digest` and `model_files_digest` of the initial model, where a reference model is rebuilt from it on
+    # resume (the KL anchor, DPO's first reference); each checkpoint records them
     initial_weights_sha256: str | None = None
+    initial_model_files_sha256: str | None = None
     # What a mode fixes when the run starts and a resume must keep (DPO's round length): saved with each checkpoint
     mode_state: dict = field(default_factory=dict)
 
@@ -359,6 +361,7 @@ def data_digest(train: list, heldout: list) -> str:
 def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
              "data_sha256": r.data_sha256, "initial_weights_sha256": r.initial_weights_sha256,
+             "initial_model_files_sha256": r.initial_model_files_sha256,
              "world_size": r.d.world_size, "config": to_dict(r.cfg), "mode_state": dict(r.mode_state),
              # the stop after MAX_SKIPPED_IN_A_ROW counts skips before the checkpoint too, as an uninterrupted run does
              "skipped_in_a_row": r.skipped_in_a_row, "warned_uniform": r.warned_uniform}
@@ -467,12 +470,15 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     mode = make_mode(cfg.train.mode)
-    ref_model = initial_sha = None
+    ref_model = initial_sha = initial_files_sha = None
     if mode.needs_reference(cfg):
         ref_model = reference_model(cfg, d, compute_dtype, mode.reference_dir(cfg, resume_from))
         # A resume rebuilds the reference from the initial model's path: weights saved there again in between (an
         # SFT stage writing to the same folder) anchored the run to another model, silently. Rank 0 hashes.
-        initial_sha = broadcast_object(d, weights_digest(initial_model_dir(cfg, None)) if d.is_main else None)
+        # So is a config or tokenizer changed there (found by review: a config.json with another rope_theta).
+        initial = initial_model_dir(cfg, None)
+        initial_sha, initial_files_sha = broadcast_object(d, (
+            weights_digest(initial), model_files_digest(initial) if initial.is_dir() else None) if d.is_main else None)
     replay = ReplayBuffer(cfg.raro.replay_size)
     start, mode_state, skipped, warned = 0, {}, 0, False
     if resume_from is not None:
@@ -483,10 +489,14 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
             raise ValueError(f"train.resume: {resume_from} was trained on other data than task.{cfg.task.name} gives "
                              f"now (its demonstrations or held-out problems changed: a data file grown or replaced?); "
                              f"resume with the run's data, or start a new run in another train.output_dir")
-        then = state.get("initial_weights_sha256")
-        if initial_sha is not None and then is not None and then != initial_sha:  # an older checkpoint has none
+        changed = [f"{what} SHA-256 {now[:12]}... now, {then[:12]}... at the start"
+                   for what, now, then in (("weights", initial_sha, state.get("initial_weights_sha256")),
+                                           ("config and tokenizer files", initial_files_sha,
+                                            state.get("initial_model_files_sha256")))
+                   if now is not None and then is not None and now != then]  # an older checkpoint has none
+        if changed:
             raise ValueError(f"train.resume: the model at {initial_model_dir(cfg, None)} is not the one the run started "
-                             f"from (weights SHA-256 {initial_sha[:12]}... now, {then[:12]}... at the start), and "
+                             f"from ({'; '.join(changed)}), and "
                              f"train.mode {cfg.train.mode} rebuilds its reference model from it; put the run's initial "
                              f"model back there, or start a new run in another train.output_dir")
         checkpoint.restore_optimizer_and_rng(resume_from, model=model, optimizer=optimizer, d=d)
@@ -515,7 +525,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
                mode_state=mode_state, skipped_in_a_row=skipped, warned_uniform=warned, data_sha256=digest,
-               initial_weights_sha256=initial_sha,
+               initial_weights_sha256=initial_sha, initial_model_files_sha256=initial_files_sha,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)
 

@@ -269,11 +269,19 @@ def test_a_resume_refuses_an_initial_model_saved_again_where_its_reference_is_re
         r.initial_weights_sha256
     assert train.setup(load_config([*args, "--resume"]), D).start_step == 2  # the same model: resumes
     weights = base / "model.safetensors"
+    original = weights.read_bytes()
     tensors = load_file(weights)
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, weights, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"is not the one the run started from .* rebuilds its reference model"):
+    with pytest.raises(ValueError, match=r"is not the one the run started from \(weights SHA-256 .* rebuilds its "
+                                         r"reference model"):
+        train.setup(load_config([*args, "--resume"]), D)
+    # the same weights under another config: logits off by up to 6 on the shipped base (review, 2026-12-07)
+    weights.write_bytes(original)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.1}))
+    with pytest.raises(ValueError, match=r"started from \(config and tokenizer files SHA-256 .* at the start\), and"):
         train.setup(load_config([*args, "--resume"]), D)
     # without a reference model nothing is rebuilt from that path, and nothing is hashed
     plain = [*args[:-2], "--train.output_dir", str(tmp_path / "plain")]
@@ -301,3 +309,9 @@ def test_a_cached_base_is_warmed_up_again_when_the_model_at_its_path_changes(tmp
     after = output_dir.base_recipe(cfg)
     assert before["model.path"] == after["model.path"]
     assert before["model.path weights sha256"] != after["model.path weights sha256"]
+    # and its config or tokenizer: the same weights read otherwise (found by review)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rope_theta": 77.0}))
+    again = output_dir.base_recipe(cfg)
+    assert again["model.path weights sha256"] == after["model.path weights sha256"]
+    assert again["model.path files sha256"] != after["model.path files sha256"]

@@ -112,6 +112,43 @@ def weights_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+# Beside the weights, the files Hugging Face reads that change what a model samples: its architecture and numerics
+# (config.json), end tokens and defaults (generation_config.json), and its tokenizer and chat template, which render
+# the prompts (and decode the completions).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+               "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
+MODEL_FILE_SUFFIXES = (".tiktoken",)
+# Keys of those JSON files that name where or by what they were written, not what the model does.
+VOLATILE_JSON_KEYS = ("transformers_version", "_name_or_path", "name_or_path", "_commit_hash")
+
+
+def model_files_digest(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over the model directory's files that are not weights but change what is sampled (`MODEL_FILES`,
+    `MODEL_FILE_SUFFIXES`, the chat templates in additional_chat_templates/): the weights' digest alone served
+    samples drawn under another config, tokenizer or chat template. A JSON file counts by its content without
+    `VOLATILE_JSON_KEYS`, so saving the same model again (another transformers version) changes nothing."""
+    root = Path(model_dir)
+    files = [p for p in root.iterdir()
+             if p.is_file() and (p.name in MODEL_FILES or p.name.endswith(MODEL_FILE_SUFFIXES))]
+    if (root / "additional_chat_templates").is_dir():
+        files += [p for p in (root / "additional_chat_templates").iterdir() if p.is_file()]
+    h = hashlib.sha256()
+    for f in sorted(files):
+        data = f.read_bytes()
+        if f.suffix == ".json" and f.name != "tokenizer.json":  # tokenizer.json: megabytes, and no such keys
+            try:
+                obj = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass  # the bytes, then
+            else:
+                if isinstance(obj, dict):
+                    obj = {k: v for k, v in obj.items() if k not in VOLATILE_JSON_KEYS}
+                data = json.dumps(obj, sort_keys=True).encode()
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
 def engine_copy(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """A copy of `model` for an in-process rollout engine: its parameters in `dtype` (but those transformers keeps
     in fp32: `kept_in_fp32`), its buffers as they are, as `from_pretrained(dtype=...)` loads them. `.to(dtype)` also

@@ -205,7 +205,7 @@ def test_weights_digest_follows_the_bytes(tmp_path):
 
 
 def test_model_files_digest_follows_each_files_name_and_the_extra_chat_templates(tmp_path):
-    from raro_fast.analysis.cache import model_files_digest
+    from raro_fast.model.hf import model_files_digest
 
     (tmp_path / "merges.txt").write_text("a b\n")
     first = model_files_digest(tmp_path)
