@@ -170,6 +170,26 @@ def test_saving_over_a_model_replaces_it_whole_readable_by_all_and_a_failed_save
         save_pretrained_atomic(model, tok, out)
     assert [p.name for p in out.parent.iterdir()] == ["model"]
     assert torch.equal(load_pretrained(str(out), dtype=torch.float32)[0].model.norm.weight, saved_norm)
+    monkeypatch.undo()
+
+    # A Ctrl-C between moving the old folder aside and the new one in left no model at all (the new one deleted,
+    # the old one stranded in .model.old, which the next save deletes); found by review
+    from raro_fast.model import hf
+
+    real_replace, calls = os.replace, []
+
+    def interrupted_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(hf.os, "replace", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained_atomic(model, tok, out)
+    monkeypatch.undo()
+    assert len(calls) == 3 and [p.name for p in out.parent.iterdir()] == ["model"]  # the third put the old one back
+    assert torch.equal(load_pretrained(str(out), dtype=torch.float32)[0].model.norm.weight, saved_norm)
 
 
 def test_a_saved_model_is_on_disk_before_its_folder_is_renamed_into_place(saved, tmp_path, request):

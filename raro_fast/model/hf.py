@@ -458,8 +458,13 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
+        try:
+            os.replace(dst, old)
+            os.replace(src, dst)
+        except BaseException:  # a Ctrl-C between the two left neither at dst, and the caller deleted the new one
+            if old.exists() and not dst.exists():
+                os.replace(old, dst)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
