@@ -166,9 +166,12 @@ class RolloutConfig:
     weight_group_address: str = _help("sglang_http: address of trainer rank 0 that the server connects to for "
                                       "weight broadcasts.", "127.0.0.1")
     weight_group_port: int = _help("sglang_http: port of the weight-sync group's store on trainer rank 0.", 29650)
+    sglang_timeout_s: float = _help("sglang_http: seconds a request to the server may take (a rollout batch, a "
+                                    "weight-sync bucket) before the run stops saying so.", 600.0)
 
     def __post_init__(self) -> None:
-        _at_least("rollout", self, 1, "max_new_tokens", "critic_max_new_tokens", "batch_size", "tp_size", "server_ranks")
+        _at_least("rollout", self, 1, "max_new_tokens", "critic_max_new_tokens", "batch_size", "tp_size", "server_ranks",
+                  "sglang_timeout_s")
         _at_least("rollout", self, 0, "temperature")
         if self.critic_temperature is not None and self.critic_temperature <= 0:
             raise ValueError(f"rollout.critic_temperature must be > 0 (every critic sample of a pair would be the "

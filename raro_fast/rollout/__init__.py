@@ -95,7 +95,7 @@ def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, r
     return SGLangServerEngine(url=cfg.sglang_url, tokenizer=tokenizer, bucket_bytes=bucket_bytes, sync_rank=rank == 0,
                               server_ranks=cfg.server_ranks, group_address=cfg.weight_group_address,
                               group_port=cfg.weight_group_port, group_backend="nccl" if device.type == "cuda" else "gloo",
-                              end_ids=end_ids)
+                              timeout_s=cfg.sglang_timeout_s, end_ids=end_ids)
 
 
 def _continuous_missing() -> str | None:

@@ -427,6 +427,44 @@ def test_server_engine_says_which_url_does_not_answer():
                            server_ranks=1, group_address="127.0.0.1", group_port=1, timeout_s=5)
 
 
+def test_a_server_slower_than_the_timeout_is_named_as_slow_not_unreachable():
+    """A /generate past the timeout (600 s, not settable) said "cannot reach the SGLang server", sending the user
+    to check an address that answers (found by review). `rollout.sglang_timeout_s` sets it."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # /server_info, answered at once
+            body = json.dumps({"version": "0.5.23", "tp_size": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(2)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        engine = SGLangServerEngine(url=url, tokenizer=Tok(), bucket_bytes=1, sync_rank=False, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=1, timeout_s=0.5)
+        with pytest.raises(RuntimeError, match=rf"the SGLang server at {url} did not answer /generate within 0.5 s"):
+            engine.generate([[3, 4]], SamplingParams(max_new_tokens=4))
+    finally:
+        server.shutdown()
+    from raro_fast.config import load_config
+
+    assert load_config(["--rollout.sglang_timeout_s", "1800"]).rollout.sglang_timeout_s == 1800
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real SGLang engine needs a CUDA GPU")
 def test_real_sglang_engine_matches_the_trainer_after_a_sync(tmp_path):
     pytest.importorskip("sglang")
