@@ -254,6 +254,12 @@ class RaroConfig:
             raise ValueError(f"raro.critic_pairs_per_step must be >= 0 (0: no cap), got {self.critic_pairs_per_step}")
         if self.lambda_pol < 0 or self.lambda_crit < 0:
             raise ValueError("raro.lambda_pol and raro.lambda_crit must be >= 0")
+        _at_least("raro", self, 0, "replay_size")
+        planned = self.replay_pairs_for(self.planned_fresh_pairs)
+        if self.replay_size < planned:  # the critic's normaliser plans them all: 0 halved its weight (found by review)
+            raise ValueError(f"raro.replay_size {self.replay_size} holds fewer than the {planned} replayed pairs a "
+                             f"step plans at raro.replay_ratio {self.replay_ratio}; for no replay set "
+                             "raro.replay_ratio 0, else raise raro.replay_size")
 
     @property
     def planned_fresh_pairs(self) -> int:
@@ -388,6 +394,13 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.model.path:  # found by review: --model.embedded.num_layers 8 trained the shipped 4-layer base
+            unused = _changed(self.model.embedded, "model.embedded.") + _changed(self.warmup, "warmup.", ("steps", "lr"))
+            if unused:
+                raise ValueError(f"{', '.join(unused)}: settings of the embedded model and its warm-up, which "
+                                 f"model.path {self.model.path!r} replaces (a checkpoint's own warm-up is "
+                                 "warmup.checkpoint_steps and warmup.checkpoint_lr); pass --model.path '' to build "
+                                 "and warm up the embedded model")
         if self.rollout.temperature == 0 and self.train.mode != "sft":
             raise ValueError(f"rollout.temperature 0 (greedy) with train.mode {self.train.mode}: every sample of a "
                              "group is the same answer, so every advantage is 0 and nothing is learnt; use > 0 "
@@ -409,6 +422,8 @@ class JobConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:  # the choices, not "Literal" (found by review: --help named none of them)
+        return "one of: " + ", ".join(map(str, get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -468,6 +483,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return number
     if tp is str:
+        if isinstance(value, _YamlNumber):  # `output_dir: 5` is a number in YAML: not taken for the text "5"
+            raise ConfigError(f"{where}: expected a string, got {value}")
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -516,12 +533,24 @@ def _origin_named(message: str, where: dict[str, str], prefix: str, default: str
     return where[min(named, key=lambda k: (message.find(k), -len(k)))]
 
 
+class _YamlNumber(str):
+    """A YAML number or date as its text, which the setting's type parses as it parses the command line's."""
+
+
+_DATE_TAG = "tag:yaml.org,2002:timestamp"
+_TEXT_READ_TAGS = ("tag:yaml.org,2002:int", _DATE_TAG)
+# A float is read from its text when written in base 60 (`1:30.5`); `.nan` and `1.0e-4` as YAML reads them.
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
 def _yaml_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Read a YAML file into nested dicts, remembering the line of every key (for error messages)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         node = yaml.compose(text)
     except yaml.YAMLError as e:
@@ -544,9 +573,18 @@ def _yaml_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             return out
         if isinstance(n, yaml.SequenceNode):
             return [walk(v, prefix) for v in n.value]
-        # The node's own value, as safe_load reads it. Serialising it and parsing that again failed on an empty
-        # value (`steps:` serialises to `...`, which does not parse): a traceback, not the file and line.
-        return yaml.constructor.SafeConstructor().construct_object(n, deep=True)
+        # A number or date is read from its text as the command line reads it: YAML 1.1 took `seed: 0123` for
+        # octal 83 (the command line: 123), `1:20` for 80 and `0x10` for 16, and an impossible date stopped the run
+        # with a traceback (found by review). The setting's type then parses the text, or names file and line.
+        if isinstance(n, yaml.ScalarNode) and (n.tag in _TEXT_READ_TAGS or n.tag == _FLOAT_TAG and ":" in n.value):
+            return n.value if n.tag == _DATE_TAG else _YamlNumber(n.value)  # a date: the text it is written as
+        # Anything else: the node's own value, as safe_load reads it. Serialising it and parsing that again failed
+        # on an empty value (`steps:` serialises to `...`, which does not parse): a traceback, not the file and line.
+        try:
+            return yaml.constructor.SafeConstructor().construct_object(n, deep=True)
+        except (yaml.YAMLError, ValueError) as e:
+            problem = getattr(e, "problem", None) or e
+            raise ConfigError(f"{path}:{n.start_mark.line + 1}: '{prefix.rstrip('.')}': {problem}") from None
 
     if node is None:
         return {}, where
@@ -627,6 +665,9 @@ def load_config(argv: list[str] | None = None, root: type = JobConfig):
     for dotted, value in overrides:
         node = values
         parts = dotted.split(".")
+        setting = _setting_before_end(root, parts)
+        if setting:  # `--train.steps.x 5` blamed the file that set train.steps, or "config"
+            raise ConfigError(f"command line: unknown key '{dotted}' ('{setting}' is a setting, not a section)")
         for k, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -637,6 +678,27 @@ def load_config(argv: list[str] | None = None, root: type = JobConfig):
         node[parts[-1]] = value
         where[dotted] = "command line"
     return _build(root, values, where)
+
+
+def _changed(section: Any, prefix: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """The dotted names of `section`'s settings (or of `names` among them) that differ from their defaults."""
+    default = type(section)()
+    return [prefix + f.name for f in dataclasses.fields(section) if (names is None or f.name in names)
+            and getattr(section, f.name) != getattr(default, f.name)]
+
+
+def _setting_before_end(root: type, parts: list[str]) -> str | None:
+    """The dotted name of a leaf setting that `parts` reaches before its last part, or None."""
+    tp = root
+    for k, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = _field_types(tp).get(part)
+        if tp is None:
+            return None  # an unknown key: _build names it with the keys known there
+        if not dataclasses.is_dataclass(tp):
+            return ".".join(parts[: k + 1])
+    return None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -342,3 +343,62 @@ def test_an_empty_value_or_a_scalar_section_in_yaml_names_file_and_line(tmp_path
     g.write_text("raro:\n  group_size: 3\ntrain: 5\n")
     with pytest.raises(ConfigError, match=r"scalar.yaml:3: 'train' is a section; expected a mapping"):
         load_config(["--config", str(g), "--train.steps", "2"])
+
+
+def test_yaml_numbers_are_read_from_their_text_as_the_command_line_reads_them(tmp_path):
+    """YAML 1.1 read `seed: 0123` as octal 83 (the command line: 123), `1:20` as 80 and `0x10` as 16; an impossible
+    date or a bad explicit tag stopped the run with a traceback, and a file in another encoding too (review)."""
+    def load(text, name="c.yaml"):
+        f = tmp_path / name
+        f.write_text(text) if isinstance(text, str) else f.write_bytes(text)
+        return load_config(["--config", str(f)])
+
+    assert load("train:\n  seed: 0123\n").train.seed == load_config(["--train.seed", "0123"]).train.seed == 123
+    assert load("train:\n  steps: 1_000\n  output_dir: 2026-02-30\n").train.output_dir == "2026-02-30"
+    assert load("optim:\n  lr: 1.0e-4\n").optim.lr == 1e-4
+    for text, message in [("train:\n  steps: 1:20\n", "c.yaml:2: 'train.steps': expected an integer, got '1:20'"),
+                          ("raro:\n  replay_size: 0x10\n", "c.yaml:2: 'raro.replay_size': expected an integer, got '0x10'"),
+                          ("train:\n  steps: !!int 80x\n", "c.yaml:2: 'train.steps': expected an integer, got '80x'"),
+                          ("optim:\n\n  lr: 1:30.5\n", "c.yaml:3: 'optim.lr': expected a number, got '1:30.5'"),
+                          ("model:\n  path: !!python/name:os.system\n", "c.yaml:2: 'model.path': could not determine a "
+                                                                      "constructor"),
+                          (b"# caf\xe9\ntrain:\n  steps: 3\n", "c.yaml: not UTF-8 text")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load(text)
+
+
+def test_a_command_line_key_below_a_setting_is_named_as_the_command_lines(tmp_path):
+    """`--train.steps.x 5` blamed the config file that set train.steps (a correct line), or "config"."""
+    for argv in (["--config", "configs/countdown-default.yaml", "--train.steps.x", "5"], ["--train.steps.x", "5"]):
+        with pytest.raises(ConfigError, match=re.escape("command line: unknown key 'train.steps.x' ('train.steps' is a "
+                                                        "setting, not a section)")):
+            load_config(argv)
+
+
+def test_help_names_the_choices_of_a_choice_setting():
+    text = help_text("x")
+    assert "--loss.kl_estimator ['k3']  (one of: k1, k2, k3)" in text and "(Literal)" not in text
+
+
+def test_embedded_model_settings_are_refused_where_a_model_path_replaces_them():
+    """With the default model.path (the shipped base) or a checkpoint, `--model.embedded.num_layers 8` trained the
+    shipped 4-layer base and `--warmup.steps 5000` warmed up nothing, silently (found by review)."""
+    for argv in (["--model.embedded.num_layers", "8"], ["--model.path", "some/model", "--warmup.steps", "5000"]):
+        with pytest.raises(ConfigError, match=r"command line: .*(model.embedded.num_layers|warmup.steps): settings of "
+                                              r"the embedded model and its warm-up, which model.path '.*' replaces"):
+            load_config(argv)
+    cfg = load_config(["--model.path", "", "--model.embedded.num_layers", "8", "--warmup.steps", "5000"])
+    assert cfg.model.embedded.num_layers == 8 and cfg.warmup.steps == 5000
+    # a checkpoint's own warm-up, and the shipped configs as the docs combine them
+    load_config(["--model.path", "m", "--warmup.checkpoint_steps", "100", "--warmup.batch_size", "8"])
+    load_config(["--config", "configs/countdown-24.yaml", "--config", "configs/qwen2.5-1.5b-countdown.yaml", "--model", "m"])
+
+
+def test_a_replay_buffer_smaller_than_a_steps_planned_replay_is_refused():
+    """The critic's normaliser plans every replayed pair: --raro.replay_size 0 (meant as "no replay") halved the
+    critic's weight for the whole run, and 10 took it to 0.66 (found by review)."""
+    for size in ("0", "10", "-1"):
+        with pytest.raises(ConfigError, match="raro.replay_size"):
+            load_config(["--raro.replay_size", size])
+    assert load_config(["--raro.replay_size", "0", "--raro.replay_ratio", "0"]).raro.replay_size == 0
+    assert load_config(["--raro.replay_size", "32"]).raro.replay_size == 32
