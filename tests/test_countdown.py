@@ -96,6 +96,7 @@ def test_the_edge_values_of_the_config_are_valid():
         ("(2+2)*(11-5)", True),
         (" ( 2 + 2 ) * ( 11 - 5 ) ", True),
         ("(2+2)×(11−5)", True),  # unicode operators accepted as aliases
+        ("(2+2)∗(11–5)", True), ("(2+2)·(11-5)", True), ("(2+2)⋅(11-5)", True),  # and these, refused before (review)
         ("(2+2)*(11-5)+0", False),  # 0 not given
         ("(2+2)*(11-5)-2", False),  # 2 used three times
         ("(2+2)*11", False),  # 5 left out
@@ -213,6 +214,16 @@ def test_answer_classes_count_one_expression_however_written():
     task = get_task("countdown", CountdownConfig(num_train=4, num_heldout=2))
     answers = ["8+2", "(8+2)", None, " 8 + 2 ", "2+8", "(8*2)-6", "8*2-6", "8 +", "8+", "((" * 200 + "1"]
     assert task.answer_classes(answers) == [0, 0, None, 0, 1, 2, 2, 3, 3, 4]
+    # text that does not parse is never the class of an expression it reads like without its spaces (review)
+    assert task.answer_classes(["10+5", "1 0+5", "8+2", "8" + " " * 300 + "+2"]) == [0, 1, 2, 3]
+
+
+def test_an_expert_answer_longer_than_an_answer_may_be_is_refused_at_start():
+    """130 ones making 130: the expert's own answer (259 characters) failed `verify` and `extract_answer`."""
+    from raro_fast.tasks.countdown import expert_answer
+
+    with pytest.raises(ValueError, match=r"task: the expert answer to .* has 259 characters, more than the 256"):
+        expert_answer([1] * 130, 130, "canonical", 0)
 
 
 def test_varied_targets_one_per_multiset_each_solvable_and_split_without_sharing():

@@ -75,7 +75,9 @@ class Puzzle:
 
 # A node is an int (a leaf) or a tuple (op, left, right).
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
-_ALIASES = {"×": "*", "÷": "/", "−": "-"}
+# The look-alikes a tokenizer may give for the four operators (the en dash, the asterisk operator and the middle dot
+# were refused while ×, ÷ and the minus sign counted: a right answer hung on the glyph; found by review).
+_ALIASES = {"×": "*", "÷": "/", "−": "-", "–": "-", "∗": "*", "·": "*", "⋅": "*"}
 
 
 def _apply(op: str, a: Fraction, b: Fraction) -> Fraction | None:
@@ -383,10 +385,19 @@ def solutions(numbers: tuple[int, ...], target: int, *, natural: bool = False) -
 def expert_answer(numbers, target, form: str, seed: int) -> str | None:
     """The demonstration's expression in the given `form` (see CountdownConfig.expert_form)."""
     if form == "canonical":
-        return solve(numbers, target)
+        return _within_limit(solve(numbers, target), numbers, target)
     key = tuple(sorted(numbers))
     choices = solutions(key, target, natural=True) or solutions(key, target)
-    return random.Random(f"{seed}:{key}:{target}").choice(choices) if choices else None
+    answer = random.Random(f"{seed}:{key}:{target}").choice(choices) if choices else None
+    return _within_limit(answer, numbers, target)
+
+
+def _within_limit(answer: str | None, numbers, target) -> str | None:
+    """A demonstration longer than `verify` reads would be refused as its own answer: say so at start."""
+    if answer is not None and len(answer) > MAX_EXPRESSION_CHARS:
+        raise ValueError(f"task: the expert answer to {list(numbers)} -> {target} has {len(answer)} characters, more "
+                         f"than the {MAX_EXPRESSION_CHARS} an answer may have; use fewer numbers")
+    return answer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -528,7 +539,8 @@ def _expression_key(answer: str) -> str:
             return to_string(parse(answer))
         except _ParseError:
             pass
-    return "".join(answer.split())
+    # marked as text: "1 0+5", which does not parse, was keyed "10+5", the class of the expression 10+5
+    return "text:" + "".join(answer.split())
 
 
 # ---------------------------------------------------------------------------------------------------------------
