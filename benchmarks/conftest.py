@@ -2,12 +2,17 @@
 
 Benchmarks are measurements, never timed tests: nothing here fails because a machine is slow. Each benchmark
 hands its rows to the `bench_table` fixture; the tables are printed from `pytest_terminal_summary`, so they
-show without `-s`, and, when RARO_BENCH_JSON names a file, are also written there as JSON (for RESULTS.md).
+show without `-s`. When RARO_BENCH_JSON names a file, each table is also written there as JSON the moment it is
+made, with the device, versions, date, commit (RARO_COMMIT, else git's) and command, and printed at once: a run cut
+by its time limit on a lent GPU used to lose every table, because they were written at the end only.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
@@ -17,12 +22,44 @@ from harness import Table, device_description, versions
 _TABLES: list[Table] = []
 
 
+def _commit() -> str:
+    """RARO_COMMIT where the command names it (a lent GPU's checkout may carry no .git), else git's HEAD."""
+    if os.environ.get("RARO_COMMIT"):
+        return os.environ["RARO_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+_STARTED = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)}
+
+
+def _write_json(path: str) -> None:
+    record = {"device": device_description(), "versions": versions(), **_STARTED, "commit": _commit(),
+              "tables": [asdict(t) for t in _TABLES]}
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 @pytest.fixture(scope="session")
 def bench_table() -> Callable[[str, Sequence[str], Sequence[Sequence[object]]], None]:
-    """bench_table(title, columns, rows): queue a table for the end-of-run summary (and the JSON file)."""
+    """bench_table(title, columns, rows): a table for the end-of-run summary, and at once for RARO_BENCH_JSON."""
 
     def add(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-        _TABLES.append(Table(title, list(columns), [[str(c) for c in r] for r in rows]))
+        table = Table(title, list(columns), [[str(c) for c in r] for r in rows])
+        _TABLES.append(table)
+        path = os.environ.get("RARO_BENCH_JSON")
+        if path:
+            _write_json(path)
+            print(f"\n{table.render()}", file=sys.__stdout__, flush=True)
 
     return add
 
@@ -36,8 +73,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
         terminalreporter.write_line("")
         for line in table.render().splitlines():
             terminalreporter.write_line(line)
-    path = os.environ.get("RARO_BENCH_JSON")
-    if path:
-        with open(path, "w") as f:
-            json.dump({"device": device_description(), "versions": versions(),
-                       "tables": [asdict(t) for t in _TABLES]}, f, indent=1)
