@@ -1,6 +1,7 @@
 """experiments/summarize.py: the replication table from a grid of MODE-sSEED runs, with exact values."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -359,22 +360,43 @@ def test_reward_signal_bad_model_dir_is_one_line_naming_it(tmp_path):
 
 def test_smollm2_gpu_script_says_what_is_missing(tmp_path):
     script = ROOT / "experiments" / "smollm2_gpu.sh"
-    env = dict(os.environ, SMOLLM2_PARTS=str(tmp_path / "parts"), SMOLLM2_STASH=str(tmp_path / "stash"))
+    env = dict(os.environ, SMOLLM2_PARTS=str(tmp_path / "parts"), SMOLLM2_STASH=str(tmp_path / "stash"),
+               OUT=str(tmp_path / "out"))
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and usage.stderr.startswith("usage: experiments/smollm2_gpu.sh prepare | stage | run")
     stage = subprocess.run(["bash", str(script), "stage"], capture_output=True, text=True, env=env)
-    assert stage.returncode == 2 and "part-a is missing; carry .device/smollm2/part-a" in stage.stderr
-    (tmp_path / "parts").mkdir()
-    (tmp_path / "parts" / "part-b").write_bytes(b"second half")
+    assert stage.returncode == 2 and "neither" in stage.stderr and "carry .device/smollm2/part-a (1st call)" in stage.stderr
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "part-c").write_bytes(b"third.")
     run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "SHA256 is missing; carry .device/smollm2/SHA256" in run.stderr
-    (tmp_path / "parts" / "SHA256").write_text("0" * 64 + "\n")
+    (parts / "SHA256").write_text("0" * 64 + "\n")
     run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
-    assert run.returncode == 2 and "the first half is not here" in run.stderr
-    (tmp_path / "parts" / "part-a").write_bytes(b"first half, ")
+    assert run.returncode == 2 and "part-a is not here" in run.stderr
+    # two staging calls, each carrying one part, keep them for the third
+    for name, data in (("part-a", b"first, "), ("part-b", b"second, ")):
+        (parts / name).write_bytes(data)
+        assert subprocess.run(["bash", str(script), "stage"], capture_output=True, text=True, env=env).returncode == 0
+        (parts / name).unlink()
     run = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "the joined GGUF's SHA-256 is" in run.stderr and "expected " + "0" * 64 in run.stderr
-    assert (tmp_path / "stash" / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"first half, second half"
+    assert (tmp_path / "stash" / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"first, second, third."
+
+
+def test_smollm2_gpu_parts_each_fit_a_device_call_with_the_tree(tmp_path):
+    """The device carries 64 MiB a call, tree included: two halves of 50 MB were each over it with the tree (found
+    by review). `prepare` splits the 98 MB file in three."""
+    if shutil.which("split") is None:
+        pytest.skip("no split")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(os.urandom(1 << 20) * 94)  # 94 MiB, as the GGUF (93.8 MiB)
+    subprocess.run(["split", "-n", "3", "-a", "1", str(gguf), str(tmp_path / "part-")], check=True)
+    tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, cwd=ROOT, check=True).stdout.split(b"\0")
+    tree = sum((ROOT / p.decode()).stat().st_size for p in tracked if p and (ROOT / p.decode()).is_file())
+    sizes = [p.stat().st_size for p in sorted(tmp_path.glob("part-*"))]
+    assert len(sizes) == 3 and all(tree + size < 60 * 2**20 for size in sizes), (tree, sizes)
+    assert 'split -n 3 -a 1 "$gguf" "$dir/part-"' in (ROOT / "experiments" / "smollm2_gpu.sh").read_text()
 
 
 def test_evaluate_grid_evaluates_again_only_a_model_that_changed(tmp_path):
