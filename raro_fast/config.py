@@ -534,7 +534,7 @@ def _origin_named(message: str, where: dict[str, str], prefix: str, default: str
 
 
 class _YamlNumber(str):
-    """A YAML number or date as its text, which the setting's type parses as it parses the command line's."""
+    """A YAML number as its text, which the setting's type parses as it parses the command line's."""
 
 
 _DATE_TAG = "tag:yaml.org,2002:timestamp"

@@ -183,10 +183,13 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
         del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # assign=True takes the dequantised tensors as they are (load_gguf checked that the file filled every one);
-    # tied heads are tied again below.
+    # assign=True takes the dequantised tensors as they are (load_gguf checked that the file filled the model it
+    # loaded); tied heads are tied again below.
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False, assign=True)
     model.tie_weights()
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"{path}: the dequantised weights do not fit the model its config describes "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     if any(p.is_meta for p in model.parameters()):
         raise ValueError(f"{path}: some weights were not in the GGUF file (an untied LM head without its tensor?)")
     model.generation_config = quantized.generation_config
