@@ -87,7 +87,7 @@ def hf_named_tensors(model: nn.Module, *, dtype: torch.dtype | None = None, skip
     skip = tied_names(model) if skip_tied else set()
     rename = checkpoint_renamer(model) if checkpoint_names else None
     fp32 = kept_in_fp32(model, dtype)
-    buffers = {name for name, _ in model.named_buffers()}
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     for name, t in model.state_dict().items():
         is_buffer = name in buffers
         name = name.removeprefix(_WRAPPER_PREFIX)
