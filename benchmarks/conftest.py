@@ -9,6 +9,7 @@ by its time limit on a lent GPU used to lose every table, because they were writ
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from harness import Table, device_description, versions
 _TABLES: list[Table] = []
 
 
+@functools.cache  # once a run: git is asked at the first table, not at each
 def _commit() -> str:
     """RARO_COMMIT where the command names it (a lent GPU's checkout may carry no .git), else git's HEAD."""
     if os.environ.get("RARO_COMMIT"):

@@ -303,13 +303,12 @@ class SGLangServerEngine:
                                  f"it was started with --api-key or --admin-api-key, and raro-fast sends no key; start "
                                  f"it without them, on a network only the trainer reaches") from None
             raise RuntimeError(f"SGLang server {self.url}{path}: HTTP {e.code}: {e.read().decode()[:300]}") from None
-        except TimeoutError:  # reached, but slow: "cannot reach" sent users to check an address that answers
-            raise RuntimeError(f"the SGLang server at {self.url} did not answer {path} within {self.timeout_s:g} s "
-                               "(a rollout batch larger than it serves in that time?)") from None
         except (urllib.error.URLError, OSError) as e:
-            if isinstance(getattr(e, "reason", None), TimeoutError):
-                raise RuntimeError(f"the SGLang server at {self.url} did not answer {path} within "
-                                   f"{self.timeout_s:g} s") from None
+            # reached, but slow (a read times out bare, a connection inside URLError): "cannot reach" sent users to
+            # check an address that answers
+            if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+                raise RuntimeError(f"the SGLang server at {self.url} did not answer {path} within {self.timeout_s:g} "
+                                   "s (a rollout batch larger than it serves in that time?)") from None
             raise ValueError(f"cannot reach the SGLang server at {self.url}{path} (rollout.sglang_url): {e}") from None
         try:
             return json.loads(text) if text.strip() else {}
