@@ -110,7 +110,7 @@ def unread_rope_scaling(path: Path, config) -> str | None:
     review)."""
     from gguf import GGUFReader
 
-    from raro_fast.model.varlen import _rope_type
+    from raro_fast.model.varlen import rope_type
 
     reader = GGUFReader(path)
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
@@ -121,7 +121,7 @@ def unread_rope_scaling(path: Path, config) -> str | None:
             part = field.parts[field.data[0]]
             declared[key.rsplit(".", 1)[1]] = bytes(part).decode() if key.endswith(".type") else float(part[0])
     scaled = declared.get("type", "none") != "none" or declared.get("factor", 1.0) not in (0.0, 1.0)
-    if scaled and _rope_type(config) in (None, "default"):
+    if scaled and rope_type(config) in (None, "default"):
         return f"it declares scaled rotary positions ({declared})"
     return None
 

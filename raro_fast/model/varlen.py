@@ -367,7 +367,8 @@ def _rope_params(config) -> dict:
     return params if isinstance(params, dict) else {}
 
 
-def _rope_type(config) -> str | None:
+def rope_type(config) -> str | None:
+    """The rotary embedding's type ("default", "linear", "longrope", ...), or None where the config names none."""
     params = _rope_params(config)
     return params.get("rope_type", params.get("type"))
 
@@ -377,7 +378,7 @@ def length_dependent_rope_limit(config) -> int | None:
     (Phi-3's longrope, dynamic NTK), or None for a rotary embedding that does not. Within one packed row the
     longest sequence sets them for all: a short sequence beside a long one got the long-context frequencies (found
     by review: 1e-2 in log-probs on Phi-3 longrope)."""
-    if _rope_type(config) not in ("longrope", "dynamic"):
+    if rope_type(config) not in ("longrope", "dynamic"):
         return None
     return int(_rope_params(config).get("original_max_position_embeddings")
                or getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
@@ -390,7 +391,7 @@ def packed_hidden_states(body, mb, rows: torch.Tensor | None = None) -> torch.Te
     limit = length_dependent_rope_limit(body.config)
     if limit is not None and mb.max_seqlen > limit:
         raise ValueError(f"a packed sequence of {mb.max_seqlen} tokens, over {limit}: this model's rotary embedding "
-                         f"({_rope_type(body.config)}) takes its frequencies from the longest position in the packed row, "
+                         f"({rope_type(body.config)}) takes its frequencies from the longest position in the packed row, "
                          f"so every sequence packed beside this one would get another model's log-probs; keep prompts "
                          f"and rollout.max_new_tokens / critic_max_new_tokens within {limit} tokens")
     ids, positions, shared = mb.input_ids, mb.position_ids, {}
