@@ -139,17 +139,20 @@ def inverse_temperatures(temperature: float | torch.Tensor, n_rows: int, device:
     return torch.full((n_rows,), 1.0 / temperature, dtype=torch.float32, device=device)
 
 
-def check_targets_in_range(targets_N: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """ValueError for a target outside [0, V) that is not ignore_index. Needs a host sync, so it runs for CPU
-    tensors only; on CUDA such a target yields a NaN log-prob instead (documented in the public functions)."""
+def check_targets_in_range(targets_N: torch.Tensor, vocab: int, ignore_index: int,
+                           shape: torch.Size | None = None) -> None:
+    """ValueError for a target outside [0, V) that is not ignore_index, at its index in the caller's `shape` (the
+    flat index named a position a [B, L] tensor does not have). Needs a host sync, so it runs for CPU tensors only;
+    on CUDA such a target yields a NaN log-prob instead (documented in the public functions)."""
     if targets_N.device.type != "cpu" or targets_N.numel() == 0:
         return
     bad = (targets_N != ignore_index) & ((targets_N < 0) | (targets_N >= vocab))
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"targets[{first}] = {int(targets_N[first])} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
-        )
+        where = [first] if shape is None or len(shape) < 2 else [int(i) for i in torch.unravel_index(
+            torch.tensor(first), tuple(shape))]
+        raise ValueError(f"targets[{', '.join(map(str, where))}] = {int(targets_N[first])} is outside [0, {vocab}) "
+                         f"and is not ignore_index={ignore_index}")
 
 
 def finish_logprobs(

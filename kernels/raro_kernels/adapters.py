@@ -57,7 +57,11 @@ def fused_linear_for_ppo(hidden_states: torch.Tensor, vocab_weights: torch.Tenso
 
 class FusedLinearForPPO(nn.Module):
     """verl's `FusedLinearForPPO` module interface (`forward(hidden_states, vocab_weights, input_ids, temperature)`),
-    on the fused kernels; it has no parameters of its own."""
+    on the fused kernels; it has no parameters of its own. verl's constructor arguments (`chunk_size`,
+    `impl_backend`) are accepted and unused: the kernels choose their own chunks and backend."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch") -> None:
+        super().__init__()
 
     def forward(self, hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

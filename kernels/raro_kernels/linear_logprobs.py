@@ -212,10 +212,11 @@ def linear_logprobs(
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     targets_N = targets.reshape(-1)
     if not torch.compiler.is_compiling():  # needs the targets' values: a host sync, and a guard a graph cannot hold
-        check_targets_in_range(targets_N, weight.shape[0], ignore_index)
+        check_targets_in_range(targets_N, weight.shape[0], ignore_index, shape=lead_shape)
     if hidden_NH.shape[0] == 0:
-        # Nothing to compute; keep the result attached to hidden so a caller's backward() still runs.
-        zeros_N = hidden_NH.float().sum(dim=-1) * 0.0
+        # Nothing to compute; keep the result attached to hidden and the weight, so a caller's backward() still runs
+        # and the weight gets its (zero) gradient like any other rank's (found by review: it got none).
+        zeros_N = hidden_NH.float().sum(dim=-1) * 0.0 + weight[:0].float().sum()
         return LinearLogprobs(zeros_N.reshape(lead_shape), zeros_N.reshape(lead_shape) if return_entropy else None)
     inv_temp_N = inverse_temperatures(temperature, hidden_NH.shape[0], hidden.device)
     logprobs_N, entropy_N, _lse, _raw_entropy = _forward_op(

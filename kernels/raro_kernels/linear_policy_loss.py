@@ -369,8 +369,8 @@ def _loss_and_metrics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       terms: _LossTerms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fused loss over validated inputs, with `policy_loss`'s metrics, the log-probs and the entropy."""
     batch, opts = terms.batch, terms.opts
-    if hidden.shape[0] == 0:
-        loss = hidden.float().sum() * 0.0
+    if hidden.shape[0] == 0:  # attached to the weight too: its gradient is 0, not None (found by review)
+        loss = hidden.float().sum() * 0.0 + weight[:0].float().sum()
         logprobs_N = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         entropy_N = logprobs_N
     elif torch.compiler.is_compiling():

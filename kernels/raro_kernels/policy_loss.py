@@ -7,6 +7,7 @@ logits, so both functions compute exactly the same loss.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +105,8 @@ def _as_count(x: int | float | torch.Tensor, name: str, device: torch.device) ->
     """A denominator: a tensor stays on the device (no sync), a Python number stays a Python float (no copy)."""
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.float32)
-    if not x > 0:
-        raise ValueError(f"{name} must be > 0, got {x}")
+    if not 0 < x < math.inf:  # an infinite one made the loss and its gradient 0, silently (found by review)
+        raise ValueError(f"{name} must be finite and > 0, got {x}")
     return float(x)
 
 

@@ -99,6 +99,9 @@ def test_verl_interface_equals_verls_reference_formula():
     weight = torch.randn(VOCAB, HIDDEN, generator=g).requires_grad_(True)
     input_ids = torch.randint(0, VOCAB, (2, 13), generator=g)
     logp, ent = FusedLinearForPPO()(hidden, weight, input_ids, temperature=0.7)
+    # verl builds it as FusedLinearForPPO(chunk_size=512); that raised TypeError (found by review on 2026-12-07)
+    again = FusedLinearForPPO(chunk_size=512, impl_backend="triton")(hidden, weight, input_ids, temperature=0.7)
+    assert torch.equal(again[0], logp) and torch.equal(again[1], ent)
     h64, w64 = hidden.detach().double().requires_grad_(True), weight.detach().double().requires_grad_(True)
     logits = (h64 @ w64.t()) / 0.7  # verl's formula, in float64
     ref_logp = logits.log_softmax(-1).gather(-1, input_ids[..., None]).squeeze(-1)

@@ -153,6 +153,11 @@ def test_out_of_range_targets_are_still_refused_in_eager_mode(device):
     targets[2] = 50
     with pytest.raises(ValueError, match=r"targets\[2\] = 50 is outside \[0, 50\)"):
         linear_logprobs(hidden, weight, targets)
+    # Named where the caller's tensor has it: the flat index, 7, is no position of a [2, 5] tensor (review, 2026-12-07)
+    hidden, weight, targets = _inputs(device, lead=(2, 5))
+    targets[1, 2] = 50
+    with pytest.raises(ValueError, match=r"targets\[1, 2\] = 50 is outside \[0, 50\)"):
+        linear_logprobs(hidden, weight, targets)
 
 
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])

@@ -310,6 +310,13 @@ def test_empty_input(backend: str, device) -> None:
                           return_entropy=True)
     assert out.logprobs.shape == (0,) and out.entropy.shape == (0,)
     out.logprobs.sum().backward()
+    # The weight is in the graph too (found by review on 2026-12-07: it got no gradient, and with a hidden that
+    # needs none, backward() raised).
+    weight.requires_grad_(True)
+    out = linear_logprobs(hidden.detach().reshape(2, 0, 16), weight, torch.zeros(2, 0, dtype=torch.long,
+                          device=device), backend=backend)
+    out.logprobs.sum().backward()
+    assert weight.grad is not None and float(weight.grad.abs().max()) == 0.0
 
 
 def test_bad_inputs_raise_value_error() -> None:

@@ -236,6 +236,9 @@ def test_no_tokens_at_all(device: torch.device) -> None:
         (dict(clip_low=1.5), "clip_low"),
         (dict(dual_clip=0.5), "dual_clip"),
         (dict(num_tokens=0), "num_tokens"),
+        # an infinite denominator made the loss and its gradient 0, silently (found by review on 2026-12-07)
+        (dict(num_tokens=float("inf")), "num_tokens must be finite and > 0, got inf"),
+        (dict(loss_agg="token_sum_norm", norm_constant=float("inf")), "norm_constant must be finite"),
     ],
 )
 def test_bad_options_raise_value_error(kwargs: dict, match: str, device: torch.device) -> None:
