@@ -401,10 +401,27 @@ class JobConfig:
                                  f"model.path {self.model.path!r} replaces (a checkpoint's own warm-up is "
                                  "warmup.checkpoint_steps and warmup.checkpoint_lr); pass --model.path '' to build "
                                  "and warm up the embedded model")
-        if self.rollout.temperature == 0 and self.train.mode != "sft":
+        grouped = self.train.mode in ("raro", "rlvr", "rl_logit")  # GRPO: advantages relative to a group's mean
+        if self.rollout.temperature == 0 and grouped:  # rationalization and DPO sample one answer per use (review)
             raise ValueError(f"rollout.temperature 0 (greedy) with train.mode {self.train.mode}: every sample of a "
                              "group is the same answer, so every advantage is 0 and nothing is learnt; use > 0 "
                              "(greedy evaluation is train.eval_temperature)")
+        groups = [("raro.group_size", self.raro.group_size)] if grouped else []
+        if self.train.mode == "raro":
+            groups.append(("raro.critic_samples_per_pair", self.raro.critic_samples_per_pair))
+        for name, size in groups:  # found by review: a group of one has advantage 0, so the run trained nothing
+            if size < 2:
+                raise ValueError(f"{name} {size} with train.mode {self.train.mode}: a GRPO group of one sample has "
+                                 "advantage 0 (its reward less its own mean), so nothing is learnt; use >= 2")
+        if self.train.mode == "dpo":  # found by review: both were accepted and silently replaced
+            if self.loss.loss_agg != "token_sum_norm":
+                raise ValueError(f"loss.loss_agg {self.loss.loss_agg} with train.mode dpo: DPO's loss is summed over "
+                                 "a pair's tokens and averaged over pairs (token_sum_norm), whatever this says; "
+                                 "leave it at token_sum_norm")
+            if self.loss.kl_coef > 0:
+                raise ValueError("loss.kl_coef > 0 with train.mode dpo: DPO's reference is the policy at its round's "
+                                 "start, not the initial model, and its beta (dpo.beta) already holds the policy to "
+                                 "it; leave loss.kl_coef at 0")
         if self.train.ppo_mini_batches < 1:
             raise ValueError(f"train.ppo_mini_batches must be >= 1, got {self.train.ppo_mini_batches}")
         if self.train.ppo_mini_batches > 1 and self.train.mode in ("dpo", "sft", "rationalization"):

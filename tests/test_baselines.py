@@ -215,6 +215,24 @@ def test_rl_logit_scores_the_expert_answer_after_a_think_token_that_spills_into_
         assert sc.input_ids[sc.prompt_len :] == rest
 
 
+def test_rl_logit_scores_a_special_tokens_text_in_the_expert_answer_as_plain_text(setting):
+    """An expert answer that spells `<|im_end|>` out was scored with an end of turn inside it (the reward took in
+    log p(EOS | "ab")); SFT, rationalization and DPO read it as text. Found by review on 2026-12-07."""
+    from raro_fast.modes.base import expert_completion_ids
+    from raro_fast.tasks.base import Example
+
+    cfg, tok, _ = setting
+    ex = Example(id="q", question="Write two words", answer="ab<|im_end|>cd", meta={})
+    out = rl_logit_rollouts([ex], engine=_Engine(tok, ["<think>x</think><answer>y</answer>"]), tokenizer=tok, cfg=cfg,
+                            seed=0, group_offset=0)
+    sc = out.scoring[0]
+    scored = sc.input_ids[sc.prompt_len:]
+    assert scored.count(tok.eos_token_id) == 1 and scored[-1] == tok.eos_token_id
+    target = expert_completion_ids(tok, ex.answer)
+    assert scored == target[len(target) - len(scored):]  # SFT's target after its (empty) reasoning
+    assert tok.decode(scored) == "<answer>ab<|im_end|>cd</answer><|im_end|>"
+
+
 def test_expert_continuation_drops_the_spill_and_keeps_a_whitespace_separator():
     expert = "<answer>7</answer><eos>"
     assert expert_continuation("<think>r</think>", expert) == expert

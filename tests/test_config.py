@@ -238,8 +238,10 @@ def test_later_config_files_merge_into_a_section_not_replace_it(tmp_path):
     assert (cfg.rollout.tp_size, cfg.rollout.mem_fraction) == (2, 0.4)
 
 
-def test_greedy_rollouts_are_fine_where_nothing_is_sampled():
-    assert load_config(["--rollout.temperature", "0", "--train.mode", "sft"]).rollout.temperature == 0
+def test_greedy_rollouts_are_fine_where_no_group_compares_samples():
+    """Rationalization and DPO were refused for a reason that is not theirs (found by review on 2026-12-07)."""
+    for mode in ("sft", "rationalization", "dpo"):
+        assert load_config(["--rollout.temperature", "0", "--train.mode", mode]).rollout.temperature == 0
     assert load_config(["--train.steps", "0", "--train.eval_size", "0"]).train.steps == 0
 
 
@@ -402,3 +404,24 @@ def test_a_replay_buffer_smaller_than_a_steps_planned_replay_is_refused():
             load_config(["--raro.replay_size", size])
     assert load_config(["--raro.replay_size", "0", "--raro.replay_ratio", "0"]).raro.replay_size == 0
     assert load_config(["--raro.replay_size", "32"]).raro.replay_size == 32
+
+
+@pytest.mark.parametrize("argv,message", [
+    # a group of one has advantage 0: the run trained nothing, silently (found by review on 2026-12-07)
+    (["--train.mode", "rlvr", "--raro.group_size", "1"], "raro.group_size 1 with train.mode rlvr: a GRPO group"),
+    (["--train.mode", "rl_logit", "--raro.group_size", "1"], "raro.group_size 1 with train.mode rl_logit"),
+    (["--raro.group_size", "1"], "raro.group_size 1 with train.mode raro"),
+    (["--raro.critic_samples_per_pair", "1"], "raro.critic_samples_per_pair 1 with train.mode raro"),
+    # DPO replaced the aggregation, and anchored the KL to its moving reference
+    (["--train.mode", "dpo", "--loss.loss_agg", "token_mean"], "loss.loss_agg token_mean with train.mode dpo"),
+    (["--train.mode", "dpo", "--loss.kl_coef", "0.1"], "loss.kl_coef > 0 with train.mode dpo"),
+])
+def test_settings_a_mode_would_not_honour_are_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(argv)
+
+
+def test_groups_of_one_are_fine_where_no_group_is_compared():
+    for mode in ("sft", "rationalization", "dpo"):
+        assert load_config(["--train.mode", mode, "--raro.group_size", "1"]).raro.group_size == 1
+    assert load_config(["--train.mode", "rlvr", "--raro.critic_samples_per_pair", "1"]).train.mode == "rlvr"

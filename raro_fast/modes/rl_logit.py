@@ -69,7 +69,10 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
             out.add("rl_logit/misaligned_rate", rest is None)  # of the samples that closed </think>
             if rest is None:
                 continue
-            expert = tokenizer(rest, add_special_tokens=False)["input_ids"]
+            # A special token's text in the answer is plain text, as in SFT's targets (found by review: an answer
+            # that spelled <|im_end|> out was scored with an end of turn inside it).
+            expert = tokenizer(rest.removesuffix(tokenizer.eos_token), add_special_tokens=False,
+                               split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
             reasoning = replace(c, token_ids=c.token_ids[:n], logprobs=c.logprobs[:n])
             out.samples.append(sampled_sequence(reasoning, advantage=0.0, role="policy", group=group_offset + i, weight=1.0))
             out.scoring.append(SequenceSample(input_ids=list(c.prompt_ids) + c.token_ids[:n] + expert,
