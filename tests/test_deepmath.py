@@ -111,6 +111,22 @@ def test_task_uses_boxed_extraction():
     (r"\frac{2}{3}", "0.666667", True),
     ("0.5", "0.5000001", True),
     ("x<3", r"(-\infty,3)", True),  # math-verify's verify is not symmetric (gold first): swapped, this is False
+    # Found by review on 2026-12-07: an infinity never equalled itself (inf - inf is nan); an equation, a set of one
+    # and a percentage skipped the check of six significant digits; a full stop after the answer made it no number.
+    (r"\infty", r"\infty", True),
+    (r"\infty", r"+\infty", True),
+    (r"\infty", r"-\infty", False),
+    ("10^{400}", "10^{400}", True),
+    ("0.0000001", "x=0.0000005", False),
+    ("0.0000001", r"\{0.0000005\}", False),
+    ("0.0000001", r"0.00005\%", False),
+    ("0.0000001", r"0.00001\%", True),
+    ("3", "x=3", True),
+    ("50", r"50\%", True),  # math-verify reads a percentage both ways, and so does the check
+    ("0.5", r"50\%", True),
+    ("42", "42.", True),
+    ("42", "42;", True),
+    ("42", "4.", False),
 ])
 def test_math_equal(gold, predicted, expected):
     assert math_equal(gold, predicted) is expected
@@ -163,6 +179,11 @@ def test_numbers_that_round_alike_are_not_one_answer():
     assert math_answer_classes(["10^{-9}", "0", "0", r"\frac{0}{5}"]) == [0, 1, 1, 1]
     assert math_answer_classes(["18446744073709551616", "18446744073709551615", "18446744073709551615"]) == [0, 1, 1]
     assert math_answer_classes(["0.5000001", "0.5", r"\frac{1}{2}"]) == [0, 0, 0]  # math-verify's own rounding
+    # Found by review on 2026-12-07: each spelling of an infinity was its own answer; an equation or a percentage
+    # of another number joined a class at math-verify's six decimals.
+    assert math_answer_classes([r"\infty", r"+\infty", r"-\infty"]) == [0, 0, 1]
+    assert math_answer_classes(["0.0000001", "x=0.0000005", r"0.00005\%", r"\{0.0000001\}"]) == [0, 1, 2, 0]
+    assert math_answer_classes([r"50\%", "0.5", "50"]) == [0, 0, 0]
 
 
 def test_an_over_long_answer_is_never_parsed(monkeypatch):
@@ -295,6 +316,18 @@ def test_answer_alias_and_numbers(tmp_path):
         ("q6", "1" + "0" * 20, None)]
 
 
+def test_a_numeric_answer_keeps_every_digit_it_was_written_with(tmp_path):
+    """A float holds 17 significant digits: 18446744073709551616.0 was read as 18446744073709552000, and every right
+    answer was judged wrong (found by review on 2026-12-07)."""
+    (tmp_path / "a.jsonl").write_text('{"question": "q1", "final_answer": 18446744073709551616.0}\n'
+                                      '{"question": "q2", "final_answer": 3.14159265358979323846}\n'
+                                      '{"question": "q3", "final_answer": ' + "9" * 400 + '}\n')
+    task = DeepMathTask(DeepMathConfig(path=str(tmp_path / "a.jsonl"), heldout_fraction=0.0))
+    answers = [e.answer for e in task.examples("train")]
+    assert answers == ["18446744073709551616.0", "3.14159265358979323846", "9" * 400]
+    assert task.verify(task.examples("train")[0], "18446744073709551616")
+
+
 def test_a_numeric_answer_is_written_without_an_exponent(tmp_path):
     # str(0.00001) is "1e-05", which math-verify reads as e - 5: every right answer was judged wrong.
     path = write_jsonl(tmp_path / "a.jsonl", [{"question": f"q{i}", "final_answer": v}
@@ -342,6 +375,11 @@ def test_missing_field_names_file_line_and_field(tmp_path):
     ('{"question": "b", "final_answer": "1", "answer": "2"}', r"x\.jsonl:2: fields 'final_answer' and 'answer'"),
     ('{"question": "a", "final_answer": "1"}', r"x\.jsonl:2: field 'question' repeats the question of .*x\.jsonl:1"),
     # Found by review: these came without the file and line, or were taken silently.
+    # Found by review on 2026-12-07: a traceback (OverflowError), and a gold that no answer could ever equal.
+    pytest.param('{"question": "b", "final_answer": "1", "difficulty": ' + "9" * 400 + "}",
+                 r"x\.jsonl:2: field 'difficulty' is too large for a number", id="huge difficulty"),
+    pytest.param('{"question": "b", "final_answer": "\\\\frac{1}{2"}',
+                 r"x\.jsonl:2: the final answer '.*frac\{1\}\{2' has unbalanced braces", id="unbalanced gold"),
     pytest.param('{"question": "b", "final_answer": "1", "final_answer": "2"}',
                  r"x\.jsonl:2: key 'final_answer' is given twice", id="a key twice"),
     pytest.param('{"question": "b", "final_answer": ' + "9" * 5000 + "}",

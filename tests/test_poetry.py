@@ -47,6 +47,16 @@ def test_same_instruction_shares_a_split_and_file_growth_keeps_splits(tmp_path):
     assert len(big.examples("heldout")) % 3 == 0  # every instruction has 3 poems, all in one split
 
 
+def test_an_instruction_written_with_other_spacing_shares_its_split(tmp_path):
+    """The split hashed the raw instruction, so a copy with two spaces could be held out while the other was
+    trained on (found by review on 2026-12-07)."""
+    rows = [{"instruction": f"Write about {i}.", "poem": "p"} for i in range(30)]
+    rows += [{"instruction": f"Write  about {i}.", "poem": "q"} for i in range(30)]
+    task = PoetryTask(PoetryConfig(path=write_jsonl(tmp_path / "a.jsonl", rows), heldout_fraction=0.5))
+    split = lambda name: {" ".join(e.question.split()) for e in task.examples(name)}  # noqa: E731
+    assert split("heldout") and split("train") and split("heldout").isdisjoint(split("train"))
+
+
 def test_instruction_and_poem_are_stripped(tmp_path):
     """The expert's poem is the answer the critic compares with the policy's, which parse_answer strips: a poem
     kept with its file's surrounding blank lines would differ from any policy's by layout alone."""

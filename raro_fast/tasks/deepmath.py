@@ -85,6 +85,10 @@ def _difficulty(record: dict[str, Any], where: str, needed_by: str | None) -> fl
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: field 'difficulty' must be a number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past a float's range (found by review: a traceback)
+        raise ValueError(f"{where}: field 'difficulty' is too large for a number") from None
     if not math.isfinite(value):  # a NaN compares False both ways and passed every difficulty filter
         raise ValueError(f"{where}: field 'difficulty' is {value}, not a finite number")
     return float(value)
@@ -100,6 +104,8 @@ def load_examples(cfg: DeepMathConfig) -> dict[str, list[Example]]:
                                       text_columns=("question", "final_answer", "answer")):
         question = text_field(record, where, "question").strip()
         answer = _final_answer(record, where)
+        if _matching_brace(answer + "}", 0) != len(answer):  # found by review: no answer could ever verify
+            raise ValueError(f"{where}: the final answer {answer[:80]!r} has unbalanced braces")
         difficulty = _difficulty(record, where, needed_by)
         # A repeated question would get the id of its first copy (and could carry another answer): refuse it.
         spaced = repeat_key(question)
@@ -164,6 +170,8 @@ _ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
 # Two real numbers math-verify calls equal must also agree this closely, relative to their size: 1/3 and 0.333333
 # do (1e-6), 0.000001 and 0.0000014 do not.
 RELATIVE_TOLERANCE = 2e-6
+# A full stop or semicolon after a number's last digit, closing the answer.
+_SENTENCE_STOP_RE = re.compile(r"(?<=\d)\s*[.;]\s*$")
 
 
 def extract_answer(completion: str) -> str | None:
@@ -193,6 +201,7 @@ def _parse_latex(text: str, timeout_seconds: int | None) -> tuple:
     # timeout, cached, judged that text wrong for the rest of the process after one slow moment.
     if _matching_brace(text + "}", 0) != len(text):  # an unmatched } closed the box early: "3}+1" read as 3
         return ()
+    text = _SENTENCE_STOP_RE.sub("", text)  # "42." ends a sentence; boxed, math-verify read it as no number (review)
     try:
         return tuple(math_verify.parse(f"\\boxed{{{text}}}", parsing_timeout=timeout_seconds, raise_on_error=True))
     except Exception:  # a text that does not parse will not parse next time either (TimeoutException is no Exception)
@@ -220,29 +229,39 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
     except (Exception, TimeoutException):
         return False
     # math-verify rounds numbers to six decimals, so 0.0000001 equalled 0.0000005: two numbers must also agree to
-    # the sixth significant digit (found by review)
-    a, b = _real_value(gold.strip(), timeout, digits=None), _real_value(predicted.strip(), timeout, digits=None)
-    return a is None or b is None or abs(a - b) <= RELATIVE_TOLERANCE * max(abs(a), abs(b))
+    # the sixth significant digit (found by review), whichever reading of a percentage math-verify took
+    golds, preds = _real_values(gold.strip(), timeout, digits=None), _real_values(predicted.strip(), timeout, digits=None)
+    return not golds or not preds or any(abs(a - b) <= RELATIVE_TOLERANCE * max(abs(a), abs(b))
+                                         for a in golds for b in preds)
 
 
-def _real_value(text: str, timeout_seconds: int | None, digits: int | None = 6) -> float | None:
-    """The value of an answer that parses to a real number (1/2, 0.5, 50\\%, \\sqrt{2}/2), rounded to `digits`
-    decimals (math-verify's six; None: not rounded); None for anything else (sets, intervals, equations,
-    expressions with a variable). Rounded, only a key to find candidates by: 10^{-9} and 0 round alike, and so do
-    integers past 2^53."""
+def _real_values(text: str, timeout_seconds: int | None, digits: int | None = 6) -> tuple[float, ...]:
+    """The value of an answer that parses to a finite real number (1/2, 0.5, \\sqrt{2}/2, and so x=0.5 and
+    \\{0.5\\}, which math-verify equals to 0.5), rounded to `digits` decimals (math-verify's six; None: not
+    rounded); a percentage has two, 50\\% is 0.5 and 50 (math-verify equals it to both). Empty for anything else
+    (sets, intervals, expressions with a variable, infinities). Rounded, only a key to find candidates by: 10^{-9}
+    and 0 round alike, and so do integers past 2^53. Found by review: an equation, a one-element set and a
+    percentage had no value, so their numbers were compared at math-verify's six decimals; and an infinity's
+    value (\\infty, 10^{400}) never equalled itself."""
+    import sympy
     from math_verify.errors import TimeoutException
 
     try:
         parsed = _parse_latex(text, timeout_seconds)
         expr = parsed[0] if parsed else None
+        if isinstance(expr, sympy.Eq):
+            expr = expr.rhs if expr.rhs.is_number else expr.lhs
+        if isinstance(expr, sympy.FiniteSet) and len(expr) == 1:
+            expr = next(iter(expr))
         if not getattr(expr, "is_number", False):
-            return None
-        value = complex(expr.evalf())
+            return ()
+        value = complex(expr.doit().evalf())  # doit: a percentage is 50*UnevaluatedExpr(1/100)
     except (Exception, TimeoutException):  # sympy raises many kinds on odd input: then it is not a plain number
-        return None
-    if value.imag or value.real != value.real:  # complex, or nan
-        return None
-    return value.real if digits is None else round(value.real, digits)
+        return ()
+    if value.imag or not math.isfinite(value.real):  # complex, infinite or nan
+        return ()
+    values = (value.real, value.real * 100) if text.rstrip().endswith("%") else (value.real,)
+    return values if digits is None else tuple(round(v, digits) for v in values)
 
 
 def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int = 5) -> list[int | None]:
@@ -268,22 +287,23 @@ def math_answer_classes(answers: Sequence[str | None], *, timeout_seconds: int =
         if text not in by_text:
             # An over-long answer is never parsed, here nor as the gold side of a later comparison: its own class.
             short = len(text) <= MAX_ANSWER_CHARS
-            value = _real_value(text, timeout) if text and short else None
+            values = _real_values(text, timeout) if text and short else ()
             if not short:
                 candidates = []
-            elif value is None:
+            elif not values:
                 candidates = comparable
             else:  # numbers of different rounded values are different answers
-                candidates = by_value.get(value, []) + [c for c in comparable if not firsts[c][1]]
+                candidates = [c for v in values for c in by_value.get(v, [])]
+                candidates += [c for c in comparable if not firsts[c][1]]
             cls = next((c for c in candidates if math_equal(firsts[c][0], text, timeout_seconds=timeout_seconds)),
                        None)
             if cls is None:
                 cls = len(firsts)
-                firsts.append((text, value is not None))
+                firsts.append((text, bool(values)))
                 if short:
                     comparable.append(cls)
-                if value is not None:
-                    by_value.setdefault(value, []).append(cls)
+                for v in values:
+                    by_value.setdefault(v, []).append(cls)
             by_text[text] = cls
         out.append(by_text[text])
     return out

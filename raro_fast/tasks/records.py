@@ -53,7 +53,7 @@ def _read_jsonl(path) -> list[tuple[str, dict[str, Any]]]:
                 # Python's json reads NaN and Infinity, which JSON does not have: a NaN difficulty passed every
                 # difficulty filter, and an Infinity answer became the gold "inf".
                 record = json.loads(line.rstrip("\r\n"), parse_constant=lambda name: _not_json(where, name),
-                                    object_pairs_hook=lambda pairs: _object(where, pairs))
+                                    object_pairs_hook=lambda pairs: _object(where, pairs), parse_float=JsonFloat)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             except RecordError:
@@ -65,6 +65,16 @@ def _read_jsonl(path) -> list[tuple[str, dict[str, Any]]]:
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
             records.append((where, record))
     return records
+
+
+class JsonFloat(float):
+    """A JSON number with a fraction or exponent, with the text it was written as: a float holds 17 significant
+    digits, and an answer written with more (18446744073709551616.0) became another number (found by review)."""
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
 
 
 class RecordError(ValueError):
@@ -116,10 +126,11 @@ def text_field(record: dict[str, Any], where: str, name: str, *, allow_numbers: 
         raise ValueError(f"{where}: field {name!r} missing")
     value = record[name]
     if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # an int is finite (isfinite overflowed on a big one)
             raise ValueError(f"{where}: field {name!r} is {value}, not a finite number")
-        # Positional, never an exponent: str(0.00001) is "1e-05", which math-verify reads as e - 5.
-        value = str(value) if isinstance(value, int) else format(Decimal(repr(value)), "f")
+        # Positional, never an exponent: str(0.00001) is "1e-05", which math-verify reads as e - 5. A JSON number keeps
+        # every digit it was written with.
+        value = str(value) if isinstance(value, int) else format(Decimal(getattr(value, "text", repr(value))), "f")
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -152,14 +163,15 @@ def stable_id(prefix: str, key: str) -> str:
 # Loading DeepMath rows.
 
 
-def hash_split(examples: list, *, max_examples: int, heldout_fraction: float, seed: int, path, fraction_setting: str) -> dict:
-    """{"train": [...], "heldout": [...]}: the first `max_examples` (0: all) split by `in_heldout` on the question.
-    An empty training split is an error naming the file and the setting to change."""
+def hash_split(examples: list, *, max_examples: int, heldout_fraction: float, seed: int, path, fraction_setting: str,
+               key=lambda ex: ex.question) -> dict:
+    """{"train": [...], "heldout": [...]}: the first `max_examples` (0: all) split by `in_heldout` on `key(ex)` (the
+    question). An empty training split is an error naming the file and the setting to change."""
     if max_examples:
         examples = examples[:max_examples]
     splits: dict[str, list] = {"train": [], "heldout": []}
     for ex in examples:
-        splits["heldout" if in_heldout(ex.question, heldout_fraction, seed) else "train"].append(ex)
+        splits["heldout" if in_heldout(key(ex), heldout_fraction, seed) else "train"].append(ex)
     if not splits["train"]:
         raise ValueError(f"{path}: all {len(examples)} examples fell in the held-out split; "
                          f"use more examples or a smaller {fraction_setting}")
