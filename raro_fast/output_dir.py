@@ -16,7 +16,7 @@ from typing import Any
 
 from raro_fast.checkpoint import checkpoint_root
 from raro_fast.config import JobConfig
-from raro_fast.model.hf import model_files_digest, resolve_model_path, weights_digest
+from raro_fast.model.hf import BUILTIN_PREFIX, model_files_digest, resolve_model_path, weights_digest
 
 # What a run writes into its folder (besides base_model/, handled on its own).
 RUN_ENTRIES = ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "final_model", "config.json", "curves.png",
@@ -81,6 +81,25 @@ def _recipe_differences(base: Path, cfg: JobConfig) -> list[str]:
     return diffs
 
 
+def check_builtin_base(cfg: JobConfig) -> None:
+    """A base shipped with the package trains only the Countdown task it was warmed up for (its folder's
+    warmup_recipe.json). Found by review: `--task.countdown.max_target 30` or `--task.countdown.target 24` started
+    from builtin:countdown-easy, whose warm-up had shown worked solutions of most of those tasks' held-out puzzles
+    (51 of 64 in a fifth of its corpus), so their held-out accuracy was not held out."""
+    if not cfg.model.path.startswith(BUILTIN_PREFIX) or cfg.task.name != "countdown":
+        return
+    recipe = Path(resolve_model_path(cfg.model.path, "model.path")) / RECIPE_FILE
+    made_for = json.loads(recipe.read_text())["task.countdown"]
+    now = cfg.task.countdown
+    diffs = [f"task.countdown.{k} {v!r} there, {getattr(now, k)!r} now" for k, v in made_for.items()
+             if getattr(now, k) != v]
+    if diffs:
+        raise ValueError(f"model.path {cfg.model.path}: this base was warmed up for another Countdown task "
+                         f"({'; '.join(diffs)}), and its warm-up showed solutions of puzzles like this task's, held-out "
+                         "ones included. Pass --model.path '' to warm up the embedded model in the run (it leaves "
+                         "this task's puzzles out), or keep the task's settings")
+
+
 def _has_checkpoints(out: Path) -> bool:
     """Whether a resume has a checkpoint to start from: `checkpoint.resume_point` returns one (or refuses, when all
     are damaged) exactly when a step folder exists; this looks without verifying any."""
@@ -104,6 +123,11 @@ def prepare(cfg: JobConfig, *, delete: bool) -> None:
     own files stay: a resume continues in this folder (the logs are cut back to where it starts)."""
     out = Path(cfg.train.output_dir)
     t = cfg.train
+    # A file in the way failed only when the metrics were opened, after the model loaded (found by review)
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ValueError(f"train.output_dir: {blocked} is a file, not a folder")
+    check_builtin_base(cfg)
     if t.resume and _has_checkpoints(out):
         return
     found = [] if t.resume else [name for name in RUN_ENTRIES if (out / name).exists()]

@@ -265,3 +265,31 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
          "--train.eval_size", "8", "--train.eval_samples", "4", "--train.eval_temperature", "0.5"])))
     assert allowed == ["train.eval_every: 10 -> 5", "train.eval_tournament: True -> False"]
     assert refused == ["train.eval_size: 128 -> 8", "train.eval_temperature: 0.0 -> 0.5", "train.eval_samples: 8 -> 4"]
+
+
+@pytest.mark.parametrize("flags,diff", [
+    (["--task.countdown.max_target", "30"], "task.countdown.max_target 0 there, 30 now"),
+    (["--task.countdown.target", "24"], "task.countdown.target 10 there, 24 now"),
+    (["--task.countdown.num_numbers", "4"], "task.countdown.num_numbers 3 there, 4 now"),
+])
+def test_a_shipped_base_trains_only_the_task_it_was_warmed_up_for(tmp_path, flags, diff):
+    """builtin:countdown-easy's warm-up showed worked solutions of puzzles with targets 1-30 but 10: on another
+    Countdown task its held-out accuracy was not held out (found by review on 2026-12-07: 51 of 64 held-out puzzles
+    at max_target 30 were in a fifth of its corpus)."""
+    shipped = ["--train.output_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=f"builtin:countdown-easy: this base was warmed up for another Countdown task "
+                                         f"\\({diff}\\).*--model.path ''"):
+        output_dir.prepare(load_config([*shipped, *flags]), delete=True)
+    output_dir.prepare(load_config([*shipped, "--task.countdown.num_train", "50", "--task.countdown.seed", "3"]),
+                       delete=True)  # the same puzzles split otherwise: all left out of its warm-up
+    output_dir.prepare(load_config([*shipped, "--task.name", "deepmath"]), delete=True)  # it saw no other task
+    output_dir.prepare(_cfg(tmp_path / "own", *flags), delete=True)  # warmed up in the run: leaves them out
+
+
+def test_an_output_dir_in_the_way_of_a_file_is_refused_before_anything_loads(tmp_path):
+    """It failed when the metrics were opened, after the model loaded (and a warm-up ran), with a traceback (found
+    by review on 2026-12-07)."""
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ValueError, match=f"train.output_dir: {tmp_path / 'afile'} is a file, not a folder"):
+            output_dir.prepare(_cfg(out), delete=True)
