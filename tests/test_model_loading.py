@@ -336,3 +336,43 @@ def test_a_tied_config_with_a_head_of_its_own_in_the_file_is_refused(saved, tmp_
         load_pretrained(str(p), dtype=torch.float32)
     _edit_weights(p, lambda sd: {**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()})
     load_pretrained(str(p), dtype=torch.float32)  # the same values under both names: one tied head, as saved
+
+
+def _tokenizer_config(p, **changes):
+    import json
+
+    f = p / "tokenizer_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+
+
+def test_a_tokenizer_without_an_end_token_takes_the_generation_configs_or_is_refused(saved, tmp_path):
+    """Every expert answer and warm-up trace ends with the EOS: a tokenizer with none stopped the warm-up with a
+    TypeError (found by review on 2026-12-07)."""
+    import json
+
+    from raro_fast.model.hf import end_token_ids
+
+    p = _copy(saved, tmp_path)
+    _tokenizer_config(p, eos_token=None)
+    (p / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    model, tok = load_pretrained(str(p), dtype=torch.float32)
+    assert tok.eos_token_id == 2 and end_token_ids(model, tok)[0] == 2 and tok.pad_token_id != 2
+    (p / "generation_config.json").write_text("{}")
+    config = json.loads((p / "config.json").read_text())
+    (p / "config.json").write_text(json.dumps({**config, "eos_token_id": None}))
+    with pytest.raises(ValueError, match=r"model.path: .*: neither its tokenizer \(eos_token\) nor its generation "
+                                         r"config or config.json \(eos_token_id\) names the token that ends a turn"):
+        load_pretrained(str(p), dtype=torch.float32)
+
+
+def test_a_chat_template_that_refuses_the_trainers_prompts_is_named_at_load(saved, tmp_path):
+    """Mistral-7B-Instruct v0.1's template allows user and assistant only; its TemplateError (no ValueError) came as
+    a traceback at the first rollout (found by review on 2026-12-07)."""
+    p = _copy(saved, tmp_path)
+    (p / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    with pytest.raises(ValueError, match=r"model.path: .*: its chat template does not render the trainer's prompts, "
+                                         r"a system message then a user message \(TemplateError: Conversation roles"):
+        load_pretrained(str(p), dtype=torch.float32)

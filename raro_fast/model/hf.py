@@ -311,8 +311,37 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
                          f"config, or its weights do not fit it ({type(e).__name__}: {_first_lines(e)})") from None
     _check_all_weights_loaded(model, info, weights, setting)
     _check_tied_head(model, weights, setting)
+    _check_end_token(model, tokenizer, path, setting)
+    _check_chat_template(tokenizer, path, setting)
     choose_pad_token(tokenizer, end_token_ids(model, tokenizer))
     return model, tokenizer
+
+
+def _check_end_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str, setting: str) -> None:
+    """A tokenizer with no EOS takes the first end token its generation config (or config.json) names: the
+    trainer ends every expert answer and warm-up trace with the EOS (found by review: a TypeError in the warm-up).
+    With none anywhere, the model cannot say it has finished: refused."""
+    if tokenizer.eos_token is not None:
+        return
+    ends = end_token_ids(model, tokenizer)
+    if not ends:
+        raise ValueError(f"{setting}: {path!r}: neither its tokenizer (eos_token) nor its generation config or "
+                         "config.json (eos_token_id) names the token that ends a turn")
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ends[0])
+
+
+def _check_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, setting: str) -> None:
+    """The trainer's prompts are a system message and a user message through the tokenizer's chat template. A
+    template that refuses a system role (Mistral-7B-Instruct v0.1/v0.2) raised jinja2's TemplateError at the first
+    rollout, a traceback after the model loaded (found by review); a tokenizer with no template, transformers'
+    message without the path."""
+    from raro_fast import prompts
+
+    try:
+        prompts.render_prompt(tokenizer, prompts.policy_messages("1 2 3"))
+    except Exception as e:  # jinja2's TemplateError (a template's raise_exception) is no ValueError
+        raise ValueError(f"{setting}: {path!r}: its chat template does not render the trainer's prompts, a system "
+                         f"message then a user message ({type(e).__name__}: {_first_lines(e)})") from None
 
 
 def _check_tied_head(model: PreTrainedModel, weights: list[Path], setting: str) -> None:
