@@ -168,7 +168,9 @@ def summary_table(records: list[dict[str, Any]], window: int = 5) -> str:
     n = max((k for key, k, _, _ in body if not key.startswith("eval/")), default=1)
     label = lambda word: word if n == 1 else f"{word} ({n})"
     rows = [("metric", label("first"), label("last"))]
-    rows += [(key if key.startswith("eval/") or k == n else f"{key} ({k})", a, b) for key, k, a, b in body]
+    # found by review: the held-out rows sat under "first (5)" unlabelled, though each is one evaluation
+    rows += [(key if k == n else f"{key} ({k}{' eval' if key.startswith('eval/') else ''})", a, b)
+             for key, k, a, b in body]
     w0 = max(len(r[0]) for r in rows)
     lines = [f"{a:<{w0}}  {b:>10}  {c:>10}" for a, b, c in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -187,11 +189,15 @@ def critic_signal(records: list[dict[str, Any]]) -> str | None:
         vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    decisive = mean("critic/decisive_accuracy")
-    if decisive is None:
+    decisive, ties = mean("critic/decisive_accuracy"), mean("critic/tie_rate")
+    if ties is None:
         return None
-    head = (f"critic, means over steps: picked the expert in {decisive:.2f} of its decisive verdicts (chance 0.50), "
-            f"tie rate {mean('critic/tie_rate'):.2f}; ")
+    if decisive is None:  # found by review: a critic that only tied (or only rambled) got no sentence at all
+        head = (f"critic, means over steps: no decisive verdict (tie rate {ties:.2f}, invalid rate "
+                f"{mean('critic/invalid_rate') or 0.0:.2f}); ")
+    else:
+        head = (f"critic, means over steps: picked the expert in {decisive:.2f} of its decisive verdicts (chance "
+                f"0.50), tie rate {ties:.2f}; ")
     both = [r for r in records if r.get("reward/policy_gap") is not None]
     if not both:
         wrong, right = mean("reward/policy_mean_incorrect"), mean("reward/policy_mean_correct")

@@ -386,25 +386,35 @@ def finish(r: Run) -> None:
 
 
 def heldout_summary(records: list[dict], cfg: JobConfig, *, problems: int) -> list[str]:
-    """The run's last lines: the critic's signal and held-out accuracy, each against its start (step 0's)."""
+    """The run's last lines: the critic's signal and held-out accuracy, each against its start (step 0's, or the
+    first step metrics.jsonl still has, said so: a resume can lose records)."""
     lines = [signal] if (signal := critic_signal(records)) else []
-    accs = [x["eval/heldout_accuracy"] for x in records if "eval/heldout_accuracy" in x]
+
+    def logged(key: str) -> list[tuple[int, float | None]]:
+        return [(x["step"], x[key]) for x in records if key in x]
+
+    def start(first: tuple[int, float]) -> str:
+        return f"start {first[1]:.3f}" if first[0] == 0 else f"first logged {first[1]:.3f}, at step {first[0]}"
+
+    accs = logged("eval/heldout_accuracy")
     if not problems:  # said so: this used to read "the task has no verifier", under a line the verifier had made
         lines.append("held-out accuracy: none (no held-out problems)")
-    elif accs[-1] is None:
+    elif not accs:  # found by review: an IndexError after a resume whose metrics were lost
+        lines.append("held-out accuracy: none logged (metrics.jsonl holds no evaluation)")
+    elif accs[-1][1] is None:
         lines.append(f"held-out accuracy: none (the {cfg.task.name} task has no verifier)")
     else:
-        lines.append(f"held-out accuracy: {accs[-1]:.3f} (start {accs[0]:.3f}) on {problems} problems: "
-                     f"{round(accs[-1] * problems) - round(accs[0] * problems):+d} solved")
-    sampled = [x["eval/heldout_avg_at_n"] for x in records if x.get("eval/heldout_avg_at_n") is not None]
+        lines.append(f"held-out accuracy: {accs[-1][1]:.3f} ({start(accs[0])}) on {problems} problems: "
+                     f"{round(accs[-1][1] * problems) - round(accs[0][1] * problems):+d} solved")
+    sampled = [x for x in logged("eval/heldout_avg_at_n") if x[1] is not None]
     k = cfg.train.eval_samples
     if sampled:
         lines.append(f"held-out avg@{k} (mean accuracy of {k} samples per problem at temperature "
-                     f"{cfg.rollout.temperature:g}): {sampled[-1]:.3f} (start {sampled[0]:.3f})")
-    picked = [x["eval/heldout_tournament_at_n"] for x in records if x.get("eval/heldout_tournament_at_n") is not None]
+                     f"{cfg.rollout.temperature:g}): {sampled[-1][1]:.3f} ({start(sampled[0])})")
+    picked = [x for x in logged("eval/heldout_tournament_at_n") if x[1] is not None]
     if len(picked) > 1:
         lines.append(f"held-out tournament@{k} (the critic picks one of the {k} samples, no verifier): "
-                     f"{picked[-1]:.3f} (start {picked[0]:.3f})")
+                     f"{picked[-1][1]:.3f} ({start(picked[0])})")
     return lines
 
 

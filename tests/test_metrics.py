@@ -61,6 +61,9 @@ def test_summary_table_labels_the_number_of_steps_it_averages():
     assert table[0].split() == ["metric", "first", "(5)", "last", "(5)"]
     assert any(l.startswith("critic/tie_rate (2) ") for l in table)
     assert any(l.startswith("reward/policy_mean ") for l in table)
+    # each held-out row is one evaluation, and says so under "first (5)" (found by review on 2026-12-07)
+    recs[0]["eval/heldout_accuracy"], recs[-1]["eval/heldout_accuracy"] = 0.25, 0.5
+    assert any(l.split() == ["eval/heldout_accuracy", "(1", "eval)", "0.25", "0.5"] for l in summary_table(recs).splitlines())
 
 
 def test_plot_and_summary(tmp_path):
@@ -76,7 +79,7 @@ def test_plot_and_summary(tmp_path):
     assert line.split()[1:] == [f"{first:.4g}", f"{last:.4g}"]
     evals = [r["eval/heldout_accuracy"] for r in recs if r["eval/heldout_accuracy"] is not None]
     line = next(l for l in table.splitlines() if l.startswith("eval/heldout_accuracy"))
-    assert line.split()[1:] == [f"{evals[0]:.4g}", f"{evals[-1]:.4g}"]
+    assert line.split()[1:] == ["(1", "eval)", f"{evals[0]:.4g}", f"{evals[-1]:.4g}"]
 
 
 def test_a_line_cut_by_a_kill_is_dropped_on_resume_and_other_damage_named(tmp_path):
@@ -145,6 +148,17 @@ def test_the_critic_sentence_is_said_when_no_step_judged_a_right_answer():
     assert critic_signal([{"step": 1, "critic/decisive_accuracy": None}]) is None  # no critic diagnostics at all
 
 
+def test_the_critic_sentence_is_said_for_a_critic_that_never_picked_a_side():
+    """A critic collapsed into ties (or rambling) had no decisive accuracy on any step, and the run ended without a
+    word on it: the case the sentence is for (found by review on 2026-12-07)."""
+    records = [{"step": s, "critic/decisive_accuracy": None, "critic/tie_rate": 0.75, "critic/invalid_rate": 0.25,
+                "reward/policy_mean_correct": 0.6, "reward/policy_mean_incorrect": 0.6, "reward/policy_gap": 0.0}
+               for s in (1, 2, 3)]
+    assert critic_signal(records) == ("critic, means over steps: no decisive verdict (tie rate 0.75, invalid rate 0.25); "
+                                      "the policy's reward was 0.600 for right answers and 0.600 for wrong ones (gap "
+                                      "+0.000; the verifier is only logged)")
+
+
 def test_the_runs_last_lines_say_why_there_is_no_heldout_accuracy():
     """With no held-out problems the run used to say the task had no verifier, under the critic's sentence that the
     verifier's own verdicts had made."""
@@ -165,3 +179,9 @@ def test_the_runs_last_lines_say_why_there_is_no_heldout_accuracy():
         "held-out accuracy: 0.750 (start 0.250) on 8 problems: +4 solved",
         "held-out avg@4 (mean accuracy of 4 samples per problem at temperature 1): 0.600 (start 0.200)",
         "held-out tournament@4 (the critic picks one of the 4 samples, no verifier): 0.500 (start 0.300)"]
+    # A resume that lost records: no evaluation left was an IndexError, and a later first one read as the start
+    # (found by review on 2026-12-07).
+    assert heldout_summary([{"step": 5, "loss": 0.1}], cfg, problems=8) == [
+        "held-out accuracy: none logged (metrics.jsonl holds no evaluation)"]
+    assert heldout_summary(measured[1:], cfg, problems=8)[0] == (
+        "held-out accuracy: 0.750 (first logged 0.500, at step 1) on 8 problems: +2 solved")
