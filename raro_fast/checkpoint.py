@@ -202,13 +202,17 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 # What a run derives from train.steps at its start stays as it was (DPO's rounds: `train.Run.mode_state`).
 # rollout.batch_size is the run's too: the embedded engine draws every batch from one generator, so another
 # batching samples other completions from the resumed step on (it was resumable, as a memory bound).
+# A task's data path may change (the shipped samples' paths move with the checkout: a re-cloned run could not
+# resume); what it holds is checked by the checkpoint's data digest. The SGLang timeout is how the run waits (a run
+# stopped by it resumes with a longer one). Both found by review.
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_tournament", "train.progress", "train.save_every",
              "train.stop_after", "train.resume", "train.log_rollouts_every", "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch",
              "train.share_prompts",
              "optim.", "rollout.backend", "rollout.release_memory", "rollout.weight_bucket_mb",
              "rollout.mem_fraction", "rollout.tp_size", "rollout.sglang_url", "rollout.server_ranks",
              "rollout.weight_group_", "model.gradient_checkpointing", "model.liger_kernels",
-             "task.deepmath.verify_timeout_seconds")
+             "task.deepmath.verify_timeout_seconds", "task.deepmath.path", "task.poetry.path",
+             "rollout.sglang_timeout_s")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -293,3 +293,19 @@ def test_an_output_dir_in_the_way_of_a_file_is_refused_before_anything_loads(tmp
     for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(ValueError, match=f"train.output_dir: {tmp_path / 'afile'} is a file, not a folder"):
             output_dir.prepare(_cfg(out), delete=True)
+
+
+def test_a_resume_may_move_the_tasks_data_file_and_wait_longer_for_sglang():
+    """The shipped samples' default paths are absolute in the package: a re-cloned checkout could not resume a
+    DeepMath or poetry run (the checkpoint's data digest guards what the file holds); and a run stopped by a slow
+    SGLang server could not resume with a longer timeout. Found by review on 2026-12-07."""
+    from raro_fast.checkpoint import resume_changes
+    from raro_fast.config import load_config, to_dict
+
+    for task in ("deepmath", "poetry"):
+        saved = to_dict(load_config(["--task.name", task]))
+        saved["task"][task]["path"] = f"/old/checkout/raro_fast/tasks/data/{task}_sample.jsonl"
+        saved["rollout"]["sglang_timeout_s"] = 600.0
+        refused, allowed = resume_changes(saved, to_dict(load_config(["--task.name", task,
+                                                                      "--rollout.sglang_timeout_s", "1200"])))
+        assert refused == [] and [a.split(":")[0] for a in allowed] == [f"task.{task}.path", "rollout.sglang_timeout_s"]
