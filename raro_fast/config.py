@@ -85,7 +85,8 @@ class WarmupConfig:
 
     steps: int = _help("Optimizer steps of the warm-up (0: none).", 2000)
     batch_size: int = _help("Sequences per warm-up step.", 32)
-    lr: float = _help("Warm-up learning rate (AdamW, cosine decay).", 3e-3)
+    lr: float = _help("Warm-up learning rate (AdamW: a linear ramp over the first 20 steps, or a tenth of the steps "
+                      "if fewer than 200, then cosine decay).", 3e-3)
     critic_fraction: float = _help("Fraction of warm-up sequences in the critic format.", 0.4)
     arithmetic_fraction: float = _help(
         "Fraction of warm-up sequences that are arithmetic drills: the steps of random expressions over the task's "
@@ -104,7 +105,8 @@ class WarmupConfig:
         "Warm-up steps for a real checkpoint given by --model.path (0: none, the checkpoint is used as it is). The "
         "warmed-up copy is saved as train.output_dir/base_model and the run starts from it; `steps` and `lr` are the "
         "embedded model's.", 0)
-    checkpoint_lr: float = _help("Warm-up learning rate for a real checkpoint (AdamW, cosine decay).", 2e-5)
+    checkpoint_lr: float = _help("Warm-up learning rate for a real checkpoint (AdamW, ramped and decayed as "
+                                 "warmup.lr).", 2e-5)
     precision: Literal["auto", "float32", "bfloat16"] = _help(
         "Compute dtype of the warm-up's matrix products (weights and optimizer stay float32): auto = bfloat16 "
         "autocast where the device computes bfloat16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX; "

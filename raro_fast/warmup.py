@@ -274,8 +274,11 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
     corpus = warmup_corpus(task, cfg, tokenizer, cfg.steps * cfg.batch_size, batch_size=cfg.batch_size)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    # A linear ramp over the first 20 steps (a tenth of a warm-up shorter than 200: over 20 steps, a 10-step one
+    # peaked at 16% of its lr, found by review), times a cosine decay over all of them.
+    ramp = max(1, min(20, cfg.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+        opt, lambda s: min(1.0, (s + 1) / ramp) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
     )
     pad = tokenizer.pad_token_id
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and native_bf16(device))

@@ -349,7 +349,9 @@ def test_the_warm_up_trains_on_completions_only_and_starts_its_learning_rate_at_
                   device=torch.device("cpu"), progress=False)
     for n, p in model.named_parameters():
         moved = (p.detach() - start[n]).abs()
-        assert moved.max().item() == pytest.approx(0.01 / 20, rel=1e-3), n  # Adam: lr * g / (|g| + eps)
+        # Adam: lr * g / (|g| + eps), at the full lr: the ramp is a tenth of a short warm-up (it was 20 steps, so this
+        # step moved by lr / 20 and a 10-step warm-up peaked at 16% of its lr; found by review on 2026-12-07)
+        assert moved.max().item() == pytest.approx(0.01, rel=1e-3), n
 
 
 def test_drills_reach_past_a_puzzles_size_and_state_a_task_target_beyond_the_warm_up_range():
@@ -429,3 +431,26 @@ def test_each_warm_up_step_is_taken_on_a_gradient_clipped_to_norm_1(monkeypatch)
     assert len(stepped) == 3
     assert min(raw) > 2.0, raw
     assert stepped == pytest.approx([1.0] * 3, rel=1e-5), (stepped, raw)
+
+
+@pytest.mark.parametrize("steps,ramp", [(10, 1), (40, 4), (400, 20)])
+def test_the_warmup_ramps_its_learning_rate_over_a_tenth_of_a_short_warmup(monkeypatch, steps, ramp):
+    import math
+
+    import torch
+
+    from raro_fast import warmup
+
+    class Seen(Exception):
+        pass
+
+    def schedule(self, opt, fn):  # the schedule only: no batch is trained
+        raise Seen([fn(s) for s in range(steps)])
+
+    monkeypatch.setattr(warmup, "warmup_corpus", lambda *a, **k: [])
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "__init__", schedule)
+    with pytest.raises(Seen) as seen:
+        warmup.format_warmup(torch.nn.Linear(2, 2), None, CountdownConfig(), WarmupConfig(steps=steps), device=torch.device("cpu"),
+                             progress=False)
+    want = [min(1.0, (s + 1) / ramp) * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)]
+    assert seen.value.args[0] == pytest.approx(want) and max(seen.value.args[0]) > 0.9
