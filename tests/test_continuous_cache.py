@@ -130,3 +130,22 @@ def test_a_prompt_longer_than_a_page_samples_the_same_on_a_kept_manager_as_on_a_
 
     assert drawn(first) == drawn(new) and drawn(second) == drawn(new)
     assert len({tuple(c.token_ids) for c in new[0]}) > 1  # sampled, not one greedy answer thrice
+
+
+def test_a_second_engine_on_one_model_samples_with_its_own_settings_and_the_first_still_works():
+    """transformers keeps one manager per model and hands it back with the settings it was built with: a second
+    engine at top-p 1 sampled the first one's top-p 0.3 nucleus, and reported log-probs of it. Found by review on
+    2026-12-07."""
+    first = kept_engine()
+    model = first.model
+    fresh = kept_engine  # the same weights (seeded), a model of its own
+    prompts = [[2 + i, 9, 30 + 3 * i] for i in range(6)]
+    nucleus, whole = (SamplingParams(max_new_tokens=6, temperature=1.0, top_p=p, seed=3, n=4) for p in (0.3, 1.0))
+    first.generate(prompts, nucleus)
+    second = ContinuousEngine(model, pad_token_id=PAD, eos_token_ids=[EOS], decode=lambda ids: str(ids))
+    got = second.generate(prompts, whole)
+    want = fresh().generate(prompts, whole)
+    assert [[(c.token_ids, c.logprobs) for c in g] for g in got] == [[(c.token_ids, c.logprobs) for c in g] for g in want]
+    again = first.generate(prompts, nucleus)  # its manager was replaced: it builds its own again
+    want = fresh().generate(prompts, nucleus)
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in want]

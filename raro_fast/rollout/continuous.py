@@ -34,6 +34,8 @@ from raro_fast.rollout.engine import (Completion, NonFiniteLogitsError, Sampling
 _CONFIG_FIELDS = ("return_logprobs", "per_request_processors", "num_blocks", "max_batch_tokens")
 _MANAGER_METHODS = ("add_request", "start", "stop", "get_result", "is_running", "warmup", "destroy")
 _MODEL_METHODS = ("init_continuous_batching", "destroy_cached_continuous_batching_manager")
+# Where transformers keeps a model's one manager (read only to tell whether another engine's is there).
+_CACHED_MANAGER = "_cached_continuous_batching_manager"
 
 # transformers builds its temperature processor only when the manager's default temperature is not 1.0. Every
 # request here carries its own temperature (so policy and critic calls at different temperatures share one
@@ -220,12 +222,18 @@ class ContinuousEngine:
         gen = GenerationConfig(do_sample=not greedy, temperature=None if greedy else _UNUSED_DEFAULT_TEMPERATURE,
                                top_k=None, top_p=top_p, num_return_sequences=1, eos_token_id=self.eos_token_ids,
                                pad_token_id=self.pad_token_id)
-        if self._manager is not None:
+        cached = getattr(self.model, _CACHED_MANAGER, None)
+        if self._manager is not None and cached is self._manager:
             # The kept manager; asking for it again is what switches the model back to the attention continuous
             # batching runs (stop() restores the model's own).
             manager = self.model.init_continuous_batching(generation_config=gen)
             assert manager is self._manager, "transformers built a new manager instead of handing back the kept one"
             return manager
+        self._manager, self._manager_key, self._manager_blocks = None, None, 0  # another engine's replaced it
+        if cached is not None:
+            # Another engine's on this model: transformers would hand it back with that engine's sampling settings,
+            # ignoring ours (found by review: a top-p 1 engine sampled the nucleus of an earlier one at 0.3).
+            self.model.destroy_cached_continuous_batching_manager()
         fields = inspect.signature(ContinuousBatchingConfig).parameters
         # Prefix caching is off: a prefix cached by an earlier call would change how this call's prefill is cut
         # into batches, and with it each request's random draws. The cache is sized to hold the whole call at once
