@@ -126,6 +126,26 @@ def test_an_empty_prompt_is_refused_naming_it(backend):
         eng.generate([[2, 3], [], [4]], SamplingParams(max_new_tokens=2, seed=0))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["rotary", "absolute"])
+def test_a_prompt_that_would_run_past_the_models_positions_is_refused_naming_it(backend, kind):
+    """A rotary model sampled past max_position_embeddings silently; GPT-2's position table stopped in an IndexError
+    deep inside torch. Found by review on 2026-12-07."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = (AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16), attn_implementation="sdpa") if kind == "rotary"
+             else GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2))).eval()
+    eng = engine_for(model, backend)
+    with pytest.raises(ValueError, match=r"rollout: prompt 1 of 2 has 12 tokens, and 5 new ones would run past the "
+                                         r"model's 16 positions \(max_position_embeddings\); lower rollout.max_new_tokens"):
+        eng.generate([[2] * 11, [3] * 12], SamplingParams(max_new_tokens=5, temperature=0.0))
+    out = eng.generate([[2] * 11, [3] * 12], SamplingParams(max_new_tokens=4, temperature=0.0))  # exactly 16: fine
+    assert all(len(c.token_ids) <= 4 for o in out for c in o)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": -0.5}, "temperature must be finite and >= 0"),
     ({"temperature": float("nan")}, "temperature must be finite and >= 0"),

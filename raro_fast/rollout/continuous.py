@@ -125,7 +125,7 @@ class ContinuousEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        check_prompts(prompts)
+        check_prompts(prompts, params, getattr(self.model, "config", None))
         if not self._weights_finite:
             # Checked here, not met in the loop: on CUDA, sampling from NaN probabilities is a device-side assert
             # that takes the process down with it.

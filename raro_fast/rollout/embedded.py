@@ -59,7 +59,7 @@ class EmbeddedEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        check_prompts(prompts)
+        check_prompts(prompts, params, getattr(self.model, "config", None))
         out: list[Completion] = []
         gen = None
         if params.seed is not None:

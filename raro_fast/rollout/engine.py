@@ -84,12 +84,32 @@ class RolloutEngine(Protocol):
         ...
 
 
-def check_prompts(prompts: list[list[int]]) -> None:
-    """An empty prompt has no last token to continue from: the embedded engine sampled from a masked pad position."""
+def check_prompts(prompts: list[list[int]], params: SamplingParams | None = None, model_config=None) -> None:
+    """An empty prompt has no last token to continue from: the embedded engine sampled from a masked pad position.
+    A prompt that `params.max_new_tokens` would carry past the positions `model_config` supports is refused too
+    (found by review: a rotary model sampled past them silently, GPT-2 stopped in an IndexError deep in torch)."""
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ValueError(f"rollout: prompt {empty[0]} of {len(prompts)} is empty (no tokens); every prompt needs at "
                          f"least one token")
+    limit = context_limit(model_config)
+    if params is None or limit is None:
+        return
+    over = next((i for i, p in enumerate(prompts) if len(p) + params.max_new_tokens > limit), None)
+    if over is not None:
+        raise ValueError(f"rollout: prompt {over} of {len(prompts)} has {len(prompts[over])} tokens, and "
+                         f"{params.max_new_tokens} new ones would run past the model's {limit} positions "
+                         "(max_position_embeddings); lower rollout.max_new_tokens or rollout.critic_max_new_tokens, "
+                         "or use a model with a longer context")
+
+
+def context_limit(model_config) -> int | None:
+    """The longest sequence a model's config says it supports (None: it does not say)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 MEMORY_TAGS = ("kv_cache", "weights")
