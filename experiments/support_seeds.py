@@ -13,7 +13,7 @@ from pathlib import Path
 # (name, value of a model's report at k, decimals)
 COLUMNS = [("pass@1", lambda m, k: m["pass_at_k"]["1"], 3), ("pass@K", lambda m, k: m["pass_at_k"][str(k)], 3),
            *((c, lambda m, k, c=c: m.get("categories", {}).get(c), 1) for c in "PSE"),
-           ("answer entropy", lambda m, k: m["answer_entropy"], 3)]
+           ("answer entropy@N", lambda m, k: m["answer_entropy"], 3)]
 
 
 def read_reports(paths: list[str]) -> list[dict]:
@@ -28,7 +28,23 @@ def read_reports(paths: list[str]) -> list[dict]:
         reports.append(report)
     if len({r["k"] for r in reports}) != 1 or len({tuple(r["models"]) for r in reports}) != 1:
         raise ValueError("the reports differ in k or in the models they name; give one report per seed of one grid")
+    # Found by review: answer entropy over 4 samples was averaged with entropy over 2 (it rises with the count), and
+    # reports drawn at other temperatures or on other problems could not be told apart.
+    if len({r.get("answer_entropy_samples") for r in reports}) != 1:
+        raise ValueError("the reports take answer entropy over different numbers of samples "
+                         f"({', '.join(str(r.get('answer_entropy_samples')) for r in reports)}), which do not compare")
+    drawn = [_drawn_by(r) for r in reports if "config" in r]
+    if any(d != drawn[0] for d in drawn):
+        raise ValueError(f"the reports were drawn with other settings ({drawn[0]} against "
+                         f"{next(d for d in drawn if d != drawn[0])}); give one report per seed of one grid")
     return reports
+
+
+def _drawn_by(report: dict) -> dict:
+    """What draws a report's samples besides its models (report.json's config; reports from before have none)."""
+    a = report["config"]["analysis"]
+    return {"task": report["config"]["task"], **{k: a[k] for k in ("split", "num_problems", "temperature", "top_p",
+                                                                     "max_new_tokens", "entropy_samples")}}
 
 
 def _cell(values: list, digits: int) -> str:
@@ -41,7 +57,8 @@ def _cell(values: list, digits: int) -> str:
 
 def table(reports: list[dict]) -> str:
     k = reports[0]["k"]
-    head = [name.replace("K", str(k)) for name, _, _ in COLUMNS]
+    n = reports[0].get("answer_entropy_samples", k)  # the samples each answer entropy is over (said, review)
+    head = [name.replace("K", str(k)).replace("@N", f"@{n}") for name, _, _ in COLUMNS]
     lines = [f"| model | {' | '.join(head)} |", "|---" * (len(COLUMNS) + 1) + "|"]
     for model in reports[0]["models"]:
         cells = [_cell([get(r["models"][model], k) for r in reports], digits) for _, get, digits in COLUMNS]

@@ -20,7 +20,7 @@ from raro_fast.analysis import (
     support_metrics, token_entropy,
 )
 from raro_fast.analysis.cache import SampleCache, draw_seed
-from raro_fast.config import ConfigError, _at_least, _help, help_text, load_config
+from raro_fast.config import ConfigError, _at_least, _help, help_text, load_config, to_dict
 from raro_fast.metrics import strict_json
 from raro_fast.model.hf import load_pretrained, model_files_digest, resolve_device, resolve_model_path, weights_digest
 from raro_fast.model.policy import fused_lm_head_refusal
@@ -186,7 +186,7 @@ def check_lm_head(model, setting: str) -> None:
         weight = model.get_output_embeddings().weight
         ids = torch.arange(min(16, weight.shape[0]), device=weight.device)[None]
         logits = model(input_ids=ids).logits[0].float()
-        mine = model.model(input_ids=ids).last_hidden_state[0].float() @ weight.float().T
+        mine = decoder_body(model, setting)(input_ids=ids).last_hidden_state[0].float() @ weight.float().T
         err, scale = float((logits - mine).abs().max()), float(logits.abs().max())
         if not err <= (1e-3 if weight.dtype == torch.float32 else 3e-2) * max(1.0, scale):
             why = (f"the model's logits are not its last hidden state times the LM-head weight (they differ by up to "
@@ -197,6 +197,16 @@ def check_lm_head(model, setting: str) -> None:
     _CHECKED_HEADS.add(model)
 
 
+def decoder_body(model, setting: str):
+    """The model's decoder without its LM head, where Hugging Face keeps it (`model.model` for Llama and Qwen,
+    `model.transformer` for GPT-2: found by review, an AttributeError from `.model`)."""
+    body = getattr(model, getattr(model, "base_model_prefix", "") or "model", None)
+    if body is None or body is model:
+        raise ValueError(f"{setting}: {type(model).__name__} keeps no decoder apart from its LM head where Hugging Face "
+                         "models do (base_model_prefix), so its hidden states cannot be read; analyse another model")
+    return body
+
+
 @torch.no_grad()
 def teacher_forced(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0):
     """(log-prob, entropy, mask) at every position of prompt + completion; only completion targets are kept. A
@@ -205,7 +215,7 @@ def teacher_forced(model, prompt_ids: list[int], completion_ids: list[int], temp
     ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
     targets = torch.full_like(ids[0], -100)
     targets[len(prompt_ids) - 1 : -1] = ids[0, len(prompt_ids) :]
-    hidden = model.model(input_ids=ids).last_hidden_state[0].float()
+    hidden = decoder_body(model, "teacher_forced")(input_ids=ids).last_hidden_state[0].float()
     logprobs, entropy = token_entropy(hidden, model.get_output_embeddings().weight.float(), targets, temperature=temperature)
     return logprobs, entropy, targets != -100
 
@@ -389,7 +399,8 @@ def run(cfg: AnalyzeConfig) -> dict:
     report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []),
                        answer_classes=task.answer_classes, answer_entropy_samples=a.answer_entropy_samples)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(strict_json(report, indent=1))
+    # with the settings that drew it, so reports put side by side can be checked (experiments/support_seeds.py)
+    (out / "report.json").write_text(strict_json({**report, "config": to_dict(cfg)}, indent=1))
     (out / "report.md").write_text(markdown(report))
     plots(report, out)
     return report

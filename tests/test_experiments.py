@@ -569,6 +569,20 @@ def test_support_seeds_table_and_plot_exact_values(tmp_path):
     with pytest.raises(ValueError, match="differ in k"):
         support_seeds.read_reports([str(paths[0]), str(other)])
     assert support_seeds.main([str(png), str(tmp_path / "missing.json")]) == 2
+    # Found by review on 2026-12-07: answer entropies over other sample counts were averaged together, under a
+    # header that named no count; reports drawn at another temperature could not be told apart.
+    assert "| answer entropy@2 |" in table
+    other.write_text(json.dumps({**report(0.0), "answer_entropy_samples": 1}))
+    with pytest.raises(ValueError, match=r"answer entropy over different numbers of samples \(None, 1\)"):
+        support_seeds.read_reports([str(paths[0]), str(other)])
+    config = {"task": {"name": "countdown"}, "analysis": {"split": "heldout", "num_problems": 64, "temperature": 0.6,
+                                                          "top_p": 0.95, "max_new_tokens": 96, "entropy_samples": 8}}
+    paths[0].write_text(json.dumps({**report(0.0), "config": config}))
+    other.write_text(json.dumps({**report(0.0), "config": {**config, "analysis": {**config["analysis"],
+                                                                                  "temperature": 1.0}}}))
+    with pytest.raises(ValueError, match="drawn with other settings"):
+        support_seeds.read_reports([str(paths[0]), str(other)])
+    assert len(support_seeds.read_reports([str(p) for p in paths])) == 2  # a report from before configs is compared
 
 
 @pytest.mark.parametrize("grid", sorted((ROOT / "experiments" / "grids").glob("*.txt")), ids=lambda p: p.name)

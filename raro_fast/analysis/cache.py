@@ -53,6 +53,9 @@ class SampleCache:
                 stored = json.loads(record.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{record}: corrupt ({e}); delete {folder} to resample") from None
+            if not isinstance(stored, dict):  # found by review: an AttributeError
+                raise ValueError(f"{record}: corrupt (a JSON {type(stored).__name__}, not an object of settings); "
+                                 f"delete {folder} to resample")
             unrecorded = sorted(identity.keys() - stored.keys())
             differ = sorted(k for k in stored.keys() | identity.keys()
                             if k not in unrecorded and stored.get(k) != identity.get(k))

@@ -67,11 +67,15 @@ def load_traces_jsonl(path: str | Path) -> list[dict[str, str]]:
     problem. A bad line is an error naming the file, the line and the field."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().splitlines()
     except OSError as e:
         raise ValueError(f"{path}: cannot read traces ({e.strerror})") from None
     out, first_line = [], {}
-    for lineno, line in enumerate(lines, 1):
+    for lineno, raw in enumerate(lines, 1):
+        try:  # line by line, so bad UTF-8 is named with its line (found by review: neither file nor line)
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:

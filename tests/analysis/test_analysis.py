@@ -150,3 +150,7 @@ def test_load_traces_jsonl_errors_name_file_line_field(tmp_path):
         load_traces_jsonl(f)
     with pytest.raises(ValueError, match=r"cannot read"):
         load_traces_jsonl(tmp_path / "missing.jsonl")
+    # bad UTF-8 named its byte only, neither file nor line (found by review on 2026-12-07)
+    f.write_bytes(b'{"problem_id": "a", "trace": "x"}\n{"problem_id": "b", "trace": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2: not UTF-8 text"):
+        load_traces_jsonl(f)

@@ -436,6 +436,12 @@ def test_samples_are_never_served_for_another_config_tokenizer_or_chat_template(
     assert analyze.main(_args(models, out, 2)) == 0
     assert "does not record model_files_sha256" in capsys.readouterr().err
     assert json.loads(record.read_text()) == stored
+    record.write_text("[]")  # JSON, but no record: an AttributeError (found by review on 2026-12-07)
+    assert analyze.main(_args(models, out, 2)) == 2
+    assert "identity.json: corrupt (a JSON list, not an object of settings)" in capsys.readouterr().err
+    record.write_text(json.dumps(stored))
+    report = json.loads((out / "report.json").read_text())  # the settings that drew it, for support_seeds.py
+    assert report["config"]["analysis"]["k"] == 2 and report["config"]["task"]["name"] == "countdown"
 
 
 def test_samples_are_never_served_for_a_problem_worded_otherwise(two_models, tmp_path, capsys):

@@ -125,3 +125,17 @@ def test_the_trainer_refuses_the_same_models_at_setup():
         PolicyModel(biased)
     PolicyModel(_gemma3(None))  # nothing to refuse
     PolicyModel(_llama())
+
+
+def test_a_model_whose_decoder_is_not_at_model_is_read_where_it_is():
+    """GPT-2 keeps its decoder at `.transformer`: the check and teacher forcing called `.model` and stopped in an
+    AttributeError (found by review on 2026-12-07). Its log-probs are its own logits'."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1,
+                                                                 n_head=2)).eval()
+    analyze.check_lm_head(model, "analysis.models (gpt2)")
+    logprobs, _, mask = analyze.teacher_forced(model, PROMPT, COMPLETION)
+    with torch.no_grad():
+        own = torch.log_softmax(model(input_ids=torch.tensor([PROMPT + COMPLETION])).logits[0].double(), -1)
+    want = own[len(PROMPT) - 1 : -1].gather(1, torch.tensor(COMPLETION)[:, None])[:, 0]
+    torch.testing.assert_close(logprobs[mask].double(), want, rtol=1e-5, atol=1e-5)
