@@ -431,6 +431,15 @@ def test_diverged_weights_raise_non_finite_logits_error_and_new_weights_recover(
     out = eng.generate([[2, 3, 4]], params)
     assert [c.weight_version for c in out[0]] == [5, 5]
     assert token_ids(out) == token_ids(engine_for(tiny_model(0), backend).generate([[2, 3, 4]], params))
+    # An engine built on such weights refuses as well, before its loop runs the model (the continuous engine
+    # assumed finite weights until the first update: found by review on 2026-12-07)
+    model.load_state_dict(diverged)
+    fresh, forwards = engine_for(model, backend), []
+    hook = model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    with pytest.raises(NonFiniteLogitsError, match=r"weight version 0\)"):
+        fresh.generate([[2, 3, 4]], params)
+    hook.remove()
+    assert backend != "continuous" or forwards == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -102,7 +102,8 @@ class ContinuousEngine:
         self._manager_key: tuple | None = None
         self._manager_blocks: int | None = 0  # cache blocks it was sized for (None: all memory allows)
         self._calls = 0
-        self._weights_finite = True
+        # Checked at the start too: a model loaded with non-finite weights met the CUDA assert below (review)
+        self._weights_finite = self._finite_weights()
 
     @classmethod
     def from_tokenizer(cls, model: PreTrainedModel, tokenizer, *, end_ids: list[int] | None = None,
