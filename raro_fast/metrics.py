@@ -177,7 +177,7 @@ def summary_table(records: list[dict[str, Any]], window: int = 5) -> str:
     return "\n".join(lines)
 
 
-def critic_signal(records: list[dict[str, Any]]) -> str | None:
+def critic_signal(records: list[dict[str, Any]], *, oracle: bool = False) -> str | None:
     """One sentence on whether the critic's reward carried signal over the run (means over steps), or None when
     the run logged no critic diagnostics (not RARO, or a task without a verifier). The rewards of right and wrong
     answers are averaged over the same steps, those that had both, so the gap printed is their difference (a step
@@ -198,6 +198,9 @@ def critic_signal(records: list[dict[str, Any]]) -> str | None:
     else:
         head = (f"critic, means over steps: picked the expert in {decisive:.2f} of its decisive verdicts (chance "
                 f"0.50), tie rate {ties:.2f}; ")
+    # Under `raro.critic oracle` the verifier paid the policy; the rewards logged are what the critic would have paid.
+    whose, verifier = (("the critic would have paid", "the verifier set the policy's reward (raro.critic oracle)")
+                       if oracle else ("the policy's reward was", "the verifier is only logged"))
     both = [r for r in records if r.get("reward/policy_gap") is not None]
     if not both:
         wrong, right = mean("reward/policy_mean_incorrect"), mean("reward/policy_mean_correct")
@@ -205,12 +208,11 @@ def critic_signal(records: list[dict[str, Any]]) -> str | None:
             return None
         paid = " and ".join(f"{v:.3f} for {what} answers" for what, v in (("right", right), ("wrong", wrong))
                             if v is not None)
-        return head + (f"the policy's reward was {paid}, and no step judged both kinds (no gap; the verifier is "
-                       "only logged)")
+        return head + f"{whose} {paid}, and no step judged both kinds (no gap; {verifier})"
     gap = mean("reward/policy_gap", both)
     right, wrong = mean("reward/policy_mean_correct", both), mean("reward/policy_mean_incorrect", both)
-    return head + (f"the policy's reward was {right:.3f} for right answers and {wrong:.3f} for wrong ones (gap "
-                   f"{gap:+.3f}; the verifier is only logged)")
+    return head + (f"{whose} {right:.3f} for right answers and {wrong:.3f} for wrong ones (gap {gap:+.3f}; "
+                   f"{verifier})")
 
 
 def _fmt(v: Any) -> str:

@@ -388,7 +388,7 @@ def finish(r: Run) -> None:
 def heldout_summary(records: list[dict], cfg: JobConfig, *, problems: int) -> list[str]:
     """The run's last lines: the critic's signal and held-out accuracy, each against its start (step 0's, or the
     first step metrics.jsonl still has, said so: a resume can lose records)."""
-    lines = [signal] if (signal := critic_signal(records)) else []
+    lines = [signal] if (signal := critic_signal(records, oracle=cfg.raro.critic == "oracle")) else []
 
     def logged(key: str) -> list[tuple[int, float | None]]:
         return [(x["step"], x[key]) for x in records if key in x]

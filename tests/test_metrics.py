@@ -135,6 +135,12 @@ def test_the_critic_sentence_takes_right_wrong_and_gap_over_the_same_steps():
     line = critic_signal(records)
     assert "0.600 for right answers and 0.100 for wrong ones (gap +0.500;" in line
     assert "decisive verdicts" in line and "in 0.60 of" in line and "tie rate 0.30" in line
+    assert line.endswith("the policy's reward was 0.600 for right answers and 0.100 for wrong ones (gap +0.500; the "
+                         "verifier is only logged)")
+    # Under the oracle the verifier paid the policy: the sentence said it was only logged (review, 2026-12-07)
+    assert critic_signal(records, oracle=True).endswith(
+        "the critic would have paid 0.600 for right answers and 0.100 for wrong ones (gap +0.500; the verifier set "
+        "the policy's reward (raro.critic oracle))")
 
 
 def test_the_critic_sentence_is_said_when_no_step_judged_a_right_answer():

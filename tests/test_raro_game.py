@@ -359,6 +359,10 @@ def test_oracle_critic_sets_the_policy_reward_and_the_model_critic_is_still_meas
     # and it is rewarded by them, as without the oracle: tie on the right answers, 0 for picking a wrong one
     assert sorted(oracle.stats["reward/critic_mean"]) == pytest.approx([0.0] * 12 + [rc.tau_crit] * 12)
     assert oracle.stats["reward/critic_mean"] == model.stats["reward/critic_mean"]
+    # What the model critic would have paid right and wrong answers, not what the oracle paid: logged from the
+    # oracle's, the gap read +0.6 for a critic fooled every time (found by review on 2026-12-07).
+    for key in ("reward/policy_mean_correct", "reward/policy_mean_incorrect"):
+        assert oracle.stats[key] == model.stats[key]
 
 
 def test_no_verifier_no_accuracy(setting):
@@ -438,24 +442,36 @@ def mode_calls(monkeypatch, cfg, world_size, *, step=0, replay=None):
     return calls
 
 
-@pytest.mark.parametrize("cap,judged,kept", [
-    (5, [9, 9, 9], [2, 2, 1]), (1, [3, 3], [1, 0]), (4, [5, 5], [2, 2]),  # the remainder to the first ranks
-    (4, [4, 0], [4, 0]), (4, [1, 6], [1, 3]), (7, [0, 2, 9], [0, 2, 5]),  # an unused share goes to the others
-    (10, [3, 2], [3, 2]), (3, [0, 0], [0, 0]),
+@pytest.mark.parametrize("cap,judged", [
+    (5, [9, 9, 9]), (1, [3, 3]), (4, [5, 5]), (4, [4, 0]), (4, [1, 6]), (7, [0, 2, 9]), (10, [3, 2]), (3, [0, 0]),
+    (9, [9]), (4, [9]),
 ])
-def test_the_fresh_pair_cap_is_dealt_out_over_the_ranks_in_full(monkeypatch, cap, judged, kept):
-    """critic_pairs_per_step is over all ranks, dealt out once every rank's judged count is known (all-gathered).
-    Split evenly before, a rank with more judged pairs than its share dropped them while another's went unused:
-    (4, [4, 0]) kept 2 pairs on two ranks where one rank keeps 4. Found by review on 2026-12-07. 0: no cap."""
+def test_the_fresh_pair_cap_is_dealt_out_over_the_ranks_in_full(monkeypatch, cap, judged):
+    """critic_pairs_per_step is over all ranks, dealt out once every rank's judged count is known (all-gathered),
+    the same on every rank. Split evenly before, a rank with more judged pairs than its share dropped them while
+    another's went unused: (4, [4, 0]) kept 2 pairs on two ranks where one rank keeps 4. Found by review on
+    2026-12-07. 0: no cap."""
     from raro_fast.modes import raro as raro_mode
 
     monkeypatch.setattr(raro_mode, "all_gather_objects", lambda d, n: judged)
     cfg = load_config(["--raro.critic_pairs_per_step", str(cap)])
-    calls = mode_calls(monkeypatch, cfg, len(judged))
-    assert [c["fresh_cap"](n) for c, n in zip(calls, judged)] == kept
-    assert sum(kept) == min(cap, sum(judged)) and all(k <= n for k, n in zip(kept, judged))
+    for step in range(5):
+        kept = [c["fresh_cap"](n) for c, n in zip(mode_calls(monkeypatch, cfg, len(judged), step=step), judged)]
+        assert sum(kept) == min(cap, sum(judged)) and all(0 <= k <= n for k, n in zip(kept, judged))
+        assert kept == [c["fresh_cap"](n) for c, n in zip(mode_calls(monkeypatch, cfg, len(judged), step=step), judged)]
     cfg = load_config(["--raro.critic_pairs_per_step", "0"])
     assert [c["fresh_cap"] for c in mode_calls(monkeypatch, cfg, 2)] == [None, None]
+
+
+def test_the_fresh_pair_cap_keeps_every_pair_as_likely_whichever_rank_judged_it():
+    """Equal shares kept a pair judged on a rank that judged 40 with probability 0.8, and one on a rank that judged
+    128 with 0.25, where one rank keeps each with 64/168 = 0.38 (found by review on 2026-12-07)."""
+    from raro_fast.modes.raro import deal_cap
+
+    draws = [deal_cap(64, [40, 128], random.Random(i)) for i in range(2000)]
+    for rank, n in enumerate((40, 128)):
+        assert sum(d[rank] for d in draws) / (2000 * n) == pytest.approx(64 / 168, abs=0.01)
+    assert deal_cap(64, [40, 20], random.Random(0)) == [40, 20] and deal_cap(5, [9], random.Random(0)) == [5]
 
 
 def test_ranks_replay_disjoint_pairs_of_the_shared_buffer(monkeypatch):

@@ -7,6 +7,8 @@ how the critic's reward relates to correctness: `reward/policy_mean_correct` vs 
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -125,7 +127,9 @@ def _policy_rewards(examples: list[Example], judged: list[Judged], verdicts: lis
                     out: RankRollout) -> list[list[float | None]]:
     """Reward of every policy sample: the mean of the valid verdicts on its answer (None if there are none);
     no answer (truncated or no tag) earns 0. Under `raro.critic oracle` the verifier's verdict replaces the
-    critic's for this reward; the critic's own verdicts are still measured."""
+    critic's for this reward; the critic's own verdicts are still measured, and so is what they would have paid
+    (`reward/policy_mean_correct`/`_incorrect` are the critic's reward under either critic: logged from the
+    oracle's, they read +0.6 for any critic, found by review)."""
     rc = cfg.raro
     rewards: list[list[float | None]] = [[0.0] * rc.group_size for _ in examples]
     for jd, comps in zip(judged, verdicts):
@@ -140,13 +144,12 @@ def _policy_rewards(examples: list[Example], judged: list[Judged], verdicts: lis
             out.add("critic/oracle_agreement", None if oracle is None else v == oracle)
             out.add("critic/response_length", len(c.token_ids))
             out.add("critic/truncated_rate", c.truncated)
-        if rc.critic == "oracle":
-            parsed = [oracle]
-        reward = mean_or_none([verdict_rewards(v, pos, tau_pol=rc.tau_pol, tau_crit=rc.tau_crit,
-                                               invalid=rc.invalid_verdicts)[0] for v in parsed])
-        rewards[jd.question][jd.sample] = reward
-        if jd.correct is not None and reward is not None:
-            out.add("reward/policy_mean_correct" if jd.correct else "reward/policy_mean_incorrect", reward)
+        paid = lambda verdicts: mean_or_none([verdict_rewards(v, pos, tau_pol=rc.tau_pol, tau_crit=rc.tau_crit,  # noqa: E731
+                                                              invalid=rc.invalid_verdicts)[0] for v in verdicts])
+        by_critic = paid(parsed)
+        rewards[jd.question][jd.sample] = paid([oracle]) if rc.critic == "oracle" else by_critic
+        if jd.correct is not None and by_critic is not None:
+            out.add("reward/policy_mean_correct" if jd.correct else "reward/policy_mean_incorrect", by_critic)
     for row in rewards:
         for reward in row:
             out.add("reward/policy_mean", reward)
@@ -183,20 +186,22 @@ def judge_pairs(judged: list[Judged], engine: RolloutEngine, tokenizer,
     return engine.generate(critic_prompts, params)
 
 
-def deal_cap(cap: int, counts: list[int]) -> list[int]:
-    """How many of its `counts[r]` items each rank keeps so that all ranks keep min(cap, sum) together: equal
-    shares (the remainder to the first ranks), and what a rank cannot use goes on to the others. (Split evenly
-    before the counts were known, a rank with more judged pairs than its share dropped them while another's share
-    went unused: on two ranks the critic trained on fewer pairs than on one, under the same normaliser.)"""
-    shares, left = [0] * len(counts), cap
-    open_ranks = [r for r, c in enumerate(counts) if c > 0]
-    while left > 0 and open_ranks:
-        each, extra = divmod(left, len(open_ranks))
-        for i, r in enumerate(open_ranks):
-            give = min(counts[r] - shares[r], each + (i < extra))
-            shares[r] += give
-            left -= give
-        open_ranks = [r for r in open_ranks if shares[r] < counts[r]]
+def deal_cap(cap: int, counts: list[int], rng: random.Random) -> list[int]:
+    """How many of its `counts[r]` items each rank keeps so that all ranks keep min(cap, sum) together, every item
+    as likely as on one rank: the ranks' shares of `cap` items drawn from all of them by `rng` (seeded alike on
+    every rank); each rank then draws its share from its own. (Split evenly before the counts were known, a rank
+    with more judged pairs than its share dropped them while another's share went unused; dealt in equal shares
+    after, a pair judged on a rank that judged few was kept more often: 0.8 against 0.25 on two ranks. Both found by
+    review.)"""
+    total = sum(counts)
+    if total <= cap:
+        return list(counts)
+    if len(counts) == 1:
+        return [cap]
+    ends = list(itertools.accumulate(counts))
+    shares = [0] * len(counts)
+    for i in rng.sample(range(total), cap):
+        shares[bisect.bisect_right(ends, i)] += 1
     return shares
 
 
@@ -214,7 +219,8 @@ class RaroMode(Mode):
         return raro_rollouts(
             examples, engine=r.engine, tokenizer=r.tokenizer, task=r.task, cfg=cfg,
             rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed,
-            fresh_cap=(lambda judged: deal_cap(cap, all_gather_objects(d, judged))[d.rank]) if cap else None,
+            fresh_cap=(lambda judged: deal_cap(cap, all_gather_objects(d, judged),
+                                               random.Random(f"{cfg.train.seed}/cap/{step}"))[d.rank]) if cap else None,
             draw_replay=lambda n: r.replay.sample(n, replay_rng, part=d.rank, parts=d.world_size),
             train_policy=step >= cfg.raro.critic_lead_steps,
         )
