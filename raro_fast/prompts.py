@@ -116,12 +116,18 @@ def parse_answer(text: str) -> str | None:
         return None
     answer = text[opens[-1].end() : close.start()]
     answer = answer.strip()
-    if not answer or _THINK_TAG_RE.search(answer) or _THINK_TAG_RE.search(text, close.end()):
-        return None
-    think_tags = _THINK_TAG_RE.findall(text, 0, opens[-1].start())
-    if think_tags and not think_tags[-1].startswith("</"):  # inside a <think> never closed
+    if not answer or _THINK_TAG_RE.search(answer) or inside_reasoning(text, opens[-1].start(), close.end()):
         return None
     return answer
+
+
+def inside_reasoning(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] lies in the reasoning: a think tag follows it, or the last think tag before it
+    opens one that is never closed (the turn ended in its reasoning)."""
+    if _THINK_TAG_RE.search(text, end):
+        return True
+    before = _THINK_TAG_RE.findall(text, 0, start)
+    return bool(before) and not before[-1].startswith("</")
 
 
 def has_think_tag(text: str) -> bool:

@@ -68,6 +68,11 @@ def test_a_boxed_answer_keeps_the_answer_tags_rules():
     assert extract_answer(r"\boxed{4 </think> yes}") is None  # no tag: the box alone, by the same rule
     assert extract_answer(r"<think>\boxed{3}</think> so \boxed{4}") == "4"  # no tag: the last box, as before
     assert extract_answer(r"<answer>4 </think></answer>") is None  # the tag's own rule, unchanged
+    # A box in the reasoning is a step, as a tag there is (found by review on 2026-12-07: the first gave 3)
+    assert extract_answer(r"<think>so x = \boxed{3}, now check") is None  # the turn ended in its reasoning
+    assert extract_answer(r"<think>so x = \boxed{3}") is None
+    assert extract_answer(r"<think>a</think>b \boxed{3} <think>c</think>") is None  # inside a later reasoning
+    assert extract_answer(r"<think>a</think> so \boxed{3}") == "3"
 
 
 def test_unclosed_or_empty_box_is_no_answer():

@@ -153,17 +153,23 @@ def last_boxed(text: str) -> str | None:
     """Stripped content of the last top-level \\boxed{...} (nested braces, and boxes inside it, are part of the
     content). None if there is no box, if it is empty, or if the last box is never closed: the output was cut off
     there, so an earlier box was not the model's final word."""
+    found = _last_box(text)
+    return None if found is None else found[0]
+
+
+def _last_box(text: str) -> tuple[str, int, int] | None:
+    """`last_boxed`'s content, and where the whole box starts and ends in `text`."""
     if not isinstance(text, str):
         return None
-    content, pos = None, 0
+    content, pos, start = None, 0, 0
     while (m := _BOXED_RE.search(text, pos)) is not None:
         end = _matching_brace(text, m.end())
         if end < 0:
             return None
-        content, pos = text[m.end() : end], end + 1
+        content, pos, start = text[m.end() : end], end + 1, m.start()
     if content is None or not content.strip():
         return None
-    return content.strip()
+    return content.strip(), start, pos
 
 
 _ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
@@ -188,8 +194,12 @@ def extract_answer(completion: str) -> str | None:
         if answer is None or not _BOXED_RE.search(answer):
             return answer
         completion = answer
-    boxed = last_boxed(completion)
-    return None if boxed is None or prompts.has_think_tag(boxed) else boxed
+    found = _last_box(completion)
+    # A box in the reasoning is a step, as an answer tag there is (found by review: `<think>so x = \\boxed{3}, now
+    # check`, a turn that ended in its reasoning, answered 3).
+    if found is None or prompts.has_think_tag(found[0]) or prompts.inside_reasoning(completion, found[1], found[2]):
+        return None
+    return found[0]
 
 
 @lru_cache(maxsize=16384)
