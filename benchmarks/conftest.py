@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import subprocess
+from pathlib import Path
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -28,10 +29,11 @@ def _commit() -> str:
     """RARO_COMMIT where the command names it (a lent GPU's checkout may carry no .git), else git's HEAD."""
     if os.environ.get("RARO_COMMIT"):
         return os.environ["RARO_COMMIT"]
+    here = Path(__file__).resolve().parent  # the benchmarked checkout, wherever pytest was started (review)
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+                               text=True, timeout=10, cwd=here).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if head.returncode != 0:

@@ -19,7 +19,8 @@ for package in liger_kernel cut_cross_entropy; do
   [[ -n "$newest" ]] && wheels+=("$newest")
 done
 if ((${#wheels[@]})); then
-  if python3 -m pip install -q --no-index --no-deps --target /tmp/raro_site "${wheels[@]}"; then
+  # --upgrade: without it a version already in /tmp/raro_site (a warm machine) stays, silently (found by review)
+  if python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/raro_site "${wheels[@]}"; then
     export PYTHONPATH=/tmp/raro_site:$PYTHONPATH
   else
     echo "gpu_run: the wheels ${wheels[*]} did not install: the Liger and CCE rows will be missing" | tee "$OUT/wheels.log"

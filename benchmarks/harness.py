@@ -2,6 +2,7 @@
 `bench_table` fixture and by the bench_*.py files)."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -29,7 +30,8 @@ class Table:
 def device_description() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} threads"
+    # the threads torch runs on, not the cores (OMP_NUM_THREADS=1 on 2 cores read "2 threads"; found by review)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
 
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a substring of
@@ -54,7 +56,14 @@ def versions() -> str:
         tv = triton.__version__
     except ImportError:  # pragma: no cover
         tv = "none"
-    return f"torch {torch.__version__}, triton {tv}"
+    # the baselines' versions too: their rows time whatever is installed (found by review: none was recorded)
+    extra = []
+    for package in ("liger_kernel", "cut_cross_entropy"):
+        try:
+            extra.append(f"{package.replace('_', '-')} {importlib.metadata.version(package.replace('_', '-'))}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ", ".join([f"torch {torch.__version__}, triton {tv}", *extra])
 
 
 @dataclass(frozen=True)
