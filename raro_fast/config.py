@@ -415,6 +415,13 @@ class JobConfig:
             if size < 2:
                 raise ValueError(f"{name} {size} with train.mode {self.train.mode}: a GRPO group of one sample has "
                                  "advantage 0 (its reward less its own mean), so nothing is learnt; use >= 2")
+        if self.train.mode != "raro":  # found by review: an RLVR run given --raro.critic_lead_steps 40 trained its
+            # policy from step 1 (the game's other settings, shared by configs, are only unused)
+            game_only = _changed(self.raro, "raro.", ("critic_lead_steps", "critic"))
+            game_only += _changed(self.rollout, "rollout.", ("critic_temperature",))
+            if game_only:
+                raise ValueError(f"{', '.join(game_only)} with train.mode {self.train.mode}: settings of the RARO "
+                                 "game, which this mode does not play; leave them out")
         if self.train.mode == "dpo":  # found by review: both were accepted and silently replaced
             if self.loss.loss_agg != "token_sum_norm":
                 raise ValueError(f"loss.loss_agg {self.loss.loss_agg} with train.mode dpo: DPO's loss is summed over "

@@ -153,6 +153,7 @@ def train_step(r: Run, step: int) -> dict:
     r.timings["timing_s/step"] = time.perf_counter() - t0
     measured = batch_metrics(r, samples, mbs, entropies, generated=stats["rollout/generated_tokens"])
     return {"step": step + 1, "loss": upd.loss, "grad_norm": upd.grad_norm, "update/skipped": upd.skipped,
+            "update/optimizer_steps": upd.optimizer_steps,
             **upd.metrics, **stats, **measured, **r.timings}
 
 
@@ -165,9 +166,11 @@ UNIFORM_ENTROPY_FRACTION = 0.9
 
 
 def check_health(r: Run, step: int, record: dict) -> None:
-    """Stop after repeated non-finite updates (each was skipped, weights unchanged); warn, once, about a policy
-    whose entropy sits near the uniform maximum ln V: finite weights that no longer model anything."""
-    r.skipped_in_a_row = r.skipped_in_a_row + 1 if record["update/skipped"] else 0
+    """Stop after repeated non-finite updates (each was skipped, weights unchanged; a step of several optimizer
+    steps, `train.ppo_mini_batches`, counts when all of them were); warn, once, about a policy whose entropy sits
+    near the uniform maximum ln V: finite weights that no longer model anything."""
+    whole = record["update/skipped"] >= record.get("update/optimizer_steps", 1)
+    r.skipped_in_a_row = r.skipped_in_a_row + 1 if whole else 0
     if r.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
         raise DivergedError(f"steps {step - r.skipped_in_a_row + 1}-{step}: the loss or gradient was not finite "
                             f"{r.skipped_in_a_row} times in a row (each step was skipped, the weights are those of "

@@ -81,6 +81,7 @@ class UpdateStats:
     metrics: dict[str, float]
     tokens: float = 0.0  # trained tokens the metrics average over: the global batch's, summed over ranks
     skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    optimizer_steps: int = 1  # optimizer steps tried (train.ppo_mini_batches)
     entropies: list[torch.Tensor] | None = None  # per micro-batch, when the update's forward filled the old log-probs
 
 
@@ -89,7 +90,9 @@ def update_mini_batches(model: PolicyModel, optimizer: torch.optim.Optimizer,
                         **kwargs) -> UpdateStats:
     """One optimizer step per (micro-batches, norm_constant) of `plan`; the old log-probs of every micro-batch
     must have been recomputed before the first, unless `old_from_forward` (one step only; see `update_step`).
-    Loss and grad norm are the mean over the steps, the actor metrics their token-weighted mean."""
+    Loss and grad norm are the mean over the steps that were not skipped (NaN if all were), the actor metrics their
+    token-weighted mean. (Found by review: one skipped mini-batch made the step's loss NaN and the step count as
+    skipped, though its other mini-batches had moved the weights.)"""
     if old_from_forward and len(plan) != 1:
         raise ValueError(f"old log-probs from the update's own forward need exactly one optimizer step, got {len(plan)}")
     steps = [update_step(model, optimizer, mbs, norm_constant=norm, old_from_forward=old_from_forward, **kwargs)
@@ -99,9 +102,10 @@ def update_mini_batches(model: PolicyModel, optimizer: torch.optim.Optimizer,
     tokens = sum(u.tokens for u in steps)
     keys = {k for u in steps for k in u.metrics}
     metrics = {k: sum(u.metrics.get(k, 0.0) * u.tokens for u in steps) / tokens for k in keys} if tokens else {}
-    return UpdateStats(loss=sum(u.loss for u in steps) / len(steps),
-                       grad_norm=sum(u.grad_norm for u in steps) / len(steps), metrics=metrics, tokens=tokens,
-                       skipped=sum(u.skipped for u in steps))
+    taken = [u for u in steps if not u.skipped]
+    mean = lambda values: sum(values) / len(taken) if taken else float("nan")  # noqa: E731
+    return UpdateStats(loss=mean(u.loss for u in taken), grad_norm=mean(u.grad_norm for u in taken), metrics=metrics,
+                       tokens=tokens, skipped=sum(u.skipped for u in steps), optimizer_steps=len(steps))
 
 
 def update_step(

@@ -415,6 +415,11 @@ def test_a_replay_buffer_smaller_than_a_steps_planned_replay_is_refused():
     # DPO replaced the aggregation, and anchored the KL to its moving reference
     (["--train.mode", "dpo", "--loss.loss_agg", "token_mean"], "loss.loss_agg token_mean with train.mode dpo"),
     (["--train.mode", "dpo", "--loss.kl_coef", "0.1"], "loss.kl_coef > 0 with train.mode dpo"),
+    # the game's schedule and critic outside the game: an RLVR run trained its policy from step 1
+    (["--train.mode", "rlvr", "--raro.critic_lead_steps", "40"], "raro.critic_lead_steps with train.mode rlvr: "
+                                                                  "settings of the RARO game"),
+    (["--train.mode", "sft", "--raro.critic", "oracle", "--rollout.critic_temperature", "0.7"],
+     "raro.critic, rollout.critic_temperature with train.mode sft"),
 ])
 def test_settings_a_mode_would_not_honour_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -455,6 +455,27 @@ def test_three_skipped_steps_in_a_row_stop_the_run_naming_the_last_good_weights(
     with pytest.raises(DivergedError, match=r"steps 4-6: .* 3 times in a row .* the weights are those of step 3"):
         check_health(r, 6, {"update/skipped": 1})
     assert "warning" not in capsys.readouterr().out  # entropy 2.0 of ln 400 = 6.0: no uniform warning
+    # Of several optimizer steps, a step counts as skipped only when all were: with some taken, the weights moved
+    # (found by review on 2026-12-07: the run stopped saying the weights were step 0's)
+    r.skipped_in_a_row = 0
+    for step in (1, 2, 3, 4):
+        check_health(r, step, {"update/skipped": 1, "update/optimizer_steps": 2})
+    with pytest.raises(DivergedError, match=r"steps 5-7: .* 3 times in a row"):
+        for step in (5, 6, 7):
+            check_health(r, step, {"update/skipped": 2, "update/optimizer_steps": 2})
+
+
+def test_a_skipped_mini_batch_leaves_the_others_loss_and_gradient_norm(monkeypatch):
+    """One non-finite mini-batch of two made the whole step's loss and grad norm NaN (found by review on
+    2026-12-07); they are the mean over the optimizer steps taken."""
+    from raro_fast.update import UpdateStats, update_mini_batches
+    import raro_fast.update as update
+
+    stats = iter([UpdateStats(loss=float("nan"), grad_norm=float("nan"), metrics={}, tokens=5, skipped=1),
+                  UpdateStats(loss=0.25, grad_norm=2.0, metrics={}, tokens=7, skipped=0)])
+    monkeypatch.setattr(update, "update_step", lambda *a, **k: next(stats))
+    u = update_mini_batches(None, None, [([], 1.0), ([], 1.0)])
+    assert (u.loss, u.grad_norm, u.skipped, u.optimizer_steps) == (0.25, 2.0, 1, 2)
 
 
 def test_each_role_is_recomputed_at_the_temperature_it_was_sampled_at(tok):
