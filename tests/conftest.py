@@ -30,8 +30,9 @@ def saved_embedded_model(tmp_path_factory):
     from raro_fast.model.hf import build_embedded_model, load_project_tokenizer, save_pretrained_atomic
 
     tok = load_project_tokenizer()
+    # positions for a policy prompt (70 tokens) and its completion: the engines refuse to sample past them
     model = build_embedded_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                                 max_position=64, seed=0)
+                                 max_position=256, seed=0)
     path = tmp_path_factory.mktemp("m") / "model"
     save_pretrained_atomic(model, tok, path)
     return path

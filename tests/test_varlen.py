@@ -413,3 +413,66 @@ def test_a_rotary_embedding_that_depends_on_the_longest_position_refuses_sequenc
     long = random_sequences(1, min_len=20, max_len=20, seed=2)
     with pytest.raises(ValueError, match="a packed sequence of 20 tokens, over 16: .*longrope"):
         packed_hidden_states(model.model, pack(short + long, num_sequences=4, num_tokens=60))
+
+
+@pytest.mark.parametrize("name,fields,what", [
+    ("XGLMConfig", dict(d_model=32, ffn_dim=48, num_layers=2, attention_heads=4, dropout=0.0, attention_dropout=0.0,
+                        activation_dropout=0.0), "an attention of its own"),
+    ("Gemma3TextConfig", dict(head_dim=8, use_bidirectional_attention=True), "bidirectional attention"),
+])
+def test_attention_the_packed_rows_would_not_reach_is_refused(name, fields, what):
+    """XGLM's attention never asks transformers' interface, so its causal mask spanned the whole packed row; Gemma 3
+    with bidirectional attention was computed causally. Both accepted, with other log-probs (found by review on
+    2026-12-07)."""
+    if name == "XGLMConfig":
+        import transformers
+
+        model = AutoModelForCausalLM.from_config(transformers.XGLMConfig(vocab_size=89, **fields))
+    else:
+        model = _tiny(name, **fields)
+    with pytest.raises(ValueError, match=f"raro_varlen: the model has {what}.*cannot be trained here"):
+        use_varlen_attention(model)
+
+
+def test_dropout_the_training_forward_would_apply_is_refused():
+    """Starcoder2's residual and embedding dropout ran in the trainer's forward (train mode) and not in the engine's:
+    the ratio was off 1 by noise (found by review on 2026-12-07). Zero dropout is fine."""
+    fields = dict(attention_dropout=0.0, residual_dropout=0.1, embedding_dropout=0.1, bos_token_id=0, eos_token_id=1)
+    with pytest.raises(ValueError, match=r"raro_varlen: the model's config sets dropout \(embedding_dropout, "
+                                         r"residual_dropout\).*set them to 0"):
+        use_varlen_attention(_tiny("Starcoder2Config", **fields))
+    use_varlen_attention(_tiny("Starcoder2Config", **{**fields, "residual_dropout": 0.0, "embedding_dropout": 0.0}))
+
+
+def test_values_narrower_than_queries_pack_exactly():
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): value heads of another width than query and key
+    heads. The output was shaped by the queries' width and the first update stopped in a shape error (found by
+    review on 2026-12-07); packed, each sequence is computed as alone, shared prompts too."""
+    model = _tiny("DeepseekV3Config", moe_intermediate_size=16, num_key_value_heads=4, q_lora_rank=None,
+                  kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=4,
+                  num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=2).double()
+    seqs = random_sequences(4, min_len=3, max_len=20)
+    with torch.no_grad():
+        want = torch.cat([model.model(input_ids=torch.tensor([s.input_ids])).last_hidden_state[0] for s in seqs])
+        use_varlen_attention(model)
+        got = packed_hidden_states(model.model, pack(seqs, num_sequences=4, num_tokens=60))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_each_layer_types_rotary_and_dynamic_ntks_own_length_set_the_limit():
+    """Gemma 3 keeps a rotary per layer type: a dynamic one was never read, and a short sequence packed beside a long
+    one got the long one's frequencies. Dynamic NTK grows past max_position_embeddings, as transformers' update
+    does, not past original_max_position_embeddings (found by review on 2026-12-07)."""
+    from raro_fast.model.varlen import length_dependent_rope_limit
+
+    model = _tiny("Gemma3TextConfig", head_dim=8, max_position_embeddings=16, rope_parameters={
+        "full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert length_dependent_rope_limit(model.config) == 16
+    use_varlen_attention(model)
+    short, long = random_sequences(1, min_len=5, max_len=5), random_sequences(1, min_len=24, max_len=24, seed=2)
+    with pytest.raises(ValueError, match="a packed sequence of 24 tokens, over 16"):
+        packed_hidden_states(model.model, pack(short + long, num_sequences=2, num_tokens=40))
+    llama = _tiny("LlamaConfig", max_position_embeddings=16, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32})
+    assert length_dependent_rope_limit(llama.config) == 16

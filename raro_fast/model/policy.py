@@ -56,6 +56,12 @@ def fused_lm_head_refusal(lm: nn.Module) -> str | None:
     if getattr(head, "bias", None) is not None:
         return ("the model's LM head has a bias, and the fused LM-head kernels take a weight only: log-probs and "
                 "entropies would leave it out")
+    # Found by review: Dory's head (an nn.Linear) multiplies its logits by a learned scale, never applied or trained
+    extra = [n for n, _ in [*head.named_parameters(), *head.named_buffers()] if n not in ("weight", "bias")]
+    if extra or (isinstance(head, nn.Linear) and type(head).forward is not nn.Linear.forward):
+        return (f"the model's LM head ({type(head).__name__}) computes more than hidden @ W.T"
+                f"{' (its ' + ', '.join(extra) + ')' if extra else ''}, and the fused LM-head kernels take its weight "
+                "only: log-probs and entropies would be another distribution's")
     return None
 
 
@@ -69,6 +75,12 @@ class PolicyModel(nn.Module):
     def __init__(self, lm: nn.Module, *, setting: str = "model.path") -> None:
         super().__init__()
         check_fused_lm_head(lm, setting)  # at setup: before a step is trained on the wrong distribution
+        # The decoder and its layers where Llama-style models keep them (found by review: GPT-2, Pythia and OPT
+        # passed here, then stopped in an AttributeError that named decoder_layers)
+        if not isinstance(getattr(getattr(lm, "model", None), "layers", None), nn.ModuleList):
+            raise ValueError(f"{setting}: {type(lm).__name__} keeps no decoder layers at .model.layers, where the "
+                             "trainer runs packed sequences and shards the model (Llama, Qwen, Mistral, Gemma and "
+                             "the like do); use such a model")
         self.lm = lm
 
     @property

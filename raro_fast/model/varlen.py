@@ -63,7 +63,7 @@ def varlen_causal_attention(q_THD, k_THD, v_THD, cu_seqlens: torch.Tensor, max_s
     gathers, where = _bucket_gathers(tuple(cu_seqlens.tolist()), q_THD.shape[0], q_THD.device)
     padded = _with_zero_row(q_THD, k_THD, v_THD)
     outs = _causal_buckets(padded, gathers, scale)
-    outs.append(q_THD.new_zeros(1, *q_THD.shape[1:]))  # what a row outside every sequence reads
+    outs.append(q_THD.new_zeros(1, q_THD.shape[1], v_THD.shape[-1]))  # what a row outside every sequence reads
     return torch.cat(outs).index_select(0, where)
 
 
@@ -79,7 +79,8 @@ def _causal_buckets(padded: list[torch.Tensor], gathers, scale: float) -> list[t
         q, k, v = (x.index_select(0, index).view(batch, length, *x.shape[1:]).transpose(1, 2) for x in padded)
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                   enable_gqa=q_all.shape[1] != k_all.shape[1])
-        outs.append(attended.transpose(1, 2).reshape(batch * length, *q_all.shape[1:]))
+        # [B * L, Hq, Dv]: values may be narrower than queries and keys (MLA: found by review, a shape error)
+        outs.append(attended.transpose(1, 2).reshape(batch * length, q_all.shape[1], padded[2].shape[-1]))
     return outs
 
 
@@ -250,15 +251,17 @@ def shared_prompt_attention(q_THD, k_THD, v_THD, plan: _SharedPlan, scale: float
         k, v = (x.index_select(0, k_index).view(batch, lk, *x.shape[1:]).transpose(1, 2) for x in padded[1:])
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                   enable_gqa=q_THD.shape[1] != k_THD.shape[1])
-        outs.append(attended.transpose(1, 2).reshape(batch * lq, H, D))
+        outs.append(attended.transpose(1, 2).reshape(batch * lq, H, v_THD.shape[-1]))
     return torch.cat(outs).index_select(0, plan.where)
 
 
 def _attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
     """transformers attention-interface signature: query [1, Hq, T, D], key/value [1, Hkv, T, D] → ([1, T, Hq, D], None)."""
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        raise ValueError(f"{VARLEN_ATTENTION} attention needs cu_seq_lens_q (call it through packed_hidden_states)")
+    if cu is None:  # packed_hidden_states passes them: a decoder that drops them on the way (StableLM) is refused
+        raise ValueError(f"{VARLEN_ATTENTION}: the model's decoder does not pass the sequence boundaries "
+                         "(cu_seq_lens_q) on to its attention, so packed sequences cannot be told apart; this model "
+                         "cannot be trained here (or a call bypassed packed_hidden_states)")
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN_ATTENTION} attention takes one packed row, got batch {query.shape[0]}")
     if sliding_window is not None and sliding_window < int(kwargs.get("max_length_q", 0)):
@@ -296,6 +299,8 @@ def _refuse_what_changes_the_scores(dropout: float, kwargs: dict) -> None:
                          f"attention_dropout to 0 in the model's config.json")
 
 
+# Config fields of dropout the model applies in training (a classifier's or summary head's are not the LM's).
+_DROPOUT = re.compile(r"^(?!classifier|summary).*(dropout|pdrop)")
 # Layer kinds packed attention computes within each sequence; any other kind in `config.layer_types` is refused.
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
 # Modules that mix tokens outside the attention (a short convolution, a state-space scan, linear attention): in a
@@ -307,9 +312,22 @@ def check_varlen_supported(model) -> None:
     """Refuse at load what packed attention would compute otherwise than one sequence alone: what `_attention`
     refuses at the first update, minutes of generation later, and what it never sees. Found by review (LFM2's
     convolutions, Granite-4.0-H's and Bamba's Mamba layers, Llama 4's chunked attention and position-dependent
-    attention temperature were accepted, and every sequence after a row's first got other log-probs)."""
+    attention temperature were accepted, and every sequence after a row's first got other log-probs; so were
+    XGLM, whose attention never asks transformers' interface, Gemma 3 with bidirectional attention, and dropout
+    outside the attention, which the training forward applied and the engine does not)."""
+    if getattr(type(model), "_supports_attention_backend", True) is False:
+        _refuse("an attention of its own that does not go through transformers' attention interface, so the packed "
+                "attention is never called and its causal mask spans the whole packed row")
     configs = [model.config, getattr(model.config, "text_config", None)]
     for cfg in filter(None, configs):
+        if getattr(cfg, "use_bidirectional_attention", False):
+            _refuse("bidirectional attention (use_bidirectional_attention)")
+        dropouts = sorted(name for name, value in vars(cfg).items() if _DROPOUT.search(name)
+                          and name != "attention_dropout" and isinstance(value, (int, float)) and value > 0)
+        if dropouts:
+            raise ValueError(f"{VARLEN_ATTENTION}: the model's config sets dropout ({', '.join(dropouts)}), which the "
+                             "training forward would apply and the rollout engine does not (the policy ratio would be "
+                             "off 1 from noise); set them to 0 in the model's config.json")
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
             _refuse_what_changes_the_scores(0.0, {"softcap": cfg.attn_logit_softcapping})
         if getattr(cfg, "attention_dropout", 0.0):
@@ -377,11 +395,20 @@ def length_dependent_rope_limit(config) -> int | None:
     """The sequence length past which this model's rotary frequencies change with the longest position seen
     (Phi-3's longrope, dynamic NTK), or None for a rotary embedding that does not. Within one packed row the
     longest sequence sets them for all: a short sequence beside a long one got the long-context frequencies (found
-    by review: 1e-2 in log-probs on Phi-3 longrope)."""
-    if rope_type(config) not in ("longrope", "dynamic"):
-        return None
-    return int(_rope_params(config).get("original_max_position_embeddings")
-               or getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+    by review: 1e-2 in log-probs on Phi-3 longrope). Each layer type's rotary counts (Gemma 3 keeps one per type:
+    none was read), and dynamic NTK grows past max_position_embeddings, as transformers' update does (the original
+    length was read: review)."""
+    params = _rope_params(config)
+    limits = []
+    for each in [v for v in params.values() if isinstance(v, dict)] or [params]:
+        kind = each.get("rope_type", each.get("type"))
+        if kind == "longrope":
+            limits.append(int(each.get("original_max_position_embeddings")
+                              or getattr(config, "original_max_position_embeddings", None)
+                              or config.max_position_embeddings))
+        elif kind == "dynamic":
+            limits.append(int(config.max_position_embeddings))
+    return min(limits, default=None)
 
 
 def packed_hidden_states(body, mb, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -391,7 +418,7 @@ def packed_hidden_states(body, mb, rows: torch.Tensor | None = None) -> torch.Te
     limit = length_dependent_rope_limit(body.config)
     if limit is not None and mb.max_seqlen > limit:
         raise ValueError(f"a packed sequence of {mb.max_seqlen} tokens, over {limit}: this model's rotary embedding "
-                         f"({rope_type(body.config)}) takes its frequencies from the longest position in the packed row, "
+                         f"takes its frequencies from the longest position in the packed row (longrope, dynamic NTK), "
                          f"so every sequence packed beside this one would get another model's log-probs; keep prompts "
                          f"and rollout.max_new_tokens / critic_max_new_tokens within {limit} tokens")
     ids, positions, shared = mb.input_ids, mb.position_ids, {}

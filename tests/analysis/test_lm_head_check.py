@@ -139,3 +139,37 @@ def test_a_model_whose_decoder_is_not_at_model_is_read_where_it_is():
         own = torch.log_softmax(model(input_ids=torch.tensor([PROMPT + COMPLETION])).logits[0].double(), -1)
     want = own[len(PROMPT) - 1 : -1].gather(1, torch.tensor(COMPLETION)[:, None])[:, 0]
     torch.testing.assert_close(logprobs[mask].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_with_its_own_logit_scale_is_refused_by_the_trainer():
+    """Dory's head is an nn.Linear that multiplies its logits by a learned scale: only its weight reached the fused
+    kernels, so the scale was neither applied nor trained (found by review on 2026-12-07)."""
+
+    class ScaledHead(nn.Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.logit_scale = nn.Parameter(torch.ones(self.out_features))
+
+        def forward(self, x):
+            return super().forward(x) * self.logit_scale
+
+    class DoubledHead(nn.Linear):  # a forward of its own, no parameter beside the weight
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    for head, what in ((ScaledHead(32, 64, bias=False), r"ScaledHead\) computes more than hidden @ W.T \(its logit_scale\)"),
+                       (DoubledHead(32, 64, bias=False), r"DoubledHead\) computes more than hidden @ W.T, and")):
+        model = _llama()
+        model.lm_head = head
+        with pytest.raises(ValueError, match=f"model.path: the model's LM head \\({what}"):
+            PolicyModel(model)
+
+
+def test_a_model_without_decoder_layers_where_the_trainer_runs_them_is_refused():
+    """GPT-2 keeps its layers at .transformer.h: it passed, then the first sharding stopped in an AttributeError that
+    named decoder_layers, not the model (found by review on 2026-12-07)."""
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1,
+                                                                 n_head=2))
+    with pytest.raises(ValueError, match=r"model.path: GPT2LMHeadModel keeps no decoder layers at .model.layers"):
+        PolicyModel(model)
+    assert PolicyModel(_llama()).decoder_layers  # the usual layout
