@@ -5,7 +5,7 @@ Command (also `raro-fast evaluate ...`):
 
     python -m raro_fast.evaluate --model runs/raro-countdown/final_model                 # n=8, tournament
     python -m raro_fast.evaluate --model DIR --rerank tournament --n 16 --eval.num_problems 64
-    python -m raro_fast.evaluate --model DIR --rerank none --n 4 --task countdown --task.countdown.num_heldout 100
+    python -m raro_fast.evaluate --model DIR --rerank none --n 4 --task countdown --task.countdown.num_heldout 64
 
 It samples n answers per problem of the split (one engine call for all), then reports side by side:
     pass@1        the first sample of each problem (accuracy of one draw),
