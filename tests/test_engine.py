@@ -248,6 +248,35 @@ def test_embedded_drops_finished_rows_and_still_samples_each_rows_own_continuati
     assert token_ids(kept.generate(prompts, params)) == token_ids(outs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_are_drawn_from_the_tempered_nucleus_through_generate(backend):
+    """Through `generate`, not the sampler alone: the first token's frequencies over many draws equal the float64
+    softmax(logits / T), renormalised over the top-p nucleus. Only the reported log-probs were checked, so an engine
+    that drew at T = 1 (or ignored top-p) while reporting at T passed every test (found by review on 2026-12-07)."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(6.0)  # tied head: logits of a few units, so T and top-p both matter
+    prompt, draws, temperature = [5, 9, 13, 7], 4000, 0.7
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+    tempered = torch.softmax(logits / temperature, -1)
+    order = tempered.argsort(descending=True)
+    before = tempered[order].cumsum(0) - tempered[order]
+    nucleus = torch.zeros_like(tempered)
+    nucleus[order[before < 0.8]] = tempered[order[before < 0.8]]
+    nucleus /= nucleus.sum()
+    tv = lambda p, q: float((p - q).abs().sum() / 2)  # noqa: E731
+    # what the test tells apart: T = 1 against 0.7, and the nucleus against the whole distribution
+    assert tv(tempered, torch.softmax(logits, -1)) > 0.15 and tv(nucleus, tempered) > 0.15
+    eng = engine_for(model, backend, batch_size=4000)
+    for top_p, want in ((1.0, tempered), (0.8, nucleus)):
+        outs = eng.generate([prompt], SamplingParams(max_new_tokens=1, temperature=temperature, top_p=top_p, n=draws,
+                                                     seed=3))
+        counts = torch.bincount(torch.tensor([c.token_ids[0] for c in outs[0]]), minlength=VOCAB).double()
+        assert tv(counts / draws, want) < 0.05, (top_p, tv(counts / draws, want))
+        assert float(counts[want == 0].sum()) == 0  # nothing outside the nucleus
+
+
 def test_embedded_top_p_samples_only_the_nucleus_renormalised():
     """The embedded engine's sampler on a fixed distribution: top-p keeps the most likely tokens whose mass before
     them is under top_p and draws them in proportion. The vocabulary is shuffled so the sort and the scatter back

@@ -123,9 +123,11 @@ def test_one_role_weights_are_unchanged_bit_for_bit():
     assert weigh_roles(samples, loss_agg="token_sum_norm", role_constants={"policy": 123.0}, parts=4) == 123.0 / 4
 
 
-def test_kl_penalty_sits_outside_the_role_weights(tok):
+@pytest.mark.parametrize("loss_agg", ["token_sum_norm", "token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
+def test_kl_penalty_sits_outside_the_role_weights(tok, loss_agg):
     """Fix 5: -beta * KL is not multiplied by lambda. With zero advantages only the KL term is left: the loss is
-    beta * sum KL / D whatever the weights (before, it was beta * sum w * KL / D)."""
+    beta * sum KL / D whatever the weights (before, it was beta * sum w * KL / D), aggregated as loss.loss_agg says
+    (only token_sum_norm was tested: an update that aggregated the KL so whatever the setting passed; review)."""
     policy, ref = tiny_policy(tok, seed=0), tiny_policy(tok, seed=1)
     samples = mixed_samples()
     for s in samples:
@@ -135,13 +137,19 @@ def test_kl_penalty_sits_outside_the_role_weights(tok):
     recompute_logprobs(ref, mbs, temperature=1.0, field="ref_logprobs")
     beta, norm = 0.3, 500.0
     stats = update_step(copy.deepcopy(policy), torch.optim.SGD(policy.parameters(), lr=0.0), mbs,
-                        loss_cfg=LossConfig(kl_coef=beta), temperature=1.0, norm_constant=norm, grad_clip=0.0)
-    expected = 0.0
+                        loss_cfg=LossConfig(kl_coef=beta, loss_agg=loss_agg), temperature=1.0, norm_constant=norm,
+                        grad_clip=0.0)
+    per_seq: dict[int, list[float]] = {}
     for mb in mbs:
         m = mb.targets != -100
         log_r = mb.ref_logprobs.double() - mb.old_logprobs.double()
-        expected += float(((log_r.exp() - 1 - log_r) * m).sum()) * beta / norm
-    assert expected > 0
+        for uid, kl in zip(mb.uids[mb.seq_ids][m].tolist(), (log_r.exp() - 1 - log_r)[m].tolist()):
+            per_seq.setdefault(uid, []).append(kl)
+    every = [kl for kls in per_seq.values() for kl in kls]
+    expected = beta * {"token_sum_norm": sum(every) / norm, "token_mean": sum(every) / len(every),
+                       "seq_mean_token_sum": sum(sum(k) for k in per_seq.values()) / len(per_seq),
+                       "seq_mean_token_mean": sum(sum(k) / len(k) for k in per_seq.values()) / len(per_seq)}[loss_agg]
+    assert expected > 0 and len(per_seq) == len(samples)
     assert stats.loss == pytest.approx(expected, rel=1e-5)
 
 

@@ -203,12 +203,14 @@ def test_strided_per_token_inputs(backend: str, strategy: str, device) -> None:
         if k in ("hidden", "weight"):
             strided[k] = v
             continue
+        v = v.to(torch.int32) if k == "targets" else v
         other = torch.zeros_like(v) if v.dtype != torch.bool else torch.ones_like(v)  # a poisoned neighbour column
         if v.is_floating_point():
             other = torch.full_like(v, float("nan"))
-        wide = torch.stack([other, v.to(torch.int32) if k == "targets" else v], dim=1)
+        wide = torch.stack([other, v], dim=1)  # the int64 zeros beside int32 targets made them int64 (review)
         strided[k] = wide[:, 1]
         assert not strided[k].is_contiguous()
+    assert strided["targets"].dtype == torch.int32
     loss, metrics, (dh, dw) = _run(strided, backend, 0.8, 0.01, **STRATEGIES[strategy])
     ref_loss, ref_lp, _, _, (ref_dh, ref_dw) = _reference(x, 0.8, 0.01)
     torch.testing.assert_close(loss.cpu().double(), ref_loss.detach(), rtol=1e-4, atol=1e-5)

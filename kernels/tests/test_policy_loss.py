@@ -178,6 +178,29 @@ def test_log_ratios_beyond_the_limit_are_clamped_at_20(device: torch.device) -> 
                                rtol=1e-6, atol=0)
 
 
+def test_log_ratios_beyond_the_limit_below_are_clamped_at_minus_20(device: torch.device) -> None:
+    """The other side of each clamp: a policy log-ratio of -30 and a KL log-ratio (ref - logp) of +30 (the test
+    above took +30 and -40 only, and a KL clamped from below alone passed it; found by review on 2026-12-07)."""
+    logp = torch.tensor([-30.5, -2.0], device=device, requires_grad=True)
+    old = torch.tensor([-0.5, -1.5], device=device)
+    adv = torch.tensor([1.0, 0.5], device=device)
+    ref = torch.tensor([-0.5, -2.3], device=device)
+    mask = torch.ones(2, dtype=torch.bool, device=device)
+    loss, m = policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
+    (grad,) = torch.autograd.grad(loss, logp)
+    r1, lr1 = math.exp(-0.5), -0.3
+    # token 0: ratio e^-20, advantage > 0: the unclipped branch -e^-20; KL at log-ratio +20: e^20 - 1 - 20
+    kl0 = math.exp(20) - 21
+    expected = (-math.exp(-20) + 0.1 * kl0 - 0.5 * r1 + 0.1 * (math.exp(lr1) - 1 - lr1)) / 2
+    torch.testing.assert_close(loss.cpu().double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    expected_grad = torch.tensor([0.0, (-0.5 * r1 + 0.1 * (1 - math.exp(lr1))) / 2], dtype=torch.float64)
+    torch.testing.assert_close(grad.cpu().double(), expected_grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(m["ratio_min"].cpu().double(), torch.tensor(math.exp(-20), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(m["ref_kl"].cpu().double(),
+                               torch.tensor((kl0 + math.exp(lr1) - 1 - lr1) / 2, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
 def test_no_trained_token_gives_zero_loss(device: torch.device) -> None:
     """A micro-batch without a trained token (all masked, or every target ignored) adds 0 to the loss and exactly
     0 to the gradient: a 0 / 0 token weight would be NaN, and where() passes NaN * 0 = NaN to the gradient."""
