@@ -417,8 +417,8 @@ class JobConfig:
                                  "advantage 0 (its reward less its own mean), so nothing is learnt; use >= 2")
         if self.train.mode != "raro":  # found by review: an RLVR run given --raro.critic_lead_steps 40 trained its
             # policy from step 1 (the game's other settings, shared by configs, are only unused)
+            # (rollout.critic_temperature is not the game's only: every mode's tournament@n samples the critic at it)
             game_only = _changed(self.raro, "raro.", ("critic_lead_steps", "critic"))
-            game_only += _changed(self.rollout, "rollout.", ("critic_temperature",))
             if game_only:
                 raise ValueError(f"{', '.join(game_only)} with train.mode {self.train.mode}: settings of the RARO "
                                  "game, which this mode does not play; leave them out")

@@ -418,12 +418,17 @@ def test_a_replay_buffer_smaller_than_a_steps_planned_replay_is_refused():
     # the game's schedule and critic outside the game: an RLVR run trained its policy from step 1
     (["--train.mode", "rlvr", "--raro.critic_lead_steps", "40"], "raro.critic_lead_steps with train.mode rlvr: "
                                                                   "settings of the RARO game"),
-    (["--train.mode", "sft", "--raro.critic", "oracle", "--rollout.critic_temperature", "0.7"],
-     "raro.critic, rollout.critic_temperature with train.mode sft"),
+    (["--train.mode", "sft", "--raro.critic", "oracle"], "raro.critic with train.mode sft"),
 ])
 def test_settings_a_mode_would_not_honour_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
         load_config(argv)
+
+
+def test_the_critics_temperature_is_every_modes_for_its_tournament():
+    """Every mode's tournament@n samples the critic at rollout.critic_temperature: refused outside RARO, an RLVR run
+    with its tournament at 0.3 could not start (found by review on 2026-12-07)."""
+    assert load_config(["--train.mode", "rlvr", "--rollout.critic_temperature", "0.3"]).rollout.critic_temperature == 0.3
 
 
 def test_groups_of_one_are_fine_where_no_group_is_compared():

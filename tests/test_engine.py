@@ -140,7 +140,7 @@ def test_a_prompt_that_would_run_past_the_models_positions_is_refused_naming_it(
              else GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2))).eval()
     eng = engine_for(model, backend)
     with pytest.raises(ValueError, match=r"rollout: prompt 1 of 2 has 12 tokens, and 5 new ones would run past the "
-                                         r"model's 16 positions \(max_position_embeddings\); lower rollout.max_new_tokens"):
+                                         r"model's 16 positions \(max_position_embeddings\); lower the max_new_tokens of what sampled it"):
         eng.generate([[2] * 11, [3] * 12], SamplingParams(max_new_tokens=5, temperature=0.0))
     out = eng.generate([[2] * 11, [3] * 12], SamplingParams(max_new_tokens=4, temperature=0.0))  # exactly 16: fine
     assert all(len(c.token_ids) <= 4 for o in out for c in o)

@@ -306,7 +306,7 @@ def test_a_target_range_with_no_usable_puzzle_is_refused_not_a_hang(task, cfg):
         warmup_corpus(task, cfg, load_project_tokenizer(), 4)
 
 
-def test_the_warm_up_trains_on_completions_only_and_starts_its_learning_rate_at_a_twentieth():
+def test_the_warm_up_trains_on_completions_only_and_a_one_step_warm_up_takes_its_whole_learning_rate():
     """At learning rate 0 each step's loss is the mean next-token loss of its own sequences' completions, computed
     here sequence by sequence, unpadded, in float64: a warm-up that also learnt the prompt (the critic's prompt holds
     both answers), read past a sequence's end or took other sequences would give other numbers. Then one step at

@@ -99,8 +99,8 @@ def check_prompts(prompts: list[list[int]], params: SamplingParams | None = None
     if over is not None:
         raise ValueError(f"rollout: prompt {over} of {len(prompts)} has {len(prompts[over])} tokens, and "
                          f"{params.max_new_tokens} new ones would run past the model's {limit} positions "
-                         "(max_position_embeddings); lower rollout.max_new_tokens or rollout.critic_max_new_tokens, "
-                         "or use a model with a longer context")
+                         "(max_position_embeddings); lower the max_new_tokens of what sampled it (rollout.*, "
+                         "eval.* or analysis.*), or use a model with a longer context")
 
 
 def context_limit(model_config) -> int | None:

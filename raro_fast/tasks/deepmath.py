@@ -259,13 +259,17 @@ def _real_values(text: str, timeout_seconds: int | None, digits: int | None = 6)
     try:
         parsed = _parse_latex(text, timeout_seconds)
         expr = parsed[0] if parsed else None
-        if isinstance(expr, sympy.Eq):
-            expr = expr.rhs if expr.rhs.is_number else expr.lhs
+        if isinstance(expr, sympy.Eq):  # x = 0.5 is a number; 2x+3y=6 is not (it equals 4x+6y=12: review)
+            number = [s for s, other in ((expr.rhs, expr.lhs), (expr.lhs, expr.rhs)) if s.is_number and other.is_Symbol]
+            expr = number[0] if number else expr
         if isinstance(expr, sympy.FiniteSet) and len(expr) == 1:
             expr = next(iter(expr))
         if not getattr(expr, "is_number", False):
             return ()
-        value = complex(expr.doit().evalf())  # doit: a percentage is 50*UnevaluatedExpr(1/100)
+        # A percentage is 50*UnevaluatedExpr(1/100): that alone is unwrapped (doit() summed \\sum_{k=1}^{100000}
+        # exactly, outside any timeout: found by review)
+        expr = expr.replace(lambda x: isinstance(x, sympy.UnevaluatedExpr), lambda x: x.args[0])
+        value = complex(expr.evalf())
     except (Exception, TimeoutException):  # sympy raises many kinds on odd input: then it is not a plain number
         return ()
     if value.imag or not math.isfinite(value.real):  # complex, infinite or nan
