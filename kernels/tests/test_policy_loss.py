@@ -154,51 +154,32 @@ def test_microbatches_with_global_counts_sum_to_full_batch(loss_agg: str, device
     torch.testing.assert_close(torch.cat(grads), full_grad, rtol=1e-5, atol=1e-7)
 
 
-def test_log_ratios_beyond_the_limit_are_clamped_at_20(device: torch.device) -> None:
-    """Log-ratios of +30 (policy) and -40 (reference) are clamped to +-20 in the ratio and in the KL estimate:
-    the value, the gradient (0 through a clamp) and ratio_max, computed by hand in float64. Every other input
-    here keeps log-ratios within +-2, where a missing or different limit changes nothing."""
-    logp = torch.tensor([-0.5, -2.0], device=device, requires_grad=True)
-    old = torch.tensor([-30.5, -1.5], device=device)
+@pytest.mark.parametrize("side", ["above", "below"])
+def test_log_ratios_beyond_the_limit_are_clamped_at_20(device: torch.device, side: str) -> None:
+    """Log-ratios past +-20 are clamped in the ratio and in the KL estimate: the value, the gradient (0 through a
+    clamp) and the ratio metric, computed by hand in float64. Above: +30 (policy) and -40 (KL, ref - logp); below:
+    -30 and +30 (only the first was tested, and a KL clamped from below alone passed; found by review on
+    2026-12-07). Every other input here keeps log-ratios within +-2, where a missing or different limit changes
+    nothing."""
+    if side == "above":  # token 0: ratio e^20, advantage > 0: the clipped branch -1.2; KL at -20: e^-20 - 1 + 20
+        logp0, old0, ref0, pg0, kl0, ratio_key, ratio = -0.5, -30.5, -40.5, -1.2, math.exp(-20) + 19, "ratio_max", 20
+    else:  # token 0: ratio e^-20, advantage > 0: the unclipped branch -e^-20; KL at +20: e^20 - 1 - 20
+        logp0, old0, ref0, pg0, kl0, ratio_key, ratio = -30.5, -0.5, -0.5, -math.exp(-20), math.exp(20) - 21, "ratio_min", -20
+    logp = torch.tensor([logp0, -2.0], device=device, requires_grad=True)
+    old = torch.tensor([old0, -1.5], device=device)
     adv = torch.tensor([1.0, 0.5], device=device)
-    ref = torch.tensor([-40.5, -2.3], device=device)
+    ref = torch.tensor([ref0, -2.3], device=device)
     mask = torch.ones(2, dtype=torch.bool, device=device)
     loss, m = policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
     (grad,) = torch.autograd.grad(loss, logp)
     r1, lr1 = math.exp(-0.5), -0.3
-    # token 0: ratio e^20, advantage > 0: the clipped branch -1.2; KL at log-ratio -20: e^-20 - 1 + 20
-    expected = (-1.2 + 0.1 * (math.exp(-20) + 19) + -0.5 * r1 + 0.1 * (math.exp(lr1) - 1 - lr1)) / 2
-    torch.testing.assert_close(loss.cpu().double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
-    expected_grad = torch.tensor([0.0, (-0.5 * r1 + 0.1 * (1 - math.exp(lr1))) / 2], dtype=torch.float64)
-    torch.testing.assert_close(grad.cpu().double(), expected_grad, rtol=1e-6, atol=0)
-    torch.testing.assert_close(m["ratio_max"].cpu().double(), torch.tensor(math.exp(20), dtype=torch.float64),
+    kl1 = math.exp(lr1) - 1 - lr1
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(loss.cpu().double(), f64((pg0 + 0.1 * kl0 - 0.5 * r1 + 0.1 * kl1) / 2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad.cpu().double(), f64([0.0, (-0.5 * r1 + 0.1 * (1 - math.exp(lr1))) / 2]),
                                rtol=1e-6, atol=0)
-    torch.testing.assert_close(m["ref_kl"].cpu().double(),
-                               torch.tensor((math.exp(-20) + 19 + math.exp(lr1) - 1 - lr1) / 2, dtype=torch.float64),
-                               rtol=1e-6, atol=0)
-
-
-def test_log_ratios_beyond_the_limit_below_are_clamped_at_minus_20(device: torch.device) -> None:
-    """The other side of each clamp: a policy log-ratio of -30 and a KL log-ratio (ref - logp) of +30 (the test
-    above took +30 and -40 only, and a KL clamped from below alone passed it; found by review on 2026-12-07)."""
-    logp = torch.tensor([-30.5, -2.0], device=device, requires_grad=True)
-    old = torch.tensor([-0.5, -1.5], device=device)
-    adv = torch.tensor([1.0, 0.5], device=device)
-    ref = torch.tensor([-0.5, -2.3], device=device)
-    mask = torch.ones(2, dtype=torch.bool, device=device)
-    loss, m = policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
-    (grad,) = torch.autograd.grad(loss, logp)
-    r1, lr1 = math.exp(-0.5), -0.3
-    # token 0: ratio e^-20, advantage > 0: the unclipped branch -e^-20; KL at log-ratio +20: e^20 - 1 - 20
-    kl0 = math.exp(20) - 21
-    expected = (-math.exp(-20) + 0.1 * kl0 - 0.5 * r1 + 0.1 * (math.exp(lr1) - 1 - lr1)) / 2
-    torch.testing.assert_close(loss.cpu().double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
-    expected_grad = torch.tensor([0.0, (-0.5 * r1 + 0.1 * (1 - math.exp(lr1))) / 2], dtype=torch.float64)
-    torch.testing.assert_close(grad.cpu().double(), expected_grad, rtol=1e-6, atol=0)
-    torch.testing.assert_close(m["ratio_min"].cpu().double(), torch.tensor(math.exp(-20), dtype=torch.float64),
-                               rtol=1e-6, atol=0)
-    torch.testing.assert_close(m["ref_kl"].cpu().double(),
-                               torch.tensor((kl0 + math.exp(lr1) - 1 - lr1) / 2, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(m[ratio_key].cpu().double(), f64(math.exp(ratio)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(m["ref_kl"].cpu().double(), f64((kl0 + kl1) / 2), rtol=1e-6, atol=0)
 
 
 def test_no_trained_token_gives_zero_loss(device: torch.device) -> None:
