@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
             rows = read(root / run / "metrics.jsonl")
             curve = accuracy_curve(rows, "avg@n")
             if not curve:  # an empty line with a legend entry looked like a plotted run
-                raise ValueError(f"{root / run / 'metrics.jsonl'}: no held-out avg@n (eval/heldout_avg_at_n) to plot; "
+                raise SystemExit(f"{root / run / 'metrics.jsonl'}: no held-out avg@n (eval/heldout_avg_at_n) to plot; "
                                  "was it trained with train.eval_samples 0?")
             color = f"C{i}"  # one colour per run in both rows, also where a run (RLVR) logs no critic reward
             axes[0][col].plot(list(curve), list(curve.values()), marker="o", label=run, color=color)

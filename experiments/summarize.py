@@ -57,7 +57,8 @@ def read_metrics(path: Path) -> list[dict]:
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            records.append(json.loads(line))
+            # NaN/Infinity read as missing, as the trainer writes them (statistics.stdev stopped on a NaN: review)
+            records.append(json.loads(line, parse_constant=lambda name: None))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
     return records
@@ -91,7 +92,10 @@ def summarize(runs: dict[str, dict[int, list[dict]]], measure: str = "greedy") -
     common = sorted(set.intersection(*(set(c) for seeds in curves.values() for c in seeds.values())))
     if not common:
         raise ValueError("the runs share no evaluation step; give them the same train.eval_every")
-    last, window = common[-1], common[-3:]
+    trained = [s for s in common if s > 0]  # step 0 is the base's (with 3 evaluations it was in the window: review)
+    if not trained:
+        raise ValueError("the runs share no evaluation after step 0; give them the same train.eval_every")
+    last, window = common[-1], trained[-3:]
     lines = [
         f"Held-out {what}, mean ± sd over seeds; compared at step {last}, the "
         f"last step every run evaluated; 'last {len(window)} evals' averages steps {', '.join(map(str, window))} of "
@@ -139,8 +143,15 @@ def summarize(runs: dict[str, dict[int, list[dict]]], measure: str = "greedy") -
         for mode in diag_modes:
             # up to `last`, like the held-out table: runs of other lengths are compared over the same steps
             upto = [[r for r in recs if r["step"] <= last] for recs in runs[mode].values()]
-            cells = [_mean_sd([m for recs in upto if (m := _run_mean(_steps_of(recs, key), key)) is not None])
-                     for _, key in DIAGNOSTICS]
+            # The paired rewards over the same seeds: those that judged both kinds, or every seed where none did (a
+            # seed without such a step counted in right and wrong and not in the gap: found by review)
+            judged_both = [recs for recs in upto if any(r.get("reward/policy_gap") is not None for r in recs)]
+            cells = []
+            for _, key in DIAGNOSTICS:
+                pool = (judged_both or upto) if key in PAIRED else upto
+                vals = [m for recs in pool if (m := _run_mean(_steps_of(recs, key), key)) is not None]
+                cells.append(_mean_sd(vals) + (f" ({len(vals)} of {len(upto)} seeds)" if vals and len(vals) < len(upto)
+                                               else ""))
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += targets(tails, gains)
     return "\n".join(lines) + "\n", last

@@ -12,6 +12,8 @@
 # only draws what is missing.
 set -euo pipefail
 root=$1 step=$2 k=${3:-1024} out=${4:-$1/support}
+# K is a number: with K and OUT left out, analyze flags were read as them (found by review)
+[[ $k =~ ^[0-9]+$ && $out != --* ]] || { echo "usage: experiments/support.sh ROOT STEP [K] [OUT] [analyze flags ...]: K must be a number and OUT a folder, got '$k' '$out'" >&2; exit 2; }
 shift $(( $# < 4 ? $# : 4 ))
 seed=${SEED:-0}
 base=${BASE:-$root/bases/base-s$seed/base_model}

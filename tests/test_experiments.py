@@ -42,27 +42,31 @@ def test_table_compares_modes_at_the_last_common_step(tmp_path):
     for line in table.splitlines():  # the first table's row of each mode
         if line.startswith("| r"):
             rows.setdefault(line.split(" | ")[0].strip("| "), line)
-    # raro: base (0.1, 0.3) -> 0.200 ± 0.141; step 20 (0.3, 0.5) -> 0.400 ± 0.141;
-    # last three evals (0, 10, 20): seed 0 mean 0.2, seed 1 mean 0.4 -> 0.300 ± 0.141; train acc 0.500 ± 0.354
-    assert rows["raro"].startswith("| raro | 2 | 0.200 ± 0.141 | 0.400 ± 0.141 | 0.300 ± 0.141 | 0.300 / 0.500 | "
+    # raro: base (0.1, 0.3) -> 0.200 ± 0.141; step 20 (0.3, 0.5) -> 0.400 ± 0.141; the last evals after step 0
+    # (10, 20; step 0, the base's, was in the window of three: found by review on 2026-12-07): seed 0 mean 0.25,
+    # seed 1 mean 0.45 -> 0.350 ± 0.141; train acc 0.500 ± 0.354
+    assert "'last 2 evals' averages steps 10, 20 of each run" in table
+    assert rows["raro"].startswith("| raro | 2 | 0.200 ± 0.141 | 0.400 ± 0.141 | 0.350 ± 0.141 | 0.300 / 0.500 | "
                                    "0.500 ± 0.354 |")
-    assert rows["rlvr"].startswith("| rlvr | 1 | 0.200 ± 0.000 | 0.800 ± 0.000 | 0.533 ± 0.000 | 0.800 | - |")
-    # over the seeds both modes have: raro's seed 0 (0.2) against rlvr's (0.533); over raro's two seeds it said 0.56
-    assert "RARO / RLVR (last 3 evals, seeds 0 only): 0.38" in table
-    # gains over each run's own step 0: raro 0.2 - 0.1, 0.4 - 0.3; rlvr 0.533 - 0.2
-    assert "| raro | 0.100 ± 0.000 | +0.100 / +0.100 | 2 of 2 |" in table
-    assert "| rlvr | 0.333 ± 0.000 | +0.333 | 1 of 1 |" in table
+    assert rows["rlvr"].startswith("| rlvr | 1 | 0.200 ± 0.000 | 0.800 ± 0.000 | 0.700 ± 0.000 | 0.800 | - |")
+    # over the seeds both modes have: raro's seed 0 (0.25) against rlvr's (0.7); over raro's two seeds it said 0.50
+    assert "RARO / RLVR (last 2 evals, seeds 0 only): 0.36" in table
+    # gains over each run's own step 0: raro 0.25 - 0.1, 0.45 - 0.3; rlvr 0.7 - 0.2
+    assert "| raro | 0.150 ± 0.000 | +0.150 / +0.150 | 2 of 2 |" in table
+    assert "| rlvr | 0.500 ± 0.000 | +0.500 | 1 of 1 |" in table
 
 
 def test_runs_on_other_evaluation_schedules_are_compared_at_the_same_steps(tmp_path):
-    # The same curve, evaluated every 10 and every 20 steps: the window is the steps both have (0, 20, 40; the
-    # union's 20, 30, 40 gave raro an average of its two of them, 0.100 against 0.167).
+    # The same curve, evaluated every 10 and every 20 steps: the window is the steps both have after step 0 (20, 40;
+    # the union's 20, 30, 40 gave raro an average of its two of them, 0.100 against 0.167).
     curve = {s: (0.3 if s == 30 else 0.1) for s in range(0, 41, 10)}
     _write(tmp_path, "rlvr-s0", curve)
     _write(tmp_path, "raro-s0", {s: a for s, a in curve.items() if s % 20 == 0})
     table, last = summarize.summarize(summarize.read_runs(tmp_path))
-    assert last == 40 and "averages steps 0, 20, 40 of each run" in table
-    assert "RARO / RLVR (last 3 evals): 1.00" in table
+    assert last == 40 and "averages steps 20, 40 of each run" in table
+    assert "RARO / RLVR (last 2 evals): 1.00" in table
+    with pytest.raises(ValueError, match="share no evaluation after step 0"):
+        summarize.summarize({"a": {0: [{"step": 0, "eval/heldout_accuracy": 0.1}]}})
     with pytest.raises(ValueError, match="share no evaluation step"):
         summarize.summarize({"a": {0: [{"step": 5, "eval/heldout_accuracy": 0.1}]},
                              "b": {0: [{"step": 10, "eval/heldout_accuracy": 0.1}]}})
@@ -80,12 +84,12 @@ def test_critic_diagnostics_and_targets(tmp_path):
     table, _ = summarize.summarize(summarize.read_runs(tmp_path))
     assert "| raro | 0.700 ± 0.141 | 0.700 ± 0.000 | 0.600 ± 0.000 | 0.200 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 |" in table
     assert "| rlvr | " in table and table.count("| rlvr |") == 2  # accuracy and gain tables, no diagnostics
-    # raro last evals: (0.1+0.3)/2=0.2 and 0.15; rlvr and sft have seed 0 only, so raro is compared on its seed 0:
-    # 0.2 against 0.9 x 0.2 and against 0.1; its gains 0.1, 0.05 (sd 0.035) are its own
-    assert "- met: raro >= 0.9 x RLVR: 0.200 vs 0.180, seeds 0 only" in table
-    assert "- met: raro > SFT: 0.200 vs 0.100, seeds 0 only" in table
-    assert "- met: raro above its own base by more than the seed spread: gain +0.075 vs sd 0.035" in table
-    assert "- met: raro_lp3 >= 0.9 x RLVR: 0.250 vs 0.180" in table
+    # raro last evals (step 10, the one after step 0): 0.3 and 0.2; rlvr and sft have seed 0 only, so raro is
+    # compared on its seed 0: 0.3 against 0.9 x 0.3 and against 0.1; its gains 0.2, 0.1 (sd 0.071) are its own
+    assert "- met: raro >= 0.9 x RLVR: 0.300 vs 0.270, seeds 0 only" in table
+    assert "- met: raro > SFT: 0.300 vs 0.100, seeds 0 only" in table
+    assert "- met: raro above its own base by more than the seed spread: gain +0.150 vs sd 0.071" in table
+    assert "- met: raro_lp3 >= 0.9 x RLVR: 0.400 vs 0.270" in table
     # one seed has no spread to beat: not judged (its sd of 0 made any gain pass). Found by review on 2026-12-07.
     assert "- n/a: raro_lp3 above its own base by more than the seed spread: 1 seed with a base, no spread" in table
     assert "raro_oracle >=" not in table
@@ -114,6 +118,39 @@ def test_critic_rewards_and_gap_are_averaged_over_the_same_steps(tmp_path):
     assert "| raro | 0.650 ± 0.000 | - | 0.900 ± 0.000 | 0.500 ± 0.000 | - | - |" in table
 
 
+def test_the_paired_critic_rewards_cover_the_same_seeds_and_say_how_many(tmp_path):
+    """A seed with no step that judged both kinds counted in right and wrong (over all its steps) and not in the gap,
+    so the row's gap was not right minus wrong, with nothing said (found by review on 2026-12-07)."""
+    both = {"reward/policy_mean_correct": 0.5, "reward/policy_mean_incorrect": 0.1, "reward/policy_gap": 0.4,
+            "critic/decisive_accuracy": 0.8}
+    _write(tmp_path, "raro-s0", {0: 0.1, 10: 0.2}, extra=both)
+    _write(tmp_path, "raro-s1", {0: 0.1, 10: 0.2}, extra={"reward/policy_mean_incorrect": 0.3,
+                                                             "critic/decisive_accuracy": 0.6})
+    table, _ = summarize.summarize(summarize.read_runs(tmp_path))
+    row = next(line for line in table.splitlines() if line.startswith("| raro | 0.700"))
+    assert row == ("| raro | 0.700 ± 0.141 | - | 0.500 ± 0.000 (1 of 2 seeds) | 0.100 ± 0.000 (1 of 2 seeds) | "
+                   "0.400 ± 0.000 (1 of 2 seeds) | - |")
+
+
+def test_a_non_finite_value_in_a_metrics_file_is_read_as_missing(tmp_path):
+    """The trainer writes null; a NaN written otherwise stopped in statistics.stdev (found by review on 2026-12-07)."""
+    _write(tmp_path, "raro-s0", {0: 0.1, 10: 0.2})
+    _write(tmp_path, "raro-s1", {0: 0.1, 10: 0.3})
+    with (tmp_path / "raro-s1" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 10, "critic/decisive_accuracy": NaN}\n')
+    assert summarize.read_metrics(tmp_path / "raro-s1" / "metrics.jsonl")[-1]["critic/decisive_accuracy"] is None
+    table, _ = summarize.summarize(summarize.read_runs(tmp_path))
+    assert "| raro | 2 | 0.100 ± 0.000 | 0.250 ± 0.071 |" in table
+
+
+def test_support_sh_refuses_flags_in_the_place_of_k_and_out():
+    """`support.sh ROOT 60 --analysis.temperature 0.7` read the flag as K and its value as OUT (found by review on
+    2026-12-07)."""
+    out = subprocess.run(["bash", str(ROOT / "experiments" / "support.sh"), "/nonexistent", "60",
+                          "--analysis.temperature", "0.7"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "K must be a number and OUT a folder, got '--analysis.temperature' '0.7'" in out.stderr
+
+
 def test_a_run_without_a_step_0_evaluation_is_named_not_dropped_from_the_gains(tmp_path):
     """Found by review on 2026-12-07: the seeds column counted it, the gains and targets left it out silently."""
     for seed, accs in ((0, {0: 0.1, 10: 0.13}), (1, {5: 0.1, 10: 0.01}), (2, {0: 0.1, 10: 0.12})):
@@ -134,9 +171,9 @@ def test_a_raro_variant_is_held_against_the_sft_of_its_own_setting(tmp_path):
     _write(tmp_path, "raro_varied-s0", {0: 0.1, 10: 0.2})
     _write(tmp_path, "raro_lp3-s0", {0: 0.1, 10: 0.2})
     table, _ = summarize.summarize(summarize.read_runs(tmp_path))
-    assert "- NOT met: raro > SFT: 0.150 vs 0.200" in table
-    assert "- met: raro_varied > sft_varied: 0.150 vs 0.100" in table
-    assert "- NOT met: raro_lp3 > SFT: 0.150 vs 0.200" in table  # no sft_lp3: the plain SFT
+    assert "- NOT met: raro > SFT: 0.200 vs 0.300" in table
+    assert "- met: raro_varied > sft_varied: 0.200 vs 0.100" in table
+    assert "- NOT met: raro_lp3 > SFT: 0.200 vs 0.300" in table  # no sft_lp3: the plain SFT
 
 
 def test_seeds_in_numeric_order_and_diagnostics_up_to_the_compared_step(tmp_path):
@@ -151,7 +188,7 @@ def test_seeds_in_numeric_order_and_diagnostics_up_to_the_compared_step(tmp_path
     assert list(runs["raro"]) == [0, 1, 2, 10]
     table, last = summarize.summarize(runs)
     assert last == 10 and "| 0.200 / 0.300 / 0.400 / 0.900 |" in table
-    assert "| +0.050 / +0.100 / +0.150 / +0.400 |" in table  # (step 0 + step 10) / 2 - step 0, in the same order
+    assert "| +0.100 / +0.200 / +0.300 / +0.800 |" in table  # step 10 - step 0, in the same order
     assert "The critic up to step 10" in table and "| raro | 0.500 ± 0.000 |" in table
     _write(tmp_path, "raro-s01", {0: 0.1})
     with pytest.raises(ValueError, match=r"raro-s1: the same mode and seed as .*raro-s01"):
@@ -333,10 +370,10 @@ def test_table_uses_avg_at_n_where_every_run_logged_it(tmp_path):
     assert summarize.measure_of(runs) == "avg@n"
     table, last = summarize.summarize(runs, "avg@n")
     assert last == 20 and "Held-out avg@n" in table
-    # last three evals (0, 10, 20) averaged, over step 0: RARO (0.10 + 0.12 + 0.14) / 3 / ((0.1 + 0.2 + 0.3) / 3)
-    assert "RARO / RLVR (last 3 evals): 0.60" in table
+    # the last evals after step 0 (10, 20) averaged: RARO (0.12 + 0.14) / 2 / ((0.2 + 0.3) / 2)
+    assert "RARO / RLVR (last 2 evals): 0.52" in table
     greedy, _ = summarize.summarize(runs, "greedy")
-    assert "RARO / RLVR (last 3 evals): 2.20" in greedy
+    assert "RARO / RLVR (last 2 evals): 2.50" in greedy
     write("sft-s0", (0.1, 0.1, 0.1), (None, None, None))  # a run without samples: the greedy score for all
     assert summarize.measure_of(summarize.read_runs(tmp_path)) == "greedy"
 
@@ -619,6 +656,6 @@ def test_panels_plot_runs_side_by_side_and_name_a_missing_run(tmp_path):
         panels.main([str(tmp_path), str(out), "x=nope"])
     # a run with no avg@n drew an empty line with a legend entry (found by review on 2026-12-07)
     _write(tmp_path, "greedy-s0", {0: 0.2, 20: 0.25})
-    with pytest.raises(ValueError, match="greedy-s0/metrics.jsonl: no held-out avg@n"):
+    with pytest.raises(SystemExit, match="greedy-s0/metrics.jsonl: no held-out avg@n"):  # one line, no traceback
         panels.main([str(tmp_path), str(out), "x=old-s0,greedy-s0"])
     assert panels.main([str(tmp_path), str(out), "no title"]) == 2
