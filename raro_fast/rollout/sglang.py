@@ -188,8 +188,10 @@ class SGLangEngine:
         self.stop_ids = list(end_ids or [tokenizer.eos_token_id])  # end_token_ids(model, tokenizer)
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.weight_version = 0
+        self.half_synced: int | None = None  # the version of a sync that failed midway (see `refuse_half_synced`)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        refuse_half_synced(self)
         flat = [p for p in prompts for _ in range(params.n)]
         stop_ids = self.stop_ids + list(params.stop_token_ids)
         outs = self.engine.generate(**generate_request(flat, params, self.stop_ids))
@@ -199,6 +201,7 @@ class SGLangEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         # SGLang >= 0.5.21 has (and requires) the session; older engines have neither method
+        self.half_synced = version  # until the last bucket is in: SGLang loads each as it comes
         with weight_update_session(getattr(self.engine, "begin_weight_update", None),
                                    getattr(self.engine, "end_weight_update", None)):
             for bucket, last in with_last(iter_buckets(named_tensors, self.bucket_bytes)):
@@ -208,7 +211,7 @@ class SGLangEngine:
                 _check_result(result, "update_weights_from_tensor")
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.weight_version = version
+        self.weight_version, self.half_synced = version, None
 
     def release_memory(self, tags: tuple[str, ...] = ("kv_cache",)) -> None:
         self.engine.release_memory_occupation(tags=list(check_memory_tags(tags)))
@@ -229,6 +232,14 @@ def flattened_bucket_payload(bucket: Bucket) -> str:
 
     payload = {"flattened_tensor": bucket.flat, "metadata": [FlattenedTensorMetadata(**vars(m)) for m in bucket.metas]}
     return MultiprocessingSerializer.serialize(payload, output_str=True)
+
+
+def refuse_half_synced(engine) -> None:
+    """A sync that failed midway left the engine with some new buckets and the old version (SGLang loads each bucket
+    as it comes): sampling from it would label half-new weights as old ones (found by review)."""
+    if engine.half_synced is not None:
+        raise RuntimeError(f"the SGLang engine holds part of weight version {engine.half_synced} (a sync failed midway) "
+                           f"under version {engine.weight_version}; sync every weight again before sampling")
 
 
 def _check_result(result, what: str) -> None:
@@ -265,6 +276,7 @@ class SGLangServerEngine:
         self.stop_ids = list(end_ids or [tokenizer.eos_token_id])  # end_token_ids(model, tokenizer)
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.weight_version = 0
+        self.half_synced: int | None = None  # the version of a sync that failed midway (see `refuse_half_synced`)
         self._check_server()
 
     def _check_server(self) -> None:
@@ -325,6 +337,7 @@ class SGLangServerEngine:
 
     # -- engine interface ----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        refuse_half_synced(self)
         flat = [p for p in prompts for _ in range(params.n)]
         if not flat:
             return [[] for _ in prompts]
@@ -350,6 +363,7 @@ class SGLangServerEngine:
         begin = (lambda: self._post("/begin_weight_update", {})) if sessions else None
         end = (lambda: self._post("/end_weight_update", {})) if sessions else None
         self._post("/pause_generation", {"mode": "abort"})
+        self.half_synced = version  # until the last bucket is in: the server loads each as it comes
         try:
             with weight_update_session(begin, end):
                 broadcast_weights(self.group, named_tensors, group_name=self.group_name, bucket_bytes=self.bucket_bytes,
@@ -357,11 +371,11 @@ class SGLangServerEngine:
                                   weight_version=version)
         finally:
             self._post("/continue_generation", {})
-        self.weight_version = version
+        self.weight_version, self.half_synced = version, None
 
-    def _post_in_background(self, path: str, body: dict) -> Callable[[], None]:
+    def _post_in_background(self, path: str, body: dict) -> Callable[..., None]:
         """POST without waiting (the server answers only once the collective that follows is done); the returned
-        wait() joins and re-raises any failure in the caller's thread."""
+        wait(timeout) joins (for at most `timeout` seconds) and re-raises any failure in the caller's thread."""
         box: dict = {}
 
         def call():
@@ -373,8 +387,8 @@ class SGLangServerEngine:
         thread = threading.Thread(target=call, daemon=True)
         thread.start()
 
-        def wait():
-            thread.join()
+        def wait(timeout: float | None = None):
+            thread.join(timeout)
             if "error" in box:
                 raise box["error"]
 
@@ -389,7 +403,9 @@ class SGLangServerEngine:
                                            world_size=self.server_ranks + 1, group_name=self.group_name,
                                            backend=self.group_backend, timeout_s=self.timeout_s)
         except Exception:
-            wait()  # a server that refused to join leaves us to time out: its answer names the cause
+            # A server that refused to join left us to time out: its answer names the cause. A failure here (the
+            # port taken) is not the server's: it was reported as a slow server, after its whole timeout (review).
+            wait(timeout=5.0)
             raise
         wait()
 

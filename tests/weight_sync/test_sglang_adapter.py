@@ -307,11 +307,19 @@ def test_a_failed_sync_closes_its_session_and_says_what_failed(monkeypatch):
     with pytest.raises(RuntimeError, match="update_weights_from_tensor failed: Failed to update parameter online"):
         engine.update_weights(hf_named_tensors(PolicyModel(perturbed(14))), version=1)
     assert engine.weight_version == 0 and not fake.session_open  # closed again: the next sync can open one
+    # Two buckets of version 1 are in the engine: it must not sample them as version 0 (found by review on
+    # 2026-12-07: it did, silently)
+    with pytest.raises(RuntimeError, match=r"holds part of weight version 1 \(a sync failed midway\) under version 0"):
+        engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
     monkeypatch.setattr(fake, "update_weights_from_tensor", real_update)
     monkeypatch.setattr(fake, "begin_weight_update", lambda selector="all": (False, "weight cache is active"))
     with pytest.raises(RuntimeError, match="begin_weight_update failed: weight cache is active"):
         engine.update_weights(hf_named_tensors(PolicyModel(perturbed(14))), version=1)
     assert engine.weight_version == 0
+    monkeypatch.undo()
+    fake_sglang.install(monkeypatch)
+    engine.update_weights(hf_named_tensors(PolicyModel(perturbed(14))), version=2)  # a whole sync: samples again
+    assert engine.weight_version == 2 and engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
 
 
 @pytest.mark.parametrize("version", ["0.5.23", "0.5.21", "0.5.20"])
