@@ -333,10 +333,12 @@ def _check_end_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def _check_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, setting: str) -> None:
     """The trainer's prompts are a system message and a user message through the tokenizer's chat template. A
     template that refuses a system role (Mistral-7B-Instruct v0.1/v0.2) raised jinja2's TemplateError at the first
-    rollout, a traceback after the model loaded (found by review); a tokenizer with no template, transformers'
-    message without the path."""
+    rollout, a traceback after the model loaded (found by review). A tokenizer with no template loads (a model
+    converted to be checked, or given one later); rendering a prompt then says so."""
     from raro_fast import prompts
 
+    if getattr(tokenizer, "chat_template", None) is None:  # a converted or base model: refused where it samples
+        return
     try:
         prompts.render_prompt(tokenizer, prompts.policy_messages("1 2 3"))
     except Exception as e:  # jinja2's TemplateError (a template's raise_exception) is no ValueError
