@@ -547,3 +547,46 @@ def test_a_server_the_weight_sync_or_sampling_cannot_work_with_is_refused_at_sta
             server_engine(server.url)
     finally:
         server.close()
+
+
+def test_a_local_failure_opening_the_weight_group_is_raised_without_waiting_out_the_server(monkeypatch):
+    """The trainer's side of the weight group failing at once (its port taken) waited for the server's answer to
+    /init_weights_update_group for the whole timeout, then blamed a slow server (found by review on 2026-12-07)."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from raro_fast.rollout import sglang as sglang_module
+
+    class Waiting(BaseHTTPRequestHandler):  # answers /server_info; joins no group, so its init never answers
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"version": "0.5.23", "tp_size": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(60)
+
+    def port_taken(**kwargs):
+        raise RuntimeError(f"EADDRINUSE: port {kwargs['master_port']} is in use")
+
+    monkeypatch.setattr(sglang_module, "open_weight_group", port_taken)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Waiting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        engine = SGLangServerEngine(url=f"http://127.0.0.1:{server.server_address[1]}", tokenizer=Tok(), bucket_bytes=1,
+                                    sync_rank=True, server_ranks=1, group_address="127.0.0.1", group_port=29999,
+                                    timeout_s=60)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="EADDRINUSE: port 29999 is in use"):
+            engine._open_group()
+        assert time.monotonic() - start < 30
+    finally:
+        server.shutdown()
