@@ -315,9 +315,6 @@ def check_varlen_supported(model) -> None:
     attention temperature were accepted, and every sequence after a row's first got other log-probs; so were
     XGLM, whose attention never asks transformers' interface, Gemma 3 with bidirectional attention, and dropout
     outside the attention, which the training forward applied and the engine does not)."""
-    if getattr(type(model), "_supports_attention_backend", True) is False:
-        _refuse("an attention of its own that does not go through transformers' attention interface, so the packed "
-                "attention is never called and its causal mask spans the whole packed row")
     configs = [model.config, getattr(model.config, "text_config", None)]
     for cfg in filter(None, configs):
         if getattr(cfg, "use_bidirectional_attention", False):
@@ -348,6 +345,10 @@ def check_varlen_supported(model) -> None:
                 "of a packed row")
     if any(name.rsplit(".", 1)[-1] == "sinks" for name, _ in model.named_parameters()):
         _refuse_what_changes_the_scores(0.0, {"s_aux": True})
+    # Last: the more telling reasons above come first (transformers 4.56 marks Granite's Mamba hybrid this way too)
+    if getattr(type(model), "_supports_attention_backend", True) is False:
+        _refuse("an attention of its own that does not go through transformers' attention interface, so the packed "
+                "attention is never called and its causal mask spans the whole packed row")
 
 
 def _refuse(what: str) -> None:
