@@ -435,9 +435,9 @@ def test_server_engine_says_which_url_does_not_answer():
                            server_ranks=1, group_address="127.0.0.1", group_port=1, timeout_s=5)
 
 
-def test_a_server_slower_than_the_timeout_is_named_as_slow_not_unreachable():
-    """A /generate past the timeout (600 s, not settable) said "cannot reach the SGLang server", sending the user
-    to check an address that answers (found by review). `rollout.sglang_timeout_s` sets it."""
+def _slow_server(*, post_seconds: float):
+    """A local HTTP server that answers /server_info at once and every POST only after `post_seconds` (started; the
+    caller shuts it down)."""
     import json
     import threading
     import time
@@ -456,10 +456,17 @@ def test_a_server_slower_than_the_timeout_is_named_as_slow_not_unreachable():
 
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
-            time.sleep(2)
+            time.sleep(post_seconds)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_server_slower_than_the_timeout_is_named_as_slow_not_unreachable():
+    """A /generate past the timeout (600 s, not settable) said "cannot reach the SGLang server", sending the user
+    to check an address that answers (found by review). `rollout.sglang_timeout_s` sets it."""
+    server = _slow_server(post_seconds=2)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         engine = SGLangServerEngine(url=url, tokenizer=Tok(), bucket_bytes=1, sync_rank=False, server_ranks=1,
@@ -552,34 +559,15 @@ def test_a_server_the_weight_sync_or_sampling_cannot_work_with_is_refused_at_sta
 def test_a_local_failure_opening_the_weight_group_is_raised_without_waiting_out_the_server(monkeypatch):
     """The trainer's side of the weight group failing at once (its port taken) waited for the server's answer to
     /init_weights_update_group for the whole timeout, then blamed a slow server (found by review on 2026-12-07)."""
-    import json
-    import threading
     import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from raro_fast.rollout import sglang as sglang_module
-
-    class Waiting(BaseHTTPRequestHandler):  # answers /server_info; joins no group, so its init never answers
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            body = json.dumps({"version": "0.5.23", "tp_size": 1}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            time.sleep(60)
 
     def port_taken(**kwargs):
         raise RuntimeError(f"EADDRINUSE: port {kwargs['master_port']} is in use")
 
     monkeypatch.setattr(sglang_module, "open_weight_group", port_taken)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Waiting)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _slow_server(post_seconds=60)  # joins no group, so its init never answers
     try:
         engine = SGLangServerEngine(url=f"http://127.0.0.1:{server.server_address[1]}", tokenizer=Tok(), bucket_bytes=1,
                                     sync_rank=True, server_ranks=1, group_address="127.0.0.1", group_port=29999,
