@@ -45,6 +45,9 @@ def check_version(version: str | None, where: str) -> Version:
         parsed = Version(str(version)) if version is not None else None
     except InvalidVersion:
         parsed = None
+    # A release candidate or dev build of X is built from main after X's features landed: compare releases only
+    # (0.5.21rc0 >= 0.5.21 is False to packaging, and a server that refuses updates outside a session got none).
+    parsed = Version(".".join(map(str, parsed.release))) if parsed is not None else None
     if parsed is None or parsed < MIN_VERSION:
         raise ValueError(f"{where} runs SGLang {version or '(version unknown)'}; raro-fast needs >= {MIN_VERSION} "
                          f"(weight sync by flattened buckets): {INSTALL_HINT}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from raro_fast.rollout.engine import SamplingParams
 from raro_fast.weight_sync.broadcast import open_weight_group, receive_bucket
@@ -42,7 +43,10 @@ VERSION = "0.5.23"
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in version.split(".")[:3] if x.isdigit())
+    try:
+        return Version(version).release  # SGLang's release candidates carry their release's endpoints
+    except InvalidVersion:
+        return ()
 
 
 def sglang_output(c, max_new_tokens, weight_version):

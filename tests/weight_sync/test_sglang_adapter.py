@@ -232,7 +232,7 @@ def test_a_too_old_sglang_is_refused_at_start_naming_where(monkeypatch, version)
         require_sglang("sglang")
 
 
-@pytest.mark.parametrize("version", ["0.5.6", "0.5.6.post1", "0.6.0"])
+@pytest.mark.parametrize("version", ["0.5.6", "0.5.6.post1", "0.5.6rc0", "0.6.0.dev3+g1a2b", "0.6.0"])
 def test_the_oldest_supported_sglang_and_newer_are_accepted(monkeypatch, version):
     fake_sglang.install(monkeypatch)
     monkeypatch.setattr(sys.modules["sglang"], "__version__", version)
@@ -322,7 +322,7 @@ def test_a_failed_sync_closes_its_session_and_says_what_failed(monkeypatch):
     assert engine.weight_version == 2 and engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
 
 
-@pytest.mark.parametrize("version", ["0.5.23", "0.5.21", "0.5.20"])
+@pytest.mark.parametrize("version", ["0.5.23", "0.5.21", "0.5.21rc0", "0.5.20"])
 def test_server_engine_pauses_broadcasts_buckets_and_continues(monkeypatch, version):
     fake_sglang.plain_weight_group(monkeypatch)
     inner = inner_engine()
