@@ -45,11 +45,20 @@ def open_weight_group(*, master_address: str, master_port: int, rank: int, world
     return dist.ProcessGroupNCCL(prefixed, rank, world_size)
 
 
-def _broadcast(group, tensor: torch.Tensor) -> None:
-    # Raw ProcessGroup API: the group is not registered with torch.distributed's default world.
+def _broadcast(group, tensor: torch.Tensor, answered: Callable[..., None] | None = None) -> None:
+    """Broadcast from rank 0 (raw ProcessGroup API: the group is not registered with torch.distributed's default
+    world). The sender passes `answered`, the wait for the receivers' answer to this bucket's request: a receiver
+    that refused the request never joins, and a gloo wait would block until the group's timeout (ten minutes by
+    default) and then report that instead of the refusal (found by review). So it polls, and the refusal is raised
+    as soon as it comes back. An NCCL wait returns once the broadcast is queued: the refusal surfaces at the next
+    wait for an answer, as before."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
+    work = group.broadcast([tensor], opts)
+    if answered is not None and tensor.device.type == "cpu":
+        while not work.is_completed():
+            answered(0.05)  # raises a refusal; returns (after at most 50 ms) while the request is in flight
+    work.wait()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -83,12 +92,13 @@ def metas_from_request(body: dict) -> list[TensorMeta]:
 
 
 def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], *, group_name: str, bucket_bytes: int,
-                      announce: Callable[[dict], Callable[[], None]], weight_version: int) -> int:
+                      announce: Callable[[dict], Callable[..., None]], weight_version: int) -> int:
     """Stream `named_tensors` as buckets to every receiver in `group` (this process is rank 0).
 
-    `announce(request)` tells the receivers what comes next and returns a `wait()` that blocks until they have
-    finished loading that bucket (an HTTP call in flight, for a server). The cache is flushed with the last
-    bucket only; the version goes with it. Returns the number of bytes sent.
+    `announce(request)` tells the receivers what comes next and returns a `wait(timeout=None)` that blocks until they
+    have finished loading that bucket (an HTTP call in flight, for a server), raising their refusal; it may be called
+    again, and with a timeout it returns while they have not answered. The cache is flushed with the last bucket
+    only; the version goes with it. Returns the number of bytes sent.
 
     One bucket is announced at a time: the next is gathered while the receivers load this one, but announced only
     once they have answered. Announced as soon as this one's broadcast was issued (found by review), two requests
@@ -104,7 +114,7 @@ def broadcast_weights(group, named_tensors: Iterable[tuple[str, torch.Tensor]], 
         wait = announce(update_request(bucket, group_name=group_name, flush_cache=last,
                                        weight_version=weight_version if last else None))
         try:
-            _broadcast(group, bucket.flat)
+            _broadcast(group, bucket.flat, answered=wait)
         except Exception:
             wait()  # a receiver that refused the request never joins the broadcast: its answer names the cause
             raise
@@ -146,7 +156,7 @@ def channel_announce(group) -> Callable[[dict], Callable[[], None]]:
 
     def announce(body: dict):
         send_json(group, body)
-        return lambda: None
+        return lambda timeout=None: None
 
     return announce
 

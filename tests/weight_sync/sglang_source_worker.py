@@ -170,7 +170,13 @@ def send_as_trainer(port: int, fd_in: int, fd_out: int) -> None:
         def announce(body):
             outbox.write(json.dumps(body) + "\n")
             outbox.flush()
-            return lambda: replies.append(json.loads(inbox.readline()))
+            answer = []
+
+            def wait(timeout=None):  # the receiver answers once the bucket is in: read that line once
+                if not answer:
+                    answer.append(json.loads(inbox.readline()))
+                    replies.append(answer[0])
+            return wait
 
         sent = broadcast_weights(group, tensors, group_name=GROUP, bucket_bytes=4096, announce=announce, weight_version=3)
     last = replies[-1]

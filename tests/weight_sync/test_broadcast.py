@@ -77,7 +77,7 @@ def test_one_bucket_request_in_flight_at_a_time_and_the_next_gathered_meanwhile(
     from raro_fast.weight_sync import broadcast
 
     events = []
-    monkeypatch.setattr(broadcast, "_broadcast", lambda group, flat: events.append(f"broadcast {flat.numel()}"))
+    monkeypatch.setattr(broadcast, "_broadcast", lambda group, flat, answered=None: events.append(f"broadcast {flat.numel()}"))
 
     def tensors():
         for i in range(4):
@@ -87,7 +87,7 @@ def test_one_bucket_request_in_flight_at_a_time_and_the_next_gathered_meanwhile(
     def announce(body):
         name = body["names"][0]
         events.append(f"announce {name}")
-        return lambda: events.append(f"loaded {name}")
+        return lambda timeout=None: events.append(f"loaded {name}")
 
     sent = broadcast.broadcast_weights(None, tensors(), group_name="g", bucket_bytes=16, announce=announce,
                                        weight_version=3)
@@ -103,12 +103,12 @@ def test_only_the_last_bucket_flushes_the_cache_and_carries_the_weight_version(m
     version on an earlier bucket would have an engine sample from, and report, a half-updated model."""
     from raro_fast.weight_sync import broadcast
 
-    monkeypatch.setattr(broadcast, "_broadcast", lambda group, flat: None)
+    monkeypatch.setattr(broadcast, "_broadcast", lambda group, flat, answered=None: None)
     bodies = []
 
     def announce(body):
         bodies.append(body)
-        return lambda: None
+        return lambda timeout=None: None
 
     named = [(f"w{i}", torch.full((4,), float(i) + 0.5)) for i in range(3)]  # 16 bytes: one bucket each
     broadcast.broadcast_weights(None, named, group_name="g", bucket_bytes=16, announce=announce, weight_version=9)
@@ -171,11 +171,11 @@ def test_a_failed_broadcast_raises_the_receivers_answer_which_names_the_cause(mo
     connection) says nothing of why, so the receiver's answer is waited for and raised instead."""
     from raro_fast.weight_sync import broadcast
 
-    def broken(group, flat):
+    def broken(group, flat, answered=None):
         raise RuntimeError("gloo: connection closed by peer")
 
     def announce(body):
-        def wait():
+        def wait(timeout=None):
             raise RuntimeError(f"receiver: no parameter named {body['names'][0]!r}")
         return wait
 

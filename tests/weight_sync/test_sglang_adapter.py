@@ -4,11 +4,13 @@ last bucket only), memory release/resume, weight versions, and engine log-probs 
 sync. A real-SGLang integration test at the end runs wherever sglang and a GPU exist."""
 import socket
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 from raro_fast.config import RolloutConfig
 from raro_fast.model.policy import PolicyModel
@@ -380,6 +382,23 @@ def test_server_engine_on_other_ranks_only_takes_part_in_the_gathers():
         engine.update_weights(((n, consumed.append(n) or t) for n, t in hf_named_tensors(PolicyModel(tiny_model(1)))), version=3)
         assert engine.weight_version == 3 and len(consumed) > 5
         assert [p for p, _ in server.calls] == ["/server_info"]
+    finally:
+        server.close()
+
+
+def test_a_bucket_the_server_refuses_is_an_error_at_once_not_after_the_group_timeout(monkeypatch):
+    """A server that refuses an update request never joins its broadcast; the trainer's gloo broadcast waited the
+    whole group timeout (60 s here, ten minutes by default) before the refusal was read (found by review)."""
+    fake_sglang.plain_weight_group(monkeypatch)
+    server = fake_sglang.FakeServer(inner_engine(), version="0.5.23")
+    try:
+        engine = server_engine(server.url)
+        engine.version = Version("0.5.20")  # so no session is opened, and the server refuses the first bucket
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="update_weights_from_distributed.*begin_weight_update"):
+            engine.update_weights(hf_named_tensors(PolicyModel(perturbed(31))), version=1)
+        assert time.monotonic() - start < 20
+        assert engine.weight_version == 0 and engine.half_synced == 1
     finally:
         server.close()
 
