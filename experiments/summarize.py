@@ -223,6 +223,9 @@ def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int,
             acc = {**report["accuracy"], "n": report["n"], "temperature": _eval_temperature(report)}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a report of raro_fast.evaluate ({e!r})") from None
+        if not report["accuracy"]:  # a KeyError in eval_table (found by review)
+            raise ValueError(f"{path}: the {report.get('task', '?')} task has no verifier, so the report holds no "
+                             "accuracies to tabulate (its judge's win rates, if it was judged, are in report.md)")
         m = RUN_NAME.match(path.parent.name)
         if path.parent.name == "base":
             bases[None] = acc

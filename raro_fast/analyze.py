@@ -9,7 +9,7 @@ import sys
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from tqdm import tqdm
@@ -25,14 +25,14 @@ from raro_fast.metrics import strict_json
 from raro_fast.model.hf import load_pretrained, model_files_digest, resolve_device, resolve_model_path, weights_digest
 from raro_fast.model.policy import fused_lm_head_refusal
 from raro_fast.rollout.embedded import EmbeddedEngine
-from raro_fast.rollout.engine import SamplingParams
+from raro_fast.rollout.engine import SamplingParams, context_limit
 from raro_fast.tasks import TaskConfig, make_task
 
 
 @dataclass(kw_only=True)
 class AnalysisSettings:
     models: str = _help("Comma-separated name=path (Hugging Face model directories); the first is the base.", "")
-    split: str = _help("Task split whose problems are sampled.", "heldout")
+    split: Literal["train", "heldout"] = _help("Task split whose problems are sampled.", "heldout")
     num_problems: int = _help("Problems analysed (0: all of the split).", 64)
     k: int = _help("Samples per problem and model (pass@k up to k).", 64)
     chunk: int = _help("Samples drawn per problem per engine call.", 16)
@@ -248,6 +248,12 @@ def trace_perplexities(model, tokenizer, problems, traces: list[dict[str, str]])
         completion = tokenizer(rec["trace"], add_special_tokens=False)["input_ids"]
         if not completion:
             raise ValueError(f"analysis.traces: the trace of {rec['problem_id']!r} is empty")
+        limit = context_limit(model.config)
+        if limit is not None and len(prompt) + len(completion) > limit:
+            # found by review: read silently past the positions a rotary model supports (GPT-2: an IndexError)
+            raise ValueError(f"analysis.traces: the trace of {rec['problem_id']!r} is {len(completion)} tokens after a "
+                             f"{len(prompt)}-token prompt, past the model's {limit} positions "
+                             "(max_position_embeddings); shorten the trace or analyse a model with a longer context")
         logprobs, _, mask = teacher_forced(model, prompt, completion)
         out[rec["problem_id"]] = perplexity(logprobs[mask].tolist())
     return out
@@ -377,6 +383,8 @@ def run(cfg: AnalyzeConfig) -> dict:
         raise ValueError(f"task.name: the {cfg.task.name} task has no verifier, and pass@k and the support "
                          "categories count verified answers; analyse a task with one (countdown, deepmath)")
     problems = task.examples(a.split)[: a.num_problems or None]
+    if not problems:  # before any model loads (it was "pass_at_k_curve: no problems" after sampling them all)
+        raise ValueError(f"analysis.split: the {cfg.task.name} task's {a.split!r} split has no problems")
     out = Path(a.output_dir)
     cache = SampleCache(out / "samples")
     traces = load_traces_jsonl(a.traces) if a.traces else None
@@ -392,10 +400,10 @@ def run(cfg: AnalyzeConfig) -> dict:
         # (config, generation config, tokenizer, chat template), and the sampling settings.
         cache.claim(name, {"weights_sha256": weights_digest(path), "model_files_sha256": model_files_digest(path),
                            "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens})
+        if traces is not None:  # before sampling: a trace the model cannot read is refused without that wait
+            trace_ppl[name] = trace_perplexities(model, tokenizer, problems, traces)
         samples[name] = sample_model(name, model, tokenizer, task, problems, a, cache)
         token_h[name] = model_token_entropy(model, entropy_sequences(name, tokenizer, problems, a, cache), a.temperature)
-        if traces is not None:
-            trace_ppl[name] = trace_perplexities(model, tokenizer, problems, traces)
     report = summarize(samples, a.k, token_h, trace_ppl if traces is not None else None, len(traces or []),
                        answer_classes=task.answer_classes, answer_entropy_samples=a.answer_entropy_samples)
     out.mkdir(parents=True, exist_ok=True)

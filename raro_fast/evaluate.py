@@ -342,13 +342,15 @@ def judge_report(examples: list[Example], per_question: list[dict], *, engine: R
     for pick, indices in picks.items():
         chosen = [None if i is None else q["answers"][i] for q, i in zip(per_question, indices)]
         items = [(ex.question, a, ex.answer) for ex, a in zip(examples, chosen) if a is not None]
-        wins = ties = 0
+        wins = ties = invalid = 0
         if items:
             judged = judge_pairwise(engine, tokenizer, items, max_new_tokens=max_new_tokens, seed=seed)
-            wins, ties = judged.wins, judged.ties
+            wins, ties, invalid = judged.wins, judged.ties, judged.invalid_verdicts
         total = len(per_question)
+        # An invalid verdict (unparsable, or cut off at judge_max_new_tokens) makes its problem a tie: without the
+        # count, a judge that never finished read as "tie 1.000", a measurement (found by review).
         out[pick] = {"win": wins / total, "tie": ties / total, "loss": (total - wins - ties) / total,
-                     "no_answer": total - len(items)}
+                     "no_answer": total - len(items), "invalid_verdicts": invalid, "verdicts": 2 * len(items)}
     return out
 
 
@@ -357,10 +359,14 @@ def markdown(report: dict) -> str:
     acc, counts = report["accuracy"], report["counts"]
     lines = []
     if "judge" in report:
+        picks = {pick: r for pick, r in report["judge"].items() if pick != "model"}
         lines += [f"Judged against the expert by {report['judge']['model']} (both orders):", "",
-                  "| selection | win | tie | loss | no answer |", "|---|---|---|---|---|"]
-        lines += [f"| {pick} | {r['win']:.3f} | {r['tie']:.3f} | {r['loss']:.3f} | {r['no_answer']} |"
-                  for pick, r in report["judge"].items() if pick != "model"]
+                  "| selection | win | tie | loss | no answer | invalid verdicts |", "|---|---|---|---|---|---|"]
+        lines += [f"| {pick} | {r['win']:.3f} | {r['tie']:.3f} | {r['loss']:.3f} | {r['no_answer']} | "
+                  f"{r['invalid_verdicts']}/{r['verdicts']} |" for pick, r in picks.items()]
+        if any(r["invalid_verdicts"] for r in picks.values()):
+            lines += ["", "An invalid verdict (none parsable, or cut off at eval.judge_max_new_tokens) makes its "
+                          "problem a tie: ties are that much less a measurement."]
         lines.append("")
     if not acc:
         return "\n".join(lines + [f"The {report.get('task', 'task')} task has no verifier: no accuracies."]) + "\n"

@@ -282,6 +282,13 @@ def test_sampled_evaluations_table(tmp_path):
     (tmp_path / "bad" / "report.json").write_text("{")
     with pytest.raises(ValueError, match="bad/report.json: not a report"):
         summarize.read_evals(tmp_path)
+    # A poetry evaluation (no verifier: `accuracy` is {}) was a KeyError in eval_table (found by review)
+    (tmp_path / "bad" / "report.json").unlink()
+    (tmp_path / "poetry-s0").mkdir()
+    (tmp_path / "poetry-s0" / "report.json").write_text(json.dumps({"n": 4, "accuracy": {}, "task": "poetry"}))
+    with pytest.raises(ValueError, match=r"poetry-s0/report.json: the poetry task has no verifier, so the report "
+                                         "holds no accuracies"):
+        summarize.read_evals(tmp_path)
 
 
 def test_sampled_evaluations_table_names_the_temperature_the_reports_were_made_at(tmp_path):

@@ -278,11 +278,23 @@ def test_evaluate_judge_report_scores_first_sample_and_tournament_pick(tok):
 
     no_tournament = [dict(q, tournament=None) for q in per_question]  # (--rerank none): only the first sample
     first = judged("first", ["good A", "bad B"], [wins_both_orders, loses_both_orders], no_tournament)
-    assert first == {"win": pytest.approx(1 / 3), "tie": 0.0, "loss": pytest.approx(2 / 3), "no_answer": 1}
+    assert first == {"win": pytest.approx(1 / 3), "tie": 0.0, "loss": pytest.approx(2 / 3), "no_answer": 1,
+                     "invalid_verdicts": 0, "verdicts": 4}
     tournament = judged("tournament", ["good A", "good B"], [wins_both_orders, wins_both_orders], per_question)
-    assert tournament == {"win": pytest.approx(2 / 3), "tie": 0.0, "loss": pytest.approx(1 / 3), "no_answer": 1}
+    assert tournament == {"win": pytest.approx(2 / 3), "tie": 0.0, "loss": pytest.approx(1 / 3), "no_answer": 1,
+                          "invalid_verdicts": 0, "verdicts": 4}
     # A tie is neither a win nor a loss: of three problems, one won, one tied, and the unanswered one lost.
     ties_both_orders = {"candidate": verdict("tie"), "expert": verdict("tie")}
     with_tie = judged("first", ["good A", "bad B"], [wins_both_orders, ties_both_orders], no_tournament)
     assert with_tie == {"win": pytest.approx(1 / 3), "tie": pytest.approx(1 / 3), "loss": pytest.approx(1 / 3),
-                        "no_answer": 1}
+                        "no_answer": 1, "invalid_verdicts": 0, "verdicts": 4}
+    # A judge cut off at its token limit (None: a truncated reply) ties the problem, and the report says how many
+    # verdicts were invalid: "tie 0.333" alone read as a measurement (found by review).
+    cut_off = {"candidate": None, "expert": None}
+    invalid = judged("first", ["good A", "bad B"], [wins_both_orders, cut_off], no_tournament)
+    assert invalid == {"win": pytest.approx(1 / 3), "tie": pytest.approx(1 / 3), "loss": pytest.approx(1 / 3),
+                       "no_answer": 1, "invalid_verdicts": 2, "verdicts": 4}
+    from raro_fast.evaluate import markdown
+    table = markdown({"n": 2, "counts": {"questions": 3}, "accuracy": {}, "task": "poetry",
+                      "judge": {"model": "judge-dir", "first": invalid}})
+    assert "| first | 0.333 | 0.333 | 0.333 | 1 | 2/4 |" in table and "An invalid verdict" in table

@@ -2,6 +2,7 @@
 report, table and plots written; a larger k samples only what is missing, and the first samples stay the same."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -493,3 +494,30 @@ def test_analyze_refuses_a_temperature_that_samples_greedily(two_models, tmp_pat
     assert analyze.main([*_args(two_models, tmp_path / "a", 2), flag, value]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "a" / "samples").exists()
+
+
+def test_a_trace_past_the_models_positions_is_refused_before_sampling(two_models, tmp_path, monkeypatch):
+    """Found by review: a trace longer than the model's 256 positions got a perplexity read past them (exit 0, a
+    number for every model) and would be an IndexError on GPT-2. Refused, naming the trace, before any sampling."""
+    traces = tmp_path / "traces.jsonl"
+    from raro_fast.tasks import get_task
+    from raro_fast.tasks.countdown import CountdownConfig
+
+    pid = get_task("countdown", CountdownConfig(num_train=10, num_heldout=5)).examples("heldout")[0].id
+    traces.write_text(json.dumps({"problem_id": pid, "trace": "3*4=12, " * 200}) + "\n")
+    monkeypatch.setattr(analyze, "sample_model", lambda *a, **k: pytest.fail("sampled before the traces were checked"))
+    with pytest.raises(ValueError, match=rf"analysis.traces: the trace of '{re.escape(pid)}' is \d+ tokens after a \d+-token "
+                                         r"prompt, past the model's 256 positions"):
+        analyze.run(analyze.load_config(_args(two_models, tmp_path / "t", 2) + ["--analysis.traces", str(traces)],
+                                         root=analyze.AnalyzeConfig))
+
+
+def test_an_empty_split_or_an_unknown_one_is_refused_naming_the_setting(two_models, tmp_path, monkeypatch):
+    """An empty split was "pass_at_k_curve: no problems" after every model had loaded and sampled (found by review);
+    an unknown one named no setting."""
+    monkeypatch.setattr(analyze, "load_pretrained", lambda *a, **k: pytest.fail("a model loaded for an empty split"))
+    args = _args(two_models, tmp_path / "e", 2) + ["--task.countdown.num_heldout", "0"]
+    with pytest.raises(ValueError, match=r"analysis.split: the countdown task's 'heldout' split has no problems"):
+        analyze.run(analyze.load_config(args, root=analyze.AnalyzeConfig))
+    with pytest.raises(Exception, match=r"analysis.split.*'test'"):
+        analyze.load_config(_args(two_models, tmp_path / "e", 2) + ["--analysis.split", "test"], root=analyze.AnalyzeConfig)
