@@ -68,3 +68,23 @@ def test_a_supported_architecture_is_not_blamed_for_another_failure(reference, t
     with pytest.raises(ValueError, match="Cannot build a tokenizer") as e:
         gguf.convert_gguf(_write(reference, tmp_path, tokenizer=False), tmp_path / "out")
     assert "its architecture" not in str(e.value)
+
+
+def _split(tokenizer, text):
+    return [piece for piece, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def test_the_tokenizer_splits_text_as_the_file_names(reference, tmp_path):
+    """transformers reads `tokenizer.ggml.pre = smollm` (SmolLM2's: each digit split off first) as GPT-2's split, so
+    a blank line or two spaces before a number became other tokens than the model was trained on (found by review).
+    A name neither transformers nor raro-fast knows is refused."""
+    _, smollm = gguf.load_gguf(_write(reference, tmp_path, pre="smollm"))
+    assert _split(smollm, "Answer:\n\n42 x  12") == ["Answer", ":", "ĊĊ", "4", "2", "Ġx", "ĠĠ", "1", "2"]
+    out = gguf.convert_gguf(_write(reference, tmp_path, pre="smollm"), tmp_path / "out")
+    _, saved = load_pretrained(out, dtype=torch.float32)
+    assert _split(saved, "Answer:\n\n42") == ["Answer", ":", "ĊĊ", "4", "2"]  # and so it is saved
+    _, gpt2 = gguf.load_gguf(_write(reference, tmp_path, pre="default"))
+    assert _split(gpt2, "Answer:\n\n42") == ["Answer", ":", "Ċ", "Ċ", "42"]
+    with pytest.raises(ValueError, match=r"tiny.gguf: its tokenizer splits text as 'mystery' \(tokenizer.ggml.pre\)"):
+        gguf.convert_gguf(_write(reference, tmp_path, pre="mystery"), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

@@ -27,7 +27,7 @@ def _permute(w, n_head, n_head_kv=None):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path, *, extra=None, drop=(), extra_tensors=None, vocab_key=True, tokenizer=True):
+def write_gguf(model, path, *, extra=None, drop=(), extra_tensors=None, vocab_key=True, tokenizer=True, pre="default"):
     """`model` as llama.cpp writes a Llama: its q and k rows permuted, tensors named `blk.N.*`; `drop` leaves
     those GGUF tensors out, `extra` adds metadata (a callable given the writer), `extra_tensors` more tensors."""
     cfg = model.config
@@ -47,7 +47,7 @@ def write_gguf(model, path, *, extra=None, drop=(), extra_tensors=None, vocab_ke
     if extra:
         extra(w)
     if tokenizer:
-        _write_tokenizer(w)
+        _write_tokenizer(w, pre)
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not cfg.tie_word_embeddings:
@@ -76,7 +76,7 @@ def write_gguf(model, path, *, extra=None, drop=(), extra_tensors=None, vocab_ke
     return path
 
 
-def _write_tokenizer(w):
+def _write_tokenizer(w, pre="default"):
     t = json.loads(TOK.read_text())
     vocab = {**t["model"]["vocab"], **{a["content"]: a["id"] for a in t["added_tokens"]}}
     tokens = [None] * len(vocab)
@@ -84,7 +84,7 @@ def _write_tokenizer(w):
         tokens[i] = k
     types = [3 if i < 3 else (4 if i >= 384 else 1) for i in range(len(tokens))]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges([" ".join(m) for m in t["model"]["merges"]])
