@@ -31,16 +31,22 @@ class ReplayBuffer:
         if self.capacity:
             self._items.extend(pairs)
 
-    def sample(self, k: int, rng: random.Random, *, part: int = 0, parts: int = 1) -> list[CriticPair]:
-        """k pairs without replacement (fewer if the buffer holds fewer). With `parts` > 1 (ranks, each calling with
-        its own `part` and an `rng` seeded the same on every rank), the parts' pairs are disjoint: one shuffle of the
-        buffer, dealt out. Each rank drawing on its own put the same pair in a step's critic batch twice."""
-        if parts == 1:
+    def sample(self, k: int, rng: random.Random, *, part: int = 0, shares: list[int] | None = None) -> list[CriticPair]:
+        """k pairs without replacement (fewer if the buffer holds fewer). Ranks pass `shares`, every rank's count
+        (summing to at most len(self): `deal_cap`), their own `part`, and an `rng` seeded the same on every rank:
+        they take consecutive slices of one shuffle of the buffer, so their pairs are disjoint (each rank drawing on
+        its own put the same pair in a step's critic batch twice) and any pair may go to any rank (a rank dealt
+        every other pair of the shuffle could take no more than half the buffer, however many it needed: found by
+        review)."""
+        if shares is None:
             k = min(k, len(self._items))
             return [self._items[i] for i in sorted(rng.sample(range(len(self._items)), k))]
+        if sum(shares) > len(self._items):
+            raise ValueError(f"replay shares {shares} ask for more than the {len(self._items)} pairs held")
         order = list(range(len(self._items)))
         rng.shuffle(order)
-        return [self._items[i] for i in sorted(order[part::parts][:k])]
+        start = sum(shares[:part])
+        return [self._items[i] for i in sorted(order[start:start + shares[part]])]
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "items": [asdict(p) for p in self._items]}

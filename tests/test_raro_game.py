@@ -478,11 +478,32 @@ def test_ranks_replay_disjoint_pairs_of_the_shared_buffer(monkeypatch):
     # The buffer is the same on every rank; only a generator seeded alike on every rank deals one shuffle out.
     from raro_fast.replay import ReplayBuffer
 
+    from raro_fast.modes import raro as raro_mode
+
     buf = ReplayBuffer(8)
     buf.extend([CriticPair(f"id{i}", f"q{i}", f"a{i}", f"e{i}") for i in range(8)])
-    for step in range(3):
-        drawn = [c["draw_replay"](4) for c in mode_calls(monkeypatch, load_config([]), 2, step=step, replay=buf)]
-        assert [len(d) for d in drawn] == [4, 4] and not set(drawn[0]) & set(drawn[1]), step
+    # every rank's demand is gathered (a collective): a rank may take more than its fraction of the buffer, and
+    # together they take min(demand, buffer) as one rank would (two ranks asking [6, 2] replayed [4, 2]: review)
+    for demands, want in (([4, 4], [4, 4]), ([6, 2], [6, 2]), ([8, 0], [8, 0]), ([9, 3], None)):
+        monkeypatch.setattr(raro_mode, "all_gather_objects", lambda d, n, demands=demands: demands)
+        for step in range(3):
+            calls = mode_calls(monkeypatch, load_config([]), 2, step=step, replay=buf)
+            drawn = [c["draw_replay"](n) for c, n in zip(calls, demands)]
+            assert sum(map(len, drawn)) == min(sum(demands), 8) and not set(drawn[0]) & set(drawn[1]), step
+            if want is not None:
+                assert [len(d) for d in drawn] == want
+
+
+def test_a_rank_without_questions_still_takes_part_in_the_steps_collectives():
+    """The fresh-pair cap and the replay draw all-gather every rank's count: a rank dealt no question calls both,
+    in the game's order, or the others would wait for it until the timeout."""
+    from raro_fast.modes.raro import raro_rollouts
+
+    calls = []
+    raro_rollouts([], engine=None, tokenizer=None, task=None, cfg=load_config([]), rng=random.Random(0), seed=0,
+                  fresh_cap=lambda n: calls.append(("cap", n)) or 0,
+                  draw_replay=lambda n: calls.append(("replay", n)) or [])
+    assert calls == [("cap", 0), ("replay", 0)]
 
 
 def test_the_critic_leads_for_exactly_critic_lead_steps(monkeypatch):

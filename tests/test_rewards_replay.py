@@ -96,28 +96,38 @@ def test_ranks_replay_disjoint_pairs_and_one_rank_draws_as_before():
     # same pair in one step (2 of 8 draws in the reviewer's run). The ranks now deal one shuffle out.
     buf = ReplayBuffer(100)
     buf.extend([CriticPair(f"id{i}", f"q{i}", f"a{i}", f"e{i}") for i in range(8)])
-    drawn = [buf.sample(4, random.Random("step 3"), part=rank, parts=2) for rank in (0, 1)]
+    drawn = [buf.sample(4, random.Random("step 3"), part=rank, shares=[4, 4]) for rank in (0, 1)]
     assert [len(d) for d in drawn] == [4, 4] and not set(drawn[0]) & set(drawn[1])
-    thirds = [buf.sample(5, random.Random("step 3"), part=rank, parts=3) for rank in range(3)]
-    assert [len(t) for t in thirds] == [3, 3, 2] and len(set().union(*thirds)) == 8  # fewer where the buffer runs out
+    thirds = [buf.sample(0, random.Random("step 3"), part=rank, shares=[3, 3, 2]) for rank in range(3)]
+    assert [len(t) for t in thirds] == [3, 3, 2] and len(set().union(*thirds)) == 8
+    with pytest.raises(ValueError, match=r"replay shares \[5, 4\] ask for more than the 8 pairs held"):
+        buf.sample(5, random.Random(0), part=0, shares=[5, 4])
     # one rank: the same draws as before the change (the published runs' replay)
     items = [CriticPair(f"id{i}", f"q{i}", f"a{i}", f"e{i}") for i in range(8)]
     assert buf.sample(3, random.Random(7)) == [items[i] for i in sorted(random.Random(7).sample(range(8), 3))]
 
 
+def test_a_rank_may_take_more_than_its_fraction_of_the_buffer():
+    """Found by review: rank r took every parts-th pair of the shuffle, so with demands [8, 0] on a buffer of 8,
+    two ranks replayed 4 pairs where one rank replays 8 (and the critic's share of the gradient shrank)."""
+    buf = ReplayBuffer(100)
+    buf.extend([CriticPair(f"id{i}", "q", "a", "e") for i in range(8)])
+    drawn = [buf.sample(n, random.Random(3), part=rank, shares=[8, 0]) for rank, n in enumerate((8, 0))]
+    assert [len(d) for d in drawn] == [8, 0]
+
+
 def test_each_rank_draws_k_pairs_from_the_whole_buffer():
-    # Each rank gets every k-th pair of a shuffle: unshuffled, a rank would replay the same few oldest pairs
-    # every step, the rest never. Over 200 steps each of the 20 pairs is expected 20 times on rank 0.
+    # Each rank's slice comes from one shuffle of the whole buffer: unshuffled, a rank would replay the same few
+    # oldest pairs every step, the rest never. Over 200 steps each of the 20 pairs is expected 20 times on rank 0.
     buf = ReplayBuffer(100)
     buf.extend([CriticPair(f"id{i}", "q", "a", "e") for i in range(20)])
     counts = {}
     for step in range(200):
-        drawn = buf.sample(2, random.Random(step), part=0, parts=2)
-        assert len(drawn) == 2  # k, where the rank's share (10) holds more
+        drawn = buf.sample(2, random.Random(step), part=0, shares=[2, 2])
+        assert len(drawn) == 2
         for p in drawn:
             counts[p.example_id] = counts.get(p.example_id, 0) + 1
     assert len(counts) == 20 and max(counts.values()) < 40
-    assert [len(buf.sample(3, random.Random(0), part=p, parts=3)) for p in range(3)] == [3, 3, 3]
 
 
 def test_a_loaded_buffer_keeps_its_capacity():

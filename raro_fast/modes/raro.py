@@ -59,13 +59,14 @@ def raro_rollouts(
 ) -> RankRollout:
     """This rank's step of the game. The critic trains on every fresh judged pair (at most `fresh_cap(n)` of the
     n this rank judged, a collective that every rank calls once a step; None: no cap) and on `raro.replay_ratio`
-    of replayed ones, drawn by `draw_replay(n)`; the policy's sequences join the batch only if `train_policy`
+    of replayed ones, drawn by `draw_replay(n)` (a collective too, on several ranks); the policy's sequences join the batch only if `train_policy`
     (see `raro.critic_lead_steps`)."""
     rc, ro = cfg.raro, cfg.rollout
     out = RankRollout()
-    if not examples:
+    if not examples:  # the collectives every rank calls once a step, in the same order
         if fresh_cap is not None:
             fresh_cap(0)
+        draw_replay(0)
         return out
     policy_params = SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
                                    n=rc.group_size, seed=seed)
@@ -221,7 +222,9 @@ class RaroMode(Mode):
             rng=random.Random(f"{cfg.train.seed}/game/{step}/{d.rank}"), seed=seed,
             fresh_cap=(lambda judged: deal_cap(cap, all_gather_objects(d, judged),
                                                random.Random(f"{cfg.train.seed}/cap/{step}"))[d.rank]) if cap else None,
-            draw_replay=lambda n: r.replay.sample(n, replay_rng, part=d.rank, parts=d.world_size),
+            draw_replay=lambda n: r.replay.sample(n, replay_rng) if d.world_size == 1 else r.replay.sample(
+                n, replay_rng, part=d.rank, shares=deal_cap(len(r.replay), all_gather_objects(d, n),
+                                                             random.Random(f"{cfg.train.seed}/replay-cap/{step}"))),
             train_policy=step >= cfg.raro.critic_lead_steps,
         )
 
