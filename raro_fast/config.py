@@ -297,6 +297,19 @@ class LossConfig:
     )
     std_normalize: bool = _help("Divide group advantages by the group's std (off in RARO / Dr.GRPO).", False)
 
+    def __post_init__(self) -> None:
+        # The loss kernel's own checks, here so that a bad value fails at start: they ran at the first update, after
+        # the model loaded and the step-0 evaluation (found by review), and a negative kl_coef (no KL at all, as the
+        # trainer tests kl_coef > 0) was never checked.
+        from raro_kernels.policy_loss import PolicyLossOptions
+
+        try:
+            PolicyLossOptions(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip=self.dual_clip,
+                              kl_coef=self.kl_coef, kl_estimator=self.kl_estimator, tis_cap=self.tis_cap,
+                              loss_agg=self.loss_agg)
+        except ValueError as e:
+            raise ValueError(f"loss.{e}") from None
+
 
 @dataclass(kw_only=True)
 class DpoConfig:
@@ -324,6 +337,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _at_least("optim", self, 0, "lr", "weight_decay", "grad_clip")
+        for name in ("beta1", "beta2"):  # AdamW's own refusal came after the model was built, naming no setting
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name} must lie in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
@@ -395,6 +411,11 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    @property
+    def warms_up(self) -> bool:
+        """Whether the run warms up a base: the embedded model always, a real checkpoint given checkpoint_steps."""
+        return not self.model.path or self.warmup.checkpoint_steps > 0
+
     def __post_init__(self) -> None:
         if self.model.path:  # found by review: --model.embedded.num_layers 8 trained the shipped 4-layer base
             unused = _changed(self.model.embedded, "model.embedded.") + _changed(self.warmup, "warmup.", ("steps", "lr"))
@@ -403,6 +424,20 @@ class JobConfig:
                                  f"model.path {self.model.path!r} replaces (a checkpoint's own warm-up is "
                                  "warmup.checkpoint_steps and warmup.checkpoint_lr); pass --model.path '' to build "
                                  "and warm up the embedded model")
+            # Found by review: `--warmup.arithmetic_fraction 0.3` with the shipped base ran no warm-up, silently.
+            # (Another model path only warns, in train: a config file may describe the warm-up its base had.)
+            if self.model.path.startswith("builtin:") and unused_warmup_settings(self):
+                raise ValueError(f"{', '.join(unused_warmup_settings(self))}: no warm-up runs, as the shipped base "
+                                 f"{self.model.path!r} was warmed up already (its warmup_recipe.json); pass "
+                                 "--model.path '' to warm up the embedded model with them, or "
+                                 "--warmup.checkpoint_steps N to warm up the shipped base further")
+        elif unused_warmup_settings(self):
+            raise ValueError(f"{', '.join(unused_warmup_settings(self))}: a real checkpoint's warm-up (with "
+                             "--model.path); the embedded model's (model.path '') is warmup.steps and warmup.lr")
+        if self.task.name != "countdown" and _changed(self.task.countdown, "") and not self.warms_up:
+            raise ValueError(f"{', '.join(_changed(self.task.countdown, 'task.countdown.'))}: settings of the countdown "
+                             f"task, which task.name {self.task.name} does not use (no warm-up runs, whose puzzles "
+                             "they would shape)")
         grouped = self.train.mode in ("raro", "rlvr", "rl_logit")  # GRPO: advantages relative to a group's mean
         if self.rollout.temperature == 0 and grouped:  # rationalization and DPO sample one answer per use (review)
             raise ValueError(f"rollout.temperature 0 (greedy) with train.mode {self.train.mode}: every sample of a "
@@ -681,6 +716,9 @@ def load_config(argv: list[str] | None = None, root: type = JobConfig):
             if i + 1 >= len(argv):
                 raise ConfigError(f"command line: {arg} needs a value")
             value = argv[i + 1]
+            if value.startswith("--"):  # `--output-dir $RUN --resume` with RUN unset trained a new run in ./--resume
+                raise ConfigError(f"command line: {arg} needs a value, and the next argument {value} is an option "
+                                  f"(a value that starts with -- is given as {arg}=VALUE)")
             i += 2
         if key == "--config":
             file_values, file_where = _yaml_values(Path(value))
@@ -704,6 +742,16 @@ def load_config(argv: list[str] | None = None, root: type = JobConfig):
         node[parts[-1]] = value
         where[dotted] = "command line"
     return _build(root, values, where)
+
+
+def unused_warmup_settings(cfg: JobConfig) -> list[str]:
+    """The warm-up settings given (not at their defaults) that this run never reads: all but the embedded model's
+    steps and lr (refused on their own) when no warm-up runs, the checkpoint's when the embedded model warms up."""
+    if not cfg.model.path:
+        return _changed(cfg.warmup, "warmup.", ("checkpoint_steps", "checkpoint_lr"))
+    if cfg.warms_up:
+        return []
+    return [n for n in _changed(cfg.warmup, "warmup.") if n not in ("warmup.steps", "warmup.lr")]
 
 
 def _changed(section: Any, prefix: str, names: tuple[str, ...] | None = None) -> list[str]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,15 @@ def prepare(cfg: JobConfig, *, delete: bool) -> None:
     blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise ValueError(f"train.output_dir: {blocked} is a file, not a folder")
+    # A folder that cannot be written failed where the metrics were opened, after the model loaded, or where the
+    # base was saved, after its whole warm-up, in a traceback (found by review): try it first.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"train.output_dir: cannot write in {out} ({type(e).__name__}: {e.strerror or e})") from None
     check_builtin_base(cfg)
     if t.resume and _has_checkpoints(out):
         return

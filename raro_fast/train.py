@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from raro_fast import checkpoint, output_dir
-from raro_fast.config import ConfigError, JobConfig, OptimConfig, RolloutConfig, help_text, load_config, to_dict
+from raro_fast import checkpoint, output_dir, prompts
+from raro_fast.config import (ConfigError, JobConfig, OptimConfig, RolloutConfig, help_text, load_config, to_dict,
+                              unused_warmup_settings)
 from raro_fast.distributed import Dist, all_gather_objects, barrier, broadcast_object, init_distributed, shutdown
+from raro_fast.durable import write_text_atomic
 from raro_fast.evaluate import heldout_accuracy, heldout_scores
 from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, summary_table
 from raro_fast.model.hf import (build_embedded_model, end_token_ids, engine_copy, load_pretrained, load_project_tokenizer,
@@ -47,6 +49,7 @@ from raro_fast.weight_sync import full_state_dict, push_weights
 from raro_fast.modes import COUNT_KEYS, STAT_KEYS, Mode, make_mode
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import check_backend, make_engine
+from raro_fast.rollout.engine import context_limit
 from raro_fast.tasks import make_task
 from raro_fast.update import DivergedError, recompute_logprobs, split_mini_batches, update_mini_batches, weigh_roles
 from raro_fast.warmup import format_rates, format_warmup
@@ -446,6 +449,9 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     output_dir.prepare(cfg, delete=d.is_main)
     barrier(d)
     warn = print if d.is_main else (lambda _message: None)  # every rank looks; rank 0 speaks
+    if unused := unused_warmup_settings(cfg):  # a config file may describe the warm-up its base had: only said
+        warn(f"warning: {', '.join(unused)} unused: no warm-up runs (warmup.checkpoint_steps 0), model.path "
+             f"{cfg.model.path!r} is trained as it is")
     resume_from = checkpoint.resume_point(out, warn=warn) if cfg.train.resume else None
     if cfg.train.resume and resume_from is None:
         warn(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting the run again from step 0")
@@ -461,6 +467,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if resume_from is not None:
         check_resume_settings(cfg, checkpoint.load_trainer_state(resume_from).get("config"), resume_from, out, warn)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
+    check_context(cfg, tokenizer, hf_model.config, train_examples + eval_examples)
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
               "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "
@@ -533,7 +540,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                  f"step {start} ({_spans(lost)}): their metrics are lost, and the curves and summary go without them")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        # atomic: a config.json cut short broke a later --resume and the documented `--config out/config.json`
+        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
@@ -551,6 +559,28 @@ def _spans(steps: list[int]) -> str:
             spans.append(f"{start}-{prev}" if prev != start else f"{start}")
             start = cur
     return ", ".join(spans)
+
+
+def check_context(cfg: JobConfig, tokenizer, model_config, examples: list) -> None:
+    """Refuse at start what the engines would refuse mid-run: a prompt that, with the tokens sampled after it, runs
+    past the model's positions (found by review: `--rollout.critic_max_new_tokens 480` on a 512-position model
+    failed in step 1, after the step-0 evaluation and the policy's rollouts). The longest questions by characters
+    stand for all; a critic prompt is measured with both answers empty, so only a certain failure is refused."""
+    limit = context_limit(model_config)
+    if limit is None or not examples:
+        return
+    questions = sorted({ex.question for ex in examples}, key=len)[-8:]
+    checks = [("rollout.max_new_tokens", cfg.rollout.max_new_tokens, "policy", prompts.policy_messages)]
+    if cfg.train.mode == "raro" or (cfg.train.eval_tournament and cfg.train.eval_samples > 1):
+        checks.append(("rollout.critic_max_new_tokens", cfg.rollout.critic_max_new_tokens, "critic",
+                       lambda q: prompts.critic_messages(q, "", "")))
+    for setting, new_tokens, role, messages in checks:
+        longest = max(len(prompts.render_prompt(tokenizer, messages(q))) for q in questions)
+        if longest + new_tokens > limit:
+            raise ValueError(f"{setting} {new_tokens}: the longest {role} prompt has {longest} tokens"
+                             f"{' (with both answers empty)' if role == 'critic' else ''}, and {new_tokens} more run "
+                             f"past the model's {limit} positions (max_position_embeddings); lower {setting}, or use "
+                             "a model with a longer context")
 
 
 def first_sync(rollout: RolloutConfig, engine, model, *, version: int, dtype) -> None:

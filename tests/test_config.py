@@ -183,7 +183,7 @@ def test_values_that_would_fail_deep_inside_are_refused_at_start(flag, value, me
 def test_the_edges_of_the_documented_ranges_are_accepted(argv):
     """Each range check takes its closed ends: a refused edge (or a float rounding 1 - 0.8 below 0.2) would stop a
     valid run at start."""
-    load_config(argv)
+    load_config(["--model.path", ""] + argv)  # the embedded model: its warm-up reads warmup.*
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -396,6 +396,60 @@ def test_embedded_model_settings_are_refused_where_a_model_path_replaces_them():
     load_config(["--config", "configs/countdown-24.yaml", "--config", "configs/qwen2.5-1.5b-countdown.yaml", "--model", "m"])
 
 
+def test_an_option_is_never_taken_as_the_value_of_the_one_before():
+    """Found by review: `--output-dir $RUN --resume` with RUN unset started a new run in ./--resume."""
+    with pytest.raises(ConfigError, match=r"command line: --output-dir needs a value, and the next argument --resume "
+                                          r"is an option \(a value that starts with -- is given as --output-dir=VALUE\)"):
+        load_config(["--output-dir", "--resume"])
+    assert load_config(["--output-dir=--odd", "--resume"]).train.output_dir == "--odd"
+    assert load_config(["--train.seed", "-3"]).train.seed == -3  # one dash is a number's sign
+
+
+def test_warm_up_settings_no_warm_up_reads_are_refused_or_said():
+    """Found by review: `--warmup.arithmetic_fraction 0.3` with the shipped base, and `--warmup.checkpoint_steps 300`
+    with the embedded model, were accepted and never read."""
+    with pytest.raises(ConfigError, match=r"warmup.arithmetic_fraction, warmup.seed: no warm-up runs, as the shipped "
+                                          r"base 'builtin:countdown-easy' was warmed up already"):
+        load_config(["--warmup.arithmetic_fraction", "0.3", "--warmup.seed", "7"])
+    with pytest.raises(ConfigError, match=r"warmup.checkpoint_steps, warmup.checkpoint_lr: a real checkpoint's "
+                                          r"warm-up \(with --model.path\)"):
+        load_config(["--model.path", "", "--warmup.checkpoint_steps", "300", "--warmup.checkpoint_lr", "1e-5"])
+    # read: the embedded model's warm-up, the shipped base warmed up further, a checkpoint's warm-up
+    load_config(["--model.path", "", "--warmup.arithmetic_fraction", "0.3"])
+    load_config(["--warmup.checkpoint_steps", "10", "--warmup.arithmetic_fraction", "0.3"])
+    # another checkpoint, not warmed up: a config file may describe its base's warm-up (smollm2.sh): train says so
+    from raro_fast.config import unused_warmup_settings
+    cfg = load_config(["--model.path", "m", "--warmup.batch_size", "8", "--warmup.checkpoint_lr", "1e-4"])
+    assert unused_warmup_settings(cfg) == ["warmup.batch_size", "warmup.checkpoint_lr"]
+    assert unused_warmup_settings(load_config(["--model.path", "m", "--warmup.checkpoint_steps", "5"])) == []
+
+
+def test_another_tasks_settings_are_refused():
+    """Found by review: `--task.deepmath.path my_math.jsonl` without `--task.name deepmath` trained Countdown and
+    never opened the file. Countdown's settings are read with another task only where a warm-up makes puzzles."""
+    with pytest.raises(ConfigError, match=r"task.deepmath.path: settings of the deepmath task, which task.name "
+                                          r"countdown does not use; add --task.name deepmath"):
+        load_config(["--task.deepmath.path", "/nowhere/my_math.jsonl"])
+    with pytest.raises(ConfigError, match=r"task.countdown.target: settings of the countdown task, which task.name "
+                                          r"poetry does not use"):
+        load_config(["--task.name", "poetry", "--task.countdown.target", "24"])
+    load_config(["--task.name", "poetry", "--task.countdown.target", "24", "--model.path", ""])  # the warm-up's
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--loss.kl_coef", "-1", "loss.kl_coef must be >= 0, got -1"),  # no KL at all, silently (the trainer tests > 0)
+    ("--loss.dual_clip", "0.5", r"loss.dual_clip must be > 1"),  # these failed at the first update, after the
+    ("--loss.tis_cap", "0", "loss.tis_cap must be > 0"),  # model loaded and the step-0 evaluation ran
+    ("--loss.clip_low", "-1", r"loss.clip_low must be in \[0, 1\)"),
+    ("--loss.clip_high", "-0.1", "loss.clip_high must be >= 0"),
+    ("--optim.beta1", "1.5", r"optim.beta1 must lie in \[0, 1\), got 1.5"),  # AdamW's, naming no setting
+    ("--optim.beta2", "-0.1", r"optim.beta2 must lie in \[0, 1\)"),
+])
+def test_loss_and_optimizer_values_are_refused_at_start(flag, value, message):
+    with pytest.raises(ConfigError, match=f"command line: .*{message}"):
+        load_config([flag, value])
+
+
 def test_a_replay_buffer_smaller_than_a_steps_planned_replay_is_refused():
     """The critic's normaliser plans every replayed pair: --raro.replay_size 0 (meant as "no replay") halved the
     critic's weight for the whole run, and 10 took it to 0.66 (found by review)."""
@@ -435,3 +489,29 @@ def test_groups_of_one_are_fine_where_no_group_is_compared():
     for mode in ("sft", "rationalization", "dpo"):
         assert load_config(["--train.mode", mode, "--raro.group_size", "1"]).raro.group_size == 1
     assert load_config(["--train.mode", "rlvr", "--raro.critic_samples_per_pair", "1"]).train.mode == "rlvr"
+
+
+def test_a_prompt_the_sampled_tokens_would_carry_past_the_models_positions_is_refused_at_start():
+    """Found by review: `--rollout.critic_max_new_tokens 480` on a 512-position model failed in step 1, after the
+    step-0 evaluation and the policy's rollouts had run. setup() checks the longest prompts first."""
+    from types import SimpleNamespace
+
+    from raro_fast.model.hf import load_project_tokenizer
+    from raro_fast.tasks import make_task
+    from raro_fast.train import check_context
+
+    tok = load_project_tokenizer()
+    examples = make_task(load_config([]).task).examples("train")
+    model_config = SimpleNamespace(max_position_embeddings=512)
+    check_context(load_config([]), tok, model_config, examples)  # the defaults fit
+    with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 480: the longest critic prompt has \d+ tokens "
+                                         r"\(with both answers empty\), and 480 more run past the model's 512 positions"):
+        check_context(load_config(["--rollout.critic_max_new_tokens", "480"]), tok, model_config, examples)
+    with pytest.raises(ValueError, match=r"rollout.max_new_tokens 500: the longest policy prompt has \d+ tokens, and "
+                                         r"500 more run past the model's 512 positions"):
+        check_context(load_config(["--rollout.max_new_tokens", "500"]), tok, model_config, examples)
+    # SFT samples no critic, unless its evaluation runs the tournament
+    sft = ["--train.mode", "sft", "--rollout.critic_max_new_tokens", "480"]
+    check_context(load_config(sft + ["--train.eval_tournament", "false"]), tok, model_config, examples)
+    with pytest.raises(ValueError, match="rollout.critic_max_new_tokens 480"):
+        check_context(load_config(sft), tok, model_config, examples)

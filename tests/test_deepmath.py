@@ -431,6 +431,14 @@ def test_not_utf8(tmp_path):
         DeepMathTask(DeepMathConfig(path=str(path)))
 
 
+def test_a_byte_order_mark_and_windows_line_ends_are_read(tmp_path):
+    """A file saved by a Windows editor: its BOM was "not valid JSON" at line 1 (the YAML reader took it)."""
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"question": "a", "final_answer": "1"}\r\n{"question": "b", "final_answer": "2"}\r\n')
+    task = DeepMathTask(DeepMathConfig(path=str(path), heldout_fraction=0.5))
+    assert sorted(ex.question for split in ("train", "heldout") for ex in task.examples(split)) == ["a", "b"]
+
+
 def test_difficulty_needed_by_the_filter(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "final_answer": "1", "difficulty": 3},
                                               {"question": "b", "final_answer": "1"}])

@@ -1,6 +1,7 @@
 """One run per output folder: a new run refuses another run's folder (or clears it under train.overwrite), a
 cached base_model is reused only for the settings it was warmed up with, and pruning never deletes the newest."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -232,8 +233,8 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
     del saved["task"]["countdown"]["expert_form"]  # a setting added after the run was saved: it has its default
     saved["task"]["deepmath"]["path"] = "/elsewhere/deepmath.jsonl"  # another task's data: not this run's
     now = to_dict(load_config(["--task.name", "poetry", "--optim.lr", "1e-5", "--rollout.batch_size", "8",
-                               "--task.poetry.seed", "3", "--rollout.temperature", "0.7",
-                               "--task.countdown.expert_form", "varied"]))
+                               "--task.poetry.seed", "3", "--rollout.temperature", "0.7"]))
+    now["task"]["countdown"]["expert_form"] = "varied"  # another task's setting (refused now at load_config)
     refused, allowed = resume_changes(saved, now)
     # rollout.batch_size changes the embedded engine's draws (its batches share one generator): the run's (review)
     assert refused == ["task.poetry.seed: 0 -> 3", "rollout.temperature: 1.0 -> 0.7", "rollout.batch_size: 128 -> 8"]
@@ -293,6 +294,14 @@ def test_an_output_dir_in_the_way_of_a_file_is_refused_before_anything_loads(tmp
     for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(ValueError, match=f"train.output_dir: {tmp_path / 'afile'} is a file, not a folder"):
             output_dir.prepare(_cfg(out), delete=True)
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_loads():
+    """It failed where the metrics were opened (after the model loaded) or where the base was saved (after the
+    whole warm-up), in a traceback (found by review). /proc takes no new folder, even from root."""
+    with pytest.raises(ValueError, match=r"train.output_dir: cannot write in /proc/raro_out \((FileNotFoundError|"
+                                         r"PermissionError|OSError)"):
+        output_dir.prepare(_cfg(Path("/proc/raro_out")), delete=True)
 
 
 def test_a_resume_may_move_the_tasks_data_file_and_wait_longer_for_sglang():

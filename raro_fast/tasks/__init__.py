@@ -1,7 +1,7 @@
 """Tasks: demonstrations, answer extraction and (for evaluation only) verifiers. See base.py for the interface."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from raro_fast.tasks.base import Example, Task
@@ -27,6 +27,17 @@ class TaskConfig:
     countdown: CountdownConfig = field(default_factory=CountdownConfig, metadata={"help": "Countdown settings."})
     deepmath: DeepMathConfig = field(default_factory=DeepMathConfig, metadata={"help": "DeepMath settings."})
     poetry: PoetryConfig = field(default_factory=PoetryConfig, metadata={"help": "Poetry settings."})
+
+    def __post_init__(self) -> None:
+        # Found by review: `--task.deepmath.path my_math.jsonl` without `--task.name deepmath` trained Countdown and
+        # never opened the file. (Countdown's settings also shape the warm-up's puzzles: JobConfig checks those.)
+        for name in ("deepmath", "poetry"):
+            section = getattr(self, name)
+            given = [f"task.{name}.{f.name}" for f in fields(section)
+                     if getattr(section, f.name) != getattr(type(section)(), f.name)]
+            if given and self.name != name:
+                raise ValueError(f"{', '.join(given)}: settings of the {name} task, which task.name {self.name} does "
+                                 f"not use; add --task.name {name}")
 
 
 def make_task(cfg: TaskConfig) -> Task:

@@ -44,7 +44,8 @@ def _read_jsonl(path) -> list[tuple[str, dict[str, Any]]]:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                # a byte-order mark opening the file (Windows editors write one) as the YAML reader takes it
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise ValueError(f"{where}: not UTF-8 text") from None
             if not line.strip():
