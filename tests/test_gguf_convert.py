@@ -88,3 +88,39 @@ def test_the_tokenizer_splits_text_as_the_file_names(reference, tmp_path):
     with pytest.raises(ValueError, match=r"tiny.gguf: its tokenizer splits text as 'mystery' \(tokenizer.ggml.pre\)"):
         gguf.convert_gguf(_write(reference, tmp_path, pre="mystery"), tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_tensor_of_another_shape_is_refused_naming_it(reference, tmp_path):
+    """transformers raised its own RuntimeError ("You set `ignore_mismatched_sizes` to `False`") from deep inside,
+    past the check that names the tensor (found by review)."""
+    with pytest.raises(ValueError, match=r"tiny.gguf: its tensors do not fill .*of another shape: "
+                                         r"\[.*model.layers.0.mlp.up_proj.weight"):
+        gguf.convert_gguf(_write(reference, tmp_path, transform={"blk.0.ffn_up.weight": lambda a: a.T.copy()}),
+                          tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_file_is_read(tmp_path, capsys):
+    """It failed after the minutes of reading the GGUF, in a PermissionError traceback (found by review)."""
+    src = tmp_path / "never-read.gguf"
+    src.write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"/proc/raro_out: cannot write beside it in /proc"):
+        gguf.convert_gguf(src, "/proc/raro_out")
+    assert gguf.main([str(src), "/proc/raro_out"]) == 2 and "cannot write beside it" in capsys.readouterr().err
+
+
+def test_a_linked_out_dir_is_converted_into_the_folder_it_names_again_and_again(reference, tmp_path):
+    """The link was replaced by a folder beside it (not on the disk it named), and its leftover `.link.old` made the
+    next conversion a NotADirectoryError (found by review)."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "model")
+    src = _write(reference, tmp_path)
+    for _ in range(2):
+        gguf.convert_gguf(src, tmp_path / "link")
+        assert (tmp_path / "link").is_symlink() and (tmp_path / "disk" / "model" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link", "tiny.gguf"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["model"]
+    (tmp_path / "disk" / ".model.old").write_text("a stray file where a save moves the old folder aside")
+    gguf.convert_gguf(src, tmp_path / "link")
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["model"]
+    load_pretrained(tmp_path / "link", dtype=torch.float32)

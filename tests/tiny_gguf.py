@@ -27,9 +27,11 @@ def _permute(w, n_head, n_head_kv=None):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path, *, extra=None, drop=(), extra_tensors=None, vocab_key=True, tokenizer=True, pre="default"):
+def write_gguf(model, path, *, extra=None, drop=(), extra_tensors=None, vocab_key=True, tokenizer=True, pre="default",
+               transform=None):
     """`model` as llama.cpp writes a Llama: its q and k rows permuted, tensors named `blk.N.*`; `drop` leaves
-    those GGUF tensors out, `extra` adds metadata (a callable given the writer), `extra_tensors` more tensors."""
+    those GGUF tensors out, `extra` adds metadata (a callable given the writer), `extra_tensors` more tensors,
+    `transform` maps a GGUF tensor's array to another (a damaged file)."""
     cfg = model.config
     w = GGUFWriter(str(path), "llama")
     w.add_name("tiny")
@@ -66,6 +68,8 @@ def write_gguf(model, path, *, extra=None, drop=(), extra_tensors=None, vocab_ke
             a = _permute(a, cfg.num_attention_heads, cfg.num_attention_heads)
         elif gg.endswith("attn_k.weight"):
             a = _permute(a, cfg.num_attention_heads, cfg.num_key_value_heads)
+        if transform and gg in transform:
+            a = transform[gg](a)
         w.add_tensor(gg, np.ascontiguousarray(a))
     for name, a in (extra_tensors or {}).items():
         w.add_tensor(name, a)

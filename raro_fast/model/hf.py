@@ -448,8 +448,11 @@ def save_pretrained_atomic(
     extra_files: dict[str, str] | None = None,
 ) -> None:
     """Write model + tokenizer in HF format (safetensors), and `extra_files` (name: text), to a temporary folder,
-    sync it to disk, then rename it into place."""
+    sync it to disk, then rename it into place. A link to a folder is saved into the folder it names (the link
+    was replaced by a folder of its own: the model landed beside the link, not on the disk it pointed to)."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -484,18 +487,27 @@ def fsync_tree(folder: Path) -> None:
         fsync_path(p)
 
 
+def _remove_old(old: Path) -> None:
+    """A previous save's leftover: a folder, or a link (a symlinked folder saved over is moved aside as the link;
+    rmtree cannot remove one, and the next save stopped in NotADirectoryError: found by review)."""
+    if old.is_symlink() or old.is_file():
+        old.unlink()
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move directory `src` to `dst` so that a reader sees either the old or the new one, never a mix."""
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_old(old)
         try:
             os.replace(dst, old)
             os.replace(src, dst)
         except BaseException:  # a Ctrl-C between the two left neither at dst, and the caller deleted the new one
-            if old.exists() and not dst.exists():
+            if (old.exists() or old.is_symlink()) and not dst.exists():
                 os.replace(old, dst)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_old(old)
     else:
         os.replace(src, dst)
