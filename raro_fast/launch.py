@@ -33,6 +33,26 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return launcher, training
 
 
+def unknown_launcher_option(launcher: list[str]) -> str | None:
+    """What is wrong with the first of `launcher` that torchrun does not take, or None. A training setting typed
+    without its section (`--output_dir`) went to torchrun, whose 19-line usage named no training key (review)."""
+    from torch.distributed.run import get_args_parser
+
+    from raro_fast.config import iter_fields
+
+    known = get_args_parser()._option_string_actions
+    for arg in launcher:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("-") or name in known:
+            continue
+        leaf = name.lstrip("-").replace("-", "_")
+        near = [dotted for dotted, *_ in iter_fields() if dotted.rsplit(".", 1)[-1] == leaf]
+        hint = f"did you mean {' or '.join('--' + n for n in near)}?" if near else (
+            "training settings look like --section.field, torchrun's are listed by `torchrun --help`")
+        return f"{name} is neither a torchrun option nor a training setting; {hint}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     launcher, training = split_args(argv)
@@ -40,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         from raro_fast import train
 
         return train.main(training)
+    if (wrong := unknown_launcher_option(launcher)) is not None:
+        print(f"raro-fast train: {wrong}", file=sys.stderr)
+        return 2
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from raro_fast.launch import split_args
 
 
@@ -60,3 +62,20 @@ def test_a_ranks_clear_error_ends_in_one_line_not_torchruns_block(tmp_path):
     assert out.stderr.count(f"error: model.path: '{tmp_path / 'missing'}'") == 1
     assert "raro-fast train: rank 0 stopped with exit code 2 (its message is above)" in out.stderr
     assert "ChildFailedError" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_training_setting_without_its_section_is_named_not_handed_to_torchrun(monkeypatch, capsys):
+    """`--output_dir` went to torchrun, whose 19-line usage named no training key (found by review)."""
+    import torch.distributed.run
+
+    from raro_fast import launch
+
+    monkeypatch.setattr(torch.distributed.run, "run", lambda *a, **k: pytest.fail("torchrun was started"))
+    assert launch.main(["--nproc_per_node=2", "--output_dir", "/x", "--train.steps", "0"]) == 2
+    assert capsys.readouterr().err == ("raro-fast train: --output_dir is neither a torchrun option nor a training "
+                                       "setting; did you mean --train.output_dir?\n")
+    assert launch.main(["--nproc_per_node=2", "--frobnicate"]) == 2
+    assert "--frobnicate is neither a torchrun option nor a training setting; training settings look like " \
+           "--section.field" in capsys.readouterr().err
+    assert launch.unknown_launcher_option(["--nproc-per-node=2", "--master_port", "29511", "--standalone", "-t", "3"]) \
+        is None
