@@ -426,11 +426,13 @@ class JobConfig:
                                  "and warm up the embedded model")
             # Found by review: `--warmup.arithmetic_fraction 0.3` with the shipped base ran no warm-up, silently.
             # (Another model path only warns, in train: a config file may describe the warm-up its base had.)
-            if self.model.path.startswith("builtin:") and unused_warmup_settings(self):
-                raise ValueError(f"{', '.join(unused_warmup_settings(self))}: no warm-up runs, as the shipped base "
-                                 f"{self.model.path!r} was warmed up already (its warmup_recipe.json); pass "
-                                 "--model.path '' to warm up the embedded model with them, or "
-                                 "--warmup.checkpoint_steps N to warm up the shipped base further")
+            unread = unused_warmup_settings(self)
+            if self.model.path.startswith("builtin:") and unread:
+                # the embedded model's warm-up reads all but checkpoint_lr (review: the advice sent it there)
+                embedded = "" if "warmup.checkpoint_lr" in unread else " --model.path '' to warm up the embedded model, or"
+                raise ValueError(f"{', '.join(unread)}: no warm-up runs, as the shipped base {self.model.path!r} was "
+                                 f"warmed up already (its warmup_recipe.json); pass{embedded} --warmup.checkpoint_steps "
+                                 "N to warm up the shipped base further, with them")
         elif unused_warmup_settings(self):
             raise ValueError(f"{', '.join(unused_warmup_settings(self))}: a real checkpoint's warm-up (with "
                              "--model.path); the embedded model's (model.path '') is warmup.steps and warmup.lr")

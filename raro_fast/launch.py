@@ -34,23 +34,29 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def unknown_launcher_option(launcher: list[str]) -> str | None:
-    """What is wrong with the first of `launcher` that torchrun does not take, or None. A training setting typed
-    without its section (`--output_dir`) went to torchrun, whose 19-line usage named no training key (review)."""
+    """What is wrong with the first of `launcher` that torchrun's parser does not take, or None. A training setting
+    typed without its section (`--output_dir`) went to torchrun, whose 19-line usage named no training key (review).
+    torchrun's own parser decides (`-t3`, `--nproc_per 2` are its); where it fails otherwise, torchrun says why."""
+    import contextlib
+    import io
+
     from torch.distributed.run import get_args_parser
 
     from raro_fast.config import iter_fields
 
-    known = get_args_parser()._option_string_actions
-    for arg in launcher:
-        name = arg.split("=", 1)[0]
-        if not name.startswith("-") or name in known:
-            continue
-        leaf = name.lstrip("-").replace("-", "_")
-        near = [dotted for dotted, *_ in iter_fields() if dotted.rsplit(".", 1)[-1] == leaf]
-        hint = f"did you mean {' or '.join('--' + n for n in near)}?" if near else (
-            "training settings look like --section.field, torchrun's are listed by `torchrun --help`")
-        return f"{name} is neither a torchrun option nor a training setting; {hint}"
-    return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            _, unknown = get_args_parser().parse_known_args([*launcher, "raro_fast.train"])
+    except SystemExit:
+        return None
+    name = next((u.split("=", 1)[0] for u in unknown if u.startswith("-")), None)
+    if name is None:
+        return None
+    leaf = name.lstrip("-").replace("-", "_")
+    near = [dotted for dotted, *_ in iter_fields() if dotted.rsplit(".", 1)[-1] == leaf]
+    hint = f"did you mean {' or '.join('--' + n for n in near)}?" if near else (
+        "training settings look like --section.field, torchrun's are listed by `torchrun --help`")
+    return f"{name} is neither a torchrun option nor a training setting; {hint}"
 
 
 def main(argv: list[str] | None = None) -> int:

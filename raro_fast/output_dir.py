@@ -126,13 +126,14 @@ def prepare(cfg: JobConfig, *, delete: bool) -> None:
     check: a base warmed up with other settings is refused, or warmed up again under `train.overwrite`. The run's
     own files stay: a resume continues in this folder (the logs are cut back to where it starts)."""
     out = Path(cfg.train.output_dir)
-    t = cfg.train
     # A file in the way failed only when the metrics were opened, after the model loaded (found by review)
     blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise ValueError(f"train.output_dir: {blocked} is a file, not a folder")
+    check_builtin_base(cfg)
+    _refuse_or_clear(cfg, out, delete=delete)
     # A folder that cannot be written failed where the metrics were opened, after the model loaded, or where the
-    # base was saved, after its whole warm-up, in a traceback (found by review): try it first.
+    # base was saved, after its whole warm-up, in a traceback (found by review): try it, once the run is accepted.
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
@@ -140,7 +141,10 @@ def prepare(cfg: JobConfig, *, delete: bool) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ValueError(f"train.output_dir: cannot write in {out} ({type(e).__name__}: {e.strerror or e})") from None
-    check_builtin_base(cfg)
+
+
+def _refuse_or_clear(cfg: JobConfig, out: Path, *, delete: bool) -> None:
+    t = cfg.train
     if t.resume and _has_checkpoints(out):
         return
     found = [] if t.resume else [name for name in RUN_ENTRIES if (out / name).exists()]

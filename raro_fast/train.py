@@ -467,7 +467,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if resume_from is not None:
         check_resume_settings(cfg, checkpoint.load_trainer_state(resume_from).get("config"), resume_from, out, warn)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
-    check_context(cfg, tokenizer, hf_model.config, train_examples + eval_examples)
+    check_context(cfg, tokenizer, hf_model.config, train_examples, eval_examples)
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
               "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "
@@ -561,20 +561,26 @@ def _spans(steps: list[int]) -> str:
     return ", ".join(spans)
 
 
-def check_context(cfg: JobConfig, tokenizer, model_config, examples: list) -> None:
+def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout: list) -> None:
     """Refuse at start what the engines would refuse mid-run: a prompt that, with the tokens sampled after it, runs
     past the model's positions (found by review: `--rollout.critic_max_new_tokens 480` on a 512-position model
-    failed in step 1, after the step-0 evaluation and the policy's rollouts). The longest questions by characters
-    stand for all; a critic prompt is measured with both answers empty, so only a certain failure is refused."""
+    failed in step 1, after the step-0 evaluation and the policy's rollouts). Only the prompts a run samples from
+    count: the evaluation's policy prompts, every mode's but SFT's training ones, the critic's in RARO and in the
+    evaluation's tournament. The longest questions by characters stand for all; a critic prompt is measured with
+    both answers empty, so only a certain failure is refused."""
     limit = context_limit(model_config)
-    if limit is None or not examples:
+    if limit is None:
         return
-    questions = sorted({ex.question for ex in examples}, key=len)[-8:]
-    checks = [("rollout.max_new_tokens", cfg.rollout.max_new_tokens, "policy", prompts.policy_messages)]
-    if cfg.train.mode == "raro" or (cfg.train.eval_tournament and cfg.train.eval_samples > 1):
-        checks.append(("rollout.critic_max_new_tokens", cfg.rollout.critic_max_new_tokens, "critic",
-                       lambda q: prompts.critic_messages(q, "", "")))
-    for setting, new_tokens, role, messages in checks:
+    tournament = cfg.train.eval_tournament and cfg.train.eval_samples > 1
+    checks = [("rollout.max_new_tokens", cfg.rollout.max_new_tokens, "policy", prompts.policy_messages,
+               heldout + (train if cfg.train.mode != "sft" else [])),
+              ("rollout.critic_max_new_tokens", cfg.rollout.critic_max_new_tokens, "critic",
+               lambda q: prompts.critic_messages(q, "", ""),
+               (train if cfg.train.mode == "raro" else []) + (heldout if tournament else []))]
+    for setting, new_tokens, role, messages, examples in checks:
+        if not examples:
+            continue
+        questions = sorted({ex.question for ex in examples}, key=len)[-8:]
         longest = max(len(prompts.render_prompt(tokenizer, messages(q))) for q in questions)
         if longest + new_tokens > limit:
             raise ValueError(f"{setting} {new_tokens}: the longest {role} prompt has {longest} tokens"

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from raro_fast.config import ConfigError, JobConfig, help_text, iter_fields, load_config
 
@@ -411,6 +412,8 @@ def test_warm_up_settings_no_warm_up_reads_are_refused_or_said():
     with pytest.raises(ConfigError, match=r"warmup.arithmetic_fraction, warmup.seed: no warm-up runs, as the shipped "
                                           r"base 'builtin:countdown-easy' was warmed up already"):
         load_config(["--warmup.arithmetic_fraction", "0.3", "--warmup.seed", "7"])
+    with pytest.raises(ConfigError, match=r"warmup.checkpoint_lr: no warm-up runs, .*; pass --warmup.checkpoint_steps N"):
+        load_config(["--warmup.checkpoint_lr", "1e-4"])  # not sent to the embedded model, which refuses it too
     with pytest.raises(ConfigError, match=r"warmup.checkpoint_steps, warmup.checkpoint_lr: a real checkpoint's "
                                           r"warm-up \(with --model.path\)"):
         load_config(["--model.path", "", "--warmup.checkpoint_steps", "300", "--warmup.checkpoint_lr", "1e-5"])
@@ -493,25 +496,49 @@ def test_groups_of_one_are_fine_where_no_group_is_compared():
 
 def test_a_prompt_the_sampled_tokens_would_carry_past_the_models_positions_is_refused_at_start():
     """Found by review: `--rollout.critic_max_new_tokens 480` on a 512-position model failed in step 1, after the
-    step-0 evaluation and the policy's rollouts had run. setup() checks the longest prompts first."""
+    step-0 evaluation and the policy's rollouts had run. setup() checks the longest prompts a run samples first."""
     from types import SimpleNamespace
 
+    from raro_fast import prompts
     from raro_fast.model.hf import load_project_tokenizer
     from raro_fast.tasks import make_task
+    from raro_fast.tasks.base import Example
     from raro_fast.train import check_context
 
     tok = load_project_tokenizer()
-    examples = make_task(load_config([]).task).examples("train")
+    task = make_task(load_config([]).task)
+    train, heldout = task.examples("train"), task.examples("heldout")
     model_config = SimpleNamespace(max_position_embeddings=512)
-    check_context(load_config([]), tok, model_config, examples)  # the defaults fit
+    check_context(load_config([]), tok, model_config, train, heldout)  # the defaults fit
     with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 480: the longest critic prompt has \d+ tokens "
                                          r"\(with both answers empty\), and 480 more run past the model's 512 positions"):
-        check_context(load_config(["--rollout.critic_max_new_tokens", "480"]), tok, model_config, examples)
-    with pytest.raises(ValueError, match=r"rollout.max_new_tokens 500: the longest policy prompt has \d+ tokens, and "
-                                         r"500 more run past the model's 512 positions"):
-        check_context(load_config(["--rollout.max_new_tokens", "500"]), tok, model_config, examples)
-    # SFT samples no critic, unless its evaluation runs the tournament
-    sft = ["--train.mode", "sft", "--rollout.critic_max_new_tokens", "480"]
-    check_context(load_config(sft + ["--train.eval_tournament", "false"]), tok, model_config, examples)
+        check_context(load_config(["--rollout.critic_max_new_tokens", "480"]), tok, model_config, train, heldout)
+    # the bound is exact: the longest policy prompt plus max_new_tokens may fill the positions, not one more
+    longest = max(len(prompts.render_prompt(tok, prompts.policy_messages(ex.question))) for ex in train + heldout)
+    check_context(load_config(["--rollout.max_new_tokens", str(512 - longest)]), tok, model_config, train, heldout)
+    with pytest.raises(ValueError, match=rf"rollout.max_new_tokens {513 - longest}: the longest policy prompt has "
+                                         rf"{longest} tokens, and {513 - longest} more run past the model's 512"):
+        check_context(load_config(["--rollout.max_new_tokens", str(513 - longest)]), tok, model_config, train, heldout)
+    # Only what a run samples counts (review): SFT samples no training prompt, and no critic prompt unless its
+    # evaluation runs the tournament; a long training question does not stop it.
+    long_question = [Example(id="long", question="Using " + ", ".join(["3"] * 150) + ", make 10.", answer="3")]
+    sft = ["--train.mode", "sft", "--rollout.critic_max_new_tokens", "480", "--train.eval_tournament", "false"]
+    check_context(load_config(sft), tok, model_config, long_question, heldout)
+    with pytest.raises(ValueError, match="rollout.max_new_tokens 48: the longest policy prompt"):
+        check_context(load_config(sft[:2]), tok, model_config, [], long_question)  # evaluated: sampled
     with pytest.raises(ValueError, match="rollout.critic_max_new_tokens 480"):
-        check_context(load_config(sft), tok, model_config, examples)
+        check_context(load_config(sft[:4]), tok, model_config, [], heldout)  # the tournament samples the critic
+    with pytest.raises(ValueError, match="rollout.max_new_tokens 48: the longest policy prompt"):
+        check_context(load_config(["--train.mode", "rlvr"]), tok, model_config, long_question, heldout)
+
+
+def test_setup_checks_the_context_before_it_builds_an_engine(saved_embedded_model, tmp_path, monkeypatch):
+    """The check is wired into setup (a test of check_context alone passed with the call removed: review)."""
+    from raro_fast import train
+    from raro_fast.distributed import Dist
+
+    monkeypatch.setattr(train, "make_engine", lambda *a, **k: pytest.fail("an engine was built"))
+    cfg = load_config(["--model.path", str(saved_embedded_model), "--train.output_dir", str(tmp_path / "run"),
+                       "--rollout.critic_max_new_tokens", "250", "--train.progress", "false"])
+    with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 250: .* past the model's 256 positions"):
+        train.setup(cfg, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))

@@ -83,6 +83,8 @@ def test_the_tokenizer_splits_text_as_the_file_names(reference, tmp_path):
     out = gguf.convert_gguf(_write(reference, tmp_path, pre="smollm"), tmp_path / "out")
     _, saved = load_pretrained(out, dtype=torch.float32)
     assert _split(saved, "Answer:\n\n42") == ["Answer", ":", "ĊĊ", "4", "2"]  # and so it is saved
+    _, minerva = gguf.load_gguf(_write(reference, tmp_path, pre="minerva-7b"))  # llama.cpp's name for it
+    assert _split(minerva, "Answer:\n\n42") == ["Answer", ":", "ĊĊ", "4", "2"]
     _, gpt2 = gguf.load_gguf(_write(reference, tmp_path, pre="default"))
     assert _split(gpt2, "Answer:\n\n42") == ["Answer", ":", "Ċ", "Ċ", "42"]
     with pytest.raises(ValueError, match=r"tiny.gguf: its tokenizer splits text as 'mystery' \(tokenizer.ggml.pre\)"):
@@ -107,6 +109,10 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_file_is_read(tm
     with pytest.raises(ValueError, match=r"/proc/raro_out: cannot write beside it in /proc"):
         gguf.convert_gguf(src, "/proc/raro_out")
     assert gguf.main([str(src), "/proc/raro_out"]) == 2 and "cannot write beside it" in capsys.readouterr().err
+    # the probe makes no folder: a conversion refused for its file leaves none behind (review of the probe)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf.convert_gguf(src, tmp_path / "new" / "a" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["never-read.gguf"]
 
 
 def test_a_linked_out_dir_is_converted_into_the_folder_it_names_again_and_again(reference, tmp_path):

@@ -77,5 +77,7 @@ def test_a_training_setting_without_its_section_is_named_not_handed_to_torchrun(
     assert launch.main(["--nproc_per_node=2", "--frobnicate"]) == 2
     assert "--frobnicate is neither a torchrun option nor a training setting; training settings look like " \
            "--section.field" in capsys.readouterr().err
-    assert launch.unknown_launcher_option(["--nproc-per-node=2", "--master_port", "29511", "--standalone", "-t", "3"]) \
-        is None
+    # whatever torchrun's parser takes passes: spellings, attached values, abbreviations (refused at first: review)
+    for ok in (["--nproc-per-node=2", "--master_port", "29511", "--standalone", "-t", "3"], ["-t3", "-r3"],
+               ["--nproc_per", "2"], ["--rdzv-conf", "a=b", "--tee=3", "--nnodes=1:2"]):
+        assert launch.unknown_launcher_option(ok) is None, ok

@@ -299,9 +299,18 @@ def test_an_output_dir_in_the_way_of_a_file_is_refused_before_anything_loads(tmp
 def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_loads():
     """It failed where the metrics were opened (after the model loaded) or where the base was saved (after the
     whole warm-up), in a traceback (found by review). /proc takes no new folder, even from root."""
-    with pytest.raises(ValueError, match=r"train.output_dir: cannot write in /proc/raro_out \((FileNotFoundError|"
-                                         r"PermissionError|OSError)"):
-        output_dir.prepare(_cfg(Path("/proc/raro_out")), delete=True)
+    for out in (Path("/proc/raro_out"), Path("/proc")):  # no folder made there; a folder that takes no file
+        with pytest.raises(ValueError, match=rf"train.output_dir: cannot write in {out} \((FileNotFoundError|"
+                                             r"PermissionError|OSError)"):
+            output_dir.prepare(_cfg(out), delete=True)
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path):
+    """The write probe made the output folder before the run's refusals (review of the probe)."""
+    out = tmp_path / "a" / "b" / "run"
+    with pytest.raises(ValueError, match="task.countdown.target"):
+        output_dir.prepare(load_config(["--task.countdown.target", "24", "--train.output_dir", str(out)]), delete=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_resume_may_move_the_tasks_data_file_and_wait_longer_for_sglang():

@@ -109,7 +109,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
 
 # llama.cpp's pre-tokenizer types that isolate every digit before GPT-2's split (its llama-vocab.cpp gives them one
 # regex list: "\p{N}", then GPT-2's), as StarCoder's tokenizer.json does with Digits(individual_digits=True).
-DIGITS_FIRST = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
+DIGITS_FIRST = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"})
 GPT2_SPLIT = frozenset({"default", "gpt-2", "gpt2"})
 
 
@@ -203,13 +203,15 @@ def check_out_dir(out: Path) -> None:
         raise ValueError(f"{out}: exists and is not empty, and is not an earlier convert-gguf output (it has no "
                          f"{CONVERSION_MARKER}); convert-gguf replaces OUT_DIR whole, so give a new or empty folder, "
                          "or move this one's files away first")
-    # The output is written beside OUT_DIR and renamed into place: a folder that takes no file there failed after
-    # the minutes of reading the GGUF, in a traceback (found by review)
+    # The output is written beside OUT_DIR (beside the folder a link names) and renamed into place: a folder that
+    # takes no file there failed after the minutes of reading the GGUF, in a traceback (found by review). Tried in
+    # the nearest folder that exists, which is where the missing ones would be made: none is made here.
+    beside = (out.resolve() if out.is_symlink() else out).parent
+    existing = next(p for p in (beside, *beside.parents) if p.exists())
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.write-test-", dir=out.parent))
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.write-test-", dir=existing))
     except OSError as e:
-        raise ValueError(f"{out}: cannot write beside it in {out.parent} ({type(e).__name__}: {e.strerror or e}); "
+        raise ValueError(f"{out}: cannot write beside it in {existing} ({type(e).__name__}: {e.strerror or e}); "
                          "give convert-gguf an OUT_DIR in a folder you can write") from None
 
 

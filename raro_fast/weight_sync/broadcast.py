@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -57,7 +58,10 @@ def _broadcast(group, tensor: torch.Tensor, answered: Callable[..., None] | None
     work = group.broadcast([tensor], opts)
     if answered is not None and tensor.device.type == "cpu":
         while not work.is_completed():
+            began = time.monotonic()
             answered(0.05)  # raises a refusal; returns (after at most 50 ms) while the request is in flight
+            # one that has answered returns at once: not a busy loop on a core the broadcast needs (review)
+            time.sleep(max(0.0, 0.005 - (time.monotonic() - began)))
     work.wait()
 
 
