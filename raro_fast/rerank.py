@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from raro_fast import prompts
-from raro_fast.rollout.engine import RolloutEngine, SamplingParams
+from raro_fast.rollout.engine import RolloutEngine, SamplingParams, room_for
 
 Match = tuple[str, str, str]  # (question, answer shown as 1, answer shown as 2)
 Judge = Callable[[list[Match]], list[str | None]]
@@ -129,7 +129,13 @@ def critic_judge(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=1, seed=seed + next(call_index)
         )
         critic_prompts = [prompts.render_prompt(tokenizer, prompts.critic_messages(q, a1, a2)) for q, a1, a2 in matches]
-        outs = engine.generate(critic_prompts, params)
-        return [None if c.truncated else prompts.parse_verdict(c.text) for (c,) in outs]
+        # a match the critic has no room to judge (two long answers) is invalid: it stopped the evaluation (review)
+        fits = [room_for(engine, p, max_new_tokens) for p in critic_prompts]
+        outs = iter(engine.generate([p for p, fit in zip(critic_prompts, fits) if fit], params) if any(fits) else [])
+        verdicts = []
+        for fit in fits:
+            c = next(outs)[0] if fit else None
+            verdicts.append(None if c is None or c.truncated else prompts.parse_verdict(c.text))
+        return verdicts
 
     return judge

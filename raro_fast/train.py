@@ -565,28 +565,31 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     """Refuse at start what the engines would refuse mid-run: a prompt that, with the tokens sampled after it, runs
     past the model's positions (found by review: `--rollout.critic_max_new_tokens 480` on a 512-position model
     failed in step 1, after the step-0 evaluation and the policy's rollouts). Only the prompts a run samples from
-    count: the evaluation's policy prompts, every mode's but SFT's training ones, the critic's in RARO and in the
-    evaluation's tournament. The longest questions by characters stand for all; a critic prompt is measured with
-    both answers empty, so only a certain failure is refused."""
+    count: the evaluation's policy prompts, every mode's but SFT's training ones, the critic's in RARO (with the
+    expert's answer, and the policy's empty) and in the evaluation's tournament (both answers empty). The longest
+    examples by characters stand for all; with answers left empty, only a certain failure is refused (the game
+    leaves a pair the critic has no room for unjudged: `modes.raro.readable`)."""
     limit = context_limit(model_config)
     if limit is None:
         return
     tournament = cfg.train.eval_tournament and cfg.train.eval_samples > 1
-    checks = [("rollout.max_new_tokens", cfg.rollout.max_new_tokens, "policy", prompts.policy_messages,
-               heldout + (train if cfg.train.mode != "sft" else [])),
-              ("rollout.critic_max_new_tokens", cfg.rollout.critic_max_new_tokens, "critic",
-               lambda q: prompts.critic_messages(q, "", ""),
-               (train if cfg.train.mode == "raro" else []) + (heldout if tournament else []))]
-    for setting, new_tokens, role, messages, examples in checks:
+    policy, critic = cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens
+    question, both = (lambda ex: len(ex.question)), (lambda ex: len(ex.question) + len(ex.answer))
+    checks = [("rollout.max_new_tokens", policy, "policy prompt", lambda ex: prompts.policy_messages(ex.question),
+               question, heldout + (train if cfg.train.mode != "sft" else [])),
+              ("rollout.critic_max_new_tokens", critic, "critic prompt (with the expert's answer, the policy's empty)",
+               lambda ex: prompts.critic_messages(ex.question, ex.answer, ""), both,
+               train if cfg.train.mode == "raro" else []),
+              ("rollout.critic_max_new_tokens", critic, "critic prompt (with both answers empty)",
+               lambda ex: prompts.critic_messages(ex.question, "", ""), question, heldout if tournament else [])]
+    for setting, new_tokens, what, messages, size, examples in checks:
         if not examples:
             continue
-        questions = sorted({ex.question for ex in examples}, key=len)[-8:]
-        longest = max(len(prompts.render_prompt(tokenizer, messages(q))) for q in questions)
+        longest = max(len(prompts.render_prompt(tokenizer, messages(ex))) for ex in sorted(examples, key=size)[-8:])
         if longest + new_tokens > limit:
-            raise ValueError(f"{setting} {new_tokens}: the longest {role} prompt has {longest} tokens"
-                             f"{' (with both answers empty)' if role == 'critic' else ''}, and {new_tokens} more run "
-                             f"past the model's {limit} positions (max_position_embeddings); lower {setting}, or use "
-                             "a model with a longer context")
+            raise ValueError(f"{setting} {new_tokens}: the longest {what} has {longest} tokens, and {new_tokens} "
+                             f"more run past the model's {limit} positions (max_position_embeddings); lower "
+                             f"{setting}, or use a model with a longer context")
 
 
 def first_sync(rollout: RolloutConfig, engine, model, *, version: int, dtype) -> None:

@@ -510,9 +510,14 @@ def test_a_prompt_the_sampled_tokens_would_carry_past_the_models_positions_is_re
     train, heldout = task.examples("train"), task.examples("heldout")
     model_config = SimpleNamespace(max_position_embeddings=512)
     check_context(load_config([]), tok, model_config, train, heldout)  # the defaults fit
-    with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 480: the longest critic prompt has \d+ tokens "
-                                         r"\(with both answers empty\), and 480 more run past the model's 512 positions"):
+    with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 480: the longest critic prompt \(with the "
+                                         r"expert's answer, the policy's empty\) has \d+ tokens, and 480 more run past "
+                                         r"the model's 512 positions"):
         check_context(load_config(["--rollout.critic_max_new_tokens", "480"]), tok, model_config, train, heldout)
+    # the expert's answer counts: a long one (a poem) fails every step where the question alone fits (review)
+    long_answer = [Example(id="poem", question="Write a poem.", answer="\n".join(["a line of verse"] * 60))]
+    with pytest.raises(ValueError, match=r"critic prompt \(with the expert's answer, the policy's empty\)"):
+        check_context(load_config(["--train.eval_tournament", "false"]), tok, model_config, long_answer, heldout)
     # the bound is exact: the longest policy prompt plus max_new_tokens may fill the positions, not one more
     longest = max(len(prompts.render_prompt(tok, prompts.policy_messages(ex.question))) for ex in train + heldout)
     check_context(load_config(["--rollout.max_new_tokens", str(512 - longest)]), tok, model_config, train, heldout)

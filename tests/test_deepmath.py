@@ -1,5 +1,6 @@
 """DeepMath task: \\boxed extraction, math-verify equivalences, the hash split, filters and bad-input errors."""
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -568,3 +569,17 @@ def test_registered():
     assert TASKS["deepmath"] == (DeepMathTask, DeepMathConfig)
     task = get_task("deepmath", DeepMathConfig(path=str(SAMPLE_PATH)))
     assert task.name == "deepmath" and task.examples("train")[0].id.startswith("deepmath:")
+
+
+def test_an_answer_whose_value_takes_minutes_to_evaluate_is_not_a_number(tmp_path):
+    """\\sum_{k=1}^{10^9} \\sin(k^2) parsed in a second and then evalf ran for minutes outside math-verify's timer,
+    stalling majority@n and the answer entropy (found by review). Run apart, so that a regression fails, not hangs."""
+    script = (
+        "from raro_fast.tasks.deepmath import _real_values, math_answer_classes\n"
+        "assert _real_values(r'\\sum_{k=1}^{10^{9}} \\sin(k^{2})', 5) == ()\n"
+        "assert _real_values(r'\\int_0^1 x\\,dx', 5) == ()\n"
+        "assert _real_values(r'\\frac{1}{2}', 5) == (0.5,)\n"
+        "print(math_answer_classes(['3', r'\\sum_{k=1}^{10^{9}} \\sin(k^{2})', '3.0'], timeout_seconds=5))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[0, 1, 0]"

@@ -2,6 +2,7 @@
 replay mixing and role weights are exactly as the method says."""
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,7 +11,7 @@ from raro_fast.config import load_config
 from raro_fast.model.hf import load_project_tokenizer
 from raro_fast.modes.raro import raro_rollouts
 from raro_fast.replay import CriticPair
-from raro_fast.rollout.engine import Completion
+from raro_fast.rollout.engine import Completion, check_prompts
 from raro_fast.tasks import make_task
 from raro_fast.tasks.countdown import verify
 
@@ -37,6 +38,8 @@ class ScriptedEngine:
                           text=text, weight_version=self.weight_version, prompt_ids=list(prompt_ids))
 
     def generate(self, prompt_list, params):
+        if hasattr(self, "model"):  # as the real engines do: refuse what runs past the model's positions
+            check_prompts(prompt_list, params, self.model.config)
         self.calls.append((len(prompt_list), params.n))
         self.temperatures = getattr(self, "temperatures", []) + [params.temperature]
         self.top_ps = getattr(self, "top_ps", []) + [params.top_p]
@@ -91,7 +94,7 @@ def setting():
 
 
 def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None, args=(), train_policy=True,
-         no_tag_text="<think>no answer</think>"):
+         no_tag_text="<think>no answer</think>", context=None):
     """One rank's step of the game against the scripted engine; returns (rollout, replay sizes asked for)."""
     if args:
         cfg = load_config(["--raro.group_size", "4", "--task.countdown.num_train", "30", "--task.countdown.num_heldout",
@@ -103,6 +106,8 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
         return list(replay)[:n]
 
     engine = ScriptedEngine(tok, task, critic=critic, no_tag_text=no_tag_text)
+    if context is not None:
+        engine.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context))
     out = raro_rollouts(examples, engine=engine, tokenizer=tok, task=task, cfg=cfg,
                         rng=random.Random(0), seed=1, draw_replay=draw,
                         fresh_cap=None if fresh_cap is None else lambda judged: min(judged, fresh_cap),
@@ -115,6 +120,25 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
 
 def by_role(out, role):
     return [s for s in out.samples if s.role == role]
+
+
+def test_a_pair_the_critic_has_no_room_to_read_is_not_judged_and_its_answer_earns_0(setting):
+    """A long policy answer beside a long expert answer made a critic prompt that, with the critic's reply, ran past
+    the model's positions: the engine refused it and the run stopped mid-step (found by review). Such a pair is not
+    judged now: its answer earns 0, as no answer does, nothing of it is replayed, and the step says how many."""
+    cfg, tok, task, examples = setting
+    policy_room = max(len(prompts.render_prompt(tok, prompts.policy_messages(e.question))) for e in examples)
+    context = policy_room + cfg.rollout.max_new_tokens  # room for the policy, none for any critic prompt
+    replay = [CriticPair("r", examples[0].question, "1+2", examples[0].answer)]
+    out, _ = play(cfg, tok, task, examples, replay=replay, context=context)
+    assert by_role(out, "critic") == [] and out.new_pairs == []
+    assert out.stats["critic/unreadable_rate"] == [1.0] * (2 * len(examples))  # the expert's and the wrong answer
+    assert {s.reward for s in by_role(out, "policy")} == {0.0}
+    assert out.stats["critic/replay_pairs"] == [0]
+    roomy, _ = play(cfg, tok, task, examples, replay=replay, context=4096)  # room for all: the game as before
+    plain, _ = play(cfg, tok, task, examples, replay=replay)
+    assert [s.reward for s in roomy.samples] == [s.reward for s in plain.samples]
+    assert roomy.stats["critic/unreadable_rate"] == [0.0] * (2 * len(examples))
 
 
 def test_rewards_groups_and_filtering_with_a_verifier_critic(setting):

@@ -222,6 +222,31 @@ def test_critic_judge_makes_one_engine_call_per_round(tok):
     assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)([("q", "a", "b")]) == [None]
 
 
+def test_a_match_the_critic_has_no_room_to_judge_is_invalid_and_others_are_judged(tok):
+    """Two long answers made a critic prompt that, with the reply, ran past the model's positions: the engine's
+    refusal stopped the evaluation (found by review). That match is an invalid verdict; the others are judged."""
+    from types import SimpleNamespace
+
+    from raro_fast.rollout.engine import check_prompts
+
+    class Bounded(ScriptedEngine):
+        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=0))
+
+        def generate(self, prompt_list, params):
+            check_prompts(prompt_list, params, self.model.config)
+            return super().generate(prompt_list, params)
+
+    engine = Bounded(tok, critic=lambda q, a1, a2: prefer_higher(a1, a2))
+    matches = [("q", "1", "2"), ("q", "1" * 60, "2" * 60), ("q", "3", "2")]
+    short = len(prompts.render_prompt(tok, prompts.critic_messages("q", "3", "2")))
+    engine.model.config.max_position_embeddings = short + 8  # room for the short matches' replies only
+    assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)(matches) == ["2", None, "1"]
+    assert [size for size, _ in engine.calls] == [2]
+    engine.model.config.max_position_embeddings = 1  # room for none: no engine call at all
+    assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)(matches) == [None] * 3
+    assert [size for size, _ in engine.calls] == [2]
+
+
 def test_majority_index():
     assert majority_index([None, 0, 1, 1, 0]) == 1  # classes 0 and 1 both twice: 0 occurs first
     assert majority_index([0, None, 1, 1]) == 2

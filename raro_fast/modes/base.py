@@ -66,7 +66,7 @@ class RankRollout:
 STAT_KEYS = (
     "policy/truncated_rate", "policy/answer_rate", "policy/response_length", "policy/answer_accuracy",
     "critic/tie_rate", "critic/invalid_rate", "critic/accuracy", "critic/decisive_accuracy", "critic/oracle_agreement",
-    "critic/response_length", "critic/truncated_rate",
+    "critic/response_length", "critic/truncated_rate", "critic/unreadable_rate",
     "reward/policy_mean", "reward/policy_mean_correct", "reward/policy_mean_incorrect", "reward/critic_mean",
 )
 # Counts summed over ranks rather than averaged.

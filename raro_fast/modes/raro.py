@@ -19,7 +19,7 @@ from raro_fast.distributed import all_gather_objects
 from raro_fast.modes.base import Mode, RankRollout, Trainer, sampled_sequence
 from raro_fast.replay import CriticPair
 from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
-from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
+from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams, room_for
 from raro_fast.tasks.base import Example, Task
 
 
@@ -78,7 +78,7 @@ def raro_rollouts(
     policy = out.generated(engine.generate(
         [prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], policy_params))
     # 2. Every finished answer is judged against the expert's, in random order.
-    judged = answers_to_judge(examples, policy, task, rng, out)
+    judged = readable(answers_to_judge(examples, policy, task, rng, out), engine, tokenizer, critic_params, out)
     verdicts = out.generated(judge_pairs(judged, engine, tokenizer, critic_params))
     out.new_pairs.extend(j.pair for j in judged)
     # 3. Policy rewards and advantages.
@@ -96,6 +96,9 @@ def raro_rollouts(
         fresh = rng.sample(fresh, keep)
     replayed = [(p, rng.choice((1, 2))) for p in draw_replay(rc.replay_pairs_for(len(fresh), rng))]
     replay_params = replace(critic_params, seed=seed + 2)
+    # stored when they fitted; a resume may have lengthened critic_max_new_tokens since
+    replayed = [(jd.pair, jd.expert_position) for jd in readable(
+        [Judged(-1, -1, p, pos, None) for p, pos in replayed], engine, tokenizer, replay_params, None)]
     replay_verdicts = out.generated(judge_pairs([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine,
                                                 tokenizer, replay_params))
     out.add("critic/fresh_pairs", len(fresh))
@@ -173,18 +176,32 @@ def _add_critic_group(out: RankRollout, comps: list[Completion], expert_position
                                                 temperature=role_temperatures(cfg)["critic"], reward=reward))
 
 
+def critic_prompt(jd: Judged, tokenizer) -> list[int]:
+    """The critic's prompt for one pair, the two answers in the order `expert_position` says."""
+    pair = jd.pair
+    first, second = ((pair.expert_answer, pair.policy_answer) if jd.expert_position == 1
+                     else (pair.policy_answer, pair.expert_answer))
+    return prompts.render_prompt(tokenizer, prompts.critic_messages(pair.question, first, second))
+
+
+def readable(judged: list[Judged], engine: RolloutEngine, tokenizer, params: SamplingParams,
+             out: RankRollout | None) -> list[Judged]:
+    """The pairs whose critic prompt leaves room for the critic's reply in the model's positions. A longer one (a
+    long policy answer beside a long expert answer) stopped the run in the engine's refusal (found by review); it is
+    not judged now, so its answer earns 0 as no answer does, and `critic/unreadable_rate` counts it."""
+    fits = [room_for(engine, critic_prompt(jd, tokenizer), params.max_new_tokens) for jd in judged]
+    if out is not None:
+        for fit in fits:
+            out.add("critic/unreadable_rate", not fit)
+    return [jd for jd, fit in zip(judged, fits) if fit]
+
+
 def judge_pairs(judged: list[Judged], engine: RolloutEngine, tokenizer,
                 params: SamplingParams) -> list[list[Completion]]:
-    """The critic's `params.n` rollouts on each pair, the two answers in the order `expert_position` says."""
+    """The critic's `params.n` rollouts on each pair."""
     if not judged:
         return []
-    critic_prompts = []
-    for jd in judged:
-        pair = jd.pair
-        first, second = ((pair.expert_answer, pair.policy_answer) if jd.expert_position == 1
-                         else (pair.policy_answer, pair.expert_answer))
-        critic_prompts.append(prompts.render_prompt(tokenizer, prompts.critic_messages(pair.question, first, second)))
-    return engine.generate(critic_prompts, params)
+    return engine.generate([critic_prompt(jd, tokenizer) for jd in judged], params)
 
 
 def deal_cap(cap: int, counts: list[int], rng: random.Random) -> list[int]:

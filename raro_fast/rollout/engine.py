@@ -103,6 +103,13 @@ def check_prompts(prompts: list[list[int]], params: SamplingParams | None = None
                          "eval.* or analysis.*), or use a model with a longer context")
 
 
+def room_for(engine, prompt: list[int], max_new_tokens: int) -> bool:
+    """Whether `engine` can sample `max_new_tokens` after `prompt` within its model's positions (an engine that
+    does not say, a server's, is taken to have room: it answers for itself)."""
+    limit = context_limit(getattr(getattr(engine, "model", None), "config", None))
+    return limit is None or len(prompt) + max_new_tokens <= limit
+
+
 def context_limit(model_config) -> int | None:
     """The longest sequence a model's config says it supports (None: it does not say)."""
     for name in ("max_position_embeddings", "n_positions"):
