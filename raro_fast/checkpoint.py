@@ -161,12 +161,19 @@ def save_checkpoint(
             _remove(final)
         os.replace(tmp, final)
         write_text_atomic(root / "latest", name + "\n")
-        for p in prunable(root, final, keep):
-            _remove(p)
-        for p in root.glob(".step_*.old"):  # left by a run killed inside a deletion
-            shutil.rmtree(p, ignore_errors=True)
+        prune(root, final, keep)
     barrier(d)
     return final
+
+
+def prune(root: Path, newest: Path, keep: int = 2) -> None:
+    """Delete what `prunable` names, and what a run killed inside a deletion left. After each save, and when a run
+    resumes from `newest` (rank 0): a run killed in its last save's pruning kept a checkpoint too many, or a half-
+    deleted one, for good, since a resume of a finished run saves nothing (found by review)."""
+    for p in prunable(root, newest, keep):
+        _remove(p)
+    for p in root.glob(".step_*.old"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _remove(folder: Path) -> None:
@@ -237,7 +244,7 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any],
     task = f"task.{current.get('task.name')}."
     refused, allowed = [], []
     for name, value in current.items():
-        if name not in then or then[name] == value:
+        if name not in then or then[name] == value or name == "train.resume":  # every resume "changes" it
             continue
         if name.startswith("task.") and name != "task.name" and not name.startswith(task):
             continue

@@ -453,6 +453,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         warn(f"warning: {', '.join(unused)} unused: no warm-up runs (warmup.checkpoint_steps 0), model.path "
              f"{cfg.model.path!r} is trained as it is")
     resume_from = checkpoint.resume_point(out, warn=warn) if cfg.train.resume else None
+    if resume_from is not None and d.is_main:
+        checkpoint.prune(resume_from.parent, resume_from)
     if cfg.train.resume and resume_from is None:
         warn(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting the run again from step 0")
         if (out / "config.json").is_file() and not cfg.train.overwrite:

@@ -236,6 +236,8 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
                                "--task.poetry.seed", "3", "--rollout.temperature", "0.7"]))
     now["task"]["countdown"]["expert_form"] = "varied"  # another task's setting (refused now at load_config)
     refused, allowed = resume_changes(saved, now)
+    # every resume sets train.resume: reported as a change, it was noise that hid real ones (review)
+    assert resume_changes(saved, {**now, "train": {**now["train"], "resume": True}}) == (refused, allowed)
     # rollout.batch_size changes the embedded engine's draws (its batches share one generator): the run's (review)
     assert refused == ["task.poetry.seed: 0 -> 3", "rollout.temperature: 1.0 -> 0.7", "rollout.batch_size: 128 -> 8"]
     assert allowed == ["optim.lr: 0.0002 -> 1e-05"]

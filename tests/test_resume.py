@@ -315,3 +315,52 @@ def test_a_cached_base_is_warmed_up_again_when_the_model_at_its_path_changes(tmp
     again = output_dir.base_recipe(cfg)
     assert again["model.path weights sha256"] == after["model.path weights sha256"]
     assert again["model.path files sha256"] != after["model.path files sha256"]
+
+
+def test_a_killed_saves_leftovers_are_cleared_and_its_previous_folder_taken_back(tmp_path):
+    """Found by review: killed between its two renames, a save left the previous folder only at `.NAME.old` (no
+    final_model at all), and killed before them a whole model's copy at `.NAME.XXXXXXXX`; no later save removed
+    either, and the `.old` stayed where the folder was missing."""
+    from raro_fast.model.hf import _recover_killed_save, save_pretrained_atomic
+
+    tok, hf, _, _ = _model_and_optimizer(seed=0)
+    final = tmp_path / "final_model"
+    (tmp_path / ".final_model.old").mkdir()
+    (tmp_path / ".final_model.old" / "config.json").write_text("{}")
+    _recover_killed_save(final)  # the last whole folder is back under its name
+    assert (final / "config.json").read_text() == "{}" and not (tmp_path / ".final_model.old").exists()
+    final.rename(tmp_path / ".final_model.old")
+    for leftover in (".final_model.k3v9_x0a", ".final_model.zz11yy22"):
+        (tmp_path / leftover).mkdir()
+    (tmp_path / ".other.k3v9_x0a").mkdir()  # another folder's: not this save's to remove
+    (tmp_path / ".final_model.notes").mkdir()  # not a temporary folder's name
+    save_pretrained_atomic(hf, tok, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".final_model.notes", ".other.k3v9_x0a", "final_model"]
+    assert (final / "model.safetensors").is_file()
+
+
+def test_a_resume_prunes_what_a_run_killed_in_its_last_pruning_kept(tmp_path, saved_embedded_model):
+    """A run killed inside its last save's pruning kept a checkpoint too many and a half-deleted one for good: a
+    resume of the finished run saves nothing, so nothing pruned again (found by review)."""
+    from raro_fast import train
+    from raro_fast.config import load_config, to_dict
+    from raro_fast.model.hf import load_pretrained
+
+    out = tmp_path / "run"
+    args = ["--model.path", str(saved_embedded_model), "--train.output_dir", str(out), "--task.countdown.num_train",
+            "8", "--task.countdown.num_heldout", "2", "--train.progress", "false", "--train.steps", "3"]
+    cfg = load_config(args)
+    hf, tok = load_pretrained(saved_embedded_model, dtype=torch.float32)
+    model = PolicyModel(hf)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in (1, 2, 3):
+        state = {"step": step, "replay": {"capacity": cfg.raro.replay_size, "items": []}, "world_size": 1,
+                 "config": to_dict(cfg), "mode_state": {}}
+        checkpoint.save_checkpoint(out, step, model=model, hf_model=hf, tokenizer=tok, optimizer=optimizer,
+                                   trainer_state=state, d=D, keep=0)
+    root = checkpoint.checkpoint_root(out)
+    (root / ".step_000000.old").mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(4)))
+    r = train.setup(load_config([*args, "--resume"]), D)
+    assert r.start_step == 3
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]

@@ -5,6 +5,7 @@ checkpoint directory and the embedded default the same way.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -454,6 +455,7 @@ def save_pretrained_atomic(
     if path.is_symlink():
         path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_killed_save(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -485,6 +487,18 @@ def fsync_tree(folder: Path) -> None:
     name files whose contents never reached the disk."""
     for p in [*folder.rglob("*"), folder]:
         fsync_path(p)
+
+
+def _recover_killed_save(path: Path) -> None:
+    """What a save of `path` killed midway left (found by review): between its two renames, the previous folder
+    only at `.NAME.old` (taken back: it is the last whole one), and its temporary folders `.NAME.XXXXXXXX`, a whole
+    model's size each, that no later save named again."""
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir() and not old.is_symlink():
+        os.replace(old, path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if re.fullmatch(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}", leftover.name) and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _remove_old(old: Path) -> None:
