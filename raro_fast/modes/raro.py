@@ -59,8 +59,8 @@ def raro_rollouts(
 ) -> RankRollout:
     """This rank's step of the game. The critic trains on every fresh judged pair (at most `fresh_cap(n)` of the
     n this rank judged, a collective that every rank calls once a step; None: no cap) and on `raro.replay_ratio`
-    of replayed ones, drawn by `draw_replay(n)` (a collective too, on several ranks); the policy's sequences join the batch only if `train_policy`
-    (see `raro.critic_lead_steps`)."""
+    of replayed ones, drawn by `draw_replay(n)` (a collective too, on several ranks); the policy's sequences join
+    the batch only if `train_policy` (see `raro.critic_lead_steps`)."""
     rc, ro = cfg.raro, cfg.rollout
     out = RankRollout()
     if not examples:  # the collectives every rank calls once a step, in the same order
@@ -94,16 +94,15 @@ def raro_rollouts(
     keep = len(fresh) if fresh_cap is None else fresh_cap(len(fresh))
     if len(fresh) > keep:
         fresh = rng.sample(fresh, keep)
-    replayed = [(p, rng.choice((1, 2))) for p in draw_replay(rc.replay_pairs_for(len(fresh), rng))]
+    replayed = [Judged(-1, -1, p, rng.choice((1, 2)), None) for p in draw_replay(rc.replay_pairs_for(len(fresh), rng))]
     replay_params = replace(critic_params, seed=seed + 2)
     # stored when they fitted; a resume may have lengthened critic_max_new_tokens since
-    replayed = [(jd.pair, jd.expert_position) for jd in readable(
-        [Judged(-1, -1, p, pos, None) for p, pos in replayed], engine, tokenizer, replay_params, None)]
-    replay_verdicts = out.generated(judge_pairs([Judged(-1, -1, p, pos, None) for p, pos in replayed], engine,
-                                                tokenizer, replay_params))
+    replayed = readable(replayed, engine, tokenizer, replay_params, None)
+    replay_verdicts = out.generated(judge_pairs(replayed, engine, tokenizer, replay_params))
     out.add("critic/fresh_pairs", len(fresh))
     out.add("critic/replay_pairs", len(replayed))
-    for g, (_pair, pos, comps) in enumerate(fresh + [(p, pos, v) for (p, pos), v in zip(replayed, replay_verdicts)]):
+    for g, (_pair, pos, comps) in enumerate(fresh + [(jd.pair, jd.expert_position, v)
+                                                     for jd, v in zip(replayed, replay_verdicts)]):
         _add_critic_group(out, comps, pos, cfg, group=len(examples) + g)
     return out
 
