@@ -34,10 +34,10 @@ class ReplayBuffer:
     def sample(self, k: int, rng: random.Random, *, part: int = 0, shares: list[int] | None = None) -> list[CriticPair]:
         """k pairs without replacement (fewer if the buffer holds fewer). Ranks pass `shares`, every rank's count
         (summing to at most len(self): `deal_cap`), their own `part`, and an `rng` seeded the same on every rank;
-        each takes its share (k is not read then), in consecutive slices of one shuffle of the buffer, so their pairs are disjoint (each rank drawing on
-        its own put the same pair in a step's critic batch twice) and any pair may go to any rank (a rank dealt
-        every other pair of the shuffle could take no more than half the buffer, however many it needed: found by
-        review)."""
+        each takes its share (k is not read then) in consecutive slices of one shuffle of the buffer, so their pairs
+        are disjoint (each rank drawing on its own put the same pair in a step's critic batch twice) and any pair may
+        go to any rank (a rank dealt every other pair of the shuffle could take no more than half the buffer,
+        however many it needed: found by review)."""
         if shares is None:
             k = min(k, len(self._items))
             return [self._items[i] for i in sorted(rng.sample(range(len(self._items)), k))]

@@ -453,8 +453,6 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         warn(f"warning: {', '.join(unused)} unused: no warm-up runs (warmup.checkpoint_steps 0), model.path "
              f"{cfg.model.path!r} is trained as it is")
     resume_from = checkpoint.resume_point(out, warn=warn) if cfg.train.resume else None
-    if resume_from is not None and d.is_main:
-        checkpoint.prune(resume_from.parent, resume_from)
     if cfg.train.resume and resume_from is None:
         warn(f"train.resume: no checkpoint in {checkpoint.checkpoint_root(out)}; starting the run again from step 0")
         if (out / "config.json").is_file() and not cfg.train.overwrite:
@@ -468,6 +466,8 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
             check_resume_settings(cfg, saved, out / "config.json", out, warn)
     if resume_from is not None:
         check_resume_settings(cfg, checkpoint.load_trainer_state(resume_from).get("config"), resume_from, out, warn)
+        if d.is_main:  # the resume is accepted: what a kill in the last save's pruning kept goes now
+            checkpoint.prune(resume_from.parent, resume_from)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     check_context(cfg, tokenizer, hf_model.config, train_examples, eval_examples)
     if compute_dtype != torch.float32 and not d.enabled:

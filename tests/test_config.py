@@ -437,6 +437,8 @@ def test_another_tasks_settings_are_refused():
                                           r"poetry does not use"):
         load_config(["--task.name", "poetry", "--task.countdown.target", "24"])
     load_config(["--task.name", "poetry", "--task.countdown.target", "24", "--model.path", ""])  # the warm-up's
+    # a run's config.json from another checkout holds that checkout's shipped sample: no other task's data
+    load_config(["--task.deepmath.path", "/elsewhere/raro_fast/tasks/data/deepmath_sample.jsonl"])
 
 
 @pytest.mark.parametrize("flag,value,message", [

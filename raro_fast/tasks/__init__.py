@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from raro_fast.tasks.base import Example, Task
@@ -32,12 +33,19 @@ class TaskConfig:
         # Found by review: `--task.deepmath.path my_math.jsonl` without `--task.name deepmath` trained Countdown and
         # never opened the file. (Countdown's settings also shape the warm-up's puzzles: JobConfig checks those.)
         for name in ("deepmath", "poetry"):
-            section = getattr(self, name)
+            section, default = getattr(self, name), type(getattr(self, name))()
             given = [f"task.{name}.{f.name}" for f in fields(section)
-                     if getattr(section, f.name) != getattr(type(section)(), f.name)]
+                     if getattr(section, f.name) != getattr(default, f.name)
+                     and not (f.name == "path" and _shipped_sample(section.path, default.path))]
             if given and self.name != name:
                 raise ValueError(f"{', '.join(given)}: settings of the {name} task, which task.name {self.name} does "
                                  f"not use; add --task.name {name}")
+
+
+def _shipped_sample(path: str, default: str) -> bool:
+    """Whether `path` is the shipped sample in another checkout: a run's saved config.json holds the absolute path
+    of its own (`--config out/config.json` after a re-clone is no other task's data)."""
+    return Path(path).parts[-4:] == Path(default).parts[-4:]
 
 
 def make_task(cfg: TaskConfig) -> Task:
