@@ -120,7 +120,11 @@ def split_as_the_file_says(path: Path, tokenizer) -> None:
     against 34 and 55.7 for one text). A name neither knows is refused rather than split another way."""
     from gguf import GGUFReader
     from tokenizers import pre_tokenizers
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    try:  # where transformers 5.2x keeps the names it maps; elsewhere, names it reads are not known here
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:
+        GGUF_PRE_TOKENIZER_SPLITS = None
 
     fields = GGUFReader(path).fields
 
@@ -135,7 +139,8 @@ def split_as_the_file_says(path: Path, tokenizer) -> None:
         tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
-    elif pre is not None and pre not in GPT2_SPLIT and pre not in GGUF_PRE_TOKENIZER_SPLITS:
+    elif pre is not None and pre not in GPT2_SPLIT and GGUF_PRE_TOKENIZER_SPLITS is not None \
+            and pre not in GGUF_PRE_TOKENIZER_SPLITS:
         raise ValueError(f"{path}: its tokenizer splits text as {pre!r} (tokenizer.ggml.pre), which neither "
                          "transformers' GGUF reader nor raro-fast knows: the converted tokenizer would split it as "
                          "GPT-2 does, not as the model was trained. Convert the original Hugging Face model instead")
