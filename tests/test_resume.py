@@ -89,21 +89,28 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it_and_an_older_one_is_prun
     assert when(root / ".latest.tmp") < named < when(root) < pruned
 
 
+def _small_run(tmp_path, model_dir, *flags):
+    """(output folder, its training flags, their config, the model, tokenizer, PolicyModel, optimizer): a run of the
+    saved tiny model on 8 puzzles, for checkpoints written by hand."""
+    from raro_fast.config import load_config
+    from raro_fast.model.hf import load_pretrained
+
+    out = tmp_path / "run"
+    args = ["--model.path", str(model_dir), "--train.output_dir", str(out), "--task.countdown.num_train", "8",
+            "--task.countdown.num_heldout", "2", "--train.progress", "false", *flags]
+    hf, tok = load_pretrained(model_dir, dtype=torch.float32)
+    model = PolicyModel(hf)
+    return out, args, load_config(args), hf, tok, model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
 def test_setup_resumes_the_saved_replay_buffer_step_mode_state_and_logs(tmp_path, saved_embedded_model,
                                                                          monkeypatch):
     """What the loop restores from trainer_state.json, checked in the process: the end-to-end resume test's tiny
     model never answers, so its replay buffer stays empty and a resume that dropped the buffer passed it."""
     from raro_fast import train
     from raro_fast.config import load_config, to_dict
-    from raro_fast.model.hf import load_pretrained
 
-    out = tmp_path / "run"
-    args = ["--model.path", str(saved_embedded_model), "--train.output_dir", str(out), "--task.countdown.num_train",
-            "8", "--task.countdown.num_heldout", "2", "--train.progress", "false", "--optim.lr", "3e-4"]
-    cfg = load_config(args)
-    hf, tok = load_pretrained(saved_embedded_model, dtype=torch.float32)
-    model = PolicyModel(hf)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out, args, cfg, hf, tok, model, optimizer = _small_run(tmp_path, saved_embedded_model, "--optim.lr", "3e-4")
     _adam_step(model, optimizer, scale=0.5)
     pairs = [{"example_id": f"e{i}", "question": f"q{i}", "policy_answer": f"{i} + 1", "expert_answer": f"{i} * 2"}
              for i in range(3)]
@@ -344,15 +351,8 @@ def test_a_resume_prunes_what_a_run_killed_in_its_last_pruning_kept(tmp_path, sa
     resume of the finished run saves nothing, so nothing pruned again (found by review)."""
     from raro_fast import train
     from raro_fast.config import load_config, to_dict
-    from raro_fast.model.hf import load_pretrained
 
-    out = tmp_path / "run"
-    args = ["--model.path", str(saved_embedded_model), "--train.output_dir", str(out), "--task.countdown.num_train",
-            "8", "--task.countdown.num_heldout", "2", "--train.progress", "false", "--train.steps", "3"]
-    cfg = load_config(args)
-    hf, tok = load_pretrained(saved_embedded_model, dtype=torch.float32)
-    model = PolicyModel(hf)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out, args, cfg, hf, tok, model, optimizer = _small_run(tmp_path, saved_embedded_model, "--train.steps", "3")
     for step in (1, 2, 3):
         state = {"step": step, "replay": {"capacity": cfg.raro.replay_size, "items": []}, "world_size": 1,
                  "config": to_dict(cfg), "mode_state": {}}
