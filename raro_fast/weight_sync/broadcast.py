@@ -52,7 +52,8 @@ def _broadcast(group, tensor: torch.Tensor, answered: Callable[..., None] | None
     that refused the request never joins, and a gloo wait would block until the group's timeout (ten minutes by
     default) and then report that instead of the refusal (found by review). So it polls, and the refusal is raised
     as soon as it comes back. An NCCL wait returns once the broadcast is queued: the refusal surfaces at the next
-    wait for an answer, as before."""
+    wait for an answer, as before. (The broadcast stays pending, and gloo's group, which has no abort, waits it out
+    when it is destroyed: the process that stops on the refusal exits only after the group's timeout.)"""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     work = group.broadcast([tensor], opts)

@@ -392,12 +392,15 @@ def test_a_bucket_the_server_refuses_is_an_error_at_once_not_after_the_group_tim
     fake_sglang.plain_weight_group(monkeypatch)
     server = fake_sglang.FakeServer(inner_engine(), version="0.5.23")
     try:
-        engine = server_engine(server.url)
+        # a short group timeout: the broadcast nobody joins stays pending, and the group's destructor waits it out
+        # (gloo has no abort), in whichever test collects it (60 s, in the next one, with server_engine's)
+        engine = SGLangServerEngine(url=server.url, tokenizer=Tok(), bucket_bytes=8192, sync_rank=True, server_ranks=1,
+                                    group_address="127.0.0.1", group_port=free_port(), group_backend="gloo", timeout_s=8)
         engine.version = Version("0.5.20")  # so no session is opened, and the server refuses the first bucket
         start = time.monotonic()
         with pytest.raises(RuntimeError, match="update_weights_from_distributed.*begin_weight_update"):
             engine.update_weights(hf_named_tensors(PolicyModel(perturbed(31))), version=1)
-        assert time.monotonic() - start < 20
+        assert time.monotonic() - start < 6  # before the group's timeout: the refusal itself, not the timeout's error
         assert engine.weight_version == 0 and engine.half_synced == 1
     finally:
         server.close()
