@@ -433,9 +433,9 @@ class JobConfig:
                 raise ValueError(f"{', '.join(unread)}: no warm-up runs, as the shipped base {self.model.path!r} was "
                                  f"warmed up already (its warmup_recipe.json); pass{embedded} --warmup.checkpoint_steps "
                                  "N to warm up the shipped base further, with them")
-        elif unused_warmup_settings(self):
-            raise ValueError(f"{', '.join(unused_warmup_settings(self))}: a real checkpoint's warm-up (with "
-                             "--model.path); the embedded model's (model.path '') is warmup.steps and warmup.lr")
+        elif unread := unused_warmup_settings(self):
+            raise ValueError(f"{', '.join(unread)}: a real checkpoint's warm-up (with --model.path); the embedded "
+                             "model's (model.path '') is warmup.steps and warmup.lr")
         if self.task.name != "countdown" and _changed(self.task.countdown, "") and not self.warms_up:
             raise ValueError(f"{', '.join(_changed(self.task.countdown, 'task.countdown.'))}: settings of the countdown "
                              f"task, which task.name {self.task.name} does not use (no warm-up runs, whose puzzles "

@@ -19,7 +19,7 @@ from raro_fast.distributed import all_gather_objects
 from raro_fast.modes.base import Mode, RankRollout, Trainer, sampled_sequence
 from raro_fast.replay import CriticPair
 from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
-from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams, room_for
+from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams, engine_context_limit
 from raro_fast.tasks.base import Example, Task
 
 
@@ -188,7 +188,8 @@ def readable(judged: list[Judged], engine: RolloutEngine, tokenizer, params: Sam
     """The pairs whose critic prompt leaves room for the critic's reply in the model's positions. A longer one (a
     long policy answer beside a long expert answer) stopped the run in the engine's refusal (found by review); it is
     not judged now, so its answer earns 0 as no answer does, and `critic/unreadable_rate` counts it."""
-    fits = [room_for(engine, critic_prompt(jd, tokenizer), params.max_new_tokens) for jd in judged]
+    limit = engine_context_limit(engine)
+    fits = [limit is None or len(critic_prompt(jd, tokenizer)) + params.max_new_tokens <= limit for jd in judged]
     if out is not None:
         for fit in fits:
             out.add("critic/unreadable_rate", not fit)

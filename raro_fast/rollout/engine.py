@@ -103,11 +103,10 @@ def check_prompts(prompts: list[list[int]], params: SamplingParams | None = None
                          "eval.* or analysis.*), or use a model with a longer context")
 
 
-def room_for(engine, prompt: list[int], max_new_tokens: int) -> bool:
-    """Whether `engine` can sample `max_new_tokens` after `prompt` within its model's positions (an engine that
-    does not say, a server's, is taken to have room: it answers for itself)."""
-    limit = context_limit(getattr(getattr(engine, "model", None), "config", None))
-    return limit is None or len(prompt) + max_new_tokens <= limit
+def engine_context_limit(engine) -> int | None:
+    """The positions of the model an in-process engine samples from (None for an engine that does not say, a
+    server's: it answers for itself)."""
+    return context_limit(getattr(getattr(engine, "model", None), "config", None))
 
 
 def context_limit(model_config) -> int | None:
