@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from summarize import accuracy_curve, read_metrics
+from summarize import MEASURES, NULL_REASON, accuracy_curve, all_null, read_metrics
 
 WINDOW = 10
 
@@ -44,6 +44,8 @@ def main(argv: list[str]) -> int:
         for i, run in enumerate(runs):
             rows = read(root / run / "metrics.jsonl")
             curve = accuracy_curve(rows, "avg@n")
+            if not curve and all_null(rows, MEASURES["avg@n"]):
+                raise SystemExit(f"{root / run / 'metrics.jsonl'}: no held-out avg@n to plot: {NULL_REASON}")
             if not curve:  # an empty line with a legend entry looked like a plotted run
                 raise SystemExit(f"{root / run / 'metrics.jsonl'}: no held-out avg@n (eval/heldout_avg_at_n) to plot; "
                                  "was it trained with train.eval_samples 0?")

@@ -76,6 +76,15 @@ def accuracy_curve(records: list[dict], measure: str = "greedy") -> dict[int, fl
     return {r["step"]: r[key] for r in records if r.get(key) is not None}
 
 
+def all_null(records: list[dict], key: str) -> bool:
+    """A run that logged `key` and never a value: its task has no verifier (poetry), or it had no held-out problems.
+    Its empty curve was blamed on the evaluation schedule (found by review)."""
+    return any(key in r for r in records) and all(r.get(key) is None for r in records)
+
+
+NULL_REASON = "every value logged is null (a task without a verifier, such as poetry, or no held-out problems)"
+
+
 def _mean_sd(xs: list[float]) -> str:
     if not xs:
         return "-"
@@ -89,6 +98,10 @@ def summarize(runs: dict[str, dict[int, list[dict]]], measure: str = "greedy") -
             else "greedy accuracy (fraction of puzzles solved)")
     # Compared only at steps that every run evaluated: runs on other evaluation schedules must average the same
     # steps (taken from the union of steps, each run averaged whichever of them it had).
+    for mode, seeds in runs.items():
+        for seed, records in seeds.items():
+            if all_null(records, MEASURES[measure]):
+                raise ValueError(f"{mode}-s{seed}: no held-out {MEASURES[measure]} to compare: {NULL_REASON}")
     common = sorted(set.intersection(*(set(c) for seeds in curves.values() for c in seeds.values())))
     if not common:
         raise ValueError("the runs share no evaluation step; give them the same train.eval_every")
@@ -225,7 +238,7 @@ def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int,
             raise ValueError(f"{path}: not a report of raro_fast.evaluate ({e!r})") from None
         if not report["accuracy"]:  # a KeyError in eval_table (found by review)
             raise ValueError(f"{path}: the {report.get('task', '?')} task has no verifier, so the report holds no "
-                             "accuracies to tabulate (its judge's win rates, if it was judged, are in report.md)")
+                             "accuracies to tabulate (its judge's win rates, if it was judged, are under \"judge\" in that file)")
         m = RUN_NAME.match(path.parent.name)
         if path.parent.name == "base":
             bases[None] = acc
@@ -352,7 +365,10 @@ def main() -> None:
     if measure == "avg@n" and measure_of(runs) != "avg@n":
         raise SystemExit(f"error: --measure avg@n: not every run under {args.root} logged {MEASURES['avg@n']} "
                          "(train.eval_samples) at step 0 and later")
-    table, _ = summarize(runs, measure)
+    try:  # modes that share no seed or evaluation step ended in a traceback (found by review)
+        table, _ = summarize(runs, measure)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.evals:
         try:
             table += "\n" + eval_table(*read_evals(args.evals))

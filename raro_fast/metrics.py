@@ -22,6 +22,8 @@ PLOT_PANELS = [
     ("trainer-engine log-prob gap", ["logprob/gap_mean_abs", "logprob/gap_max_abs"]),
     ("entropy and NLL (nats per token)", ["policy/entropy", "critic/entropy", "policy/nll"]),
     ("time per stage (s)", ["timing_s/gen", "timing_s/old_log_prob", "timing_s/update_actor", "timing_s/update_weights"]),
+    # a DPO run's own numbers were neither plotted nor tabulated (found by review)
+    ("DPO pairs", ["dpo/loss", "dpo/margin", "dpo/accuracy", "dpo/pair_rate"]),
 ]
 
 
@@ -97,14 +99,19 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+def plot_panels(records: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The panels of PLOT_PANELS that `records` logged, each with the keys it logged."""
+    panels = [(t, [k for k in keys if any(k in r for r in records)]) for t, keys in PLOT_PANELS]
+    return [(t, keys) for t, keys in panels if keys]
+
+
 def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(t, [k for k in keys if any(k in r for r in records)]) for t, keys in PLOT_PANELS]
-    panels = [(t, keys) for t, keys in panels if keys]
+    panels = plot_panels(records)
     if not panels:
         return
     cols = 2
@@ -150,6 +157,9 @@ def summary_table(records: list[dict[str, Any]], window: int = 5) -> str:
         "critic/decisive_accuracy",
         "critic/oracle_agreement",
         "critic/invalid_rate",
+        "dpo/loss",
+        "dpo/margin",
+        "dpo/accuracy",
         "policy/response_length",
         "policy/truncated_rate",
         "logprob/gap_mean_abs",
@@ -179,7 +189,7 @@ def summary_table(records: list[dict[str, Any]], window: int = 5) -> str:
 
 def critic_signal(records: list[dict[str, Any]], *, oracle: bool = False) -> str | None:
     """One sentence on whether the critic's reward carried signal over the run (means over steps), or None when
-    the run logged no critic diagnostics (not RARO, or a task without a verifier). The rewards of right and wrong
+    the run logged no critic diagnostics (not RARO). The rewards of right and wrong
     answers are averaged over the same steps, those that had both, so the gap printed is their difference (a step
     with wrong answers only counted in the one and not in the other). A run with no such step (no right answer
     judged at all, the case where a fooled critic matters most) still gets its sentence, with the wrong answers'
@@ -204,8 +214,9 @@ def critic_signal(records: list[dict[str, Any]], *, oracle: bool = False) -> str
     both = [r for r in records if r.get("reward/policy_gap") is not None]
     if not both:
         wrong, right = mean("reward/policy_mean_incorrect"), mean("reward/policy_mean_correct")
-        if wrong is None and right is None:
-            return None
+        if wrong is None and right is None:  # a task without a verifier (poetry), or no answer judged at all:
+            # the critic's own numbers stand (the sentence used to be dropped; found by review)
+            return head + "no policy answer was verified right or wrong (no reward gap measured)"
         paid = " and ".join(f"{v:.3f} for {what} answers" for what, v in (("right", right), ("wrong", wrong))
                             if v is not None)
         return head + f"{whose} {paid}, and no step judged both kinds (no gap; {verifier})"

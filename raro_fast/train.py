@@ -109,8 +109,10 @@ def run(r: Run) -> None:
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.steps:
             record.update(evaluate(r, step + 1))
         r.log.write(record)
+        # refresh=False: drawn with the next count, so the line says "k/N" beside step k's numbers (a redraw here
+        # showed them beside k - 1, the line a log that is not a terminal keeps; found by review)
         bar.set_postfix({k.split("/")[1]: f"{record[k]:.2f}" for k in ("reward/policy_mean", "critic/tie_rate",
-                         "policy/answer_accuracy") if record.get(k) is not None})
+                         "policy/answer_accuracy") if record.get(k) is not None}, refresh=False)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
             save(r, step + 1)
         if cfg.train.stop_after and step + 1 - r.start_step == cfg.train.stop_after:

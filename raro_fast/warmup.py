@@ -306,7 +306,7 @@ def format_warmup(model, tokenizer, task: CountdownConfig, cfg: WarmupConfig, *,
         opt.step()
         sched.step()
         losses.append(out.loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # drawn beside its own step's count
     model.set_attn_implementation(attention)
     model.eval()
     return losses
@@ -329,7 +329,8 @@ FORMAT_PROBE_QUESTIONS = 16
 @torch.no_grad()
 def format_rates(model, tokenizer, examples: list, *, max_new_tokens: int, critic_max_new_tokens: int) -> dict[str, float]:
     """How often the model answers in the two formats (greedy, on up to 16 of `examples`): `policy` = the fraction
-    of policy completions with a complete <answer>, `critic` = the fraction of verdicts that are 1, 2 or tie when it
+    of policy completions with a complete <answer> that ended before their token limit, `critic` = the fraction of
+    such verdicts that are 1, 2 or tie when it
     compares the expert's answer with the policy's (or with the expert's own, where the policy gave none). Leaves
     the model trainable, as it found it."""
     examples = examples[:FORMAT_PROBE_QUESTIONS]
@@ -338,7 +339,8 @@ def format_rates(model, tokenizer, examples: list, *, max_new_tokens: int, criti
     greedy = dict(temperature=0.0, n=1, seed=0)
     policy = engine.generate([prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples],
                              SamplingParams(max_new_tokens=max_new_tokens, **greedy))
-    answers = [prompts.parse_answer(c[0].text) for c in policy]
+    # a completion cut off at its limit counts as no answer, as training reads it (it counted; found by review)
+    answers = [None if c[0].truncated else prompts.parse_answer(c[0].text) for c in policy]
     critic = engine.generate([prompts.render_prompt(tokenizer, prompts.critic_messages(ex.question, ex.answer, a or ex.answer))
                               for ex, a in zip(examples, answers, strict=True)],
                              SamplingParams(max_new_tokens=critic_max_new_tokens, **greedy))
@@ -346,4 +348,4 @@ def format_rates(model, tokenizer, examples: list, *, max_new_tokens: int, criti
         p.requires_grad_(flag)
     n = max(1, len(examples))
     return {"policy": sum(a is not None for a in answers) / n,
-            "critic": sum(prompts.parse_verdict(c[0].text) is not None for c in critic) / n}
+            "critic": sum(not c[0].truncated and prompts.parse_verdict(c[0].text) is not None for c in critic) / n}

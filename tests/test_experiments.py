@@ -286,8 +286,9 @@ def test_sampled_evaluations_table(tmp_path):
     (tmp_path / "bad" / "report.json").unlink()
     (tmp_path / "poetry-s0").mkdir()
     (tmp_path / "poetry-s0" / "report.json").write_text(json.dumps({"n": 4, "accuracy": {}, "task": "poetry"}))
+    # ... and its judge's win rates are in report.json, the one file raro_fast.evaluate writes (it said report.md)
     with pytest.raises(ValueError, match=r"poetry-s0/report.json: the poetry task has no verifier, so the report "
-                                         "holds no accuracies"):
+                                         r"holds no accuracies .*are under \"judge\" in that file\)$"):
         summarize.read_evals(tmp_path)
 
 
@@ -666,3 +667,25 @@ def test_panels_plot_runs_side_by_side_and_name_a_missing_run(tmp_path):
     with pytest.raises(SystemExit, match="greedy-s0/metrics.jsonl: no held-out avg@n"):  # one line, no traceback
         panels.main([str(tmp_path), str(out), "x=old-s0,greedy-s0"])
     assert panels.main([str(tmp_path), str(out), "no title"]) == 2
+    # a poetry run logs its held-out keys as null: the message blamed train.eval_samples (found by review)
+    (tmp_path / "poetry-s0").mkdir()
+    (tmp_path / "poetry-s0" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "eval/heldout_accuracy": None, "eval/heldout_avg_at_n": None}) + "\n" for s in (0, 20)))
+    with pytest.raises(SystemExit, match=r"poetry-s0/metrics.jsonl: no held-out avg@n to plot: every value logged is "
+                                         r"null \(a task without a verifier"):
+        panels.main([str(tmp_path), str(out), "x=poetry-s0"])
+
+
+def test_summarize_names_a_run_without_a_verifier_and_ends_a_grid_it_cannot_compare_in_one_line(tmp_path):
+    """Found by review on 2026-12-07: a poetry run's held-out values (all null) were blamed on the evaluation
+    schedule, and modes that share no seed ended the command in a traceback."""
+    _write(tmp_path, "raro-s0", {0: 0.1, 10: 0.2})
+    _write(tmp_path, "rlvr-s1", {0: 0.1, 10: 0.3})
+    command = [sys.executable, str(ROOT / "experiments" / "summarize.py"), str(tmp_path), "--measure", "greedy"]
+    out = subprocess.run(command, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr == "error: modes raro and rlvr share no seed\n", out.stderr
+    shutil.rmtree(tmp_path / "rlvr-s1")
+    _write(tmp_path, "poetry-s0", {0: None, 10: None})
+    with pytest.raises(ValueError, match=r"^poetry-s0: no held-out eval/heldout_accuracy to compare: every value "
+                                         r"logged is null \(a task without a verifier"):
+        summarize.summarize(summarize.read_runs(tmp_path))

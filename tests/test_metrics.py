@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, strict_json, summary_table
+from raro_fast.metrics import MetricsLog, critic_signal, plot_curves, plot_panels, strict_json, summary_table
 
 
 def _records(n, rng):
@@ -154,6 +154,17 @@ def test_the_critic_sentence_is_said_when_no_step_judged_a_right_answer():
     assert critic_signal([{"step": 1, "critic/decisive_accuracy": None}]) is None  # no critic diagnostics at all
 
 
+def test_the_critic_sentence_is_said_for_a_task_without_a_verifier():
+    """A poetry RARO run logs its critic's decisive accuracy and tie rate but no verified rewards: the sentence was
+    dropped, and the run ended without a word on its critic (found by review on 2026-12-07)."""
+    records = [{"step": s, "critic/decisive_accuracy": a, "critic/tie_rate": t, "reward/policy_mean_correct": None,
+                "reward/policy_mean_incorrect": None, "reward/policy_gap": None}
+               for s, a, t in ((1, 0.25, 0.5), (2, 0.75, 0.25))]
+    assert critic_signal(records) == ("critic, means over steps: picked the expert in 0.50 of its decisive verdicts "
+                                      "(chance 0.50), tie rate 0.38; no policy answer was verified right or wrong (no "
+                                      "reward gap measured)")
+
+
 def test_the_critic_sentence_is_said_for_a_critic_that_never_picked_a_side():
     """A critic collapsed into ties (or rambling) had no decisive accuracy on any step, and the run ended without a
     word on it: the case the sentence is for (found by review on 2026-12-07)."""
@@ -191,3 +202,16 @@ def test_the_runs_last_lines_say_why_there_is_no_heldout_accuracy():
         "held-out accuracy: none logged (metrics.jsonl holds no evaluation)"]
     assert heldout_summary(measured[1:], cfg, problems=8)[0] == (
         "held-out accuracy: 0.750 (first logged 0.500, at step 1) on 8 problems: +2 solved")
+
+
+def test_a_dpo_runs_own_numbers_are_plotted_and_tabulated(tmp_path):
+    """dpo/loss, margin and accuracy were in neither curves.png nor the summary table (found by review on
+    2026-12-07)."""
+    recs = [{"step": s, "loss": 0.7, "dpo/loss": 0.69 - 0.01 * s, "dpo/margin": 0.1 * s, "dpo/accuracy": 0.5,
+             "dpo/pair_rate": 0.75} for s in range(1, 5)]
+    assert ("DPO pairs", ["dpo/loss", "dpo/margin", "dpo/accuracy", "dpo/pair_rate"]) in plot_panels(recs)
+    assert not [t for t, _ in plot_panels([{"step": 1, "reward/policy_mean": 0.2}]) if t == "DPO pairs"]
+    table = {line.split()[0]: line.split()[1:] for line in summary_table(recs).splitlines()[2:]}
+    assert table["dpo/loss"] == ["0.675", "0.655"] and table["dpo/margin"] == ["0.15", "0.35"]
+    plot_curves(recs, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 5000

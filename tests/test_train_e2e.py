@@ -2,6 +2,7 @@
 and bad input failing at start with a message that names it."""
 import math
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -60,10 +61,14 @@ def _with_base(base_model, run_dir):
 def test_single_process_run_writes_everything(base_model, tmp_path):
     run = _with_base(base_model, tmp_path / "run")
     out = train([*TINY, "--train.steps", "3", "--train.save_every", "2", "--train.log_rollouts_every", "2",
-                 "--train.output_dir", str(run)])
+                 "--train.output_dir", str(run), "--train.progress", "true"])
     assert "held-out accuracy:" in out.stdout
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    # The progress line shows step k's numbers beside the count k (found by review: beside k - 1, in a log file)
+    drawn = re.findall(r"RARO:.*?\b(\d)/3\b.*?policy_mean=([-\d.]+)", out.stderr.replace("\r", "\n"))
+    assert {int(k) for k, _ in drawn} <= {1, 2, 3} and ("3", f"{recs[3]['reward/policy_mean']:.2f}") in drawn, drawn
+    assert all(v == f"{recs[int(k)]['reward/policy_mean']:.2f}" for k, v in drawn), (drawn, recs)
     _check_rollout_log(run, recs[2])
     for key in ["reward/policy_mean", "reward/critic_mean", "critic/tie_rate", "critic/accuracy", "critic/invalid_rate",
                 "policy/response_length", "logprob/gap_mean_abs", "timing_s/gen",

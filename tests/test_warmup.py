@@ -306,7 +306,7 @@ def test_a_target_range_with_no_usable_puzzle_is_refused_not_a_hang(task, cfg):
         warmup_corpus(task, cfg, load_project_tokenizer(), 4)
 
 
-def test_the_warm_up_trains_on_completions_only_and_a_one_step_warm_up_takes_its_whole_learning_rate():
+def test_the_warm_up_trains_on_completions_only_and_a_one_step_warm_up_takes_its_whole_learning_rate(capsys):
     """At learning rate 0 each step's loss is the mean next-token loss of its own sequences' completions, computed
     here sequence by sequence, unpadded, in float64: a warm-up that also learnt the prompt (the critic's prompt holds
     both answers), read past a sequence's end or took other sequences would give other numbers. Then one step at
@@ -328,7 +328,10 @@ def test_the_warm_up_trains_on_completions_only_and_a_one_step_warm_up_takes_its
     cfg = WarmupConfig(steps=2, batch_size=3, lr=0.0, precision="float32", critic_fraction=0.5, seed=5)
     model = tiny()
     reference = copy.deepcopy(model).double()
-    losses = format_warmup(model, tok, task, cfg, device=torch.device("cpu"), progress=False)
+    losses = format_warmup(model, tok, task, cfg, device=torch.device("cpu"), progress=True)
+    # its progress line shows step k's loss beside the count k (found by review: beside k - 1)
+    drawn = re.findall(r"format warm-up:.*?\b(\d)/2\b.*?loss=([\d.]+)", capsys.readouterr().err.replace("\r", "\n"))
+    assert drawn and all(int(k) >= 1 and v == f"{losses[int(k) - 1]:.3f}" for k, v in drawn), drawn
     corpus = warmup_corpus(task, cfg, tok, 6, batch_size=3)
     assert len({len(e.input_ids) for e in corpus}) > 1  # padded batches
     want = []
@@ -454,3 +457,31 @@ def test_the_warmup_ramps_its_learning_rate_over_a_tenth_of_a_short_warmup(monke
                              progress=False)
     want = [min(1.0, (s + 1) / ramp) * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)]
     assert seen.value.args[0] == pytest.approx(want) and max(seen.value.args[0]) > 0.9
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_format_rates_count_no_answer_cut_off_at_its_limit(monkeypatch, finish):
+    """A completion cut off at its token limit is no answer and no verdict to training, whatever tags it wrote so
+    far; format_rates (and base_model/format_rates.json) counted it (found by review on 2026-12-07)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from raro_fast import warmup
+    from raro_fast.rollout.engine import Completion
+
+    calls = []
+
+    class Scripted:
+        def generate(self, batch, params):
+            calls.append(batch)
+            text = "<think>5+5=10</think><answer>5+5</answer>" if len(calls) == 1 else "<answer>1</answer>"
+            return [[Completion([7, 8], [-0.5, -0.5], finish, text)] for _ in batch]
+
+    monkeypatch.setattr(warmup, "EmbeddedEngine", SimpleNamespace(from_tokenizer=lambda *a, **k: Scripted()))
+    tok = load_project_tokenizer()
+    examples = [SimpleNamespace(question=f"Use 5, 5 and {n} to make 10.", answer="5+5") for n in (1, 2, 3)]
+    model = torch.nn.Linear(2, 2)
+    rates = warmup.format_rates(model, tok, examples, max_new_tokens=8, critic_max_new_tokens=8)
+    want = 1.0 if finish == "stop" else 0.0
+    assert rates == {"policy": want, "critic": want} and len(calls) == 2
