@@ -169,10 +169,12 @@ def save_checkpoint(
 def prune(root: Path, newest: Path, keep: int = 2) -> None:
     """Delete what `prunable` names, and what a run killed inside a deletion left. After each save, and when a run
     resumes from `newest` (rank 0): a run killed in its last save's pruning kept a checkpoint too many, or a half-
-    deleted one, for good, since a resume of a finished run saves nothing (found by review)."""
+    deleted one, for good, since a resume of a finished run saves nothing (found by review). A run killed while
+    writing a checkpoint left a whole one as `.step_N.tmp`, removed only by a later save of step N, which a changed
+    `save_every` or a finished run never makes (found by review); no save is under way where this runs."""
     for p in prunable(root, newest, keep):
         _remove(p)
-    for p in root.glob(".step_*.old"):
+    for p in [*root.glob(".step_*.old"), *root.glob(".step_*.tmp")]:
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -378,6 +378,8 @@ def save(r: Run, step: int) -> None:
         r.rollout_log.sync()
     checkpoint.save_checkpoint(r.cfg.train.output_dir, step, model=r.model, hf_model=r.hf_model, tokenizer=r.tokenizer,
                                optimizer=r.optimizer, trainer_state=state, d=r.d)
+    if r.d.is_main:
+        r.mode.saved(r)
 
 
 def finish(r: Run) -> None:

@@ -202,6 +202,15 @@ def test_a_checkpoint_without_its_manifest_is_damaged_and_a_deletion_cut_short_l
     save(3)  # the next save deletes what was left
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000001", "step_000003"]
     assert not (root / ".step_000002.old").exists()
+    # A save killed before its rename left a whole checkpoint at .step_N.tmp; only a later save of step N removed
+    # it, and a run that never saves step N again kept it for good (found by review): the next save's pruning
+    # and a resume's remove it.
+    shutil.copytree(root / "step_000003", root / ".step_000004.tmp")
+    save(5)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003", "step_000005"]
+    shutil.copytree(root / "step_000003", root / ".step_000006.tmp")
+    checkpoint.prune(root, root / "step_000005")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003", "step_000005"]
 
 
 def test_a_resume_refuses_other_data_and_names_the_steps_its_metrics_lost(tmp_path, saved_embedded_model,

@@ -92,6 +92,10 @@ class Mode:
     def start_step(self, r: Trainer, step: int) -> None:
         """Called before the step's rollouts."""
 
+    def saved(self, r: Trainer) -> None:
+        """Called on rank 0 after each checkpoint is written and the old ones pruned: delete what the mode saved
+        that no kept checkpoint needs."""
+
     def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
         """This rank's trained sequences for its share `examples` of the step's demonstrations."""
         raise NotImplementedError

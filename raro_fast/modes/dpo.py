@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -162,6 +163,17 @@ class DpoMode(Mode):
             save_pretrained_atomic(r.hf_model, r.tokenizer, Path(r.cfg.train.output_dir) / "dpo_reference" / f"step_{step:06d}",
                                    state_dict={k: v.cpu() for k, v in weights.items()})
         barrier(r.d)
+
+    def saved(self, r: Trainer) -> None:
+        """Keep the saved references that a kept checkpoint resumes with (`reference_dir`'s rule) and delete the
+        rest: one full model per round, none ever deleted, grew the run's folder by a model a round (found by
+        review)."""
+        out = Path(r.cfg.train.output_dir)
+        steps = [int(c.name[5:]) for c in checkpoint.checkpoint_root(out).glob("step_*") if c.name[5:].isdigit()]
+        needed = {f"step_{start:06d}" for c in steps if (start := round_start(r.mode_state, c)) not in (0, c)}
+        for folder in (out / "dpo_reference").glob("step_*"):
+            if folder.name not in needed:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
         cfg = r.cfg
