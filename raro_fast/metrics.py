@@ -60,23 +60,57 @@ class MetricsLog:
         if not (enabled or (main and self.path.exists())):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and self.path.exists():
-            lines = self.path.read_text().splitlines()
-            for number, line in enumerate(lines, 1):
+        if resume_step is None or not self.path.exists():
+            write_text_atomic(self.path, "")
+            return
+        # Read a line at a time, and cut rather than rewrite: the whole file was read and rewritten on every resume,
+        # a peak of 4x its size in memory (rollouts.jsonl grows with every step; found by review).
+        kept: list[tuple[int, int]] = []  # (offset, length) of each record kept
+        end = 0  # the offset after the last line read
+        with self.path.open("rb") as f:
+            bad = None  # a line that is not a record: the one being written when the run was killed, if it is last
+            for number, line in enumerate(f, 1):
+                if bad is not None:
+                    raise bad
+                offset, end = end, end + len(line)
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if number == len(lines):  # the line being written when the run was killed
-                        break
-                    raise ValueError(f"{self.path}:{number}: not a JSON record ({e}); cannot resume this run's "
-                                     "metrics") from None
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    bad = ValueError(f"{self.path}:{number}: not a JSON record ({e}); cannot resume this run's metrics")
+                    continue
                 if rec.get("step", math.inf) <= resume_step:
-                    kept.append(line)
+                    kept.append((offset, len(line)))
                     self.kept_steps.append(rec.get("step"))
-        # Written beside and renamed: rewritten in place, a resume killed mid-write left the first lines only, and
-        # the next resume took the cut line for the one being written when killed: the run's history lost, silently.
-        write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+        last = kept[-1][0] + kept[-1][1] if kept else 0
+        if sum(n for _, n in kept) == last:  # the records kept are the file's first `last` bytes
+            if last < end or (kept and not self._ends_line(last)):
+                self._cut(last)
+            return
+        # Records kept after one dropped (a file written out of step order): written beside and renamed. Rewritten in
+        # place, a resume killed mid-write left the first lines only, and the next resume took the cut line for the
+        # one being written when killed: the run's history lost, silently.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with self.path.open("rb") as src, tmp.open("wb") as dst:
+            for offset, n in kept:
+                src.seek(offset)
+                dst.write(src.read(n).rstrip(b"\n") + b"\n")
+        fsync_path(tmp)
+        os.replace(tmp, self.path)
+        fsync_path(self.path.parent)
+
+    def _ends_line(self, offset: int) -> bool:
+        with self.path.open("rb") as f:
+            f.seek(offset - 1)
+            return f.read(1) == b"\n"
+
+    def _cut(self, size: int) -> None:
+        """Truncate the file to `size` bytes, ending in a newline: one call, so a resume killed inside it leaves
+        either the whole file or the cut one, never a part."""
+        os.truncate(self.path, size)
+        if size and not self._ends_line(size):
+            with self.path.open("ab") as f:
+                f.write(b"\n")
+        fsync_path(self.path)
 
     def sync(self) -> None:
         """Put the records written so far on disk: a checkpoint's step must not be ahead of its metrics after a

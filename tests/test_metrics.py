@@ -92,28 +92,50 @@ def test_a_line_cut_by_a_kill_is_dropped_on_resume_and_other_damage_named(tmp_pa
         MetricsLog(path, enabled=True, resume_step=1)
 
 
-def test_a_resume_killed_while_cutting_the_log_back_leaves_it_whole(tmp_path, monkeypatch):
-    """The cut rewrote the file in place: a resume killed mid-write left its first lines, and the next resume took
-    the cut line for the one being written when killed, the run's history lost with no error (found by review)."""
+def test_a_resume_cuts_the_log_in_place_reading_a_line_at_a_time_and_a_kill_leaves_it_whole(tmp_path, monkeypatch):
+    """Each resume read the whole file into memory and rewrote it, a peak of about 4x its size (rollouts.jsonl grows
+    with every step; found by review): the records past the resumed step are now cut off where they start, and a
+    file with nothing to cut is left as it is. Records out of step order (nothing the trainer writes) are still
+    rewritten beside the file and renamed: rewritten in place, a resume killed mid-write left its first lines, and
+    the next resume took the cut line for the one being written when killed (found by review)."""
+    import os
     from pathlib import Path
 
     path = tmp_path / "metrics.jsonl"
     log = MetricsLog(path, enabled=True, resume_step=None)
     log.write_all({"step": s, "loss": 0.5 + s} for s in range(41))
-    before = path.read_bytes()
-    write_text = Path.write_text
+    before, inode = path.read_bytes(), os.stat(path).st_ino
 
-    def killed(self, text, *args, **kwargs):
-        write_text(self, text[:100])
+    def no_whole_read(self, *args, **kwargs):
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_text", no_whole_read)
+    monkeypatch.setattr(Path, "read_bytes", no_whole_read)
+    log = MetricsLog(path, enabled=True, resume_step=50)  # nothing past step 50: untouched
+    assert log.kept_steps == list(range(41))
+    log = MetricsLog(path, enabled=True, resume_step=30)
+    monkeypatch.undo()
+    assert os.stat(path).st_ino == inode and path.read_bytes() == b"".join(before.splitlines(keepends=True)[:31])
+    assert [r["step"] for r in log.read()] == list(range(31)) == log.kept_steps
+    path.write_bytes(before + b'{"loss": 1.0, "st')  # killed inside a record's write: cut off too
+    assert MetricsLog(path, enabled=True, resume_step=40).kept_steps == list(range(41)) and path.read_bytes() == before
+    path.write_bytes(before[:-1])  # a last record without its newline is ended, so the next one is a line of its own
+    MetricsLog(path, enabled=True, resume_step=40).write({"step": 41})
+    assert path.read_bytes() == before + b'{"step": 41}\n'
+
+    path.write_bytes(before + b'{"step": 3}\n')  # out of order: a record kept after ones dropped
+    real_replace = os.replace
+
+    def killed(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "write_text", killed)
+    monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         MetricsLog(path, enabled=True, resume_step=30)
-    monkeypatch.undo()
-    assert path.read_bytes() == before
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert path.read_bytes() == before + b'{"step": 3}\n'
     log = MetricsLog(path, enabled=True, resume_step=30)
-    assert [r["step"] for r in log.read()] == list(range(31)) == log.kept_steps
+    assert [r["step"] for r in log.read()] == [*range(31), 3] == log.kept_steps
 
 
 def test_non_finite_numbers_are_written_as_null(tmp_path):
