@@ -136,6 +136,17 @@ def test_task_uses_boxed_extraction():
     ("42", "42.", True),
     ("42", "42;", True),
     ("42", "4.", False),
+    # Found by review on 2026-12-07: math-verify reads Yes as E*s*y and YES as e*s*y, and a full stop after a word
+    # as no answer; answers in words compare as words
+    ("Yes", "YES", True),
+    ("Yes", "Yes.", True),
+    ("No", "No.", True),
+    (r"\text{Yes}", "yes", True),
+    ("No", "Yes", False),
+    ("Yes", "1", False),
+    ("7", "Yes", False),
+    ("Does not exist", "DNE", True),
+    ("x", "X", True),  # not words: math-verify's, as before
 ])
 def test_math_equal(gold, predicted, expected):
     assert math_equal(gold, predicted) is expected
@@ -331,6 +342,23 @@ def test_answer_alias_and_numbers(tmp_path):
     assert [(e.question, e.answer, e.meta["difficulty"]) for e in task.examples("train")] == [
         ("q1", "7", None), ("q2", "8", None), ("q3", "9", None), ("q4", "0.00001", None), ("q5", "1e-05", None),
         ("q6", "1" + "0" * 20, None)]
+
+
+def test_a_final_answer_written_in_a_box_is_its_content(tmp_path):
+    """A policy's boxed answer is read without its box: a boxed gold answer kept it, so the critic's prompt showed
+    `\\boxed{7}` beside `7` (telling it which answer was the expert's), and DPO paired the expert's own completion
+    against itself (found by review on 2026-12-07)."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q1", "final_answer": r"\boxed{7}"},
+                                              {"question": "q2", "final_answer": r" \boxed{\frac{1}{2}} "},
+                                              {"question": "q3", "final_answer": r"\boxed{1} + \boxed{2}"},
+                                              {"question": "q4", "final_answer": r"\boxed{3}\text{ m}"}])
+    task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
+    assert [e.answer for e in task.examples("train")] == ["7", r"\frac{1}{2}", r"\boxed{1} + \boxed{2}", r"\boxed{3}\text{ m}"]
+    assert task.extract_answer(r"<think></think><answer>\boxed{7}</answer>") == task.examples("train")[0].answer
+
+
+def test_answers_in_words_are_one_answer_whatever_their_case_or_full_stop():
+    assert math_answer_classes(["Yes", "Yes.", "yes", "YES", "No", "No.", r"\text{no}", "5"]) == [0, 0, 0, 0, 1, 1, 1, 2]
 
 
 def test_a_numeric_answer_keeps_every_digit_it_was_written_with(tmp_path):

@@ -77,6 +77,14 @@ def _final_answer(record: dict[str, Any], where: str) -> str:
     return answer
 
 
+def _unboxed(answer: str) -> str:
+    """A final answer written as one \\boxed{...} is its content, as a policy's boxed answer is read (found by
+    review: the box stayed, so the critic's prompt showed `\\boxed{7}` beside the policy's `7` and told it which
+    answer was the expert's, and DPO paired the expert's own completion against itself)."""
+    found = _last_box(answer)
+    return found[0] if found is not None and found[1] == 0 and found[2] == len(answer) else answer
+
+
 def _difficulty(record: dict[str, Any], where: str, needed_by: str | None) -> float | None:
     value = record.get("difficulty")
     if value is None:
@@ -103,7 +111,7 @@ def load_examples(cfg: DeepMathConfig) -> dict[str, list[Example]]:
     for where, record in read_records(cfg.path, columns=("question", "final_answer", "answer", "difficulty"),
                                       text_columns=("question", "final_answer", "answer")):
         question = text_field(record, where, "question").strip()
-        answer = _final_answer(record, where)
+        answer = _unboxed(_final_answer(record, where))
         if _matching_brace(answer + "}", 0) != len(answer):  # found by review: no answer could ever verify
             raise ValueError(f"{where}: the final answer {answer[:80]!r} has unbalanced braces")
         difficulty = _difficulty(record, where, needed_by)
@@ -218,6 +226,26 @@ def _parse_latex(text: str, timeout_seconds: int | None) -> tuple:
         return ()
 
 
+# Answers in words. math-verify reads `Yes` as the product E*s*y (e is Euler's number) and `YES` as e*s*y, and a
+# full stop after a word as no answer, so `YES` and `Yes.` were wrong against `Yes` and other answers in a majority
+# vote (found by review). These compare as words, whatever their case, spacing, \text{} or full stop.
+TEXT_ANSWERS = frozenset({"yes", "no", "true", "false", "none", "always", "never", "possible", "impossible",
+                          "undefined", "does not exist", "dne", "converges", "diverges", "finite", "infinite", "even",
+                          "odd"})
+_WORDS_RE = re.compile(r"^(?:\\(?:text|textbf|mathrm|mbox)\s*\{\s*(?P<boxed>[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*\}"
+                       r"|(?P<bare>[A-Za-z]+(?:\s+[A-Za-z]+)*))\s*[.;!]?$")
+
+
+def text_answer(text: str) -> str | None:
+    """The answer in TEXT_ANSWERS that `text` writes (lower case, single spaces), or None."""
+    m = _WORDS_RE.match(text.strip())
+    if m is None:
+        return None
+    words = " ".join((m["boxed"] or m["bare"]).split()).casefold()
+    words = "does not exist" if words == "dne" else words
+    return words if words in TEXT_ANSWERS else None
+
+
 def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) -> bool:
     """Whether `predicted` is mathematically equal to `gold` (both bare LaTeX final answers), by math-verify.
     Never raises: a missing, over-long or unparsable answer is False, and so is a timeout."""
@@ -226,6 +254,9 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
 
     if not isinstance(predicted, str) or not predicted.strip() or len(predicted) > MAX_ANSWER_CHARS:
         return False
+    words = text_answer(gold), text_answer(predicted)
+    if words != (None, None):
+        return words[0] == words[1]
     # math-verify's timer is signal.alarm, which Python allows only on the main thread.
     on_main_thread = threading.current_thread() is threading.main_thread()
     timeout = timeout_seconds if timeout_seconds > 0 and on_main_thread else None
