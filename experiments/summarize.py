@@ -230,6 +230,7 @@ def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int,
     """({seed: the base's accuracies}, {mode: {seed: accuracies}}) from EVALS/*/report.json: EVALS/base-sSEED is
     the base of that seed's runs, EVALS/base (seed None) the base of every seed without its own."""
     bases, modes = {}, defaultdict(dict)
+    first: tuple[Path, dict] | None = None  # what the first report evaluated, which every other must share
     for path in sorted(evals.glob("*/report.json")):
         try:
             report = json.loads(path.read_text())
@@ -239,6 +240,15 @@ def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int,
         if not report["accuracy"]:  # a KeyError in eval_table (found by review)
             raise ValueError(f"{path}: the {report.get('task', '?')} task has no verifier, so the report holds no "
                              "accuracies to tabulate (its judge's win rates, if it was judged, are under \"judge\" in that file)")
+        # Reports of another task, data or split went into one table, gains over a base of another task among them
+        # (found by review)
+        evaluated = _evaluated(report)
+        if first is None:
+            first = path, evaluated
+        elif (differ := [k for k in evaluated if evaluated[k] != first[1][k]]):
+            k = differ[0]
+            raise ValueError(f"{path}: evaluated other problems than {first[0]} ({k}: {evaluated[k]!r} there, "
+                             f"{first[1][k]!r} here); compare reports of one task, data and split")
         m = RUN_NAME.match(path.parent.name)
         if path.parent.name == "base":
             bases[None] = acc
@@ -249,6 +259,16 @@ def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int,
     if not modes:
         raise ValueError(f"{evals}: no MODE-sSEED/report.json evaluations found")
     return bases, modes
+
+
+def _evaluated(report: dict) -> dict:
+    """What a report's problems were: its task, the task's settings (data, split seed, sizes), its split and how
+    many questions; None where an older report does not say."""
+    config = report.get("config") if isinstance(report.get("config"), dict) else {}
+    task = report.get("task")
+    counts = report.get("counts") if isinstance(report.get("counts"), dict) else {}
+    return {"task": task, "split": report.get("split"), "questions": counts.get("questions"),
+            "task settings": (config.get("task") or {}).get(task) if isinstance(task, str) else None}
 
 
 def _eval_temperature(report: dict) -> float | None:

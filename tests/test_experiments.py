@@ -260,6 +260,30 @@ def _report(root: Path, name: str, acc: dict, n: int = 16) -> None:
     (root / name / "report.json").write_text(json.dumps({"n": n, "accuracy": acc}))
 
 
+def test_reports_of_other_problems_are_not_one_table(tmp_path):
+    """A base evaluated on Countdown beside runs evaluated on DeepMath made one table, with gains over the other
+    task's base (found by review on 2026-12-07)."""
+    def report(name, task, path="dm.jsonl", split="heldout", questions=8):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / "report.json").write_text(json.dumps({
+            "n": 4, "accuracy": {"avg@n": 0.1}, "task": task, "split": split, "counts": {"questions": questions},
+            "config": {"task": {"name": task, "countdown": {"seed": 0}, "deepmath": {"path": path}}}}))
+
+    report("raro-s0", "deepmath")
+    report("rlvr-s0", "deepmath", path="dm.jsonl")
+    assert set(summarize.read_evals(tmp_path)[1]) == {"raro", "rlvr"}
+    report("base", "countdown")
+    with pytest.raises(ValueError, match=r"raro-s0/report.json: evaluated other problems than .*base/report.json "
+                                         r"\(task: 'deepmath' there, 'countdown' here\)"):
+        summarize.read_evals(tmp_path)
+    report("base", "deepmath", path="other.jsonl")
+    with pytest.raises(ValueError, match=r"task settings: \{'path': 'dm.jsonl'\} there, \{'path': 'other.jsonl'\} here"):
+        summarize.read_evals(tmp_path)
+    report("base", "deepmath", split="train")
+    with pytest.raises(ValueError, match=r"split: 'heldout' there, 'train' here"):
+        summarize.read_evals(tmp_path)
+
+
 def test_sampled_evaluations_table(tmp_path):
     _report(tmp_path, "base", {"avg@n": 0.1, "majority@n": 0.2, "tournament@n": 0.15, "pass@n": 0.5})
     _report(tmp_path, "raro-s0", {"avg@n": 0.2, "majority@n": 0.3, "tournament@n": 0.25, "pass@n": 0.6})
