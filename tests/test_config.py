@@ -549,3 +549,62 @@ def test_setup_checks_the_context_before_it_builds_an_engine(saved_embedded_mode
                        "--rollout.critic_max_new_tokens", "250", "--train.progress", "false"])
     with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 250: .* past the model's 256 positions"):
         train.setup(cfg, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+def test_adamw_betas_take_0_and_refuse_1():
+    # [0, 1) as torch's AdamW checks it: beta 0 (no momentum) is AdamW's, 1 (no update from new gradients) is not
+    with pytest.raises(ConfigError, match=r"optim.beta2 must lie in \[0, 1\), got 1.0"):
+        load_config(["--optim.beta2", "1"])
+    with pytest.raises(ConfigError, match=r"optim.beta1 must lie in \[0, 1\), got 1.0"):
+        load_config(["--optim.beta1", "1.0"])
+    optim = load_config(["--optim.beta1", "0", "--optim.beta2", "0"]).optim
+    assert (optim.beta1, optim.beta2) == (0.0, 0.0)
+
+
+def _context_setting():
+    from types import SimpleNamespace
+
+    from raro_fast.model.hf import load_project_tokenizer
+    from raro_fast.tasks import make_task
+
+    task = make_task(load_config([]).task)
+    return load_project_tokenizer(), SimpleNamespace(max_position_embeddings=512), task.examples("heldout")
+
+
+def test_the_critic_prompt_checked_is_the_longest_with_its_expert_answer_not_by_question():
+    """The examples standing for all are the longest by question and answer together: a short question with a long
+    expert answer makes the longest critic prompt, whatever the questions' lengths."""
+    from raro_fast.tasks.base import Example
+    from raro_fast.train import check_context
+
+    tok, model_config, heldout = _context_setting()
+    poem = Example(id="poem", question="Write a poem.", answer="\n".join(["a line of verse"] * 60))
+    questions = [Example(id=f"q{i}", question="Using " + ", ".join(["3"] * 20) + ", make 10.", answer="3")
+                 for i in range(8)]
+    cfg = load_config(["--train.eval_tournament", "false"])
+    check_context(cfg, tok, model_config, questions, heldout)
+    with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 96: the longest critic prompt \(with the "
+                                         r"expert's answer, the policy's empty\)"):
+        check_context(cfg, tok, model_config, questions + [poem], heldout)
+
+
+def test_the_tournaments_critic_prompt_counts_only_where_the_tournament_runs():
+    """The evaluation's tournament picks among eval_samples answers: with 0 or 1 of them it never runs, so its
+    critic prompt is not checked."""
+    from raro_fast.train import check_context
+
+    tok, model_config, heldout = _context_setting()
+    sft = ["--train.mode", "sft", "--rollout.critic_max_new_tokens", "480"]
+    for samples in ("0", "1"):
+        check_context(load_config([*sft, "--train.eval_samples", samples]), tok, model_config, [], heldout)
+    with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 480: the longest critic prompt \(with both "
+                                         r"answers empty\)"):
+        check_context(load_config([*sft, "--train.eval_samples", "2"]), tok, model_config, [], heldout)
+
+
+def test_only_the_shipped_sample_in_another_checkout_passes_for_no_other_tasks_data():
+    # a file of one's own that has the sample's name is data: refused as another task's (the checkout's folders
+    # raro_fast/tasks/data are part of what makes it the shipped sample)
+    with pytest.raises(ConfigError, match=r"task.deepmath.path: settings of the deepmath task"):
+        load_config(["--task.deepmath.path", "/home/me/math/deepmath_sample.jsonl"])
+    load_config(["--task.deepmath.path", "/elsewhere/raro_fast/tasks/data/deepmath_sample.jsonl"])

@@ -611,3 +611,23 @@ def test_an_answer_whose_value_takes_minutes_to_evaluate_is_not_a_number(tmp_pat
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[0, 1, 0]"
+
+
+def test_an_unevaluated_sum_is_no_number_even_where_it_would_value_at_once():
+    # Left unevaluated by the parser, a sum, product or limit is no plain number however small (without the check,
+    # the timer alone let a quick one through: \sum_{k=1}^{3} k became 6.0, a slow one none)
+    from raro_fast.tasks.deepmath import _real_values
+
+    assert _real_values(r"\sum_{k=1}^{3} k", 5) == ()
+    assert _real_values(r"\prod_{k=1}^{3} k", 5) == ()
+    assert _real_values(r"6", 5) == (6.0,)
+
+
+def test_a_value_that_evaluates_past_the_timeout_is_no_number():
+    # evalf runs under math-verify's timer too: sin(10^200000) needs 200000 digits (about 18 s here without the timer,
+    # where it came back as -0.772143); with a 1 s timer it is no number
+    from raro_fast.tasks.deepmath import _real_values
+
+    started = time.monotonic()
+    assert _real_values(r"\sin(10^{200000})", 1) == ()
+    assert time.monotonic() - started < 10

@@ -130,3 +130,17 @@ def test_a_linked_out_dir_is_converted_into_the_folder_it_names_again_and_again(
     gguf.convert_gguf(src, tmp_path / "link")
     assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["model"]
     load_pretrained(tmp_path / "link", dtype=torch.float32)
+
+
+def test_a_linked_out_dir_is_probed_where_the_link_points(tmp_path):
+    """The output is written beside the folder a link names: a link in a writable folder to one that takes no file
+    is refused before the file is read (and a link to a writable folder from anywhere is accepted)."""
+    src = tmp_path / "never-read.gguf"
+    src.write_bytes(b"not read")
+    (tmp_path / "link").symlink_to("/proc/raro_out")
+    with pytest.raises(ValueError, match=r"link: cannot write beside it in /proc"):
+        gguf.convert_gguf(src, tmp_path / "link")
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "link").symlink_to(tmp_path / "disk" / "model")
+    gguf.check_out_dir(tmp_path / "disk" / "link")
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["link"]

@@ -614,3 +614,60 @@ def test_a_rank_without_questions_still_takes_part_in_dealing_the_cap(setting):
     out = raro_rollouts([], engine=None, tokenizer=tok, task=task, cfg=cfg, rng=random.Random(0), seed=1,
                         fresh_cap=lambda judged: asked.append(judged) or 0, draw_replay=lambda n: [])
     assert asked == [0] and out.samples == []
+
+
+def _critic_prompt_lengths(tok, examples):
+    """The critic prompt's tokens for each fresh pair the scripted engine's answers make, in the order judged."""
+    lengths = []
+    for ex in examples:
+        for answer in (ex.answer, "+".join(map(str, ex.meta["numbers"]))):  # samples 0 and 1: expert, wrong
+            both = {len(prompts.render_prompt(tok, prompts.critic_messages(ex.question, *order)))
+                    for order in ((ex.answer, answer), (answer, ex.answer))}
+            assert len(both) == 1  # either order: one length
+            lengths += both
+    return lengths
+
+
+def test_a_critic_prompt_that_fills_the_context_exactly_is_judged_and_one_position_less_is_not(setting):
+    """The bound of `readable` is the engine's: a prompt whose reply ends at the last position is judged (as
+    check_prompts accepts it), and only the critic's max_new_tokens more than the prompt counts, not the prompt alone."""
+    cfg, tok, task, examples = setting
+    lengths = _critic_prompt_lengths(tok, examples)
+    assert lengths == [132, 132, 135, 135, 135, 135]
+    room = max(lengths) + cfg.rollout.critic_max_new_tokens
+    exact, _ = play(cfg, tok, task, examples, context=room)
+    plain, _ = play(cfg, tok, task, examples)
+    assert exact.stats["critic/unreadable_rate"] == [0.0] * 6
+    assert [s.reward for s in exact.samples] == [s.reward for s in plain.samples]
+    short, _ = play(cfg, tok, task, examples, context=room - 1)  # the two longer questions' pairs no longer fit
+    assert short.stats["critic/unreadable_rate"] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    rc = cfg.raro
+    assert short.stats["reward/policy_mean"] == [rc.tau_pol, 0.0, 0.0, 0.0] + [0.0] * 8
+    assert len(short.new_pairs) == 2 and len(by_role(short, "critic")) == 2 * rc.critic_samples_per_pair
+
+
+def test_a_replayed_pair_the_critic_has_no_room_to_read_is_not_replayed(setting):
+    """A pair stored when it fitted may not fit now (a resume may have lengthened critic_max_new_tokens): it is left
+    out of the replay, the others are judged, and the fresh pairs' unreadable_rate does not count it."""
+    cfg, tok, task, examples = setting
+    ex = examples[0]
+    room = max(_critic_prompt_lengths(tok, examples)) + cfg.rollout.critic_max_new_tokens
+    replay = [CriticPair("long", ex.question, "1+2" * 200, ex.answer), CriticPair("short", ex.question, "1+2", ex.answer)]
+    out, asked = play(cfg, tok, task, examples, replay=replay, context=room)
+    assert asked == [6]
+    assert out.stats["critic/replay_pairs"] == [1] and out.stats["critic/unreadable_rate"] == [0.0] * 6
+    assert len(by_role(out, "critic")) == (6 + 1) * cfg.raro.critic_samples_per_pair
+
+
+def test_each_replayed_pair_is_rewarded_by_its_own_verdicts(setting):
+    """The replayed pairs are shown in random orders, and each pair's verdicts are scored against its own order:
+    a verifier critic is right on every replayed pair."""
+    cfg, tok, task, examples = setting
+    replay = [CriticPair(ex.id, ex.question, "+".join(map(str, ex.meta["numbers"])), ex.answer)
+              for ex in examples for _ in range(2)]
+    out, asked = play(cfg, tok, task, examples, replay=replay)
+    assert asked == [6] and out.stats["critic/replay_pairs"] == [6]
+    n = cfg.raro.critic_samples_per_pair
+    replayed = [s for s in by_role(out, "critic") if s.group >= len(examples) + 6]
+    assert len(replayed) == 6 * n
+    assert {s.reward for s in replayed} == {1.0}  # the critic's reward for naming the expert's answer

@@ -482,3 +482,27 @@ def test_short_flags_rewrite_flags_not_values():
     argv = ["--n=8", "--rerank", "none", "--task", "countdown", "--task.countdown.seed", "3", "--model", "--n"]
     assert expand_short_flags(argv) == [
         "--eval.n=8", "--eval.rerank", "none", "--task.name", "countdown", "--task.countdown.seed", "3", "--eval.model", "--n"]
+
+
+def test_a_match_whose_prompt_fits_but_not_the_critics_reply_is_invalid_without_an_engine_call(tok):
+    """The room counted is the prompt's and max_new_tokens' together: one position short of the reply is no room."""
+    from types import SimpleNamespace
+
+    from raro_fast.rollout.engine import check_prompts
+
+    class Bounded(ScriptedEngine):
+        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=0))
+
+        def generate(self, prompt_list, params):
+            check_prompts(prompt_list, params, self.model.config)
+            return super().generate(prompt_list, params)
+
+    engine = Bounded(tok, critic=lambda q, a1, a2: prefer_higher(a1, a2))
+    matches = [("q", "1", "2"), ("q", "3", "2")]
+    short = len(prompts.render_prompt(tok, prompts.critic_messages("q", "3", "2")))
+    assert short == len(prompts.render_prompt(tok, prompts.critic_messages("q", "1", "2")))
+    engine.model.config.max_position_embeddings = short + 7  # the prompts fit, their 8-token replies do not
+    assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)(matches) == [None, None]
+    assert engine.calls == []
+    engine.model.config.max_position_embeddings = short + 8
+    assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)(matches) == ["2", "1"]

@@ -368,8 +368,55 @@ def test_a_resume_prunes_what_a_run_killed_in_its_last_pruning_kept(tmp_path, sa
         checkpoint.save_checkpoint(out, step, model=model, hf_model=hf, tokenizer=tok, optimizer=optimizer,
                                    trainer_state=state, d=D, keep=0)
     root = checkpoint.checkpoint_root(out)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001", "step_000002", "step_000003"]  # keep=0
     (root / ".step_000000.old").mkdir()
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(4)))
     r = train.setup(load_config([*args, "--resume"]), D)
     assert r.start_step == 3
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002", "step_000003"]
+
+
+def test_a_save_killed_while_removing_the_previous_folder_leaves_it_to_the_next_save(tmp_path):
+    """Killed after both renames, inside the deletion of `.NAME.old`: the new folder is whole under its name, and
+    the next save keeps it until its own rename, deletes the leftover, and does not take the stale one back."""
+    from raro_fast.model.hf import _recover_killed_save, save_pretrained_atomic
+
+    tok, hf, _, _ = _model_and_optimizer(seed=0)
+    final = tmp_path / "final_model"
+    save_pretrained_atomic(hf, tok, final, extra_files={"marker.txt": "new"})
+    (tmp_path / ".final_model.old").mkdir()
+    (tmp_path / ".final_model.old" / "marker.txt").write_text("stale")
+    _recover_killed_save(final)
+    assert (final / "marker.txt").read_text() == "new" and (tmp_path / ".final_model.old" / "marker.txt").is_file()
+    save_pretrained_atomic(hf, tok, final, extra_files={"marker.txt": "newer"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model"]
+    assert (final / "marker.txt").read_text() == "newer"
+
+
+def test_a_link_left_at_the_old_name_is_removed_as_a_link_and_its_folder_kept(tmp_path):
+    """A symlinked folder saved over (before links were resolved) was moved aside as the link `.NAME.old`: the next
+    save removes the link, not the folder it names, and saves (rmtree cannot remove a link: the rename over it then
+    stopped in NotADirectoryError)."""
+    from raro_fast.model.hf import save_pretrained_atomic
+
+    tok, hf, _, _ = _model_and_optimizer(seed=0)
+    final = tmp_path / "final_model"
+    save_pretrained_atomic(hf, tok, final)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("mine")
+    (tmp_path / ".final_model.old").symlink_to(tmp_path / "elsewhere")
+    save_pretrained_atomic(hf, tok, final, extra_files={"marker.txt": "new"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "final_model"]
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "mine" and (final / "marker.txt").read_text() == "new"
+
+
+def test_only_a_temporary_folders_exact_name_is_taken_for_a_killed_saves_leftover(tmp_path):
+    """mkdtemp's names are `.NAME.` and 8 characters: a longer name of the same letters is someone's folder."""
+    from raro_fast.model.hf import _recover_killed_save
+
+    for name in (".final_model.k3v9_x0a", ".final_model.k3v9_x0a1", ".final_model.snapshot_2", ".final_model.k3v9_x0"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "final_model").mkdir()
+    _recover_killed_save(tmp_path / "final_model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".final_model.k3v9_x0", ".final_model.k3v9_x0a1",
+                                                           ".final_model.snapshot_2", "final_model"]

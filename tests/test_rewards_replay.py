@@ -161,3 +161,17 @@ def test_replay_share_is_exact_in_expectation_for_few_fresh_pairs():
     half = load_config([]).raro  # the default 0.5: whole numbers, and no random draw (runs stay as they were)
     state = rng.getstate()
     assert [half.replay_pairs_for(n, rng) for n in (0, 1, 7)] == [0, 1, 7] and rng.getstate() == state
+
+
+def test_ranks_take_consecutive_slices_of_one_shuffle_in_buffer_order():
+    # Exactly the documented deal: rank r takes order[sum(shares[:r]) : sum(shares[:r + 1])] of one shuffle of the
+    # buffer (seeded alike on every rank), returned in buffer order; shares summing to less than the buffer leave
+    # its tail of the shuffle undealt.
+    buf = ReplayBuffer(100)
+    items = [CriticPair(f"id{i}", f"q{i}", f"a{i}", f"e{i}") for i in range(8)]
+    buf.extend(items)
+    order = list(range(8))
+    random.Random("step 3").shuffle(order)
+    assert order == [1, 4, 5, 6, 2, 3, 7, 0]
+    drawn = [buf.sample(0, random.Random("step 3"), part=rank, shares=[2, 1, 2]) for rank in range(3)]
+    assert drawn == [[items[1], items[4]], [items[5]], [items[2], items[6]]]

@@ -521,3 +521,25 @@ def test_an_empty_split_or_an_unknown_one_is_refused_naming_the_setting(two_mode
         analyze.run(analyze.load_config(args, root=analyze.AnalyzeConfig))
     with pytest.raises(Exception, match=r"analysis.split.*'test'"):
         analyze.load_config(_args(two_models, tmp_path / "e", 2) + ["--analysis.split", "test"], root=analyze.AnalyzeConfig)
+
+
+def test_a_trace_that_fills_the_models_positions_exactly_is_read_and_one_token_more_is_not(monkeypatch):
+    """The bound is the engines': prompt and trace together may fill the positions, not one more."""
+    from types import SimpleNamespace
+
+    from raro_fast import prompts
+    from raro_fast.model.hf import load_project_tokenizer
+    from raro_fast.tasks.base import Example
+
+    tok = load_project_tokenizer()
+    p = Example(id="p", question="Make 10.", answer="x")
+    trace = "3*4=12, " * 10
+    n = len(prompts.render_prompt(tok, prompts.policy_messages(p.question))) + len(tok(trace, add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(analyze, "teacher_forced", lambda model, prompt, completion: (
+        torch.zeros(len(completion)), None, torch.ones(len(completion), dtype=torch.bool)))
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=n))
+    assert analyze.trace_perplexities(model, tok, [p], [{"problem_id": "p", "trace": trace}]) == {"p": 1.0}
+    model.config.max_position_embeddings = n - 1
+    with pytest.raises(ValueError, match=rf"analysis.traces: the trace of 'p' is \d+ tokens after a \d+-token prompt, "
+                                         rf"past the model's {n - 1} positions"):
+        analyze.trace_perplexities(model, tok, [p], [{"problem_id": "p", "trace": trace}])

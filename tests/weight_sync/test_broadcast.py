@@ -277,3 +277,22 @@ def test_the_sender_polls_for_a_refusal_without_spinning():
     calls = []
     broadcast._broadcast(Group(), torch.zeros(4), answered=lambda timeout=None: calls.append(timeout))
     assert 5 <= len(calls) <= 60 and set(calls) == {0.05}
+
+
+def test_each_buckets_broadcast_polls_that_buckets_answer(monkeypatch):
+    """broadcast_weights hands `_broadcast` the wait of the request it announced for that bucket: without it a
+    refused bucket's gloo broadcast waited out the group's timeout before the refusal was raised."""
+    from raro_fast.weight_sync import broadcast
+
+    waits, polled = [], []
+
+    def announce(body):
+        def wait(timeout=None):
+            return None
+        waits.append(wait)
+        return wait
+
+    monkeypatch.setattr(broadcast, "_broadcast", lambda group, flat, answered=None: polled.append(answered))
+    broadcast.broadcast_weights(None, [("w0", torch.tensor([1.5, -2.0])), ("w1", torch.tensor([3.0, 4.0]))],
+                                group_name="g", bucket_bytes=8, announce=announce, weight_version=1)
+    assert len(waits) == 2 and polled == waits
