@@ -252,6 +252,33 @@ def test_judge_prompt_order(tok):
     assert report.invalid_rate == 0.0
 
 
+def test_a_prompt_the_judge_has_no_room_for_is_an_invalid_verdict_not_a_stopped_evaluation(tok):
+    """One long held-out poem made the engine refuse the judge's whole call, after all the evaluation's sampling
+    (found by review on 2026-12-07): such a prompt is an invalid verdict now, and the others are judged."""
+    from types import SimpleNamespace
+
+    long_poem = "\n".join(["a long line of verse that goes on"] * 40)
+    items = [("short", "cand", "exp"), ("long", long_poem, "exp")]
+    lengths = [len(prompts.render_prompt(tok, judge_messages(i, a, b))) for i, c, e in items for a, b in ((c, e), (e, c))]
+    captured = []
+
+    class Limited:
+        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=max(lengths[:2]) + 8))
+
+        def generate(self, prompt_list, params):
+            captured.append(len(prompt_list))
+            assert all(len(p) + params.max_new_tokens <= self.model.config.max_position_embeddings for p in prompt_list)
+            return [[Completion(token_ids=[1], logprobs=[0.0], finish_reason="stop", text=verdict("1"))]
+                    for _ in prompt_list]
+
+    report = judge_pairwise(Limited(), tok, items, max_new_tokens=8)
+    assert min(lengths[2:]) > max(lengths[:2]) and captured == [2]
+    assert report.verdicts == (("1", "1"), (None, None)) and report.outcomes == ("tie", "tie")
+    assert report.invalid_verdicts == 2
+    captured.clear()
+    assert judge_pairwise(Limited(), tok, items[1:], max_new_tokens=8).verdicts == ((None, None),) and captured == []
+
+
 def test_judge_rejects_bad_items(tok):
     with pytest.raises(ValueError, match="no items"):
         judge_pairwise(None, tok, [], max_new_tokens=8)

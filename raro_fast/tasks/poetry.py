@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from raro_fast import prompts
-from raro_fast.rollout.engine import RolloutEngine, SamplingParams
+from raro_fast.rollout.engine import RolloutEngine, SamplingParams, engine_context_limit
 from raro_fast.tasks.base import Example, FileTask
 from raro_fast.tasks.records import hash_split, read_records, repeat_key, stable_id, text_field
 
@@ -163,7 +163,8 @@ def judge_pairwise(engine: RolloutEngine, tokenizer, items: Sequence[tuple[str, 
     the candidate, -1 if it prefers the expert, 0 for a tie; the outcome is "win" if the two scores sum above 0
     (wins in both orders, or wins one and ties the other), "loss" if below 0 (symmetrically), else "tie". So a
     judge that contradicts itself across orders (each order prefers the poem in the same position) gives a tie,
-    and so does any invalid verdict (no parsable "1"/"2"/"tie", or a truncated reply), whatever the other says.
+    and so does any invalid verdict (no parsable "1"/"2"/"tie", a truncated reply, or a prompt too long for the
+    judge's positions with its reply), whatever the other says.
     """
     if not items:
         raise ValueError("judge_pairwise: no items to judge")
@@ -176,10 +177,17 @@ def judge_pairwise(engine: RolloutEngine, tokenizer, items: Sequence[tuple[str, 
         prompt_ids.append(prompts.render_prompt(tokenizer, judge_messages(instruction, candidate, expert)))
         prompt_ids.append(prompts.render_prompt(tokenizer, judge_messages(instruction, expert, candidate)))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, n=1, seed=seed)
-    completions = engine.generate(prompt_ids, params)
-    if len(completions) != len(prompt_ids):
-        raise RuntimeError(f"judge_pairwise: the engine answered {len(completions)} of {len(prompt_ids)} prompts")
+    # A prompt the judge has no room to read and answer (two long poems) is an invalid verdict, as a critic's match
+    # is: the engine refused the whole call, and the evaluation ended with no report after all its sampling
+    # (found by review).
+    limit = engine_context_limit(engine)
+    fits = [limit is None or len(p) + max_new_tokens <= limit for p in prompt_ids]
+    asked = [p for p, fit in zip(prompt_ids, fits) if fit]
+    completions = engine.generate(asked, params) if asked else []
+    if len(completions) != len(asked):
+        raise RuntimeError(f"judge_pairwise: the engine answered {len(completions)} of {len(asked)} prompts")
+    answers = iter(completions)
     # A truncated reply is invalid even if it holds a tag: the judge had not finished (as for RARO's critic).
-    verdicts = [None if c[0].truncated else prompts.parse_verdict(c[0].text) for c in completions]
+    verdicts = [None if not fit or (c := next(answers)[0]).truncated else prompts.parse_verdict(c.text) for fit in fits]
     pairs = tuple(zip(verdicts[0::2], verdicts[1::2]))
     return JudgeReport(outcomes=tuple(combine_verdicts(a, b) for a, b in pairs), verdicts=pairs)
