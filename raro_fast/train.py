@@ -47,6 +47,7 @@ from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import parallelize
 from raro_fast.weight_sync import full_state_dict, push_weights
 from raro_fast.modes import COUNT_KEYS, STAT_KEYS, Mode, make_mode
+from raro_fast.modes.base import expert_completion_ids
 from raro_fast.replay import ReplayBuffer
 from raro_fast.rollout import check_backend, make_engine
 from raro_fast.rollout.engine import context_limit
@@ -571,31 +572,53 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     """Refuse at start what the engines would refuse mid-run: a prompt that, with the tokens sampled after it, runs
     past the model's positions (found by review: `--rollout.critic_max_new_tokens 480` on a 512-position model
     failed in step 1, after the step-0 evaluation and the policy's rollouts). Only the prompts a run samples from
-    count: the evaluation's policy prompts, every mode's but SFT's training ones, the critic's in RARO (with the
-    expert's answer, and the policy's empty) and in the evaluation's tournament (both answers empty). The longest
-    examples by characters stand for all; with answers left empty, only a certain failure is refused (the game
-    leaves a pair the critic has no room for unjudged: `modes.raro.readable`)."""
+    count: the evaluation's policy prompts, every mode's but SFT's training ones, rationalization's (with the
+    expert's answer), the critic's in RARO (with the expert's answer, and the policy's empty) and in the
+    evaluation's tournament (both answers empty). And the expert's sequences the supervised modes train on (SFT,
+    DPO, rl_logit, rationalization): past the positions, the trainer computed them silently (found by review). The
+    examples longest in tokens stand for all (by characters, a short Chinese question of 536 tokens hid behind
+    longer English ones: review); with answers left empty, only a certain failure is refused (the game leaves a
+    pair the critic has no room for unjudged: `modes.raro.readable`)."""
     limit = context_limit(model_config)
     if limit is None:
         return
+    mode = cfg.train.mode
     tournament = cfg.train.eval_tournament and cfg.train.eval_samples > 1
     policy, critic = cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens
-    question, both = (lambda ex: len(ex.question)), (lambda ex: len(ex.question) + len(ex.answer))
-    checks = [("rollout.max_new_tokens", policy, "policy prompt", lambda ex: prompts.policy_messages(ex.question),
-               question, heldout + (train if cfg.train.mode != "sft" else [])),
+    everyone = {id(ex): ex for ex in train + heldout}
+    if not everyone:
+        return
+    counted = tokenizer([t for ex in everyone.values() for t in (ex.question, ex.answer)], add_special_tokens=False)
+    tokens = {key: (len(q), len(a)) for key, q, a in zip(everyone, counted["input_ids"][0::2], counted["input_ids"][1::2])}
+    question, both = (lambda ex: tokens[id(ex)][0]), (lambda ex: sum(tokens[id(ex)]))
+    render = lambda messages: prompts.render_prompt(tokenizer, messages)  # noqa: E731
+    checks = [("rollout.max_new_tokens", policy, "policy prompt", lambda ex: render(prompts.policy_messages(ex.question)),
+               question, heldout + (train if mode != "sft" else [])),
+              ("rollout.max_new_tokens", policy, "rationalization prompt (with the expert's answer)",
+               lambda ex: render(prompts.rationalization_messages(ex.question, ex.answer)), both,
+               train if mode == "rationalization" else []),
               ("rollout.critic_max_new_tokens", critic, "critic prompt (with the expert's answer, the policy's empty)",
-               lambda ex: prompts.critic_messages(ex.question, ex.answer, ""), both,
-               train if cfg.train.mode == "raro" else []),
+               lambda ex: render(prompts.critic_messages(ex.question, ex.answer, "")), both,
+               train if mode == "raro" else []),
               ("rollout.critic_max_new_tokens", critic, "critic prompt (with both answers empty)",
-               lambda ex: prompts.critic_messages(ex.question, "", ""), question, heldout if tournament else [])]
-    for setting, new_tokens, what, messages, size, examples in checks:
+               lambda ex: render(prompts.critic_messages(ex.question, "", "")), question, heldout if tournament else []),
+              (None, 0, "expert's sequence (the policy prompt and the expert's completion)",
+               lambda ex: render(prompts.policy_messages(ex.question)) + expert_completion_ids(tokenizer, ex.answer),
+               both, train if mode in ("sft", "dpo", "rl_logit", "rationalization") else [])]
+    for setting, new_tokens, what, ids, size, examples in checks:
         if not examples:
             continue
-        longest = max(len(prompts.render_prompt(tokenizer, messages(ex))) for ex in sorted(examples, key=size)[-8:])
-        if longest + new_tokens > limit:
-            raise ValueError(f"{setting} {new_tokens}: the longest {what} has {longest} tokens, and {new_tokens} "
-                             f"more run past the model's {limit} positions (max_position_embeddings); lower "
-                             f"{setting}, or use a model with a longer context")
+        longest, ex = max(((len(ids(ex)), ex) for ex in sorted(examples, key=size)[-8:]), key=lambda pair: pair[0])
+        if longest + new_tokens <= limit:
+            continue
+        where = ex.meta.get("source") or f"example {ex.id}"
+        if setting is None or longest >= limit:  # no setting makes room: the row is too long for this model
+            raise ValueError(f"{where}: its {what} has {longest} tokens, past the model's {limit} positions "
+                             "(max_position_embeddings) without a token more; leave it out of the data, or use a "
+                             "model with a longer context")
+        raise ValueError(f"{setting} {new_tokens}: the longest {what} has {longest} tokens ({where}), and {new_tokens} "
+                         f"more run past the model's {limit} positions (max_position_embeddings); lower {setting}, or "
+                         "use a model with a longer context")
 
 
 def first_sync(rollout: RolloutConfig, engine, model, *, version: int, dtype) -> None:

@@ -513,18 +513,21 @@ def test_a_prompt_the_sampled_tokens_would_carry_past_the_models_positions_is_re
     model_config = SimpleNamespace(max_position_embeddings=512)
     check_context(load_config([]), tok, model_config, train, heldout)  # the defaults fit
     with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 480: the longest critic prompt \(with the "
-                                         r"expert's answer, the policy's empty\) has \d+ tokens, and 480 more run past "
+                                         r"expert's answer, the policy's empty\) has \d+ tokens \(example countdown:[^)]*\), and 480 more run past "
                                          r"the model's 512 positions"):
         check_context(load_config(["--rollout.critic_max_new_tokens", "480"]), tok, model_config, train, heldout)
-    # the expert's answer counts: a long one (a poem) fails every step where the question alone fits (review)
+    # the expert's answer counts: a long one (a poem) fails every step where the question alone fits (review); a
+    # prompt past the positions without a token more is the row's fault, and named (no setting makes room)
     long_answer = [Example(id="poem", question="Write a poem.", answer="\n".join(["a line of verse"] * 60))]
-    with pytest.raises(ValueError, match=r"critic prompt \(with the expert's answer, the policy's empty\)"):
+    with pytest.raises(ValueError, match=r"^example poem: its critic prompt \(with the expert's answer, the policy's "
+                                         r"empty\) has 946 tokens, past the model's 512 positions \(max_position_embeddings\) "
+                                         r"without a token more; leave it out of the data"):
         check_context(load_config(["--train.eval_tournament", "false"]), tok, model_config, long_answer, heldout)
     # the bound is exact: the longest policy prompt plus max_new_tokens may fill the positions, not one more
     longest = max(len(prompts.render_prompt(tok, prompts.policy_messages(ex.question))) for ex in train + heldout)
     check_context(load_config(["--rollout.max_new_tokens", str(512 - longest)]), tok, model_config, train, heldout)
     with pytest.raises(ValueError, match=rf"rollout.max_new_tokens {513 - longest}: the longest policy prompt has "
-                                         rf"{longest} tokens, and {513 - longest} more run past the model's 512"):
+                                         rf"{longest} tokens \(example [^)]*\), and {513 - longest} more run past the model's 512"):
         check_context(load_config(["--rollout.max_new_tokens", str(513 - longest)]), tok, model_config, train, heldout)
     # Only what a run samples counts (review): SFT samples no training prompt, and no critic prompt unless its
     # evaluation runs the tournament; a long training question does not stop it.
@@ -583,8 +586,8 @@ def test_the_critic_prompt_checked_is_the_longest_with_its_expert_answer_not_by_
                  for i in range(8)]
     cfg = load_config(["--train.eval_tournament", "false"])
     check_context(cfg, tok, model_config, questions, heldout)
-    with pytest.raises(ValueError, match=r"rollout.critic_max_new_tokens 96: the longest critic prompt \(with the "
-                                         r"expert's answer, the policy's empty\)"):
+    with pytest.raises(ValueError, match=r"example poem: its critic prompt \(with the expert's answer, the policy's "
+                                         r"empty\)"):
         check_context(cfg, tok, model_config, questions + [poem], heldout)
 
 
@@ -608,3 +611,46 @@ def test_only_the_shipped_sample_in_another_checkout_passes_for_no_other_tasks_d
     with pytest.raises(ConfigError, match=r"task.deepmath.path: settings of the deepmath task"):
         load_config(["--task.deepmath.path", "/home/me/math/deepmath_sample.jsonl"])
     load_config(["--task.deepmath.path", "/elsewhere/raro_fast/tasks/data/deepmath_sample.jsonl"])
+
+
+def test_the_context_check_ranks_rows_by_tokens_and_checks_rationalization_and_the_experts_sequences():
+    """Found by review on 2026-12-07: the rows checked were the longest by characters, so a short Chinese question
+    of many tokens passed and stopped the run in step 1; rationalization's prompts (question and expert answer) were
+    never checked; and SFT, DPO and rl_logit trained expert sequences past the model's positions with no word."""
+    from raro_fast import prompts
+    from raro_fast.modes.base import expert_completion_ids
+    from raro_fast.tasks.base import Example
+    from raro_fast.train import check_context
+
+    tok, model_config, heldout = _context_setting()
+    english = [Example(id=f"en{i}", question="Add the numbers " + " ".join(["12"] * 100) + f" ({i}).", answer="7")
+               for i in range(8)]
+    chinese = Example(id="zh", question="请计算" + "一二三四五六七八九十" * 13 + "。", answer="7")
+    assert len(chinese.question) < min(len(ex.question) for ex in english)
+    tokens = lambda ex: len(prompts.render_prompt(tok, prompts.policy_messages(ex.question)))  # noqa: E731
+    assert tokens(chinese) > max(map(tokens, english))
+    fits = 512 - max(map(tokens, english))
+    rlvr = ["--train.mode", "rlvr", "--train.eval_samples", "0", "--rollout.max_new_tokens", str(fits)]
+    check_context(load_config(rlvr), tok, model_config, english, heldout)
+    with pytest.raises(ValueError, match=rf"rollout.max_new_tokens {fits}: the longest policy prompt has "
+                                         rf"{tokens(chinese)} tokens \(example zh\)"):
+        check_context(load_config(rlvr), tok, model_config, english + [chinese], heldout)
+
+    poem = Example(id="poem", question="Write a poem.", answer="\n".join(["a line of verse"] * 30),
+                   meta={"source": "poems.jsonl:3"})
+    rationalization = len(prompts.render_prompt(tok, prompts.rationalization_messages(poem.question, poem.answer)))
+    expert = tokens(poem) + len(expert_completion_ids(tok, poem.answer))
+    assert rationalization + 48 > 512 > rationalization and expert < 512
+    with pytest.raises(ValueError, match=r"rollout.max_new_tokens 48: the longest rationalization prompt \(with the "
+                                         r"expert's answer\) has \d+ tokens \(poems.jsonl:3\)"):
+        check_context(load_config(["--train.mode", "rationalization"]), tok, model_config, [poem], heldout)
+    check_context(load_config(["--train.mode", "rlvr"]), tok, model_config, [poem], heldout)  # samples no such prompt
+
+    longer = Example(id="longer", question=poem.question, answer="\n".join(["a line of verse"] * 100),
+                     meta={"source": "poems.jsonl:9"})
+    for mode, what in (("sft", "expert's sequence"), ("dpo", "expert's sequence"), ("rl_logit", "expert's sequence"),
+                       ("rationalization", "rationalization prompt")):  # its prompt holds the expert's answer too
+        with pytest.raises(ValueError, match=rf"^poems.jsonl:9: its {what} \(.*\) has \d+ tokens, past the model's "
+                                             r"512 positions"):
+            check_context(load_config(["--train.mode", mode, "--train.eval_tournament", "false",
+                                       "--rollout.max_new_tokens", "1"]), tok, model_config, [poem, longer], heldout)
