@@ -147,6 +147,13 @@ def test_task_uses_boxed_extraction():
     ("7", "Yes", False),
     ("Does not exist", "DNE", True),
     ("x", "X", True),  # not words: math-verify's, as before
+    # math-verify compares equations as an unordered set: a pair in the other order than the variables' was right
+    ("x = 3, y = -1", "(-1, 3)", False),
+    ("x = 3, y = -1", "(3, -1)", True),
+    ("a=2, b=5", "(5, 2)", False),
+    ("a=2, b=5", "(2, 5)", True),
+    ("x = 3, y = -1", "y = -1, x = 3", True),
+    (r"x = \frac{1}{2}, y = 2", "(0.5, 2)", True),
 ])
 def test_math_equal(gold, predicted, expected):
     assert math_equal(gold, predicted) is expected

@@ -267,6 +267,8 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
             return False
         if not verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=timeout):
             return False
+        if _swapped_values(gold_parsed[0], predicted_parsed[0]):
+            return False
     except (Exception, TimeoutException):
         return False
     # math-verify rounds numbers to six decimals, so 0.0000001 equalled 0.0000005: two numbers must also agree to
@@ -274,6 +276,27 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
     golds, preds = _real_values(gold.strip(), timeout, digits=None), _real_values(predicted.strip(), timeout, digits=None)
     return not golds or not preds or any(abs(a - b) <= RELATIVE_TOLERANCE * max(abs(a), abs(b))
                                          for a in golds for b in preds)
+
+
+def _swapped_values(gold, predicted) -> bool:
+    """Whether a pair or tuple answer gives other values than a gold answer of equations (x = 3, y = -1), read in
+    the order of the variables' names. math-verify compares such a gold answer as an unordered set, so (-1, 3) was
+    right for x = 3, y = -1 (found by review)."""
+    import sympy
+
+    if not isinstance(gold, sympy.FiniteSet) or not all(
+            isinstance(e, sympy.Eq) and isinstance(e.lhs, sympy.Symbol) for e in gold.args):
+        return False
+    if isinstance(predicted, sympy.Tuple):
+        values = list(predicted.args)
+    elif isinstance(predicted, sympy.Interval):  # (a, b) with a < b reads as an open interval
+        values = [predicted.start, predicted.end]
+    else:
+        return False
+    equations = sorted(gold.args, key=lambda e: e.lhs.name)
+    if len(values) != len(equations) or len({e.lhs for e in equations}) != len(equations):
+        return False
+    return any(sympy.simplify(e.rhs - v) != 0 for e, v in zip(equations, values))
 
 
 def _real_values(text: str, timeout_seconds: int | None, digits: int | None = 6) -> tuple[float, ...]:
