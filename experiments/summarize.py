@@ -267,8 +267,12 @@ def _evaluated(report: dict) -> dict:
     config = report.get("config") if isinstance(report.get("config"), dict) else {}
     task = report.get("task")
     counts = report.get("counts") if isinstance(report.get("counts"), dict) else {}
-    return {"task": task, "split": report.get("split"), "questions": counts.get("questions"),
-            "task settings": (config.get("task") or {}).get(task) if isinstance(task, str) else None}
+    settings = (config.get("task") or {}).get(task) if isinstance(task, str) else None
+    if isinstance(settings, dict):  # only what picks the problems: a verifier's timeout or the experts' form do not,
+        # and one data file is named by a relative path in one report and an absolute one in another (review)
+        settings = {k: (Path(v).name if k == "path" and isinstance(v, str) else v) for k, v in settings.items()
+                    if k not in ("verify_timeout_seconds", "expert_form")}
+    return {"task": task, "split": report.get("split"), "questions": counts.get("questions"), "task settings": settings}
 
 
 def _eval_temperature(report: dict) -> float | None:

@@ -117,6 +117,8 @@ def run(r: Run) -> None:
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
             save(r, step + 1)
         if cfg.train.stop_after and step + 1 - r.start_step == cfg.train.stop_after:
+            bar.update(1)  # the last line says the step it stopped after, beside its numbers
+            bar.close()
             raise SystemExit(f"stopping after {cfg.train.stop_after} steps (train.stop_after)")
     finish(r)
 
@@ -586,10 +588,12 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     tournament = cfg.train.eval_tournament and cfg.train.eval_samples > 1
     policy, critic = cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens
     everyone = {id(ex): ex for ex in train + heldout}
-    if not everyone:
-        return
-    counted = tokenizer([t for ex in everyone.values() for t in (ex.question, ex.answer)], add_special_tokens=False)
-    tokens = {key: (len(q), len(a)) for key, q, a in zip(everyone, counted["input_ids"][0::2], counted["input_ids"][1::2])}
+    texts = [t for ex in everyone.values() for t in (ex.question, ex.answer)]
+    lengths = []  # in chunks, lengths only: one call on 100k rows held 3.7 GB of encodings (found by review)
+    for i in range(0, len(texts), 2048):
+        lengths += map(len, tokenizer(texts[i : i + 2048], add_special_tokens=False,
+                                      return_attention_mask=False)["input_ids"])
+    tokens = {key: (lengths[2 * i], lengths[2 * i + 1]) for i, key in enumerate(everyone)}
     question, both = (lambda ex: tokens[id(ex)][0]), (lambda ex: sum(tokens[id(ex)]))
     render = lambda messages: prompts.render_prompt(tokenizer, messages)  # noqa: E731
     checks = [("rollout.max_new_tokens", policy, "policy prompt", lambda ex: render(prompts.policy_messages(ex.question)),

@@ -154,6 +154,14 @@ def test_task_uses_boxed_extraction():
     ("a=2, b=5", "(2, 5)", True),
     ("x = 3, y = -1", "y = -1, x = 3", True),
     (r"x = \frac{1}{2}, y = 2", "(0.5, 2)", True),
+    (r"a = \frac{1}{3}, b = 2", "(0.333333, 2)", True),  # as math-verify compares numbers, not exactly
+    (r"x = \frac{\sqrt{2}}{2}, y = 1", "(0.707107, 1)", True),
+    # a wrapper the word rule does not read is math-verify's, as before; one it reads compares as words
+    ("Yes", r"\textit{Yes}", True),
+    ("Yes", r"\mathbf{YES}", True),
+    (r"\text{Yes}", r"$\text{yes}$", True),
+    ("Yes", r"\(\text{Yes.}\)", True),
+    (r"\text{Even}", r"\textit{odd}", False),
 ])
 def test_math_equal(gold, predicted, expected):
     assert math_equal(gold, predicted) is expected

@@ -263,11 +263,12 @@ def _report(root: Path, name: str, acc: dict, n: int = 16) -> None:
 def test_reports_of_other_problems_are_not_one_table(tmp_path):
     """A base evaluated on Countdown beside runs evaluated on DeepMath made one table, with gains over the other
     task's base (found by review on 2026-12-07)."""
-    def report(name, task, path="dm.jsonl", split="heldout", questions=8):
+    def report(name, task, path="dm.jsonl", split="heldout", questions=8, timeout=5):
         (tmp_path / name).mkdir(parents=True, exist_ok=True)
         (tmp_path / name / "report.json").write_text(json.dumps({
             "n": 4, "accuracy": {"avg@n": 0.1}, "task": task, "split": split, "counts": {"questions": questions},
-            "config": {"task": {"name": task, "countdown": {"seed": 0}, "deepmath": {"path": path}}}}))
+            "config": {"task": {"name": task, "countdown": {"seed": 0},
+                                "deepmath": {"path": path, "verify_timeout_seconds": timeout}}}}))
 
     report("raro-s0", "deepmath")
     report("rlvr-s0", "deepmath", path="dm.jsonl")
@@ -276,6 +277,8 @@ def test_reports_of_other_problems_are_not_one_table(tmp_path):
     with pytest.raises(ValueError, match=r"raro-s0/report.json: evaluated other problems than .*base/report.json "
                                          r"\(task: 'deepmath' there, 'countdown' here\)"):
         summarize.read_evals(tmp_path)
+    report("base", "deepmath", path="/data/dm.jsonl", timeout=20)  # named another way, timed otherwise: the same problems
+    assert set(summarize.read_evals(tmp_path)[1]) == {"raro", "rlvr"}
     report("base", "deepmath", path="other.jsonl")
     with pytest.raises(ValueError, match=r"task settings: \{'path': 'dm.jsonl'\} there, \{'path': 'other.jsonl'\} here"):
         summarize.read_evals(tmp_path)

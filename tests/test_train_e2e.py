@@ -20,6 +20,21 @@ TINY = [
     "--raro.critic_pairs_per_step", "4", "--task.countdown.num_train", "40", "--task.countdown.num_heldout", "8", "--train.eval_size",
     "4", "--train.progress", "false", "--train.eval_every", "2",
 ]
+# The shipped base with a game large enough that both roles train at every step: on the tiny base above nothing is
+# ever answered, every reward is 0 and nothing trains, so a test that two runs agree compared weights that never
+# moved (found by review). For the tests of what must not change training.
+SHIPPED = [
+    "--model.path", "builtin:countdown-easy", "--raro.questions_per_step", "3", "--raro.group_size", "8",
+    "--raro.critic_pairs_per_step", "4", "--train.eval_size", "4", "--train.progress", "false", "--train.eval_every", "2",
+]
+
+
+def _trained(records):
+    """Both roles trained at every step of the run (a comparison of runs that train nothing proves nothing)."""
+    assert all(r["grad_norm"] > 0 and r["batch/policy_sequences"] > 0 for r in records[1:]), records
+    assert any(r["batch/critic_sequences"] > 0 for r in records[1:]), records
+
+
 # Unbuffered, with the fault handler on: a run that dies of a signal (one 2-rank CI run aborted on a corrupted heap,
 # not reproduced in 100 reruns here) leaves what it printed last and every thread's Python stack in the failure message.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1",
@@ -113,14 +128,17 @@ def _check_rollout_log(run, rec):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
-    args = [*TINY, "--train.steps", "4", "--train.save_every", "2", "--train.eval_every", "1",
-            "--train.log_rollouts_every", "1"]
-    full = _with_base(base_model, tmp_path / "full")
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    args = [*SHIPPED, "--train.steps", "4", "--train.save_every", "2", "--train.log_rollouts_every", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
     train([*args, "--train.output_dir", str(full)])
-    cut = _with_base(base_model, tmp_path / "cut")
-    killed = train([*args, "--train.output_dir", str(cut), "--train.stop_after", "3"], check=False)
+    _trained(metrics(full))
+    killed = train([*args, "--train.output_dir", str(cut), "--train.stop_after", "3", "--train.progress", "true"],
+                   check=False)
     assert killed.returncode != 0  # it stopped after step 3; the last checkpoint is step 2
+    # its progress line ends at the step it stopped after, beside that step's numbers (it said 2/4: review)
+    reward = f"{metrics(cut)[3]['reward/policy_mean']:.2f}"
+    assert re.findall(r"RARO:.*?\b(\d)/4\b.*?policy_mean=([-\d.]+)", killed.stderr.replace("\r", "\n"))[-1] == ("3", reward)
     assert [r["step"] for r in metrics(cut)] == [0, 1, 2, 3]
     train([*args, "--train.output_dir", str(cut), "--resume"])
     a, b = metrics(full), metrics(cut)
@@ -129,6 +147,8 @@ def test_resume_after_kill_equals_uninterrupted(base_model, tmp_path):
     assert [strip(r) for r in a] == [strip(r) for r in b]
     # the killed run's step-3 rollouts are dropped on resume and written again, once
     assert (full / "rollouts.jsonl").read_text() == (cut / "rollouts.jsonl").read_text()
+    a, b = _final_weights(full), _final_weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -163,14 +183,14 @@ def test_a_resume_takes_the_new_lr_and_refuses_settings_that_make_another_run(ba
 
 
 @pytest.mark.slow
-def test_sampled_evaluation_is_logged_and_leaves_training_unchanged(base_model, tmp_path):
-    args = [*TINY, "--train.steps", "2", "--train.eval_every", "1"]
-    plain = _with_base(base_model, tmp_path / "plain")
+def test_sampled_evaluation_is_logged_and_leaves_training_unchanged(tmp_path):
+    args = [*SHIPPED, "--train.steps", "2", "--train.eval_every", "1"]
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
     train([*args, "--train.eval_samples", "0", "--train.output_dir", str(plain)])
-    sampled = _with_base(base_model, tmp_path / "sampled")
     out = train([*args, "--train.eval_samples", "4", "--train.output_dir", str(sampled)])
     assert "held-out avg@4" in out.stdout
     a, b = metrics(plain), metrics(sampled)
+    _trained(a)
     assert "held-out tournament@4" in out.stdout
     for r in b:
         assert 0 <= r["eval/heldout_avg_at_n"] <= r["eval/heldout_pass_at_n"] <= 1
@@ -185,16 +205,16 @@ def test_sampled_evaluation_is_logged_and_leaves_training_unchanged(base_model, 
     assert all("eval/heldout_avg_at_n" not in r for r in a)
 
 
-def test_shared_prompts_train_as_whole_sequences_do_with_fewer_decoder_tokens(base_model, tmp_path):
+def test_shared_prompts_train_as_whole_sequences_do_with_fewer_decoder_tokens(tmp_path):
     """The same run with the prompts of a GRPO group computed once (the default) and with every sequence whole:
     the same rollouts, rewards and held-out answers, the update's numbers equal to float rounding, and the decoder
     computing fewer tokens."""
     runs = {}
     for share in ("true", "false"):
-        run = _with_base(base_model, tmp_path / share)
-        train([*TINY, "--train.steps", "2", "--train.share_prompts", share, "--train.output_dir", str(run)])
-        runs[share] = metrics(run)
+        train([*SHIPPED, "--train.steps", "2", "--train.share_prompts", share, "--train.output_dir", str(tmp_path / share)])
+        runs[share] = metrics(tmp_path / share)
     on, off = runs["true"], runs["false"]
+    _trained(on)
     for a, b in zip(on[1:], off[1:]):
         assert 0 < a["batch/decoder_tokens"] < 0.8 * a["batch/tokens"]
         assert b["batch/decoder_tokens"] == b["batch/tokens"] == a["batch/tokens"]

@@ -232,13 +232,17 @@ def _parse_latex(text: str, timeout_seconds: int | None) -> tuple:
 TEXT_ANSWERS = frozenset({"yes", "no", "true", "false", "none", "always", "never", "possible", "impossible",
                           "undefined", "does not exist", "dne", "converges", "diverges", "finite", "infinite", "even",
                           "odd"})
-_WORDS_RE = re.compile(r"^(?:\\(?:text|textbf|mathrm|mbox)\s*\{\s*(?P<boxed>[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*\}"
-                       r"|(?P<bare>[A-Za-z]+(?:\s+[A-Za-z]+)*))\s*[.;!]?$")
+_WORDS_RE = re.compile(r"^(?:\\(?:text|textbf|textit|textsf|textrm|textnormal|mathrm|mathbf|mathit|mathsf|mbox|emph)"
+                       r"\s*\{\s*(?P<boxed>[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*[.;!]?\s*\}|(?P<bare>[A-Za-z]+(?:\s+[A-Za-z]+)*))\s*[.;!]?$")
+_MATH_DELIMITERS_RE = re.compile(r"^\s*(?:\$(?P<dollar>.*)\$|\\\((?P<paren>.*)\\\))\s*$", re.DOTALL)
 
 
 def text_answer(text: str) -> str | None:
     """The answer in TEXT_ANSWERS that `text` writes (lower case, single spaces), or None."""
-    m = _WORDS_RE.match(text.strip())
+    text = text.strip()
+    if (inline := _MATH_DELIMITERS_RE.match(text)) is not None:  # $\text{Yes}$, \(\text{Yes}\)
+        text = (inline["dollar"] if inline["dollar"] is not None else inline["paren"]).strip()
+    m = _WORDS_RE.match(text)
     if m is None:
         return None
     words = " ".join((m["boxed"] or m["bare"]).split()).casefold()
@@ -255,7 +259,7 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
     if not isinstance(predicted, str) or not predicted.strip() or len(predicted) > MAX_ANSWER_CHARS:
         return False
     words = text_answer(gold), text_answer(predicted)
-    if words != (None, None):
+    if None not in words:  # both in words; otherwise math-verify's, as before (a wrapper the rule does not know)
         return words[0] == words[1]
     # math-verify's timer is signal.alarm, which Python allows only on the main thread.
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -267,7 +271,7 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
             return False
         if not verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=timeout):
             return False
-        if _swapped_values(gold_parsed[0], predicted_parsed[0]):
+        if _swapped_values(gold_parsed[0], predicted_parsed[0], timeout):
             return False
     except (Exception, TimeoutException):
         return False
@@ -278,11 +282,12 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
                                          for a in golds for b in preds)
 
 
-def _swapped_values(gold, predicted) -> bool:
+def _swapped_values(gold, predicted, timeout: int | None) -> bool:
     """Whether a pair or tuple answer gives other values than a gold answer of equations (x = 3, y = -1), read in
     the order of the variables' names. math-verify compares such a gold answer as an unordered set, so (-1, 3) was
     right for x = 3, y = -1 (found by review)."""
     import sympy
+    from math_verify import verify
 
     if not isinstance(gold, sympy.FiniteSet) or not all(
             isinstance(e, sympy.Eq) and isinstance(e.lhs, sympy.Symbol) for e in gold.args):
@@ -296,7 +301,8 @@ def _swapped_values(gold, predicted) -> bool:
     equations = sorted(gold.args, key=lambda e: e.lhs.name)
     if len(values) != len(equations) or len({e.lhs for e in equations}) != len(equations):
         return False
-    return any(sympy.simplify(e.rhs - v) != 0 for e, v in zip(equations, values))
+    # each value as math-verify compares numbers (0.333333 for 1/3), not exactly
+    return any(not verify(e.rhs, v, timeout_seconds=timeout) for e, v in zip(equations, values))
 
 
 def _real_values(text: str, timeout_seconds: int | None, digits: int | None = 6) -> tuple[float, ...]:
