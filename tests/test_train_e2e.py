@@ -24,7 +24,7 @@ TINY = [
 # ever answered, every reward is 0 and nothing trains, so a test that two runs agree compared weights that never
 # moved (found by review). For the tests of what must not change training.
 SHIPPED = [
-    "--model.path", "builtin:countdown-easy", "--raro.questions_per_step", "3", "--raro.group_size", "8",
+    "--model.path", "builtin:countdown-easy", "--raro.questions_per_step", "2", "--raro.group_size", "8",
     "--raro.critic_pairs_per_step", "4", "--train.eval_size", "4", "--train.progress", "false", "--train.eval_every", "2",
 ]
 
@@ -483,16 +483,26 @@ def _final_weights(run_dir):
     return load_file(str(run_dir / "final_model" / "model.safetensors"))
 
 
+KILLED_IN_A_WRITE = [*SHIPPED, "--train.steps", "6", "--train.save_every", "2"]
+
+
+@pytest.fixture(scope="module")
+def six_steps_uninterrupted(tmp_path_factory):
+    """The run that the killed ones must equal, trained once for both (one worker: their xdist_group)."""
+    full = tmp_path_factory.mktemp("full")
+    train([*KILLED_IN_A_WRITE, "--train.output_dir", str(full)])
+    _trained(metrics(full))
+    return full
+
+
 @pytest.mark.slow
+@pytest.mark.xdist_group("killed_in_a_write")
 @pytest.mark.parametrize("die_at", [
     "write_manifest:2",  # inside step 4's checkpoint write: files written, folder not yet renamed into place
     "write_text_atomic:2",  # step 4's folder in place, `latest` still naming step 2
 ])
-def test_killed_in_a_checkpoint_write_then_damaged_resumes_exactly(base_model, tmp_path, die_at):
-    args = [*TINY, "--train.steps", "6", "--train.save_every", "2", "--train.eval_every", "1"]
-    full = _with_base(base_model, tmp_path / "full")
-    train([*args, "--train.output_dir", str(full)])
-    cut = _with_base(base_model, tmp_path / "cut")
+def test_killed_in_a_checkpoint_write_then_damaged_resumes_exactly(six_steps_uninterrupted, tmp_path, die_at):
+    args, full, cut = KILLED_IN_A_WRITE, six_steps_uninterrupted, tmp_path / "cut"
     _train_until_killed([*args, "--train.output_dir", str(cut)], die_at)
     ckpts = cut / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000002"
