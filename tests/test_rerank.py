@@ -222,9 +222,9 @@ def test_critic_judge_makes_one_engine_call_per_round(tok):
     assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)([("q", "a", "b")]) == [None]
 
 
-def test_a_match_the_critic_has_no_room_to_judge_is_invalid_and_others_are_judged(tok):
-    """Two long answers made a critic prompt that, with the reply, ran past the model's positions: the engine's
-    refusal stopped the evaluation (found by review). That match is an invalid verdict; the others are judged."""
+def _bounded_engine(tok):
+    """A scripted critic preferring the higher answer, whose engine refuses what runs past its model's positions
+    (set them with `engine.model.config.max_position_embeddings`), as the real engines do."""
     from types import SimpleNamespace
 
     from raro_fast.rollout.engine import check_prompts
@@ -236,7 +236,13 @@ def test_a_match_the_critic_has_no_room_to_judge_is_invalid_and_others_are_judge
             check_prompts(prompt_list, params, self.model.config)
             return super().generate(prompt_list, params)
 
-    engine = Bounded(tok, critic=lambda q, a1, a2: prefer_higher(a1, a2))
+    return Bounded(tok, critic=lambda q, a1, a2: prefer_higher(a1, a2))
+
+
+def test_a_match_the_critic_has_no_room_to_judge_is_invalid_and_others_are_judged(tok):
+    """Two long answers made a critic prompt that, with the reply, ran past the model's positions: the engine's
+    refusal stopped the evaluation (found by review). That match is an invalid verdict; the others are judged."""
+    engine = _bounded_engine(tok)
     matches = [("q", "1", "2"), ("q", "1" * 60, "2" * 60), ("q", "3", "2")]
     short = len(prompts.render_prompt(tok, prompts.critic_messages("q", "3", "2")))
     engine.model.config.max_position_embeddings = short + 8  # room for the short matches' replies only
@@ -486,18 +492,7 @@ def test_short_flags_rewrite_flags_not_values():
 
 def test_a_match_whose_prompt_fits_but_not_the_critics_reply_is_invalid_without_an_engine_call(tok):
     """The room counted is the prompt's and max_new_tokens' together: one position short of the reply is no room."""
-    from types import SimpleNamespace
-
-    from raro_fast.rollout.engine import check_prompts
-
-    class Bounded(ScriptedEngine):
-        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=0))
-
-        def generate(self, prompt_list, params):
-            check_prompts(prompt_list, params, self.model.config)
-            return super().generate(prompt_list, params)
-
-    engine = Bounded(tok, critic=lambda q, a1, a2: prefer_higher(a1, a2))
+    engine = _bounded_engine(tok)
     matches = [("q", "1", "2"), ("q", "3", "2")]
     short = len(prompts.render_prompt(tok, prompts.critic_messages("q", "3", "2")))
     assert short == len(prompts.render_prompt(tok, prompts.critic_messages("q", "1", "2")))
