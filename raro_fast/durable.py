@@ -23,6 +23,11 @@ def fsync_path(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    replace_durably(tmp, path)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Put the written file `tmp` in place of `path`: its contents on disk first, then the rename."""
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from raro_fast.durable import fsync_path, write_text_atomic
+from raro_fast.durable import fsync_path, replace_durably, write_text_atomic
 
 # Curves drawn at the end, one panel each: (title, metric keys).
 PLOT_PANELS = [
@@ -65,38 +65,41 @@ class MetricsLog:
             return
         # Read a line at a time, and cut rather than rewrite: the whole file was read and rewritten on every resume,
         # a peak of 4x its size in memory (rollouts.jsonl grows with every step; found by review).
-        kept: list[tuple[int, int]] = []  # (offset, length) of each record kept
-        end = 0  # the offset after the last line read
-        with self.path.open("rb") as f:
-            bad = None  # a line that is not a record: the one being written when the run was killed, if it is last
-            for number, line in enumerate(f, 1):
-                if bad is not None:
-                    raise bad
-                offset, end = end, end + len(line)
-                try:
-                    rec = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    bad = ValueError(f"{self.path}:{number}: not a JSON record ({e}); cannot resume this run's metrics")
-                    continue
-                if rec.get("step", math.inf) <= resume_step:
-                    kept.append((offset, len(line)))
-                    self.kept_steps.append(rec.get("step"))
-        last = kept[-1][0] + kept[-1][1] if kept else 0
-        if sum(n for _, n in kept) == last:  # the records kept are the file's first `last` bytes
-            if last < end or (kept and not self._ends_line(last)):
+        last = end = 0  # the offsets after the last record kept and after the last line read
+        in_order = True  # no record kept after one dropped: the records kept are the file's first `last` bytes
+        for line, step, keep in self._records(resume_step):
+            end += len(line)
+            if keep:
+                in_order, last = in_order and last == end - len(line), end
+                self.kept_steps.append(step)
+        if in_order:
+            if last < end or (last and not self._ends_line(last)):
                 self._cut(last)
             return
         # Records kept after one dropped (a file written out of step order): written beside and renamed. Rewritten in
         # place, a resume killed mid-write left the first lines only, and the next resume took the cut line for the
         # one being written when killed: the run's history lost, silently.
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with self.path.open("rb") as src, tmp.open("wb") as dst:
-            for offset, n in kept:
-                src.seek(offset)
-                dst.write(src.read(n).rstrip(b"\n") + b"\n")
-        fsync_path(tmp)
-        os.replace(tmp, self.path)
-        fsync_path(self.path.parent)
+        with tmp.open("wb") as out:
+            out.writelines(line.rstrip(b"\n") + b"\n" for line, _, keep in self._records(resume_step) if keep)
+        replace_durably(tmp, self.path)
+
+    def _records(self, resume_step: int):
+        """(line, its step, whether the record is kept: its step at most `resume_step`) for each line of the file; a
+        line that is not a record is an error unless it is the last (the one being written when the run was killed:
+        dropped)."""
+        with self.path.open("rb") as f:
+            bad = None
+            for number, line in enumerate(f, 1):
+                if bad is not None:
+                    raise bad
+                try:
+                    rec = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    bad = ValueError(f"{self.path}:{number}: not a JSON record ({e}); cannot resume this run's metrics")
+                    yield line, None, False
+                    continue
+                yield line, rec.get("step"), rec.get("step", math.inf) <= resume_step
 
     def _ends_line(self, offset: int) -> bool:
         with self.path.open("rb") as f:

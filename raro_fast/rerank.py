@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from raro_fast import prompts
-from raro_fast.rollout.engine import RolloutEngine, SamplingParams, engine_context_limit
+from raro_fast.rollout.engine import RolloutEngine, SamplingParams, generate_where_room
 
 Match = tuple[str, str, str]  # (question, answer shown as 1, answer shown as 2)
 Judge = Callable[[list[Match]], list[str | None]]
@@ -130,13 +130,7 @@ def critic_judge(
         )
         critic_prompts = [prompts.render_prompt(tokenizer, prompts.critic_messages(q, a1, a2)) for q, a1, a2 in matches]
         # a match the critic has no room to judge (two long answers) is invalid: it stopped the evaluation (review)
-        limit = engine_context_limit(engine)
-        fits = [limit is None or len(p) + max_new_tokens <= limit for p in critic_prompts]
-        outs = iter(engine.generate([p for p, fit in zip(critic_prompts, fits) if fit], params) if any(fits) else [])
-        verdicts = []
-        for fit in fits:
-            c = next(outs)[0] if fit else None
-            verdicts.append(None if c is None or c.truncated else prompts.parse_verdict(c.text))
-        return verdicts
+        outs = generate_where_room(engine, critic_prompts, params)
+        return [None if out is None or out[0].truncated else prompts.parse_verdict(out[0].text) for out in outs]
 
     return judge

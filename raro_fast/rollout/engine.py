@@ -109,6 +109,20 @@ def engine_context_limit(engine) -> int | None:
     return context_limit(getattr(getattr(engine, "model", None), "config", None))
 
 
+def generate_where_room(engine, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion] | None]:
+    """`engine.generate` for the prompts that, with `params.max_new_tokens` after them, fit the model's positions,
+    and None for the others: a judge with no room to read one match makes that verdict invalid, where the engine
+    refused the whole call (found by review, in the critic's tournament and the poetry judge)."""
+    limit = engine_context_limit(engine)
+    fits = [limit is None or len(p) + params.max_new_tokens <= limit for p in prompts]
+    asked = [p for p, fit in zip(prompts, fits) if fit]
+    outs = engine.generate(asked, params) if asked else []
+    if len(outs) != len(asked):
+        raise RuntimeError(f"rollout: the engine answered {len(outs)} of {len(asked)} prompts")
+    answers = iter(outs)
+    return [next(answers) if fit else None for fit in fits]
+
+
 def context_limit(model_config) -> int | None:
     """The longest sequence a model's config says it supports (None: it does not say)."""
     for name in ("max_position_embeddings", "n_positions"):

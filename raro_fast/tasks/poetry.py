@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from raro_fast import prompts
-from raro_fast.rollout.engine import RolloutEngine, SamplingParams, engine_context_limit
+from raro_fast.rollout.engine import RolloutEngine, SamplingParams, generate_where_room
 from raro_fast.tasks.base import Example, FileTask
 from raro_fast.tasks.records import hash_split, read_records, repeat_key, stable_id, text_field
 
@@ -180,14 +180,8 @@ def judge_pairwise(engine: RolloutEngine, tokenizer, items: Sequence[tuple[str, 
     # A prompt the judge has no room to read and answer (two long poems) is an invalid verdict, as a critic's match
     # is: the engine refused the whole call, and the evaluation ended with no report after all its sampling
     # (found by review).
-    limit = engine_context_limit(engine)
-    fits = [limit is None or len(p) + max_new_tokens <= limit for p in prompt_ids]
-    asked = [p for p, fit in zip(prompt_ids, fits) if fit]
-    completions = engine.generate(asked, params) if asked else []
-    if len(completions) != len(asked):
-        raise RuntimeError(f"judge_pairwise: the engine answered {len(completions)} of {len(asked)} prompts")
-    answers = iter(completions)
+    outs = generate_where_room(engine, prompt_ids, params)
     # A truncated reply is invalid even if it holds a tag: the judge had not finished (as for RARO's critic).
-    verdicts = [None if not fit or (c := next(answers)[0]).truncated else prompts.parse_verdict(c.text) for fit in fits]
+    verdicts = [None if out is None or out[0].truncated else prompts.parse_verdict(out[0].text) for out in outs]
     pairs = tuple(zip(verdicts[0::2], verdicts[1::2]))
     return JudgeReport(outcomes=tuple(combine_verdicts(a, b) for a, b in pairs), verdicts=pairs)
