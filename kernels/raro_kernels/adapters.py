@@ -77,7 +77,8 @@ def trl_per_token_logps_and_entropies(model: nn.Module, input_ids: torch.Tensor,
     `last_hidden_state`) and whose head is `model.get_output_embeddings()` (Llama, Qwen2, Mistral, Gemma without
     soft-capping, ...). A model that scales its logits after the head (Granite divides by `logits_scaling`,
     Cohere multiplies by `logit_scale`) is measured once (`_logit_factor`) and the factor folded into the
-    temperature; one that transforms them otherwise is refused."""
+    temperature; one that transforms them otherwise is refused. The entropies carry no gradient, as TRL's (computed
+    under no_grad there): an entropy bonus built on them trains nothing in either (found by review)."""
     head = model.get_output_embeddings()
     if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
         raise ValueError("trl_per_token_logps_and_entropies: the model soft-caps its logits (Gemma 2's "
@@ -90,7 +91,7 @@ def trl_per_token_logps_and_entropies(model: nn.Module, input_ids: torch.Tensor,
     hidden = hidden[:, -logits_to_keep - 1 : -1]
     out = linear_logprobs(hidden, head.weight, input_ids[:, -logits_to_keep:], temperature=temperature / factor,
                           return_entropy=compute_entropy)
-    return out.logprobs, out.entropy
+    return out.logprobs, None if out.entropy is None else out.entropy.detach()
 
 
 # model -> c, its logits being c * (last hidden state @ W.T): measured once per model (a property of its code and
@@ -117,7 +118,12 @@ def _logit_factor(model: nn.Module, weight: torch.Tensor, input_ids: torch.Tenso
     if not caught:
         raise ValueError("trl_per_token_logps_and_entropies: the model's forward did not call model.model")
     theirs = logits[:, -1].double()
-    plain = caught[-1].detach().double() @ weight.detach().double().t()
+    # By the model's own head where it has one: the same product in the same dtype and matmul precision (found by
+    # review: in float64 here, a float32 model under TF32 matmuls, ~1e-3 off, was refused as soft-capped).
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    with torch.no_grad():
+        plain = (head(caught[-1]) if isinstance(head, nn.Linear) and head.weight is weight
+                 else caught[-1].double() @ weight.double().t()).double()
     # The model's logits come from its own product in its dtype (16-bit: ~3 significant digits).
     tol = (3e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4) * float(theirs.abs().max()) + 1e-6
     factor = 1.0

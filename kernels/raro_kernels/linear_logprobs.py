@@ -183,7 +183,8 @@ def linear_logprobs(
     hidden [..., H] (any leading dims, any strides), weight [V, H] (the LM head or tied embedding), same dtype
     (fp32, bf16 or fp16); targets int [...] in [0, V) or `ignore_index`. Any N, H, V. Returns
     LinearLogprobs(logprobs fp32 [...], entropy fp32 [...] or None unless `return_entropy`). Ignored positions
-    give 0 for both and no gradient. A target outside [0, V) raises ValueError for CPU tensors and gives NaN on
+    give 0 for both and no gradient (but a non-finite hidden state there still reaches the weight's gradient, as in
+    torch's own cross-entropy). A target outside [0, V) raises ValueError for CPU tensors and gives NaN on
     CUDA (checking would need a host sync). Differentiable w.r.t. hidden and weight through both outputs; the
     weight gradient is a fresh tensor that autograd adds to any other use of the weight (tied embeddings).
     Logits are computed with fp32 accumulation; the log-prob's target logit and normaliser come from the same

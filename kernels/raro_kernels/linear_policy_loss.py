@@ -53,7 +53,10 @@ class _LossTerms:
         loss = scaled_objective(logprobs_N, self.batch, self.opts, self.scale_N)
         if self.opts.entropy_coef != 0:
             assert entropy_N is not None
-            ent = torch.where(self.batch.mask, self.scale_N * entropy_N, torch.zeros_like(entropy_N)).sum()
+            # where twice: a NaN token weight at an untrained token (scale_N there) must not reach the gradient as
+            # 0 * NaN, which it did under torch.compile, where this is the backward (found by review)
+            mask = self.batch.mask
+            ent = torch.where(mask, torch.where(mask, self.scale_N, 0.0) * entropy_N, 0.0).sum()
             loss = loss - self.opts.entropy_coef * ent
         return loss
 

@@ -59,8 +59,9 @@ def _trl_reference(model, input_ids, attention_mask, logits_to_keep, temperature
     logits = logits[:, :-1, :] / temperature
     completion_ids = input_ids[:, -logits_to_keep:]
     logps = torch.gather(logits.log_softmax(-1), -1, completion_ids[..., None]).squeeze(-1)
-    p = logits.softmax(-1)
-    entropies = torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+    with torch.no_grad():  # as TRL computes them: an entropy bonus on them trains nothing
+        p = logits.softmax(-1)
+        entropies = torch.logsumexp(logits, -1) - (p * logits).sum(-1)
     return logps, entropies
 
 
@@ -82,6 +83,7 @@ def test_trl_per_token_logps_and_entropies_equals_trls_own_formula(tied):
     model64 = copy.deepcopy(model).double()
     ref_logps, ref_ent = _trl_reference(model64, input_ids, attention_mask, keep, temperature)
     assert logps.shape == ent.shape == (3, keep) and logps.dtype == torch.float32
+    assert logps.requires_grad and not ent.requires_grad  # found by review: with a gradient TRL's have not
     torch.testing.assert_close(logps.double(), ref_logps, rtol=0, atol=2e-5)
     torch.testing.assert_close(ent.double(), ref_ent, rtol=0, atol=2e-5)
     w = torch.randn(3, keep, generator=g)
@@ -224,3 +226,27 @@ def test_trl_adapter_refuses_a_model_that_soft_caps_its_logits():
     ids = torch.randint(0, VOCAB, (1, 5))
     with pytest.raises(ValueError, match="soft-caps its logits"):
         trl_per_token_logps_and_entropies(model, ids, torch.ones_like(ids), 2)
+
+
+def test_trl_adapter_takes_a_float32_model_whose_matmuls_run_in_tf32():
+    """`torch.backends.cuda.matmul.allow_tf32` (or float32_matmul_precision "high"), common in trainers, puts fp32
+    logits ~1e-3 off a float64 product: the adapter measured its factor against one and refused a plain model as
+    soft-capped. The head's own product is the reference now. Found by review on 2026-12-07; TF32 emulated here by
+    rounding the head's operands to its 10-bit mantissa, as a TF32 GEMM does."""
+    def tf32(x):
+        bits = x.contiguous().view(torch.int32)
+        return ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+
+    model = _CausalLM(tied=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # logits of tens, so TF32's error is far past the fp32 tolerance
+    model.lm_head.forward = lambda x: nn.functional.linear(tf32(x), tf32(model.lm_head.weight))
+    g = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    logits = model(input_ids, attention_mask).logits.double()
+    plain = model.model(input_ids, attention_mask).last_hidden_state.double() @ model.lm_head.weight.double().T
+    assert float((logits - plain).abs().max()) > 1e-4 * float(logits.abs().max())  # what the old check refused
+    logps, _ = trl_per_token_logps_and_entropies(model, input_ids, attention_mask, 5, temperature=1.0)
+    ref_logps, _ = _trl_reference(model, input_ids, attention_mask, 5, 1.0)
+    torch.testing.assert_close(logps.double(), ref_logps.double(), rtol=0, atol=0.1)  # TF32's own error, no factor

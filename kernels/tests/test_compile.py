@@ -194,3 +194,30 @@ def test_linear_policy_loss_compiles_fullgraph_with_eager_values_and_gradients(d
     assert metrics_c.keys() == metrics_e.keys()
     for gc, ge in zip(grads_c, grads_e):
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_policy_loss_keeps_a_nan_weight_at_an_untrained_token_out_of_the_gradient():
+    """Traced, the entropy term's `where(mask, scale * entropy, 0)` is the backward: a NaN token weight at an
+    untrained token went in as 0 * NaN and made every gradient NaN, where eager mode stays finite. Found by review
+    on 2026-12-07."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    n, hidden_size, vocab = 8, 16, 37
+    hidden = torch.randn(n, hidden_size, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    old, advantages = torch.randn(n, generator=g) - 3, torch.randn(n, generator=g)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[5] = False
+    weights = torch.ones(n)
+    weights[5] = float("nan")  # an untrained token's weight, never initialised
+
+    def run(h, w):
+        return linear_policy_loss(h, w, targets, old, advantages, mask, weights=weights, entropy_coef=0.01)[0]
+
+    eager = torch.autograd.grad(run(hidden, weight), (hidden, weight))
+    compiled = torch.autograd.grad(torch.compile(run, fullgraph=True, backend="aot_eager")(hidden, weight),
+                                   (hidden, weight))
+    for e, c in zip(eager, compiled):
+        assert torch.isfinite(e).all() and torch.isfinite(c).all()
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
