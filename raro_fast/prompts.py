@@ -52,6 +52,14 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     turn early and write a turn of its own into the critic's prompt; such content is tokenized as plain text.
     Every other prompt is the template's text tokenized whole, as before."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if text.rstrip().endswith("<think>"):
+        # A thinking model's template (found by review: Qwen3-Thinking's, DeepSeek-R1-Distill's) opens the reasoning in
+        # the prompt: SFT's targets would then teach a second <think>, and an answer written inside the unclosed
+        # reasoning would read as final, since its opening tag is in the prompt and not in the completion.
+        raise ValueError("the model's chat template opens <think> in the assistant's turn itself (a thinking model's "
+                         "template); this trainer's formats have the model write <think>...</think> and then "
+                         "<answer>...</answer>: give a model whose template leaves the turn empty, or remove the "
+                         "<think> from its tokenizer's chat_template")
     specials = _special_token_texts(tokenizer)
     if not any(sp in m["content"] for m in messages for sp in specials):
         return tokenizer(text, add_special_tokens=False)["input_ids"]

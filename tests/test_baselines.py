@@ -606,3 +606,69 @@ def test_dpo_does_not_pair_the_expert_answer_against_its_own_spelling_with_space
     engine = _Engine(tok, [f"<think>a</think><answer>{ex.answer}</answer>", "<think>b</think><answer>1+2</answer>"])
     out = dpo_pairs([padded], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0, group_offset=0)
     assert out.stats["dpo/pair_rate"] == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_the_separator_the_model_wrote_after_think_is_kept_before_the_scored_answer():
+    """In a byte-level BPE (SmolLM2's) `</think>\\n<answer>` is `... > Ċ < answer`: the expert answer was scored from
+    a `<` right after the bare `>`, without the model's newline, about 10 nats that the same reasoning without a
+    separator did not pay. Found by review on 2026-12-07."""
+    from raro_fast.modes.rl_logit import separator_end
+
+    vocab = ["<think>", "r", "</", "think", ">", "\n", " ", " <", "<", "answer", "><", "<eos>", "x", " x"]
+    decode = lambda ids: "".join(vocab[i] for i in ids if vocab[i] != "<eos>")  # noqa: E731
+    ids = lambda *words: [vocab.index(w) for w in words]  # noqa: E731
+    expert = "<answer>7</answer><eos>"
+
+    def scored_after(*words):
+        tokens = ids(*words)
+        n = separator_end(tokens, reasoning_prefix_length(tokens, decode), decode, expert)
+        return decode(tokens[:n]), expert_continuation(decode(tokens[:n]), expert)
+
+    # newline, space or both in tokens of their own: kept in the reasoning, the whole answer scored after them
+    assert scored_after("<think>", "r", "</", "think", ">", "\n", "<", "answer") == ("<think>r</think>\n", expert)
+    assert scored_after("<think>", "r", "</", "think", ">", "\n", " ", "<") == ("<think>r</think>\n ", expert)
+    # a token that starts with whitespace holds the answer's start: spill, as `><` always was
+    assert scored_after("<think>", "r", "</", "think", ">", " <", "answer") == ("<think>r</think> <",
+                                                                              "answer>7</answer><eos>")
+    assert scored_after("<think>", "r", "</", "think", "><", "answer") == ("<think>r</think><", "answer>7</answer><eos>")
+    # no separator: as before; the end of turn is not a separator; text that is not the answer stays misaligned
+    assert scored_after("<think>", "r", "</", "think", ">", "<", "answer") == ("<think>r</think>", expert)
+    assert scored_after("<think>", "r", "</", "think", ">", "\n", "<eos>") == ("<think>r</think>\n", expert)
+    assert scored_after("<think>", "r", "</", "think", ">", "\n", "x")[1] == expert  # x is what the model wrote next
+    assert scored_after("<think>", "r", "</", "think", ">", " x") == ("<think>r</think>", expert)  # not the answer's start
+
+
+def test_a_dpo_save_keeps_the_references_its_kept_checkpoints_resume_with_and_deletes_the_rest(tmp_path):
+    """Rounds of 6 steps in 3 start at 0, 2 and 4. With checkpoints 4 and 5 kept, step 5's resume needs the round-3
+    reference (step 4); step 4's is a round start (refreshed on resume) and round 2's (step 2) is needed by none, so
+    deleted (mutation review: no unit test named which references stay)."""
+    from raro_fast.modes.dpo import ROUND_SPLIT
+
+    for name in ("checkpoints/step_000004", "checkpoints/step_000005", "checkpoints/.step_000006.tmp",
+                 "dpo_reference/step_000002", "dpo_reference/step_000004"):
+        (tmp_path / name).mkdir(parents=True)
+    r = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path))),
+                        mode_state={ROUND_SPLIT: {"steps": 6, "rounds": 3}})
+    DpoMode().saved(r)
+    assert sorted(p.name for p in (tmp_path / "dpo_reference").iterdir()) == ["step_000004"]
+    (tmp_path / "checkpoints" / "step_000005").rmdir()  # only step 4 left, a round start: nothing needed
+    DpoMode().saved(r)
+    assert sorted(p.name for p in (tmp_path / "dpo_reference").iterdir()) == []
+
+
+@pytest.mark.parametrize("is_main", [True, False])
+def test_a_save_calls_the_modes_saved_hook_on_rank_0_after_the_checkpoint_is_written(monkeypatch, is_main):
+    """train.save is where DPO's old references get deleted: the hook runs after the checkpoint (and its pruning) is
+    written, on rank 0 only (mutation review: the call could go with only an end-to-end DPO run noticing)."""
+    from raro_fast import train
+
+    events = []
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", lambda *a, **k: events.append("checkpoint"))
+    cfg = load_config(["--train.mode", "dpo"])
+    sync = SimpleNamespace(sync=lambda: None)
+    r = SimpleNamespace(cfg=cfg, replay=SimpleNamespace(state_dict=lambda: {}), data_sha256="", initial_weights_sha256="",
+                        initial_model_files_sha256="", d=SimpleNamespace(world_size=1, is_main=is_main), mode_state={},
+                        skipped_in_a_row=0, warned_uniform=False, log=sync, rollout_log=sync, model=None, hf_model=None,
+                        tokenizer=None, optimizer=None, mode=SimpleNamespace(saved=lambda run: events.append("saved")))
+    train.save(r, 4)
+    assert events == (["checkpoint", "saved"] if is_main else ["checkpoint"])

@@ -142,6 +142,11 @@ def test_a_prompt_that_would_run_past_the_models_positions_is_refused_naming_it(
     with pytest.raises(ValueError, match=r"rollout: prompt 1 of 2 has 12 tokens, and 5 new ones would run past the "
                                          r"model's 16 positions \(max_position_embeddings\); lower the max_new_tokens of what sampled it"):
         eng.generate([[2] * 11, [3] * 12], SamplingParams(max_new_tokens=5, temperature=0.0))
+    # a prompt that fills the positions alone: fewer new tokens cannot help, and the message does not say they would
+    with pytest.raises(ValueError, match=r"prompt 0 of 1 has 16 tokens, and 1 new ones would run past the model's 16 "
+                                         r"positions \(max_position_embeddings\); the prompt alone fills them: shorten "
+                                         r"that row, or use a model with a longer context"):
+        eng.generate([[2] * 16], SamplingParams(max_new_tokens=1, temperature=0.0))
     out = eng.generate([[2] * 11, [3] * 12], SamplingParams(max_new_tokens=4, temperature=0.0))  # exactly 16: fine
     assert all(len(c.token_ids) <= 4 for o in out for c in o)
 

@@ -135,3 +135,26 @@ def test_special_tokens_are_dropped_where_the_template_rewrites_its_contents(tok
     monkeypatch.setattr(tok, "chat_template", template)
     ids = prompts.render_prompt(tok, [{"role": "user", "content": "xa<|im_<|im_end|>end|>b"}])
     assert tok.decode(ids) == "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_template_that_opens_think_in_the_prompt_is_refused_at_start(tok, monkeypatch):
+    """A thinking model's template (Qwen3-Thinking, DeepSeek-R1-Distill) ends its generation prompt in `<think>`:
+    SFT trained a second <think> the model never writes, and an answer inside the unclosed reasoning read as final
+    (its <think> was in the prompt). Found by review on 2026-12-07: refused, at start, before any model work."""
+    from types import SimpleNamespace
+
+    from raro_fast.config import load_config
+    from raro_fast.tasks import make_task
+    from raro_fast.train import check_context
+
+    messages = prompts.policy_messages("Using 3, 4 and 2, make 10.")
+    assert prompts.render_prompt(tok, messages)  # the project's own template leaves the turn empty
+    thinking = tok.chat_template.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+    assert thinking != tok.chat_template
+    monkeypatch.setattr(tok, "chat_template", thinking)
+    with pytest.raises(ValueError, match=r"^the model's chat template opens <think> in the assistant's turn itself"):
+        prompts.render_prompt(tok, messages)
+    task = make_task(load_config([]).task)
+    with pytest.raises(ValueError, match=r"opens <think> in the assistant's turn itself"):
+        check_context(load_config([]), tok, SimpleNamespace(max_position_embeddings=512), task.examples("train"),
+                      task.examples("heldout"))

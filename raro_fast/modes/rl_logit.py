@@ -1,7 +1,8 @@
 """RL-Logit: GRPO where the reward of a sampled reasoning r is the model's own mean per-token log-likelihood of the
 expert answer after it, log p(<answer>a*</answer><eos> | question, r) / its length. Only the reasoning (up to and
-including </think>) is trained; samples that never close </think> are filtered like truncated ones. The
-likelihoods are computed by the trainer's model on packed micro-batches (`score_expert_answers`).
+including </think>, and the separator the model wrote after it: `separator_end`) is trained; samples that never
+close </think> are filtered like truncated ones. The likelihoods are computed by the trainer's model on packed
+micro-batches (`score_expert_answers`).
 
 Where </think> is several tokens (a byte-level BPE), the token that completes it can hold the start of what follows
 (`><` in `</think><answer>`); that spill is part of the sampled reasoning, so only the rest of the expert answer is
@@ -36,6 +37,27 @@ def reasoning_prefix_length(token_ids: list[int], decode) -> int | None:
     return lo
 
 
+def separator_end(token_ids: list[int], n: int, decode, expert_text: str) -> int:
+    """`n` (the tokens up to the one completing </think>) extended over the separator the model wrote after it in
+    tokens of its own: whitespace-only tokens, then a token that starts with whitespace and goes on as `expert_text`
+    does (` <` in a byte-level BPE), whose text after the whitespace is spill. Found by review: with SmolLM2's
+    tokenizer, `</think>\n<answer>` ends the reasoning on a bare `>`, and the expert answer was scored from a `<`
+    right after it, a pair of tokens neither the tokenizer nor the model writes (about 10 nats): the same reasoning
+    earned less for a newline after it."""
+    after = decode(token_ids[:n]).split(prompts.THINK_END, 1)[1]
+    if after.strip():  # the completing token spilled text already: `expert_continuation` takes it from there
+        return n
+    while n < len(token_ids):
+        longer = decode(token_ids[:n + 1]).split(prompts.THINK_END, 1)[1]
+        if longer == after:  # a special token (the end of turn): nothing written
+            return n
+        if longer.strip():
+            spills = longer[len(after)].isspace() and expert_text.startswith(longer.lstrip())
+            return n + 1 if spills else n
+        n, after = n + 1, longer
+    return n
+
+
 def expert_continuation(reasoning_text: str, expert_text: str) -> str | None:
     """What of `expert_text` is scored after the reasoning `reasoning_text` (which ends in the token that completes
     </think>): the expert text less what that token already spilled past </think>, so the scored sequence reads as
@@ -60,6 +82,7 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
         expert_text = prompts.format_completion("", ex.answer).removeprefix("<think></think>") + tokenizer.eos_token
         for c in comps:
             n = None if c.truncated else reasoning_prefix_length(c.token_ids, decode)
+            n = None if n is None else separator_end(c.token_ids, n, decode, expert_text)
             out.add("policy/truncated_rate", c.truncated)
             out.add("policy/response_length", len(c.token_ids))
             out.add("rl_logit/reasoning_rate", n is not None)

@@ -97,10 +97,12 @@ def check_prompts(prompts: list[list[int]], params: SamplingParams | None = None
         return
     over = next((i for i, p in enumerate(prompts) if len(p) + params.max_new_tokens > limit), None)
     if over is not None:
+        # Lowering max_new_tokens cannot help a prompt that fills the positions by itself: say what can.
+        remedy = ("lower the max_new_tokens of what sampled it (rollout.*, eval.* or analysis.*)"
+                  if len(prompts[over]) < limit else "the prompt alone fills them: shorten that row")
         raise ValueError(f"rollout: prompt {over} of {len(prompts)} has {len(prompts[over])} tokens, and "
                          f"{params.max_new_tokens} new ones would run past the model's {limit} positions "
-                         "(max_position_embeddings); lower the max_new_tokens of what sampled it (rollout.*, "
-                         "eval.* or analysis.*), or use a model with a longer context")
+                         f"(max_position_embeddings); {remedy}, or use a model with a longer context")
 
 
 def engine_context_limit(engine) -> int | None:
