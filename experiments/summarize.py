@@ -247,8 +247,9 @@ def read_evals(evals: Path) -> tuple[dict[int | None, dict], dict[str, dict[int,
             first = path, evaluated
         elif (differ := [k for k in evaluated if evaluated[k] != first[1][k]]):
             k = differ[0]
-            raise ValueError(f"{path}: evaluated other problems than {first[0]} ({k}: {evaluated[k]!r} there, "
-                             f"{first[1][k]!r} here); compare reports of one task, data and split")
+            # each value beside its own file (found by review: "there" and "here" named them the wrong way round)
+            raise ValueError(f"{path}: evaluated other problems ({k}: {evaluated[k]!r}) than {first[0]} "
+                             f"({first[1][k]!r}); compare reports of one task, data and split")
         m = RUN_NAME.match(path.parent.name)
         if path.parent.name == "base":
             bases[None] = acc

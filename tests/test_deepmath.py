@@ -1,5 +1,6 @@
 """DeepMath task: \\boxed extraction, math-verify equivalences, the hash split, filters and bad-input errors."""
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -156,6 +157,16 @@ def test_task_uses_boxed_extraction():
     (r"x = \frac{1}{2}, y = 2", "(0.5, 2)", True),
     (r"a = \frac{1}{3}, b = 2", "(0.333333, 2)", True),  # as math-verify compares numbers, not exactly
     (r"x = \frac{\sqrt{2}}{2}, y = 1", "(0.707107, 1)", True),
+    # in the order the gold writes its variables, not their names' (found by review: (4, 1, 2, 3) was right for
+    # x = 1, y = 2, z = 3, w = 4, and (1, 2, 3, 4) wrong)
+    ("x = 1, y = 2, z = 3, w = 4", "(1, 2, 3, 4)", True),
+    ("x = 1, y = 2, z = 3, w = 4", "(4, 1, 2, 3)", False),
+    ("n = 5, k = 2", "(5, 2)", True),
+    ("n = 5, k = 2", "(2, 5)", False),
+    (r"x_1 = 2, x_{2} = 3", "(2, 3)", True),
+    (r"x_1 = 2, x_{2} = 3", "(3, 2)", False),
+    (r"\beta = 1, \alpha = 2", "(1, 2)", True),
+    (r"\beta = 1, \alpha = 2", "(2, 1)", False),
     # a wrapper the word rule does not read is math-verify's, as before; one it reads compares as words
     ("Yes", r"\textit{Yes}", True),
     ("Yes", r"\mathbf{YES}", True),
@@ -370,6 +381,13 @@ def test_a_final_answer_written_in_a_box_is_its_content(tmp_path):
     task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
     assert [e.answer for e in task.examples("train")] == ["7", r"\frac{1}{2}", r"\boxed{1} + \boxed{2}", r"\boxed{3}\text{ m}"]
     assert task.extract_answer(r"<think></think><answer>\boxed{7}</answer>") == task.examples("train")[0].answer
+    # an empty box is no answer, as a policy's is: the row could never verify (found by review)
+    for empty in (r"\boxed{}", r"\boxed { }"):
+        path = write_jsonl(tmp_path / "b.jsonl", [{"question": "q1", "final_answer": "7"},
+                                                  {"question": "q2", "final_answer": empty}])
+        with pytest.raises(ValueError, match=rf"b.jsonl:2: field 'final_answer' {re.escape(repr(empty))} is an empty "
+                                             r"box: no answer"):
+            DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0)).examples("train")
 
 
 def test_answers_in_words_are_one_answer_whatever_their_case_or_full_stop():
@@ -646,3 +664,23 @@ def test_a_value_that_evaluates_past_the_timeout_is_no_number():
     started = time.monotonic()
     assert _real_values(r"\sin(10^{200000})", 1) == ()
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("gold, predicted, expected", [
+    ("Yes", "{Yes}", True),  # a wrapper the word rule does not read: math-verify's (which equals them), not False
+    ("Yes", r"\boxed{Yes}", True),
+    ("Yes", "$YES$", True),  # inside $...$ still words (math-verify reads e*s*y against E*s*y)
+    ("Yes", r"\(\text{YES}\)", True),
+    # the pair is read in the order the gold writes its variables, whatever order sympy stores the equations in
+    ("y = 1, x = 1+1", "(1, 2)", True),
+    ("y = 1, x = 1+1", "(2, 1)", False),
+    ("x = 2, x = 3", "(3, 2)", True),  # two values of one variable (two roots) have no order
+    ("ab", "ba", True),  # letters that are no answer in words are math-verify's product, not words compared
+    # a pair that reads as an open interval (first below second) is a pair too
+    ("a = 2, b = 1", "(1, 2)", False),
+])
+def test_math_equal_falls_back_to_math_verify_and_orders_as_written(gold, predicted, expected):
+    """Mutation review: each of these passed test_math_equal: comparing as words when only one side is in words,
+    any letters as words, words inside $...$ not read, the equations read in stored order, and two values of one
+    variable read as an ordered pair."""
+    assert math_equal(gold, predicted) is expected

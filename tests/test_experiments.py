@@ -274,16 +274,17 @@ def test_reports_of_other_problems_are_not_one_table(tmp_path):
     report("rlvr-s0", "deepmath", path="dm.jsonl")
     assert set(summarize.read_evals(tmp_path)[1]) == {"raro", "rlvr"}
     report("base", "countdown")
-    with pytest.raises(ValueError, match=r"raro-s0/report.json: evaluated other problems than .*base/report.json "
-                                         r"\(task: 'deepmath' there, 'countdown' here\)"):
+    with pytest.raises(ValueError, match=r"raro-s0/report.json: evaluated other problems \(task: 'deepmath'\) than "
+                                         r".*base/report.json \('countdown'\)"):
         summarize.read_evals(tmp_path)
     report("base", "deepmath", path="/data/dm.jsonl", timeout=20)  # named another way, timed otherwise: the same problems
     assert set(summarize.read_evals(tmp_path)[1]) == {"raro", "rlvr"}
     report("base", "deepmath", path="other.jsonl")
-    with pytest.raises(ValueError, match=r"task settings: \{'path': 'dm.jsonl'\} there, \{'path': 'other.jsonl'\} here"):
+    with pytest.raises(ValueError, match=r"raro-s0/report.json: .*\(task settings: \{'path': 'dm.jsonl'\}\) than .*base/report.json "
+                                         r"\(\{'path': 'other.jsonl'\}\)"):
         summarize.read_evals(tmp_path)
     report("base", "deepmath", split="train")
-    with pytest.raises(ValueError, match=r"split: 'heldout' there, 'train' here"):
+    with pytest.raises(ValueError, match=r"\(split: 'heldout'\) than .*base/report.json \('train'\)"):
         summarize.read_evals(tmp_path)
 
 
@@ -716,3 +717,37 @@ def test_summarize_names_a_run_without_a_verifier_and_ends_a_grid_it_cannot_comp
     with pytest.raises(ValueError, match=r"^poetry-s0: no held-out eval/heldout_accuracy to compare: every value "
                                          r"logged is null \(a task without a verifier"):
         summarize.summarize(summarize.read_runs(tmp_path))
+
+
+def test_reports_of_other_numbers_of_questions_are_not_one_table(tmp_path):
+    """The same task, data and split cut to another number of questions (eval.max_questions) are other problems
+    (mutation review: a report of 8 questions and one of 64 made one table with no test failing)."""
+    def report(name, questions):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / "report.json").write_text(json.dumps({
+            "n": 4, "accuracy": {"avg@n": 0.1}, "task": "countdown", "split": "heldout",
+            "counts": {"questions": questions}, "config": {"task": {"name": "countdown", "countdown": {"seed": 0}}}}))
+
+    report("base", 8)
+    report("raro-s0", 8)
+    assert set(summarize.read_evals(tmp_path)[1]) == {"raro"}
+    report("raro-s0", 64)
+    with pytest.raises(ValueError, match=r"raro-s0/report.json: evaluated other problems \(questions: 64\) than "
+                                         r".*base/report.json \(8\)"):
+        summarize.read_evals(tmp_path)
+
+
+def test_panels_name_a_run_that_never_logged_avg_at_n_as_one_without_eval_samples(tmp_path):
+    """A run that logged no avg@n key at all (train.eval_samples 0) is told so; only a run that logged it as null
+    every time is a task without a verifier (mutation review: either message passed the panels test)."""
+    import panels
+
+    _write(tmp_path, "greedy-s0", {0: 0.2, 20: 0.25})
+    with pytest.raises(SystemExit, match=r"greedy-s0/metrics.jsonl: no held-out avg@n \(eval/heldout_avg_at_n\) to "
+                                         r"plot; was it trained with train.eval_samples 0\?"):
+        panels.main([str(tmp_path), str(tmp_path / "p.png"), "x=greedy-s0"])
+    assert not summarize.all_null([], "eval/heldout_avg_at_n")
+    assert not summarize.all_null([{"step": 0, "eval/heldout_accuracy": 0.2}], "eval/heldout_avg_at_n")
+    assert summarize.all_null([{"step": 0, "eval/heldout_avg_at_n": None}, {"step": 1}], "eval/heldout_avg_at_n")
+    assert not summarize.all_null([{"step": 0, "eval/heldout_avg_at_n": None}, {"step": 1, "eval/heldout_avg_at_n": 0.5}],
+                                  "eval/heldout_avg_at_n")

@@ -237,3 +237,80 @@ def test_a_dpo_runs_own_numbers_are_plotted_and_tabulated(tmp_path):
     assert table["dpo/loss"] == ["0.675", "0.655"] and table["dpo/margin"] == ["0.15", "0.35"]
     plot_curves(recs, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 5000
+
+
+def test_a_resume_whose_log_was_never_written_starts_it_empty(tmp_path):
+    """A resume with a log on that the killed run never wrote (train.log_rollouts_every turned on at the resume):
+    the file is made empty, nothing is read (mutation review: without the `exists` check, FileNotFoundError)."""
+    path = tmp_path / "rollouts.jsonl"
+    log = MetricsLog(path, enabled=True, resume_step=4)
+    assert path.is_file() and log.read() == [] and log.kept_steps == []
+    log.write({"step": 5})
+    assert [r["step"] for r in log.read()] == [5]
+
+
+def test_a_resume_drops_a_record_without_a_step(tmp_path):
+    """A record that names no step is not known to be at or before the resumed step: dropped, and the records kept
+    after it rewritten beside the file (mutation review: read as step 0, it was kept)."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0}\n{"note": "no step"}\n{"step": 1}\n{"step": 5}\n')
+    log = MetricsLog(path, enabled=True, resume_step=3)
+    assert log.read() == [{"step": 0}, {"step": 1}] and log.kept_steps == [0, 1]
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+
+
+def test_a_resume_before_every_record_cuts_the_log_to_nothing(tmp_path):
+    """Every record is after the resumed step: the file is cut to no bytes, with no newline added (mutation review:
+    an empty file has no last byte to look at)."""
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text('{"step": 10}\n{"step": 20}\n')
+    log = MetricsLog(path, enabled=True, resume_step=5)
+    assert path.read_bytes() == b"" and log.kept_steps == []
+
+
+def test_records_kept_out_of_order_are_rewritten_each_on_its_line(tmp_path):
+    """A file out of step order whose last record, kept, had no newline (killed after its last byte): rewritten
+    with one, so the next record starts a line of its own (mutation review: the two were one line, and the next
+    resume refused the file)."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 7}\n{"step": 2}')
+    log = MetricsLog(path, enabled=True, resume_step=3)
+    log.write({"step": 4})
+    assert [r["step"] for r in log.read()] == [2, 4] and log.kept_steps == [2]
+
+
+def test_a_panel_plots_a_key_some_records_logged():
+    """The step-0 record (the base's evaluation) logs no training numbers: a key counts if any record logged it
+    (mutation review: a key every record must log left a DPO run's panel out)."""
+    recs = [{"step": 0, "eval/heldout_accuracy": 0.1},
+            *({"step": s, "dpo/loss": 0.6, "reward/policy_mean": 0.2} for s in (1, 2))]
+    panels = dict(plot_panels(recs))
+    assert panels["DPO pairs"] == ["dpo/loss"] and panels["rewards"] == ["reward/policy_mean"]
+
+
+def test_a_log_rewritten_on_resume_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Records out of step order are rewritten beside the file: its contents synced before the rename, and the
+    folder after it, as every durable rename (mutation review: a plain os.replace there passed every test)."""
+    import os
+
+    from raro_fast import durable
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 7}\n{"step": 2}\n')
+    events, real_fsync, real_replace = [], durable.fsync_path, os.replace
+    monkeypatch.setattr(durable, "fsync_path", lambda p: (events.append(("fsync", p.name)), real_fsync(p)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(a))), real_replace(a, b)))
+    MetricsLog(path, enabled=True, resume_step=3)
+    assert events == [("fsync", ".m.jsonl.tmp"), ("replace", ".m.jsonl.tmp"), ("fsync", tmp_path.name)]
+    assert path.read_text() == '{"step": 2}\n'
+
+
+def test_a_line_that_is_not_utf8_is_named_with_its_line_number(tmp_path):
+    """A damaged line of bytes that are no UTF-8 is refused as any other damage, naming the file and line (mutation
+    review: without UnicodeDecodeError caught, the resume ended in a traceback from json)."""
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"step": 0}\n{"step": 1, "x": "\xff\xfe"}\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not a JSON record"):
+        MetricsLog(path, enabled=True, resume_step=1)
+    path.write_bytes(b'{"step": 0}\n{"step": 1, "x": "\xe5\xae')  # the last line, cut: dropped
+    assert MetricsLog(path, enabled=True, resume_step=1).kept_steps == [0] and path.read_bytes() == b'{"step": 0}\n'

@@ -501,3 +501,32 @@ def test_a_match_whose_prompt_fits_but_not_the_critics_reply_is_invalid_without_
     assert engine.calls == []
     engine.model.config.max_position_embeddings = short + 8
     assert critic_judge(engine, tok, max_new_tokens=8, temperature=1.0, seed=0)(matches) == ["2", "1"]
+
+
+def test_generate_where_room_asks_only_what_fits_keeps_the_order_and_refuses_a_short_answer():
+    """The prompts that fit, with max_new_tokens after them, go to the engine in one call, in order; the others are
+    None in their places; an engine that answers another number of prompts than it was asked is an error, not a
+    verdict given to the wrong match (mutation review: the count check could go with no test failing)."""
+    from types import SimpleNamespace
+
+    from raro_fast.rollout.engine import SamplingParams, generate_where_room
+
+    class Echo:
+        model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=10))
+        drop = 0
+
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompt_list, params):
+            self.calls.append([len(p) for p in prompt_list])
+            outs = [[Completion(token_ids=[], logprobs=[], finish_reason="stop", text=str(len(p)))] for p in prompt_list]
+            return outs[: len(outs) - self.drop]
+
+    engine, params = Echo(), SamplingParams(max_new_tokens=4)
+    outs = generate_where_room(engine, [[0] * 6, [0] * 7, [0] * 2], params)
+    assert [None if o is None else o[0].text for o in outs] == ["6", None, "2"] and engine.calls == [[6, 2]]
+    assert generate_where_room(engine, [[0] * 9], params) == [None] and engine.calls == [[6, 2]]  # no call for none
+    engine.drop = 1
+    with pytest.raises(RuntimeError, match="the engine answered 1 of 2 prompts"):
+        generate_where_room(engine, [[0] * 6, [0] * 2], params)

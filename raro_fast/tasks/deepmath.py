@@ -114,6 +114,9 @@ def load_examples(cfg: DeepMathConfig) -> dict[str, list[Example]]:
         answer = _unboxed(_final_answer(record, where))
         if _matching_brace(answer + "}", 0) != len(answer):  # found by review: no answer could ever verify
             raise ValueError(f"{where}: the final answer {answer[:80]!r} has unbalanced braces")
+        if re.fullmatch(r"\\boxed\s*\{\s*\}", answer):
+            # an empty box: a policy's \boxed{} is no answer, so the row could never verify (found by review)
+            raise ValueError(f"{where}: field 'final_answer' {answer!r} is an empty box: no answer")
         difficulty = _difficulty(record, where, needed_by)
         # A repeated question would get the id of its first copy (and could carry another answer): refuse it.
         spaced = repeat_key(question)
@@ -271,7 +274,7 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
             return False
         if not verify(list(gold_parsed), list(predicted_parsed), timeout_seconds=timeout):
             return False
-        if _swapped_values(gold_parsed[0], predicted_parsed[0], timeout):
+        if _swapped_values(gold.strip(), gold_parsed[0], predicted_parsed[0], timeout):
             return False
     except (Exception, TimeoutException):
         return False
@@ -282,10 +285,12 @@ def math_equal(gold: str, predicted: str | None, *, timeout_seconds: int = 5) ->
                                          for a in golds for b in preds)
 
 
-def _swapped_values(gold, predicted, timeout: int | None) -> bool:
+def _swapped_values(gold_text: str, gold, predicted, timeout: int | None) -> bool:
     """Whether a pair or tuple answer gives other values than a gold answer of equations (x = 3, y = -1), read in
-    the order of the variables' names. math-verify compares such a gold answer as an unordered set, so (-1, 3) was
-    right for x = 3, y = -1 (found by review)."""
+    the order the gold text writes its variables. math-verify compares such a gold answer as an unordered set, so
+    (-1, 3) was right for x = 3, y = -1 (found by review); where that order cannot be read, as math-verify does.
+    (The variables' names in alphabetical order, as first written here, made (1, 2, 3, 4) wrong for x = 1, y = 2,
+    z = 3, w = 4 and (4, 1, 2, 3) right: found by review.)"""
     import sympy
     from math_verify import verify
 
@@ -298,11 +303,21 @@ def _swapped_values(gold, predicted, timeout: int | None) -> bool:
         values = [predicted.start, predicted.end]
     else:
         return False
-    equations = sorted(gold.args, key=lambda e: e.lhs.name)
-    if len(values) != len(equations) or len({e.lhs for e in equations}) != len(equations):
+    written = {e.lhs.name: _written_at(gold_text, e.lhs.name) for e in gold.args}
+    if len(values) != len(gold.args) or len(written) != len(gold.args) or None in written.values():
         return False
+    equations = sorted(gold.args, key=lambda e: written[e.lhs.name])
     # each value as math-verify compares numbers (0.333333 for 1/3), not exactly
     return any(not verify(e.rhs, v, timeout_seconds=timeout) for e, v in zip(equations, values))
+
+
+def _written_at(text: str, name: str) -> int | None:
+    """Where `text` first writes `name =` (sympy's name of a variable: x, x_1 as x_1 or x_{1}, alpha as \\alpha),
+    or None."""
+    stem, _, index = name.partition("_")
+    pattern = re.escape(stem) + (rf"_\{{?{re.escape(index)}\}}?" if index else "")
+    found = re.search(rf"(?<![A-Za-z])\\?{pattern}\s*=", text)
+    return None if found is None else found.start()
 
 
 def _real_values(text: str, timeout_seconds: int | None, digits: int | None = 6) -> tuple[float, ...]:
