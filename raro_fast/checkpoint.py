@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from raro_fast.config import PER_COMMAND
 from raro_fast.distributed import Dist, barrier
 from raro_fast.durable import write_text_atomic
 from raro_fast.model.hf import fsync_tree, save_pretrained_atomic, with_umask_modes
@@ -215,7 +216,7 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 # resume); what it holds is checked by the checkpoint's data digest. The SGLang timeout is how the run waits (a run
 # stopped by it resumes with a longer one). Both found by review.
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_tournament", "train.progress", "train.save_every",
-             "train.stop_after", "train.resume", "train.log_rollouts_every", "train.overwrite", "train.output_dir", "train.max_tokens_per_micro_batch",
+             "train.log_rollouts_every", "train.output_dir", "train.max_tokens_per_micro_batch",
              "train.share_prompts",
              "optim.", "rollout.backend", "rollout.release_memory", "rollout.weight_bucket_mb",
              "rollout.mem_fraction", "rollout.tp_size", "rollout.sglang_url", "rollout.server_ranks",
@@ -246,7 +247,8 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any],
     task = f"task.{current.get('task.name')}."
     refused, allowed = [], []
     for name, value in current.items():
-        if name not in then or then[name] == value or name == "train.resume":  # every resume "changes" it
+        # every resume "changes" train.resume; the others of PER_COMMAND are this command's, not the run's
+        if name not in then or then[name] == value or name.removeprefix("train.") in PER_COMMAND:
             continue
         if name.startswith("task.") and name != "task.name" and not name.startswith(task):
             continue

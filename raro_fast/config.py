@@ -50,6 +50,18 @@ class EmbeddedModelConfig:
     intermediate_size: int = _help("MLP width.", 384)
     max_position: int = _help("Longest sequence (prompt + completion) the model supports.", 512)
 
+    def __post_init__(self) -> None:
+        # found by review: 0 heads stopped in a ZeroDivisionError deep in the model's build, 0 layers built a model
+        # of none without a word
+        _at_least("model.embedded", self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "intermediate_size", "max_position")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.embedded.hidden_size ({self.hidden_size}) must divide by model.embedded.num_heads "
+                             f"({self.num_heads}), and num_heads by num_kv_heads ({self.num_kv_heads})")
+        if (self.hidden_size // self.num_heads) % 2:  # rotary embeddings rotate pairs of a head's dimensions
+            raise ValueError(f"model.embedded.hidden_size / model.embedded.num_heads ({self.hidden_size} / "
+                             f"{self.num_heads}) is odd; a head's rotary embedding needs an even width")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -63,7 +75,9 @@ class ModelConfig:
     )
     embedded: EmbeddedModelConfig = _help("Shape of the embedded default model.", factory=EmbeddedModelConfig)
     dtype: Literal["auto", "float32", "bfloat16"] = _help(
-        "Parameter dtype: auto = bfloat16 on CUDA, float32 on CPU.", "auto"
+        "Compute dtype (FSDP2 mixed precision; without a process group the trainer computes in float32) and the "
+        "rollout engine's copy's dtype; the trainer's weights and optimizer stay float32. auto = bfloat16 on CUDA, "
+        "float32 on CPU.", "auto"
     )
     gradient_checkpointing: bool = _help("Recompute decoder activations in backward to save memory.", False)
     liger_kernels: bool = _help("Use Liger-Kernel's RMSNorm, SwiGLU MLP and RoPE in the trainer's model (Qwen2/Llama; "
@@ -257,10 +271,16 @@ class RaroConfig:
         if self.lambda_pol < 0 or self.lambda_crit < 0:
             raise ValueError("raro.lambda_pol and raro.lambda_crit must be >= 0")
         _at_least("raro", self, 0, "replay_size")
+
+    def check_replay_size(self) -> None:
+        """The game's replay buffer holds a step's replayed pairs (checked in RARO only: the other modes have no
+        buffer, and refused an SFT run of 2000 questions a step over it: found by review)."""
         planned = self.replay_pairs_for(self.planned_fresh_pairs)
         if self.replay_size < planned:  # the critic's normaliser plans them all: 0 halved its weight (found by review)
             raise ValueError(f"raro.replay_size {self.replay_size} holds fewer than the {planned} replayed pairs a "
-                             f"step plans at raro.replay_ratio {self.replay_ratio}; for no replay set "
+                             f"step plans at raro.replay_ratio {self.replay_ratio} (raro.questions_per_step "
+                             f"{self.questions_per_step} x raro.group_size {self.group_size} fresh ones, "
+                             f"raro.critic_pairs_per_step {self.critic_pairs_per_step or 'all'}); for no replay set "
                              "raro.replay_ratio 0, else raise raro.replay_size")
 
     @property
@@ -397,6 +417,8 @@ class TrainConfig:
                    "log_rollouts_every")
         _at_least("train", self, 1, "max_tokens_per_micro_batch")
         _at_least("train", self, 0, "eval_temperature")
+        if not self.output_dir.strip():  # found by review: '' wrote the run into the working directory
+            raise ValueError("train.output_dir is empty; name the folder the run writes to")
 
 
 @dataclass(kw_only=True)
@@ -436,10 +458,12 @@ class JobConfig:
         elif unread := unused_warmup_settings(self):
             raise ValueError(f"{', '.join(unread)}: a real checkpoint's warm-up (with --model.path); the embedded "
                              "model's (model.path '') is warmup.steps and warmup.lr")
-        if self.task.name != "countdown" and _changed(self.task.countdown, "") and not self.warms_up:
-            raise ValueError(f"{', '.join(_changed(self.task.countdown, 'task.countdown.'))}: settings of the countdown "
-                             f"task, which task.name {self.task.name} does not use (no warm-up runs, whose puzzles "
-                             "they would shape)")
+        if self.task.name != "countdown":  # found by review: under a warm-up, those it never reads were taken too
+            read = warmup_countdown_settings(self) if self.warms_up else ()
+            if unread := [n for n in _changed(self.task.countdown, "") if n not in read]:
+                raise ValueError(f"{', '.join('task.countdown.' + n for n in unread)}: settings of the countdown "
+                                 f"task, which task.name {self.task.name} does not use, nor "
+                                 f"{'the warm-up (its puzzles read ' + ', '.join(read) + ')' if read else 'a warm-up (none runs)'}")
         grouped = self.train.mode in ("raro", "rlvr", "rl_logit")  # GRPO: advantages relative to a group's mean
         if self.rollout.temperature == 0 and grouped:  # rationalization and DPO sample one answer per use (review)
             raise ValueError(f"rollout.temperature 0 (greedy) with train.mode {self.train.mode}: every sample of a "
@@ -452,6 +476,26 @@ class JobConfig:
             if size < 2:
                 raise ValueError(f"{name} {size} with train.mode {self.train.mode}: a GRPO group of one sample has "
                                  "advantage 0 (its reward less its own mean), so nothing is learnt; use >= 2")
+        if self.train.mode == "raro":
+            self.raro.check_replay_size()
+            if self.raro.lambda_pol == 0 and self.raro.lambda_crit == 0:  # as a group of one: refused (review)
+                raise ValueError("raro.lambda_pol and raro.lambda_crit are both 0: the update weighs neither role's "
+                                 "objective, so nothing is learnt; give one of them a weight > 0")
+        if self.train.mode != "dpo" and (unread := _changed(self.dpo, "dpo.")):  # found by review: accepted, unread
+            raise ValueError(f"{', '.join(unread)} with train.mode {self.train.mode}: settings of iterative DPO, "
+                             "which this mode does not run; leave them out")
+        backend = self.rollout.backend
+        if unread := unused_rollout_settings(self.rollout):
+            raise ValueError(f"{', '.join(unread)} with rollout.backend {backend}: settings of "
+                             f"{'the SGLang backends' if backend in IN_PROCESS else 'the other SGLang backend'}, "
+                             "which this backend does not read; leave them out")
+        if backend in IN_PROCESS and self.rollout.release_memory == "kv_cache+weights":
+            raise ValueError(f"rollout.release_memory kv_cache+weights with rollout.backend {backend}: only a "
+                             "colocated SGLang engine (rollout.backend sglang) gives its weights back; an in-process "
+                             "engine keeps them; use kv_cache")
+        if backend == "sglang_http" and _changed(self.rollout, "", ("release_memory",)):
+            raise ValueError("rollout.release_memory with rollout.backend sglang_http: a server keeps its memory (it "
+                             "has its own GPUs, and other ranks may still be generating on it); leave it out")
         if self.train.mode != "raro":  # found by review: an RLVR run given --raro.critic_lead_steps 40 trained its
             # policy from step 1 (the game's other settings, shared by configs, are only unused)
             # (rollout.critic_temperature is not the game's only: every mode's tournament@n samples the critic at it)
@@ -746,6 +790,15 @@ def load_config(argv: list[str] | None = None, root: type = JobConfig):
     return _build(root, values, where)
 
 
+def warmup_countdown_settings(cfg: JobConfig) -> tuple[str, ...]:
+    """The countdown task's settings the format warm-up reads, whatever the task: its puzzles' shape and what it
+    leaves out, the task's own split where it leaves out the task's puzzles."""
+    shape = ("num_numbers", "min_number", "max_number", "target", "max_target")
+    if cfg.task.countdown.max_target or cfg.warmup.leave_out == "puzzles":
+        return (*shape, "num_train", "num_heldout", "seed")
+    return shape
+
+
 def unused_warmup_settings(cfg: JobConfig) -> list[str]:
     """The warm-up settings given (not at their defaults) that this run never reads: all but the embedded model's
     steps and lr (refused on their own) when no warm-up runs, the checkpoint's when the embedded model warms up."""
@@ -754,6 +807,21 @@ def unused_warmup_settings(cfg: JobConfig) -> list[str]:
     if cfg.warms_up:
         return []
     return [n for n in _changed(cfg.warmup, "warmup.") if n not in ("warmup.steps", "warmup.lr")]
+
+
+IN_PROCESS = ("auto", "embedded", "continuous")  # auto settles on one of the other two
+# The rollout settings only an SGLang backend reads; found by review: `--rollout.tp_size 4` with the embedded engine
+# was accepted and never read.
+_SGLANG_READS = {"sglang": {"mem_fraction", "tp_size", "weight_bucket_mb"},
+                 "sglang_http": {"sglang_url", "server_ranks", "weight_group_address", "weight_group_port",
+                                 "sglang_timeout_s", "weight_bucket_mb"}}
+
+
+def unused_rollout_settings(rollout: RolloutConfig) -> list[str]:
+    """The SGLang settings given (not at their defaults) that `rollout.backend` never reads: both SGLang backends'
+    with an in-process engine, the other one's with an SGLang backend."""
+    others = set().union(*_SGLANG_READS.values()) - _SGLANG_READS.get(rollout.backend, set())
+    return _changed(rollout, "rollout.", tuple(others))
 
 
 def _changed(section: Any, prefix: str, names: tuple[str, ...] | None = None) -> list[str]:
@@ -779,3 +847,17 @@ def _setting_before_end(root: type, parts: list[str]) -> str | None:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# What one command asks of its own process, not a setting of the run: a run's config.json leaves them at their
+# defaults. Found by review: `--config A/config.json` of a run started with overwrite brought it back, and deleted
+# the run in the new output_dir (A itself, without --train.output_dir).
+PER_COMMAND = ("resume", "overwrite", "stop_after")
+
+
+def run_settings(cfg: JobConfig) -> dict[str, Any]:
+    """`to_dict(cfg)` as a run's config.json holds it: the settings that make the run, PER_COMMAND at defaults."""
+    settings = to_dict(cfg)
+    default = TrainConfig()
+    settings["train"].update({name: getattr(default, name) for name in PER_COMMAND})
+    return settings

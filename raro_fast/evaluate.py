@@ -250,7 +250,8 @@ class EvalSettings:
     critic_temperature: float | None = _help("Critic sampling temperature (None: the policy's).", None)
     critic_max_new_tokens: int = _help("Longest critic completion; a cut one is an invalid verdict.", 96)
     seed: int = _help("Seed of the policy samples (critic: seed + 1 on) and of the tournament's answer order.", 0)
-    batch_size: int = _help("Prompts per engine forward.", 64)
+    batch_size: int = _help("Sequences (problems x their samples) per engine forward, a bound on generation memory.",
+                            64)
     device: Literal["auto", "cpu", "cuda"] = _help("auto: CUDA when available, else CPU.", "auto")
     dtype: Literal["auto", "float32", "bfloat16"] = _help(
         "Model dtype: auto = bfloat16 on CUDA, float32 on CPU.", "auto")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from raro_fast.checkpoint import checkpoint_root
-from raro_fast.config import JobConfig
+from raro_fast.config import JobConfig, warmup_countdown_settings
 from raro_fast.model.hf import BUILTIN_PREFIX, model_files_digest, resolve_model_path, weights_digest
 
 # What a run writes into its folder (besides base_model/, handled on its own).
@@ -37,11 +37,7 @@ def uses_base(cfg: JobConfig) -> bool:
 
 def base_recipe(cfg: JobConfig) -> dict[str, Any]:
     """Every setting the base's weights depend on."""
-    c = cfg.task.countdown
-    countdown = {"num_numbers": c.num_numbers, "min_number": c.min_number, "max_number": c.max_number,
-                 "target": c.target, "max_target": c.max_target}
-    if c.max_target or cfg.warmup.leave_out == "puzzles":  # the warm-up leaves out the task's puzzles: the split counts
-        countdown.update(num_train=c.num_train, num_heldout=c.num_heldout, seed=c.seed)
+    countdown = {name: getattr(cfg.task.countdown, name) for name in warmup_countdown_settings(cfg)}
     if cfg.model.path:  # the path and what is there now: a model saved there again is another starting point
         path = resolve_model_path(cfg.model.path, "model.path")
         # its config and tokenizer too: a cached base was reused after config.json changed (found by review)

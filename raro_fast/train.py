@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from raro_fast import checkpoint, output_dir, prompts
-from raro_fast.config import (ConfigError, JobConfig, OptimConfig, RolloutConfig, help_text, load_config, to_dict,
-                              unused_warmup_settings)
+from raro_fast.config import (ConfigError, JobConfig, OptimConfig, RolloutConfig, help_text, load_config,
+                              run_settings, unused_warmup_settings)
 from raro_fast.distributed import Dist, all_gather_objects, barrier, broadcast_object, init_distributed, shutdown
 from raro_fast.durable import write_text_atomic
 from raro_fast.evaluate import heldout_accuracy, heldout_scores
@@ -373,7 +373,7 @@ def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
              "data_sha256": r.data_sha256, "initial_weights_sha256": r.initial_weights_sha256,
              "initial_model_files_sha256": r.initial_model_files_sha256,
-             "world_size": r.d.world_size, "config": to_dict(r.cfg), "mode_state": dict(r.mode_state),
+             "world_size": r.d.world_size, "config": run_settings(r.cfg), "mode_state": dict(r.mode_state),
              # the stop after MAX_SKIPPED_IN_A_ROW counts skips before the checkpoint too, as an uninterrupted run does
              "skipped_in_a_row": r.skipped_in_a_row, "warned_uniform": r.warned_uniform}
     if r.d.is_main:  # the logs on disk up to this step before the checkpoint is
@@ -472,7 +472,12 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                                  f"--train.overwrite true, or in another train.output_dir") from None
             check_resume_settings(cfg, saved, out / "config.json", out, warn)
     if resume_from is not None:
-        check_resume_settings(cfg, checkpoint.load_trainer_state(resume_from).get("config"), resume_from, out, warn)
+        saved_state = checkpoint.load_trainer_state(resume_from)
+        check_resume_settings(cfg, saved_state.get("config"), resume_from, out, warn)
+        if cfg.train.steps < saved_state["step"]:  # found by review: it trained nothing, and wrote the later weights
+            # as the final model of a run of fewer steps
+            raise ValueError(f"train.steps {cfg.train.steps}: {resume_from} is at step {saved_state['step']} already, "
+                             f"and a resume trains on from there; give train.steps >= {saved_state['step']}")
         if d.is_main:  # the resume is accepted: what a kill in the last save's pruning kept goes now
             checkpoint.prune(resume_from.parent, resume_from)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
@@ -550,7 +555,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         # atomic: a config.json cut short broke a later --resume and the documented `--config out/config.json`
-        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
+        write_text_atomic(out / "config.json", json.dumps(run_settings(cfg), indent=2))
     return Run(cfg=cfg, d=d, task=task, train_examples=train_examples, eval_examples=eval_examples, tokenizer=tokenizer,
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
@@ -651,7 +656,7 @@ def check_resume_settings(cfg: JobConfig, saved: dict | None, resume_from: Path,
     if saved is None:
         warn(f"train.resume: {resume_from} does not record the run's settings; assuming they are this command's")
         return
-    refused, allowed = checkpoint.resume_changes(saved, to_dict(cfg), defaults=to_dict(JobConfig()))
+    refused, allowed = checkpoint.resume_changes(saved, run_settings(cfg), defaults=run_settings(JobConfig()))
     if refused:
         raise ValueError(f"train.resume: {resume_from} was saved with other settings ({'; '.join(refused)}); a "
                          f"resume continues the same run, so give it that run's settings (they are in "

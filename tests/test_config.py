@@ -102,7 +102,7 @@ def test_a_setting_given_twice_in_one_file_is_refused(tmp_path):
         load_config(["--config", str(f)])
     other = tmp_path / "other.yaml"  # across files (and from the command line) a later value wins, as documented
     other.write_text("rollout:\n  mem_fraction: 0.4\n")
-    f.write_text("rollout:\n  mem_fraction: 0.3\n")
+    f.write_text("rollout:\n  backend: sglang\n  mem_fraction: 0.3\n")
     assert load_config(["--config", str(f), "--config", str(other)]).rollout.mem_fraction == 0.4
 
 
@@ -179,7 +179,8 @@ def test_values_that_would_fail_deep_inside_are_refused_at_start(flag, value, me
     ["--warmup.critic_fraction", "0.33", "--warmup.arithmetic_fraction", "0.67"],
     ["--warmup.min_target", "30"],  # one warm-up target, max_target's default
     ["--raro.tau_pol", "1", "--raro.tau_crit", "0"],
-    ["--rollout.critic_temperature", "0.01", "--rollout.mem_fraction", "0.99", "--raro.replay_ratio", "0"],
+    ["--rollout.critic_temperature", "0.01", "--rollout.backend", "sglang", "--rollout.mem_fraction", "0.99",
+     "--raro.replay_ratio", "0"],
 ])
 def test_the_edges_of_the_documented_ranges_are_accepted(argv):
     """Each range check takes its closed ends: a refused edge (or a float rounding 1 - 0.8 below 0.2) would stop a
@@ -233,7 +234,7 @@ def test_yaml_values_of_the_wrong_type_are_refused_not_converted(tmp_path, text,
 def test_later_config_files_merge_into_a_section_not_replace_it(tmp_path):
     """The second file's rollout section adds to the first's; replaced, tp_size would silently fall back to 1."""
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
-    a.write_text("rollout:\n  tp_size: 2\n  mem_fraction: 0.3\n")
+    a.write_text("rollout:\n  backend: sglang\n  tp_size: 2\n  mem_fraction: 0.3\n")
     b.write_text("rollout:\n  mem_fraction: 0.4\n")
     cfg = load_config(["--config", str(a), "--config", str(b)])
     assert (cfg.rollout.tp_size, cfg.rollout.mem_fraction) == (2, 0.4)
@@ -290,10 +291,19 @@ def test_train_help_and_bad_config_exit_codes():
 
 def test_only_colocated_engines_release_memory():
     assert load_config(["--rollout.backend", "sglang"]).rollout.released_tags == ("kv_cache",)
-    assert load_config(["--rollout.release_memory", "kv_cache+weights"]).rollout.released_tags == ("kv_cache", "weights")
+    assert load_config(["--rollout.backend", "sglang", "--rollout.release_memory", "kv_cache+weights"]
+                       ).rollout.released_tags == ("kv_cache", "weights")
     # A server has its own GPUs; every trainer rank would release it, some while others still generate on it.
-    assert load_config(["--rollout.backend", "sglang_http", "--rollout.release_memory", "kv_cache+weights"]
-                       ).rollout.released_tags == ()
+    assert load_config(["--rollout.backend", "sglang_http"]).rollout.released_tags == ()
+    # Asked for where it cannot act, it is refused (found by review: accepted and ignored)
+    with pytest.raises(ConfigError, match=r"command line: section 'root': rollout.release_memory with rollout.backend "
+                                          r"sglang_http: a server keeps its memory"):
+        load_config(["--rollout.backend", "sglang_http", "--rollout.release_memory", "kv_cache+weights"])
+    for backend in ("auto", "embedded", "continuous"):
+        with pytest.raises(ConfigError, match=rf"rollout.release_memory kv_cache\+weights with rollout.backend "
+                                              rf"{backend}: only a colocated SGLang engine .* gives its weights back"):
+            load_config(["--rollout.backend", backend, "--rollout.release_memory", "kv_cache+weights"])
+    assert load_config(["--rollout.release_memory", "none"]).rollout.released_tags == ()
 
 
 def test_cpu_threads_keep_a_users_omp_num_threads_and_share_cores_under_torchrun():
@@ -654,3 +664,79 @@ def test_the_context_check_ranks_rows_by_tokens_and_checks_rationalization_and_t
                                              r"512 positions"):
             check_context(load_config(["--train.mode", mode, "--train.eval_tournament", "false",
                                        "--rollout.max_new_tokens", "1"]), tok, model_config, [poem, longer], heldout)
+
+
+@pytest.mark.parametrize("argv, message", [
+    # another mode's settings: DPO's read only in dpo mode (the game's critic_lead_steps was refused, these not)
+    (["--train.mode", "rlvr", "--dpo.beta", "0.5", "--dpo.rounds", "5"],
+     r"dpo.rounds, dpo.beta with train.mode rlvr: settings of iterative DPO, which this mode does not run"),
+    (["--dpo.beta", "0.5"], r"dpo.beta with train.mode raro: settings of iterative DPO"),
+    # an SGLang backend's settings with an in-process engine, or the other SGLang backend's
+    (["--rollout.backend", "embedded", "--rollout.tp_size", "4", "--rollout.mem_fraction", "0.9"],
+     r"rollout.mem_fraction, rollout.tp_size with rollout.backend embedded: settings of the SGLang backends, which "
+     r"this backend does not read"),
+    (["--rollout.sglang_url", "http://gpu:30000"], r"rollout.sglang_url with rollout.backend auto: settings of the SGLang"),
+    (["--rollout.backend", "continuous", "--rollout.weight_bucket_mb", "64"], r"rollout.weight_bucket_mb with rollout"),
+    (["--rollout.backend", "sglang", "--rollout.server_ranks", "2"],
+     r"rollout.server_ranks with rollout.backend sglang: settings of the other SGLang backend"),
+    (["--rollout.backend", "sglang_http", "--rollout.tp_size", "2"],
+     r"rollout.tp_size with rollout.backend sglang_http: settings of the other SGLang backend"),
+    # another task's settings the warm-up does not read either
+    (["--task.name", "deepmath", "--model.path", "", "--task.countdown.expert_form", "varied",
+      "--task.countdown.seed", "7"],
+     r"task.countdown.seed, task.countdown.expert_form: settings of the countdown task, which task.name deepmath "
+     r"does not use, nor the warm-up \(its puzzles read num_numbers, min_number, max_number, target, max_target\)"),
+    # neither role weighed: nothing learnt, as with a group of one
+    (["--raro.lambda_pol", "0", "--raro.lambda_crit", "0"], r"raro.lambda_pol and raro.lambda_crit are both 0"),
+    # the embedded model's shape, named at start (a ZeroDivisionError deep in its build before; 0 layers accepted)
+    (["--model.path", "", "--model.embedded.num_kv_heads", "0"], r"model.embedded.num_kv_heads must be >= 1, got 0"),
+    (["--model.path", "", "--model.embedded.num_layers", "0"], r"model.embedded.num_layers must be >= 1, got 0"),
+    (["--model.path", "", "--model.embedded.hidden_size", "-8"], r"model.embedded.hidden_size must be >= 1, got -8"),
+    (["--model.path", "", "--model.embedded.num_heads", "3"],
+     r"model.embedded.hidden_size \(128\) must divide by model.embedded.num_heads \(3\)"),
+    (["--model.path", "", "--model.embedded.hidden_size", "12", "--model.embedded.num_heads", "4",
+      "--model.embedded.num_kv_heads", "1"], r"model.embedded.hidden_size / model.embedded.num_heads \(12 / 4\) is odd"),
+    (["--train.output_dir", ""], r"train.output_dir is empty"),  # it wrote the run into the working directory
+])
+def test_a_setting_the_run_would_not_read_or_could_not_build_is_refused_naming_it(argv, message):
+    """Found by review on 2026-12-07: each was accepted and ignored, or failed deep inside the run."""
+    with pytest.raises(ConfigError, match=r"^command line: section '[\w.]+': " + message):
+        load_config(argv)
+
+
+def test_the_replay_buffer_is_sized_in_raro_only_and_what_is_read_is_accepted():
+    """The replay buffer's size was checked in every mode: an SFT or RLVR run of many questions a step was refused
+    over a buffer it never builds, naming a setting its user never gave. Found by review on 2026-12-07."""
+    assert load_config(["--train.mode", "sft", "--raro.questions_per_step", "2000"]).raro.questions_per_step == 2000
+    assert load_config(["--train.mode", "rlvr", "--raro.questions_per_step", "256", "--raro.group_size", "64"]
+                       ).raro.group_size == 64
+    with pytest.raises(ConfigError, match=r"raro.replay_size 10000 holds fewer than the 16000 replayed pairs a step "
+                                          r"plans at raro.replay_ratio 0.5 \(raro.questions_per_step 2000 x "
+                                          r"raro.group_size 8 fresh ones"):
+        load_config(["--raro.questions_per_step", "2000"])
+    # what each backend, mode and warm-up reads is taken
+    assert load_config(["--rollout.backend", "sglang", "--rollout.tp_size", "2", "--rollout.weight_bucket_mb", "64",
+                        "--rollout.release_memory", "kv_cache+weights"]).rollout.tp_size == 2
+    assert load_config(["--rollout.backend", "sglang_http", "--rollout.server_ranks", "2", "--rollout.weight_bucket_mb",
+                        "64"]).rollout.server_ranks == 2
+    assert load_config(["--train.mode", "dpo", "--dpo.beta", "0.5"]).dpo.beta == 0.5
+    assert load_config(["--task.name", "deepmath", "--model.path", "", "--task.countdown.target", "12"]
+                       ).task.countdown.target == 12
+    assert load_config(["--task.name", "deepmath", "--model.path", "", "--warmup.leave_out", "puzzles",
+                        "--task.countdown.num_train", "50"]).task.countdown.num_train == 50
+    assert load_config(["--raro.lambda_pol", "0"]).raro.lambda_pol == 0  # the critic alone may train
+
+
+def test_the_context_check_tokenizes_many_rows_in_chunks_and_keeps_each_rows_length():
+    """More rows than one chunk of the tokenizer's (2048 texts, a question and an answer each): every row keeps its
+    own lengths, and the long one at the end is still found (mutation review: a chunk cut short passed every test)."""
+    from raro_fast.tasks.base import Example
+    from raro_fast.train import check_context
+
+    tok, model_config, heldout = _context_setting()
+    rows = [Example(id=f"r{i}", question=f"Add {i} and 1.", answer=str(i + 1)) for i in range(1100)]
+    rows.append(Example(id="long", question="Add " + " ".join(["12"] * 300) + ".", answer="7"))
+    cfg = load_config(["--train.mode", "rlvr", "--train.eval_samples", "0"])
+    check_context(cfg, tok, model_config, rows[:-1], heldout)
+    with pytest.raises(ValueError, match=r"^example long: its policy prompt has \d+ tokens, past the model's 512"):
+        check_context(cfg, tok, model_config, rows, heldout)

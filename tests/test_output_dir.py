@@ -261,7 +261,10 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
          "true", "--train.stop_after", "2", "--train.steps", "7", "--train.share_prompts", "false"])))
     assert refused == [] and allowed == ["model.gradient_checkpointing: False -> True", "train.steps: 80 -> 7",
                                          "train.max_tokens_per_micro_batch: 4096 -> 1024",
-                                         "train.share_prompts: True -> False", "train.stop_after: 0 -> 2"]
+                                         "train.share_prompts: True -> False"]
+    # one command's own settings (train.PER_COMMAND) are not the run's: never listed as a change
+    assert resume_changes({**saved, "train": {**saved["train"], "stop_after": 3, "overwrite": True}}, to_dict(
+        load_config(["--task.name", "poetry"]))) == ([], [])
     # How often it evaluates may change; what an evaluation measures may not (the summary compares it with step 0's).
     refused, allowed = resume_changes(saved, to_dict(load_config(
         ["--task.name", "poetry", "--train.eval_every", "5", "--train.eval_tournament", "false",
@@ -325,7 +328,8 @@ def test_a_resume_may_move_the_tasks_data_file_and_wait_longer_for_sglang():
     for task in ("deepmath", "poetry"):
         saved = to_dict(load_config(["--task.name", task]))
         saved["task"][task]["path"] = f"/old/checkout/raro_fast/tasks/data/{task}_sample.jsonl"
-        saved["rollout"]["sglang_timeout_s"] = 600.0
-        refused, allowed = resume_changes(saved, to_dict(load_config(["--task.name", task,
-                                                                      "--rollout.sglang_timeout_s", "1200"])))
+        saved["rollout"].update(backend="sglang_http", sglang_timeout_s=600.0)
+        refused, allowed = resume_changes(saved, to_dict(load_config(["--task.name", task, "--rollout.backend",
+                                                                      "sglang_http", "--rollout.sglang_timeout_s",
+                                                                      "1200"])))
         assert refused == [] and [a.split(":")[0] for a in allowed] == [f"task.{task}.path", "rollout.sglang_timeout_s"]

@@ -23,6 +23,9 @@ TINY = [
 # The shipped base with a game large enough that both roles train at every step: on the tiny base above nothing is
 # ever answered, every reward is 0 and nothing trains, so a test that two runs agree compared weights that never
 # moved (found by review). For the tests of what must not change training.
+# TINY for another task: the countdown split's settings are not that task's, nor read by its warm-up (refused)
+TINY_OTHER_TASK = [a for i, a in enumerate(TINY) if not (a.startswith("--task.countdown.") or
+                                                         TINY[i - 1].startswith("--task.countdown."))]
 SHIPPED = [
     "--model.path", "builtin:countdown-easy", "--raro.questions_per_step", "2", "--raro.group_size", "8",
     "--raro.critic_pairs_per_step", "4", "--train.eval_size", "4", "--train.progress", "false", "--train.eval_every", "2",
@@ -155,8 +158,12 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 def test_a_resume_takes_the_new_lr_and_refuses_settings_that_make_another_run(base_model, tmp_path):
     args = [*TINY, "--train.steps", "2", "--train.save_every", "1", "--train.eval_every", "0", "--train.eval_samples", "0"]
     run = _with_base(base_model, tmp_path / "run")
-    train([*args, "--train.output_dir", str(run), "--train.stop_after", "1"], check=False)
+    train([*args, "--train.output_dir", str(run), "--train.stop_after", "1", "--train.overwrite", "true"], check=False)
     before = (run / "metrics.jsonl").read_text()
+    # config.json holds the run's settings, not this command's: `--config run/config.json` with overwrite saved there
+    # deleted the next run's folder (found by review)
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert (saved["overwrite"], saved["stop_after"], saved["resume"], saved["steps"]) == (False, 0, False, 2)
     # questions_per_step sets the data position (step x count): a resume with another one skipped demonstrations
     out = train([*args, "--train.output_dir", str(run), "--resume", "--raro.questions_per_step", "3",
                  "--raro.tau_pol", "0.5"], check=False)
@@ -170,6 +177,13 @@ def test_a_resume_takes_the_new_lr_and_refuses_settings_that_make_another_run(ba
     groups = json.loads((run / "checkpoints" / "step_000003" / "optimizer.json").read_text())
     assert groups and all(g["lr"] == 1e-5 for g in groups)
     assert [r["step"] for r in metrics(run)] == [0, 1, 2, 3]
+    # fewer steps than the checkpoint's: it trained nothing and wrote step 3's weights as a 2-step run's final model
+    before = (run / "metrics.jsonl").read_text(), (run / "final_model" / "model.safetensors").read_bytes()
+    out = train([*args, "--train.output_dir", str(run), "--resume"], check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"train.steps 2: {run / 'checkpoints' / 'step_000003'} is at step 3 already, and a resume trains on from " \
+           "there; give train.steps >= 3" in out.stderr
+    assert ((run / "metrics.jsonl").read_text(), (run / "final_model" / "model.safetensors").read_bytes()) == before
     # Killed before its first checkpoint, a run starts again from step 0 on --resume: with its own settings only
     # (other ones, another task and seed say, used to replace it silently, over its metrics and config.json).
     early = _with_base(base_model, tmp_path / "early")
@@ -276,7 +290,7 @@ def test_oracle_critic_with_ppo_mini_batches(base_model, tmp_path):
 def test_a_verifier_mode_is_refused_for_a_task_without_one(tmp_path, flags, named):
     # RLVR on poetry used to run: every reward 0 (a None verdict is False), nothing learnt, accuracy logged as 0.0.
     t0 = time.monotonic()
-    out = train([*TINY, "--warmup.steps", "2000", "--task.name", "poetry", *flags,
+    out = train([*TINY_OTHER_TASK, "--warmup.steps", "2000", "--task.name", "poetry", *flags,
                  "--train.output_dir", str(tmp_path / "r")], check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert named in out.stderr and "the poetry task has none" in out.stderr
@@ -346,7 +360,7 @@ def test_baseline_modes_train_end_to_end(base_model, tmp_path, mode):
 @pytest.mark.parametrize("task", ["deepmath", "poetry"])
 def test_other_tasks_train_end_to_end(base_model, tmp_path, task):
     run = _with_base(base_model, tmp_path / task)
-    out = train([*TINY, "--task.name", task, "--train.steps", "1", "--train.output_dir", str(run)])
+    out = train([*TINY_OTHER_TASK, "--task.name", task, "--train.steps", "1", "--train.output_dir", str(run)])
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1] and recs[1]["batch/policy_sequences"] > 0
     if task == "poetry":  # no verifier: no accuracy, said plainly (null, not 0.0)

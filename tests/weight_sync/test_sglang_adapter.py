@@ -499,7 +499,8 @@ def test_a_server_slower_than_the_timeout_is_named_as_slow_not_unreachable():
         server.shutdown()
     from raro_fast.config import load_config
 
-    assert load_config(["--rollout.sglang_timeout_s", "1800"]).rollout.sglang_timeout_s == 1800
+    assert load_config(["--rollout.backend", "sglang_http", "--rollout.sglang_timeout_s", "1800"]
+                       ).rollout.sglang_timeout_s == 1800
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real SGLang engine needs a CUDA GPU")
