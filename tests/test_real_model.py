@@ -438,7 +438,7 @@ def test_weight_sync_into_smollm2_and_the_engine_samples_what_the_trainer_comput
 def test_smollm2_trains_one_raro_step_and_resumes(smollm2, tmp_path):
     args = [sys.executable, "-m", "raro_fast.train", "--model.path", str(smollm2), "--config", "configs/countdown-easy.yaml",
             "--raro.questions_per_step", "1", "--raro.group_size", "2", "--raro.critic_samples_per_pair", "2",
-            "--rollout.max_new_tokens", "12", "--rollout.critic_max_new_tokens", "12", "--train.eval_size", "2",
+            "--rollout.max_new_tokens", "12", "--rollout.critic_max_new_tokens", "12", "--train.eval_size", "1",
             "--train.eval_every", "1", "--train.save_every", "1", "--train.progress", "false",
             # greedy evaluation only: sampled avg@n and the critic's tournament are tested on the embedded model
             # (tests/test_train_e2e.py); without them this test takes 63 s instead of 75 s on 2 cores
