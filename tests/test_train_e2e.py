@@ -20,12 +20,12 @@ TINY = [
     "--raro.critic_pairs_per_step", "4", "--task.countdown.num_train", "40", "--task.countdown.num_heldout", "8", "--train.eval_size",
     "4", "--train.progress", "false", "--train.eval_every", "2",
 ]
-# The shipped base with a game large enough that both roles train at every step: on the tiny base above nothing is
-# ever answered, every reward is 0 and nothing trains, so a test that two runs agree compared weights that never
-# moved (found by review). For the tests of what must not change training.
 # TINY for another task: the countdown split's settings are not that task's, nor read by its warm-up (refused)
 TINY_OTHER_TASK = [a for i, a in enumerate(TINY) if not (a.startswith("--task.countdown.") or
                                                          TINY[i - 1].startswith("--task.countdown."))]
+# The shipped base with a game large enough that both roles train at every step: on the tiny base above nothing is
+# ever answered, every reward is 0 and nothing trains, so a test that two runs agree compared weights that never
+# moved (found by review). For the tests of what must not change training.
 SHIPPED = [
     "--model.path", "builtin:countdown-easy", "--raro.questions_per_step", "2", "--raro.group_size", "8",
     "--raro.critic_pairs_per_step", "4", "--train.eval_size", "4", "--train.progress", "false", "--train.eval_every", "2",
