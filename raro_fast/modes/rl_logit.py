@@ -52,7 +52,8 @@ def separator_end(token_ids: list[int], n: int, decode, expert_text: str) -> int
         if longer == after:  # a special token (the end of turn): nothing written
             return n
         if longer.strip():
-            spills = longer[len(after)].isspace() and expert_text.startswith(longer.lstrip())
+            new = longer[len(after):] if longer.startswith(after) else ""  # decoding more never rewrites whitespace
+            spills = new[:1].isspace() and expert_text.startswith(longer.lstrip())
             return n + 1 if spills else n
         n, after = n + 1, longer
     return n
