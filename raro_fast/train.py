@@ -471,13 +471,13 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                 raise ValueError(f"train.resume: {out / 'config.json'} cannot be read ({e}); start a new run with "
                                  f"--train.overwrite true, or in another train.output_dir") from None
             check_resume_settings(cfg, saved, out / "config.json", out, warn)
-    if resume_from is not None:
-        saved_state = checkpoint.load_trainer_state(resume_from)
-        check_resume_settings(cfg, saved_state.get("config"), resume_from, out, warn)
-        if cfg.train.steps < saved_state["step"]:  # found by review: it trained nothing, and wrote the later weights
+    state = checkpoint.load_trainer_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        check_resume_settings(cfg, state.get("config"), resume_from, out, warn)
+        if cfg.train.steps < state["step"]:  # found by review: it trained nothing, and wrote the later weights
             # as the final model of a run of fewer steps
-            raise ValueError(f"train.steps {cfg.train.steps}: {resume_from} is at step {saved_state['step']} already, "
-                             f"and a resume trains on from there; give train.steps >= {saved_state['step']}")
+            raise ValueError(f"train.steps {cfg.train.steps}: {resume_from} is at step {state['step']} already, "
+                             f"and a resume trains on from there; give train.steps >= {state['step']}")
         if d.is_main:  # the resume is accepted: what a kill in the last save's pruning kept goes now
             checkpoint.prune(resume_from.parent, resume_from)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
@@ -515,8 +515,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
             weights_digest(initial), model_files_digest(initial) if initial.is_dir() else None) if d.is_main else None)
     replay = ReplayBuffer(cfg.raro.replay_size)
     start, mode_state, skipped, warned = 0, {}, 0, False
-    if resume_from is not None:
-        state = checkpoint.load_trainer_state(resume_from)
+    if state is not None:
         if state["world_size"] != d.world_size:
             raise ValueError(f"{resume_from}: saved with {state['world_size']} ranks; resume with the same number")
         if state.get("data_sha256", digest) != digest:  # a checkpoint from before digests has none

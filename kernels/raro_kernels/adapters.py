@@ -85,7 +85,7 @@ def trl_per_token_logps_and_entropies(model: nn.Module, input_ids: torch.Tensor,
                          "final_logit_softcapping); the fused kernels compute plain softmax(hidden @ W.T / T)")
     if getattr(head, "bias", None) is not None:
         raise ValueError("trl_per_token_logps_and_entropies: the LM head has a bias; the fused kernels take a weight only")
-    factor = _logit_factor(model, head.weight, input_ids, attention_mask)
+    factor = _logit_factor(model, head, input_ids, attention_mask)
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     # position t predicts token t + 1: the hidden states before each completion token
     hidden = hidden[:, -logits_to_keep - 1 : -1]
@@ -99,7 +99,7 @@ def trl_per_token_logps_and_entropies(model: nn.Module, input_ids: torch.Tensor,
 _LOGIT_FACTORS: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
 
 
-def _logit_factor(model: nn.Module, weight: torch.Tensor, input_ids: torch.Tensor,
+def _logit_factor(model: nn.Module, head: nn.Module, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor) -> float:
     """c with model(...).logits = c * (model.model(...).last_hidden_state @ weight.T), from the model's own forward
     on the last position of the first sequence (one sequence, one position's logits; the decoder's output is
@@ -120,10 +120,9 @@ def _logit_factor(model: nn.Module, weight: torch.Tensor, input_ids: torch.Tenso
     theirs = logits[:, -1].double()
     # By the model's own head where it has one: the same product in the same dtype and matmul precision (found by
     # review: in float64 here, a float32 model under TF32 matmuls, ~1e-3 off, was refused as soft-capped).
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     with torch.no_grad():
-        plain = (head(caught[-1]) if isinstance(head, nn.Linear) and head.weight is weight
-                 else caught[-1].double() @ weight.double().t()).double()
+        plain = (head(caught[-1]) if isinstance(head, nn.Linear)
+                 else caught[-1].double() @ head.weight.double().t()).double()
     # The model's logits come from its own product in its dtype (16-bit: ~3 significant digits).
     tol = (3e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-4) * float(theirs.abs().max()) + 1e-6
     factor = 1.0
