@@ -139,7 +139,7 @@ def save_checkpoint(
     tmp = root / f".{name}.tmp"
     final = root / name
     weights = full_state_dict(model)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    optim_state = optimizer_state_dict(model, optimizer)
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -257,12 +257,26 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any],
     return refused, allowed
 
 
+def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's full state dict (DCP's format: state and groups keyed by parameter name). Before its first
+    step the state is empty and stays so: DCP's own would first take a step of zero gradients to fill it, and Adam
+    would count that step, so a run that saved before anything trained took a first real update 0.74x as large as
+    the same run without the save (found by review; 10 s of the save for a 135M model, too)."""
+    if optimizer.state:
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": {}, "param_groups": groups}
+
+
 def restore_optimizer_and_rng(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> None:
     """Load optimizer state (every rank reads the full state and keeps its shard) and this rank's RNG."""
     tensors = load_file(str(path / "optimizer.safetensors"))
     groups = json.loads((path / "optimizer.json").read_text())
     state = _unflatten_optimizer(tensors, groups)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    if state["state"]:  # empty: saved before the first step, and DCP's load would fill it as its save did
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
     rng_file = path / f"rng_rank{d.rank}.safetensors"
     if not rng_file.is_file():
         raise ValueError(f"{path}: no RNG state for rank {d.rank}; resume with the world size it was saved with")

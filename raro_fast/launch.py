@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import sys
 
-from raro_fast.config import ALIASES
+from raro_fast.config import ALIASES, parse_command_line
+
+PROG = "raro-fast train [torchrun options]"
 
 # The training's options without a dot: its aliases among them (`--output-dir` went to torchrun, which refused it).
 TRAINING_FLAGS = {"--config", "-h", "--help", *ALIASES}
@@ -62,6 +64,9 @@ def unknown_launcher_option(launcher: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     launcher, training = split_args(argv)
+    # --help and a refused setting: answered here, once, before torch is imported or a rank is started
+    if isinstance(code := parse_command_line(training, PROG), int):
+        return code
     if not launcher:
         from raro_fast import train
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
-    # Answered before torch and transformers are imported: seconds on a small machine, for a page of text.
-    from raro_fast.config import help_text
+PROG = "torchrun --nproc_per_node=N -m raro_fast.train"
+if __name__ == "__main__":
+    # --help and a refused setting are answered before torch and transformers are imported (7 s on two cores)
+    from raro_fast.config import parse_command_line
 
-    print(help_text("torchrun --nproc_per_node=N -m raro_fast.train"))
-    sys.exit(0)
+    if isinstance(code := parse_command_line(sys.argv[1:], PROG), int):
+        sys.exit(code)
 
-import dataclasses  # noqa: E402  (below: the --help answer above must not wait for these)
+import dataclasses  # noqa: E402  (below: the answers above must not wait for these)
 import functools
 import hashlib
 import json
@@ -32,8 +33,8 @@ import torch
 from tqdm import tqdm
 
 from raro_fast import checkpoint, output_dir, prompts
-from raro_fast.config import (ConfigError, JobConfig, OptimConfig, RolloutConfig, help_text, load_config,
-                              run_settings, unused_warmup_settings)
+from raro_fast.config import (JobConfig, OptimConfig, RolloutConfig, parse_command_line, run_settings,
+                              unused_warmup_settings)
 from raro_fast.distributed import Dist, all_gather_objects, barrier, broadcast_object, init_distributed, shutdown
 from raro_fast.durable import write_text_atomic
 from raro_fast.evaluate import heldout_accuracy, heldout_scores
@@ -725,15 +726,9 @@ def initial_model_dir(cfg: JobConfig, resume_from: Path | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text("torchrun --nproc_per_node=N -m raro_fast.train"))
-        return 0
-    try:
-        cfg = load_config(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_command_line(sys.argv[1:] if argv is None else argv, PROG)
+    if isinstance(cfg, int):
+        return cfg
     try:
         d = init_distributed(half_precision=resolve_dtype(cfg.model.dtype, torch.device("cpu")) != torch.float32)
     except ValueError as e:  # a launch without torchrun's variables, more ranks than GPUs

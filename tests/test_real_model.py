@@ -269,11 +269,12 @@ def test_convert_gguf_keeps_every_end_token_the_file_declares(saved_embedded_mod
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert gguf.gguf_end_token_ids(path) == [2, 5]
+    fields = gguf.read_gguf(path)[0].fields
+    assert gguf.gguf_end_token_ids(fields) == [2, 5]
 
     model, tok = load_pretrained(saved_embedded_model, dtype=torch.float32)  # what transformers' GGUF loader gives
     model.generation_config.eos_token_id = 2
-    monkeypatch.setattr(gguf, "load_gguf", lambda p, dtype: (model, tok))
+    monkeypatch.setattr(gguf, "_load_gguf", lambda p, dtype: (model, tok, fields))
     out = gguf.convert_gguf(path, tmp_path / "out")
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
     converted, converted_tok = load_pretrained(out, dtype=torch.float32)
@@ -375,8 +376,8 @@ needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason=GGUF_UNAVAILABLE or 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+@pytest.fixture(scope="session")  # not "module": a worker that ran another module's test between two of these
+def smollm2(tmp_path_factory):    # converted it again (36 s)
     out = tmp_path_factory.mktemp("smollm2") / "model"
     gguf.convert_gguf(gguf.smollm2_gguf_path(), out)
     return out

@@ -67,6 +67,27 @@ def test_a_checkpoint_restores_the_optimizer_and_rng_exactly_and_keeps_the_newes
     assert all(torch.equal(on_disk[k], weights[k]) for k in on_disk) and len(on_disk) >= 3
 
 
+def test_a_save_before_the_first_step_changes_no_update_and_resumes_to_the_same_one(tmp_path):
+    """DCP's optimizer state dict fills an empty state by taking a step of zero gradients, which Adam counts: a run
+    that saved before anything trained (a step whose samples were all truncated) took a first real update 0.74x as
+    large as the same run without the save, and its resume did the same (found by review)."""
+    tok, hf, model, optimizer = _model_and_optimizer(seed=0)
+    _, _, unsaved, unsaved_optimizer = _model_and_optimizer(seed=0)
+    final = checkpoint.save_checkpoint(tmp_path, 1, model=model, hf_model=hf, tokenizer=tok, optimizer=optimizer,
+                                       trainer_state={"step": 1}, d=D)
+    assert not optimizer.state and load_file(str(final / "optimizer.safetensors")) == {}
+    _, _, resumed, resumed_optimizer = _model_and_optimizer(seed=0)
+    checkpoint.restore_optimizer_and_rng(final, model=resumed, optimizer=resumed_optimizer, d=D)
+    assert not resumed_optimizer.state
+    for m, o in ((model, optimizer), (unsaved, unsaved_optimizer), (resumed, resumed_optimizer)):
+        _adam_step(m, o, scale=0.5)
+    moved = [(p - q).abs().max() for p, q in zip(unsaved.parameters(), _model_and_optimizer(seed=0)[2].parameters())]
+    assert max(moved) > 0  # the step moved the weights
+    for other in (model, resumed):
+        assert all(torch.equal(p, q) for p, q in zip(other.parameters(), unsaved.parameters(), strict=True))
+    assert optimizer.state[next(model.parameters())]["step"] == 1
+
+
 def test_a_checkpoint_is_on_disk_before_latest_names_it_and_an_older_one_is_pruned(tmp_path, request):
     """Renames alone survive a process kill, not a power cut: the new folder and `latest` naming it could reach the
     disk before the files' contents, with the intact older checkpoint already pruned: nothing left to resume from."""

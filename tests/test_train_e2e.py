@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+# Greedy evaluation only: the sampled one and the critic's tournament (4 s of a 2-step run) are tested where named
+# (test_sampled_evaluation_is_logged_and_leaves_training_unchanged, and the resumes of UNINTERRUPTED below).
+GREEDY_EVAL = ["--train.eval_samples", "0"]
 TINY = [
     "--model.path", "", "--model.embedded.hidden_size", "64", "--model.embedded.num_layers", "2", "--model.embedded.intermediate_size",
     "128", "--warmup.steps", "20", "--warmup.batch_size", "8", "--rollout.max_new_tokens", "40",
     "--rollout.critic_max_new_tokens", "40", "--raro.questions_per_step", "2", "--raro.group_size", "4",
     "--raro.critic_pairs_per_step", "4", "--task.countdown.num_train", "40", "--task.countdown.num_heldout", "8", "--train.eval_size",
-    "4", "--train.progress", "false", "--train.eval_every", "2",
+    "4", "--train.progress", "false", "--train.eval_every", "2", *GREEDY_EVAL,
 ]
 # TINY for another task: the countdown split's settings are not that task's, nor read by its warm-up (refused)
 TINY_OTHER_TASK = [a for i, a in enumerate(TINY) if not (a.startswith("--task.countdown.") or
@@ -29,6 +32,7 @@ TINY_OTHER_TASK = [a for i, a in enumerate(TINY) if not (a.startswith("--task.co
 SHIPPED = [
     "--model.path", "builtin:countdown-easy", "--raro.questions_per_step", "2", "--raro.group_size", "8",
     "--raro.critic_pairs_per_step", "4", "--train.eval_size", "4", "--train.progress", "false", "--train.eval_every", "2",
+    *GREEDY_EVAL,
 ]
 
 
@@ -61,9 +65,10 @@ def metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_model(tmp_path_factory):
-    """The embedded model after its (short) warm-up, built once by a zero-step run."""
+    """The embedded model after its (short) warm-up, built once per worker by a zero-step run (a module-scoped one
+    was built again each time a worker came back to this module from another's tests)."""
     run = tmp_path_factory.mktemp("base")
     train([*TINY, "--train.steps", "0", "--train.output_dir", str(run)])
     return run / "base_model"
@@ -130,12 +135,24 @@ def _check_rollout_log(run, rec):
         assert POLICY_SYSTEM in r["prompt"] and r["completion"] and r["weight_version"] == rec["step"] - 1
 
 
-@pytest.mark.slow
-def test_resume_after_kill_equals_uninterrupted(tmp_path):
-    args = [*SHIPPED, "--train.steps", "4", "--train.save_every", "2", "--train.log_rollouts_every", "1"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    train([*args, "--train.output_dir", str(full)])
+# The run that every killed one must equal: trained once per worker, for the tests of one xdist_group. With the
+# sampled evaluation and the tournament, whose draws a resume must repeat too.
+UNINTERRUPTED = [*SHIPPED, "--train.steps", "4", "--train.save_every", "2", "--train.log_rollouts_every", "1",
+                 "--train.eval_samples", "4"]
+
+
+@pytest.fixture(scope="session")
+def four_steps_uninterrupted(tmp_path_factory):
+    full = tmp_path_factory.mktemp("full")
+    train([*UNINTERRUPTED, "--train.output_dir", str(full)])
     _trained(metrics(full))
+    return full
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("killed")
+def test_resume_after_kill_equals_uninterrupted(four_steps_uninterrupted, tmp_path):
+    args, full, cut = UNINTERRUPTED, four_steps_uninterrupted, tmp_path / "cut"
     killed = train([*args, "--train.output_dir", str(cut), "--train.stop_after", "3", "--train.progress", "true"],
                    check=False)
     assert killed.returncode != 0  # it stopped after step 3; the last checkpoint is step 2
@@ -497,26 +514,14 @@ def _final_weights(run_dir):
     return load_file(str(run_dir / "final_model" / "model.safetensors"))
 
 
-KILLED_IN_A_WRITE = [*SHIPPED, "--train.steps", "6", "--train.save_every", "2"]
-
-
-@pytest.fixture(scope="module")
-def six_steps_uninterrupted(tmp_path_factory):
-    """The run that the killed ones must equal, trained once for both (one worker: their xdist_group)."""
-    full = tmp_path_factory.mktemp("full")
-    train([*KILLED_IN_A_WRITE, "--train.output_dir", str(full)])
-    _trained(metrics(full))
-    return full
-
-
 @pytest.mark.slow
-@pytest.mark.xdist_group("killed_in_a_write")
+@pytest.mark.xdist_group("killed")
 @pytest.mark.parametrize("die_at", [
     "write_manifest:2",  # inside step 4's checkpoint write: files written, folder not yet renamed into place
     "write_text_atomic:2",  # step 4's folder in place, `latest` still naming step 2
 ])
-def test_killed_in_a_checkpoint_write_then_damaged_resumes_exactly(six_steps_uninterrupted, tmp_path, die_at):
-    args, full, cut = KILLED_IN_A_WRITE, six_steps_uninterrupted, tmp_path / "cut"
+def test_killed_in_a_checkpoint_write_then_damaged_resumes_exactly(four_steps_uninterrupted, tmp_path, die_at):
+    args, full, cut = UNINTERRUPTED, four_steps_uninterrupted, tmp_path / "cut"
     _train_until_killed([*args, "--train.output_dir", str(cut)], die_at)
     ckpts = cut / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000002"
@@ -524,15 +529,15 @@ def test_killed_in_a_checkpoint_write_then_damaged_resumes_exactly(six_steps_uni
     assert "continuing after step 2" in out.stdout
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
     assert [strip(r) for r in metrics(cut)] == [strip(r) for r in metrics(full)]
-    # Now damage the newest checkpoint and lose `latest`: the resume names the damage, falls back to step 4 and
-    # redoes steps 5-6 exactly (it used to give a deserialisation traceback, or restart from step 0 over the metrics).
+    # Now damage the newest checkpoint and lose `latest`: the resume names the damage, falls back to step 2 and
+    # redoes steps 3-4 exactly (it used to give a deserialisation traceback, or restart from step 0 over the metrics).
     (ckpts / "latest").unlink()
-    optimizer = ckpts / "step_000006" / "optimizer.safetensors"
+    optimizer = ckpts / "step_000004" / "optimizer.safetensors"
     optimizer.write_bytes(optimizer.read_bytes()[:1000])
     out = train([*args, "--train.output_dir", str(cut), "--resume"])
     assert "latest is missing" in out.stdout
-    assert f"step_000006 is damaged, skipped: {optimizer} has 1000 bytes" in out.stdout
-    assert "continuing after step 4" in out.stdout
+    assert f"step_000004 is damaged, skipped: {optimizer} has 1000 bytes" in out.stdout
+    assert "continuing after step 2" in out.stdout
     assert [strip(r) for r in metrics(cut)] == [strip(r) for r in metrics(full)]
     a, b = _final_weights(full), _final_weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

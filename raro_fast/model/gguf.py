@@ -73,12 +73,21 @@ def _require_extra() -> None:
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
     """transformers' own GGUF loading (dequantised to `dtype`): the reference a converted model must match."""
+    model, tokenizer, _ = _load_gguf(path, dtype)
+    return model, tokenizer
+
+
+def _load_gguf(path: str | Path, dtype: torch.dtype):
+    """load_gguf's model and tokenizer, and the file's metadata (`GGUFReader.fields`). The file is read here once
+    for every check: each reading parses the whole vocabulary (SmolLM2: 6 s of a conversion's 52 on two cores, and
+    the checks read it four times)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     check_gguf_file(path)
     _require_extra()
-    architecture = gguf_architecture(path)
+    reader, architecture = read_gguf(path)
+    fields = reader.fields
     where, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
@@ -99,12 +108,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32):
                          f"file: {sorted(info['missing_keys'])[:5]}; without a place in the model: "
                          f"{sorted(info['unexpected_keys'])[:5]}; of another shape: "
                          f"{sorted(map(str, info['mismatched_keys']))[:5]})")
-    unread = unread_rope_scaling(path, model.config)
+    unread = unread_rope_scaling(reader, model.config)
     if unread:
         raise ValueError(f"{path}: {unread}, which transformers' GGUF reader does not read: the model would run with "
                          "other rotary positions than the file's. Convert the original Hugging Face model instead")
-    split_as_the_file_says(path, tokenizer)
-    return model, tokenizer
+    split_as_the_file_says(path, fields, tokenizer)
+    return model, tokenizer, fields
 
 
 # llama.cpp's pre-tokenizer types that isolate every digit before GPT-2's split (its llama-vocab.cpp gives them one
@@ -113,12 +122,12 @@ DIGITS_FIRST = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshe
 GPT2_SPLIT = frozenset({"default", "gpt-2", "gpt2"})
 
 
-def split_as_the_file_says(path: Path, tokenizer) -> None:
+def split_as_the_file_says(path: Path, fields: dict, tokenizer) -> None:
     """Give a byte-level tokenizer the pre-tokenizer its file names (`tokenizer.ggml.pre`). transformers maps some
     names to their split and reads every other as GPT-2's: SmolLM2's `smollm` splits each digit off first, so
     "Answer:\n\n42" became Ċ Ċ 4 2 where the model was trained on ĊĊ 4 2 (found by review: 37 tokens and 73.8 nats
-    against 34 and 55.7 for one text). A name neither knows is refused rather than split another way."""
-    from gguf import GGUFReader
+    against 34 and 55.7 for one text). A name neither knows is refused rather than split another way. `fields`:
+    the file's metadata (GGUFReader.fields); `path` names it in the refusal."""
     from tokenizers import pre_tokenizers
 
     try:  # where transformers 5.2x keeps the names it maps; elsewhere, names it reads are not known here
@@ -126,11 +135,9 @@ def split_as_the_file_says(path: Path, tokenizer) -> None:
     except ImportError:
         GGUF_PRE_TOKENIZER_SPLITS = None
 
-    fields = GGUFReader(path).fields
-
     def text(key: str) -> str | None:
         field = fields.get(key)
-        return bytes(field.parts[field.data[0]]).decode() if field is not None else None
+        return _text(field) if field is not None else None
 
     if text("tokenizer.ggml.model") != "gpt2":  # sentencepiece and others: no byte-level split to choose
         return
@@ -146,23 +153,20 @@ def split_as_the_file_says(path: Path, tokenizer) -> None:
                          "GPT-2 does, not as the model was trained. Convert the original Hugging Face model instead")
 
 
-def unread_rope_scaling(path: Path, config) -> str | None:
+def unread_rope_scaling(reader, config) -> str | None:
     """What the file says about scaled rotary positions that the loaded `config` lacks, or None. transformers reads
     `rope.scaling.*` for few architectures (not llama) and drops the `rope_freqs.weight` tensor that llama.cpp
     writes for Llama 3.1's scaling; the converted model had plain rotary positions, with no error (found by
-    review)."""
-    from gguf import GGUFReader
-
+    review). `reader`: the file's GGUFReader."""
     from raro_fast.model.varlen import rope_type
 
-    reader = GGUFReader(path)
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         return "it holds rope_freqs.weight (per-frequency rotary factors: Llama 3.1's scaling)"
     declared = {}
     for key, field in reader.fields.items():
         if key.endswith((".rope.scaling.type", ".rope.scaling.factor")):
             part = field.parts[field.data[0]]
-            declared[key.rsplit(".", 1)[1]] = bytes(part).decode() if key.endswith(".type") else float(part[0])
+            declared[key.rsplit(".", 1)[1]] = _text(field) if key.endswith(".type") else float(part[0])
     scaled = declared.get("type", "none") != "none" or declared.get("factor", 1.0) not in (0.0, 1.0)
     if scaled and rope_type(config) in (None, "default"):
         return f"it declares scaled rotary positions ({declared})"
@@ -172,28 +176,31 @@ def unread_rope_scaling(path: Path, config) -> str | None:
 END_TOKEN_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
-def gguf_end_token_ids(path: str | Path) -> list[int]:
-    """The end tokens a GGUF file declares (end of sequence, of turn, of message), in that order."""
-    from gguf import GGUFReader
-
-    fields = GGUFReader(path).fields
+def gguf_end_token_ids(fields: dict) -> list[int]:
+    """The end tokens a GGUF file's metadata (GGUFReader.fields) declares (end of sequence, of turn, of message), in
+    that order."""
     declared = [fields[key] for key in END_TOKEN_KEYS if key in fields]
     return list(dict.fromkeys(int(f.parts[f.data[0]][0]) for f in declared))
 
 
-def gguf_architecture(path: Path) -> str:
-    """The file's `general.architecture`, read with the gguf package's reader (the one transformers uses), which
-    also maps every tensor: a truncated or damaged file fails here, before transformers blames the architecture."""
+def read_gguf(path: Path):
+    """The file's GGUFReader (the gguf package's, the one transformers uses), which reads the metadata and maps every
+    tensor, and its `general.architecture`: a truncated or damaged file fails here, before transformers blames the
+    architecture."""
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
         field = reader.fields.get("general.architecture")
-        architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else "not named in the file"
+        return reader, _text(field) if field is not None else "not named in the file"
     except Exception as e:  # noqa: BLE001 - the reader fails on damage with struct, index, value or decode errors
         raise ValueError(f"{path}: truncated or damaged, not a readable GGUF file ({type(e).__name__}: "
                          f"{str(e)[:200]}); download or copy it again") from None
-    return architecture
+
+
+def _text(field) -> str:
+    """A string field's value."""
+    return bytes(field.parts[field.data[0]]).decode()
 
 
 CONVERSION_MARKER = "raro_fast_source.json"
@@ -230,7 +237,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     check_out_dir(out)  # before the minutes of reading the file
     if out.is_dir() and out.resolve() in Path(path).resolve().parents:
         raise ValueError(f"{out}: holds the GGUF file {path}, which replacing it would delete; give another OUT_DIR")
-    quantized, tokenizer = load_gguf(path, dtype)
+    quantized, tokenizer, fields = _load_gguf(path, dtype)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -250,7 +257,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, dtype: torch.dtype = tor
     # and without them the converted model ran past its turn and took that token for its pad (found by review)
     declared = model.generation_config.eos_token_id
     ends = [declared] if isinstance(declared, int) else list(declared or [])
-    model.generation_config.eos_token_id = list(dict.fromkeys(ends + gguf_end_token_ids(path))) or declared
+    model.generation_config.eos_token_id = list(dict.fromkeys(ends + gguf_end_token_ids(fields))) or declared
     model.config.name_or_path = ""  # the GGUF's own title, not a path or hub id anyone can load
     check_out_dir(out)  # again: it may have been filled meanwhile
     save_pretrained_atomic(model, tokenizer, out, extra_files={
