@@ -4,8 +4,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from raro_fast.config import EmbeddedModelConfig, load_config
 from raro_fast.model.hf import BUILTIN_DIR, load_pretrained, load_project_tokenizer, resolve_model_path
+from warm_train import run_train
 
 SHA256 = "7942ba9361e27b8a756d3caa7b222fc3491c483dc718097076210aa2fe2388ea"  # the seed-0 base of docs/experiments.md
 
@@ -52,9 +51,8 @@ def test_an_unknown_builtin_name_lists_what_ships():
 @pytest.mark.slow
 def test_the_default_job_trains_from_the_shipped_base_without_a_warm_up(tmp_path):
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "raro_fast.train", "--train.steps", "1", "--train.eval_size", "4",
-                          "--train.progress", "false", "--train.output_dir", str(run)], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    out = run_train(["--train.steps", "1", "--train.eval_size", "4", "--train.progress", "false", "--train.output_dir",
+                     str(run)], timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "format warm-up" not in out.stdout + out.stderr and not (run / "base_model").exists()
     assert json.loads((run / "config.json").read_text())["model"]["path"] == "builtin:countdown-easy"

@@ -6,8 +6,6 @@ import importlib.util
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.rollout.engine import SamplingParams
 from raro_fast.weight_sync import push_weights
 from raro_fast.weight_sync.source import hf_named_tensors
+from warm_train import run_train
 
 VOCAB = 89
 
@@ -437,7 +436,7 @@ def test_weight_sync_into_smollm2_and_the_engine_samples_what_the_trainer_comput
 @needs_smollm2
 @pytest.mark.xdist_group("smollm2")  # one worker converts the GGUF once for the three
 def test_smollm2_trains_one_raro_step_and_resumes(smollm2, tmp_path):
-    args = [sys.executable, "-m", "raro_fast.train", "--model.path", str(smollm2), "--config", "configs/countdown-easy.yaml",
+    args = ["--model.path", str(smollm2), "--config", "configs/countdown-easy.yaml",
             "--raro.questions_per_step", "1", "--raro.group_size", "2", "--raro.critic_samples_per_pair", "2",
             "--rollout.max_new_tokens", "12", "--rollout.critic_max_new_tokens", "12", "--train.eval_size", "1",
             "--train.eval_every", "1", "--train.save_every", "1", "--train.progress", "false",
@@ -447,7 +446,7 @@ def test_smollm2_trains_one_raro_step_and_resumes(smollm2, tmp_path):
             "--train.output_dir", str(tmp_path / "run")]
     root = Path(__file__).resolve().parents[1]
     for extra in (["--train.steps", "1"], ["--train.steps", "2", "--resume"]):
-        out = subprocess.run([*args, *extra], capture_output=True, text=True, env=ENV, timeout=900, cwd=root)
+        out = run_train([*args, *extra], env=ENV, timeout=900, cwd=root)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "continuing after step 1" in out.stdout + out.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -466,10 +465,9 @@ def test_smollm2_trains_one_raro_step_and_resumes(smollm2, tmp_path):
 def test_a_checkpoint_gets_the_format_warm_up_when_asked_and_reports_format_rates(saved_embedded_model, tmp_path):
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "raro_fast.train", "--model.path", str(saved_embedded_model), "--warmup.checkpoint_steps",
-            "3", "--warmup.batch_size", "4", "--rollout.max_new_tokens", "8", "--rollout.critic_max_new_tokens", "8",
+    args = ["--model.path", str(saved_embedded_model), "--warmup.checkpoint_steps", "3", "--warmup.batch_size", "4", "--rollout.max_new_tokens", "8", "--rollout.critic_max_new_tokens", "8",
             "--train.steps", "0", "--train.eval_size", "2", "--train.progress", "false", "--train.output_dir", str(run)]
-    out = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300, cwd=root)
+    out = run_train(args, env=ENV, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "format warm-up: answers in format (greedy, 16 training questions): policy 0.00 -> " in out.stdout
     rates = json.loads((run / "base_model" / "format_rates.json").read_text())
@@ -483,6 +481,5 @@ def test_a_checkpoint_gets_the_format_warm_up_when_asked_and_reports_format_rate
     other = tmp_path / "other"
     other.mkdir()
     (run / "base_model").rename(other / "base_model")
-    again = subprocess.run([*args[:6], "5", *args[7:-1], str(other)], capture_output=True, text=True, env=ENV,
-                           timeout=300, cwd=root)
+    again = run_train([*args[:3], "5", *args[4:-1], str(other)], env=ENV, timeout=300, cwd=root)
     assert again.returncode == 2 and "warmup.checkpoint_steps: 3 there, 5 now" in again.stderr

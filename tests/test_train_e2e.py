@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from warm_train import run_train
 
 # Greedy evaluation only: the sampled one and the critic's tournament (4 s of a 2-step run) are tested where named
 # (test_sampled_evaluation_is_logged_and_leaves_training_unchanged, and the resumes of UNINTERRUPTED below).
@@ -49,13 +50,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON
 
 
 def train(args, *, nproc=None, check=True):
-    if nproc is None:
-        cmd = [sys.executable, "-m", "raro_fast.train", *args]
+    if nproc is None:  # `python -m raro_fast.train ARGS`, forked from a process that imported it once
+        out = run_train(args, env=ENV, timeout=600)
     else:
         # --standalone: torchrun picks a free port, so runs side by side (pytest -n) never meet on one
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                "-m", "raro_fast.train", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\nSTDOUT:\n{out.stdout[-3000:]}\nSTDERR:\n{out.stderr[-12000:]}")
     return out
