@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from raro_fast import checkpoint
 from raro_fast.distributed import Dist
@@ -76,6 +77,10 @@ def test_a_save_before_the_first_step_changes_no_update_and_resumes_to_the_same_
     final = checkpoint.save_checkpoint(tmp_path, 1, model=model, hf_model=hf, tokenizer=tok, optimizer=optimizer,
                                        trainer_state={"step": 1}, d=D)
     assert not optimizer.state and load_file(str(final / "optimizer.safetensors")) == {}
+    # its groups name the parameters as DCP's own state dict does (which a resume after training loads)
+    _, _, other, other_optimizer = _model_and_optimizer(seed=0)
+    dcp = get_optimizer_state_dict(other, other_optimizer, options=StateDictOptions(full_state_dict=True))
+    assert json.loads((final / "optimizer.json").read_text()) == json.loads(json.dumps(dcp["param_groups"]))
     _, _, resumed, resumed_optimizer = _model_and_optimizer(seed=0)
     checkpoint.restore_optimizer_and_rng(final, model=resumed, optimizer=resumed_optimizer, d=D)
     assert not resumed_optimizer.state
