@@ -23,6 +23,23 @@ def test_an_intact_folder_loads(saved):
     assert model.config.hidden_size == 32 and tok.pad_token_id is not None
 
 
+def test_a_tokenizer_saved_to_split_special_tokens_still_reads_the_templates_markers_as_tokens(saved, tmp_path):
+    """With split_special_tokens in tokenizer_config.json, every prompt's turn markers and every trained end token
+    were read as characters (found by review): the model never learnt to stop."""
+    import json
+
+    from raro_fast import prompts
+
+    plain_model, plain = load_pretrained(str(saved), dtype=torch.float32)
+    p = _copy(saved, tmp_path)
+    config = json.loads((p / "tokenizer_config.json").read_text())
+    (p / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+    _, tok = load_pretrained(str(p), dtype=torch.float32)
+    messages = prompts.policy_messages("Using 3, 5 and 7, make 22.")
+    assert prompts.render_prompt(tok, messages) == prompts.render_prompt(plain, messages)
+    assert tok("x" + tok.eos_token, add_special_tokens=False)["input_ids"][-1] == tok.eos_token_id
+
+
 def test_invalid_config_json_is_named(saved, tmp_path):
     p = _copy(saved, tmp_path)
     (p / "config.json").write_text('{"model_type": "qwen2",')

@@ -260,8 +260,9 @@ def test_shared_prompts_train_as_whole_sequences_do_with_fewer_decoder_tokens(tm
 def test_two_ranks_fsdp2_over_gloo(base_model, tmp_path):
     run = _with_base(base_model, tmp_path / "ddp")
     # With the KL term on, the frozen reference is sharded and evaluated too; activation checkpointing on.
+    # With the sampled evaluation and the tournament too: their puzzles split over the ranks and gathered.
     out = train([*TINY, "--train.steps", "2", "--loss.kl_coef", "0.05", "--model.gradient_checkpointing", "true",
-                 "--train.share_prompts", "false", "--train.output_dir", str(run)], nproc=2)
+                 "--train.share_prompts", "false", "--train.eval_samples", "4", "--train.output_dir", str(run)], nproc=2)
     assert "held-out accuracy:" in out.stdout
     recs = metrics(run)
     assert [r["step"] for r in recs] == [0, 1, 2]
@@ -518,27 +519,29 @@ def _final_weights(run_dir):
 @pytest.mark.slow
 @pytest.mark.xdist_group("killed")
 @pytest.mark.parametrize("die_at", [
-    "write_manifest:2",  # inside step 4's checkpoint write: files written, folder not yet renamed into place
-    "write_text_atomic:2",  # step 4's folder in place, `latest` still naming step 2
+    "write_manifest:2",  # inside step 2's checkpoint write: files written, folder not yet renamed into place
+    "write_text_atomic:2",  # step 2's folder in place, `latest` still naming step 1
 ])
 def test_killed_in_a_checkpoint_write_then_damaged_resumes_exactly(four_steps_uninterrupted, tmp_path, die_at):
-    args, full, cut = UNINTERRUPTED, four_steps_uninterrupted, tmp_path / "cut"
+    # A checkpoint every step, where the run they must equal saved every second one: saving changes no number.
+    args, full, cut = [*UNINTERRUPTED, "--train.save_every", "1"], four_steps_uninterrupted, tmp_path / "cut"
     _train_until_killed([*args, "--train.output_dir", str(cut)], die_at)
     ckpts = cut / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    assert (ckpts / "latest").read_text().strip() == "step_000001"
     out = train([*args, "--train.output_dir", str(cut), "--resume"])
-    assert "continuing after step 2" in out.stdout
+    assert "continuing after step 1" in out.stdout
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
     assert [strip(r) for r in metrics(cut)] == [strip(r) for r in metrics(full)]
-    # Now damage the newest checkpoint and lose `latest`: the resume names the damage, falls back to step 2 and
-    # redoes steps 3-4 exactly (it used to give a deserialisation traceback, or restart from step 0 over the metrics).
+    # Now damage the newest checkpoint and lose `latest`: the resume names the damage, falls back to step 3 (written,
+    # and kept by the pruning, of the resumed run) and redoes step 4 exactly (it used to give a deserialisation
+    # traceback, or restart from step 0 over the metrics).
     (ckpts / "latest").unlink()
     optimizer = ckpts / "step_000004" / "optimizer.safetensors"
     optimizer.write_bytes(optimizer.read_bytes()[:1000])
     out = train([*args, "--train.output_dir", str(cut), "--resume"])
     assert "latest is missing" in out.stdout
     assert f"step_000004 is damaged, skipped: {optimizer} has 1000 bytes" in out.stdout
-    assert "continuing after step 2" in out.stdout
+    assert "continuing after step 3" in out.stdout
     assert [strip(r) for r in metrics(cut)] == [strip(r) for r in metrics(full)]
     a, b = _final_weights(full), _final_weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

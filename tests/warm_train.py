@@ -6,7 +6,9 @@ importing the same modules again. Here each run is a fresh process forked from a
 (multiprocessing's forkserver: it imports, and never computes, so no thread pool is forked half-made). The run
 itself is the command's: `main(argv)` in its own process, its own stdout and stderr, its exit code. What it does not
 run is the module's `__main__` guard, which answers --help and refused settings before those imports; that path is
-tested through the real command (tests/test_config.py).
+tested through the real command (tests/test_config.py). Every run forked from one server shares its string-hash seed
+(numpy's global random state is drawn afresh, torch's thread count set from OMP_NUM_THREADS, as a new process
+would); the runs of two ranks and the killed runs of tests/test_train_e2e.py are real processes.
 """
 from __future__ import annotations
 
@@ -39,6 +41,12 @@ def _run_main(argv: list[str], env: dict[str, str], cwd: str, out_path: str, err
     # PYTHONUNBUFFERED asks of the command (a run killed by a signal leaves what it printed last)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    import numpy
+    import torch
+
+    numpy.random.seed()  # from the OS, as a new process's; Python's own `random` is reseeded on fork
+    if env.get("OMP_NUM_THREADS"):  # torch sized its pool when the server imported it, before this environment
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     if env.get("PYTHONFAULTHANDLER"):
         import faulthandler
 

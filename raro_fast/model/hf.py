@@ -314,6 +314,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
     _check_tied_head(model, weights, setting)
     _check_end_token(model, tokenizer, path, setting)
     _check_chat_template(tokenizer, path, setting)
+    # Saved with split_special_tokens (a fine-tuning tool's option), every call read "<|im_end|>" as characters:
+    # each prompt's turn markers and each trained end token became text, and the model never learnt to stop (found
+    # by review). The text encoded here is the chat template's and the traces'; their markers are tokens.
+    tokenizer.split_special_tokens = False
     choose_pad_token(tokenizer, end_token_ids(model, tokenizer))
     return model, tokenizer
 
