@@ -37,10 +37,12 @@ def _run_main(argv: list[str], env: dict[str, str], cwd: str, out_path: str, err
         target = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
-    # the fds above are the process's own now; Python's streams are opened on them again, unbuffered as
-    # PYTHONUNBUFFERED asks of the command (a run killed by a signal leaves what it printed last)
+    # the fds above are the process's own now; Python's streams are opened on them again, each write passed
+    # through as PYTHONUNBUFFERED asks of the command (a run killed by a signal leaves what it printed last)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(write_through=True)
     import numpy
     import torch
 
