@@ -30,7 +30,7 @@ def test_a_tokenizer_saved_to_split_special_tokens_still_reads_the_templates_mar
 
     from raro_fast import prompts
 
-    plain_model, plain = load_pretrained(str(saved), dtype=torch.float32)
+    _, plain = load_pretrained(str(saved), dtype=torch.float32)
     p = _copy(saved, tmp_path)
     config = json.loads((p / "tokenizer_config.json").read_text())
     (p / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
