@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     launcher, training = split_args(argv)
     # --help and a refused setting: answered here, once, before torch is imported or a rank is started
-    if isinstance(code := parse_command_line(training, PROG), int):
-        return code
+    if isinstance(cfg := parse_command_line(training, PROG), int):
+        return cfg
     if not launcher:
         from raro_fast import train
 
-        return train.main(training)
+        return train.train_from_config(cfg)
     if (wrong := unknown_launcher_option(launcher)) is not None:
         print(f"raro-fast train: {wrong}", file=sys.stderr)
         return 2

@@ -15,8 +15,8 @@ if __name__ == "__main__":
     # --help and a refused setting are answered before torch and transformers are imported (7 s on two cores)
     from raro_fast.config import parse_command_line
 
-    if isinstance(code := parse_command_line(sys.argv[1:], PROG), int):
-        sys.exit(code)
+    if isinstance(_COMMAND_LINE := parse_command_line(sys.argv[1:], PROG), int):
+        sys.exit(_COMMAND_LINE)
 
 import dataclasses  # noqa: E402  (below: the answers above must not wait for these)
 import functools
@@ -727,8 +727,11 @@ def initial_model_dir(cfg: JobConfig, resume_from: Path | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_command_line(sys.argv[1:] if argv is None else argv, PROG)
-    if isinstance(cfg, int):
-        return cfg
+    return cfg if isinstance(cfg, int) else train_from_config(cfg)
+
+
+def train_from_config(cfg: JobConfig) -> int:
+    """The command's run of a parsed config (main's, and the entry points' that parsed it before the imports)."""
     try:
         d = init_distributed(half_precision=resolve_dtype(cfg.model.dtype, torch.device("cpu")) != torch.float32)
     except ValueError as e:  # a launch without torchrun's variables, more ranks than GPUs
@@ -752,4 +755,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_from_config(_COMMAND_LINE))  # parsed at the top, before the imports
