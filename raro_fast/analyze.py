@@ -245,7 +245,7 @@ def trace_perplexities(model, tokenizer, problems, traces: list[dict[str, str]])
         if p is None:
             continue  # counted as skipped in the report
         prompt = prompts.render_prompt(tokenizer, prompts.policy_messages(p.question))
-        completion = tokenizer(rec["trace"], add_special_tokens=False)["input_ids"]
+        completion = prompts.text_ids(tokenizer, rec["trace"])  # as SFT reads a target
         if not completion:
             raise ValueError(f"analysis.traces: the trace of {rec['problem_id']!r} is empty")
         limit = context_limit(model.config)

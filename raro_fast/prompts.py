@@ -8,6 +8,7 @@ model is tiny; a real instruct model reads the same messages through its own cha
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 CRITIC_VERDICTS = ("1", "2", "tie")
 
@@ -16,6 +17,10 @@ CRITIC_SYSTEM = (
     "One of two answers is an expert's. Reason in <think></think>, then pick the better one: "
     "<answer>1</answer>, <answer>2</answer>, or <answer>tie</answer> if equally good."
 )
+
+# The format's markup. A tokenizer may mark these special (a fine-tuning recipe's add_special_tokens does); they are
+# still what the model writes, never control tokens: kept in decoded text and read as tokens in prompts and targets.
+FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 _ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
 _ANSWER_CLOSE_RE = re.compile(r"</answer>", re.IGNORECASE)
@@ -76,14 +81,49 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
             text = tokenizer.apply_chat_template(cleaned, tokenize=False, add_generation_prompt=True)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += tokenizer(before, add_special_tokens=False)["input_ids"]
-        ids += tokenizer(m["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids += text_ids(tokenizer, m["content"])
     return ids + tokenizer(around, add_special_tokens=False)["input_ids"]
 
 
-def _special_token_texts(tokenizer) -> tuple[str, ...]:
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as plain text: a special token's text in it (`<|im_end|>` spelled out) is ordinary
+    characters, never the token. The format's tags are read as the tokenizer's tokens even where it marks them
+    special: splitting them spelled `<think>` out in characters in SFT's targets and the prompts while the model
+    writes the one token."""
+    tags = [t for t in FORMAT_TAGS if t in _special_token_texts(tokenizer, with_tags=True)]
+    if not tags:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids: list[int] = []
+    # Added tokens are matched before anything else is tokenized, so tokenizing between them gives the whole text's
+    # tokens (a capturing split: odd pieces are the tags).
+    for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, tags)) + ")", text)):
+        if i % 2:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
+
+
+def completion_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """The text of generated token ids as the rewards and the critic read it: control tokens (end of turn, padding,
+    turn markers) left out, the format's tags kept, spaces as written. `skip_special_tokens` dropped the tags too
+    where a tokenizer marks them special (found by review: every answer unparseable, every reward 0, no error), and
+    a tokenizer's `clean_up_tokenization_spaces` rewrote " ." as "." in what the critic was shown."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special_ids = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+    tag_ids = {tokenizer.convert_tokens_to_ids(t) for t in FORMAT_TAGS
+               if t in _special_token_texts(tokenizer, with_tags=True)}
+    control = frozenset(special_ids - tag_ids)
+    return lambda ids: tokenizer.decode([i for i in ids if i not in control], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False)
+
+
+def _special_token_texts(tokenizer, *, with_tags: bool = False) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens: those a message must not produce (the format's tags are not
+    among them unless `with_tags`)."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     texts = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if t.special}
-    return tuple(t for t in texts if t)
+    return tuple(t for t in texts if t and (with_tags or t not in FORMAT_TAGS))
 
 
 def _without(text: str, specials: tuple[str, ...]) -> str:

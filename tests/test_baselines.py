@@ -190,6 +190,22 @@ def bpe_tokenizer():
     return tok
 
 
+def test_rl_logit_finds_the_reasoning_where_the_tokenizer_marks_the_tags_special(setting):
+    """Its decode skipped special tokens: with `</think>` marked special no reasoning was ever found closed, and every
+    sample was dropped as unfinished (reasoning_rate 0, nothing trained, no error). Found by review on 2026-12-07."""
+    from raro_fast import prompts
+
+    cfg, tok, task = setting
+    special = load_project_tokenizer()
+    special.add_special_tokens({"additional_special_tokens": list(prompts.FORMAT_TAGS)})
+    examples = task.examples("train")[:1]
+    texts = ["<think>try 4*6</think><answer>1+1</answer>", "<think>x</think><answer>2</answer>"]
+    runs = [rl_logit_rollouts(examples, engine=_Engine(t, texts), tokenizer=t, cfg=cfg, seed=0, group_offset=0)
+            for t in (tok, special)]
+    assert runs[1].stats["rl_logit/reasoning_rate"] == [1.0] * 4
+    assert [sc.input_ids for sc in runs[1].scoring] == [sc.input_ids for sc in runs[0].scoring]
+
+
 def test_rl_logit_scores_the_expert_answer_after_a_think_token_that_spills_into_it(setting, bpe_tokenizer):
     """The token closing </think> can hold the `<` of `<answer>`: the kept reasoning ends in `><`, and the whole
     expert answer after it used to be scored as `</think><<answer>...`, text the model never writes. Now only the

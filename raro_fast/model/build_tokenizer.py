@@ -26,7 +26,7 @@ from raro_fast.tasks.countdown import evaluation_trace, generate_puzzles, questi
 OUT_DIR = Path(__file__).parent / "tokenizer"
 VOCAB_SIZE = 384
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+TAG_TOKENS = list(prompts.FORMAT_TAGS)
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"

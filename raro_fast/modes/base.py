@@ -151,7 +151,7 @@ def expert_completion_ids(tokenizer, answer: str, think: str = "") -> list[int]:
     special token's text inside (a model's reasoning that spells `<|im_end|>` out) is plain text, as in prompts: read
     as the token, it taught the model to end its turn inside <think>."""
     text = prompts.format_completion(think, answer)
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    return prompts.text_ids(tokenizer, text) + [tokenizer.eos_token_id]
 
 
 def sequence_sums(mbs, n: int, fields: list[str | None], *, d: Dist) -> list[torch.Tensor]:

@@ -78,7 +78,7 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
     if not examples:
         return out
     policy = out.generated(policy_groups(examples, engine=engine, tokenizer=tokenizer, cfg=cfg, seed=seed))
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    decode = prompts.completion_decoder(tokenizer)
     for i, (ex, comps) in enumerate(zip(examples, policy)):
         expert_text = prompts.format_completion("", ex.answer).removeprefix("<think></think>") + tokenizer.eos_token
         for c in comps:
@@ -95,8 +95,7 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
                 continue
             # A special token's text in the answer is plain text, as in SFT's targets (found by review: an answer
             # that spelled <|im_end|> out was scored with an end of turn inside it).
-            expert = tokenizer(rest.removesuffix(tokenizer.eos_token), add_special_tokens=False,
-                               split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+            expert = prompts.text_ids(tokenizer, rest.removesuffix(tokenizer.eos_token)) + [tokenizer.eos_token_id]
             reasoning = replace(c, token_ids=c.token_ids[:n], logprobs=c.logprobs[:n])
             out.samples.append(sampled_sequence(reasoning, advantage=0.0, role="policy", group=group_offset + i, weight=1.0))
             out.scoring.append(SequenceSample(input_ids=list(c.prompt_ids) + c.token_ids[:n] + expert,

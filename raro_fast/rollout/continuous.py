@@ -111,10 +111,11 @@ class ContinuousEngine:
         """Pad and decoding from a Hugging Face tokenizer; end tokens `end_ids`, else the tokenizer's and the model's
         generation config's."""
         from raro_fast.model.hf import end_token_ids
+        from raro_fast.prompts import completion_decoder
 
         return cls(model, pad_token_id=tokenizer.pad_token_id,
                    eos_token_ids=end_ids if end_ids is not None else end_token_ids(model, tokenizer),
-                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), keep_cache=keep_cache)
+                   decode=completion_decoder(tokenizer), keep_cache=keep_cache)
 
     @property
     def device(self) -> torch.device:

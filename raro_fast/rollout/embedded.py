@@ -49,9 +49,10 @@ class EmbeddedEngine:
     def from_tokenizer(cls, model: PreTrainedModel, tokenizer, *, batch_size: int = 64) -> "EmbeddedEngine":
         """Pad and decoding from a Hugging Face tokenizer; end tokens from it and the model's generation config."""
         from raro_fast.model.hf import end_token_ids
+        from raro_fast.prompts import completion_decoder
 
         return cls(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=end_token_ids(model, tokenizer),
-                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), batch_size=batch_size)
+                   decode=completion_decoder(tokenizer), batch_size=batch_size)
 
     @property
     def device(self) -> torch.device:

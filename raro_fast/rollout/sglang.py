@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from packaging.version import InvalidVersion, Version
 
+from raro_fast.prompts import completion_decoder
 from raro_fast.rollout.engine import Completion, NonFiniteLogitsError, SamplingParams, check_memory_tags
 from raro_fast.weight_sync.broadcast import broadcast_weights, open_weight_group
 from raro_fast.weight_sync.buckets import Bucket, iter_buckets, with_last
@@ -189,7 +190,7 @@ class SGLangEngine:
         self.tp_size = tp_size
         self.bucket_bytes = bucket_bytes
         self.stop_ids = list(end_ids or [tokenizer.eos_token_id])  # end_token_ids(model, tokenizer)
-        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.decode = completion_decoder(tokenizer)
         self.weight_version = 0
         self.half_synced: int | None = None  # the version of a sync that failed midway (see `refuse_half_synced`)
 
@@ -277,7 +278,7 @@ class SGLangServerEngine:
         self.group_name = f"raro_fast_weights_{uuid.uuid4().hex[:12]}"
         self.group = None
         self.stop_ids = list(end_ids or [tokenizer.eos_token_id])  # end_token_ids(model, tokenizer)
-        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.decode = completion_decoder(tokenizer)
         self.weight_version = 0
         self.half_synced: int | None = None  # the version of a sync that failed midway (see `refuse_half_synced`)
         self._check_server()
