@@ -585,10 +585,14 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     DPO, rl_logit, rationalization): past the positions, the trainer computed them silently (found by review). The
     examples longest in tokens stand for all (by characters, a short Chinese question of 536 tokens hid behind
     longer English ones: review); with answers left empty, only a certain failure is refused (the game leaves a
-    pair the critic has no room for unjudged: `modes.raro.readable`)."""
+    pair the critic has no room for unjudged: `modes.raro.readable`).
+
+    Then the same for `train.max_tokens_per_micro_batch`: a trained sequence the run can make that one micro-batch
+    cannot hold stopped the run at packing, whenever a sample first ran that long (step 137, say). The bounds are
+    a policy sequence's prompt and `rollout.max_new_tokens`, the critic's prompt with the expert's answer and its
+    reply (a long policy answer beside it leaves the pair unjudged, as past the positions), the expert's sequence,
+    and in rl_logit and rationalization a reasoning of up to `rollout.max_new_tokens` before the expert's answer."""
     limit = context_limit(model_config)
-    if limit is None:
-        return
     mode = cfg.train.mode
     tournament = cfg.train.eval_tournament and cfg.train.eval_samples > 1
     policy, critic = cfg.rollout.max_new_tokens, cfg.rollout.critic_max_new_tokens
@@ -601,33 +605,59 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     tokens = {key: (lengths[2 * i], lengths[2 * i + 1]) for i, key in enumerate(everyone)}
     question, both = (lambda ex: tokens[id(ex)][0]), (lambda ex: sum(tokens[id(ex)]))
     render = lambda messages: prompts.render_prompt(tokenizer, messages)  # noqa: E731
-    checks = [("rollout.max_new_tokens", policy, "policy prompt", lambda ex: render(prompts.policy_messages(ex.question)),
+    policy_prompt = lambda ex: render(prompts.policy_messages(ex.question))  # noqa: E731
+    critic_prompt = lambda ex: render(prompts.critic_messages(ex.question, ex.answer, ""))  # noqa: E731
+    expert = lambda ex: policy_prompt(ex) + expert_completion_ids(tokenizer, ex.answer)  # noqa: E731
+
+    def longest(ids, size, examples) -> tuple[int, object]:
+        return max(((len(ids(ex)), ex) for ex in sorted(examples, key=size)[-8:]), key=lambda pair: pair[0])
+
+    def where(ex) -> str:
+        return ex.meta.get("source") or f"example {ex.id}"
+
+    checks = [("rollout.max_new_tokens", policy, "policy prompt", policy_prompt,
                question, heldout + (train if mode != "sft" else [])),
               ("rollout.max_new_tokens", policy, "rationalization prompt (with the expert's answer)",
                lambda ex: render(prompts.rationalization_messages(ex.question, ex.answer)), both,
                train if mode == "rationalization" else []),
               ("rollout.critic_max_new_tokens", critic, "critic prompt (with the expert's answer, the policy's empty)",
-               lambda ex: render(prompts.critic_messages(ex.question, ex.answer, "")), both,
-               train if mode == "raro" else []),
+               critic_prompt, both, train if mode == "raro" else []),
               ("rollout.critic_max_new_tokens", critic, "critic prompt (with both answers empty)",
                lambda ex: render(prompts.critic_messages(ex.question, "", "")), question, heldout if tournament else []),
-              (None, 0, "expert's sequence (the policy prompt and the expert's completion)",
-               lambda ex: render(prompts.policy_messages(ex.question)) + expert_completion_ids(tokenizer, ex.answer),
+              (None, 0, "expert's sequence (the policy prompt and the expert's completion)", expert,
                both, train if mode in ("sft", "dpo", "rl_logit", "rationalization") else [])]
-    for setting, new_tokens, what, ids, size, examples in checks:
+    for setting, new_tokens, what, ids, size, examples in checks if limit is not None else []:
         if not examples:
             continue
-        longest, ex = max(((len(ids(ex)), ex) for ex in sorted(examples, key=size)[-8:]), key=lambda pair: pair[0])
-        if longest + new_tokens <= limit:
+        n, ex = longest(ids, size, examples)
+        if n + new_tokens <= limit:
             continue
-        where = ex.meta.get("source") or f"example {ex.id}"
-        if setting is None or longest >= limit:  # no setting makes room: the row is too long for this model
-            raise ValueError(f"{where}: its {what} has {longest} tokens, past the model's {limit} positions "
+        if setting is None or n >= limit:  # no setting makes room: the row is too long for this model
+            raise ValueError(f"{where(ex)}: its {what} has {n} tokens, past the model's {limit} positions "
                              "(max_position_embeddings) without a token more; leave it out of the data, or use a "
                              "model with a longer context")
-        raise ValueError(f"{setting} {new_tokens}: the longest {what} has {longest} tokens ({where}), and {new_tokens} "
+        raise ValueError(f"{setting} {new_tokens}: the longest {what} has {n} tokens ({where(ex)}), and {new_tokens} "
                          f"more run past the model's {limit} positions (max_position_embeddings); lower {setting}, or "
                          "use a model with a longer context")
+    budget = cfg.train.max_tokens_per_micro_batch
+    trained = [("rollout.max_new_tokens", policy, "policy sequence (its prompt and the sampled completion)",
+                policy_prompt, question, train if mode in ("raro", "rlvr", "dpo") else []),
+               ("rollout.critic_max_new_tokens", critic, "critic sequence (its prompt with the expert's answer and "
+                "the reply)", critic_prompt, both, train if mode == "raro" else []),
+               (None, 0, "expert's sequence (the policy prompt and the expert's completion)", expert, both,
+                train if mode in ("sft", "dpo") else []),
+               ("rollout.max_new_tokens", policy, "sequence of a reasoning before the expert's answer (the policy "
+                "prompt, the sampled reasoning and the expert's completion)", expert, both,
+                train if mode in ("rl_logit", "rationalization") else [])]
+    for setting, new_tokens, what, ids, size, examples in trained:
+        if not examples:
+            continue
+        n, ex = longest(ids, size, examples)
+        if n + new_tokens > budget:
+            lower = f" or lower {setting}" if setting is not None and n < budget else ""
+            raise ValueError(f"train.max_tokens_per_micro_batch {budget}: the longest {what} can have up "
+                             f"to {n + new_tokens} tokens ({where(ex)}), more than one micro-batch holds; raise "
+                             f"train.max_tokens_per_micro_batch{lower}")
 
 
 def first_sync(rollout: RolloutConfig, engine, model, *, version: int, dtype) -> None:

@@ -557,6 +557,47 @@ def test_a_prompt_the_sampled_tokens_would_carry_past_the_models_positions_is_re
         check_context(load_config(["--train.mode", "rlvr"]), tok, model_config, long_question, heldout)
 
 
+def test_a_trained_sequence_one_micro_batch_cannot_hold_is_refused_at_start():
+    """A sequence the run can make that `train.max_tokens_per_micro_batch` cannot hold stopped the run at packing,
+    in whichever step first sampled one that long (found by review on 2026-12-07). Each mode's longest trained
+    sequence is checked at start; the bound is exact, and it holds without a model context limit too."""
+    from types import SimpleNamespace
+
+    from raro_fast import prompts
+    from raro_fast.model.hf import load_project_tokenizer
+    from raro_fast.modes.base import expert_completion_ids
+    from raro_fast.tasks import make_task
+    from raro_fast.train import check_context
+
+    tok = load_project_tokenizer()
+    task = make_task(load_config([]).task)
+    train, heldout = task.examples("train"), task.examples("heldout")
+    unlimited = SimpleNamespace()  # no max_position_embeddings: only the budget bounds
+    policy = max(len(prompts.render_prompt(tok, prompts.policy_messages(ex.question))) for ex in train) + 48
+    critic = max(len(prompts.render_prompt(tok, prompts.critic_messages(ex.question, ex.answer, ""))) for ex in train)
+    expert = max(len(prompts.render_prompt(tok, prompts.policy_messages(ex.question)))
+                 + len(expert_completion_ids(tok, ex.answer)) for ex in train)
+    assert policy < critic + 96
+    budget = lambda mode, n: load_config(["--train.mode", mode, "--train.max_tokens_per_micro_batch", str(n)])  # noqa: E731
+    check_context(budget("rlvr", policy), tok, unlimited, train, heldout)
+    with pytest.raises(ValueError, match=rf"^train.max_tokens_per_micro_batch {policy - 1}: the longest policy sequence "
+                                         rf"\(its prompt and the sampled completion\) can have up to {policy} tokens "
+                                         r"\(example countdown:[^)]*\), more than one micro-batch holds; raise "
+                                         r"train.max_tokens_per_micro_batch or lower rollout.max_new_tokens$"):
+        check_context(budget("rlvr", policy - 1), tok, unlimited, train, heldout)
+    check_context(budget("raro", critic + 96), tok, unlimited, train, heldout)
+    with pytest.raises(ValueError, match=rf"{critic + 95}: the longest critic sequence .* up to {critic + 96} tokens"):
+        check_context(budget("raro", critic + 95), tok, unlimited, train, heldout)
+    check_context(budget("sft", expert), tok, unlimited, train, heldout)  # SFT samples no training sequence
+    with pytest.raises(ValueError, match=rf"{expert - 1}: the longest expert's sequence .* up to {expert} tokens .*"
+                                         r"raise train.max_tokens_per_micro_batch$"):  # no setting shortens it
+        check_context(budget("sft", expert - 1), tok, unlimited, train, heldout)
+    for mode in ("rl_logit", "rationalization"):  # a reasoning of up to max_new_tokens before the expert's answer
+        check_context(budget(mode, expert + 48), tok, unlimited, train, heldout)
+        with pytest.raises(ValueError, match=rf"the longest sequence of a reasoning .* up to {expert + 48} tokens"):
+            check_context(budget(mode, expert + 47), tok, unlimited, train, heldout)
+
+
 def test_setup_checks_the_context_before_it_builds_an_engine(saved_embedded_model, tmp_path, monkeypatch):
     """The check is wired into setup (a test of check_context alone passed with the call removed: review)."""
     from raro_fast import train

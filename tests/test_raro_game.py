@@ -2,6 +2,7 @@
 replay mixing and role weights are exactly as the method says."""
 import json
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -644,6 +645,22 @@ def test_a_critic_prompt_that_fills_the_context_exactly_is_judged_and_one_positi
     rc = cfg.raro
     assert short.stats["reward/policy_mean"] == [rc.tau_pol, 0.0, 0.0, 0.0] + [0.0] * 8
     assert len(short.new_pairs) == 2 and len(by_role(short, "critic")) == 2 * rc.critic_samples_per_pair
+
+
+def test_a_critic_sequence_one_micro_batch_cannot_hold_is_not_judged(setting):
+    """The micro-batch budget bounds a critic sequence as the positions do: one that could outgrow it (a long
+    policy answer beside a long expert answer) stopped the run at packing, in whichever step first sampled it
+    (found by review on 2026-12-07). A prompt whose longest reply fills the budget exactly is judged."""
+    cfg, tok, task, examples = setting
+    room = max(_critic_prompt_lengths(tok, examples)) + cfg.rollout.critic_max_new_tokens
+    budget = lambda n: replace(cfg, train=replace(cfg.train, max_tokens_per_micro_batch=n))  # noqa: E731
+    exact, _ = play(budget(room), tok, task, examples)
+    plain, _ = play(cfg, tok, task, examples)
+    assert exact.stats["critic/unreadable_rate"] == [0.0] * 6
+    assert [s.reward for s in exact.samples] == [s.reward for s in plain.samples]
+    short, _ = play(budget(room - 1), tok, task, examples, context=4096)  # the positions leave room: the budget does not
+    assert short.stats["critic/unreadable_rate"] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert len(short.new_pairs) == 2 and len(by_role(short, "critic")) == 2 * cfg.raro.critic_samples_per_pair
 
 
 def test_a_replayed_pair_the_critic_has_no_room_to_read_is_not_replayed(setting):

@@ -78,7 +78,9 @@ def raro_rollouts(
     policy = out.generated(engine.generate(
         [prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], policy_params))
     # 2. Every finished answer is judged against the expert's, in random order.
-    judged = readable(answers_to_judge(examples, policy, task, rng, out), engine, tokenizer, critic_params, out)
+    budget = cfg.train.max_tokens_per_micro_batch
+    judged = readable(answers_to_judge(examples, policy, task, rng, out), engine, tokenizer, critic_params, out,
+                      budget=budget)
     verdicts = out.generated(judge_pairs(judged, engine, tokenizer, critic_params))
     out.new_pairs.extend(j.pair for j in judged)
     # 3. Policy rewards and advantages.
@@ -97,7 +99,7 @@ def raro_rollouts(
     replayed = [Judged(-1, -1, p, rng.choice((1, 2)), None) for p in draw_replay(rc.replay_pairs_for(len(fresh), rng))]
     replay_params = replace(critic_params, seed=seed + 2)
     # stored when they fitted; a resume may have lengthened critic_max_new_tokens since
-    replayed = readable(replayed, engine, tokenizer, replay_params, None)
+    replayed = readable(replayed, engine, tokenizer, replay_params, None, budget=budget)
     replay_verdicts = out.generated(judge_pairs(replayed, engine, tokenizer, replay_params))
     out.add("critic/fresh_pairs", len(fresh))
     out.add("critic/replay_pairs", len(replayed))
@@ -184,12 +186,14 @@ def critic_prompt(jd: Judged, tokenizer) -> list[int]:
 
 
 def readable(judged: list[Judged], engine: RolloutEngine, tokenizer, params: SamplingParams,
-             out: RankRollout | None) -> list[Judged]:
-    """The pairs whose critic prompt leaves room for the critic's reply in the model's positions. A longer one (a
-    long policy answer beside a long expert answer) stopped the run in the engine's refusal (found by review); it is
-    not judged now, so its answer earns 0 as no answer does, and `critic/unreadable_rate` counts it."""
+             out: RankRollout | None, *, budget: int) -> list[Judged]:
+    """The pairs whose critic prompt leaves room for the critic's reply in the model's positions and in one
+    micro-batch of `budget` tokens. A longer one (a long policy answer beside a long expert answer) stopped the run
+    in the engine's refusal or at packing (found by review); it is not judged now, so its answer earns 0 as no
+    answer does, and `critic/unreadable_rate` counts it."""
     limit = engine_context_limit(engine)
-    fits = [limit is None or len(critic_prompt(jd, tokenizer)) + params.max_new_tokens <= limit for jd in judged]
+    room = budget if limit is None else min(limit, budget)
+    fits = [len(critic_prompt(jd, tokenizer)) + params.max_new_tokens <= room for jd in judged]
     if out is not None:
         for fit in fits:
             out.add("critic/unreadable_rate", not fit)
