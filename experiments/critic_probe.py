@@ -17,6 +17,7 @@ import time
 import torch
 
 from raro_fast.config import load_config
+from raro_fast.prompts import completion_decoder
 from raro_fast.model.hf import load_pretrained
 from raro_fast.modes.raro import raro_rollouts
 from raro_fast.rollout.embedded import EmbeddedEngine
@@ -35,13 +36,14 @@ def probe(base: str, argv: list[str]) -> tuple[dict, list[str]]:
     task = make_task(cfg.task)
     train = task.examples("train")
     rng, pooled, samples = random.Random(cfg.train.seed), {}, []
+    decode = completion_decoder(tokenizer)  # the format's tags kept where the tokenizer marks them special
     t0 = time.perf_counter()
     for start in range(0, len(train), QUESTIONS_PER_CALL):
         out = raro_rollouts(train[start : start + QUESTIONS_PER_CALL], engine=engine, tokenizer=tokenizer, task=task,
                             cfg=cfg, rng=rng, seed=1000 + start, fresh_cap=None, draw_replay=lambda n: [])
         for key, values in out.stats.items():
             pooled.setdefault(key, []).extend(values)
-        samples += [tokenizer.decode(s.input_ids, skip_special_tokens=True).replace("\n", " | ")
+        samples += [decode(s.input_ids).replace("\n", " | ")
                     for s in out.samples if s.role == "critic"][: SAMPLES_KEPT - len(samples)]
     report = {k: round(sum(pooled[k]) / len(pooled[k]), 3) if pooled.get(k) else None for k in KEYS}
     right, wrong = report["reward/policy_mean_correct"], report["reward/policy_mean_incorrect"]

@@ -582,7 +582,8 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     count: the evaluation's policy prompts, every mode's but SFT's training ones, rationalization's (with the
     expert's answer), the critic's in RARO (with the expert's answer, and the policy's empty) and in the
     evaluation's tournament (both answers empty). And the expert's sequences the supervised modes train on (SFT,
-    DPO, rl_logit, rationalization): past the positions, the trainer computed them silently (found by review). The
+    DPO; in rl_logit and rationalization after up to `rollout.max_new_tokens` of the model's reasoning): past the
+    positions, the trainer computed them silently (found by review). The
     examples longest in tokens stand for all (by characters, a short Chinese question of 536 tokens hid behind
     longer English ones: review); with answers left empty, only a certain failure is refused (the game leaves a
     pair the critic has no room for unjudged: `modes.raro.readable`).
@@ -591,7 +592,9 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     cannot hold stopped the run at packing, whenever a sample first ran that long (step 137, say). The bounds are
     a policy sequence's prompt and `rollout.max_new_tokens`, the critic's prompt with the expert's answer and its
     reply (a long policy answer beside it leaves the pair unjudged, as past the positions), the expert's sequence,
-    and in rl_logit and rationalization a reasoning of up to `rollout.max_new_tokens` before the expert's answer."""
+    and in rl_logit and rationalization a reasoning of up to `rollout.max_new_tokens` before the expert's answer
+    (a reasoning that grows past it when rationalization tokenizes its text again falls back to none:
+    `modes.rationalization`)."""
     limit = context_limit(model_config)
     mode = cfg.train.mode
     tournament = cfg.train.eval_tournament and cfg.train.eval_samples > 1
@@ -609,6 +612,11 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     critic_prompt = lambda ex: render(prompts.critic_messages(ex.question, ex.answer, ""))  # noqa: E731
     expert = lambda ex: policy_prompt(ex) + expert_completion_ids(tokenizer, ex.answer)  # noqa: E731
 
+    # rl_logit scores, and rationalization trains, up to max_new_tokens of the model's reasoning before the expert's
+    # answer (a bound a few tokens over: the expert's completion counts its own empty <think></think> too)
+    reasoned = ("sequence of a reasoning before the expert's answer (the policy prompt, the sampled reasoning and the "
+                "expert's completion)")
+
     def longest(ids, size, examples) -> tuple[int, object]:
         return max(((len(ids(ex)), ex) for ex in sorted(examples, key=size)[-8:]), key=lambda pair: pair[0])
 
@@ -625,7 +633,9 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
               ("rollout.critic_max_new_tokens", critic, "critic prompt (with both answers empty)",
                lambda ex: render(prompts.critic_messages(ex.question, "", "")), question, heldout if tournament else []),
               (None, 0, "expert's sequence (the policy prompt and the expert's completion)", expert,
-               both, train if mode in ("sft", "dpo", "rl_logit", "rationalization") else [])]
+               both, train if mode in ("sft", "dpo") else []),
+              ("rollout.max_new_tokens", policy, reasoned, expert, both,
+               train if mode in ("rl_logit", "rationalization") else [])]
     for setting, new_tokens, what, ids, size, examples in checks if limit is not None else []:
         if not examples:
             continue
@@ -646,8 +656,7 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
                 "the reply)", critic_prompt, both, train if mode == "raro" else []),
                (None, 0, "expert's sequence (the policy prompt and the expert's completion)", expert, both,
                 train if mode in ("sft", "dpo") else []),
-               ("rollout.max_new_tokens", policy, "sequence of a reasoning before the expert's answer (the policy "
-                "prompt, the sampled reasoning and the expert's completion)", expert, both,
+               ("rollout.max_new_tokens", policy, reasoned, expert, both,
                 train if mode in ("rl_logit", "rationalization") else [])]
     for setting, new_tokens, what, ids, size, examples in trained:
         if not examples:

@@ -231,6 +231,28 @@ def test_rl_logit_scores_the_expert_answer_after_a_think_token_that_spills_into_
         assert sc.input_ids[sc.prompt_len :] == rest
 
 
+@pytest.mark.parametrize("separator", ["", " "])
+def test_rl_logit_scores_the_expert_answer_as_a_sentencepiece_tokenizer_writes_it_after_the_reasoning(setting, separator):
+    """Tokenized on its own, the rest of the expert answer started with a `▁` of its own under a SentencePiece
+    tokenizer (Llama-2's, Mistral's): the reward scored `</think> <answer>` (or `<answer >`) where the model writes
+    `</think><answer>`, a token it never writes (found by review on 2026-12-07). It is tokenized after the reasoning
+    now: the scored sequence is the one the model writes when it answers as the expert."""
+    from test_prompts import metaspace_tokenizer
+
+    from raro_fast.tasks.base import Example
+
+    cfg, _, _ = setting
+    tok = metaspace_tokenizer(special_tags=False)
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    written = f"<think>3*5+7 = 22 yes</think>{separator}<answer>3*5+7</answer>"
+    ex = Example(id="q", question="Make 22", answer="3*5+7", meta={})
+    out = rl_logit_rollouts([ex], engine=_Engine(tok, [written]), tokenizer=tok, cfg=cfg, seed=0, group_offset=0)
+    assert out.stats["rl_logit/misaligned_rate"] == [0.0] * cfg.raro.group_size
+    prompt_len = out.samples[0].prompt_len  # the scored sequence's own prompt_len counts the reasoning in
+    assert out.scoring[0].input_ids[prompt_len:] == tok(written, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
 def test_rl_logit_scores_a_special_tokens_text_in_the_expert_answer_as_plain_text(setting):
     """An expert answer that spells `<|im_end|>` out was scored with an end of turn inside it (the reward took in
     log p(EOS | "ab")); SFT, rationalization and DPO read it as text. Found by review on 2026-12-07."""
@@ -563,6 +585,39 @@ def test_sequence_sums_skip_a_padding_micro_batch(setting):
     sums, counts = sequence_sums(mbs, 2, ["old_logprobs", None], d=Dist(rank=0, world_size=1, local_rank=0,
                                                                         device=torch.device("cpu")))
     assert sums.tolist() == [-2.0, -2.25] and counts.tolist() == [2.0, 2.0]
+
+
+def test_a_rationalization_whose_text_tokenizes_past_the_budget_falls_back_to_no_reasoning(setting):
+    """The reasoning is trained as text tokenized again, and a text's tokens can outnumber the sampled ones (a lone
+    UTF-8 continuation byte decodes to U+FFFD, three tokens here): 48 sampled tokens came back as 221 and the run
+    stopped at packing, past the check at start (found by review on 2026-12-07). Such a reasoning falls back to none,
+    counted, as an unclosed one does; one that fits is kept."""
+    from dataclasses import replace
+
+    cfg, tok, task = setting
+    examples = task.examples("train")[:2]
+    lone = tok.convert_tokens_to_ids("¡")  # byte 0xA1 alone: no character
+    grown = [tok.convert_tokens_to_ids("<think>")] + [lone] * 45 + [tok.convert_tokens_to_ids("</think>")]
+
+    class Grown(_Engine):
+        def generate(self, prompt_list, params):
+            outs = super().generate(prompt_list, params)
+            first = outs[0][0]
+            outs[0][0] = replace(first, token_ids=grown + [tok.eos_token_id], logprobs=[-0.1] * 48,
+                                 text=tok.decode(grown))
+            return outs
+
+    engine = Grown(tok, ["<think>4 times 6</think><answer>whatever</answer>"])
+    plain = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=cfg, seed=0)
+    budget = max(len(s.input_ids) for s in plain.samples[1:]) + 48
+    assert len(plain.samples[0].input_ids) > budget > len(grown) + 48  # it grew past what 48 tokens could take
+    small = replace(cfg, train=replace(cfg.train, max_tokens_per_micro_batch=budget))
+    out = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=small, seed=0)
+    assert out.stats["rationalization/fallback_rate"] == [1.0, 0.0]
+    texts = [tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True) for s in out.samples]
+    assert texts == [f"<think></think><answer>{examples[0].answer}</answer>",
+                     f"<think>4 times 6</think><answer>{examples[1].answer}</answer>"]
+    assert all(len(s.input_ids) <= budget for s in out.samples)
 
 
 def test_rationalization_keeps_an_empty_or_unopened_reasoning(setting):

@@ -560,7 +560,8 @@ def test_a_prompt_the_sampled_tokens_would_carry_past_the_models_positions_is_re
 def test_a_trained_sequence_one_micro_batch_cannot_hold_is_refused_at_start():
     """A sequence the run can make that `train.max_tokens_per_micro_batch` cannot hold stopped the run at packing,
     in whichever step first sampled one that long (found by review on 2026-12-07). Each mode's longest trained
-    sequence is checked at start; the bound is exact, and it holds without a model context limit too."""
+    sequence is checked at start: exactly for the policy, critic and expert sequences, a few tokens over for a
+    reasoning before the expert's answer; without a model context limit too."""
     from types import SimpleNamespace
 
     from raro_fast import prompts
@@ -701,10 +702,19 @@ def test_the_context_check_ranks_rows_by_tokens_and_checks_rationalization_and_t
                                          r"expert's answer\) has \d+ tokens \(poems.jsonl:3\)"):
         check_context(load_config(["--train.mode", "rationalization"]), tok, model_config, [poem], heldout)
     check_context(load_config(["--train.mode", "rlvr"]), tok, model_config, [poem], heldout)  # samples no such prompt
+    # rl_logit scores the expert's answer after up to max_new_tokens of reasoning: checked with them (review: only
+    # the expert's sequence alone was, and a reasoning of 45 tokens carried the scored sequence past the positions)
+    rl_logit = lambda n: load_config(["--train.mode", "rl_logit", "--train.eval_tournament", "false",  # noqa: E731
+                                      "--rollout.max_new_tokens", str(n)])
+    with pytest.raises(ValueError, match=rf"rollout.max_new_tokens {513 - expert}: the longest sequence of a reasoning "
+                                         rf"before the expert's answer .* has {expert} tokens \(poems.jsonl:3\)"):
+        check_context(rl_logit(513 - expert), tok, model_config, [poem], heldout)
+    check_context(rl_logit(512 - expert), tok, model_config, [poem], heldout)
 
     longer = Example(id="longer", question=poem.question, answer="\n".join(["a line of verse"] * 100),
                      meta={"source": "poems.jsonl:9"})
-    for mode, what in (("sft", "expert's sequence"), ("dpo", "expert's sequence"), ("rl_logit", "expert's sequence"),
+    for mode, what in (("sft", "expert's sequence"), ("dpo", "expert's sequence"),
+                       ("rl_logit", "sequence of a reasoning before the expert's answer"),
                        ("rationalization", "rationalization prompt")):  # its prompt holds the expert's answer too
         with pytest.raises(ValueError, match=rf"^poems.jsonl:9: its {what} \(.*\) has \d+ tokens, past the model's "
                                              r"512 positions"):

@@ -40,6 +40,54 @@ def test_a_tokenizer_saved_to_split_special_tokens_still_reads_the_templates_mar
     assert tok("x" + tok.eos_token, add_special_tokens=False)["input_ids"][-1] == tok.eos_token_id
 
 
+@pytest.mark.parametrize("turn_end_is_an_end_token", [True, False])
+def test_the_eos_is_the_end_token_the_chat_template_ends_a_turn_with(saved, tmp_path, turn_end_is_an_end_token):
+    """A tokenizer whose EOS is not the token its template ends the assistant's turn with (Phi-3: `<|endoftext|>`
+    and `<|end|>`; the first Llama-3-Instruct release: `<|end_of_text|>` and `<|eot_id|>`) had every SFT, DPO and
+    rl_logit target end in a token the model never ends a turn with (found by review on 2026-12-07). The template's
+    turn end is taken where the model counts it among its end tokens; otherwise nothing is guessed."""
+    import json
+
+    from raro_fast.modes.base import expert_completion_ids
+
+    p = _copy(saved, tmp_path)
+    config = json.loads((p / "tokenizer_config.json").read_text())
+    (p / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    generation = json.loads((p / "generation_config.json").read_text())
+    ends = [0, 2] if turn_end_is_an_end_token else [0]  # <|endoftext|>, <|im_end|> (the template's turn end)
+    (p / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": ends}))
+    model_config = json.loads((p / "config.json").read_text())
+    (p / "config.json").write_text(json.dumps({**model_config, "eos_token_id": 0}))
+    _, tok = load_pretrained(str(p), dtype=torch.float32)
+    assert tok.convert_ids_to_tokens([0, 2]) == ["<|endoftext|>", "<|im_end|>"]
+    want = "<|im_end|>" if turn_end_is_an_end_token else "<|endoftext|>"
+    assert tok.eos_token == want
+    assert expert_completion_ids(tok, "8+2")[-1] == tok.convert_tokens_to_ids(want)
+
+
+def test_a_pad_or_end_token_past_the_models_embedding_rows_is_not_used(saved, tmp_path):
+    """transformers gives a Qwen2 tokenizer that lacks `<|endoftext|>` that token one past the model's vocabulary,
+    and it was kept as the pad: the first batched rollout stopped in an IndexError inside the embedding (a device
+    assert on CUDA). Found by review on 2026-12-07: such a pad is passed over, and such an end token refused."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    p = _copy(saved, tmp_path)
+    rows = json.loads((p / "config.json").read_text())["vocab_size"]
+    tok = AutoTokenizer.from_pretrained(str(p))
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    assert tok.pad_token_id == rows  # one past the embedding
+    tok.save_pretrained(str(p))
+    _, loaded = load_pretrained(str(p), dtype=torch.float32)
+    assert loaded.pad_token == "<|endoftext|>" and loaded.pad_token_id < rows
+    generation = json.loads((p / "generation_config.json").read_text())
+    (p / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, rows]}))
+    with pytest.raises(ValueError, match=rf"model.path: .*: the end token '<\|pad\|>' \(id {rows}\) lies past the "
+                                         rf"model's {rows} embedding rows: its tokenizer is not the model's"):
+        load_pretrained(str(p), dtype=torch.float32)
+
+
 def test_invalid_config_json_is_named(saved, tmp_path):
     p = _copy(saved, tmp_path)
     (p / "config.json").write_text('{"model_type": "qwen2",')

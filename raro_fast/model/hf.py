@@ -184,18 +184,20 @@ def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
 
 
-def choose_pad_token(tokenizer: PreTrainedTokenizerBase, end_ids: list[int]) -> None:
+def choose_pad_token(tokenizer: PreTrainedTokenizerBase, end_ids: list[int], rows: int | None = None) -> None:
     """Give `tokenizer` a pad token that is not an end token where its vocabulary has one (SmolLM2 and Qwen2.5 pad
     with an end token), else the EOS: generation pads finished rows, and a pad that reads as a stop or as text must
-    never be mistaken for the model's own output."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in end_ids:
+    never be mistaken for the model's own output. Only ids below `rows` (the model's embedding rows) are taken:
+    transformers gives a Qwen2 tokenizer that lacks `<|endoftext|>` one past the model's vocabulary (review)."""
+    embeddable = lambda i: rows is None or i < rows  # noqa: E731
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in end_ids and embeddable(tokenizer.pad_token_id):
         return
     vocab = tokenizer.get_vocab()
     for name in _PAD_CANDIDATES:
-        if name in vocab and vocab[name] not in end_ids:
+        if name in vocab and vocab[name] not in end_ids and embeddable(vocab[name]):
             tokenizer.pad_token = name
             return
-    if tokenizer.pad_token_id is None:
+    if tokenizer.pad_token_id is None or not embeddable(tokenizer.pad_token_id):
         tokenizer.pad_token = tokenizer.eos_token
 
 
@@ -314,11 +316,19 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
     _check_tied_head(model, weights, setting)
     _check_end_token(model, tokenizer, path, setting)
     _check_chat_template(tokenizer, path, setting)
+    _end_turns_as_the_template_does(model, tokenizer)
     # Saved with split_special_tokens (a fine-tuning tool's option), every call read "<|im_end|>" as characters:
     # each prompt's turn markers and each trained end token became text, and the model never learnt to stop (found
     # by review). The text encoded here is the chat template's and the traces'; their markers are tokens.
     tokenizer.split_special_tokens = False
-    choose_pad_token(tokenizer, end_token_ids(model, tokenizer))
+    ends = end_token_ids(model, tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    choose_pad_token(tokenizer, ends, rows)
+    for what, ids in (("the end token", ends), ("the pad token", [tokenizer.pad_token_id])):
+        for i in ids:
+            if not 0 <= i < rows:  # an IndexError inside the embedding at the first rollout, or a CUDA assert
+                raise ValueError(f"{setting}: {path!r}: {what} {tokenizer.convert_ids_to_tokens(i)!r} (id {i}) lies "
+                                 f"past the model's {rows} embedding rows: its tokenizer is not the model's")
     return model, tokenizer
 
 
@@ -349,6 +359,26 @@ def _check_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, setting:
     except Exception as e:  # jinja2's TemplateError (a template's raise_exception) is no ValueError
         raise ValueError(f"{setting}: {path!r}: its chat template does not render the trainer's prompts, a system "
                          f"message then a user message ({type(e).__name__}: {_first_lines(e)})") from None
+
+
+def _end_turns_as_the_template_does(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Every expert target and warm-up trace ends with the tokenizer's EOS. Where the chat template ends the
+    assistant's turn with another of the model's end tokens (Phi-3's `<|end|>` beside `<|endoftext|>`, the first
+    Llama-3-Instruct release's `<|eot_id|>` beside `<|end_of_text|>`), SFT taught an end the model never writes,
+    DPO's chosen answers ended otherwise than its sampled rejected ones, and rl_logit scored the other token (found
+    by review). The EOS becomes the token the template writes right after an assistant's message, where that is one
+    of the model's end tokens (so the saved model's tokenizer says so too); it is left alone otherwise."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "\ue000"},
+                                              {"role": "assistant", "content": "\ue001"}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that wants other turns: the trainer never renders an answer
+        return
+    _, found, after = text.partition("\ue001")
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if found else []
+    if ids and ids[0] != tokenizer.eos_token_id and ids[0] in end_token_ids(model, tokenizer):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[0])
 
 
 def _check_tied_head(model: PreTrainedModel, weights: list[Path], setting: str) -> None:

@@ -1,13 +1,15 @@
 """Rationalization (STaR's): SFT on `<think>r</think><answer>a*</answer>` where the reasoning r is the model's own,
 generated with the expert answer shown in the prompt. A rationalization that never closes its </think> falls back
-to empty reasoning (counted in `rationalization/fallback_rate`)."""
+to empty reasoning (counted in `rationalization/fallback_rate`), and so does one whose text, tokenized again, no
+longer fits one micro-batch or the model's positions: a text's tokens are not the sampled ones, and can be more
+(found by review: 48 sampled tokens came back as 221, and the run stopped at packing)."""
 from __future__ import annotations
 
 from raro_fast import prompts
 from raro_fast.config import JobConfig
 from raro_fast.modes.base import Mode, RankRollout, Trainer
 from raro_fast.modes.sft import sft_samples
-from raro_fast.rollout.engine import RolloutEngine, SamplingParams
+from raro_fast.rollout.engine import RolloutEngine, SamplingParams, engine_context_limit
 from raro_fast.tasks.base import Example
 
 
@@ -21,6 +23,11 @@ def rationalization_samples(examples: list[Example], *, engine: RolloutEngine, t
                             for ex in examples], params)
     reasonings = [_reasoning_text(c.text) for (c,) in outs]
     out = sft_samples(examples, tokenizer=tokenizer, reasonings=[r or "" for r in reasonings])
+    limit, budget = engine_context_limit(engine), cfg.train.max_tokens_per_micro_batch
+    room = budget if limit is None else min(limit, budget)
+    if any(len(s.input_ids) > room for s in out.samples):
+        reasonings = [None if len(s.input_ids) > room else r for s, r in zip(out.samples, reasonings)]
+        out = sft_samples(examples, tokenizer=tokenizer, reasonings=[r or "" for r in reasonings])
     for r in reasonings:
         out.add("rationalization/fallback_rate", r is None)
     out.generated(outs)
