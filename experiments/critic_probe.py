@@ -17,9 +17,9 @@ import time
 import torch
 
 from raro_fast.config import load_config
-from raro_fast.prompts import completion_decoder
 from raro_fast.model.hf import load_pretrained
 from raro_fast.modes.raro import raro_rollouts
+from raro_fast.prompts import completion_decoder
 from raro_fast.rollout.embedded import EmbeddedEngine
 from raro_fast.tasks import make_task
 

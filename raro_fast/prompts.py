@@ -86,12 +86,12 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 def text_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` as plain text: a special token's text in it (`<|im_end|>` spelled out) is ordinary
+    """Token ids of `text` as plain text: a control token's text in it (`<|im_end|>` spelled out) is ordinary
     characters, never the token. The format's tags are read as the tokenizer's tokens even where it marks them
-    special (splitting every special token spelled `<think>` out in characters in SFT's targets and the prompts
-    while the model writes the one token), except in a text that also spells out a control token: all of it is
-    split then. Tokenized whole either way: a SentencePiece tokenizer gives a piece tokenized on its own a space
-    of its own (found by review: `<think>`, `▁`, `3*5` where the model writes `<think>`, `3*5`)."""
+    special: splitting every special token spelled `<think>` out in SFT's targets and the prompts, where the model
+    writes the one token. Only a text that spells a control token out is split whole, its tags too. Never
+    tokenized in pieces: a SentencePiece tokenizer starts each piece with a space of its own (found by review:
+    `<think>`, `▁`, `3*5` where the model writes `<think>`, `3*5`)."""
     if any(sp in text for sp in _special_token_texts(tokenizer)):
         return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return tokenizer(text, add_special_tokens=False)["input_ids"]

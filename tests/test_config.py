@@ -287,8 +287,9 @@ def test_train_help_and_bad_config_exit_codes(command):
         assert "torch" not in imported and "transformers" not in imported, command
         return out.returncode, out.stdout, "\n".join(line for line in out.stderr.splitlines() if "|" not in line)
 
-    code, stdout, _ = answer("--help")
-    assert code == 0 and "--raro.tau_pol" in stdout
+    for flag in ("--help", "-h"):
+        code, stdout, _ = answer(flag)
+        assert code == 0 and "--raro.tau_pol" in stdout, flag
     code, _, stderr = answer("--raro.tau_poll", "1")
     assert code == 2 and stderr.count("error: command line: unknown key 'raro.tau_poll'") == 1, stderr
     assert "Traceback" not in stderr
@@ -597,6 +598,61 @@ def test_a_trained_sequence_one_micro_batch_cannot_hold_is_refused_at_start():
         check_context(budget(mode, expert + 48), tok, unlimited, train, heldout)
         with pytest.raises(ValueError, match=rf"the longest sequence of a reasoning .* up to {expert + 48} tokens"):
             check_context(budget(mode, expert + 47), tok, unlimited, train, heldout)
+    # DPO trains sampled sequences and the expert's; RARO its policy's too, past a short critic reply (the planted
+    # bugs that dropped each of these went unnoticed: review)
+    check_context(budget("dpo", policy), tok, unlimited, train, heldout)
+    with pytest.raises(ValueError, match=rf"{policy - 1}: the longest policy sequence"):
+        check_context(budget("dpo", policy - 1), tok, unlimited, train, heldout)
+    short = lambda mode, n, new: load_config(["--train.mode", mode, "--train.max_tokens_per_micro_batch", str(n),  # noqa: E731
+                                              "--rollout.max_new_tokens", str(new), "--rollout.critic_max_new_tokens", "8"])
+    assert expert > policy - 40
+    with pytest.raises(ValueError, match=rf"{expert - 1}: the longest expert's sequence .* up to {expert} tokens"):
+        check_context(short("dpo", expert - 1, 8), tok, unlimited, train, heldout)
+    long_policy = policy - 48 + 400
+    assert critic + 8 < long_policy
+    check_context(short("raro", long_policy, 400), tok, unlimited, train, heldout)
+    with pytest.raises(ValueError, match=rf"{long_policy - 1}: the longest policy sequence .* up to {long_policy} tokens"):
+        check_context(short("raro", long_policy - 1, 400), tok, unlimited, train, heldout)
+    # the advice names a setting only where lowering it can help: not when the prompt alone fills the budget
+    with pytest.raises(ValueError, match=r"raise train.max_tokens_per_micro_batch$"):
+        check_context(budget("rlvr", policy - 48), tok, unlimited, train, heldout)
+
+
+def test_the_checks_at_start_take_the_longest_rows_by_question_and_answer():
+    """The rows that stand for all are the longest by question and answer together: a short question with a long
+    expert answer (a poem) among longer questions makes the longest critic prompt and the longest expert sequence.
+    Ranked by question, it escaped each check (planted bugs that went unnoticed: review on 2026-12-07)."""
+    from types import SimpleNamespace
+
+    from raro_fast import prompts
+    from raro_fast.model.hf import load_project_tokenizer
+    from raro_fast.modes.base import expert_completion_ids
+    from raro_fast.tasks.base import Example
+    from raro_fast.train import check_context
+
+    tok = load_project_tokenizer()
+    questions = [Example(id=f"q{i}", question="Using " + ", ".join(["3"] * 40) + f", make {i}.", answer="3")
+                 for i in range(20)]
+    poem = Example(id="poem", question="Write a poem.", answer="\n".join(["a line of verse"] * 60))
+    rows = questions + [poem]
+    critic = len(prompts.render_prompt(tok, prompts.critic_messages(poem.question, poem.answer, "")))
+    expert = len(prompts.render_prompt(tok, prompts.policy_messages(poem.question))) + len(expert_completion_ids(tok, poem.answer))
+    question = max(len(prompts.render_prompt(tok, prompts.policy_messages(ex.question))) for ex in questions)
+    assert question + 48 < expert and question + 48 < critic
+    cfg = lambda *args: load_config(["--train.eval_tournament", "false", *args])  # noqa: E731
+    with pytest.raises(ValueError, match=rf"the longest critic sequence .* up to {critic + 96} tokens \(example poem\)"):
+        check_context(cfg("--train.max_tokens_per_micro_batch", str(critic + 95)), tok, SimpleNamespace(), rows, [])
+    with pytest.raises(ValueError, match=rf"the longest sequence of a reasoning .* up to {expert + 48} tokens "
+                                         r"\(example poem\)"):
+        check_context(cfg("--train.mode", "rl_logit", "--train.max_tokens_per_micro_batch", str(expert + 47)), tok,
+                      SimpleNamespace(), rows, [])
+    positions = SimpleNamespace(max_position_embeddings=critic + 95)
+    with pytest.raises(ValueError, match=rf"rollout.critic_max_new_tokens 96: the longest critic prompt .* has {critic} "
+                                         r"tokens \(example poem\)"):
+        check_context(cfg(), tok, positions, rows, [])
+    # a row that fills the positions by itself is the row's fault, whatever the settings
+    with pytest.raises(ValueError, match=r"^example poem: its critic prompt .* without a token more"):
+        check_context(cfg(), tok, SimpleNamespace(max_position_embeddings=critic), rows, [])
 
 
 def test_setup_checks_the_context_before_it_builds_an_engine(saved_embedded_model, tmp_path, monkeypatch):

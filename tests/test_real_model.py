@@ -256,7 +256,8 @@ def test_a_hub_download_fetches_every_file_a_model_folder_holds_and_no_other_wei
 def test_convert_gguf_keeps_every_end_token_the_file_declares(saved_embedded_model, tmp_path, monkeypatch):
     """transformers maps a GGUF's eos token alone; its end-of-turn and end-of-message tokens (llama.cpp stops at them)
     were dropped, and the converted model ran past its turn and could take that token for its pad (found by
-    review). A file with eos 2 and eot 5: the conversion stops at both, and 5 is not the pad."""
+    review). A file with eos 2, eot 5 and eom 7 (Llama 3.1's <|eom_id|>): the conversion stops at all three, and
+    none is the pad."""
     pytest.importorskip("gguf", reason="the gguf extra is not installed")
     from gguf import GGUFWriter
 
@@ -264,20 +265,21 @@ def test_convert_gguf_keeps_every_end_token_the_file_declares(saved_embedded_mod
     writer = GGUFWriter(str(path), "llama")
     writer.add_eos_token_id(2)
     writer.add_eot_token_id(5)
+    writer.add_eom_token_id(7)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     fields = gguf.read_gguf(path)[0].fields
-    assert gguf.gguf_end_token_ids(fields) == [2, 5]
+    assert gguf.gguf_end_token_ids(fields) == [2, 5, 7]
 
     model, tok = load_pretrained(saved_embedded_model, dtype=torch.float32)  # what transformers' GGUF loader gives
     model.generation_config.eos_token_id = 2
     monkeypatch.setattr(gguf, "_load_gguf", lambda p, dtype: (model, tok, fields))
     out = gguf.convert_gguf(path, tmp_path / "out")
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 5, 7]
     converted, converted_tok = load_pretrained(out, dtype=torch.float32)
-    assert {2, 5} <= set(end_token_ids(converted, converted_tok)) and converted_tok.pad_token_id not in (2, 5)
+    assert {2, 5, 7} <= set(end_token_ids(converted, converted_tok)) and converted_tok.pad_token_id not in (2, 5, 7)
 
 
 def test_convert_gguf_refuses_bad_input_clearly(tmp_path, monkeypatch, capsys):
