@@ -40,13 +40,16 @@ def rationalization_messages(question: str, answer: str) -> list[dict[str, str]]
 def critic_messages(question: str, answer_1: str, answer_2: str) -> list[dict[str, str]]:
     """The critic's conversation. An answer's later lines are indented, so a policy answer cannot start a line of
     the prompt: "…\nAnswer 2: <the expert's>" would otherwise forge the layout the critic reads. Single-line
-    answers (every Countdown expert's) read exactly as before; expert and policy answers get the same treatment."""
-    user = f"Question: {question}\nAnswer 1: {_one_block(answer_1)}\nAnswer 2: {_one_block(answer_2)}"
+    answers (every Countdown expert's) read exactly as before; expert and policy answers get the same treatment.
+    So are a question's (found by review: a multiple-choice question listing "Answer 1: 4" put two such lines in
+    the prompt); every Countdown question is one line."""
+    user = f"Question: {one_block(question)}\nAnswer 1: {one_block(answer_1)}\nAnswer 2: {one_block(answer_2)}"
     return [{"role": "system", "content": CRITIC_SYSTEM}, {"role": "user", "content": user}]
 
 
-def _one_block(answer: str) -> str:
-    return "\n  ".join(answer.splitlines())
+def one_block(text: str) -> str:
+    """`text` as one block of the prompt's layout: its later lines indented."""
+    return "\n  ".join(text.splitlines())
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:

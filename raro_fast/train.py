@@ -603,7 +603,9 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
     texts = [t for ex in everyone.values() for t in (ex.question, ex.answer)]
     lengths = []  # in chunks, lengths only: one call on 100k rows held 3.7 GB of encodings (found by review)
     for i in range(0, len(texts), 2048):
-        lengths += map(len, tokenizer(texts[i : i + 2048], add_special_tokens=False,
+        # special tokens' text split as targets and prompts split it (review: `<|im_end|>` x 60 counted 60 tokens,
+        # not 540, and the row hid behind longer-looking ones)
+        lengths += map(len, tokenizer(texts[i : i + 2048], add_special_tokens=False, split_special_tokens=True,
                                       return_attention_mask=False)["input_ids"])
     tokens = {key: (lengths[2 * i], lengths[2 * i + 1]) for i, key in enumerate(everyone)}
     question, both = (lambda ex: tokens[id(ex)][0]), (lambda ex: sum(tokens[id(ex)]))

@@ -653,6 +653,17 @@ def test_the_checks_at_start_take_the_longest_rows_by_question_and_answer():
     # a row that fills the positions by itself is the row's fault, whatever the settings
     with pytest.raises(ValueError, match=r"^example poem: its critic prompt .* without a token more"):
         check_context(cfg(), tok, SimpleNamespace(max_position_embeddings=critic), rows, [])
+    # rows are ranked by their tokens as targets read them: a spelled-out special token is several (review: 60 of
+    # `<|im_end|>` counted as 60 tokens, not 540, and that row hid behind eight longer-looking ones)
+    spelled = Example(id="spelled", question="Say it.", answer="<|im_end|>" * 60)
+    longer = [Example(id=f"l{i}", question="Say it.", answer=" ".join(["seven"] * 40) + f" {i}") for i in range(8)]
+    sequence = lambda ex: (len(prompts.render_prompt(tok, prompts.policy_messages(ex.question)))  # noqa: E731
+                           + len(expert_completion_ids(tok, ex.answer)))
+    plain = lambda ex: len(tok(ex.answer, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert plain(spelled) < min(map(plain, longer)) and sequence(spelled) > max(map(sequence, longer))
+    with pytest.raises(ValueError, match=r"^example spelled: its expert's sequence"):
+        check_context(cfg("--train.mode", "sft"), tok, SimpleNamespace(max_position_embeddings=sequence(spelled) - 1),
+                      longer + [spelled], [])
 
 
 def test_setup_checks_the_context_before_it_builds_an_engine(saved_embedded_model, tmp_path, monkeypatch):

@@ -375,11 +375,9 @@ def test_a_final_answer_written_in_a_box_is_its_content(tmp_path):
     `\\boxed{7}` beside `7` (telling it which answer was the expert's), and DPO paired the expert's own completion
     against itself (found by review on 2026-12-07)."""
     path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q1", "final_answer": r"\boxed{7}"},
-                                              {"question": "q2", "final_answer": r" \boxed{\frac{1}{2}} "},
-                                              {"question": "q3", "final_answer": r"\boxed{1} + \boxed{2}"},
-                                              {"question": "q4", "final_answer": r"\boxed{3}\text{ m}"}])
+                                              {"question": "q2", "final_answer": r" \boxed{\frac{1}{2}} "}])
     task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
-    assert [e.answer for e in task.examples("train")] == ["7", r"\frac{1}{2}", r"\boxed{1} + \boxed{2}", r"\boxed{3}\text{ m}"]
+    assert [e.answer for e in task.examples("train")] == ["7", r"\frac{1}{2}"]
     assert task.extract_answer(r"<think></think><answer>\boxed{7}</answer>") == task.examples("train")[0].answer
     # an empty box is no answer, as a policy's is: the row could never verify (found by review)
     for empty in (r"\boxed{}", r"\boxed { }"):
@@ -388,6 +386,33 @@ def test_a_final_answer_written_in_a_box_is_its_content(tmp_path):
         with pytest.raises(ValueError, match=rf"b.jsonl:2: field 'final_answer' {re.escape(repr(empty))} is an empty "
                                              r"box: no answer"):
             DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0)).examples("train")
+
+
+@pytest.mark.parametrize("answer,back", [(r"\boxed{1} + \boxed{2}", "2"), (r"\boxed{3}\text{ m}", "3"),
+                                         (r"$\boxed{3}$", "3"), ("a</answer>b", "a"), ("<think>7", None),
+                                         ("7</ANSWER>8", "7")])
+def test_a_final_answer_that_reads_back_otherwise_when_the_policy_writes_it_is_refused(tmp_path, answer, back):
+    """The expert's answer, written by the policy exactly, must read back as itself: with two boxes, a box beside
+    other text or a format tag in it, SFT taught an answer that reads back otherwise (and does not verify: `\boxed{1}
+    + \boxed{2}` read back as 2), the critic saw the raw text beside the policy's copy, and DPO paired the expert's
+    completion with itself (found by review on 2026-12-07). Refused, naming the row."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q1", "final_answer": "7"},
+                                              {"question": "q2", "final_answer": answer}])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: field 'final_answer' {re.escape(repr(answer))} "
+                                         rf"reads back as {re.escape(repr(back))} when the policy writes it"):
+        DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0)).examples("train")
+
+
+def test_a_final_answer_longer_than_answers_are_compared_by_is_refused(tmp_path):
+    """A gold answer past MAX_ANSWER_CHARS was loaded, and no answer, the expert's own included, ever verified."""
+    from raro_fast.tasks.deepmath import MAX_ANSWER_CHARS
+
+    long = "+".join(["1"] * 501)
+    assert len(long) == MAX_ANSWER_CHARS + 1
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q1", "final_answer": "7"},
+                                              {"question": "q2", "final_answer": long}])
+    with pytest.raises(ValueError, match=r":2: field 'final_answer' has 1001 characters, more than the 1000"):
+        DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0)).examples("train")
 
 
 def test_answers_in_words_are_one_answer_whatever_their_case_or_full_stop():

@@ -104,6 +104,17 @@ def test_a_pair_repeated_with_other_spacing_is_refused(tmp_path):
         PoetryTask(PoetryConfig(path=str(path)))
 
 
+def test_a_pair_repeated_with_an_invisible_character_is_refused(tmp_path):
+    """A zero-width space or a byte-order mark inside a field made two copies of a row different to the repeat
+    check, so the split could hold one out and train on the other (found by review on 2026-12-07)."""
+    path = tmp_path / "p.jsonl"
+    for mark in ("\u200b", "\ufeff"):
+        path.write_text(json.dumps({"instruction": f"A haiku{mark} on rain", "poem": "soft rain"}) + "\n"
+                        + json.dumps({"instruction": "A haiku on rain", "poem": "soft rain"}) + "\n")
+        with pytest.raises(ValueError, match=r"p\.jsonl:2: repeats the instruction and poem of .*p\.jsonl:1"):
+            PoetryTask(PoetryConfig(path=str(path)))
+
+
 def test_empty_file_and_config_checks(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("")
@@ -149,6 +160,20 @@ def test_judge_messages():
         lines = judge_messages("Write a haiku.", first, second)[1]["content"].splitlines()
         assert sum(line.startswith("Poem 2:") for line in lines) == 1
         assert sum(line.startswith("Instruction:") for line in lines) == 1
+    # nor can an instruction (review: one holding "Poem 1:" put a third poem heading in the prompt)
+    lines = judge_messages("Write.\n\nPoem 1:\nroses", "a", "b")[1]["content"].splitlines()
+    assert [line for line in lines if line.startswith("Poem")] == ["Poem 1:", "Poem 2:"]
+
+
+def test_a_poem_holding_the_formats_tags_is_refused(tmp_path):
+    """SFT's target for such a poem reads back as another answer (`a</answer>b` as "a", `7</think>` as none): the
+    policy was taught a poem no judge sees. Found by review on 2026-12-07: refused, naming the row and field."""
+    path = tmp_path / "p.jsonl"
+    for poem, back in (("a</answer>b", "'a'"), ("7</think>", "None")):
+        path.write_text(json.dumps({"instruction": "A haiku", "poem": "soft rain"}) + "\n"
+                        + json.dumps({"instruction": "A haiku", "poem": poem}) + "\n")
+        with pytest.raises(ValueError, match=rf"p\.jsonl:2: field 'poem' reads back as {back} when the policy"):
+            PoetryTask(PoetryConfig(path=str(path)))
 
 
 @pytest.mark.parametrize("candidate_first, expert_first, outcome", [

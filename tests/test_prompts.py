@@ -93,6 +93,11 @@ def test_critic_prompt_answers_cannot_start_a_line():
     assert prompts.critic_messages("Q?", "3+7", "10")[-1]["content"] == "Question: Q?\nAnswer 1: 3+7\nAnswer 2: 10"
     poem = prompts.critic_messages("Q?", "roses\nare red", "x")[-1]["content"]
     assert "Answer 1: roses\n  are red\nAnswer 2: x" in poem
+    # a question's later lines too (review: a multiple-choice question put two "Answer 1:" lines in the prompt)
+    choice = prompts.critic_messages("Which is prime?\nAnswer 1: 4\nAnswer 2: 6", "7", "9")[-1]["content"]
+    assert [ln.split(":")[0] for ln in choice.splitlines() if not ln.startswith("  ")] == ["Question", "Answer 1",
+                                                                                             "Answer 2"]
+    assert choice == "Question: Which is prime?\n  Answer 1: 4\n  Answer 2: 6\nAnswer 1: 7\nAnswer 2: 9"
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,16 @@ def load_examples(cfg: DeepMathConfig) -> dict[str, list[Example]]:
         if re.fullmatch(r"\\boxed\s*\{\s*\}", answer):
             # an empty box: a policy's \boxed{} is no answer, so the row could never verify (found by review)
             raise ValueError(f"{where}: field 'final_answer' {answer!r} is an empty box: no answer")
+        # The expert's answer as the policy writes it must read back as itself, and verify (found by review: a tag
+        # in it, two boxes, or `$\boxed{3}$` read back otherwise: SFT taught an answer no reward pays, the critic
+        # saw the raw text beside the policy's copy, and an answer past MAX_ANSWER_CHARS never verified).
+        back = extract_answer(prompts.format_completion("", answer))
+        if back != answer:
+            raise ValueError(f"{where}: field 'final_answer' {answer[:80]!r} reads back as {back!r} when the policy "
+                             "writes it (<answer>...</answer>): write the answer alone, as a policy should")
+        if len(answer) > MAX_ANSWER_CHARS:
+            raise ValueError(f"{where}: field 'final_answer' has {len(answer)} characters, more than the "
+                             f"{MAX_ANSWER_CHARS} an answer is compared by: no answer could verify")
         difficulty = _difficulty(record, where, needed_by)
         # A repeated question would get the id of its first copy (and could carry another answer): refuse it.
         spaced = repeat_key(question)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,10 @@ def text_field(record: dict[str, Any], where: str, name: str, *, allow_numbers: 
 
 
 def repeat_key(text: str) -> str:
-    """What two rows are compared by for repeats: their words, whatever the spacing. A copy that differs in spacing
-    alone could be held out by the split while the other is trained on."""
-    return " ".join(text.split())
+    """What two rows are compared by for repeats: their words, whatever the spacing and invisible format characters
+    (a zero-width space, a byte-order mark: review). A copy that differs in those alone could be held out by the
+    split while the other is trained on."""
+    return " ".join("".join(ch for ch in text if unicodedata.category(ch) != "Cf").split())
 
 
 def in_heldout(key: str, fraction: float, seed: int) -> bool:
