@@ -618,6 +618,18 @@ def test_a_rationalization_whose_text_tokenizes_past_the_budget_falls_back_to_no
     assert texts == [f"<think></think><answer>{examples[0].answer}</answer>",
                      f"<think>4 times 6</think><answer>{examples[1].answer}</answer>"]
     assert all(len(s.input_ids) <= budget for s in out.samples)
+    # the model's positions bound it too, from the trainer's model where the engine does not say (SGLang's: review)
+    positioned = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=cfg, seed=0, positions=budget)
+    assert positioned.stats["rationalization/fallback_rate"] == [1.0, 0.0]
+    assert [s.input_ids for s in positioned.samples] == [s.input_ids for s in out.samples]
+    from types import SimpleNamespace
+
+    from raro_fast.modes.rationalization import RationalizationMode
+
+    trainer = SimpleNamespace(engine=engine, tokenizer=tok, cfg=cfg,
+                              hf_model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=budget)))
+    wired = RationalizationMode().rollouts(trainer, examples, step=0, seed=0)
+    assert wired.stats["rationalization/fallback_rate"] == [1.0, 0.0]
 
 
 def test_rationalization_keeps_an_empty_or_unopened_reasoning(setting):

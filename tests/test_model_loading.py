@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raro_fast.model.hf import load_pretrained
+from raro_fast.model.hf import end_token_ids, load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -41,28 +41,47 @@ def test_a_tokenizer_saved_to_split_special_tokens_still_reads_the_templates_mar
 
 
 @pytest.mark.parametrize("turn_end_is_an_end_token", [True, False])
-def test_the_eos_is_the_end_token_the_chat_template_ends_a_turn_with(saved, tmp_path, turn_end_is_an_end_token):
+@pytest.mark.parametrize("variant", ["plain", "split_special_tokens", "newline first", "system first", "old eos undeclared"])
+def test_the_eos_is_the_end_token_the_chat_template_ends_a_turn_with(saved, tmp_path, turn_end_is_an_end_token,
+                                                                      variant):
     """A tokenizer whose EOS is not the token its template ends the assistant's turn with (Phi-3: `<|endoftext|>`
     and `<|end|>`; the first Llama-3-Instruct release: `<|end_of_text|>` and `<|eot_id|>`) had every SFT, DPO and
     rl_logit target end in a token the model never ends a turn with (found by review on 2026-12-07). The template's
-    turn end is taken where the model counts it among its end tokens; otherwise nothing is guessed."""
+    turn end is taken where the model counts it among its end tokens; otherwise nothing is guessed. Also (review)
+    with a tokenizer saved to split special tokens, a template that writes a newline before the end token, and one
+    that wants a system message first, as the trainer's prompts have. Generation still stops at the old EOS."""
     import json
 
     from raro_fast.modes.base import expert_completion_ids
 
+    from transformers import AutoTokenizer
+
     p = _copy(saved, tmp_path)
+    original = AutoTokenizer.from_pretrained(str(p))
+    template = original.chat_template
+    if variant == "newline first":
+        template = template.replace("message['content'] + '<|im_end|>'", "message['content'] + '\\n<|im_end|>'")
+    elif variant == "system first":
+        template = ("{%- if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{%- endif %}"
+                    + template)
+    assert variant in ("plain", "split_special_tokens", "old eos undeclared") or template != original.chat_template
+    original.chat_template, original.eos_token = template, "<|endoftext|>"
+    original.save_pretrained(str(p))
     config = json.loads((p / "tokenizer_config.json").read_text())
-    (p / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    (p / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": variant == "split_special_tokens"}))
     generation = json.loads((p / "generation_config.json").read_text())
-    ends = [0, 2] if turn_end_is_an_end_token else [0]  # <|endoftext|>, <|im_end|> (the template's turn end)
+    ends = [2] if turn_end_is_an_end_token else [0]  # <|im_end|> (the template's turn end), <|endoftext|>
     (p / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": ends}))
     model_config = json.loads((p / "config.json").read_text())
-    (p / "config.json").write_text(json.dumps({**model_config, "eos_token_id": 0}))
-    _, tok = load_pretrained(str(p), dtype=torch.float32)
+    # the old EOS declared by config.json, or only by the tokenizer (then generation is told to stop at it still)
+    old_declared = 2 if variant == "old eos undeclared" and turn_end_is_an_end_token else 0
+    (p / "config.json").write_text(json.dumps({**model_config, "eos_token_id": old_declared}))
+    model, tok = load_pretrained(str(p), dtype=torch.float32)
     assert tok.convert_ids_to_tokens([0, 2]) == ["<|endoftext|>", "<|im_end|>"]
     want = "<|im_end|>" if turn_end_is_an_end_token else "<|endoftext|>"
     assert tok.eos_token == want
     assert expert_completion_ids(tok, "8+2")[-1] == tok.convert_tokens_to_ids(want)
+    assert set(end_token_ids(model, tok)) == ({0, 2} if turn_end_is_an_end_token else {0})  # still stops at the old
 
 
 def test_a_pad_or_end_token_past_the_models_embedding_rows_is_not_used(saved, tmp_path):
@@ -83,9 +102,13 @@ def test_a_pad_or_end_token_past_the_models_embedding_rows_is_not_used(saved, tm
     assert loaded.pad_token == "<|endoftext|>" and loaded.pad_token_id < rows
     generation = json.loads((p / "generation_config.json").read_text())
     (p / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, rows]}))
-    with pytest.raises(ValueError, match=rf"model.path: .*: the end token '<\|pad\|>' \(id {rows}\) lies past the "
-                                         rf"model's {rows} embedding rows: its tokenizer is not the model's"):
+    with pytest.raises(ValueError, match=rf"model.path: .*: the end token '<\|pad\|>' \(id {rows}\) lies outside "
+                                         rf"the model's {rows} embedding rows: its tokenizer or its end token ids"):
         load_pretrained(str(p), dtype=torch.float32)
+    for bad in (-1, 10**6):  # no token to name (a negative id was an OverflowError naming it: review)
+        (p / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, bad]}))
+        with pytest.raises(ValueError, match=rf"model.path: .*: the end token \(id {bad}\) lies outside the model's"):
+            load_pretrained(str(p), dtype=torch.float32)
 
 
 def test_invalid_config_json_is_named(saved, tmp_path):

@@ -314,21 +314,23 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype,
                          f"config, or its weights do not fit it ({type(e).__name__}: {_first_lines(e)})") from None
     _check_all_weights_loaded(model, info, weights, setting)
     _check_tied_head(model, weights, setting)
-    _check_end_token(model, tokenizer, path, setting)
-    _check_chat_template(tokenizer, path, setting)
-    _end_turns_as_the_template_does(model, tokenizer)
     # Saved with split_special_tokens (a fine-tuning tool's option), every call read "<|im_end|>" as characters:
     # each prompt's turn markers and each trained end token became text, and the model never learnt to stop (found
     # by review). The text encoded here is the chat template's and the traces'; their markers are tokens.
     tokenizer.split_special_tokens = False
+    _check_end_token(model, tokenizer, path, setting)
+    _check_chat_template(tokenizer, path, setting)
+    _end_turns_as_the_template_does(model, tokenizer)
     ends = end_token_ids(model, tokenizer)
     rows = model.get_input_embeddings().num_embeddings
     choose_pad_token(tokenizer, ends, rows)
     for what, ids in (("the end token", ends), ("the pad token", [tokenizer.pad_token_id])):
         for i in ids:
             if not 0 <= i < rows:  # an IndexError inside the embedding at the first rollout, or a CUDA assert
-                raise ValueError(f"{setting}: {path!r}: {what} {tokenizer.convert_ids_to_tokens(i)!r} (id {i}) lies "
-                                 f"past the model's {rows} embedding rows: its tokenizer is not the model's")
+                name = f"{tokenizer.convert_ids_to_tokens(i)!r} " if 0 <= i < len(tokenizer) else ""
+                raise ValueError(f"{setting}: {path!r}: {what} {name}(id {i}) lies outside the model's {rows} "
+                                 "embedding rows: its tokenizer or its end token ids (generation_config.json, "
+                                 "config.json) are not the model's")
     return model, tokenizer
 
 
@@ -366,19 +368,28 @@ def _end_turns_as_the_template_does(model: PreTrainedModel, tokenizer: PreTraine
     assistant's turn with another of the model's end tokens (Phi-3's `<|end|>` beside `<|endoftext|>`, the first
     Llama-3-Instruct release's `<|eot_id|>` beside `<|end_of_text|>`), SFT taught an end the model never writes,
     DPO's chosen answers ended otherwise than its sampled rejected ones, and rl_logit scored the other token (found
-    by review). The EOS becomes the token the template writes right after an assistant's message, where that is one
-    of the model's end tokens (so the saved model's tokenizer says so too); it is left alone otherwise."""
+    by review). The EOS becomes the token the template writes after an assistant's message (past whitespace), where
+    that is one of the model's end tokens (so the saved model's tokenizer says so too), and generation still stops at
+    the old one; it is left alone otherwise."""
+    from raro_fast import prompts
+
     if getattr(tokenizer, "chat_template", None) is None:
         return
+    turns = [*prompts.policy_messages("\ue000"), {"role": "assistant", "content": "\ue001"}]  # as the trainer's
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "\ue000"},
-                                              {"role": "assistant", "content": "\ue001"}], tokenize=False)
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
     except Exception:  # noqa: BLE001 - a template that wants other turns: the trainer never renders an answer
         return
     _, found, after = text.partition("\ue001")
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if found else []
-    if ids and ids[0] != tokenizer.eos_token_id and ids[0] in end_token_ids(model, tokenizer):
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[0])
+    ids = tokenizer(after.lstrip(), add_special_tokens=False)["input_ids"] if found else []
+    old = tokenizer.eos_token_id
+    if not ids or ids[0] == old or ids[0] not in end_token_ids(model, tokenizer):
+        return
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[0])
+    generation = getattr(model, "generation_config", None)
+    if old is not None and generation is not None and old not in end_token_ids(model, tokenizer):
+        declared = generation.eos_token_id
+        generation.eos_token_id = [*(declared if isinstance(declared, (list, tuple)) else [declared]), old]
 
 
 def _check_tied_head(model: PreTrainedModel, weights: list[Path], setting: str) -> None:

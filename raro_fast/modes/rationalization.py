@@ -9,12 +9,13 @@ from raro_fast import prompts
 from raro_fast.config import JobConfig
 from raro_fast.modes.base import Mode, RankRollout, Trainer
 from raro_fast.modes.sft import sft_samples
-from raro_fast.rollout.engine import RolloutEngine, SamplingParams, engine_context_limit
+from raro_fast.rollout.engine import RolloutEngine, SamplingParams, context_limit, engine_context_limit
 from raro_fast.tasks.base import Example
 
 
 def rationalization_samples(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig,
-                            seed: int) -> RankRollout:
+                            seed: int, positions: int | None = None) -> RankRollout:
+    """`positions`: the trained model's (an SGLang engine does not say its own: review)."""
     if not examples:
         return RankRollout()
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -23,8 +24,8 @@ def rationalization_samples(examples: list[Example], *, engine: RolloutEngine, t
                             for ex in examples], params)
     reasonings = [_reasoning_text(c.text) for (c,) in outs]
     out = sft_samples(examples, tokenizer=tokenizer, reasonings=[r or "" for r in reasonings])
-    limit, budget = engine_context_limit(engine), cfg.train.max_tokens_per_micro_batch
-    room = budget if limit is None else min(limit, budget)
+    limits = [n for n in (engine_context_limit(engine), positions, cfg.train.max_tokens_per_micro_batch) if n]
+    room = min(limits)
     if any(len(s.input_ids) > room for s in out.samples):
         reasonings = [None if len(s.input_ids) > room else r for s, r in zip(out.samples, reasonings)]
         out = sft_samples(examples, tokenizer=tokenizer, reasonings=[r or "" for r in reasonings])
@@ -47,7 +48,8 @@ class RationalizationMode(Mode):
     name = "rationalization"
 
     def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
-        return rationalization_samples(examples, engine=r.engine, tokenizer=r.tokenizer, cfg=r.cfg, seed=seed)
+        return rationalization_samples(examples, engine=r.engine, tokenizer=r.tokenizer, cfg=r.cfg, seed=seed,
+                                       positions=context_limit(getattr(r.hf_model, "config", None)))
 
     def policy_sequences(self, cfg: JobConfig) -> int:
         return cfg.raro.questions_per_step
