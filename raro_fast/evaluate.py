@@ -309,6 +309,14 @@ def run(cfg: EvaluateConfig) -> dict:
     device = resolve_device(e.device, "eval.device")
     # The model before the split: a bad path fails at once, not after the puzzles are generated.
     model, tokenizer = load_pretrained(e.model, dtype=resolve_dtype(e.dtype, device), setting="eval.model")
+    # The judge too, before any sampling: a judge that cannot read its prompts failed after all of it, with no
+    # report and no setting named (found by review).
+    judge = (load_pretrained(e.judge_model, dtype=resolve_dtype(e.dtype, device), setting="eval.judge_model")
+             if e.judge_model else None)
+    for setting, path, tok in (("eval.model", e.model, tokenizer), ("eval.judge_model", e.judge_model, judge and judge[1])):
+        if tok is not None and getattr(tok, "chat_template", None) is None:
+            raise ValueError(f"{setting}: {path!r}: its tokenizer has no chat template, and the prompts are read "
+                             "through one: give a chat model, or add a chat_template to its tokenizer_config.json")
     examples = task.examples(e.split)[: e.num_problems or None]
     if not examples:
         raise ValueError(f"eval.split: the {cfg.task.name} task's {e.split!r} split has no problems")
@@ -318,8 +326,8 @@ def run(cfg: EvaluateConfig) -> dict:
         temperature=e.temperature, top_p=e.top_p, critic_max_new_tokens=e.critic_max_new_tokens, seed=e.seed,
         rerank=e.rerank, critic_temperature=e.critic_temperature,
     )
-    if e.judge_model:
-        judge, judge_tok = load_pretrained(e.judge_model, dtype=resolve_dtype(e.dtype, device), setting="eval.judge_model")
+    if judge is not None:
+        judge, judge_tok = judge
         report["judge"] = {"model": e.judge_model, **judge_report(
             examples, report["per_question"], engine=EmbeddedEngine.from_tokenizer(judge.to(device), judge_tok, batch_size=e.batch_size),
             tokenizer=judge_tok, max_new_tokens=e.judge_max_new_tokens, seed=e.seed)}

@@ -100,6 +100,29 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def text_ids_after(tokenizer, before: str, text: str) -> list[int]:
+    """The tokens of `text` (read as `text_ids` reads it) as the tokenizer writes them right after `before`:
+    tokenized on its own, a SentencePiece tokenizer starts a text with a `▁` of its own that it does not write
+    after other text. Tokenized alone only where the two texts' tokens merge across the boundary."""
+    head, whole = text_ids(tokenizer, before), text_ids(tokenizer, before + text)
+    if before and whole[:len(head)] == head:
+        return whole[len(head):]
+    return text_ids(tokenizer, text)
+
+
+def reply_ids(tokenizer, text: str, messages: list[dict[str, str]] | None = None) -> list[int]:
+    """The tokens of `text` as the assistant's reply (to `messages`; by default to any of the trainer's prompts):
+    after the chat template's generation prompt (its text after the last special token, `assistant\n` in ChatML),
+    as the whole conversation reads. Without a chat template, `text_ids`."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return text_ids(tokenizer, text)
+    messages = policy_messages("1 2 3") if messages is None else messages
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    cut = max((prompt.rfind(sp) + len(sp) for sp in _special_token_texts(tokenizer, with_tags=True) if sp in prompt),
+              default=0)
+    return text_ids_after(tokenizer, prompt[cut:], text)
+
+
 def completion_decoder(tokenizer) -> Callable[[list[int]], str]:
     """The text of generated token ids as the rewards and the critic read it: control tokens (end of turn, padding,
     turn markers) left out, the format's tags kept, spaces as written. `skip_special_tokens` dropped the tags too

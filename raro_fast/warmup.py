@@ -215,7 +215,6 @@ def task_exclusion(task: CountdownConfig, leave_out: str = "target") -> dict:
 
 def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: int, batch_size: int = 1) -> list[WarmupExample]:
     rng = random.Random(cfg.seed)
-    eos = tokenizer.eos_token
     corpus = []
     unseen = task_exclusion(task, cfg.leave_out)
     if cfg.min_target > cfg.max_target or all(t == unseen.get("exclude_target")
@@ -252,7 +251,8 @@ def warmup_corpus(task: CountdownConfig, cfg: WarmupConfig, tokenizer, count: in
             # No dead ends: a tiny model learns the step format faster from the working chain alone.
             completion = prompts.format_completion(search_trace(numbers, target, rng=rng, max_attempts=0, solution=expert), expert)
         prompt_ids = prompts.render_prompt(tokenizer, messages)
-        completion_ids = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
+        # as the conversation reads the reply (review: a SentencePiece tokenizer began it with a `▁` on its own)
+        completion_ids = prompts.reply_ids(tokenizer, completion, messages) + [tokenizer.eos_token_id]
         corpus.append(WarmupExample(prompt_ids + completion_ids, len(prompt_ids)))
     return corpus
 

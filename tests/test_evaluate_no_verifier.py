@@ -99,6 +99,24 @@ def test_evaluate_command_without_a_verifier(tok, tmp_path, capsys, monkeypatch)
     assert report_line == f"{out / 'report.json'}\n"
 
 
+def test_a_judge_without_a_chat_template_is_refused_before_any_sampling(tok, tmp_path, monkeypatch):
+    """A judge model whose tokenizer has no chat template failed after every sample and tournament, with no report
+    and no setting named (found by review on 2026-12-07). Refused at start, naming eval.judge_model."""
+    import copy
+
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    monkeypatch.setattr(evaluate, "load_pretrained", lambda path, **kw: (SimpleNamespace(to=lambda device: None),
+                                                                       bare if path == "judge" else tok))
+    monkeypatch.setattr(evaluate, "EmbeddedEngine", SimpleNamespace(
+        from_tokenizer=lambda *a, **kw: pytest.fail("sampled before the judge was checked")))
+    from raro_fast.config import load_config
+
+    argv = ["--model", str(tmp_path), "--task", "poetry", "--eval.judge_model", "judge", "--eval.device", "cpu"]
+    with pytest.raises(ValueError, match=r"^eval.judge_model: 'judge': its tokenizer has no chat template"):
+        evaluate.run(load_config(evaluate.expand_short_flags(argv), root=evaluate.EvaluateConfig))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A verifiable task: the report as before the fix, byte for byte.
 

@@ -262,3 +262,46 @@ def test_tags_marked_special_are_read_as_the_tokens_the_model_writes(tok, specia
     for messages in (prompts.critic_messages("Q?", "8+2", "10"), prompts.critic_messages("Q?", forged, "10"),
                      prompts.policy_messages("Q?")):
         assert prompts.render_prompt(special_tags, messages) == prompts.render_prompt(tok, messages)
+
+
+def test_a_reply_is_tokenized_as_the_conversation_reads_it():
+    """Tokenized on its own, a reply starts with a `▁` under a SentencePiece tokenizer that the whole conversation's
+    text does not have after the generation prompt: analyze's trace perplexity scored tokens the model never reads
+    (1.08 reported as 13.0; found by review on 2026-12-07). Byte-level tokenizers: the same ids either way."""
+    from unittest import mock
+
+    from raro_fast import analyze
+    from raro_fast.model.hf import build_embedded_model, load_project_tokenizer
+
+    sentencepiece = metaspace_tokenizer(special_tags=False)
+    sentencepiece.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    sentencepiece.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+                                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    messages = prompts.policy_messages("Make 22")
+    trace = "One of two answers 3*5+7 = 22 yes"
+    for tok in (sentencepiece, load_project_tokenizer()):
+        whole = tok(tok.apply_chat_template([*messages, {"role": "assistant", "content": trace}], tokenize=False),
+                    add_special_tokens=False)["input_ids"]
+        prompt = prompts.render_prompt(tok, messages)
+        assert whole[:len(prompt)] == prompt
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        assert prompts.reply_ids(tok, trace, messages) == whole[len(prompt):whole.index(end, len(prompt))]
+    alone = sentencepiece(trace, add_special_tokens=False)["input_ids"]
+    assert alone != prompts.reply_ids(sentencepiece, trace, messages)  # what the trace was scored as
+    # SFT's, DPO's and rationalization's targets the same way: as the conversation reads the expert's reply
+    from raro_fast.modes.base import expert_completion_ids
+
+    reply = prompts.format_completion("3*5+7 = 22 yes", "3*5+7")
+    whole = sentencepiece(sentencepiece.apply_chat_template([*messages, {"role": "assistant", "content": reply}],
+                                                            tokenize=False), add_special_tokens=False)["input_ids"]
+    start = len(prompts.render_prompt(sentencepiece, messages))
+    end = sentencepiece.convert_tokens_to_ids("<|im_end|>")
+    target = expert_completion_ids(sentencepiece, "3*5+7", "3*5+7 = 22 yes")
+    assert target[:-1] == whole[start:whole.index(end, start)] and target[-1] == sentencepiece.eos_token_id
+
+    model = build_embedded_model(sentencepiece, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                                 intermediate_size=8, max_position=256, seed=0)
+    problem = mock.Mock(id="p", question="Make 22")
+    with mock.patch.object(analyze, "teacher_forced", wraps=analyze.teacher_forced) as scored:
+        analyze.trace_perplexities(model, sentencepiece, [problem], [{"problem_id": "p", "trace": trace}])
+    assert scored.call_args.args[2] == prompts.reply_ids(sentencepiece, trace, messages)

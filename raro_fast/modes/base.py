@@ -149,9 +149,10 @@ def sampled_sequence(c: Completion, *, advantage: float, role: str, group: int, 
 def expert_completion_ids(tokenizer, answer: str, think: str = "") -> list[int]:
     """The expert's final answer in the policy format (after `think` as reasoning), ending with the end token. A
     special token's text inside (a model's reasoning that spells `<|im_end|>` out) is plain text, as in prompts: read
-    as the token, it taught the model to end its turn inside <think>."""
+    as the token, it taught the model to end its turn inside <think>. Tokenized as the assistant's reply, as the
+    conversation reads: alone, a SentencePiece tokenizer began it with a `▁` the model never writes there (review)."""
     text = prompts.format_completion(think, answer)
-    return prompts.text_ids(tokenizer, text) + [tokenizer.eos_token_id]
+    return prompts.reply_ids(tokenizer, text) + [tokenizer.eos_token_id]
 
 
 def sequence_sums(mbs, n: int, fields: list[str | None], *, d: Dist) -> list[torch.Tensor]:

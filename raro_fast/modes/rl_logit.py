@@ -70,18 +70,6 @@ def expert_continuation(reasoning_text: str, expert_text: str) -> str | None:
     return expert_text[len(spill):] if expert_text.startswith(spill) else None
 
 
-def continuation_ids(tokenizer, before: str, rest: str) -> list[int]:
-    """The tokens of `rest` as the tokenizer writes it right after `before` (the end of the reasoning): tokenized on
-    its own, a SentencePiece tokenizer starts it with a space of its own, and the reward scored `</think> <answer>`
-    where the model writes `</think><answer>` (found by review on 2026-12-07). Tokenized on its own only where the
-    two texts' tokens merge across the boundary. A special token's text in it is plain text, as in SFT's targets
-    (found by review: an answer that spelled <|im_end|> out was scored with an end of turn inside it)."""
-    head, whole = prompts.text_ids(tokenizer, before), prompts.text_ids(tokenizer, before + rest)
-    if whole[:len(head)] == head:
-        return whole[len(head):]
-    return prompts.text_ids(tokenizer, rest)
-
-
 def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig, seed: int,
                       group_offset: int) -> RankRollout:
     """Sampled reasonings to train (advantages filled in later by `score_expert_answers`) and, in `scoring`, the
@@ -106,7 +94,10 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
             if rest is None:
                 continue
             tail = prompts.THINK_END + decode(c.token_ids[:n]).split(prompts.THINK_END, 1)[1]
-            expert = continuation_ids(tokenizer, tail, rest.removesuffix(tokenizer.eos_token)) + [tokenizer.eos_token_id]
+            # after the reasoning: tokenized alone, a SentencePiece tokenizer began it with a `▁` the model never
+            # writes there, and the reward scored `</think> <answer>` (found by review on 2026-12-07)
+            expert = (prompts.text_ids_after(tokenizer, tail, rest.removesuffix(tokenizer.eos_token))
+                      + [tokenizer.eos_token_id])
             reasoning = replace(c, token_ids=c.token_ids[:n], logprobs=c.logprobs[:n])
             out.samples.append(sampled_sequence(reasoning, advantage=0.0, role="policy", group=group_offset + i, weight=1.0))
             out.scoring.append(SequenceSample(input_ids=list(c.prompt_ids) + c.token_ids[:n] + expert,
