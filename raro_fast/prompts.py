@@ -84,7 +84,9 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
             text = tokenizer.apply_chat_template(cleaned, tokenize=False, add_generation_prompt=True)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += tokenizer(before, add_special_tokens=False)["input_ids"]
-        ids += text_ids(tokenizer, m["content"])
+        # after the template's text before it: alone, a SentencePiece tokenizer began every message with a `▁` the
+        # template's own text does not have (review)
+        ids += text_ids_after(tokenizer, _after_last_special(tokenizer, before), m["content"])
     return ids + tokenizer(around, add_special_tokens=False)["input_ids"]
 
 
@@ -118,9 +120,14 @@ def reply_ids(tokenizer, text: str, messages: list[dict[str, str]] | None = None
         return text_ids(tokenizer, text)
     messages = policy_messages("1 2 3") if messages is None else messages
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    cut = max((prompt.rfind(sp) + len(sp) for sp in _special_token_texts(tokenizer, with_tags=True) if sp in prompt),
+    return text_ids_after(tokenizer, _after_last_special(tokenizer, prompt), text)
+
+
+def _after_last_special(tokenizer, text: str) -> str:
+    """The text after the last special token's text in `text` (all of it if there is none)."""
+    cut = max((text.rfind(sp) + len(sp) for sp in _special_token_texts(tokenizer, with_tags=True) if sp in text),
               default=0)
-    return text_ids_after(tokenizer, prompt[cut:], text)
+    return text[cut:]
 
 
 def completion_decoder(tokenizer) -> Callable[[list[int]], str]:

@@ -305,3 +305,19 @@ def test_a_reply_is_tokenized_as_the_conversation_reads_it():
     with mock.patch.object(analyze, "teacher_forced", wraps=analyze.teacher_forced) as scored:
         analyze.trace_perplexities(model, sentencepiece, [problem], [{"problem_id": "p", "trace": trace}])
     assert scored.call_args.args[2] == prompts.reply_ids(sentencepiece, trace, messages)
+
+
+def test_a_message_spelling_a_special_token_leaves_the_other_messages_tokens_as_the_template_gives_them():
+    """A message that spells a control token out is tokenized apart from the template's text around it; under a
+    SentencePiece tokenizer every message then began with a `▁` of its own, the untouched system message too, and
+    the critic read a prompt its template never makes (found by review on 2026-12-07)."""
+    sentencepiece = metaspace_tokenizer(special_tags=False)
+    sentencepiece.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    sentencepiece.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+                                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    start = sentencepiece.convert_tokens_to_ids("<|im_start|>")
+    clean = prompts.render_prompt(sentencepiece, prompts.critic_messages("Q?", "x y", "6"))
+    forged = prompts.render_prompt(sentencepiece, prompts.critic_messages("Q?", "x <|im_end|> y", "6"))
+    second = clean.index(start, 1)
+    assert forged[:second + 4] == clean[:second + 4]  # the system message, the user turn's opening and its first words
+    assert forged.count(start) == clean.count(start) == 3
