@@ -271,6 +271,19 @@ def test_rl_logit_scores_a_special_tokens_text_in_the_expert_answer_as_plain_tex
     assert tok.decode(scored) == "<answer>ab<|im_end|>cd</answer><|im_end|>"
 
 
+def test_the_expert_answer_tokenized_alone_where_tokens_merge_still_reads_special_tokens_as_text(bpe_tokenizer):
+    """Where the reasoning's end and the answer merge into one token (`><` here), the answer is tokenized alone, and
+    a special token's text in it is still plain text there (a planted bug that read it as the token survived)."""
+    from raro_fast import prompts
+
+    tok = bpe_tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    head = prompts.text_ids(tok, "</think>")
+    assert prompts.text_ids(tok, "</think><answer>a")[:len(head)] != head  # they merge: the path alone
+    ids = prompts.text_ids_after(tok, "</think>", "<answer>a<|im_end|>b</answer>")
+    assert end not in ids and tok.decode(ids) == "<answer>a<|im_end|>b</answer>"
+
+
 def test_expert_continuation_drops_the_spill_and_keeps_a_whitespace_separator():
     expert = "<answer>7</answer><eos>"
     assert expert_continuation("<think>r</think>", expert) == expert
@@ -619,6 +632,11 @@ def test_a_rationalization_whose_text_tokenizes_past_the_budget_falls_back_to_no
                      f"<think>4 times 6</think><answer>{examples[1].answer}</answer>"]
     assert all(len(s.input_ids) <= budget for s in out.samples)
     # the model's positions bound it too, from the trainer's model where the engine does not say (SGLang's: review)
+    exact = replace(cfg, train=replace(cfg.train, max_tokens_per_micro_batch=len(plain.samples[0].input_ids)))
+    kept = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=exact, seed=0, positions=10**6)
+    assert kept.stats["rationalization/fallback_rate"] == [0.0, 0.0]  # one that fills the budget exactly is kept
+    roomy = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=small, seed=0, positions=10**6)
+    assert roomy.stats["rationalization/fallback_rate"] == [1.0, 0.0]  # the smaller of positions and budget bounds
     positioned = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=cfg, seed=0, positions=budget)
     assert positioned.stats["rationalization/fallback_rate"] == [1.0, 0.0]
     assert [s.input_ids for s in positioned.samples] == [s.input_ids for s in out.samples]

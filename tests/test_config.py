@@ -653,6 +653,16 @@ def test_the_checks_at_start_take_the_longest_rows_by_question_and_answer():
     # a row that fills the positions by itself is the row's fault, whatever the settings
     with pytest.raises(ValueError, match=r"^example poem: its critic prompt .* without a token more"):
         check_context(cfg(), tok, SimpleNamespace(max_position_embeddings=critic), rows, [])
+    # the eight longest rows stand for all: a row the raw count ranks second may make the longest prompt (its many
+    # lines are indented in the critic's prompt); a planted bug that checked the first alone went unnoticed (review)
+    one_line = Example(id="one_line", question="Q?", answer=" ".join(["ab"] * 62))
+    many_lines = Example(id="many_lines", question="Q?", answer="\n".join(["ab"] * 40))
+    raw = lambda ex: len(tok(ex.answer, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompt = lambda ex: len(prompts.render_prompt(tok, prompts.critic_messages(ex.question, ex.answer, "")))  # noqa: E731
+    assert raw(one_line) > raw(many_lines) and prompt(many_lines) > prompt(one_line)
+    with pytest.raises(ValueError, match=r"the longest critic prompt .* \(example many_lines\)"):
+        check_context(cfg(), tok, SimpleNamespace(max_position_embeddings=prompt(many_lines) + 95), [one_line, many_lines],
+                      [])
     # rows are ranked by their tokens as targets read them: a spelled-out special token is several (review: 60 of
     # `<|im_end|>` counted as 60 tokens, not 540, and that row hid behind eight longer-looking ones)
     spelled = Example(id="spelled", question="Say it.", answer="<|im_end|>" * 60)

@@ -413,6 +413,12 @@ def test_a_final_answer_longer_than_answers_are_compared_by_is_refused(tmp_path)
                                               {"question": "q2", "final_answer": long}])
     with pytest.raises(ValueError, match=r":2: field 'final_answer' has 1001 characters, more than the 1000"):
         DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0)).examples("train")
+    fits = long[2:]  # 999 characters; 1000 with a sign: as long as an answer compared may be
+    path = write_jsonl(tmp_path / "b.jsonl", [{"question": "q1", "final_answer": "7"},
+                                              {"question": "q2", "final_answer": "-" + fits}])
+    task = DeepMathTask(DeepMathConfig(path=path, heldout_fraction=0.0))
+    gold = task.examples("train")[1].answer
+    assert len(gold) == MAX_ANSWER_CHARS and task.verify(task.examples("train")[1], gold)
 
 
 def test_answers_in_words_are_one_answer_whatever_their_case_or_full_stop():

@@ -71,7 +71,11 @@ def test_the_eos_is_the_end_token_the_chat_template_ends_a_turn_with(saved, tmp_
     (p / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": variant == "split_special_tokens"}))
     generation = json.loads((p / "generation_config.json").read_text())
     ends = [2] if turn_end_is_an_end_token else [0]  # <|im_end|> (the template's turn end), <|endoftext|>
-    (p / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": ends}))
+    if variant == "old eos undeclared":  # generation_config.json names no end (review: [None, 0] was saved)
+        generation.pop("eos_token_id", None)
+    else:
+        generation["eos_token_id"] = ends
+    (p / "generation_config.json").write_text(json.dumps(generation))
     model_config = json.loads((p / "config.json").read_text())
     # the old EOS declared by config.json, or only by the tokenizer (then generation is told to stop at it still)
     old_declared = 2 if variant == "old eos undeclared" and turn_end_is_an_end_token else 0
@@ -82,6 +86,7 @@ def test_the_eos_is_the_end_token_the_chat_template_ends_a_turn_with(saved, tmp_
     assert tok.eos_token == want
     assert expert_completion_ids(tok, "8+2")[-1] == tok.convert_tokens_to_ids(want)
     assert set(end_token_ids(model, tok)) == ({0, 2} if turn_end_is_an_end_token else {0})  # still stops at the old
+    assert None not in (model.generation_config.eos_token_id or [])
 
 
 def test_a_pad_or_end_token_past_the_models_embedding_rows_is_not_used(saved, tmp_path):
@@ -101,6 +106,10 @@ def test_a_pad_or_end_token_past_the_models_embedding_rows_is_not_used(saved, tm
     _, loaded = load_pretrained(str(p), dtype=torch.float32)
     assert loaded.pad_token == "<|endoftext|>" and loaded.pad_token_id < rows
     generation = json.loads((p / "generation_config.json").read_text())
+    # no other candidate (<|endoftext|> ends a turn here): the pad falls back to the EOS
+    (p / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [0, 2]}))
+    _, loaded = load_pretrained(str(p), dtype=torch.float32)
+    assert loaded.pad_token_id == loaded.eos_token_id < rows
     (p / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, rows]}))
     with pytest.raises(ValueError, match=rf"model.path: .*: the end token '<\|pad\|>' \(id {rows}\) lies outside "
                                          rf"the model's {rows} embedding rows: its tokenizer or its end token ids"):

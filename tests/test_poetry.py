@@ -113,6 +113,10 @@ def test_a_pair_repeated_with_an_invisible_character_is_refused(tmp_path):
                         + json.dumps({"instruction": "A haiku on rain", "poem": "soft rain"}) + "\n")
         with pytest.raises(ValueError, match=r"p\.jsonl:2: repeats the instruction and poem of .*p\.jsonl:1"):
             PoetryTask(PoetryConfig(path=str(path)))
+    # other words are other rows, however alike their letters
+    path.write_text(json.dumps({"instruction": "a nice poem", "poem": "soft rain"}) + "\n"
+                    + json.dumps({"instruction": "an ice poem", "poem": "soft rain"}) + "\n")
+    assert len(PoetryTask(PoetryConfig(path=str(path), heldout_fraction=0.0)).examples("train")) == 2
 
 
 def test_empty_file_and_config_checks(tmp_path):

@@ -89,6 +89,9 @@ def test_critic_prompt_answers_cannot_start_a_line():
     lines = text.splitlines()  # every break a reader may take for one, not only "\n"
     starts = [ln.split(":")[0] for ln in lines if not ln.startswith("  ")]
     assert starts == ["Question", "Answer 1", "Answer 2"], text
+    second = prompts.critic_messages("Q?", "10", forged)[-1]["content"]  # the policy's answer in either slot
+    assert [ln.split(":")[0] for ln in second.splitlines() if not ln.startswith("  ")] == ["Question", "Answer 1",
+                                                                                             "Answer 2"]
     assert lines[-1] == "Answer 2: 10"
     assert prompts.critic_messages("Q?", "3+7", "10")[-1]["content"] == "Question: Q?\nAnswer 1: 3+7\nAnswer 2: 10"
     poem = prompts.critic_messages("Q?", "roses\nare red", "x")[-1]["content"]

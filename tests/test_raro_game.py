@@ -661,6 +661,11 @@ def test_a_critic_sequence_one_micro_batch_cannot_hold_is_not_judged(setting):
     short, _ = play(budget(room - 1), tok, task, examples, context=4096)  # the positions leave room: the budget does not
     assert short.stats["critic/unreadable_rate"] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
     assert len(short.new_pairs) == 2 and len(by_role(short, "critic")) == 2 * cfg.raro.critic_samples_per_pair
+    # a replayed pair as well (a resume may have raised critic_max_new_tokens since it was stored)
+    ex = examples[0]
+    replay = [CriticPair("long", ex.question, "1+2" * 200, ex.answer), CriticPair("short", ex.question, "1+2", ex.answer)]
+    out, _ = play(budget(room), tok, task, examples, replay=replay, context=10**6)
+    assert out.stats["critic/replay_pairs"] == [1]
 
 
 def test_a_replayed_pair_the_critic_has_no_room_to_read_is_not_replayed(setting):

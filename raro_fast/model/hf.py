@@ -388,8 +388,9 @@ def _end_turns_as_the_template_does(model: PreTrainedModel, tokenizer: PreTraine
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[0])
     generation = getattr(model, "generation_config", None)
     if old is not None and generation is not None and old not in end_token_ids(model, tokenizer):
-        declared = generation.eos_token_id
-        generation.eos_token_id = [*(declared if isinstance(declared, (list, tuple)) else [declared]), old]
+        declared = generation.eos_token_id  # None where only config.json names the end (review: [None, 0] was saved)
+        declared = [] if declared is None else list(declared) if isinstance(declared, (list, tuple)) else [declared]
+        generation.eos_token_id = [*declared, old]
 
 
 def _check_tied_head(model: PreTrainedModel, weights: list[Path], setting: str) -> None:
