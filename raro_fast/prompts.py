@@ -72,7 +72,8 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     if not any(sp in m["content"] for m in messages for sp in specials):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     # The template around placeholders (private-use characters, in no template or tokenizer's special tokens),
-    # each placeholder's content tokenized on its own with special tokens split into ordinary ones.
+    # each placeholder's content tokenized after the template's text before it, its special tokens' text split into
+    # ordinary tokens.
     marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
     around = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
                                            tokenize=False, add_generation_prompt=True)
