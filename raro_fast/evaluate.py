@@ -313,7 +313,8 @@ def run(cfg: EvaluateConfig) -> dict:
     # report and no setting named (found by review).
     judge = (load_pretrained(e.judge_model, dtype=resolve_dtype(e.dtype, device), setting="eval.judge_model")
              if e.judge_model else None)
-    for setting, path, tok in (("eval.model", e.model, tokenizer), ("eval.judge_model", e.judge_model, judge and judge[1])):
+    readers = (("eval.model", e.model, tokenizer), ("eval.judge_model", e.judge_model, judge and judge[1]))
+    for setting, path, tok in readers:
         if tok is not None and getattr(tok, "chat_template", None) is None:
             raise ValueError(f"{setting}: {path!r}: its tokenizer has no chat template, and the prompts are read "
                              "through one: give a chat model, or add a chat_template to its tokenizer_config.json")

@@ -190,7 +190,8 @@ def choose_pad_token(tokenizer: PreTrainedTokenizerBase, end_ids: list[int], row
     never be mistaken for the model's own output. Only ids below `rows` (the model's embedding rows) are taken:
     transformers gives a Qwen2 tokenizer that lacks `<|endoftext|>` one past the model's vocabulary (review)."""
     embeddable = lambda i: rows is None or i < rows  # noqa: E731
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in end_ids and embeddable(tokenizer.pad_token_id):
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad not in end_ids and embeddable(pad):
         return
     vocab = tokenizer.get_vocab()
     for name in _PAD_CANDIDATES:
