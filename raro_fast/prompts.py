@@ -108,7 +108,7 @@ def text_ids_after(tokenizer, before: str, text: str) -> list[int]:
     tokenized on its own, a SentencePiece tokenizer starts a text with a `▁` of its own that it does not write
     after other text. Tokenized alone only where the two texts' tokens merge across the boundary."""
     head, whole = text_ids(tokenizer, before), text_ids(tokenizer, before + text)
-    if before and whole[:len(head)] == head:
+    if whole[:len(head)] == head:
         return whole[len(head):]
     return text_ids(tokenizer, text)
 

@@ -89,11 +89,12 @@ def rl_logit_rollouts(examples: list[Example], *, engine: RolloutEngine, tokeniz
             out.add("rl_logit/reasoning_rate", n is not None)
             if n is None:
                 continue
-            rest = expert_continuation(decode(c.token_ids[:n]), expert_text)
+            reasoning_text = decode(c.token_ids[:n])
+            rest = expert_continuation(reasoning_text, expert_text)
             out.add("rl_logit/misaligned_rate", rest is None)  # of the samples that closed </think>
             if rest is None:
                 continue
-            tail = prompts.THINK_END + decode(c.token_ids[:n]).split(prompts.THINK_END, 1)[1]
+            tail = prompts.THINK_END + reasoning_text.split(prompts.THINK_END, 1)[1]
             # after the reasoning: tokenized alone, a SentencePiece tokenizer began it with a `▁` the model never
             # writes there, and the reward scored `</think> <answer>` (found by review on 2026-12-07)
             expert = (prompts.text_ids_after(tokenizer, tail, rest.removesuffix(tokenizer.eos_token))
