@@ -83,6 +83,7 @@ class Run:
     warned_uniform: bool = False
     first_entropy: float | None = None
     data_sha256: str = ""  # `data_digest` of the run's examples, computed once: each checkpoint records it
+    tokens_sha256: dict = field(default_factory=dict)  # `tokens_digest`, recorded by each checkpoint likewise
     # `weights_digest` and `model_files_digest` of the initial model, where a reference model is rebuilt from it on
     # resume (the KL anchor, DPO's first reference); each checkpoint records them
     initial_weights_sha256: str | None = None
@@ -370,9 +371,25 @@ def data_digest(train: list, heldout: list) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
+def tokens_digest(tokenizer, hf_model, example) -> dict[str, str]:
+    """SHA-256 (12 hex digits) of what the run makes of one example, part by part: its prompts, its target, the
+    text read back from that target, the tokens that end a turn. A resume checks them: a raro-fast or transformers
+    upgrade in between that tokenizes otherwise (the turn's end, a tag read as one token) trained the resumed steps
+    on other tokens than the run's first, without a word (found by review)."""
+    question, answer = example.question, example.answer
+    # a special token spelled out inside the reasoning: how text that names one is read is part of the answer
+    target = expert_completion_ids(tokenizer, answer, think=f"{question} {tokenizer.eos_token or ''}")
+    parts = {"policy prompt": prompts.render_prompt(tokenizer, prompts.policy_messages(question)),
+             "critic prompt": prompts.render_prompt(tokenizer, prompts.critic_messages(question, answer, answer)),
+             "expert target": target,
+             "target read back": prompts.completion_decoder(tokenizer)(target),
+             "turn ends": end_token_ids(hf_model, tokenizer)}
+    return {name: hashlib.sha256(json.dumps(value).encode()).hexdigest()[:12] for name, value in parts.items()}
+
+
 def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
-             "data_sha256": r.data_sha256, "initial_weights_sha256": r.initial_weights_sha256,
+             "data_sha256": r.data_sha256, "tokens_sha256": r.tokens_sha256, "initial_weights_sha256": r.initial_weights_sha256,
              "initial_model_files_sha256": r.initial_model_files_sha256,
              "world_size": r.d.world_size, "config": run_settings(r.cfg), "mode_state": dict(r.mode_state),
              # the stop after MAX_SKIPPED_IN_A_ROW counts skips before the checkpoint too, as an uninterrupted run does
@@ -483,6 +500,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
             checkpoint.prune(resume_from.parent, resume_from)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     check_context(cfg, tokenizer, hf_model.config, train_examples, eval_examples)
+    tokens = tokens_digest(tokenizer, hf_model, train_examples[0])
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
               "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "
@@ -533,6 +551,11 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                              f"from ({'; '.join(changed)}), and "
                              f"train.mode {cfg.train.mode} rebuilds its reference model from it; put the run's initial "
                              f"model back there, or start a new run in another train.output_dir")
+        if otherwise := [name for name, then in state.get("tokens_sha256", {}).items() if tokens.get(name) != then]:
+            warn(f"warning: train.resume: {resume_from}: this run now makes other tokens of its data than it did "
+                 f"before (the {', '.join(otherwise)} of its first demonstration differ: a raro-fast or transformers "
+                 f"upgrade in between?); the steps from {state['step'] + 1} on are not the ones the uninterrupted "
+                 f"run would have trained")
         checkpoint.restore_optimizer_and_rng(resume_from, model=model, optimizer=optimizer, d=d)
         for group in optimizer.param_groups:  # the command's hyperparameters, not the ones saved with the state
             group.update(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -560,6 +583,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                hf_model=hf_model, model=model, optimizer=optimizer, engine=engine, engine_dtype=compute_dtype,
                mode=mode, ref_model=ref_model, replay=replay, log=log, rollout_log=rollout_log, start_step=start,
                mode_state=mode_state, skipped_in_a_row=skipped, warned_uniform=warned, data_sha256=digest,
+               tokens_sha256=tokens,
                initial_weights_sha256=initial_sha, initial_model_files_sha256=initial_files_sha,
                # main only: it alone warns, and another rank could read the file while main rewrites it
                first_entropy=first_logged_entropy(log.read()) if resume_from is not None and d.is_main else None)

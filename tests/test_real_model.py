@@ -451,6 +451,7 @@ def test_smollm2_trains_one_raro_step_and_resumes(smollm2, tmp_path):
         out = run_train([*args, *extra], env=ENV, timeout=900, cwd=root)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "continuing after step 1" in out.stdout + out.stderr
+    assert "other tokens" not in out.stdout + out.stderr  # its turn end is the template's after a reload too
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     # Untrained SmolLM2 writes no answer tag in 12 tokens: every policy sample is truncated, nothing is judged, and

@@ -287,6 +287,38 @@ def test_a_resume_refuses_other_data_and_names_the_steps_its_metrics_lost(tmp_pa
     assert train.setup(load_config([*args, "--resume"]), D).start_step == 2
 
 
+def test_a_resume_says_when_the_run_now_makes_other_tokens_of_its_data(tmp_path, saved_embedded_model, monkeypatch,
+                                                                      capsys):
+    """Found by review: an upgrade between a kill and the resume that tokenized otherwise (last session's turn end
+    for Phi-3-like tokenizers, targets read as the conversation reads them) trained the resumed steps on other
+    tokens than the run's first, without a word. Each checkpoint records what the run makes of its first
+    demonstration; a resume that makes other tokens of it says which, and goes on."""
+    from raro_fast import prompts, train
+    from raro_fast.config import load_config
+
+    out = tmp_path / "run"
+    args = ["--model.path", str(saved_embedded_model), "--train.output_dir", str(out), "--task.countdown.num_train",
+            "8", "--task.countdown.num_heldout", "2", "--train.progress", "false"]
+    r = train.setup(load_config(args), D)
+    train.save(r, 2)
+    saved = checkpoint.load_trainer_state(out / "checkpoints" / "step_000002")["tokens_sha256"]
+    assert sorted(saved) == ["critic prompt", "expert target", "policy prompt", "target read back", "turn ends"]
+    capsys.readouterr()
+    assert train.setup(load_config([*args, "--resume"]), D).tokens_sha256 == saved  # reloaded from the checkpoint
+    assert "other tokens" not in capsys.readouterr().out
+
+    monkeypatch.setattr(prompts, "POLICY_SYSTEM", prompts.POLICY_SYSTEM + " Be brief.")
+    r = train.setup(load_config([*args, "--resume"]), D)
+    said = capsys.readouterr().out
+    assert r.start_step == 2 and "warning: train.resume" in said
+    assert "(the policy prompt of its first demonstration differ" in said and "steps from 3 on" in said
+    monkeypatch.undo()
+    real_reply_ids = prompts.reply_ids
+    monkeypatch.setattr(prompts, "reply_ids", lambda tok, text, messages=None: real_reply_ids(tok, text, messages)[1:])
+    train.setup(load_config([*args, "--resume"]), D)
+    assert "(the expert target, target read back of its first demonstration differ" in capsys.readouterr().out
+
+
 def test_a_resume_refuses_an_initial_model_saved_again_where_its_reference_is_rebuilt(tmp_path, saved_embedded_model):
     """The KL anchor (and DPO's first reference) is rebuilt on resume from the initial model's path. A model saved
     there again between the kill and the resume (an SFT stage writing to the same folder) anchored the run to
