@@ -223,18 +223,25 @@ def test_critic_curves_plot(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 5000
 
 
-def test_critic_probe_pools_every_demonstration_with_exact_values(monkeypatch, tmp_path):
+@pytest.mark.parametrize("tags_special", [False, True])
+def test_critic_probe_pools_every_demonstration_with_exact_values(monkeypatch, tmp_path, tags_special):
     """With a scripted engine whose critic is the verifier (policy samples: expert, wrong, no tag, truncated), every
-    training demonstration is played once: right answers earn tau_pol (a tie against the expert), wrong ones 0."""
+    training demonstration is played once: right answers earn tau_pol (a tie against the expert), wrong ones 0.
+    A tokenizer that marks the format's tags special keeps them in the saved samples (they were decoded with
+    `skip_special_tokens`, which dropped them)."""
     import critic_probe
     from test_raro_game import ScriptedEngine
 
     from raro_fast.model.hf import load_project_tokenizer
+    from raro_fast.prompts import FORMAT_TAGS
     from raro_fast.tasks import make_task
     from raro_fast.config import load_config
 
     argv = ["--task.countdown.num_train", "12", "--task.countdown.num_heldout", "4"]
     tok, task = load_project_tokenizer(), make_task(load_config(argv).task)
+    if tags_special:
+        tok.add_special_tokens({"additional_special_tokens": list(FORMAT_TAGS)})
+        assert "<answer>" in tok.all_special_tokens
 
     class Model:
         def eval(self):
@@ -252,7 +259,8 @@ def test_critic_probe_pools_every_demonstration_with_exact_values(monkeypatch, t
     assert report["critic/decisive_accuracy"] == 1.0 and report["critic/oracle_agreement"] == 1.0
     assert report["reward/policy_mean_correct"] == 0.6 and report["reward/policy_mean_incorrect"] == 0.0
     assert report["reward/policy_gap"] == 0.6
-    assert "<answer>" in (tmp_path / "base_model_critic_samples.txt").read_text()
+    saved = (tmp_path / "base_model_critic_samples.txt").read_text()
+    assert "<answer>" in saved and "</answer>" in saved and "<think>" in saved
 
 
 def _report(root: Path, name: str, acc: dict, n: int = 16) -> None:
