@@ -767,8 +767,9 @@ def test_a_save_calls_the_modes_saved_hook_on_rank_0_after_the_checkpoint_is_wri
     monkeypatch.setattr(train.checkpoint, "save_checkpoint", lambda *a, **k: events.append("checkpoint"))
     cfg = load_config(["--train.mode", "dpo"])
     sync = SimpleNamespace(sync=lambda: None)
-    r = SimpleNamespace(cfg=cfg, replay=SimpleNamespace(state_dict=lambda: {}), data_sha256="", initial_weights_sha256="",
-                        initial_model_files_sha256="", d=SimpleNamespace(world_size=1, is_main=is_main), mode_state={},
+    r = SimpleNamespace(cfg=cfg, replay=SimpleNamespace(state_dict=lambda: {}), data_sha256="", tokens_sha256={},
+                        initial_weights_sha256="", initial_model_files_sha256="",
+                        d=SimpleNamespace(world_size=1, is_main=is_main), mode_state={},
                         skipped_in_a_row=0, warned_uniform=False, log=sync, rollout_log=sync, model=None, hf_model=None,
                         tokenizer=None, optimizer=None, mode=SimpleNamespace(saved=lambda run: events.append("saved")))
     train.save(r, 4)
