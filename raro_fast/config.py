@@ -276,7 +276,7 @@ class RaroConfig:
     def check_replay_size(self) -> None:
         """The game's replay buffer holds a step's replayed pairs (checked in RARO only: the other modes have no
         buffer, and refused an SFT run of 2000 questions a step over it: found by review)."""
-        planned = self.replay_pairs_for(self.planned_fresh_pairs)
+        planned = math.ceil(self.planned_replay_pairs - 1e-9)
         if self.replay_size < planned:  # the critic's normaliser plans them all: 0 halved its weight (found by review)
             raise ValueError(f"raro.replay_size {self.replay_size} holds fewer than the {planned} replayed pairs a "
                              f"step plans at raro.replay_ratio {self.replay_ratio} (raro.questions_per_step "
@@ -290,13 +290,17 @@ class RaroConfig:
         every = self.questions_per_step * self.group_size
         return min(every, self.critic_pairs_per_step) if self.critic_pairs_per_step else every
 
-    def replay_pairs_for(self, fresh: int, rng: random.Random | None = None) -> int:
-        """Replayed pairs to mix with `fresh` fresh ones, so that they are `replay_ratio` of the whole: rounded, or
-        given `rng`, exact in expectation (the fraction drawn; no draw when there is none). A rank rounding its own
-        few fresh pairs would round replay away: 1 fresh pair at ratio 0.3 drew none, on every rank."""
+    @property
+    def planned_replay_pairs(self) -> float:
+        """Replayed pairs a step draws on average beside its planned fresh ones (the critic's normaliser counts
+        them: rounded, 1 fresh pair at ratio 1/3 planned 0 where 0.5 are drawn; found by review)."""
+        return self.planned_fresh_pairs * self.replay_ratio / (1.0 - self.replay_ratio)
+
+    def replay_pairs_for(self, fresh: int, rng: random.Random) -> int:
+        """Replayed pairs to mix with `fresh` fresh ones, so that they are `replay_ratio` of the whole, exact in
+        expectation: the fraction is drawn (no draw when there is none). A rank rounding its own few fresh pairs
+        would round replay away: 1 fresh pair at ratio 0.3 drew none, on every rank."""
         exact = fresh * self.replay_ratio / (1.0 - self.replay_ratio)
-        if rng is None:
-            return round(exact)
         whole = math.floor(exact)
         return whole + (rng.random() < exact - whole) if exact > whole else whole
 
@@ -306,7 +310,9 @@ class LossConfig:
     clip_low: float = _help("PPO ratio clip below 1 (1 - clip_low).", 0.2)
     clip_high: float = _help("PPO ratio clip above 1 (1 + clip_high).", 0.28)
     dual_clip: float | None = _help("Dual-clip constant c > 1 for negative advantages (None: off).", None)
-    kl_coef: float = _help("beta of the KL penalty to a frozen reference copy of the initial model (0: none).", 0.0)
+    kl_coef: float = _help("beta of the KL penalty to a frozen reference copy of the initial model (0: none); the "
+                           "KL is summed over the trained tokens of every role and divided by the sum of the roles' "
+                           "normalising constants (RARO: policy's and critic's together).", 0.0)
     kl_estimator: Literal["k1", "k2", "k3"] = _help("KL estimator.", "k3")
     tis_cap: float | None = _help(
         "Truncated importance sampling: weight each token by min(p_trainer/p_engine, cap) (None: off).", None
@@ -520,6 +526,15 @@ class JobConfig:
             # them in a measured run): clipped PPO with advantage 1, not NLL.
             raise ValueError(f"train.ppo_mini_batches > 1 with train.mode {self.train.mode}: it runs as the surrogate "
                              "at ratio 1 (one update per batch); use 1")
+        if self.train.mode in ("sft", "rationalization", "dpo") and (unread := _changed(
+                self.loss, "loss.", ("std_normalize", "clip_low", "clip_high", "dual_clip"))):
+            # found by review: accepted and never read (every expert token's advantage is 1, DPO's a pair's weight;
+            # the ratio stays 1, so no clip acts)
+            raise ValueError(f"{', '.join(unread)} with train.mode {self.train.mode}: this mode has no group "
+                             "advantages to normalise and trains at ratio 1, where no clip acts; leave them out")
+        if self.loss.kl_coef == 0 and (unread := _changed(self.loss, "loss.", ("kl_estimator",))):
+            raise ValueError(f"{unread[0]} {self.loss.kl_estimator} with loss.kl_coef 0: no KL term is computed; "
+                             "give loss.kl_coef > 0, or leave it out")
         if self.loss.tis_cap is not None and self.train.mode in ("sft", "rationalization", "dpo"):
             raise ValueError(f"loss.tis_cap needs the engine's log-probs of the trained tokens; train.mode "
                              f"{self.train.mode} trains on sequences the engine did not sample")

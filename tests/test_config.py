@@ -247,10 +247,29 @@ def test_greedy_rollouts_are_fine_where_no_group_compares_samples():
     assert load_config(["--train.steps", "0", "--train.eval_size", "0"]).train.steps == 0
 
 
-def test_planned_replay_pairs_are_rounded_to_nearest():
-    # 32 fresh pairs at ratio 0.3: 32 x 0.3 / 0.7 = 13.71 replayed, planned (role constants) as 14, not 13
-    assert load_config(["--raro.replay_ratio", "0.3"]).raro.replay_pairs_for(32) == 14
-    assert load_config(["--raro.replay_ratio", "0.3"]).raro.replay_pairs_for(3) == 1  # 1.29
+def test_the_critics_normaliser_plans_the_replayed_pairs_a_step_draws_on_average():
+    """The replayed pairs a step draws are exact in expectation (the fraction drawn); the critic's normaliser
+    rounded them, to even at halves: 5 fresh pairs at ratio 1/3 draw 2.5 and it planned 2, weighing the critic's
+    objective 7% more than its planned sequences (found by review)."""
+    import random
+
+    from raro_fast.modes import make_mode
+
+    for ratio, fresh in (("1/3", 5), ("0.6", 3), ("0.3", 32)):
+        cfg = load_config(["--raro.questions_per_step", "1", "--raro.group_size", str(fresh),
+                           "--raro.replay_ratio", ratio, "--raro.replay_size", "64"])
+        rc, rng = cfg.raro, random.Random(0)
+        drawn = sum(rc.replay_pairs_for(fresh, rng) for _ in range(40000)) / 40000
+        exact = fresh * rc.replay_ratio / (1 - rc.replay_ratio)  # 2.5, 4.5, 13.71
+        assert rc.planned_replay_pairs == pytest.approx(exact) and drawn == pytest.approx(exact, rel=0.01)
+        critic = make_mode("raro").role_constants(cfg)["critic"]
+        assert critic == pytest.approx((fresh + exact) * rc.critic_samples_per_pair
+                                       * cfg.rollout.critic_max_new_tokens)
+    # the buffer must hold a step's draw at most: 13.71 on average is 14 at most
+    one = ["--raro.questions_per_step", "1", "--raro.group_size", "32", "--raro.replay_ratio", "0.3"]
+    load_config([*one, "--raro.replay_size", "14"])
+    with pytest.raises(ConfigError, match="raro.replay_size 13 holds fewer than the 14 replayed pairs"):
+        load_config([*one, "--raro.replay_size", "13"])
 
 
 def test_help_lists_every_field():
@@ -804,6 +823,13 @@ def test_the_context_check_ranks_rows_by_tokens_and_checks_rationalization_and_t
     (["--train.mode", "rlvr", "--dpo.beta", "0.5", "--dpo.rounds", "5"],
      r"dpo.rounds, dpo.beta with train.mode rlvr: settings of iterative DPO, which this mode does not run"),
     (["--dpo.beta", "0.5"], r"dpo.beta with train.mode raro: settings of iterative DPO"),
+    # loss settings a mode never reads (found by review: accepted): no group advantages, a ratio kept at 1, no KL
+    (["--train.mode", "dpo", "--loss.std_normalize", "true"], r"loss.std_normalize with train.mode dpo: this mode "
+                                                              r"has no group advantages to normalise"),
+    (["--train.mode", "sft", "--loss.clip_high", "0.2", "--loss.dual_clip", "3"],
+     r"loss.clip_high, loss.dual_clip with train.mode sft: .* trains at ratio 1, where no clip acts"),
+    (["--train.mode", "rationalization", "--loss.clip_low", "0.1"], r"loss.clip_low with train.mode rationalization"),
+    (["--loss.kl_estimator", "k1"], r"loss.kl_estimator k1 with loss.kl_coef 0: no KL term is computed"),
     # an SGLang backend's settings with an in-process engine, or the other SGLang backend's
     (["--rollout.backend", "embedded", "--rollout.tp_size", "4", "--rollout.mem_fraction", "0.9"],
      r"rollout.mem_fraction, rollout.tp_size with rollout.backend embedded: settings of the SGLang backends, which "

@@ -157,7 +157,6 @@ def test_replay_share_is_exact_in_expectation_for_few_fresh_pairs():
     rng = random.Random(0)
     draws = [rc.replay_pairs_for(1, rng) for _ in range(20000)]
     assert set(draws) == {0, 1} and abs(sum(draws) / len(draws) - 3 / 7) < 0.01  # 1 x 0.3 / 0.7; rounded: 0
-    assert rc.replay_pairs_for(1) == 0 and rc.replay_pairs_for(10) == 4  # the planned count stays rounded
     half = load_config([]).raro  # the default 0.5: whole numbers, and no random draw (runs stay as they were)
     state = rng.getstate()
     assert [half.replay_pairs_for(n, rng) for n in (0, 1, 7)] == [0, 1, 7] and rng.getstate() == state

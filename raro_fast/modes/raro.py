@@ -254,6 +254,6 @@ class RaroMode(Mode):
 
     def role_constants(self, cfg: JobConfig) -> dict[str, float]:
         rc = cfg.raro
-        pairs = rc.planned_fresh_pairs + rc.replay_pairs_for(rc.planned_fresh_pairs)
+        pairs = rc.planned_fresh_pairs + rc.planned_replay_pairs
         return {**super().role_constants(cfg),
                 "critic": float(pairs * rc.critic_samples_per_pair * cfg.rollout.critic_max_new_tokens)}
