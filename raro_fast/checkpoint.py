@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,19 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
 MANIFEST = "manifest.json"
 # A key of trainer_state.json in every checkpoint written with a manifest: one without its manifest is damaged.
 FORMAT_KEY = "checkpoint_format"
+
+
+def step_number(path: Path) -> int | None:
+    """The step of a checkpoint folder's name (step_000010: 10); None for any other name."""
+    m = re.fullmatch(r"step_(\d+)", path.name)
+    return int(m[1]) if m else None
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The checkpoint folders under `root`, oldest step first. Only `step_<digits>`: a user's copy beside them
+    (step_000004.bak) was taken for a checkpoint, and pruned or made the real one pruned; and by name, step 1000000
+    came before step 999999 (found by review)."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and step_number(p) is not None), key=step_number)
 
 
 def _sha256(path: Path) -> str:
@@ -96,7 +110,7 @@ def resume_point(output_dir: str | os.PathLike, warn: Callable[[str], None] = pr
     ValueError when there are some but none is intact."""
     root = checkpoint_root(output_dir)
     pointer = root / "latest"
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    steps = step_folders(root)[::-1]
     named = None
     if pointer.is_file():
         named = root / pointer.read_text().strip()
@@ -194,8 +208,8 @@ def prunable(root: Path, newest: Path, keep: int) -> list[Path]:
     newer (it is left from a run this one resumed before, or a damaged one it fell back from), so it goes too."""
     if keep <= 0:
         return []
-    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < newest.name)
-    later = [p for p in root.glob("step_*") if p.is_dir() and p.name > newest.name]
+    older = [p for p in step_folders(root) if step_number(p) < step_number(newest)]
+    later = [p for p in step_folders(root) if step_number(p) > step_number(newest)]
     return older[: max(0, len(older) - (keep - 1))] + later
 
 
@@ -251,6 +265,8 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any],
         if name not in then or then[name] == value or name.removeprefix("train.") in PER_COMMAND:
             continue
         if name.startswith("task.") and name != "task.name" and not name.startswith(task):
+            continue
+        if name == "model.dtype" and then[name] == "auto":  # saved before `auto` was resolved: what it was is unknown
             continue
         change = f"{name}: {then[name]!r} -> {value!r}"
         (allowed if name.startswith(RESUMABLE) else refused).append(change)

@@ -130,6 +130,16 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.writelines(strict_json(record, sort_keys=True) + "\n" for record in records)
 
+    def update(self, step: int, fields: dict[str, Any]) -> None:
+        """Add `fields` to the record of `step` (the file's last), rewritten beside and renamed."""
+        if not self.enabled:
+            return
+        records = self.read()
+        if not records or records[-1].get("step") != step:
+            records.append({"step": step})
+        records[-1].update(fields)
+        write_text_atomic(self.path, "".join(strict_json(record, sort_keys=True) + "\n" for record in records))
+
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from raro_fast.checkpoint import checkpoint_root
+from raro_fast.checkpoint import checkpoint_root, step_folders
 from raro_fast.config import JobConfig, warmup_countdown_settings
 from raro_fast.model.hf import BUILTIN_PREFIX, model_files_digest, resolve_model_path, weights_digest
 
@@ -103,7 +103,7 @@ def check_builtin_base(cfg: JobConfig) -> None:
 def _has_checkpoints(out: Path) -> bool:
     """Whether a resume has a checkpoint to start from: `checkpoint.resume_point` returns one (or refuses, when all
     are damaged) exactly when a step folder exists; this looks without verifying any."""
-    return any(p.is_dir() for p in checkpoint_root(out).glob("step_*"))
+    return bool(step_folders(checkpoint_root(out)))
 
 
 def _remove(path: Path) -> None:

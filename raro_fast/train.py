@@ -106,6 +106,9 @@ def run(r: Run) -> None:
     bar = tqdm(steps, desc=cfg.train.mode.upper(), disable=not (cfg.train.progress and d.is_main), dynamic_ncols=True, initial=r.start_step, total=cfg.train.steps)
     if r.start_step == 0:
         r.log.write({"step": 0, **evaluate(r, 0)})
+    elif r.start_step == cfg.train.steps:  # resumed at its last step: from a run that planned more steps, whose
+        # record of it has no final evaluation, and the summary took step 0's as the last (found by review)
+        r.log.update(r.start_step, evaluate(r, r.start_step))
     for step in bar:
         record = train_step(r, step)
         check_health(r, step + 1, record)
@@ -459,6 +462,9 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
         raise ValueError("model.liger_kernels=true needs a CUDA GPU (Liger's kernels do not run on CPU)")
     compute_dtype = resolve_dtype(cfg.model.dtype, d.device)
     dtype_name = str(compute_dtype).removeprefix("torch.")
+    # Saved as what `auto` became here, as rollout.backend is: a run started on a GPU (bfloat16) and resumed on a
+    # CPU (float32) passed the settings check as "auto" both times, and trained on otherwise (found by review).
+    cfg.model.dtype = dtype_name
     check_backend(cfg.rollout, d.device, dtype_name)
     task = make_task(cfg.task)
     if cfg.raro.critic == "oracle" and not task.has_verifier:
@@ -509,7 +515,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
                 if cfg.rollout.backend in ("embedded", "continuous") else None)  # in-process engines: their own copy
     engine = make_engine(cfg.rollout, own_copy, tokenizer, model_path=str(initial_model_dir(cfg, resume_from)),
                          dtype=dtype_name, device=d.device, rank=d.rank, seed=cfg.train.seed,
-                         end_ids=end_token_ids(hf_model, tokenizer))
+                         end_ids=end_token_ids(hf_model, tokenizer), positions=context_limit(hf_model.config))
     use_varlen_attention(hf_model)  # the trainer's copy only: the engine keeps sdpa for cached generation
     if cfg.model.liger_kernels:
         from raro_fast.model.liger import use_liger_kernels
@@ -561,7 +567,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
             group.update(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                          weight_decay=cfg.optim.weight_decay)
         replay.load_state_dict(state["replay"])
-        start, mode_state = state["step"], dict(state.get("mode_state", {}))
+        start, mode_state = state["step"], mode.resumed_state(state)
         skipped, warned = state.get("skipped_in_a_row", 0), state.get("warned_uniform", False)
         engine.weight_version = start
         warn(f"train.resume: continuing after step {start} from {resume_from}")

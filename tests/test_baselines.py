@@ -3,6 +3,7 @@ answers; RLVR's rewards are the verifier's, with GRPO groups."""
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -675,6 +676,28 @@ def test_no_examples_on_a_rank_asks_the_engine_for_nothing(setting):
             rl_logit_rollouts([], engine=engine, tokenizer=tok, cfg=cfg, seed=0, group_offset=0),
             dpo_pairs([], engine=engine, tokenizer=tok, task=task, cfg=cfg, seed=0, group_offset=0)]
     assert engine.params == [] and all(not o.samples and not o.scoring and not o.stats for o in outs)
+
+
+def test_a_dpo_run_saved_before_its_rounds_were_kept_and_extended_keeps_its_round_length(dpo_rounds):
+    """Found by review: a checkpoint with no mode_state (before the rounds were kept) took its round length from
+    this command's train.steps: a 4-step run of 2 rounds (length 2) extended to 8 steps on resume got length 4,
+    trained step 3 against the initial model instead of the round's reference saved at step 2, and refreshed at 4
+    only. Its length comes from the train.steps it was saved with."""
+    from raro_fast.config import to_dict
+
+    cfg, run, _ = dpo_rounds
+    tmp = cfg(4, 2).train.output_dir
+    ck = Path(tmp) / "checkpoints" / "step_000003"
+    ck.mkdir(parents=True)
+    state = {"step": 3, "config": to_dict(cfg(4, 2))}  # as saved before mode_state existed
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    ref = Path(tmp) / "dpo_reference" / "step_000002"
+    ref.mkdir(parents=True)
+    (ref / "config.json").write_text("{}")
+    assert DpoMode().reference_dir(cfg(8, 2, "--resume"), ck) == ref
+    kept = DpoMode().resumed_state(state)  # what setup hands the run
+    assert kept == {"dpo_round_length": 2}
+    assert run(_RoundsTrainer(cfg(8, 2, "--resume"), kept), range(3, 8)) == [4, 6]
 
 
 def test_dpo_at_the_reference_has_zero_margins_and_needs_whole_pairs(setting):

@@ -4,6 +4,7 @@ The end-to-end resume tests never look at what was pruned, and their runs draw n
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -317,6 +318,80 @@ def test_a_resume_says_when_the_run_now_makes_other_tokens_of_its_data(tmp_path,
     monkeypatch.setattr(prompts, "reply_ids", lambda tok, text, messages=None: real_reply_ids(tok, text, messages)[1:])
     train.setup(load_config([*args, "--resume"]), D)
     assert "(the expert target, target read back of its first demonstration differ" in capsys.readouterr().out
+
+
+def test_a_resume_at_the_runs_last_step_evaluates_it(tmp_path, saved_embedded_model, monkeypatch):
+    """Found by review: a run that planned 6 steps, killed after its checkpoint at step 3 and resumed with
+    train.steps 3, trained nothing and never evaluated step 3 (its record, from the longer run, had none): the
+    summary reported step 0's accuracy as the final one."""
+    from raro_fast import train
+    from raro_fast.config import load_config
+
+    out = tmp_path / "run"
+    args = ["--model.path", str(saved_embedded_model), "--train.output_dir", str(out), "--task.countdown.num_train",
+            "8", "--task.countdown.num_heldout", "2", "--train.progress", "false", "--train.eval_every", "0"]
+    r = train.setup(load_config([*args, "--train.steps", "6"]), D)
+    train.save(r, 3)
+    records = [{"step": 0, "eval/heldout_accuracy": 0.25}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
+               {"step": 3, "loss": 3.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in records))
+    evaluated, finished = [], []
+    monkeypatch.setattr(train, "evaluate", lambda run, step: evaluated.append(step) or {"eval/heldout_accuracy": 0.5})
+    monkeypatch.setattr(train, "train_step", lambda run, step: pytest.fail("nothing is left to train"))
+    monkeypatch.setattr(train, "finish", lambda run: finished.append(run.log.read()))
+    train.run(train.setup(load_config([*args, "--train.steps", "3", "--resume"]), D))
+    assert evaluated == [3]
+    assert finished == [records[:3] + [{"step": 3, "loss": 3.0, "eval/heldout_accuracy": 0.5}]]
+
+
+def test_only_step_folders_are_checkpoints_and_their_steps_are_numbers(tmp_path):
+    """Found by review: a user's copy `step_000004.bak` beside the checkpoints was one, by its name: the next save
+    pruned the real step_000004 and kept the copy, and a resume's pruning deleted a copy of the newest; by name,
+    step 1000000 was older than step 999999."""
+    tok, hf, model, optimizer = _model_and_optimizer(seed=0)
+    root = checkpoint.checkpoint_root(tmp_path)
+
+    def save(step):
+        return checkpoint.save_checkpoint(tmp_path, step, model=model, hf_model=hf, tokenizer=tok,
+                                          optimizer=optimizer, trainer_state={"step": step}, d=D)
+
+    save(2), save(4)
+    shutil.copytree(root / "step_000004", root / "step_000004.bak")
+    save(6)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000004", "step_000004.bak", "step_000006"]
+    shutil.copytree(root / "step_000006", root / "step_000006.bak")
+    checkpoint.prune(root, root / "step_000006")  # what a resume does
+    assert (root / "step_000006.bak").is_dir() and checkpoint.resume_point(tmp_path) == root / "step_000006"
+    (root / "latest").unlink()  # the newest by number, not by name
+    save(999999), save(1000000)
+    (root / "latest").unlink()
+    assert checkpoint.resume_point(tmp_path, warn=lambda _: None) == root / "step_1000000"
+    assert [p.name for p in checkpoint.step_folders(root)] == ["step_999999", "step_1000000"]
+
+
+def test_a_run_saves_what_model_dtype_auto_became_and_a_resume_elsewhere_is_refused(tmp_path, saved_embedded_model,
+                                                                                   monkeypatch):
+    """Found by review: `model.dtype auto` was saved as "auto", so a run started on a GPU (bfloat16) and resumed on
+    a CPU (float32) passed the settings check and trained on in another dtype, without a word."""
+    from raro_fast import train
+    from raro_fast.config import load_config
+
+    out = tmp_path / "run"
+    args = ["--model.path", str(saved_embedded_model), "--train.output_dir", str(out), "--task.countdown.num_train",
+            "8", "--task.countdown.num_heldout", "2", "--train.progress", "false"]
+    with monkeypatch.context() as m:  # what `auto` is on a GPU
+        m.setattr(train, "resolve_dtype", lambda name, device: torch.bfloat16 if name == "auto" else torch.float32)
+        r = train.setup(load_config(args), D)
+    assert json.loads((out / "config.json").read_text())["model"]["dtype"] == "bfloat16"
+    train.save(r, 2)
+    with pytest.raises(ValueError, match=r"model.dtype: 'bfloat16' -> 'float32'"):
+        train.setup(load_config([*args, "--resume"]), D)
+    state_file = out / "checkpoints" / "step_000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"]["dtype"] = "auto"  # saved before `auto` was resolved: what it became is unknown
+    state_file.write_text(json.dumps(state))
+    checkpoint.write_manifest(state_file.parent)
+    assert train.setup(load_config([*args, "--resume"]), D).start_step == 2
 
 
 def test_a_resume_refuses_an_initial_model_saved_again_where_its_reference_is_rebuilt(tmp_path, saved_embedded_model):

@@ -89,6 +89,10 @@ class Mode:
         """Where the reference's weights are when they are not the run's initial model (None: they are)."""
         return None
 
+    def resumed_state(self, state: dict) -> dict:
+        """The mode's `mode_state` from a checkpoint's trainer state (`state`)."""
+        return dict(state.get("mode_state") or {})
+
     def start_step(self, r: Trainer, step: int) -> None:
         """Called before the step's rollouts."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from raro_fast import checkpoint
-from raro_fast.config import JobConfig, LossConfig
+from raro_fast.config import DpoConfig, JobConfig, LossConfig
 from raro_fast.distributed import Dist, barrier
 from raro_fast.model.hf import save_pretrained_atomic
 from raro_fast.modes.base import Mode, RankRollout, Trainer, expert_completion_ids, policy_groups, sequence_sums
@@ -143,13 +143,23 @@ class DpoMode(Mode):
             return None
         state = checkpoint.load_trainer_state(resume_from)
         step = state["step"]
-        start = round_start(kept_rounds(cfg, state.get("mode_state") or {}, step), step)
+        start = round_start(kept_rounds(cfg, self.resumed_state(state), step), step)
         if start == 0 or start == step:
             return None
         path = Path(cfg.train.output_dir) / "dpo_reference" / f"step_{start:06d}"
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: the DPO reference of the round starting at step {start} is missing; cannot resume exactly")
         return path
+
+    def resumed_state(self, state: dict) -> dict:
+        """A checkpoint saved before the rounds were kept has the round length its run used: from the train.steps
+        it was saved with, not this command's (an extended run moved its round boundaries: found by review)."""
+        kept = super().resumed_state(state)
+        saved = state.get("config") or {}
+        if not kept and state.get("step", 0) > 0 and "steps" in saved.get("train", {}):
+            rounds = saved.get("dpo", {}).get("rounds", DpoConfig().rounds)
+            kept[ROUND_LENGTH] = max(1, math.ceil(saved["train"]["steps"] / rounds))
+        return kept
 
     def start_step(self, r: Trainer, step: int) -> None:
         """A new round: the reference becomes the current policy, and is saved so a resumed run finds it. The rounds
