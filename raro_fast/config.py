@@ -492,6 +492,9 @@ class JobConfig:
             raise ValueError(f"{', '.join(unread)} with train.mode {self.train.mode}: settings of iterative DPO, "
                              "which this mode does not run; leave them out")
         backend = self.rollout.backend
+        if backend in ("continuous", "sglang", "sglang_http") and _changed(self.rollout, "", ("batch_size",)):
+            raise ValueError(f"rollout.batch_size with rollout.backend {backend}: the embedded engine's bound, which "
+                             "this backend does not read (it schedules its own batches); leave it out")
         if unread := unused_rollout_settings(self.rollout):
             raise ValueError(f"{', '.join(unread)} with rollout.backend {backend}: settings of "
                              f"{'the SGLang backends' if backend in IN_PROCESS else 'the other SGLang backend'}, "

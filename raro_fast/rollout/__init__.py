@@ -64,11 +64,12 @@ def check_backend(cfg, device, dtype: str) -> None:
 
 
 def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, rank: int, seed: int,
-                end_ids: list[int] | None = None) -> RolloutEngine:
+                end_ids: list[int] | None = None, positions: int | None = None) -> RolloutEngine:
     """The engine `cfg.backend` names (`auto` and an unavailable `continuous` settled by `check_backend` first).
     `model` is the in-process engines' own copy; the embedded backend needs it and takes its end tokens from it.
     The continuous backend uses it where given, else loads `model_path` in `dtype` onto `device` (as SGLang does);
-    it and SGLang stop at `end_ids`. Each backend's module is imported only when asked for."""
+    it and SGLang stop at `end_ids`. `positions`: the trained model's, which an SGLang engine is asked to stay
+    within (`engine_context_limit`). Each backend's module is imported only when asked for."""
     if cfg.backend in ("auto", "continuous"):
         check_backend(cfg, device, dtype)
     if cfg.backend == "embedded":
@@ -89,13 +90,17 @@ def make_engine(cfg, model, tokenizer, *, model_path: str, dtype: str, device, r
     check_backend(cfg, device, dtype)
     bucket_bytes = cfg.weight_bucket_mb * 2**20
     if cfg.backend == "sglang":
-        return SGLangEngine(model_path=model_path, tokenizer=tokenizer, dtype=dtype, mem_fraction=cfg.mem_fraction,
-                            tp_size=cfg.tp_size, bucket_bytes=bucket_bytes, seed=seed + rank, gpu_id=device.index or 0,
-                            end_ids=end_ids)
-    return SGLangServerEngine(url=cfg.sglang_url, tokenizer=tokenizer, bucket_bytes=bucket_bytes, sync_rank=rank == 0,
-                              server_ranks=cfg.server_ranks, group_address=cfg.weight_group_address,
-                              group_port=cfg.weight_group_port, group_backend="nccl" if device.type == "cuda" else "gloo",
-                              timeout_s=cfg.sglang_timeout_s, end_ids=end_ids)
+        engine = SGLangEngine(model_path=model_path, tokenizer=tokenizer, dtype=dtype, mem_fraction=cfg.mem_fraction,
+                              tp_size=cfg.tp_size, bucket_bytes=bucket_bytes, seed=seed + rank,
+                              gpu_id=device.index or 0, end_ids=end_ids)
+    else:
+        engine = SGLangServerEngine(url=cfg.sglang_url, tokenizer=tokenizer, bucket_bytes=bucket_bytes,
+                                    sync_rank=rank == 0, server_ranks=cfg.server_ranks,
+                                    group_address=cfg.weight_group_address, group_port=cfg.weight_group_port,
+                                    group_backend="nccl" if device.type == "cuda" else "gloo",
+                                    timeout_s=cfg.sglang_timeout_s, end_ids=end_ids)
+    engine.context_limit = positions
+    return engine
 
 
 def _continuous_missing() -> str | None:

@@ -106,9 +106,10 @@ def check_prompts(prompts: list[list[int]], params: SamplingParams | None = None
 
 
 def engine_context_limit(engine) -> int | None:
-    """The positions of the model an in-process engine samples from (None for an engine that does not say, a
-    server's: it answers for itself)."""
-    return context_limit(getattr(getattr(engine, "model", None), "config", None))
+    """The positions of the model an in-process engine samples from, or an SGLang engine's `context_limit` (the
+    trained model's, set by `make_engine`); None for an engine that says neither."""
+    limit = context_limit(getattr(getattr(engine, "model", None), "config", None))
+    return limit if limit is not None else getattr(engine, "context_limit", None)
 
 
 def generate_where_room(engine, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion] | None]:

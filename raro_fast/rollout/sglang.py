@@ -179,6 +179,9 @@ class SGLangEngine:
     """
 
     takes_checkpoint_names = True  # SGLang's loaders match checkpoint names (weight_sync.source.checkpoint_renamer)
+    # The trained model's positions (`make_engine` sets them): what does not fit is not asked for, as with the
+    # in-process engines; SGLang refuses a whole call for one request past its context (found by review).
+    context_limit: int | None = None
 
     def __init__(self, *, model_path: str, tokenizer, dtype: str, mem_fraction: float, tp_size: int,
                  bucket_bytes: int, seed: int, gpu_id: int, end_ids: list[int] | None = None, engine=None) -> None:
@@ -263,6 +266,7 @@ class SGLangServerEngine:
     other ranks only generate (and take part in the FSDP gathers that feed rank 0)."""
 
     takes_checkpoint_names = True  # SGLang's loaders match checkpoint names (weight_sync.source.checkpoint_renamer)
+    context_limit: int | None = None  # as SGLangEngine's
 
     def __init__(self, *, url: str, tokenizer, bucket_bytes: int, sync_rank: bool, server_ranks: int,
                  group_address: str, group_port: int, group_backend: str = "nccl", timeout_s: float = 600.0,

@@ -603,3 +603,21 @@ def test_a_local_failure_opening_the_weight_group_is_raised_without_waiting_out_
         assert time.monotonic() - start < 30
     finally:
         server.shutdown()
+
+
+def test_an_sglang_engine_is_not_asked_past_the_trained_models_positions(monkeypatch):
+    """Found by review: an SGLang engine has no model whose positions the trainer could read, so a critic prompt
+    holding a long policy answer was sent past them, and SGLang refused the whole call (the run stopped mid-step),
+    where the in-process engines leave that one prompt out (`critic/unreadable_rate`, the tournament's judges)."""
+    import raro_fast.rollout as rollout
+    from raro_fast.rollout.engine import engine_context_limit, generate_where_room
+
+    fake_sglang.install(monkeypatch)
+    monkeypatch.setattr(rollout, "check_backend", lambda *a, **k: None)  # a GPU and SGLang's version, not here
+    engine = rollout.make_engine(RolloutConfig(backend="sglang"), None, Tok(), model_path="unused", dtype="bfloat16",
+                                 device=torch.device("cpu"), rank=0, seed=0, end_ids=[2], positions=8)
+    engine.engine = fake = fake_sglang.FakeEngine(inner_engine())
+    assert engine_context_limit(engine) == 8
+    outs = generate_where_room(engine, PROMPTS, SamplingParams(max_new_tokens=4, temperature=1.0))
+    assert outs[0] is not None and outs[1] is None  # 4 + 4 fit 8 positions, 5 + 4 do not
+    assert fake.calls == [("generate", 1)]
