@@ -43,7 +43,7 @@ from raro_fast.model.hf import (build_embedded_model, end_token_ids, engine_copy
                                 model_files_digest, resolve_dtype, resolve_model_path, save_pretrained_atomic,
                                 weights_digest)
 from raro_fast.model.policy import PolicyModel
-from raro_fast.model.varlen import use_varlen_attention
+from raro_fast.model.varlen import packed_length_limit, use_varlen_attention
 from raro_fast.packing import plan_micro_batches
 from raro_fast.parallelize import parallelize
 from raro_fast.weight_sync import full_state_dict, push_weights
@@ -690,6 +690,7 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
                 train if mode in ("sft", "dpo") else []),
                ("rollout.max_new_tokens", policy, reasoned, expert, both,
                 train if mode in ("rl_logit", "rationalization") else [])]
+    packed = packed_length_limit(model_config)
     for setting, new_tokens, what, ids, size, examples in trained:
         if not examples:
             continue
@@ -699,6 +700,10 @@ def check_context(cfg: JobConfig, tokenizer, model_config, train: list, heldout:
             raise ValueError(f"train.max_tokens_per_micro_batch {budget}: the longest {what} can have up "
                              f"to {n + new_tokens} tokens ({where(ex)}), more than one micro-batch holds; raise "
                              f"train.max_tokens_per_micro_batch{lower}")
+        if packed is not None and n + new_tokens > packed[0]:
+            lower = f"lower {setting}, or " if setting is not None and n < packed[0] else ""
+            raise ValueError(f"model.path: the longest {what} can have up to {n + new_tokens} tokens ({where(ex)}), "
+                             f"past {packed[0]}, {packed[1]}; {lower}use another model")
 
 
 def first_sync(rollout: RolloutConfig, engine, model, *, version: int, dtype) -> None:

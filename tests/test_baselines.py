@@ -649,6 +649,13 @@ def test_a_rationalization_whose_text_tokenizes_past_the_budget_falls_back_to_no
                               hf_model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=budget)))
     wired = RationalizationMode().rollouts(trainer, examples, step=0, seed=0)
     assert wired.stats["rationalization/fallback_rate"] == [1.0, 0.0]
+    # and what packed training computes: a model's sliding attention window (found by review: the run stopped)
+    windowed = rationalization_samples(examples, engine=engine, tokenizer=tok, cfg=cfg, seed=0, positions=10**6,
+                                       packed_limit=budget)
+    assert [s.input_ids for s in windowed.samples] == [s.input_ids for s in out.samples]
+    trainer.hf_model.config = SimpleNamespace(max_position_embeddings=10**6, sliding_window=budget)
+    wired = RationalizationMode().rollouts(trainer, examples, step=0, seed=0)
+    assert wired.stats["rationalization/fallback_rate"] == [1.0, 0.0]
 
 
 def test_rationalization_keeps_an_empty_or_unopened_reasoning(setting):

@@ -573,6 +573,16 @@ def test_a_prompt_the_sampled_tokens_would_carry_past_the_models_positions_is_re
         check_context(load_config(sft[:2]), tok, model_config, [], long_question)  # evaluated: sampled
     with pytest.raises(ValueError, match="rollout.critic_max_new_tokens 480"):
         check_context(load_config(sft[:4]), tok, model_config, [], heldout)  # the tournament samples the critic
+    # a sliding attention window bounds every trained sequence (packed attention does not compute one): the run
+    # stopped at the first update that met a longer one (found by review)
+    windowed = SimpleNamespace(max_position_embeddings=4096, sliding_window=longest + 48 - 1)
+    with pytest.raises(ValueError, match=rf"^model.path: the longest policy sequence \(its prompt and the sampled "
+                                         rf"completion\) can have up to {longest + 48} tokens \(example [^)]*\), past "
+                                         rf"{longest + 47}, its sliding attention window \(config.sliding_window\), "
+                                         r"which packed attention does not compute; lower rollout.max_new_tokens"):
+        check_context(load_config(["--train.mode", "rlvr"]), tok, windowed, train, heldout)
+    windowed.sliding_window += 1
+    check_context(load_config(["--train.mode", "rlvr"]), tok, windowed, train, heldout)
     with pytest.raises(ValueError, match="rollout.max_new_tokens 48: the longest policy prompt"):
         check_context(load_config(["--train.mode", "rlvr"]), tok, model_config, long_question, heldout)
 

@@ -95,7 +95,7 @@ def setting():
 
 
 def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None, args=(), train_policy=True,
-         no_tag_text="<think>no answer</think>", context=None):
+         no_tag_text="<think>no answer</think>", context=None, packed_limit=None):
     """One rank's step of the game against the scripted engine; returns (rollout, replay sizes asked for)."""
     if args:
         cfg = load_config(["--raro.group_size", "4", "--task.countdown.num_train", "30", "--task.countdown.num_heldout",
@@ -112,7 +112,7 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
     out = raro_rollouts(examples, engine=engine, tokenizer=tok, task=task, cfg=cfg,
                         rng=random.Random(0), seed=1, draw_replay=draw,
                         fresh_cap=None if fresh_cap is None else lambda judged: min(judged, fresh_cap),
-                        train_policy=train_policy)
+                        train_policy=train_policy, packed_limit=packed_limit)
     out.engine_temperatures = engine.temperatures
     out.engine_generated_tokens = engine.generated_tokens
     out.engine_seeds = engine.seeds
@@ -462,7 +462,7 @@ def mode_calls(monkeypatch, cfg, world_size, *, step=0, replay=None):
     monkeypatch.setattr(raro_mode, "raro_rollouts", lambda examples, **kw: calls.append(kw) or RankRollout())
     for rank in range(world_size):
         run = SimpleNamespace(cfg=cfg, d=SimpleNamespace(rank=rank, world_size=world_size), engine=None,
-                              tokenizer=None, task=None, replay=replay)
+                              tokenizer=None, task=None, replay=replay, hf_model=None)
         raro_mode.RaroMode().rollouts(run, [], step=step, seed=0)
     return calls
 
@@ -666,6 +666,29 @@ def test_a_critic_sequence_one_micro_batch_cannot_hold_is_not_judged(setting):
     replay = [CriticPair("long", ex.question, "1+2" * 200, ex.answer), CriticPair("short", ex.question, "1+2", ex.answer)]
     out, _ = play(budget(room), tok, task, examples, replay=replay, context=10**6)
     assert out.stats["critic/replay_pairs"] == [1]
+
+
+def test_a_critic_sequence_past_what_packed_training_computes_is_not_judged(setting, monkeypatch):
+    """A model with a sliding attention window (Mistral, Phi-3, Gemma 3) or length-dependent rotary frequencies
+    bounds a trained sequence as the budget does: a critic sequence past it stopped the run at the first update
+    that met one (found by review). The mode hands the game the model's own limit."""
+    from raro_fast.modes import raro as raro_mode
+
+    cfg, tok, task, examples = setting
+    room = max(_critic_prompt_lengths(tok, examples)) + cfg.rollout.critic_max_new_tokens
+    exact, _ = play(cfg, tok, task, examples, packed_limit=room, context=10**6)
+    assert exact.stats["critic/unreadable_rate"] == [0.0] * 6
+    short, _ = play(cfg, tok, task, examples, packed_limit=room - 1, context=10**6)
+    assert short.stats["critic/unreadable_rate"] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    handed = []
+    monkeypatch.setattr(raro_mode, "raro_rollouts", lambda *a, **k: handed.append(k["packed_limit"]))
+    trainer = SimpleNamespace(cfg=cfg, d=SimpleNamespace(rank=0, world_size=1), engine=None, tokenizer=tok,
+                              task=task, replay=None, hf_model=SimpleNamespace(config=SimpleNamespace(
+                                  sliding_window=300, max_position_embeddings=4096)))
+    raro_mode.RaroMode().rollouts(trainer, examples, step=0, seed=0)
+    trainer.hf_model.config.sliding_window = None
+    raro_mode.RaroMode().rollouts(trainer, examples, step=0, seed=0)
+    assert handed == [300, None]
 
 
 def test_a_replayed_pair_the_critic_has_no_room_to_read_is_not_replayed(setting):

@@ -392,6 +392,33 @@ def rope_type(config) -> str | None:
     return params.get("rope_type", params.get("type"))
 
 
+def attention_window(config) -> int | None:
+    """The sliding window some of the model's layers attend within (Mistral, Phi-3, Gemma 3's local layers, Qwen2
+    with use_sliding_window), or None. `_attention` refuses a sequence longer than it."""
+    for each in filter(None, (config, getattr(config, "text_config", None))):
+        window = getattr(each, "sliding_window", None)
+        types = getattr(each, "layer_types", None)
+        if isinstance(window, int) and window > 0 and (types is None or "sliding_attention" in types):
+            return window
+    return None
+
+
+def packed_length_limit(config) -> tuple[int, str] | None:
+    """The longest sequence packed training computes as the model alone would, and why; None: no limit short of
+    the model's positions. Checked at start against what a run can make (`train.check_context`), and where a
+    sequence's length is known only mid-run, the pair or reasoning past it is left out as one past the positions
+    is: it stopped the run at the first update that met one (found by review)."""
+    if config is None:
+        return None
+    found = [(n, why) for n, why in (
+        (attention_window(config), "its sliding attention window (config.sliding_window), which packed attention "
+                                   "does not compute"),
+        (length_dependent_rope_limit(getattr(config, "text_config", None) or config),
+         "where its rotary frequencies start to change with the longest sequence (longrope, dynamic NTK), which "
+         "packed sequences would share")) if n]
+    return min(found, default=None)
+
+
 def length_dependent_rope_limit(config) -> int | None:
     """The sequence length past which this model's rotary frequencies change with the longest position seen
     (Phi-3's longrope, dynamic NTK), or None for a rotary embedding that does not. Within one packed row the

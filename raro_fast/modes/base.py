@@ -34,7 +34,7 @@ class Trainer(Protocol):
     tokenizer: Any
     engine: RolloutEngine
     model: torch.nn.Module  # the trained PolicyModel (possibly FSDP2-sharded)
-    hf_model: Any  # the Hugging Face module inside it, for saving
+    hf_model: Any  # the Hugging Face module inside it, for saving and for its config (what packed training computes)
     ref_model: torch.nn.Module | None
     replay: Any
     mode_state: dict  # what a mode fixes at the run's start and a resume keeps (saved with each checkpoint)

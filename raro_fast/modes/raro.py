@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -16,6 +17,7 @@ from typing import Callable
 from raro_fast import prompts
 from raro_fast.config import JobConfig
 from raro_fast.distributed import all_gather_objects
+from raro_fast.model.varlen import packed_length_limit
 from raro_fast.modes.base import Mode, RankRollout, Trainer, sampled_sequence
 from raro_fast.replay import CriticPair
 from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
@@ -56,11 +58,13 @@ def raro_rollouts(
     fresh_cap: Callable[[int], int] | None,
     draw_replay: Callable[[int], list[CriticPair]],
     train_policy: bool = True,
+    packed_limit: int | None = None,
 ) -> RankRollout:
     """This rank's step of the game. The critic trains on every fresh judged pair (at most `fresh_cap(n)` of the
     n this rank judged, a collective that every rank calls once a step; None: no cap) and on `raro.replay_ratio`
     of replayed ones, drawn by `draw_replay(n)` (a collective too, on several ranks); the policy's sequences join
-    the batch only if `train_policy` (see `raro.critic_lead_steps`)."""
+    the batch only if `train_policy` (see `raro.critic_lead_steps`). A pair whose critic sequence could outgrow
+    `packed_limit` (`varlen.packed_length_limit`) is left unjudged, as one past the micro-batch budget is."""
     rc, ro = cfg.raro, cfg.rollout
     out = RankRollout()
     if not examples:  # the collectives every rank calls once a step, in the same order
@@ -78,7 +82,7 @@ def raro_rollouts(
     policy = out.generated(engine.generate(
         [prompts.render_prompt(tokenizer, prompts.policy_messages(ex.question)) for ex in examples], policy_params))
     # 2. Every finished answer is judged against the expert's, in random order.
-    budget = cfg.train.max_tokens_per_micro_batch
+    budget = min(cfg.train.max_tokens_per_micro_batch, packed_limit or math.inf)
     judged = readable(answers_to_judge(examples, policy, task, rng, out), engine, tokenizer, critic_params, out,
                       budget=budget)
     verdicts = out.generated(judge_pairs(judged, engine, tokenizer, critic_params))
@@ -247,6 +251,7 @@ class RaroMode(Mode):
                 n, replay_rng, part=d.rank, shares=deal_cap(len(r.replay), all_gather_objects(d, n),
                                                              random.Random(f"{cfg.train.seed}/replay-cap/{step}"))),
             train_policy=step >= cfg.raro.critic_lead_steps,
+            packed_limit=(packed_length_limit(getattr(r.hf_model, "config", None)) or (None,))[0],
         )
 
     def policy_sequences(self, cfg: JobConfig) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from raro_fast import prompts
 from raro_fast.config import JobConfig
+from raro_fast.model.varlen import packed_length_limit
 from raro_fast.modes.base import Mode, RankRollout, Trainer
 from raro_fast.modes.sft import sft_samples
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams, context_limit, engine_context_limit
@@ -14,8 +15,9 @@ from raro_fast.tasks.base import Example
 
 
 def rationalization_samples(examples: list[Example], *, engine: RolloutEngine, tokenizer, cfg: JobConfig,
-                            seed: int, positions: int | None = None) -> RankRollout:
-    """`positions`: the trained model's (an SGLang engine does not say its own: review)."""
+                            seed: int, positions: int | None = None, packed_limit: int | None = None) -> RankRollout:
+    """`positions`: the trained model's (an SGLang engine does not say its own: review); `packed_limit`: the
+    longest sequence packed training computes (`varlen.packed_length_limit`)."""
     if not examples:
         return RankRollout()
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -24,7 +26,8 @@ def rationalization_samples(examples: list[Example], *, engine: RolloutEngine, t
                             for ex in examples], params)
     reasonings = [_reasoning_text(c.text) for (c,) in outs]
     out = sft_samples(examples, tokenizer=tokenizer, reasonings=[r or "" for r in reasonings])
-    limits = [n for n in (engine_context_limit(engine), positions, cfg.train.max_tokens_per_micro_batch) if n]
+    limits = [n for n in (engine_context_limit(engine), positions, cfg.train.max_tokens_per_micro_batch,
+                          packed_limit) if n]
     room = min(limits)
     if any(len(s.input_ids) > room for s in out.samples):
         reasonings = [None if len(s.input_ids) > room else r for s, r in zip(out.samples, reasonings)]
@@ -49,7 +52,8 @@ class RationalizationMode(Mode):
 
     def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
         return rationalization_samples(examples, engine=r.engine, tokenizer=r.tokenizer, cfg=r.cfg, seed=seed,
-                                       positions=context_limit(getattr(r.hf_model, "config", None)))
+                                       positions=context_limit(getattr(r.hf_model, "config", None)),
+                                       packed_limit=(packed_length_limit(getattr(r.hf_model, "config", None)) or (None,))[0])
 
     def policy_sequences(self, cfg: JobConfig) -> int:
         return cfg.raro.questions_per_step
