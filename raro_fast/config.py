@@ -167,7 +167,8 @@ class RolloutConfig:
                             "default job's critic calls (32 pairs x 4 samples) in one batch; a decode step of the embedded "
                             "model on CPU costs about the same at 128 rows as at 64, so generation took about 25% "
                             "less time than at 64. It changes the draws too (batches share one generator), so a resume "
-                            "keeps the run's.", 128)
+                            "keeps the run's. The other backends do not read it (left unrefused: configs that set it "
+                            "are shared across backends).", 128)
     release_memory: Literal["none", "kv_cache", "kv_cache+weights"] = _help(
         "What a colocated engine frees while the trainer updates; it is taken back in stages around the weight "
         "sync (weights first, KV cache after). Weights need SGLang's memory saver. An SGLang server (sglang_http) "
@@ -492,9 +493,6 @@ class JobConfig:
             raise ValueError(f"{', '.join(unread)} with train.mode {self.train.mode}: settings of iterative DPO, "
                              "which this mode does not run; leave them out")
         backend = self.rollout.backend
-        if backend in ("continuous", "sglang", "sglang_http") and _changed(self.rollout, "", ("batch_size",)):
-            raise ValueError(f"rollout.batch_size with rollout.backend {backend}: the embedded engine's bound, which "
-                             "this backend does not read (it schedules its own batches); leave it out")
         if unread := unused_rollout_settings(self.rollout):
             raise ValueError(f"{', '.join(unread)} with rollout.backend {backend}: settings of "
                              f"{'the SGLang backends' if backend in IN_PROCESS else 'the other SGLang backend'}, "

@@ -846,8 +846,6 @@ def test_the_context_check_ranks_rows_by_tokens_and_checks_rationalization_and_t
      r"this backend does not read"),
     (["--rollout.sglang_url", "http://gpu:30000"], r"rollout.sglang_url with rollout.backend auto: settings of the SGLang"),
     (["--rollout.backend", "continuous", "--rollout.weight_bucket_mb", "64"], r"rollout.weight_bucket_mb with rollout"),
-    (["--rollout.backend", "continuous", "--rollout.batch_size", "8"],  # accepted and unread (found by review)
-     r"rollout.batch_size with rollout.backend continuous: the embedded engine's bound"),
     (["--rollout.backend", "sglang", "--rollout.server_ranks", "2"],
      r"rollout.server_ranks with rollout.backend sglang: settings of the other SGLang backend"),
     (["--rollout.backend", "sglang_http", "--rollout.tp_size", "2"],
