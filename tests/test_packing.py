@@ -108,6 +108,25 @@ def test_equal_counts_uses_filler_only_when_it_cannot_split():
     assert not any(mb.is_padding for mbs in plans for mb in mbs)
 
 
+def test_the_plan_fills_micro_batches_to_the_budget_and_balances_rank_costs():
+    """Found by mutation testing (each passed the tests before): a sequence of exactly the budget refused, bins
+    filled to one token under the budget (twice the micro-batches), the wrong bin split or split unevenly, and the
+    ranks balanced on length alone or merged smallest-spread first."""
+    from raro_fast.packing import _split_to_count
+
+    assert _layout(_samples_of_lengths([100]), budget=100, world=1)[1] == [[[100]]]
+    assert _layout(_samples_of_lengths([50] * 4), budget=100, world=1)[1] == [[[50, 50], [50, 50]]]
+    assert _split_to_count([[0, 1, 2, 3]], 2, dict.fromkeys(range(4), 5)) == [[0, 1], [2, 3]]
+    assert _split_to_count([[0, 1], [2, 3]], 3, {0: 10, 1: 10, 2: 1, 3: 1}) == [[2, 3], [0], [1]]
+    rng, a = random.Random(5), 2048.0
+    samples = _samples_of_lengths([rng.choice([30, 200, 900, 2000]) + rng.randint(0, 50) for _ in range(24)])
+    costs = []
+    for r in range(4):
+        mbs = plan_micro_batches(samples, max_tokens_per_micro_batch=4096, world_size=4, rank=r, cost_a=a)
+        costs.append(sum(a * n + n * n for mb in mbs if not mb.is_padding for n in mb.cu_seqlens.diff().tolist()))
+    assert max(costs) / min(costs) < 1.05, costs
+
+
 def test_too_long_sequence_is_an_error_naming_it():
     samples = random_samples(4, random.Random(1), max_len=20)
     samples[2].input_ids = list(range(50))

@@ -95,7 +95,7 @@ def setting():
 
 
 def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None, args=(), train_policy=True,
-         no_tag_text="<think>no answer</think>", context=None, packed_limit=None):
+         no_tag_text="<think>no answer</think>", context=None, packed_limit=None, game_seed=0):
     """One rank's step of the game against the scripted engine; returns (rollout, replay sizes asked for)."""
     if args:
         cfg = load_config(["--raro.group_size", "4", "--task.countdown.num_train", "30", "--task.countdown.num_heldout",
@@ -110,12 +110,14 @@ def play(cfg, tok, task, examples, critic="verifier", replay=(), fresh_cap=None,
     if context is not None:
         engine.model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context))
     out = raro_rollouts(examples, engine=engine, tokenizer=tok, task=task, cfg=cfg,
-                        rng=random.Random(0), seed=1, draw_replay=draw,
+                        rng=random.Random(game_seed), seed=1, draw_replay=draw,
                         fresh_cap=None if fresh_cap is None else lambda judged: min(judged, fresh_cap),
                         train_policy=train_policy, packed_limit=packed_limit)
     out.engine_temperatures = engine.temperatures
     out.engine_generated_tokens = engine.generated_tokens
     out.engine_seeds = engine.seeds
+    out.engine_top_ps = engine.top_ps
+    out.engine_ns = [n for _, n in engine.calls]
     return out, asked
 
 
@@ -290,6 +292,30 @@ def test_critic_trains_on_every_fresh_pair_plus_replay_at_the_ratio(setting):
     assert asked == [4] and out.stats["critic/fresh_pairs"] == [4] and len(by_role(out, "critic")) == (4 + 4) * 4
     out, asked = play(cfg, tok, task, examples, replay=replay, args=["--raro.replay_ratio", "0"])
     assert asked == [0] and out.stats["critic/replay_pairs"] == [0]
+
+
+def test_the_fresh_pair_cap_keeps_a_random_draw_and_the_critic_samples_its_own_count_at_the_nucleus(setting):
+    """Found by mutation testing: a cap that kept the first pairs judged (the critic trained on question 0 only), a
+    critic sampled `group_size` times instead of `critic_samples_per_pair`, and its calls at top_p 1 instead of
+    rollout.top_p all passed the game's tests."""
+    cfg, tok, task, examples = setting
+
+    def pair_of(sample):  # the question and the two answers a critic sequence judged, in either order
+        user = tok.decode(sample.input_ids[: sample.prompt_len]).split("<|im_start|>user\n", 1)[1]
+        question, a1, a2 = (line.split(": ", 1)[1] for line in user.split("<|im_end|>")[0].split("\n")[:3])
+        return question, frozenset((a1, a2))
+
+    every = {pair_of(s) for s in by_role(play(cfg, tok, task, examples)[0], "critic")}
+    assert len(every) == 6  # 3 questions: the expert's answer and a wrong one judged
+    kept = [{pair_of(s) for s in by_role(play(cfg, tok, task, examples, fresh_cap=2, game_seed=g)[0], "critic")}
+            for g in range(12)]
+    assert all(len(k) == 2 for k in kept) and set().union(*kept) == every
+    ex = examples[0]
+    out, _ = play(cfg, tok, task, examples, replay=[CriticPair("r", ex.question, "1+2", ex.answer)] * 8,
+                  args=["--raro.critic_samples_per_pair", "2", "--rollout.top_p", "0.9"])
+    engine_calls = out.engine_seeds  # one per call: policy, fresh verdicts, replayed pairs
+    assert len(engine_calls) == 3 and out.engine_top_ps == [0.9, 0.9, 0.9]
+    assert out.engine_ns == [4, 2, 2] and len(by_role(out, "critic")) == (6 + 6) * 2
 
 
 def test_replayed_pairs_get_critic_rollouts_and_tie_rewards(setting):

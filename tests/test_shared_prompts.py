@@ -63,6 +63,12 @@ def test_without_a_repeated_prompt_every_row_is_computed_and_the_head_still_skip
     mb = pack(samples, **count(samples), share_prompts=True)
     assert mb.kept_rows is None and mb.expand is None
     assert torch.equal(mb.trained_rows, torch.nonzero(mb.targets != -100)[:, 0])
+    # prompts that differ in their last token only, or where one prompt is the other's start, are not one prompt
+    # (a planted key of the prompt less its last token read the other's last row: found by mutation testing)
+    near = [SequenceSample(input_ids=ids, prompt_len=p, advantage=1.0, role="policy", group=i, uid=i)
+            for i, (ids, p) in enumerate([([5, 6, 7, 8, 20, 21], 4), ([5, 6, 7, 9, 22, 23], 4), ([5, 6, 7, 8, 24], 3)])]
+    mb = pack(near, **count(near), share_prompts=True)
+    assert mb.kept_rows is None and mb.expand is None
 
 
 def tiny_llama(seed=0):

@@ -484,6 +484,14 @@ def test_a_skipped_mini_batch_leaves_the_others_loss_and_gradient_norm(monkeypat
     monkeypatch.setattr(update, "update_step", lambda *a, **k: next(stats))
     u = update_mini_batches(None, None, [([], 1.0), ([], 1.0)])
     assert (u.loss, u.grad_norm, u.skipped, u.optimizer_steps) == (0.25, 2.0, 1, 2)
+    # the skips are counted, not flagged: a step is whole only when all of its k were (a planted `max` counted 1 of
+    # 4, and a run whose every mini-batch diverged never stopped: found by mutation testing)
+    nan = UpdateStats(loss=float("nan"), grad_norm=float("nan"), metrics={}, tokens=5, skipped=1)
+    ok = UpdateStats(loss=0.5, grad_norm=1.0, metrics={}, tokens=5, skipped=0)
+    for pattern, skipped in (([nan, ok, nan, ok], 2), ([nan] * 4, 4)):
+        stats = iter(pattern)
+        u = update_mini_batches(None, None, [([], 1.0)] * 4)
+        assert (u.skipped, u.optimizer_steps) == (skipped, 4)
 
 
 def test_each_role_is_recomputed_at_the_temperature_it_was_sampled_at(tok):
