@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from raro_fast.config import PER_COMMAND
+from raro_fast.config import PER_COMMAND, unread_loss_settings
 from raro_fast.distributed import Dist, barrier
 from raro_fast.durable import write_text_atomic
 from raro_fast.model.hf import fsync_tree, save_pretrained_atomic, with_umask_modes
@@ -269,7 +269,11 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any],
         if name == "model.dtype" and then[name] == "auto":  # saved before `auto` was resolved: what it was is unknown
             continue
         change = f"{name}: {then[name]!r} -> {value!r}"
-        (allowed if name.startswith(RESUMABLE) else refused).append(change)
+        # a setting the saved run never read, refused since: dropping it changes nothing (found by review: such a
+        # run could not be resumed, refused with the setting and without it)
+        never_read = name.startswith("loss.") and name.removeprefix("loss.") in unread_loss_settings(
+            then.get("train.mode", ""), then.get("loss.kl_coef", 0.0))
+        (allowed if name.startswith(RESUMABLE) or never_read else refused).append(change)
     return refused, allowed
 
 

@@ -527,15 +527,13 @@ class JobConfig:
             # them in a measured run): clipped PPO with advantage 1, not NLL.
             raise ValueError(f"train.ppo_mini_batches > 1 with train.mode {self.train.mode}: it runs as the surrogate "
                              "at ratio 1 (one update per batch); use 1")
-        if self.train.mode in ("sft", "rationalization", "dpo") and (unread := _changed(
-                self.loss, "loss.", ("std_normalize", "clip_low", "clip_high", "dual_clip"))):
-            # found by review: accepted and never read (every expert token's advantage is 1, DPO's a pair's weight;
-            # the ratio stays 1, so no clip acts)
+        unread = _changed(self.loss, "loss.", unread_loss_settings(self.train.mode, self.loss.kl_coef))
+        if kl_unread := [name for name in unread if name == "loss.kl_estimator"]:
+            raise ValueError(f"{kl_unread[0]} {self.loss.kl_estimator} with loss.kl_coef 0: no KL term is computed; "
+                             "give loss.kl_coef > 0, or leave it out")
+        if unread:  # found by review: accepted and never read
             raise ValueError(f"{', '.join(unread)} with train.mode {self.train.mode}: this mode has no group "
                              "advantages to normalise and trains at ratio 1, where no clip acts; leave them out")
-        if self.loss.kl_coef == 0 and (unread := _changed(self.loss, "loss.", ("kl_estimator",))):
-            raise ValueError(f"{unread[0]} {self.loss.kl_estimator} with loss.kl_coef 0: no KL term is computed; "
-                             "give loss.kl_coef > 0, or leave it out")
         if self.loss.tis_cap is not None and self.train.mode in ("sft", "rationalization", "dpo"):
             raise ValueError(f"loss.tis_cap needs the engine's log-probs of the trained tokens; train.mode "
                              f"{self.train.mode} trains on sequences the engine did not sample")
@@ -846,6 +844,16 @@ IN_PROCESS = ("auto", "embedded", "continuous")  # auto settles on one of the ot
 _SGLANG_READS = {"sglang": {"mem_fraction", "tp_size", "weight_bucket_mb"},
                  "sglang_http": {"sglang_url", "server_ranks", "weight_group_address", "weight_group_port",
                                  "sglang_timeout_s", "weight_bucket_mb"}}
+
+
+def unread_loss_settings(mode: str, kl_coef: float) -> tuple[str, ...]:
+    """The loss settings (names in `LossConfig`) a run of `mode` never reads: the supervised modes have no group
+    advantages to normalise and train at ratio 1, where no clip acts (an expert token's advantage is 1, DPO's a
+    pair's weight); without a KL term no estimator is computed. Refused when given; a resume may drop one that a run
+    saved before they were refused (`checkpoint.resume_changes`)."""
+    supervised = (("std_normalize", "clip_low", "clip_high", "dual_clip")
+                  if mode in ("sft", "rationalization", "dpo") else ())
+    return supervised + (("kl_estimator",) if kl_coef == 0 else ())
 
 
 def unused_rollout_settings(rollout: RolloutConfig) -> list[str]:

@@ -271,6 +271,15 @@ def test_resume_changes_refuses_what_defines_the_run_and_allows_how_it_runs():
          "--train.eval_size", "8", "--train.eval_samples", "4", "--train.eval_temperature", "0.5"])))
     assert allowed == ["train.eval_every: 10 -> 5", "train.eval_tournament: True -> False"]
     assert refused == ["train.eval_size: 128 -> 8", "train.eval_temperature: 0.0 -> 0.5", "train.eval_samples: 8 -> 4"]
+    # A loss setting the saved run never read, refused since: a run that set one was refused with it (at load) and
+    # without it (as a change), and could not be resumed at all (found by review); dropping it is allowed, and a
+    # setting the run did read stays its own.
+    sft = to_dict(load_config(["--train.mode", "sft"]))
+    saved_sft = {**sft, "loss": {**sft["loss"], "clip_high": 0.3, "kl_estimator": "k1"}}
+    assert resume_changes(saved_sft, sft) == ([], ["loss.clip_high: 0.3 -> 0.28", "loss.kl_estimator: 'k1' -> 'k3'"])
+    rlvr = to_dict(load_config(["--train.mode", "rlvr"]))
+    assert resume_changes({**rlvr, "loss": {**rlvr["loss"], "clip_high": 0.3}}, rlvr) == (
+        ["loss.clip_high: 0.3 -> 0.28"], [])
 
 
 @pytest.mark.parametrize("flags,diff", [
