@@ -65,7 +65,8 @@ class FixedLengthGame(RaroMode):
         pairs = [list(c.prompt_ids) + list(c.token_ids) + expert_completion_ids(r.tokenizer, ex.answer)
                  for ex, comps in zip(examples, policy) for c in comps]
         fresh = sample(pairs, rc.critic_samples_per_pair, seed + 1)
-        replayed = sample(rng.choices(pairs, k=rc.replay_pairs_for(len(pairs))), rc.critic_samples_per_pair, seed + 2)
+        replayed = sample(rng.choices(pairs, k=rc.replay_pairs_for(len(pairs), rng)), rc.critic_samples_per_pair,
+                          seed + 2)
         for role, groups, weight in (("policy", policy, rc.lambda_pol), ("critic", fresh + replayed, rc.lambda_crit)):
             for g, comps in enumerate(groups):
                 out.samples += [sampled_sequence(c, advantage=rng.uniform(-1, 1), role=role, group=g, weight=weight)
