@@ -179,7 +179,7 @@ class DpoMode(Mode):
         rest: one full model per round, none ever deleted, grew the run's folder by a model a round (found by
         review)."""
         out = Path(r.cfg.train.output_dir)
-        steps = [int(c.name[5:]) for c in checkpoint.checkpoint_root(out).glob("step_*") if c.name[5:].isdigit()]
+        steps = [checkpoint.step_number(c) for c in checkpoint.step_folders(checkpoint.checkpoint_root(out))]
         needed = {f"step_{start:06d}" for c in steps if (start := round_start(r.mode_state, c)) not in (0, c)}
         for folder in (out / "dpo_reference").glob("step_*"):
             if folder.name not in needed:
