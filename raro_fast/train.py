@@ -392,7 +392,8 @@ def tokens_digest(tokenizer, hf_model, example) -> dict[str, str]:
 
 def save(r: Run, step: int) -> None:
     state = {"step": step, "replay": r.replay.state_dict(), "examples_consumed": step * r.cfg.raro.questions_per_step,
-             "data_sha256": r.data_sha256, "tokens_sha256": r.tokens_sha256, "initial_weights_sha256": r.initial_weights_sha256,
+             "data_sha256": r.data_sha256, "tokens_sha256": r.tokens_sha256,
+             "initial_weights_sha256": r.initial_weights_sha256,
              "initial_model_files_sha256": r.initial_model_files_sha256,
              "world_size": r.d.world_size, "config": run_settings(r.cfg), "mode_state": dict(r.mode_state),
              # the stop after MAX_SKIPPED_IN_A_ROW counts skips before the checkpoint too, as an uninterrupted run does
@@ -506,7 +507,7 @@ def setup(cfg: JobConfig, d: Dist) -> Run:
             checkpoint.prune(resume_from.parent, resume_from)
     hf_model, tokenizer = initial_model(cfg, d, resume_from)
     check_context(cfg, tokenizer, hf_model.config, train_examples, eval_examples)
-    tokens = tokens_digest(tokenizer, hf_model, train_examples[0])
+    tokens = tokens_digest(tokenizer, hf_model, train_examples[0]) if train_examples else {}
     if compute_dtype != torch.float32 and not d.enabled:
         print(f"model.dtype: the trainer computes in float32, not {dtype_name}: "
               "mixed precision comes from FSDP2, which needs a process group; start with torchrun for it "

@@ -19,6 +19,7 @@ import torch
 from raro_fast import prompts
 from raro_fast.config import JobConfig, LossConfig
 from raro_fast.distributed import Dist
+from raro_fast.model.varlen import packed_length_limit
 from raro_fast.packing import SequenceSample
 from raro_fast.replay import CriticPair
 from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams
@@ -148,6 +149,12 @@ def sampled_sequence(c: Completion, *, advantage: float, role: str, group: int, 
         temperature=temperature,
         reward=reward,
     )
+
+
+def trained_length_limit(r: Trainer) -> int | None:
+    """The longest sequence packed training computes for the run's model (`varlen.packed_length_limit`), or None."""
+    found = packed_length_limit(getattr(r.hf_model, "config", None))
+    return None if found is None else found[0]
 
 
 def expert_completion_ids(tokenizer, answer: str, think: str = "") -> list[int]:

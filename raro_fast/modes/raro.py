@@ -17,8 +17,7 @@ from typing import Callable
 from raro_fast import prompts
 from raro_fast.config import JobConfig
 from raro_fast.distributed import all_gather_objects
-from raro_fast.model.varlen import packed_length_limit
-from raro_fast.modes.base import Mode, RankRollout, Trainer, sampled_sequence
+from raro_fast.modes.base import Mode, RankRollout, Trainer, sampled_sequence, trained_length_limit
 from raro_fast.replay import CriticPair
 from raro_fast.rewards import group_advantages, mean_or_none, verdict_rewards
 from raro_fast.rollout.engine import Completion, RolloutEngine, SamplingParams, engine_context_limit
@@ -251,7 +250,7 @@ class RaroMode(Mode):
                 n, replay_rng, part=d.rank, shares=deal_cap(len(r.replay), all_gather_objects(d, n),
                                                              random.Random(f"{cfg.train.seed}/replay-cap/{step}"))),
             train_policy=step >= cfg.raro.critic_lead_steps,
-            packed_limit=(packed_length_limit(getattr(r.hf_model, "config", None)) or (None,))[0],
+            packed_limit=trained_length_limit(r),
         )
 
     def policy_sequences(self, cfg: JobConfig) -> int:

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from raro_fast import prompts
 from raro_fast.config import JobConfig
-from raro_fast.model.varlen import packed_length_limit
-from raro_fast.modes.base import Mode, RankRollout, Trainer
+from raro_fast.modes.base import Mode, RankRollout, Trainer, trained_length_limit
 from raro_fast.modes.sft import sft_samples
 from raro_fast.rollout.engine import RolloutEngine, SamplingParams, context_limit, engine_context_limit
 from raro_fast.tasks.base import Example
@@ -53,7 +52,7 @@ class RationalizationMode(Mode):
     def rollouts(self, r: Trainer, examples: list[Example], *, step: int, seed: int) -> RankRollout:
         return rationalization_samples(examples, engine=r.engine, tokenizer=r.tokenizer, cfg=r.cfg, seed=seed,
                                        positions=context_limit(getattr(r.hf_model, "config", None)),
-                                       packed_limit=(packed_length_limit(getattr(r.hf_model, "config", None)) or (None,))[0])
+                                       packed_limit=trained_length_limit(r))
 
     def policy_sequences(self, cfg: JobConfig) -> int:
         return cfg.raro.questions_per_step
