@@ -476,3 +476,42 @@ def test_each_layer_types_rotary_and_dynamic_ntks_own_length_set_the_limit():
     llama = _tiny("LlamaConfig", max_position_embeddings=16, rope_parameters={
         "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32})
     assert length_dependent_rope_limit(llama.config) == 16
+
+
+@pytest.mark.parametrize("name, make, window", [
+    ("qwen2 sliding", lambda T: T.Qwen2Config(use_sliding_window=True, sliding_window=6, max_window_layers=0), 6),
+    ("qwen2 full", lambda T: T.Qwen2Config(sliding_window=6), None),  # use_sliding_window off: no window
+    ("mistral", lambda T: T.MistralConfig(sliding_window=6), 6),
+    ("mistral none", lambda T: T.MistralConfig(sliding_window=None), None),
+    ("gemma3 local", lambda T: T.Gemma3TextConfig(sliding_window=6, head_dim=16), 6),
+    ("gemma3 all full", lambda T: T.Gemma3TextConfig(sliding_window=6, head_dim=16, num_hidden_layers=2,
+                                                     layer_types=["full_attention"] * 2), None),
+    ("llama", lambda T: T.LlamaConfig(), None),
+])
+def test_the_packed_length_limit_is_where_packed_attention_refuses_a_sequence(name, make, window):
+    """`varlen.attention_window` reads the config as the model's attention does: a window on layers that slide
+    (a window set beside full-attention layers is none), checked against a packed forward that refuses a sequence
+    past it (found by review: such a model stopped at its first long update, after minutes of rollouts)."""
+    import transformers
+
+    from raro_fast.model.policy import PolicyModel
+    from raro_fast.model.varlen import packed_length_limit
+    from raro_fast.packing import SequenceSample, plan_micro_batches
+
+    cfg = make(transformers)
+    for key, value in dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64).items():
+        setattr(cfg, key, value)
+    assert (packed_length_limit(cfg) or (None,))[0] == window
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    use_varlen_attention(model)
+    for length in (6, 7):
+        sample = SequenceSample(input_ids=list(range(3, 3 + length)), prompt_len=2, advantage=1.0, role="policy",
+                                group=0, uid=0)
+        (mb,) = plan_micro_batches([sample], max_tokens_per_micro_batch=64, world_size=1, rank=0)
+        if window is not None and length > window:
+            with pytest.raises(ValueError, match="sliding-window attention is not supported"):
+                PolicyModel(model)(mb)
+        else:
+            PolicyModel(model)(mb)
